@@ -1,0 +1,19 @@
+"""Typed exceptions. Each names the file (or key) and the problem, and says what to do."""
+
+from __future__ import annotations
+
+
+class AgriVLMError(Exception):
+    """Base class of every error agrivlm raises on purpose (the CLI prints these without a traceback)."""
+
+
+class IngestError(AgriVLMError):
+    """A GeoTIFF (or a set of them) cannot be turned into a stack: unreadable, no CRS, no date, ..."""
+
+
+class ConfigError(AgriVLMError):
+    """A config file has an unknown key, a wrong type or a value out of range."""
+
+
+class RecordError(AgriVLMError):
+    """An instruction record is invalid (names the file and line)."""
