@@ -1,0 +1,148 @@
+"""The ``agrivlm`` command line: ingest, quickstart (and, as they land, train, infer, eval, explore)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from agrivlm.errors import AgriVLMError
+
+app = typer.Typer(
+    name="agrivlm",
+    help="Satellite GeoTIFF stacks → fields and crop growth stages with a LAPE vision-language model.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _parse_dates(items: list[str] | None) -> dict[str, str] | None:
+    if not items:
+        return None
+    mapping = {}
+    for item in items:
+        if "=" not in item:
+            raise typer.BadParameter(f"{item!r}: expected FILE=YYYY-MM-DD", param_hint="--date")
+        name, value = item.split("=", 1)
+        mapping[name.strip()] = value.strip()
+    return mapping
+
+
+def print_summary(summary: dict[str, object], title: str = "stack") -> None:
+    """Print an ingest summary as a table."""
+    dates = summary["dates"]
+    assert isinstance(dates, list)
+    table = Table(title=title, show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    bounds = summary["bounds"]
+    assert isinstance(bounds, list)
+    table.add_row("dates", f"{summary['n_dates']}: {dates[0][:10]} → {dates[-1][:10]}")
+    table.add_row(
+        "size", f"{summary['n_bands']} band(s) {summary['band_names']} × {summary['height']} × {summary['width']} px"
+    )
+    table.add_row("CRS", str(summary["crs"]))
+    table.add_row("bounds", ", ".join(f"{b:.2f}" for b in bounds))
+    table.add_row("masks", "yes" if summary["has_masks"] else "no")
+    table.add_row("warped files", str(len(summary["warped_files"])))  # type: ignore[arg-type]
+    if "chips_kept" in summary:
+        table.add_row(
+            "chips",
+            f"{summary['chips_kept']} kept, {summary['chips_skipped_nodata']} skipped (all nodata) "
+            f"of {summary['chips_total']} ({summary['chip_size']} px, stride {summary['stride']})",
+        )
+        table.add_row("index", str(summary["index"]))
+    Console().print(table)
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
+) -> None:
+    _logging(verbose, quiet)
+
+
+@app.command()
+def ingest(
+    inputs: Annotated[list[str], typer.Argument(help="GeoTIFFs: folder(s), glob(s) or files, one file per date.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the chip index and summary.json.")],
+    chip_size: Annotated[int, typer.Option(help="Chip size in pixels.")] = 64,
+    stride: Annotated[int | None, typer.Option(help="Step between chips in pixels (default: chip size).")] = None,
+    masks: Annotated[list[str] | None, typer.Option("--masks", help="Per-date mask files (cloud = non-zero).")] = None,
+    date: Annotated[list[str] | None, typer.Option("--date", help="FILE=YYYY-MM-DD, wins over tags/names.")] = None,
+    same_day: Annotated[str, typer.Option(help="Same-day acquisitions: keep | first | mosaic.")] = "keep",
+    edge: Annotated[str, typer.Option(help="Remainder at the raster edge: snap | drop.")] = "snap",
+    index_format: Annotated[str, typer.Option("--format", help="Chip index format: gpkg | parquet.")] = "gpkg",
+    validate: Annotated[bool, typer.Option(help="Read every block of every file before writing anything.")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Ingest a multitemporal GeoTIFF stack: validate it, chip it, write a chip index and a summary."""
+    from agrivlm.geo.ingest import ingest as run_ingest
+
+    summary = run_ingest(
+        inputs,
+        out,
+        chip_size=chip_size,
+        stride=stride,
+        masks=masks or None,
+        dates=_parse_dates(date),
+        same_day=same_day,  # type: ignore[arg-type]
+        edge=edge,
+        index_format=index_format,
+        validate=validate,
+        overwrite=overwrite,
+        progress=progress,
+    )
+    print_summary(summary)
+
+
+@app.command()
+def quickstart(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("runs/quickstart"),
+    chip_size: Annotated[int, typer.Option(help="Chip size in pixels.")] = 64,
+    stride: Annotated[int, typer.Option(help="Step between chips in pixels.")] = 32,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """The main job on the embedded sample (Sentinel-2 NDVI, Slovenia, 68 dates): ingest and summarise."""
+    from agrivlm.geo.ingest import ingest as run_ingest
+    from agrivlm.sample import sample_cloud_mask_dir, sample_ndvi_dir
+
+    summary = run_ingest(
+        sample_ndvi_dir(),
+        out / "ingest",
+        chip_size=chip_size,
+        stride=stride,
+        masks=sample_cloud_mask_dir(),
+        overwrite=True,
+        progress=progress,
+    )
+    print_summary(summary, title="embedded sample: Sentinel-2 NDVI, Slovenia")
+
+
+def main() -> None:
+    """Console entry point: agrivlm's own errors print one line and exit 1, never a traceback."""
+    try:
+        app()
+    except AgriVLMError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished outputs are kept, nothing half-written was left behind", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The chip index: one row per kept chip (footprint, window, transform, dates, source files).
+
+Written as a GeoPackage (``.gpkg``) or GeoParquet (``.parquet``), atomically: to a temporary file
+beside the target, then renamed, so an interrupted run never leaves a half-written index and an
+older index stays intact until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+from affine import Affine
+from rasterio.windows import Window
+from tqdm.auto import tqdm
+
+from agrivlm.errors import IngestError
+from agrivlm.geo.chips import Chip, ChipStream
+from agrivlm.geo.coords import GeoGrid
+
+#: Index formats by file suffix.
+INDEX_DRIVERS = {".gpkg": "GPKG", ".parquet": "parquet", ".geojson": "GeoJSON"}
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    os.unlink(tmp)  # drivers (GPKG) want to create the file themselves
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_frame(frame: gpd.GeoDataFrame, target: Path, layer: str | None = None) -> None:
+    """Write a GeoDataFrame atomically; the format follows the suffix (see :data:`INDEX_DRIVERS`).
+
+    ``layer`` names the GeoPackage layer (default: the target's stem).
+    """
+    driver = INDEX_DRIVERS.get(target.suffix.lower())
+    if driver is None:
+        raise IngestError(f"{target}: unknown output format; use one of {', '.join(INDEX_DRIVERS)}")
+    with atomic_path(target) as tmp:
+        if driver == "parquet":
+            frame.to_parquet(tmp)
+        else:
+            kwargs = {"layer": layer or target.stem} if driver == "GPKG" else {}
+            frame.to_file(tmp, driver=driver, **kwargs)
+
+
+def chip_row(chip: Chip) -> dict[str, object]:
+    """The index row of one chip (geometry = footprint polygon in the stack's CRS)."""
+    dates = [str(t) for t in chip.times]
+    return {
+        "chip_id": chip.chip_id,
+        "chip_index": chip.index,
+        "row_off": int(chip.window.row_off),
+        "col_off": int(chip.window.col_off),
+        "height": int(chip.window.height),
+        "width": int(chip.window.width),
+        "transform": json.dumps(list(chip.grid.transform)[:6]),
+        "n_dates": len(dates),
+        "first_date": dates[0],
+        "last_date": dates[-1],
+        "dates": json.dumps(dates),
+        "files": json.dumps(chip.files),
+        "valid_fraction": round(chip.valid_fraction, 6),
+        "clear_fraction": round(chip.clear_fraction, 6),
+        "geometry": chip.grid.footprint(),
+    }
+
+
+def build_chip_index(
+    stream: ChipStream, progress: bool = True, on_chip: Callable[[Chip], None] | None = None
+) -> gpd.GeoDataFrame:
+    """Stream every chip once and collect the index rows (one chip in memory at a time)."""
+    rows = []
+    bar = tqdm(total=len(stream), desc="chips", unit="chip", disable=not progress)
+    try:
+        for chip in stream:
+            rows.append(chip_row(chip))
+            if on_chip is not None:
+                on_chip(chip)
+            bar.update(1)
+            bar.set_postfix(kept=stream.kept, skipped=stream.skipped)
+        bar.update(len(stream) - bar.n)
+    finally:
+        bar.close()
+    if not rows:
+        return gpd.GeoDataFrame({"chip_id": []}, geometry=gpd.GeoSeries([], crs=stream.stack.crs))
+    return gpd.GeoDataFrame(rows, geometry="geometry", crs=stream.stack.crs)
+
+
+def read_chip_index(path: str | Path) -> gpd.GeoDataFrame:
+    """Read an index written by :func:`write_frame` (GPKG, GeoParquet or GeoJSON)."""
+    path = Path(path)
+    if not path.exists():
+        raise IngestError(f"{path}: no such chip index; run `agrivlm ingest` first")
+    return gpd.read_parquet(path) if path.suffix.lower() == ".parquet" else gpd.read_file(path)
+
+
+def row_window(row: Any) -> Window:
+    """The pixel window of an index row."""
+    return Window(int(row["col_off"]), int(row["row_off"]), int(row["width"]), int(row["height"]))
+
+
+def row_grid(row: Any, crs: Any) -> GeoGrid:
+    """The chip grid (own transform, CRS, size) of an index row."""
+    coeffs = json.loads(str(row["transform"]))
+    return GeoGrid(Affine(*coeffs), crs, int(row["width"]), int(row["height"]))
+
+
+def row_dates(row: Any) -> np.ndarray:
+    """The dates of an index row as ``datetime64[s]``."""
+    return np.array(json.loads(str(row["dates"])), dtype="datetime64[s]")

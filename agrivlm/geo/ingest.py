@@ -1,0 +1,69 @@
+"""``agrivlm ingest`` as a function: stack → validation → chip stream → chip index + summary."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from agrivlm.errors import IngestError
+from agrivlm.geo.chips import ChipStream, Edge
+from agrivlm.geo.index import atomic_path, build_chip_index, write_frame
+from agrivlm.geo.stack import Inputs, SameDay, open_stack
+from agrivlm.geo.validate import validate_files
+
+
+def ingest(
+    inputs: Inputs,
+    out_dir: str | os.PathLike[str],
+    *,
+    chip_size: int = 64,
+    stride: int | None = None,
+    masks: Inputs | None = None,
+    dates: Mapping[str, object] | None = None,
+    same_day: SameDay = "keep",
+    edge: Edge | str = Edge.SNAP,
+    index_format: str = "gpkg",
+    validate: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Ingest a stack and write ``OUT/chips.<format>`` and ``OUT/summary.json``; return the summary.
+
+    Nothing is written until the stack has opened, every file has been validated (``validate``)
+    and every chip has been read; both outputs are then replaced atomically.
+
+    Raises:
+        IngestError: bad inputs (naming the file), or outputs that exist without ``overwrite``.
+
+    """
+    out = Path(out_dir)
+    index_path = out / f"chips.{index_format.lstrip('.')}"
+    summary_path = out / "summary.json"
+    if not overwrite:
+        for p in (index_path, summary_path):
+            if p.exists():
+                raise IngestError(f"{p}: already exists; pass --overwrite to replace it")
+    stack = open_stack(inputs, masks=masks, dates=dates, same_day=same_day)
+    if validate:
+        mask_files = [m.path for step in stack.steps for m in step.masks if m is not None]
+        validate_files(stack.files + mask_files, progress=progress)
+    stream = ChipStream(stack, chip_size=chip_size, stride=stride, edge=edge)
+    frame = build_chip_index(stream, progress=progress)
+    summary = {
+        **stack.summary(),
+        "chip_size": chip_size,
+        "stride": stride if stride is not None else chip_size,
+        "edge": Edge(edge).value,
+        "chips_total": len(stream),
+        "chips_kept": stream.kept,
+        "chips_skipped_nodata": stream.skipped,
+        "skipped_chip_ids": stream.skipped_ids,
+        "index": str(index_path),
+    }
+    write_frame(frame, index_path)
+    with atomic_path(summary_path) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,47 @@
+"""Read every block of every file once, so a damaged file is named before anything is written.
+
+A truncated GeoTIFF opens fine (its header is intact) and fails only when a damaged block is read,
+with ``RasterioIOError`` chained from GDAL's error. ``validate_files`` finds that block up front.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import rasterio
+from tqdm.auto import tqdm
+
+from agrivlm.errors import IngestError
+
+
+def validate_file(path: str | Path) -> int:
+    """Decode every block of every band of one raster; return the number of blocks read.
+
+    Memory stays at one block. Raises:
+        IngestError: naming the file and the first damaged block (block row/col and pixel window).
+    """
+    path = Path(path)
+    try:
+        ds = rasterio.open(path)
+    except rasterio.errors.RasterioIOError as exc:
+        raise IngestError(f"{path}: cannot be opened as a raster ({exc}); re-download or re-export it") from exc
+    n = 0
+    with ds:
+        for (brow, bcol), window in ds.block_windows(1):
+            try:
+                ds.read(window=window)
+            except rasterio.errors.RasterioIOError as exc:
+                raise IngestError(
+                    f"{path}: damaged block (row {brow}, col {bcol}) at pixel window "
+                    f"col_off={window.col_off} row_off={window.row_off} {window.width}x{window.height} "
+                    f"({exc}); the file is truncated or corrupt — re-download or re-export it"
+                ) from exc
+            n += 1
+    return n
+
+
+def validate_files(paths: Iterable[str | Path], progress: bool = True) -> int:
+    """Validate several rasters (see :func:`validate_file`); return the total number of blocks read."""
+    items = list(paths)
+    return sum(validate_file(p) for p in tqdm(items, desc="validate", unit="file", disable=not progress))
