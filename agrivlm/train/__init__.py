@@ -1,0 +1,1 @@
+"""Three-stage curriculum training on accelerate (alignment → LAPE warmup → agricultural fine-tune)."""
