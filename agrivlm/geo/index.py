@@ -86,7 +86,10 @@ def chip_row(chip: Chip) -> dict[str, object]:
 def build_chip_index(
     stream: ChipStream, progress: bool = True, on_chip: Callable[[Chip], None] | None = None
 ) -> gpd.GeoDataFrame:
-    """Stream every chip once and collect the index rows (one chip in memory at a time)."""
+    """Stream every chip once and collect the index rows, sorted by ``chip_index`` (row-major grid order).
+
+    Memory: the stream's bounded read-ahead plus one small row per chip.
+    """
     rows = []
     bar = tqdm(total=len(stream), desc="chips", unit="chip", disable=not progress)
     try:
@@ -101,6 +104,7 @@ def build_chip_index(
         bar.close()
     if not rows:
         return gpd.GeoDataFrame({"chip_id": []}, geometry=gpd.GeoSeries([], crs=stream.stack.crs))
+    rows.sort(key=lambda row: int(row["chip_index"]))  # type: ignore[call-overload]
     return gpd.GeoDataFrame(rows, geometry="geometry", crs=stream.stack.crs)
 
 
