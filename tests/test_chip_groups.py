@@ -19,7 +19,7 @@ from rasterio.windows import Window
 from rasters import UTM33, UTM_TRANSFORM, smooth_field, write_raster
 
 from agrivlm.geo import ChipStream, chip_windows, open_stack
-from agrivlm.geo.chips import chip_groups
+from agrivlm.geo.chips import block_runs, chip_groups
 
 
 def _uint16_stack(
@@ -78,6 +78,9 @@ def test_groups_follow_tiles_and_strips() -> None:
     # a memory cap splits a strip into column runs
     capped = chip_groups(1024, 1536, 256, block_shape=(1, 1536), bytes_per_pixel=1, max_group_bytes=256 * 512)
     assert [g.window.width for g in capped[:3]] == [512, 512, 512]
+    # reader threads take whole runs of groups that share blocks: each tile alone, each strip row together
+    assert [len(run) for run in block_runs(tiled, (512, 512))] == [1] * 6
+    assert [len(run) for run in block_runs(capped, (1, 1536))] == [3] * 4
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -111,6 +114,10 @@ def test_stream_equals_rasterio_window_reads(tmp_path: Path, workers: int, tiled
                     clouds = ds.read(1, window=w) != 0
             np.testing.assert_array_equal(chip_.mask[t], clouds & ~nod.all(axis=0))
     assert not stack.is_open  # every thread's handles were closed
+    # the same order on every run, with or without threads
+    order = [c.chip_id for c in ChipStream(stack, chip_size=chip, stride=stride, workers=3, max_group_bytes=60_000)]
+    assert order == list(chips) == [c.chip_id for c in ChipStream(stack, chip_size=chip, stride=stride, workers=0,
+                                                                   max_group_bytes=60_000)]
 
 
 def test_masks_mosaic_and_float_nan_match_per_chip_reads(tmp_path: Path) -> None:

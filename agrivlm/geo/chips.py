@@ -8,18 +8,22 @@ chips that live in the same internal blocks (tiles or strips) of the files. Each
 read once per date, in the files' own data type, by GDAL straight into one buffer, and its chips are
 cut from that buffer, so every block is decoded once however the chips overlap it (reading chip by
 chip would decode a 512-px tile four times for 256-px chips, and a full-width strip once per chip).
-A few worker threads read groups ahead of the consumer (GDAL releases the GIL while decoding, each
-thread has its own file handles); a group's size is capped (:attr:`ChipStream.max_group_bytes`) and so
-is the read-ahead (:attr:`ChipStream.prefetch`), so memory stays bounded whatever the raster's size.
+Reader threads (GDAL releases the GIL while decoding; each thread has its own file handles) each take
+whole runs of groups that share blocks, so a block split between two groups by the memory cap is
+decoded by one thread and its second read hits that handle's GDAL block cache.
+
+Memory is bounded whatever the raster's size: per reader thread one group's decoded buffer
+(:attr:`ChipStream.max_group_bytes`) and :attr:`ChipStream.prefetch` finished chips waiting for the
+consumer, plus GDAL's block cache (``GDAL_CACHEMAX``).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections import deque
+import queue
+import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -168,7 +172,7 @@ def _runs(starts: Sequence[int], size: int, block: int, limit: int) -> list[list
 def chip_groups(
     height: int, width: int, chip_size: int | tuple[int, int], stride: int | tuple[int, int] | None = None,
     edge: Edge | str = Edge.SNAP, block_shape: tuple[int, int] = (0, 0), bytes_per_pixel: float = 1.0,
-    max_group_bytes: int = 128 * 2**20,
+    max_group_bytes: int = 256 * 2**20,
 ) -> list[ChipGroup]:
     """Partition the chip grid of :func:`chip_windows` into block-aligned groups.
 
@@ -180,8 +184,8 @@ def chip_groups(
         edge: :class:`Edge` rule for the remainder.
         block_shape: the files' internal block ``(rows, cols)`` (a strip is ``(k, width)``); ``(0, 0)``
             groups nothing (one chip per group).
-        bytes_per_pixel: memory one pixel of a group costs once read and cut (all dates and bands).
-        max_group_bytes: cap on a group's memory (a single chip may exceed it).
+        bytes_per_pixel: decoded bytes of one pixel of a group (all dates and bands).
+        max_group_bytes: cap on a group's decoded bytes (a single chip may exceed it).
 
     Returns:
         Groups in reading order (runs of rows, then runs of columns); every chip in exactly one.
@@ -214,17 +218,44 @@ def default_workers() -> int:
     return max(1, min(4, cores))
 
 
+def _share_blocks(a: ChipGroup, b: ChipGroup, block_shape: tuple[int, int]) -> bool:
+    """Whether two groups touch a common block of the files (so one thread should read both)."""
+    bh, bw = (max(x, 1) for x in block_shape)
+
+    def span(start: float, size: float, b: int) -> range:
+        return range(int(start) // b, (int(start) + int(size) - 1) // b + 1)
+
+    rows_a, rows_b = span(a.window.row_off, a.window.height, bh), span(b.window.row_off, b.window.height, bh)
+    cols_a, cols_b = span(a.window.col_off, a.window.width, bw), span(b.window.col_off, b.window.width, bw)
+    return bool(set(rows_a) & set(rows_b)) and bool(set(cols_a) & set(cols_b))
+
+
+def block_runs(groups: Sequence[ChipGroup], block_shape: tuple[int, int]) -> list[list[ChipGroup]]:
+    """Consecutive groups joined into runs wherever neighbours share a block of the files."""
+    runs: list[list[ChipGroup]] = []
+    for g in groups:
+        if runs and block_shape != (0, 0) and _share_blocks(runs[-1][-1], g, block_shape):
+            runs[-1].append(g)
+        else:
+            runs.append([g])
+    return runs
+
+
+_DONE = object()  # end of one run in a reader thread's queue
+
+
 @dataclass
 class ChipStream:
     """Iterate the chips of a stack with bounded memory, skipping all-nodata chips.
 
     Chips come group by group (:func:`chip_groups`: chips sharing the files' blocks are read
-    together), row-major within a group; ``chip.index`` is the chip's row-major position in the grid
-    (sort by it for the grid's order). After iteration ``kept`` and ``skipped`` count the chips;
-    ``skipped_ids`` names the skipped ones.
+    together), row-major within a group, in the same order on every run; ``chip.index`` is the chip's
+    row-major position in the grid (sort by it for the grid's order). After iteration ``kept`` and
+    ``skipped`` count the chips; ``skipped_ids`` names the skipped ones, in stream order.
 
-    Memory: at most ``prefetch + 1`` groups of at most ``max_group_bytes`` each are held at once,
-    plus GDAL's block cache (``GDAL_CACHEMAX``); the raster's size does not enter it.
+    Memory: per reader thread at most one group's decoded pixels (``max_group_bytes``) and
+    ``prefetch`` finished chips, plus the chip the consumer holds and GDAL's block cache
+    (``GDAL_CACHEMAX``); the raster's size does not enter it.
     """
 
     stack: Stack
@@ -237,10 +268,10 @@ class ChipStream:
     skipped_ids: list[str] = field(default_factory=list)
     #: Reader threads (default :func:`default_workers`); 0 reads in the consuming thread.
     workers: int | None = None
-    #: Groups read ahead of the consumer (default: ``workers``, at least 1).
-    prefetch: int | None = None
-    #: Cap on one group's memory once read and cut (float32 chips, masks and the decoded buffer).
-    max_group_bytes: int = 128 * 2**20
+    #: Finished chips each reader thread may hold ready ahead of the consumer.
+    prefetch: int = 2
+    #: Cap on one group's decoded pixels, all dates and bands, in bytes (a single chip may exceed it).
+    max_group_bytes: int = 256 * 2**20
 
     @property
     def windows(self) -> list[Window]:
@@ -252,20 +283,25 @@ class ChipStream:
 
     @property
     def bytes_per_pixel(self) -> float:
-        """Memory of one pixel of a group, all dates: decoded values, float32 data, masks."""
+        """Decoded bytes of one pixel of a group, all dates and bands (and mask files)."""
         total = 0.0
         for step in self.stack.steps:
             for info, mask in zip(step.sources, step.masks, strict=True):
-                total += info.count * (np.dtype(info.dtype).itemsize + 5) + (2 if mask is not None else 0)
+                total += info.count * np.dtype(info.dtype).itemsize + (2 if mask is not None else 0)
         return total
+
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        """The internal block ``(rows, cols)`` of the first file on the reference grid (``(0, 0)``: none)."""
+        warped = set(self.stack.warped_files)
+        on_grid = [s.block_shape for step in self.stack.steps for s in step.sources if s.path not in warped]
+        return on_grid[0] if on_grid else (0, 0)
 
     def groups(self) -> list[ChipGroup]:
         """The chip grid partitioned into block-aligned groups, in reading order."""
-        on_grid = [s.block_shape for s in self.stack.steps[0].sources if s.path not in self.stack.warped_files]
-        block = on_grid[0] if on_grid else (0, 0)
         return chip_groups(
             self.stack.grid.height, self.stack.grid.width, self.chip_size, self.stride, self.edge,
-            block_shape=block, bytes_per_pixel=self.bytes_per_pixel, max_group_bytes=self.max_group_bytes,
+            block_shape=self.block_shape, bytes_per_pixel=self.bytes_per_pixel, max_group_bytes=self.max_group_bytes,
         )
 
     def read(self, index: int, window: Window) -> Chip:
@@ -289,45 +325,74 @@ class ChipStream:
             files=["+".join(s.path.name for s in step.sources) for step in self.stack.steps],
         )
 
-    def read_group(self, group: ChipGroup) -> list[tuple[Chip, bool]]:
-        """Read one group's window once and cut its chips; each with True when it is all nodata."""
+    def read_group(self, group: ChipGroup) -> Iterator[tuple[Chip, bool]]:
+        """Read one group's window once, then cut its chips one by one; each with True if all nodata."""
         block = self.stack.read_block(group.window)
-        out = []
         g = group.window
         for index, window in group.members:
             data, nodata, mask = block.cut(
                 int(window.row_off - g.row_off), int(window.col_off - g.col_off), int(window.height),
                 int(window.width),
             )
-            out.append((self._chip(index, window, data, nodata, mask), bool(nodata.all())))
-        return out
+            yield self._chip(index, window, data, nodata, mask), bool(nodata.all())
 
     def iter_groups(self, groups: Sequence[ChipGroup]) -> Iterator[tuple[Chip, bool]]:
-        """Read ``groups`` (the stack must be open) with the reader threads, in order, read-ahead bounded."""
+        """Read ``groups`` with the reader threads; yield ``(chip, all_nodata)`` in the groups' order.
+
+        The stack must be open (``with stack:``). Runs of groups sharing blocks (:func:`block_runs`)
+        go to the threads in turn; each thread hands its chips over through its own bounded queue, and
+        the consumer takes the runs in order, so the order is deterministic and memory bounded.
+        """
         workers = default_workers() if self.workers is None else self.workers
-        if workers <= 0:
+        runs = block_runs(groups, self.block_shape)
+        n = min(workers, len(runs))
+        if n <= 0:
             for group in groups:
                 yield from self.read_group(group)
             return
-        ahead = max(1, self.prefetch if self.prefetch is not None else workers)
-        todo = iter(groups)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agrivlm-read") as pool:
-            pending: deque[Future[list[tuple[Chip, bool]]]] = deque()
+        queues: list[queue.Queue[object]] = [queue.Queue(maxsize=max(1, self.prefetch)) for _ in range(n)]
+        stop = threading.Event()
+
+        def put(q: queue.Queue[object], item: object) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def reader(k: int) -> None:
+            q = queues[k]
             try:
-                for group in todo:
-                    pending.append(pool.submit(self.read_group, group))
-                    if len(pending) >= ahead:
+                for run in runs[k::n]:
+                    for group in run:
+                        for item in self.read_group(group):
+                            if not put(q, item):
+                                return
+                    if not put(q, _DONE):
+                        return
+            except BaseException as exc:  # handed to the consumer, which raises it
+                put(q, exc)
+
+        threads = [threading.Thread(target=reader, args=(k,), name=f"agrivlm-read-{k}", daemon=True)
+                   for k in range(n)]
+        for t in threads:
+            t.start()
+        try:
+            for r in range(len(runs)):
+                q = queues[r % n]
+                while True:
+                    item = q.get()
+                    if item is _DONE:
                         break
-                while pending:
-                    chips = deque(pending.popleft().result())
-                    nxt = next(todo, None)
-                    if nxt is not None:
-                        pending.append(pool.submit(self.read_group, nxt))
-                    while chips:
-                        yield chips.popleft()
-            finally:
-                for fut in pending:
-                    fut.cancel()
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item  # type: ignore[misc]
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
 
     def __iter__(self) -> Iterator[Chip]:
         self.kept, self.skipped, self.skipped_ids = 0, 0, []

@@ -268,26 +268,17 @@ class Stack:
         return self._depth > 0
 
     def open(self) -> None:
-        """Open every file (warped ones through a VRT) and keep them open until :meth:`close`.
+        """Keep files open between reads until :meth:`close` (each thread opens its own on first use).
 
         Re-entrant: nested ``with stack:`` blocks close the files only when the outermost one ends.
-        Other threads reading while the stack is open get handles of their own, opened on first use
-        (a GDAL dataset handle must not be shared between threads) and closed by :meth:`close` too.
+        A GDAL dataset handle must not be shared between threads, so every thread reading while the
+        stack is open opens the files it reads (warped ones through a VRT) once, and :meth:`close`
+        closes all of them. :func:`open_stack` has already opened every file once to read its header.
         """
         with self._lock:
             self._depth += 1
-            if self._depth > 1:
-                return
-            self._session += 1
-        try:
-            handles = self._thread_handles()
-            assert handles is not None
-            for step in self.steps:
-                for info, kind in [(s, "data") for s in step.sources] + [(m, "mask") for m in step.masks if m]:
-                    self._handle(handles, info, kind)
-        except BaseException:
-            self.close()
-            raise
+            if self._depth == 1:
+                self._session += 1
 
     def close(self) -> None:
         """Close the files opened by :meth:`open` (once every nested :meth:`open` is closed)."""
@@ -553,6 +544,27 @@ def missing_values(values: npt.NDArray[Any], nodata: float | None) -> npt.NDArra
     return values == dtype.type(int(nodata))
 
 
+def may_be_missing(values: npt.NDArray[Any], nodata: float | None) -> bool:
+    """False only when :func:`missing_values` is surely all False (checked by reductions, no mask built).
+
+    Integers: the nodata value lies outside ``[min, max]``; floats: the sum is finite (no NaN/inf) and
+    the nodata value lies outside ``[min, max]``. Reading is cheaper than building the boolean mask.
+    """
+    if values.size == 0:
+        return False
+    if values.dtype.kind == "f":
+        if not np.isfinite(values.sum(dtype=np.float64)):
+            return True
+        if nodata is None or not np.isfinite(nodata):
+            return False
+    elif nodata is None or not np.isfinite(nodata):
+        return False
+    low = values.min()
+    if nodata < low:
+        return False
+    return bool(nodata <= values.max())
+
+
 def _same_value(a: float | None, b: float | None) -> bool:
     if a is None or b is None:
         return a is b
@@ -599,9 +611,11 @@ class WindowRead:
         if self.stacked is not None and all(_same_value(v, first) for row in self.nodata_values for v in row):
             part = self.stacked[:, :, rs, cs]
             data = part.astype(np.float32)
-            nodata = missing_values(part, first)
-            if nodata.any():
+            if may_be_missing(part, first):
+                nodata = missing_values(part, first)
                 np.copyto(data, np.float32(np.nan), where=nodata)
+            else:  # the usual chip: nothing to mask, and np.zeros costs no pass over memory
+                nodata = np.zeros(part.shape, dtype=bool)
             mask = np.zeros((n_steps, height, width), dtype=bool)
             with_clouds = [t for t, row in enumerate(self.clouds) if row[0] is not None]
             if with_clouds:
