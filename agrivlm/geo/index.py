@@ -102,10 +102,15 @@ def build_chip_index(
         bar.update(len(stream) - bar.n)
     finally:
         bar.close()
-    if not rows:
-        return gpd.GeoDataFrame({"chip_id": []}, geometry=gpd.GeoSeries([], crs=stream.stack.crs))
     rows.sort(key=lambda row: int(row["chip_index"]))  # type: ignore[call-overload]
-    return gpd.GeoDataFrame(rows, geometry="geometry", crs=stream.stack.crs)
+    return rows_frame(rows, stream.stack.crs)
+
+
+def rows_frame(rows: list[dict[str, object]], crs: Any) -> gpd.GeoDataFrame:
+    """The chip index frame of :func:`chip_row` rows (an empty frame keeps the CRS)."""
+    if not rows:
+        return gpd.GeoDataFrame({"chip_id": []}, geometry=gpd.GeoSeries([], crs=crs))
+    return gpd.GeoDataFrame(rows, geometry="geometry", crs=crs)
 
 
 def read_chip_index(path: str | Path) -> gpd.GeoDataFrame:
