@@ -272,6 +272,7 @@ class ChipStream:
     prefetch: int = 2
     #: Cap on one group's decoded pixels, all dates and bands, in bytes (a single chip may exceed it).
     max_group_bytes: int = 256 * 2**20
+    _scratch: threading.local = field(default_factory=threading.local, repr=False, compare=False)
 
     @property
     def windows(self) -> list[Window]:
@@ -326,8 +327,16 @@ class ChipStream:
         )
 
     def read_group(self, group: ChipGroup) -> Iterator[tuple[Chip, bool]]:
-        """Read one group's window once, then cut its chips one by one; each with True if all nodata."""
-        block = self.stack.read_block(group.window)
+        """Read one group's window once, then cut its chips one by one; each with True if all nodata.
+
+        The decoded pixels go to a buffer the calling thread reuses for its next group (chips are
+        copies), so reading a group costs no fresh allocation.
+        """
+        local = self._scratch
+        need = int(group.window.height * group.window.width * self.bytes_per_pixel)
+        if getattr(local, "buf", None) is None or local.buf.nbytes < need:
+            local.buf = np.empty(need, dtype=np.uint8)
+        block = self.stack.read_block(group.window, scratch=local.buf)
         g = group.window
         for index, window in group.members:
             data, nodata, mask = block.cut(
@@ -347,8 +356,11 @@ class ChipStream:
         runs = block_runs(groups, self.block_shape)
         n = min(workers, len(runs))
         if n <= 0:
-            for group in groups:
-                yield from self.read_group(group)
+            try:
+                for group in groups:
+                    yield from self.read_group(group)
+            finally:
+                self._scratch.buf = None  # the calling thread lives on: do not keep its buffer
             return
         queues: list[queue.Queue[object]] = [queue.Queue(maxsize=max(1, self.prefetch)) for _ in range(n)]
         stop = threading.Event()

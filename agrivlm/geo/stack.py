@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob as globlib
 import logging
+import math
 import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -116,18 +117,21 @@ class SourceInfo:
         return GeoGrid(self.transform, self.crs, self.width, self.height)
 
 
-def _inspect(dated: DatedFile) -> SourceInfo:
+def _inspect(dated: DatedFile | Path, dates: Mapping[str, object] | None = None) -> SourceInfo:
+    """Open a file once: its date (when given a bare path: mapping, then its tags, then its name) and header."""
+    path = dated.path if isinstance(dated, DatedFile) else dated
     try:
-        with rasterio.open(dated.path) as ds:
+        with rasterio.open(path) as ds:
+            if not isinstance(dated, DatedFile):
+                dated = resolve_date(path, dates, tags=ds.tags())
             if ds.crs is None:
                 raise IngestError(
-                    f"{dated.path}: no CRS; fix the file (e.g. gdal_edit.py -a_srs EPSG:xxxx), "
-                    "agrivlm never guesses one"
+                    f"{path}: no CRS; fix the file (e.g. gdal_edit.py -a_srs EPSG:xxxx), agrivlm never guesses one"
                 )
             if ds.transform == Affine.identity() and not ds.gcps[0]:
-                raise IngestError(f"{dated.path}: no geotransform (identity); the file is not georeferenced")
+                raise IngestError(f"{path}: no geotransform (identity); the file is not georeferenced")
             return SourceInfo(
-                path=dated.path,
+                path=path,
                 time=dated.time,
                 date_source=dated.source,
                 crs=ds.crs,
@@ -144,7 +148,7 @@ def _inspect(dated: DatedFile) -> SourceInfo:
                 ),
             )
     except rasterio.errors.RasterioIOError as exc:
-        raise IngestError(f"{dated.path}: cannot be opened as a raster ({exc}); check or re-download the file") from exc
+        raise IngestError(f"{path}: cannot be opened as a raster ({exc}); check or re-download the file") from exc
 
 
 def _same_grid(info: SourceInfo, ref: GeoGrid) -> bool:
@@ -378,12 +382,16 @@ class Stack:
         return masked
 
     # -- reading -----------------------------------------------------------------------------------
-    def read_block(self, window: Window, steps: Sequence[int] | None = None) -> WindowRead:
+    def read_block(
+        self, window: Window, steps: Sequence[int] | None = None, scratch: npt.NDArray[np.uint8] | None = None
+    ) -> WindowRead:
         """Read ``window`` of every (or the selected) time step once, in the files' own data type.
 
         Cut chips from it with :meth:`WindowRead.cut`. When every step has one file, all on the
         reference grid with the same data type and a nodata-only mask, the pixels land in one
-        ``(T, C, h, w)`` array (each date decoded by GDAL straight into its slice).
+        ``(T, C, h, w)`` array (each date decoded by GDAL straight into its slice); that array is a
+        view of ``scratch`` (a 1-D uint8 buffer) when it is large enough, so a reader reusing one
+        buffer for every window spares the page faults of a fresh allocation each time.
         """
         idx = list(range(len(self.steps))) if steps is None else list(steps)
         h, w = int(window.height), int(window.width)
@@ -393,7 +401,14 @@ class Stack:
             len(step.sources) == 1 and s.plain_mask and s.dtype == firsts[0].dtype and _same_grid(s, self.grid)
             for step, s in zip(chosen, firsts, strict=True)
         )
-        stacked = np.empty((len(idx), len(self.band_names), h, w), dtype=firsts[0].dtype) if uniform else None
+        stacked = None
+        if uniform:
+            shape, dtype = (len(idx), len(self.band_names), h, w), np.dtype(firsts[0].dtype)
+            nbytes = math.prod(shape) * dtype.itemsize
+            if scratch is not None and scratch.nbytes >= nbytes:
+                stacked = scratch[:nbytes].view(dtype).reshape(shape)
+            else:
+                stacked = np.empty(shape, dtype=dtype)
         values: list[list[npt.NDArray[Any]]] = []
         missing: list[list[npt.NDArray[np.bool_] | None]] = []
         clouds: list[list[npt.NDArray[np.bool_] | None]] = []
@@ -746,7 +761,7 @@ def open_stack(
     if same_day not in ("keep", "first", "mosaic"):
         raise IngestError(f"same_day must be 'keep', 'first' or 'mosaic', not {same_day!r}")
     paths = resolve_inputs(inputs)
-    infos = sorted((_inspect(resolve_date(p, dates)) for p in paths), key=lambda i: (i.time, str(i.path)))
+    infos = sorted((_inspect(p, dates) for p in paths), key=lambda i: (i.time, str(i.path)))
     if nodata is not None:
         infos = [i if i.nodata is not None else _with_nodata(i, nodata) for i in infos]
 
@@ -773,7 +788,7 @@ def open_stack(
     steps, dropped = _group_same_day(infos, same_day)
     if masks is not None:
         mask_paths = resolve_inputs(masks, what="mask files")
-        mask_infos = [_inspect(resolve_date(p, dates)) for p in mask_paths]
+        mask_infos = [_inspect(p, dates) for p in mask_paths]
         _match_masks(steps, mask_infos)
 
     stack = Stack(
