@@ -14,7 +14,7 @@ decoded by one thread and its second read hits that handle's GDAL block cache.
 
 Memory is bounded whatever the raster's size: per reader thread one group's decoded buffer
 (:attr:`ChipStream.max_group_bytes`) and :attr:`ChipStream.prefetch` finished chips waiting for the
-consumer, plus GDAL's block cache (``GDAL_CACHEMAX``).
+consumer, plus GDAL's block cache, capped while the stream reads (:attr:`ChipStream.gdal_cache_bytes`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from rasterio.windows import Window
 
 from agrivlm.errors import IngestError
 from agrivlm.geo.coords import GeoGrid, TimeAxis
-from agrivlm.geo.stack import Stack
+from agrivlm.geo.stack import Stack, gdal_cache_cap
 
 
 class Edge(str, Enum):
@@ -255,7 +255,7 @@ class ChipStream:
 
     Memory: per reader thread at most one group's decoded pixels (``max_group_bytes``) and
     ``prefetch`` finished chips, plus the chip the consumer holds and GDAL's block cache
-    (``GDAL_CACHEMAX``); the raster's size does not enter it.
+    (``gdal_cache_bytes``); the raster's size does not enter it.
     """
 
     stack: Stack
@@ -272,6 +272,10 @@ class ChipStream:
     prefetch: int = 2
     #: Cap on one group's decoded pixels, all dates and bands, in bytes (a single chip may exceed it).
     max_group_bytes: int = 256 * 2**20
+    #: GDAL's block cache cap while the stream reads (restored after). Groups are read block-aligned,
+    #: so a large cache buys little, and GDAL's default (5 % of RAM) would dominate the stream's
+    #: memory. ``None``, or ``GDAL_CACHEMAX`` set in the environment or a ``rasterio.Env``, leaves it.
+    gdal_cache_bytes: int | None = 64 * 2**20
     _scratch: threading.local = field(default_factory=threading.local, repr=False, compare=False)
 
     @property
@@ -352,6 +356,10 @@ class ChipStream:
         go to the threads in turn; each thread hands its chips over through its own bounded queue, and
         the consumer takes the runs in order, so the order is deterministic and memory bounded.
         """
+        with gdal_cache_cap(self.gdal_cache_bytes):
+            yield from self._iter_groups(groups)
+
+    def _iter_groups(self, groups: Sequence[ChipGroup]) -> Iterator[tuple[Chip, bool]]:
         workers = default_workers() if self.workers is None else self.workers
         runs = block_runs(groups, self.block_shape)
         n = min(workers, len(runs))

@@ -30,7 +30,7 @@ from typing import Any
 from agrivlm.errors import IngestError
 from agrivlm.geo.chips import ChipGroup, ChipStream, Edge
 from agrivlm.geo.stack import Stack
-from agrivlm.geo.validate import validate_file
+from agrivlm.geo.validate import validate_files
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +190,13 @@ def _check_reachable(address: str) -> None:
         raise IngestError(f"cannot reach the dask scheduler at {address} ({exc}); is it running?") from exc
 
 
+def _validate_one(path: str) -> int:
+    return validate_files([path], progress=False)
+
+
 def validate_distributed(client: Any, paths: Sequence[Path]) -> int:
-    """:func:`validate_file` of every file on the workers; the first damaged file raises its IngestError."""
-    futures = client.map(validate_file, [str(p) for p in paths], pure=False)
+    """Validate every file on the workers (a task per file); the first damaged file raises its IngestError."""
+    futures = client.map(_validate_one, [str(p) for p in paths], pure=False)
     try:
         return int(sum(client.gather(futures)))
     except BaseException:

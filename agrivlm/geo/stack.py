@@ -24,8 +24,8 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Iterable, Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
@@ -36,6 +36,7 @@ import dask.array as darr
 import numpy as np
 import numpy.typing as npt
 import rasterio
+import rasterio.env
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from affine import Affine
@@ -56,6 +57,23 @@ RASTER_SUFFIXES = (".tif", ".tiff", ".TIF", ".TIFF")
 
 Inputs = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 SameDay = Literal["keep", "first", "mosaic"]
+
+
+@contextmanager
+def gdal_cache_cap(nbytes: int | None) -> Iterator[None]:
+    """Cap GDAL's (process-wide) raster block cache at ``nbytes`` inside the block, then restore it.
+
+    GDAL keeps every decoded block of an open file until the cache (``GDAL_CACHEMAX``, by default 5 %
+    of RAM) is full, so a long read grows the process by that much even when nothing is read twice.
+    Left alone when ``nbytes`` is None or the user set ``GDAL_CACHEMAX`` (environment or a
+    ``rasterio.Env``).
+    """
+    user_set = "GDAL_CACHEMAX" in os.environ or (rasterio.env.hasenv() and "GDAL_CACHEMAX" in rasterio.env.getenv())
+    if nbytes is None or user_set:
+        yield
+        return
+    with rasterio.Env(GDAL_CACHEMAX=int(nbytes)):
+        yield
 
 
 def resolve_inputs(inputs: Inputs, what: str = "inputs") -> list[Path]:
