@@ -20,6 +20,7 @@ from rasters import UTM33, UTM_TRANSFORM, smooth_field, write_raster
 
 from agrivlm.geo import ChipStream, chip_windows, open_stack
 from agrivlm.geo.chips import block_runs, chip_groups
+from agrivlm.geo.stack import WindowRead, may_be_missing, missing_values
 
 
 def _uint16_stack(
@@ -188,3 +189,26 @@ def test_early_stop_closes_every_handle_and_pickled_stacks_reopen(tmp_path: Path
     assert not copy.is_open
     again = copy.read_window(first.window)
     np.testing.assert_array_equal(again[0], first.data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    dtype=st.sampled_from(["uint8", "uint16", "int16", "float32"]),
+    values=st.lists(st.integers(-300, 300), min_size=1, max_size=40),
+    nodata=st.one_of(st.none(), st.sampled_from([0.0, -9999.0, 255.0, 7.0, float("nan")])),
+    nan_at=st.one_of(st.none(), st.integers(0, 39)),
+)
+def test_the_no_nodata_shortcut_never_hides_nodata(dtype, values, nodata, nan_at) -> None:
+    info = np.iinfo(dtype) if dtype != "float32" else None
+    arr = np.array([min(max(v, info.min), info.max) if info else v for v in values]).astype(dtype)
+    if nan_at is not None and dtype == "float32":
+        arr[nan_at % arr.size] = np.nan
+    missing = missing_values(arr, nodata)
+    if not may_be_missing(arr, nodata):
+        assert not missing.any()
+    # and the flagged cut says "empty" exactly when every value is missing
+    block = WindowRead(Window(0, 0, arr.size, 1), [[arr.reshape(1, 1, -1)]], [[None]], [[None]], [[nodata]],
+                       stacked=arr.reshape(1, 1, 1, -1))
+    data, nodata_mask, _, empty = block.cut_flagged(0, 0, 1, arr.size)
+    assert empty == bool(missing.all()) and np.array_equal(nodata_mask[0, 0, 0], missing)
+    assert np.isnan(data[0, 0, 0][missing]).all()

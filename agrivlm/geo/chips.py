@@ -343,11 +343,11 @@ class ChipStream:
         block = self.stack.read_block(group.window, scratch=local.buf)
         g = group.window
         for index, window in group.members:
-            data, nodata, mask = block.cut(
+            data, nodata, mask, empty = block.cut_flagged(
                 int(window.row_off - g.row_off), int(window.col_off - g.col_off), int(window.height),
                 int(window.width),
             )
-            yield self._chip(index, window, data, nodata, mask), bool(nodata.all())
+            yield self._chip(index, window, data, nodata, mask), empty
 
     def iter_groups(self, groups: Sequence[ChipGroup]) -> Iterator[tuple[Chip, bool]]:
         """Read ``groups`` with the reader threads; yield ``(chip, all_nodata)`` in the groups' order.

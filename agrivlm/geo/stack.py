@@ -637,6 +637,16 @@ class WindowRead:
         :meth:`Stack.read_window` returns for that window. Same-day mosaics: first valid pixel wins,
         and a pixel is masked when the file it came from masks it.
         """
+        data, nodata, mask, _ = self.cut_flagged(row_off, col_off, height, width)
+        return data, nodata, mask
+
+    def cut_flagged(
+        self, row_off: int, col_off: int, height: int, width: int
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_], npt.NDArray[np.bool_], bool]:
+        """:meth:`cut`, and whether the sub-window holds no data at all.
+
+        The flag costs no scan when the min/max reductions already showed there is no nodata.
+        """
         rs, cs = slice(row_off, row_off + height), slice(col_off, col_off + width)
         n_steps = len(self.values)
         n_bands = self.values[0][0].shape[0] if n_steps else 0
@@ -644,20 +654,23 @@ class WindowRead:
         if self.stacked is not None and all(_same_value(v, first) for row in self.nodata_values for v in row):
             part = self.stacked[:, :, rs, cs]
             data = part.astype(np.float32)
-            if may_be_missing(part, first):
+            has_missing = may_be_missing(part, first)
+            if has_missing:
                 nodata = missing_values(part, first)
                 np.copyto(data, np.float32(np.nan), where=nodata)
             else:  # the usual chip: nothing to mask, and np.zeros costs no pass over memory
                 nodata = np.zeros(part.shape, dtype=bool)
             mask = np.zeros((n_steps, height, width), dtype=bool)
             with_clouds = [t for t, row in enumerate(self.clouds) if row[0] is not None]
-            if with_clouds:
-                any_valid = np.logical_not(nodata.all(axis=1))
-                for t in with_clouds:
-                    cloud = self.clouds[t][0]
-                    assert cloud is not None
+            any_valid = np.logical_not(nodata.all(axis=1)) if has_missing and with_clouds else None
+            for t in with_clouds:
+                cloud = self.clouds[t][0]
+                assert cloud is not None
+                if any_valid is None:
+                    mask[t] = cloud[rs, cs]
+                else:
                     np.logical_and(cloud[rs, cs], any_valid[t], out=mask[t])
-            return data, nodata, mask
+            return data, nodata, mask, bool(has_missing and nodata.all())
         data = np.full((n_steps, n_bands, height, width), np.nan, dtype=np.float32)
         nodata = np.ones((n_steps, n_bands, height, width), dtype=bool)
         mask = np.zeros((n_steps, height, width), dtype=bool)
@@ -676,7 +689,7 @@ class WindowRead:
                     mask[t] |= cloud[rs, cs] & fill.any(axis=0)
                 if not nodata[t].any():
                     break
-        return data, nodata, mask
+        return data, nodata, mask, bool(nodata.all())
 
 
 
