@@ -88,6 +88,12 @@ def ingest(
     validate: Annotated[bool, typer.Option(help="Read every block of every file before writing anything.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    workers: Annotated[
+        int | None, typer.Option(help="Run on a dask LocalCluster of N worker processes on this machine.")
+    ] = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help="Run on a running dask.distributed scheduler, e.g. tcp://host:8786.")
+    ] = None,
 ) -> None:
     """Ingest a multitemporal GeoTIFF stack: validate it, chip it, write a chip index and a summary."""
     from agrivlm.geo.ingest import ingest as run_ingest
@@ -105,6 +111,8 @@ def ingest(
         validate=validate,
         overwrite=overwrite,
         progress=progress,
+        workers=workers,
+        scheduler=scheduler,
     )
     print_summary(summary)
 

@@ -121,8 +121,12 @@ def _lookup(mapping: Mapping[str, object], path: Path) -> object | None:
     return None
 
 
-def resolve_date(path: str | Path, mapping: Mapping[str, object] | None = None) -> DatedFile:
+def resolve_date(
+    path: str | Path, mapping: Mapping[str, object] | None = None, tags: Mapping[str, str] | None = None
+) -> DatedFile:
     """Acquisition time of one GeoTIFF (precedence in the module docstring).
+
+    ``tags``: the file's dataset tags when the caller has the file open already (else it is opened).
 
     Raises:
         IngestError: when no source gives a date, or the mapping's value is not a date.
@@ -140,11 +144,12 @@ def resolve_date(path: str | Path, mapping: Mapping[str, object] | None = None) 
                     f"{path.name}: the date mapping gives {given!r}, which is not a date (use YYYY-MM-DD)"
                 )
             return DatedFile(path, when, "mapping")
-    try:
-        with rasterio.open(path) as ds:
-            tags = ds.tags()
-    except rasterio.errors.RasterioIOError as exc:
-        raise IngestError(f"{path}: cannot be opened as a raster ({exc}); check the file") from exc
+    if tags is None:
+        try:
+            with rasterio.open(path) as ds:
+                tags = ds.tags()
+        except rasterio.errors.RasterioIOError as exc:
+            raise IngestError(f"{path}: cannot be opened as a raster ({exc}); check the file") from exc
     from_tags = date_from_tags(tags)
     if from_tags is not None:
         return DatedFile(path, from_tags[0], f"tag:{from_tags[1]}")

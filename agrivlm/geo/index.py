@@ -86,7 +86,10 @@ def chip_row(chip: Chip) -> dict[str, object]:
 def build_chip_index(
     stream: ChipStream, progress: bool = True, on_chip: Callable[[Chip], None] | None = None
 ) -> gpd.GeoDataFrame:
-    """Stream every chip once and collect the index rows (one chip in memory at a time)."""
+    """Stream every chip once and collect the index rows, sorted by ``chip_index`` (row-major grid order).
+
+    Memory: the stream's bounded read-ahead plus one small row per chip.
+    """
     rows = []
     bar = tqdm(total=len(stream), desc="chips", unit="chip", disable=not progress)
     try:
@@ -99,9 +102,15 @@ def build_chip_index(
         bar.update(len(stream) - bar.n)
     finally:
         bar.close()
+    rows.sort(key=lambda row: int(row["chip_index"]))  # type: ignore[call-overload]
+    return rows_frame(rows, stream.stack.crs)
+
+
+def rows_frame(rows: list[dict[str, object]], crs: Any) -> gpd.GeoDataFrame:
+    """The chip index frame of :func:`chip_row` rows (an empty frame keeps the CRS)."""
     if not rows:
-        return gpd.GeoDataFrame({"chip_id": []}, geometry=gpd.GeoSeries([], crs=stream.stack.crs))
-    return gpd.GeoDataFrame(rows, geometry="geometry", crs=stream.stack.crs)
+        return gpd.GeoDataFrame({"chip_id": []}, geometry=gpd.GeoSeries([], crs=crs))
+    return gpd.GeoDataFrame(rows, geometry="geometry", crs=crs)
 
 
 def read_chip_index(path: str | Path) -> gpd.GeoDataFrame:

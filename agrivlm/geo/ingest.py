@@ -8,9 +8,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import geopandas as gpd
+from tqdm.auto import tqdm
+
 from agrivlm.errors import IngestError
 from agrivlm.geo.chips import ChipStream, Edge
-from agrivlm.geo.index import atomic_path, build_chip_index, write_frame
+from agrivlm.geo.index import atomic_path, build_chip_index, rows_frame, write_frame
 from agrivlm.geo.stack import Inputs, SameDay, open_stack
 from agrivlm.geo.validate import validate_files
 
@@ -29,11 +32,17 @@ def ingest(
     validate: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    workers: int | None = None,
+    scheduler: str | None = None,
 ) -> dict[str, Any]:
     """Ingest a stack and write ``OUT/chips.<format>`` and ``OUT/summary.json``; return the summary.
 
     Nothing is written until the stack has opened, every file has been validated (``validate``)
     and every chip has been read; both outputs are then replaced atomically.
+
+    With ``scheduler`` (a running dask.distributed scheduler's address) or ``workers`` (a
+    ``LocalCluster`` of that many processes here), validation and chip reading run as tasks on the
+    cluster (:mod:`agrivlm.geo.distributed`); the outputs are the same as in one process.
 
     Raises:
         IngestError: bad inputs (naming the file), or outputs that exist without ``overwrite``.
@@ -47,11 +56,14 @@ def ingest(
             if p.exists():
                 raise IngestError(f"{p}: already exists; pass --overwrite to replace it")
     stack = open_stack(inputs, masks=masks, dates=dates, same_day=same_day)
-    if validate:
-        mask_files = [m.path for step in stack.steps for m in step.masks if m is not None]
-        validate_files(stack.files + mask_files, progress=progress)
+    mask_files = [m.path for step in stack.steps for m in step.masks if m is not None]
     stream = ChipStream(stack, chip_size=chip_size, stride=stride, edge=edge)
-    frame = build_chip_index(stream, progress=progress)
+    if workers is not None or scheduler is not None:
+        frame = _distributed_index(stream, stack.files + mask_files, validate, progress, workers, scheduler)
+    else:
+        if validate:
+            validate_files(stack.files + mask_files, progress=progress)
+        frame = build_chip_index(stream, progress=progress)
     summary = {
         **stack.summary(),
         "chip_size": chip_size,
@@ -60,10 +72,36 @@ def ingest(
         "chips_total": len(stream),
         "chips_kept": stream.kept,
         "chips_skipped_nodata": stream.skipped,
-        "skipped_chip_ids": stream.skipped_ids,
+        "skipped_chip_ids": sorted(stream.skipped_ids),  # ids sort in row-major order
         "index": str(index_path),
     }
     write_frame(frame, index_path)
     with atomic_path(summary_path) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _distributed_index(
+    stream: ChipStream, files: list[Path], validate: bool, progress: bool, workers: int | None,
+    scheduler: str | None,
+) -> gpd.GeoDataFrame:
+    """Validation and the chip index on a dask cluster (see :mod:`agrivlm.geo.distributed`)."""
+    from agrivlm.geo.distributed import dask_client, distributed_chips, validate_distributed
+
+    with dask_client(workers, scheduler) as client:
+        if validate:
+            validate_distributed(client, files)
+        bar = tqdm(total=len(stream), desc="chips", unit="chip", disable=not progress)
+        done_chips = 0
+
+        def advance(done: int, total: int) -> None:
+            nonlocal done_chips
+            target = len(stream) * done // total
+            bar.update(target - done_chips)
+            done_chips = target
+
+        try:
+            merged = distributed_chips(stream, client, on_task_done=advance)
+        finally:
+            bar.close()
+    return rows_frame(merged.rows, stream.stack.crs)

@@ -8,31 +8,40 @@ checks CRS and band counts, picks a reference grid and aligns every other file t
 Reads are windowed: :meth:`Stack.read_window` reads one window of every date, and :attr:`Stack.data`
 / :attr:`Stack.mask` are dask-backed xarray objects whose chunks read their own windows. Nothing
 reads a whole raster into memory.
+
+Speed: a window is read in each file's own data type into one ``(T, C, h, w)`` buffer (GDAL decodes
+straight into it, no masked arrays), and nodata/NaN become the ``nodata`` mask in one vectorized pass.
+While the stack is open every thread keeps its own handles (GDAL handles are not thread-safe, and
+GDAL releases the GIL while decoding), so several threads read in parallel without a lock.
+:meth:`Stack.read_block` reads a window once and :meth:`WindowRead.cut` cuts sub-windows (chips) from
+it: the chip stream reads block-aligned groups of chips that way.
 """
 
 from __future__ import annotations
 
 import glob as globlib
 import logging
+import math
 import os
 import threading
-from collections.abc import Iterable, Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import dask.array as darr
 import numpy as np
 import numpy.typing as npt
 import rasterio
+import rasterio.env
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.enums import Resampling
+from rasterio.enums import MaskFlags, Resampling
 from rasterio.io import DatasetReader
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
@@ -48,6 +57,23 @@ RASTER_SUFFIXES = (".tif", ".tiff", ".TIF", ".TIFF")
 
 Inputs = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 SameDay = Literal["keep", "first", "mosaic"]
+
+
+@contextmanager
+def gdal_cache_cap(nbytes: int | None) -> Iterator[None]:
+    """Cap GDAL's (process-wide) raster block cache at ``nbytes`` inside the block, then restore it.
+
+    GDAL keeps every decoded block of an open file until the cache (``GDAL_CACHEMAX``, by default 5 %
+    of RAM) is full, so a long read grows the process by that much even when nothing is read twice.
+    Left alone when ``nbytes`` is None or the user set ``GDAL_CACHEMAX`` (environment or a
+    ``rasterio.Env``).
+    """
+    user_set = "GDAL_CACHEMAX" in os.environ or (rasterio.env.hasenv() and "GDAL_CACHEMAX" in rasterio.env.getenv())
+    if nbytes is None or user_set:
+        yield
+        return
+    with rasterio.Env(GDAL_CACHEMAX=int(nbytes)):
+        yield
 
 
 def resolve_inputs(inputs: Inputs, what: str = "inputs") -> list[Path]:
@@ -96,6 +122,12 @@ class SourceInfo:
     dtype: str
     nodata: float | None
     descriptions: tuple[str | None, ...]
+    #: Internal block (tile or strip) shape ``(rows, cols)`` of band 1.
+    block_shape: tuple[int, int] = (0, 0)
+    #: True when every band's validity comes from the nodata value alone (or all pixels are valid), so
+    #: a plain read plus a comparison gives the same mask as ``read(masked=True)``; False with an
+    #: alpha band or an internal mask band.
+    plain_mask: bool = True
 
     @property
     def grid(self) -> GeoGrid:
@@ -103,18 +135,21 @@ class SourceInfo:
         return GeoGrid(self.transform, self.crs, self.width, self.height)
 
 
-def _inspect(dated: DatedFile) -> SourceInfo:
+def _inspect(dated: DatedFile | Path, dates: Mapping[str, object] | None = None) -> SourceInfo:
+    """Open a file once: its date (when given a bare path: mapping, then its tags, then its name) and header."""
+    path = dated.path if isinstance(dated, DatedFile) else dated
     try:
-        with rasterio.open(dated.path) as ds:
+        with rasterio.open(path) as ds:
+            if not isinstance(dated, DatedFile):
+                dated = resolve_date(path, dates, tags=ds.tags())
             if ds.crs is None:
                 raise IngestError(
-                    f"{dated.path}: no CRS; fix the file (e.g. gdal_edit.py -a_srs EPSG:xxxx), "
-                    "agrivlm never guesses one"
+                    f"{path}: no CRS; fix the file (e.g. gdal_edit.py -a_srs EPSG:xxxx), agrivlm never guesses one"
                 )
             if ds.transform == Affine.identity() and not ds.gcps[0]:
-                raise IngestError(f"{dated.path}: no geotransform (identity); the file is not georeferenced")
+                raise IngestError(f"{path}: no geotransform (identity); the file is not georeferenced")
             return SourceInfo(
-                path=dated.path,
+                path=path,
                 time=dated.time,
                 date_source=dated.source,
                 crs=ds.crs,
@@ -125,9 +160,13 @@ def _inspect(dated: DatedFile) -> SourceInfo:
                 dtype=ds.dtypes[0],
                 nodata=ds.nodata,
                 descriptions=tuple(ds.descriptions),
+                block_shape=(int(ds.block_shapes[0][0]), int(ds.block_shapes[0][1])),
+                plain_mask=all(
+                    set(flags) <= {MaskFlags.nodata, MaskFlags.all_valid} for flags in ds.mask_flag_enums
+                ),
             )
     except rasterio.errors.RasterioIOError as exc:
-        raise IngestError(f"{dated.path}: cannot be opened as a raster ({exc}); check or re-download the file") from exc
+        raise IngestError(f"{path}: cannot be opened as a raster ({exc}); check or re-download the file") from exc
 
 
 def _same_grid(info: SourceInfo, ref: GeoGrid) -> bool:
@@ -175,10 +214,15 @@ class Stack:
     dropped: list[SourceInfo] = field(default_factory=list)
     #: Data type of the stored pixels.
     dtype: str = "float32"
-    _handles: dict[Path, DatasetReader | WarpedVRT] | None = field(default=None, repr=False)
-    _exit: ExitStack | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _depth: int = field(default=0, repr=False)
+    #: Per-thread open handles while the stack is open (``local.handles``, ``local.session``).
+    _local: threading.local = field(default_factory=threading.local, repr=False)
+    #: One ExitStack per thread that opened files in the current session; closed by :meth:`close`.
+    _exits: list[ExitStack] = field(default_factory=list, repr=False)
+    #: Incremented by every outermost :meth:`open`, so a thread's handles from an earlier session are
+    #: never reused.
+    _session: int = field(default=0, repr=False)
 
     # -- description ----------------------------------------------------------------------------
     @property
@@ -224,13 +268,14 @@ class Stack:
     # -- file handles -----------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, object]:
         # Open handles and the lock stay with the process; a copy (pickled to a worker) reopens lazily.
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_handles", "_exit", "_lock", "data", "mask")}
+        private = ("_lock", "_local", "_exits", "data", "mask")
+        state = {k: v for k, v in self.__dict__.items() if k not in private}
         state["_depth"] = 0
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
-        self._handles, self._exit, self._lock = None, None, threading.Lock()
+        self._lock, self._local, self._exits = threading.Lock(), threading.local(), []
 
     def __enter__(self) -> Stack:
         self.open()
@@ -239,31 +284,64 @@ class Stack:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def is_open(self) -> bool:
+        """Whether files stay open between reads (inside ``with stack:`` or :meth:`open`)."""
+        return self._depth > 0
+
     def open(self) -> None:
-        """Open every file (warped ones through a VRT) and keep them open until :meth:`close`.
+        """Keep files open between reads until :meth:`close` (each thread opens its own on first use).
 
         Re-entrant: nested ``with stack:`` blocks close the files only when the outermost one ends.
+        A GDAL dataset handle must not be shared between threads, so every thread reading while the
+        stack is open opens the files it reads (warped ones through a VRT) once, and :meth:`close`
+        closes all of them. :func:`open_stack` has already opened every file once to read its header.
         """
-        self._depth += 1
-        if self._handles is not None:
-            return
-        self._exit = ExitStack()
-        self._handles = {}
-        for step in self.steps:
-            for info, kind in [(s, "data") for s in step.sources] + [(m, "mask") for m in step.masks if m]:
-                if info.path not in self._handles:
-                    self._handles[info.path] = self._open_aligned(info, kind, self._exit)
+        with self._lock:
+            self._depth += 1
+            if self._depth == 1:
+                self._session += 1
 
     def close(self) -> None:
         """Close the files opened by :meth:`open` (once every nested :meth:`open` is closed)."""
-        self._depth = max(self._depth - 1, 0)
-        if self._depth == 0 and self._exit is not None:
-            self._exit.close()
-            self._exit, self._handles = None, None
+        with self._lock:
+            self._depth = max(self._depth - 1, 0)
+            if self._depth > 0:
+                return
+            exits, self._exits = self._exits, []
+        for ex in exits:
+            ex.close()
+
+    def _thread_handles(self) -> dict[Path, DatasetReader | WarpedVRT] | None:
+        """The calling thread's handle cache for the current session, or None when the stack is closed."""
+        if self._depth == 0:
+            return None
+        local = self._local
+        if getattr(local, "session", None) != self._session:
+            exit_stack = ExitStack()
+            with self._lock:
+                if self._depth == 0:
+                    return None
+                self._exits.append(exit_stack)
+            local.handles, local.exit, local.session = {}, exit_stack, self._session
+        handles: dict[Path, DatasetReader | WarpedVRT] = local.handles
+        return handles
+
+    def _handle(
+        self, handles: dict[Path, DatasetReader | WarpedVRT], info: SourceInfo, kind: str
+    ) -> DatasetReader | WarpedVRT:
+        ds = handles.get(info.path)
+        if ds is None:
+            ds = handles[info.path] = self._open_aligned(info, kind, self._local.exit)
+        return ds
 
     def _open_aligned(self, info: SourceInfo, kind: str, stack: ExitStack) -> DatasetReader | WarpedVRT:
+        # Closed through ``close()`` callbacks, not as context managers: a dataset entered as one ties
+        # itself to the opening thread's rasterio Env, and the stack closes every thread's handles
+        # from the thread that closes the stack.
         try:
-            ds = stack.enter_context(rasterio.open(info.path))
+            ds = rasterio.open(info.path)
+            stack.callback(ds.close)
         except rasterio.errors.RasterioIOError as exc:
             raise IngestError(f"{info.path}: cannot be opened ({exc})") from exc
         if _same_grid(info, self.grid):
@@ -278,38 +356,100 @@ class Stack:
             resampling=resampling,
             add_alpha=info.nodata is None,
         )
-        return stack.enter_context(vrt)
+        stack.callback(vrt.close)
+        return vrt
 
-    def _read(self, info: SourceInfo, kind: str, window: Window) -> np.ma.MaskedArray:
-        """Read ``window`` of one file on the reference grid as a masked array ``(C, h, w)``."""
+    def _read_source(
+        self, info: SourceInfo, kind: str, window: Window, out: npt.NDArray[Any] | None = None
+    ) -> tuple[npt.NDArray[Any], npt.NDArray[np.bool_] | None]:
+        """Read ``window`` of one file on the reference grid, in the file's own data type.
+
+        Returns:
+            ``values`` ``(C, h, w)`` (``out`` when given), and ``missing`` ``(C, h, w)`` bool where
+            the file's own mask (alpha band, mask band, warp edge) says "no data", or ``None`` when
+            the nodata value (and NaN) alone decide it (see :func:`missing_values`).
+
+        """
         indexes = list(range(1, info.count + 1))  # never the alpha band a WarpedVRT may add
+        plain = info.plain_mask and _same_grid(info, self.grid)
         try:
-            if self._handles is not None:
-                with self._lock:
-                    arr = self._handles[info.path].read(indexes, window=window, masked=True)
-            else:
-                with ExitStack() as tmp:
-                    arr = self._open_aligned(info, kind, tmp).read(indexes, window=window, masked=True)
+            handles = self._thread_handles()
+            with ExitStack() as tmp:
+                ds = self._handle(handles, info, kind) if handles is not None else self._open_aligned(info, kind, tmp)
+                if plain:
+                    return ds.read(indexes, window=window, out=out), None
+                arr = ds.read(indexes, window=window, masked=True)
         except rasterio.errors.RasterioIOError as exc:
             raise IngestError(
                 f"{info.path}: damaged data in window {window!r} ({exc}); re-download or re-export the file"
             ) from exc
-        if kind == "data" and info.nodata is not None and not np.isnan(info.nodata):
-            # Also honours a nodata value passed to open_stack for files that declare none.
-            arr = np.ma.masked_where(np.ma.getmaskarray(arr) | (arr.data == info.nodata), arr.data)
-        return arr
+        values = np.asarray(arr.data)
+        if out is not None:
+            out[...] = values
+            values = out
+        return values, np.ma.getmaskarray(arr)
 
-    def _read_mask(self, info: SourceInfo, window: Window) -> npt.NDArray[np.bool_]:
-        arr = self._read(info, "mask", window)
-        values = np.asarray(arr.data)[0]
-        masked = np.ma.getmaskarray(arr)[0].copy()
+    def _cloud_mask(self, info: SourceInfo, window: Window) -> npt.NDArray[np.bool_]:
+        """``(h, w)`` True where the mask file ``info`` masks the pixel (or has no data)."""
+        values, missing = self._read_source(info, "mask", window)
+        masked = missing[0].copy() if missing is not None else missing_values(values[0], info.nodata)
         if self.mask_values is None:
-            masked |= values != 0
+            masked |= values[0] != 0
         else:
-            masked |= np.isin(values, self.mask_values)
+            masked |= np.isin(values[0], self.mask_values)
         return masked
 
     # -- reading -----------------------------------------------------------------------------------
+    def read_block(
+        self, window: Window, steps: Sequence[int] | None = None, scratch: npt.NDArray[np.uint8] | None = None
+    ) -> WindowRead:
+        """Read ``window`` of every (or the selected) time step once, in the files' own data type.
+
+        Cut chips from it with :meth:`WindowRead.cut`. When every step has one file, all on the
+        reference grid with the same data type and a nodata-only mask, the pixels land in one
+        ``(T, C, h, w)`` array (each date decoded by GDAL straight into its slice); that array is a
+        view of ``scratch`` (a 1-D uint8 buffer) when it is large enough, so a reader reusing one
+        buffer for every window spares the page faults of a fresh allocation each time.
+        """
+        idx = list(range(len(self.steps))) if steps is None else list(steps)
+        h, w = int(window.height), int(window.width)
+        chosen = [self.steps[i] for i in idx]
+        firsts = [step.sources[0] for step in chosen]
+        uniform = bool(chosen) and all(
+            len(step.sources) == 1 and s.plain_mask and s.dtype == firsts[0].dtype and _same_grid(s, self.grid)
+            for step, s in zip(chosen, firsts, strict=True)
+        )
+        stacked = None
+        if uniform:
+            shape, dtype = (len(idx), len(self.band_names), h, w), np.dtype(firsts[0].dtype)
+            nbytes = math.prod(shape) * dtype.itemsize
+            if scratch is not None and scratch.nbytes >= nbytes:
+                stacked = scratch[:nbytes].view(dtype).reshape(shape)
+            else:
+                stacked = np.empty(shape, dtype=dtype)
+        values: list[list[npt.NDArray[Any]]] = []
+        missing: list[list[npt.NDArray[np.bool_] | None]] = []
+        clouds: list[list[npt.NDArray[np.bool_] | None]] = []
+        for k, step in enumerate(chosen):
+            vals, miss, cl = [], [], []
+            for j, (info, mask_info) in enumerate(zip(step.sources, step.masks, strict=True)):
+                out = stacked[k] if stacked is not None and j == 0 else None
+                v, m = self._read_source(info, "data", window, out=out)
+                vals.append(v)
+                miss.append(m)
+                cl.append(self._cloud_mask(mask_info, window) if mask_info is not None else None)
+            values.append(vals)
+            missing.append(miss)
+            clouds.append(cl)
+        return WindowRead(
+            window=window,
+            values=values,
+            missing=missing,
+            clouds=clouds,
+            nodata_values=[[s.nodata for s in step.sources] for step in chosen],
+            stacked=stacked,
+        )
+
     def read_window(
         self, window: Window, steps: Sequence[int] | None = None
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
@@ -326,27 +466,8 @@ class Stack:
             all False for dates without a mask file.
 
         """
-        idx = range(len(self.steps)) if steps is None else steps
-        h, w = int(window.height), int(window.width)
-        c = len(self.band_names)
-        data = np.full((len(idx), c, h, w), np.nan, dtype=np.float32)
-        nodata = np.ones((len(idx), c, h, w), dtype=bool)
-        mask = np.zeros((len(idx), h, w), dtype=bool)
-        for out, i in enumerate(idx):
-            step = self.steps[i]
-            for info, mask_info in zip(step.sources, step.masks, strict=True):
-                arr = self._read(info, "data", window)
-                missing = np.ma.getmaskarray(arr) | ~np.isfinite(np.asarray(arr.data, dtype=np.float64))
-                fill = nodata[out] & ~missing
-                data[out][fill] = np.asarray(arr.data)[fill]
-                nodata[out] &= missing
-                if mask_info is not None:
-                    # A mosaic pixel is masked when the file it came from masks it.
-                    m = self._read_mask(mask_info, window)
-                    mask[out] |= m & fill.any(axis=0)
-                if not nodata[out].any():
-                    break
-        return data, nodata, mask
+        block = self.read_block(window, steps)
+        return block.cut(0, 0, int(window.height), int(window.width))
 
     # -- xarray views ----------------------------------------------------------------------------
     def _coords(self) -> dict[str, object]:
@@ -435,6 +556,141 @@ class Stack:
             "has_masks": self.has_masks,
             "date_sources": sorted({s.date_source for step in self.steps for s in step.sources}),
         }
+
+
+def missing_values(values: npt.NDArray[Any], nodata: float | None) -> npt.NDArray[np.bool_]:
+    """``values == nodata``, and NaN/±inf for floats: where a file without a mask band has no data.
+
+    A nodata value the data type cannot hold (e.g. -9999 for uint16) matches nothing.
+    """
+    dtype = values.dtype
+    if dtype.kind == "f":
+        missing = ~np.isfinite(values)
+        if nodata is not None and np.isfinite(nodata):
+            missing |= values == dtype.type(nodata)
+        return missing
+    if nodata is None or not np.isfinite(nodata) or float(nodata) != int(nodata):
+        return np.zeros(values.shape, dtype=bool)
+    info = np.iinfo(dtype) if dtype.kind in "iu" else None
+    if info is not None and not info.min <= int(nodata) <= info.max:
+        return np.zeros(values.shape, dtype=bool)
+    return values == dtype.type(int(nodata))
+
+
+def may_be_missing(values: npt.NDArray[Any], nodata: float | None) -> bool:
+    """False only when :func:`missing_values` is surely all False (checked by reductions, no mask built).
+
+    Integers: the nodata value lies outside ``[min, max]``; floats: the sum is finite (no NaN/inf) and
+    the nodata value lies outside ``[min, max]``. Reading is cheaper than building the boolean mask.
+    """
+    if values.size == 0:
+        return False
+    if values.dtype.kind == "f":
+        if not np.isfinite(values.sum(dtype=np.float64)):
+            return True
+        if nodata is None or not np.isfinite(nodata):
+            return False
+    elif nodata is None or not np.isfinite(nodata):
+        return False
+    low = values.min()
+    if nodata < low:
+        return False
+    return bool(nodata <= values.max())
+
+
+def _same_value(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a == b or (np.isnan(a) and np.isnan(b))
+
+
+@dataclass
+class WindowRead:
+    """One window of a stack read once, in the files' own data types; :meth:`cut` makes chips of it.
+
+    Shapes: ``values[t][s]`` ``(C, h, w)`` for step ``t`` and its source file ``s`` (several only for
+    same-day mosaics); ``missing[t][s]`` ``(C, h, w)`` bool or ``None`` (then the nodata value decides);
+    ``clouds[t][s]`` ``(h, w)`` bool or ``None`` (no mask file); ``stacked`` ``(T, C, h, w)`` when every
+    step has one plain file of one data type (``values[t][0]`` are then views of it).
+    """
+
+    window: Window
+    values: list[list[npt.NDArray[Any]]]
+    missing: list[list[npt.NDArray[np.bool_] | None]]
+    clouds: list[list[npt.NDArray[np.bool_] | None]]
+    nodata_values: list[list[float | None]]
+    stacked: npt.NDArray[Any] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the decoded pixels and masks."""
+        arrays = [a for group in (self.values, self.missing, self.clouds) for row in group for a in row]
+        return sum(a.nbytes for a in arrays if a is not None)
+
+    def cut(
+        self, row_off: int, col_off: int, height: int, width: int
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+        """The ``(data, nodata, mask)`` of a sub-window, offsets relative to :attr:`window`.
+
+        ``data`` ``(T, C, height, width)`` float32 (NaN = no data), ``nodata`` the same shape bool,
+        ``mask`` ``(T, height, width)`` bool (clouds); new contiguous arrays, exactly what
+        :meth:`Stack.read_window` returns for that window. Same-day mosaics: first valid pixel wins,
+        and a pixel is masked when the file it came from masks it.
+        """
+        data, nodata, mask, _ = self.cut_flagged(row_off, col_off, height, width)
+        return data, nodata, mask
+
+    def cut_flagged(
+        self, row_off: int, col_off: int, height: int, width: int
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_], npt.NDArray[np.bool_], bool]:
+        """:meth:`cut`, and whether the sub-window holds no data at all.
+
+        The flag costs no scan when the min/max reductions already showed there is no nodata.
+        """
+        rs, cs = slice(row_off, row_off + height), slice(col_off, col_off + width)
+        n_steps = len(self.values)
+        n_bands = self.values[0][0].shape[0] if n_steps else 0
+        first = self.nodata_values[0][0] if n_steps else None
+        if self.stacked is not None and all(_same_value(v, first) for row in self.nodata_values for v in row):
+            part = self.stacked[:, :, rs, cs]
+            data = part.astype(np.float32)
+            has_missing = may_be_missing(part, first)
+            if has_missing:
+                nodata = missing_values(part, first)
+                np.copyto(data, np.float32(np.nan), where=nodata)
+            else:  # the usual chip: nothing to mask, and np.zeros costs no pass over memory
+                nodata = np.zeros(part.shape, dtype=bool)
+            mask = np.zeros((n_steps, height, width), dtype=bool)
+            with_clouds = [t for t, row in enumerate(self.clouds) if row[0] is not None]
+            any_valid = np.logical_not(nodata.all(axis=1)) if has_missing and with_clouds else None
+            for t in with_clouds:
+                cloud = self.clouds[t][0]
+                assert cloud is not None
+                if any_valid is None:
+                    mask[t] = cloud[rs, cs]
+                else:
+                    np.logical_and(cloud[rs, cs], any_valid[t], out=mask[t])
+            return data, nodata, mask, bool(has_missing and nodata.all())
+        data = np.full((n_steps, n_bands, height, width), np.nan, dtype=np.float32)
+        nodata = np.ones((n_steps, n_bands, height, width), dtype=bool)
+        mask = np.zeros((n_steps, height, width), dtype=bool)
+        for t in range(n_steps):
+            for values, explicit, cloud, nd in zip(
+                self.values[t], self.missing[t], self.clouds[t], self.nodata_values[t], strict=True
+            ):
+                part = values[:, rs, cs]
+                missing = missing_values(part, nd)
+                if explicit is not None:
+                    missing |= explicit[:, rs, cs]
+                fill = nodata[t] & ~missing
+                data[t][fill] = part[fill]
+                nodata[t] &= missing
+                if cloud is not None:
+                    mask[t] |= cloud[rs, cs] & fill.any(axis=0)
+                if not nodata[t].any():
+                    break
+        return data, nodata, mask, bool(nodata.all())
+
 
 
 class _StepArray:
@@ -536,7 +792,7 @@ def open_stack(
     if same_day not in ("keep", "first", "mosaic"):
         raise IngestError(f"same_day must be 'keep', 'first' or 'mosaic', not {same_day!r}")
     paths = resolve_inputs(inputs)
-    infos = sorted((_inspect(resolve_date(p, dates)) for p in paths), key=lambda i: (i.time, str(i.path)))
+    infos = sorted((_inspect(p, dates) for p in paths), key=lambda i: (i.time, str(i.path)))
     if nodata is not None:
         infos = [i if i.nodata is not None else _with_nodata(i, nodata) for i in infos]
 
@@ -563,7 +819,7 @@ def open_stack(
     steps, dropped = _group_same_day(infos, same_day)
     if masks is not None:
         mask_paths = resolve_inputs(masks, what="mask files")
-        mask_infos = [_inspect(resolve_date(p, dates)) for p in mask_paths]
+        mask_infos = [_inspect(p, dates) for p in mask_paths]
         _match_masks(steps, mask_infos)
 
     stack = Stack(

@@ -13,6 +13,7 @@ import rasterio
 from tqdm.auto import tqdm
 
 from agrivlm.errors import IngestError
+from agrivlm.geo.stack import gdal_cache_cap
 
 
 def validate_file(path: str | Path) -> int:
@@ -41,7 +42,13 @@ def validate_file(path: str | Path) -> int:
     return n
 
 
+#: GDAL block cache while validating: each block is read once, so a few MiB do; GDAL's default would
+#: keep a whole file's decoded blocks until the file is closed.
+VALIDATE_CACHE_BYTES = 16 * 2**20
+
+
 def validate_files(paths: Iterable[str | Path], progress: bool = True) -> int:
     """Validate several rasters (see :func:`validate_file`); return the total number of blocks read."""
     items = list(paths)
-    return sum(validate_file(p) for p in tqdm(items, desc="validate", unit="file", disable=not progress))
+    with gdal_cache_cap(VALIDATE_CACHE_BYTES):
+        return sum(validate_file(p) for p in tqdm(items, desc="validate", unit="file", disable=not progress))

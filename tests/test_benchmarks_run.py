@@ -1,0 +1,40 @@
+"""The benchmark scripts still run end to end (tiny sizes; their numbers are not checked here, only sanity)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ingest_benchmark_runs_small(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [sys.executable, "benchmarks/ingest.py", "--size", "512", "--dates", "3", "--bands", "2", "--reps", "1",
+         "--layouts", "cog_zstd,striped_deflate", "--readers", "agrivlm,raw rasterio,torchgeo", "--growth", "",
+         "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--torchgeo-python", sys.executable],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "ingest.json").read_text())
+    row = report["layouts"]["cog_zstd"]["agrivlm"]
+    assert row["chips"] == 4 and row["transforms_ok"] and row["x_raw"] > 0
+    assert report["spot_checked_chips"] == {"cog_zstd": 3, "striped_deflate": 3}
+    if report["machine"]["torchgeo"] is None:  # this venv has no torchgeo: the column says so
+        assert report["layouts"]["cog_zstd"]["torchgeo"] == {"status": "not installed"}
+        assert "not installed" in res.stdout
+    assert (tmp_path / "out" / "ingest.png").stat().st_size > 0
+
+
+def test_memory_benchmark_runs_small(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [sys.executable, "benchmarks/ingest_memory.py", "--size", "600", "--dates", "3", "--data-dir",
+         str(tmp_path / "data"), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "ingest_memory.json").read_text())
+    assert report["runs"]["600x600"]["chips"] == 9  # 256-px chips, snapped to the edge: 3 x 3
+    assert 0 < report["runs"]["imports only"]["peak_rss_mib"] < report["peak_rss_gib"] * 1024 < 2048
