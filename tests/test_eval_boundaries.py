@@ -212,7 +212,7 @@ def test_report_files_and_refusal_to_overwrite(tmp_path: Path) -> None:
     assert "Data Science Bowl" in summary["definitions"]["map_50_95"]
     csv = paths["fields.csv"].read_text().splitlines()
     assert csv[0] == "kind,truth_id,pred_id,matched,iou,best_iou,truth_area_m2,pred_area_m2" and len(csv) == 7
-    assert csv[1].startswith("truth,0,a,True,1.000000")
+    assert csv[1] == "truth,0,a,True,1,1,100,100"
     assert paths["fields.png"].read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(EvalError, match="already exists; pass --overwrite"):
         write_field_report(res, tmp_path / "r")

@@ -50,7 +50,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from agrivlm.errors import EvalError
-from agrivlm.eval.common import check_outputs, json_safe, ratio, write_json
+from agrivlm.eval.common import FIELD_REPORT_FILES, check_outputs, json_safe, ratio, write_json
 from agrivlm.geo.coords import GeoGrid
 from agrivlm.geo.index import atomic_path
 
@@ -59,9 +59,6 @@ THRESHOLDS: tuple[float, ...] = tuple(round(0.50 + 0.05 * k, 2) for k in range(1
 
 #: Column names looked up, in order, for feature ids when none is given (else the row number is the id).
 DEFAULT_ID_COLUMNS: tuple[str, ...] = ("field_id", "id")
-
-#: Files written by :func:`write_field_report` into its output folder.
-FIELD_REPORT_FILES: tuple[str, ...] = ("summary.json", "fields.csv", "fields.png")
 
 _POLYGONAL = ("Polygon", "MultiPolygon")
 
@@ -565,7 +562,7 @@ def write_field_report(result: FieldEvaluation, out: str | Path, overwrite: bool
     check_outputs(out, FIELD_REPORT_FILES, overwrite)
     paths = {name: out / name for name in FIELD_REPORT_FILES}
     with atomic_path(paths["fields.csv"]) as tmp:
-        result.per_field.to_csv(tmp, index=False, float_format="%.6f")
+        result.per_field.to_csv(tmp, index=False, float_format="%.8g")
     _plot_thresholds(result, paths["fields.png"])
     write_json(result.to_dict(), paths["summary.json"])
     return paths
@@ -579,8 +576,8 @@ def _plot_thresholds(result: FieldEvaluation, target: Path) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ts = [s.threshold for s in result.thresholds]
-    for name in ("precision", "recall", "f1", "ap"):
-        ax1.plot(ts, [getattr(s, name) for s in result.thresholds], marker="o", label=name)
+    for name, label in (("precision", "precision"), ("recall", "recall"), ("f1", "F1"), ("ap", "TP/(TP+FP+FN)")):
+        ax1.plot(ts, [getattr(s, name) for s in result.thresholds], marker="o", label=label)
     ax1.set(xlabel="IoU threshold (match: IoU > t)", ylabel="score", ylim=(0, 1.02),
             title=f"objects: {result.n_truth} true, {result.n_pred} predicted")
     ax1.legend()

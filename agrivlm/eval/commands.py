@@ -41,10 +41,11 @@ def fields(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing report.")] = False,
 ) -> None:
     """Field boundaries: Hungarian IoU matching, precision/recall/F1 at IoU > 0.5, map_50_95, mean IoU, pixel IoU."""
-    from agrivlm.eval.boundaries import FIELD_REPORT_FILES, evaluate_fields, write_field_report
-    from agrivlm.eval.common import check_outputs
+    from agrivlm.eval.common import FIELD_REPORT_FILES, check_outputs
 
-    check_outputs(out, FIELD_REPORT_FILES, overwrite)
+    check_outputs(out, FIELD_REPORT_FILES, overwrite)  # before loading the geo stack: refuse fast
+    from agrivlm.eval.boundaries import evaluate_fields, write_field_report
+
     result = evaluate_fields(
         pred, truth, iou_threshold=iou_threshold, boxes=boxes, extent=extent, pred_id=pred_id, truth_id=truth_id
     )
@@ -83,10 +84,11 @@ def growth(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing report.")] = False,
 ) -> None:
     """Growth stages: accuracy, macro-F1, confusion matrix, temporal IoU of stage segments, key-date errors."""
-    from agrivlm.eval.common import check_outputs
-    from agrivlm.eval.growth import GROWTH_REPORT_FILES, evaluate_growth, write_growth_report
+    from agrivlm.eval.common import GROWTH_REPORT_FILES, check_outputs
 
     check_outputs(out, GROWTH_REPORT_FILES, overwrite)
+    from agrivlm.eval.growth import evaluate_growth, write_growth_report
+
     result = evaluate_growth(pred, truth, pred_key_dates=pred_key_dates, truth_key_dates=truth_key_dates)
     write_growth_report(result, out, overwrite=overwrite)
     console = Console()

@@ -1,4 +1,7 @@
-"""Helpers shared by the evaluators: safe ratios, JSON-safe values, refusing to overwrite, atomic JSON."""
+"""Helpers shared by the evaluators: safe ratios, JSON-safe values, refusing to overwrite, atomic JSON.
+
+Kept light (numpy only) so that ``agrivlm eval`` refuses bad arguments before loading the geo stack.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,12 @@ from typing import Any
 import numpy as np
 
 from agrivlm.errors import EvalError
-from agrivlm.geo.index import atomic_path
+
+#: Files written by ``write_field_report`` into its output folder.
+FIELD_REPORT_FILES: tuple[str, ...] = ("summary.json", "fields.csv", "fields.png")
+
+#: Files written by ``write_growth_report`` (those that apply).
+GROWTH_REPORT_FILES: tuple[str, ...] = ("summary.json", "stages.csv", "confusion_matrix.png", "key_dates.csv")
 
 
 def ratio(num: float, den: float) -> float:
@@ -45,5 +53,7 @@ def check_outputs(out: Path, names: Sequence[str], overwrite: bool) -> None:
 
 def write_json(data: dict[str, Any], target: Path) -> None:
     """Write ``data`` as indented JSON atomically (NaN is refused: pass it through :func:`json_safe`)."""
+    from agrivlm.geo.index import atomic_path  # agrivlm.geo loads dask: keep it off the error paths
+
     with atomic_path(target) as tmp:
         tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")

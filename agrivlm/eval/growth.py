@@ -3,7 +3,8 @@
 Inputs are the long tables of :mod:`agrivlm.schema` — stages: ``STAGE_COLUMNS`` (``field_id, date, stage``,
 one row per field and acquisition date, ``stage`` a :data:`~agrivlm.schema.GROWTH_STAGES` word); key dates:
 ``KEY_DATE_COLUMNS`` (``field_id, season, green_up, peak, senescence``, ISO dates, empty where not reached)
-— as CSV, GeoPackage, GeoJSON or Parquet (a geometry column is ignored).
+— as CSV, GeoPackage, GeoJSON or Parquet (a geometry column is ignored). Dates are compared as calendar days
+(``2021-04-01T10:30`` is ``2021-04-01``), so stage tables hold at most one stage per field and day.
 
 What the numbers mean (``summary.json`` keys):
 
@@ -38,8 +39,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from agrivlm.errors import EvalError
-from agrivlm.eval.common import check_outputs, json_safe, ratio, write_json
-from agrivlm.geo.index import atomic_path
+from agrivlm.eval.common import GROWTH_REPORT_FILES, check_outputs, json_safe, ratio, write_json
 from agrivlm.schema import GROWTH_STAGES, KEY_DATE_COLUMNS, STAGE_COLUMNS
 
 #: Key-date columns of :data:`~agrivlm.schema.KEY_DATE_COLUMNS` (after ``field_id, season``).
@@ -47,9 +47,6 @@ KEY_DATES: tuple[str, ...] = KEY_DATE_COLUMNS[2:]
 
 #: Column of the confusion matrix for truth pairs without a prediction.
 MISSING = "missing"
-
-#: Files written by :func:`write_growth_report`.
-GROWTH_REPORT_FILES: tuple[str, ...] = ("summary.json", "stages.csv", "confusion_matrix.png", "key_dates.csv")
 
 FloatArray = npt.NDArray[np.float64]
 _DAY = np.timedelta64(86400, "s")
@@ -109,7 +106,7 @@ def _cell(value: Any) -> str:
 
 
 def _parse_dates(values: pd.Series, source: str, column: str, allow_empty: bool) -> npt.NDArray[np.datetime64]:
-    """ISO dates (``YYYY-MM-DD``, optionally with a time) → ``datetime64[s]`` (NaT for empty cells if allowed)."""
+    """ISO dates → calendar days as ``datetime64[s]`` at midnight (a time part is dropped; NaT for empty cells)."""
     out = np.full(len(values), np.datetime64("NaT"), dtype="datetime64[s]")
     for k, text in enumerate(values):
         if text == "":
@@ -117,7 +114,7 @@ def _parse_dates(values: pd.Series, source: str, column: str, allow_empty: bool)
                 raise EvalError(f"{source}: row {k + 1} has no {column}; every row needs an ISO date (YYYY-MM-DD)")
             continue
         try:
-            out[k] = np.datetime64(pd.Timestamp(text).tz_localize(None).to_datetime64(), "s")
+            out[k] = np.datetime64(pd.Timestamp(text).tz_localize(None).to_datetime64(), "D")
         except (ValueError, TypeError) as exc:
             raise EvalError(f"{source}: row {k + 1}: {column}={text!r} is not an ISO date (YYYY-MM-DD)") from exc
     return out
@@ -464,13 +461,15 @@ def write_growth_report(result: GrowthEvaluation, out: str | Path, overwrite: bo
         The written paths by name (only those that apply).
 
     """
+    from agrivlm.geo.index import atomic_path  # agrivlm.geo loads dask: only when writing
+
     out = Path(out)
     check_outputs(out, GROWTH_REPORT_FILES, overwrite)
     paths: dict[str, Path] = {}
     if result.stages is not None:
         paths["stages.csv"] = out / "stages.csv"
         with atomic_path(paths["stages.csv"]) as tmp:
-            result.stages.per_field.to_csv(tmp, index=False, float_format="%.6f")
+            result.stages.per_field.to_csv(tmp, index=False, float_format="%.8g")
         paths["confusion_matrix.png"] = out / "confusion_matrix.png"
         plot_confusion(result.stages, paths["confusion_matrix.png"])
     if result.key_dates is not None:
@@ -491,6 +490,8 @@ def plot_confusion(scores: StageScores, target: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from agrivlm.geo.index import atomic_path
 
     counts = scores.confusion
     show_missing = counts[:, -1].sum() > 0
