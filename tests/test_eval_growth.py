@@ -155,3 +155,12 @@ def test_bad_tables_name_the_file_and_the_fix(tmp_path: Path) -> None:
         evaluate_stages(PRED, clash)
     with pytest.raises(EvalError, match="needs both --pred and --truth"):
         evaluate_growth(PRED, None)
+
+
+def test_empty_predictions_score_zero_and_are_counted_missing() -> None:
+    s = evaluate_stages(PRED.iloc[:0], TRUTH)
+    assert (s.accuracy, s.macro_f1, s.temporal_iou, s.n_missing, s.n_extra) == (0.0, 0.0, 0.0, 8, 0)
+    assert evaluate_growth(PRED.iloc[:0], TRUTH).notes == [
+        "8 truth (field, date) pair(s) have no prediction and count as wrong"]
+    k = evaluate_key_dates(KEY_PRED.iloc[:0], KEY_TRUTH).per_key["green_up"]
+    assert (k["n_compared"], k["n_missing"]) == (0, 3) and np.isnan(k["mean_abs_days"])

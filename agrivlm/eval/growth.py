@@ -90,7 +90,7 @@ def read_table(src: str | Path | pd.DataFrame, columns: Sequence[str], role: str
         )
     out = frame[list(columns)].copy()
     for c in columns:
-        out[c] = out[c].map(_cell)
+        out[c] = pd.Series([_cell(v) for v in out[c]], index=out.index, dtype=object)
     return out, source
 
 
