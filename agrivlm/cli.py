@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agrivlm.errors import AgriVLMError
+from agrivlm.eval.commands import app as eval_app
 
 app = typer.Typer(
     name="agrivlm",
@@ -72,6 +73,9 @@ def _root(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
 ) -> None:
     _logging(verbose, quiet)
+
+
+app.add_typer(eval_app, name="eval")
 
 
 @app.command()

@@ -17,3 +17,7 @@ class ConfigError(AgriVLMError):
 
 class RecordError(AgriVLMError):
     """An instruction record is invalid (names the file and line)."""
+
+
+class EvalError(AgriVLMError):
+    """Evaluator inputs are unusable: missing file, no CRS, unknown stage word, missing columns, ..."""
