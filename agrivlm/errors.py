@@ -17,3 +17,7 @@ class ConfigError(AgriVLMError):
 
 class RecordError(AgriVLMError):
     """An instruction record is invalid (names the file and line)."""
+
+
+class PipelineError(AgriVLMError):
+    """Chips cannot become model inputs: wrong band count for a sensor preset, no frames, all-nodata frames."""
