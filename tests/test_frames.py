@@ -254,3 +254,12 @@ def test_rescaled_grid_keeps_every_normalized_position(h: int, w: int, s: float,
     small = rescale_grid(grid, nh, nw)
     np.testing.assert_allclose(small.norm_to_crs(u, v), grid.norm_to_crs(u, v), rtol=0, atol=1e-6)
 
+
+
+def test_resize_nodata_in_one_band_only() -> None:
+    x = torch.arange(32, dtype=torch.float32).reshape(1, 2, 4, 4)
+    x[0, 0, 0, 0] = float("nan")  # band 0 lacks a pixel that band 1 has
+    out = resize_frames(x, (2, 2), mode="area")
+    assert out[0, 0, 0, 0].item() == pytest.approx((1 + 4 + 5) / 3)
+    assert out[0, 1, 0, 0].item() == pytest.approx((16 + 17 + 20 + 21) / 4)
+    torch.testing.assert_close(resize_frames(torch.nan_to_num(x), (2, 2), mode="area")[0, 1], out[0, 1])

@@ -423,11 +423,12 @@ def resize_frames(frames: torch.Tensor | npt.ArrayLike, size: tuple[int, int], m
     nan = torch.isnan(x)
     if not nan.any():
         return interp(x)
-    w = (~nan).float()
-    num = interp(torch.where(nan, torch.zeros_like(x), x))
-    den = interp(w)
-    out = num / den.clamp_min(1e-6)
-    return torch.where(den > 1e-3, out, torch.full_like(out, float("nan")))
+    any_nan = nan.any(dim=1, keepdim=True)
+    # the usual case, nodata per pixel in every band, needs one weight channel, not C
+    weight = ~any_nan if torch.equal(any_nan, nan.all(dim=1, keepdim=True)) else ~nan
+    den = interp(weight.to(x.dtype))
+    num = interp(torch.nan_to_num(x, nan=0.0))
+    return num.div_(den.clamp_min(1e-6)).masked_fill_(den <= 1e-3, float("nan"))
 
 
 @dataclass(frozen=True)
