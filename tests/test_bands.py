@@ -51,7 +51,8 @@ def s2_chip(tmp_path_factory: pytest.TempPathFactory) -> Chip:
 
 
 def test_presets_are_well_formed() -> None:
-    assert set(PRESETS) >= {"sentinel2_l2a", "sentinel2_l2a_harmonized", "landsat89_l2", "modis_vi", "rgb", "ndvi"}
+    assert set(PRESETS) >= {"sentinel2_l2a", "sentinel2_l2a_c1", "sentinel2_l2a_harmonized", "landsat89_l2",
+                            "modis_vi", "rgb", "ndvi"}
     for p in PRESETS.values():
         assert len(set(p.band_names)) == len(p.bands) and len(set(p.common_names)) == len(p.bands)
     assert PRESETS["sentinel2_l2a"].band_names == S2_NAMES
@@ -86,6 +87,8 @@ def test_s2_reflectance_with_the_2022_offset(s2_chip: Chip) -> None:
     assert np.isnan(refl[:, 3, 1, 1]).all() and not np.isnan(refl[:, 2, 1, 1]).any()  # saturated red only
     harmonized = to_reflectance(s2_chip.data, "sentinel2_l2a_harmonized")
     np.testing.assert_allclose(harmonized[1][ok[1]], (dn[1] / 1e4)[ok[1]], rtol=1e-6)
+    c1 = to_reflectance(s2_chip.data, "sentinel2_l2a_c1")
+    np.testing.assert_allclose(c1[0][ok[0]], (dn[0] / 1e4 - 0.1)[ok[0]], rtol=1e-5, atol=1e-7)
     with pytest.raises(PipelineError, match="preset 'sentinel2_l2a' applies its offset only to acquisitions from "
                                             "2022-01-25 on; pass the frames' times"):
         to_reflectance(s2_chip.data, "sentinel2_l2a")

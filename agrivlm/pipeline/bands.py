@@ -7,7 +7,9 @@ numbers. The steps, each a small pure function on ``(T, C, H, W)`` float32 array
    (a clear :class:`~agrivlm.errors.PipelineError` naming the preset and both counts).
 2. :func:`to_reflectance` — ``value · scale + offset`` per band; the preset's nodata and out-of-range
    digital numbers become NaN. Sentinel-2 L2A's ``−0.1`` offset applies only from processing baseline
-   04.00 (acquisitions from 2022-01-25), so that preset needs the frames' dates.
+   04.00 (acquisitions from 2022-01-25), so ``sentinel2_l2a`` needs the frames' dates; archives shifted
+   back to the old scale use ``sentinel2_l2a_harmonized``, ESA's Collection-1 reprocessing (offset on
+   every date) ``sentinel2_l2a_c1``.
 3. :func:`spectral_index` (NDVI, EVI, NDWI, NDMI, NBR, SAVI, NDRE) and :func:`composite` (true colour,
    colour infrared, agriculture, SWIR, NDVI grey; channels may be bands or indices).
 4. :func:`robust_stats` + :func:`normalize` — per-band percentile clip to ``[0, 1]`` over *all* frames
@@ -119,6 +121,11 @@ PRESETS: dict[str, SensorPreset] = {
             "processing baseline 04.00 (2022-01-25) on",
             tuple(_s2(*b) for b in _S2_BANDS),
             offset_since="2022-01-25",
+        ),
+        SensorPreset(
+            "sentinel2_l2a_c1",
+            "Sentinel-2 L2A of ESA's Collection-1 reprocessing: DN/10000 − 0.1 on every date, 12 bands",
+            tuple(_s2(*b) for b in _S2_BANDS),
         ),
         SensorPreset(
             "sentinel2_l2a_harmonized",
