@@ -202,6 +202,8 @@ def test_all_nodata_frame_in_a_geotiff_stack(tmp_path: Path) -> None:
 def test_zero_frames_is_a_clear_error(sample_chips: list[Chip]) -> None:
     chip = sample_chips[0]
     empty = replace(chip, times=chip.times[:0], data=chip.data[:0], nodata=chip.nodata[:0], mask=chip.mask[:0])
+    with pytest.raises(PipelineError, match=r"chip r000000_c000000: fast_end=68 is outside its 68 dates \(0…67\)"):
+        sample_frames(chip, FrameSamplingConfig(sampler="fast_slow", empty="drop"), fast_end=68)
     with pytest.raises(PipelineError, match="chip r000000_c000000: no frames"):
         sample_frames(empty)
     with pytest.raises(PipelineError, match="zero frames"):

@@ -324,6 +324,8 @@ def sample_frames(chip: Chip, config: FrameSamplingConfig | None = None, fast_en
         raise PipelineError(f"chip {chip.chip_id}: no frames (zero dates); ingest a stack with at least one date")
     if chip.data.shape[0] != n:
         raise PipelineError(f"chip {chip.chip_id}: {chip.data.shape[0]} frames but {n} dates")
+    if fast_end is not None and not 0 <= fast_end < n:
+        raise PipelineError(f"chip {chip.chip_id}: fast_end={fast_end} is outside its {n} dates (0…{n - 1})")
     cloud = chip.mask if config.clouds_as_nodata else None
     frac = frame_valid_fraction(chip.data, cloud)
     usable = frac > config.min_valid_fraction
