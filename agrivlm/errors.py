@@ -21,3 +21,7 @@ class RecordError(AgriVLMError):
 
 class EvalError(AgriVLMError):
     """Evaluator inputs are unusable: missing file, no CRS, unknown stage word, missing columns, ..."""
+
+
+class PipelineError(AgriVLMError):
+    """Chips cannot become model inputs: wrong band count for a sensor preset, no frames, all-nodata frames."""
