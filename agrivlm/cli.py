@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agrivlm.errors import AgriVLMError
+from agrivlm.recipes.commands import recipe_app
 
 app = typer.Typer(
     name="agrivlm",
@@ -130,6 +131,9 @@ def quickstart(
         progress=progress,
     )
     print_summary(summary, title="embedded sample: Sentinel-2 NDVI, Slovenia")
+
+
+app.add_typer(recipe_app, name="recipe")
 
 
 def main() -> None:
