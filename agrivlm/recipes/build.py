@@ -26,6 +26,8 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,69 +179,81 @@ def prepare(cfg: RecipeConfig, base_dir: Path, progress: bool = True) -> Prepare
     )
     prep = Prepared(cfg, base_dir, stack, parcels, counts, windows, assignment, scan, phenology, state)
 
-    class_words: list[str] = []
-    raster: ClassRaster | None = None
-    code_to_word: dict[int, int] = {}
-    if src.class_raster is not None:
-        class_words = sorted(set(src.class_raster.classes.values()))
-        code_to_word = {c: class_words.index(wd) for c, wd in src.class_raster.classes.items()}
-        raster = ClassRaster(
-            Path(resolve_spec(src.class_raster.path, base_dir)), stack.grid, src.class_raster.classes,
-            tuple(src.class_raster.ignore),
-        )
-    else:
-        class_words = sorted(set(parcels.cls) - {UNKNOWN_CLASS})
-    names = dict(enumerate(class_words))
     c = cfg.chips
-    try:
-        if raster is not None:
-            raster.__enter__()
-        for k, i in enumerate(kept):
-            win = windows[i]
-            cid = make_chip_id(win)
-            chip = ChipContext(
-                chip_id=cid, window=win, grid=stack.grid.subgrid(win), split=assignment.chip_split[i],
-                clear=scan.chip_clear[:, k], class_names=names,
+    for k, i in enumerate(kept):
+        win = windows[i]
+        cid = make_chip_id(win)
+        chip = ChipContext(
+            chip_id=cid, window=win, grid=stack.grid.subgrid(win), split=assignment.chip_split[i],
+            clear=scan.chip_clear[:, k],
+        )
+        chip.parcels = _clip_parcels(chip, parcels)
+        state.frames_all[cid] = select_frames(days, chip.clear, c.min_clear, c.max_frames, c.min_frames)
+        for label, start, end in state.seasons:
+            state.frames_season[(cid, label)] = select_frames(
+                days, chip.clear, c.min_clear, c.max_frames, c.min_frames, span=(start, end)
             )
-            chip.parcels = _clip_parcels(chip, parcels)
-            if raster is not None:
-                codes = raster.read(win)
-                mapped = np.full(codes.shape, -1, dtype=np.int64)
-                for code, word in code_to_word.items():
-                    mapped[codes == code] = word
-                chip.classes = mapped
-            else:
-                shapes = [(p.geom, class_words.index(p.cls)) for p in chip.parcels if p.cls != UNKNOWN_CLASS]
-                chip.classes = rasterize(
-                    shapes, out_shape=(int(win.height), int(win.width)), transform=chip.grid.transform,
-                    fill=-1, dtype="int32",
-                ).astype(np.int64) if shapes else np.full((int(win.height), int(win.width)), -1, dtype=np.int64)
-            state.frames_all[cid] = select_frames(days, chip.clear, c.min_clear, c.max_frames, c.min_frames)
-            for label, start, end in state.seasons:
-                state.frames_season[(cid, label)] = select_frames(
-                    days, chip.clear, c.min_clear, c.max_frames, c.min_frames, span=(start, end)
-                )
-            prep.chips.append(chip)
-    finally:
-        if raster is not None:
-            raster.__exit__(None, None, None)
+        prep.chips.append(chip)
     return prep
 
 
+@contextmanager
+def class_maps(prep: Prepared) -> Iterator[Callable[[ChipContext], None]]:
+    """A loader that fills ``chip.classes``/``chip.class_names`` from the class raster or the parcel classes.
+
+    Class maps are loaded one chip at a time (and dropped after use) so memory stays bounded.
+    """
+    src, base = prep.cfg.source, prep.base_dir
+    if src.class_raster is not None:
+        words = sorted(set(src.class_raster.classes.values()))
+        lut = {code: words.index(word) for code, word in src.class_raster.classes.items()}
+        names = dict(enumerate(words))
+        with ClassRaster(
+            Path(resolve_spec(src.class_raster.path, base)), prep.stack.grid, src.class_raster.classes,
+            tuple(src.class_raster.ignore),
+        ) as raster:
+
+            def load_raster(chip: ChipContext) -> None:
+                codes = raster.read(chip.window)
+                mapped = np.full(codes.shape, -1, dtype=np.int64)
+                for code, word in lut.items():
+                    mapped[codes == code] = word
+                chip.classes, chip.class_names = mapped, names
+
+            yield load_raster
+        return
+    words = sorted(set(prep.parcels.cls) - {UNKNOWN_CLASS})
+    names = dict(enumerate(words))
+
+    def load_parcels(chip: ChipContext) -> None:
+        shape = (int(chip.window.height), int(chip.window.width))
+        shapes = [(p.geom, words.index(p.cls)) for p in chip.parcels if p.cls != UNKNOWN_CLASS]
+        chip.classes = (
+            rasterize(shapes, out_shape=shape, transform=chip.grid.transform, fill=-1, dtype="int32").astype(np.int64)
+            if shapes else np.full(shape, -1, dtype=np.int64)
+        )
+        chip.class_names = names
+
+    yield load_parcels
+
+
 def build_pools(prep: Prepared, progress: bool = True) -> dict[str, list[Record]]:
-    """Every enabled family's records over every kept chip, sorted by sample id."""
+    """Every enabled family's records over every kept chip (chip by chip), each pool sorted by sample id."""
     registry = builders()
-    pools: dict[str, list[Record]] = {}
-    for family in prep.cfg.tasks.enabled():
-        fam_cfg = getattr(prep.cfg.tasks, family)
-        records: list[Record] = []
-        for chip in tqdm(prep.chips, desc=family, unit="chip", disable=not progress):
-            records.extend(registry[family](prep.state, chip, fam_cfg))
+    families = prep.cfg.tasks.enabled()
+    pools: dict[str, list[Record]] = {f: [] for f in families}
+    with class_maps(prep) as load_classes:
+        for chip in tqdm(prep.chips, desc="records", unit="chip", disable=not progress):
+            if "general_rs" in families:
+                load_classes(chip)
+            for family in families:
+                pools[family].extend(registry[family](prep.state, chip, getattr(prep.cfg.tasks, family)))
+            chip.classes = None
+    for family, records in pools.items():
         records.sort(key=lambda r: r.sample_id)
         dup = [sid for sid, n in Counter(r.sample_id for r in records).items() if n > 1]
         if dup:
             raise RuntimeError(f"{family}: sample id {dup[0]} made twice; a builder's subject key is not unique")
-        pools[family] = records
     return pools
 
 

@@ -136,7 +136,7 @@ class PhenologyConfig(StrictModel):
     #: Savitzky–Golay polynomial order.
     savgol_order: int = Field(default=2, ge=0)
     #: Upper-envelope iterations (observations below the fit are treated as residual cloud; 0 = off).
-    envelope_iterations: int = Field(default=2, ge=0)
+    envelope_iterations: int = Field(default=1, ge=0)
     #: Start of each season as ``MM-DD``; a season lasts one year.
     season_start: str = "01-01"
     #: Minima before/after the peak are searched this many days outside the season.

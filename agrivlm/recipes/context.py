@@ -173,9 +173,8 @@ class RecordFactory:
 
     def norm_time(self, frames: Sequence[int], when: np.datetime64 | float) -> float | None:
         """``t`` of a time on the frames' axis (``when`` as datetime64 or float days); ``None`` outside [0, 1]."""
-        if isinstance(when, float | np.floating):
-            when = from_days(float(when))
-        t = float(self.time_axis(frames).to_norm(np.asarray(when, dtype="datetime64[s]")))
+        stamp = from_days(float(when)) if isinstance(when, float | np.floating) else np.asarray(when, "datetime64[s]")
+        t = float(self.time_axis(frames).to_norm(stamp))
         return t if 0.0 <= t <= 1.0 else None
 
     def record(

@@ -81,8 +81,10 @@ class _Cycler(Generic[T]):
 def max_unique(pools: Mapping[str, Sequence[object]], weights: Mapping[str, float]) -> int:
     """The largest ``n`` whose quotas fit every pool without repeats."""
     total = sum(weights.values())
+    # a quota is at least floor(share × n), so no n above this bound fits; scan down from it (largest-remainder
+    # quotas are not monotone in n, so the first fit from above is the answer)
     n = min(
-        (math.floor(len(pools[k]) * total / w + 1e-9) for k, w in weights.items() if w > 0),
+        (math.floor((len(pools[k]) + 1) * total / w) for k, w in weights.items() if w > 0),
         default=0,
     )
     while n > 0 and any(c > len(pools[k]) for k, c in allocate(weights, n).items()):

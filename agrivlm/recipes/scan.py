@@ -102,18 +102,6 @@ class StackScan:
             return np.where(self.parcel_data > 0, self.parcel_data_sum / np.maximum(self.parcel_data, 1), np.nan)
 
 
-def _overlap(a: Window, b: Window) -> tuple[slice, slice, slice, slice] | None:
-    """Slices of the overlap of windows ``a`` and ``b``, in ``a``'s and ``b``'s pixel frames."""
-    r0, r1 = max(a.row_off, b.row_off), min(a.row_off + a.height, b.row_off + b.height)
-    c0, c1 = max(a.col_off, b.col_off), min(a.col_off + a.width, b.col_off + b.width)
-    if r0 >= r1 or c0 >= c1:
-        return None
-    return (
-        slice(int(r0 - a.row_off), int(r1 - a.row_off)), slice(int(c0 - a.col_off), int(c1 - a.col_off)),
-        slice(int(r0 - b.row_off), int(r1 - b.row_off)), slice(int(c0 - b.col_off), int(c1 - b.col_off)),
-    )
-
-
 def scan_stack(
     stack: Stack,
     index: IndexSpec,
@@ -146,6 +134,10 @@ def scan_stack(
         parcel_data_sum=np.zeros((t, p)),
     )
     geoms = np.asarray(list(parcels), dtype=object)
+    # chip windows as (row0, row1, col0, col1) arrays: each tile finds its chips and sums them with an
+    # integral image, so the cost does not grow with chips × tiles in Python
+    cw = np.array([[w.row_off, w.row_off + w.height, w.col_off, w.col_off + w.width] for w in chip_windows],
+                  dtype=np.int64).reshape(-1, 4)
     tree = shapely.STRtree(geoms) if p else None
     h, w = stack.grid.height, stack.grid.width
     tiles = [
@@ -159,10 +151,20 @@ def scan_stack(
             values = index.compute(data)  # (T, th, tw)
             has_data = np.isfinite(values) & ~nodata[:, list(index.bands)].any(axis=1)
             clear = has_data & ~cloud
-            for j, win in enumerate(chip_windows):
-                ov = _overlap(tile, win)
-                if ov is not None:
-                    chip_clear_px[:, j] += clear[:, ov[0], ov[1]].sum(axis=(1, 2))
+            if k:
+                tr0, tc0 = int(tile.row_off), int(tile.col_off)
+                r0 = np.clip(cw[:, 0] - tr0, 0, int(tile.height))
+                r1 = np.clip(cw[:, 1] - tr0, 0, int(tile.height))
+                c0 = np.clip(cw[:, 2] - tc0, 0, int(tile.width))
+                c1 = np.clip(cw[:, 3] - tc0, 0, int(tile.width))
+                hit = np.flatnonzero((r1 > r0) & (c1 > c0))
+                if hit.size:
+                    integral = np.zeros((t, int(tile.height) + 1, int(tile.width) + 1), dtype=np.int32)
+                    integral[:, 1:, 1:] = clear.cumsum(axis=1, dtype=np.int32).cumsum(axis=2, dtype=np.int32)
+                    a0, a1, b0, b1 = r0[hit], r1[hit], c0[hit], c1[hit]
+                    chip_clear_px[:, hit] += (
+                        integral[:, a1, b1] - integral[:, a0, b1] - integral[:, a1, b0] + integral[:, a0, b0]
+                    )
             if tree is None:
                 continue
             tile_grid = stack.grid.subgrid(tile)

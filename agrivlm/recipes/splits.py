@@ -2,7 +2,8 @@
 
 The stack's grid is cut into square blocks of ``block_px`` pixels. Blocks that hold a chip centre are
 shuffled with the seed and dealt to the splits by their fractions (largest remainder, every split with a
-non-zero fraction gets a block when there are enough). A chip takes the split of the block holding its
+non-zero fraction gets a block when there are enough); every other block takes the split of the nearest
+dealt block, so *every* block has exactly one split. A chip takes the split of the block holding its
 centre, and is **kept only if its window grown by ``buffer_px`` touches no block of another split**.
 Two kept chips of different splits therefore never overlap, and are at least ``buffer_px`` apart:
 each lies (with its buffer) inside blocks of its own split, and blocks do not overlap.
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from rasterio.windows import Window
+from scipy.spatial import cKDTree
 
 from agrivlm.recipes.context import rng_for
 from agrivlm.recipes.schema import SPLITS
@@ -24,12 +26,14 @@ from agrivlm.recipes.schema import SPLITS
 class SplitAssignment:
     """Which chip is in which split (chips that straddle splits are excluded)."""
 
-    #: ``{(block_row, block_col): split}`` for blocks that hold a chip centre.
+    #: ``{(block_row, block_col): split}``: blocks that hold a chip centre, and the others chips touch.
     blocks: dict[tuple[int, int], str]
     #: Split of each kept chip, by position in the input window list.
     chip_split: dict[int, str]
     #: Positions of chips excluded because their buffered window reaches another split's block.
     excluded: list[int] = field(default_factory=list)
+    #: The blocks that hold a chip centre (the ones dealt by the fractions).
+    dealt: list[tuple[int, int]] = field(default_factory=list)
 
 
 def allocate(fractions: Mapping[str, float], n: int, at_least_one: bool = False) -> dict[str, int]:
@@ -102,7 +106,18 @@ def assign_splits(
         for b in order[pos:pos + counts[split]]:
             block_split[b] = split
         pos += counts[split]
-    out = SplitAssignment(blocks=block_split, chip_split={})
+    dealt = sorted(block_split)
+    tree = cKDTree(np.array(dealt, dtype=np.float64)) if dealt else None
+
+    def split_of(b: tuple[int, int]) -> str:
+        if b not in block_split and tree is not None:
+            # nearest dealt block; ties go to the first in (row, col) order (cKDTree returns the lowest index)
+            dist, _ = tree.query(b)
+            near = tree.query_ball_point(b, dist + 1e-9)
+            block_split[b] = block_split[dealt[min(near)]]
+        return block_split[b]
+
+    out = SplitAssignment(blocks=block_split, chip_split={}, dealt=dealt)
     for i, w in enumerate(windows):
         split = block_split[centre_block[i]]
         r0 = max(int(w.row_off) - buffer_px, 0)
@@ -110,7 +125,7 @@ def assign_splits(
         r1 = min(int(w.row_off + w.height) + buffer_px, height)
         c1 = min(int(w.col_off + w.width) + buffer_px, width)
         touched = _blocks_of(r0, c0, r1, c1, block_px)
-        if any(block_split.get(b, split) != split for b in touched):
+        if any(split_of(b) != split for b in touched):
             out.excluded.append(i)
         else:
             out.chip_split[i] = split
