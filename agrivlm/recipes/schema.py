@@ -152,7 +152,7 @@ class StackRef(_Model):
     frame_files: list[str]
     #: Mask file name of each frame (``None`` for a date without a mask).
     frame_mask_files: list[str | None] = Field(default_factory=list)
-    #: Index (0-based) of the band used for the vegetation index, and its name.
+    #: Names of the stack's bands, in file order.
     bands: list[str] = Field(default_factory=list)
 
 
