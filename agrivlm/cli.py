@@ -13,6 +13,7 @@ from rich.table import Table
 
 from agrivlm.errors import AgriVLMError
 from agrivlm.eval.commands import app as eval_app
+from agrivlm.recipes.commands import recipe_app
 
 app = typer.Typer(
     name="agrivlm",
@@ -142,6 +143,9 @@ def quickstart(
         progress=progress,
     )
     print_summary(summary, title="embedded sample: Sentinel-2 NDVI, Slovenia")
+
+
+app.add_typer(recipe_app, name="recipe")
 
 
 def main() -> None:

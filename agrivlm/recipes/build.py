@@ -1,0 +1,492 @@
+"""``agrivlm recipe build``: recipe YAML → JSONL shards, manifest, reference tables, plots.
+
+Steps: open the stack and the parcel layer (reprojected to the stack's CRS) → chip grid → geographic
+split → one scan of the stack (chip clear fractions, parcel index curves) → phenology per parcel (+
+labels) → per chip: parcels clipped to it, land-cover classes → each enabled family's records → the
+stage mixture (or every record) per split → outputs. The outputs are written into a temporary folder
+beside ``OUT`` that replaces it only when complete.
+
+``OUT`` holds::
+
+    shards/{train,val,test}-NNNNN.jsonl   records (agrivlm.recipes.schema), byte-identical for recipe + seed
+    manifest.json                         counts per family/task/split, seeds, sources + SHA-256, chips,
+                                          split of every record, mixture proportions, shard checksums
+    tables/growth_stages.csv              agrivlm.schema.STAGE_COLUMNS (labels win over derived stages)
+    tables/key_dates.csv                  agrivlm.schema.KEY_DATE_COLUMNS
+    tables/phenology.csv                  every detected season in detail (SOS, peak start, POS, ...)
+    tables/parcels.gpkg                   layers ``parcels`` (clipped to the stack) and ``chip_parcels``
+    plots/phenology.png, plots/splits.png
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import shapely
+from rasterio.features import rasterize
+from rasterio.windows import Window
+from tqdm.auto import tqdm
+
+from agrivlm.errors import ConfigError
+from agrivlm.geo.chips import chip_id as make_chip_id
+from agrivlm.geo.chips import chip_windows
+from agrivlm.geo.stack import Stack, open_stack
+from agrivlm.recipes.config import RecipeConfig, load_recipe
+from agrivlm.recipes.context import ChipContext, ParcelInChip, RecordFactory, norm_box, select_frames
+from agrivlm.recipes.families import BuildState, builders
+from agrivlm.recipes.mixture import MixReport, max_unique, mix
+from agrivlm.recipes.phenology import (
+    FieldPhenology,
+    analyse_parcels,
+    key_date_table,
+    load_growth_truth,
+    phenology_detail_table,
+    season_windows,
+    stage_table,
+    to_days,
+)
+from agrivlm.recipes.plot import pick_parcels, plot_phenology, plot_splits
+from agrivlm.recipes.scan import IndexSpec, StackScan, scan_stack
+from agrivlm.recipes.schema import FAMILIES, SCHEMA_VERSION, SPLITS, Record, write_records
+from agrivlm.recipes.sources import (
+    UNKNOWN_CLASS,
+    ClassRaster,
+    load_parcels,
+    portable_spec,
+    resolve_spec,
+    sha256_file,
+)
+from agrivlm.recipes.splits import SplitAssignment, assign_splits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """Everything computed before records are made (reusable: tests build pools from it once)."""
+
+    cfg: RecipeConfig
+    base_dir: Path
+    stack: Stack
+    parcels: gpd.GeoDataFrame
+    parcel_counts: dict[str, int]
+    #: Every window of the chip grid and the split assignment over them.
+    windows: list[Window]
+    assignment: SplitAssignment
+    scan: StackScan
+    phenology: dict[str, FieldPhenology]
+    state: BuildState
+    chips: list[ChipContext] = field(default_factory=list)
+
+
+def _spec_root(resolved: str) -> Path:
+    path = Path(resolved)
+    if path.is_dir():
+        return path
+    parts = path.parts
+    for i, part in enumerate(parts):
+        if any(ch in part for ch in "*?["):
+            return Path(*parts[:i]) if i else Path(".")
+    return path.parent
+
+
+def _crs_text(crs: Any) -> str:
+    epsg = crs.to_epsg()
+    return f"EPSG:{epsg}" if epsg else crs.to_wkt()
+
+
+def _clip_parcels(chip: ChipContext, parcels: gpd.GeoDataFrame) -> list[ParcelInChip]:
+    footprint = chip.grid.footprint()
+    hits = np.sort(parcels.sindex.query(footprint, predicate="intersects"))
+    out = []
+    for i in hits:
+        geom = parcels.geometry.iloc[int(i)]
+        clipped = shapely.intersection(geom, footprint)
+        if clipped.geom_type not in ("Polygon", "MultiPolygon"):
+            polys = [g for g in getattr(clipped, "geoms", []) if g.geom_type in ("Polygon", "MultiPolygon")]
+            clipped = shapely.union_all(polys) if polys else shapely.Polygon()
+        if clipped.is_empty or clipped.area <= 0:
+            continue
+        row = parcels.iloc[int(i)]
+        out.append(ParcelInChip(
+            row=int(i), field_id=str(row.field_id), cls=str(row.cls), geom=clipped,
+            area_px=float(clipped.area / chip.pixel_area), box=norm_box(chip.grid, clipped),
+            cut=bool(clipped.area < geom.area * (1.0 - 1e-6)),
+        ))
+    out.sort(key=lambda p: (round(p.box[1], 6), round(p.box[0], 6), p.field_id))
+    return out
+
+
+def prepare(cfg: RecipeConfig, base_dir: Path, progress: bool = True) -> Prepared:
+    """Open the sources, cut and split the chip grid, scan the stack, derive phenology, clip parcels."""
+    src = cfg.source
+    stack = open_stack(
+        resolve_spec(src.stack, base_dir),
+        masks=resolve_spec(src.masks, base_dir) if src.masks else None,
+        same_day=src.same_day,
+    )
+    index = IndexSpec.from_config(stack.band_names, src.band, src.normalized_difference)
+    parcels, counts = load_parcels(
+        src.parcels, base_dir, stack.crs, layer=src.parcel_layer, id_column=src.id_column,
+        class_column=src.class_column, class_names=src.class_names,
+    )
+    t, _, h, w = stack.shape
+    windows = chip_windows(h, w, cfg.chips.size, cfg.chips.stride, cfg.chips.edge)
+    assignment = assign_splits(
+        windows, h, w, cfg.split.block_px, cfg.split.buffer_px, {str(k): v for k, v in cfg.split.fractions.items()},
+        cfg.split.seed,
+    )
+    kept = sorted(assignment.chip_split)
+    scan = scan_stack(
+        stack, index, [windows[i] for i in kept], list(parcels.geometry), cfg.phenology.tile_px, progress
+    )
+    phenology = analyse_parcels(scan, parcels, cfg.phenology)
+    labels = cfg.tasks.growth_stages.labels if cfg.tasks.growth_stages is not None else None
+    truth = load_growth_truth(phenology, labels, base_dir)
+    days = to_days(stack.times)
+
+    data_root = _spec_root(resolve_spec(src.stack, base_dir))
+    mask_root = _spec_root(resolve_spec(src.masks, base_dir)) if src.masks else None
+    factory = RecordFactory(
+        recipe=cfg.name,
+        seed=cfg.seed,
+        data_spec=portable_spec(src.stack, base_dir),
+        mask_spec=portable_spec(src.masks, base_dir) if src.masks else None,
+        step_files=["+".join(os.path.relpath(s.path, data_root) for s in step.sources) for step in stack.steps],
+        step_masks=[
+            os.path.relpath(step.masks[0].path, mask_root) if step.masks[0] is not None and mask_root else None
+            for step in stack.steps
+        ],
+        times=stack.times,
+        crs=_crs_text(stack.crs),
+        band_names=list(stack.band_names),
+    )
+    state = BuildState(
+        seed=cfg.seed, factory=factory, scan=scan, truth=truth, phenology=cfg.phenology, days=days,
+        seasons=season_windows(float(days.min()), float(days.max()), cfg.phenology.season_start),
+    )
+    prep = Prepared(cfg, base_dir, stack, parcels, counts, windows, assignment, scan, phenology, state)
+
+    c = cfg.chips
+    for k, i in enumerate(kept):
+        win = windows[i]
+        cid = make_chip_id(win)
+        chip = ChipContext(
+            chip_id=cid, window=win, grid=stack.grid.subgrid(win), split=assignment.chip_split[i],
+            clear=scan.chip_clear[:, k],
+        )
+        chip.parcels = _clip_parcels(chip, parcels)
+        state.frames_all[cid] = select_frames(days, chip.clear, c.min_clear, c.max_frames, c.min_frames)
+        for label, start, end in state.seasons:
+            state.frames_season[(cid, label)] = select_frames(
+                days, chip.clear, c.min_clear, c.max_frames, c.min_frames, span=(start, end)
+            )
+        prep.chips.append(chip)
+    return prep
+
+
+@contextmanager
+def class_maps(prep: Prepared) -> Iterator[Callable[[ChipContext], None]]:
+    """A loader that fills ``chip.classes``/``chip.class_names`` from the class raster or the parcel classes.
+
+    Class maps are loaded one chip at a time (and dropped after use) so memory stays bounded.
+    """
+    src, base = prep.cfg.source, prep.base_dir
+    if src.class_raster is not None:
+        words = sorted(set(src.class_raster.classes.values()))
+        lut = {code: words.index(word) for code, word in src.class_raster.classes.items()}
+        names = dict(enumerate(words))
+        with ClassRaster(
+            Path(resolve_spec(src.class_raster.path, base)), prep.stack.grid, src.class_raster.classes,
+            tuple(src.class_raster.ignore),
+        ) as raster:
+
+            def load_raster(chip: ChipContext) -> None:
+                codes = raster.read(chip.window)
+                mapped = np.full(codes.shape, -1, dtype=np.int64)
+                for code, word in lut.items():
+                    mapped[codes == code] = word
+                chip.classes, chip.class_names = mapped, names
+
+            yield load_raster
+        return
+    words = sorted(set(prep.parcels.cls) - {UNKNOWN_CLASS})
+    names = dict(enumerate(words))
+
+    def load_parcels(chip: ChipContext) -> None:
+        shape = (int(chip.window.height), int(chip.window.width))
+        shapes = [(p.geom, words.index(p.cls)) for p in chip.parcels if p.cls != UNKNOWN_CLASS]
+        chip.classes = (
+            rasterize(shapes, out_shape=shape, transform=chip.grid.transform, fill=-1, dtype="int32").astype(np.int64)
+            if shapes else np.full(shape, -1, dtype=np.int64)
+        )
+        chip.class_names = names
+
+    yield load_parcels
+
+
+def build_pools(prep: Prepared, progress: bool = True) -> dict[str, list[Record]]:
+    """Every enabled family's records over every kept chip (chip by chip), each pool sorted by sample id."""
+    registry = builders()
+    families = prep.cfg.tasks.enabled()
+    pools: dict[str, list[Record]] = {f: [] for f in families}
+    with class_maps(prep) as load_classes:
+        for chip in tqdm(prep.chips, desc="records", unit="chip", disable=not progress):
+            if "general_rs" in families:
+                load_classes(chip)
+            for family in families:
+                pools[family].extend(registry[family](prep.state, chip, getattr(prep.cfg.tasks, family)))
+            chip.classes = None
+    for family, records in pools.items():
+        records.sort(key=lambda r: r.sample_id)
+        dup = [sid for sid, n in Counter(r.sample_id for r in records).items() if n > 1]
+        if dup:
+            raise RuntimeError(f"{family}: sample id {dup[0]} made twice; a builder's subject key is not unique")
+    return pools
+
+
+def arrange(prep: Prepared, pools: dict[str, list[Record]]) -> tuple[dict[str, list[Record]], dict[str, MixReport]]:
+    """Records per split: the stage mixture when the recipe has one, else every record in a seeded order."""
+    from agrivlm.recipes.context import rng_for
+
+    cfg = prep.cfg
+    out: dict[str, list[Record]] = {}
+    reports: dict[str, MixReport] = {}
+    for split in SPLITS:
+        if cfg.mixture is None:
+            recs = [r for fam in pools for r in pools[fam] if r.split == split]
+            order = rng_for(cfg.seed, "order", split).permutation(len(recs))
+            out[split] = [recs[int(i)] for i in order]
+            continue
+        comp_pools: dict[str, list[Record]] = {}
+        for name, comp in cfg.mixture.components.items():
+            comp_pools[name] = [
+                r for fam in comp.families for r in pools[fam]
+                if r.split == split and (not comp.text_only or not r.has_positions)
+            ]
+        weights = {name: comp.weight for name, comp in cfg.mixture.components.items()}
+        want = cfg.mixture.samples.get(split, "max_unique")  # type: ignore[call-overload]
+        n = max_unique(comp_pools, weights) if want == "max_unique" else int(want)
+        try:
+            out[split], reports[split] = mix(comp_pools, weights, n, cfg.seed, label=split)
+        except ValueError as exc:
+            raise ConfigError(f"recipe {cfg.name}: mixture for split {split}: {exc}") from exc
+    return out, reports
+
+
+def _sources_manifest(prep: Prepared) -> dict[str, Any]:
+    src, base = prep.cfg.source, prep.base_dir
+    stack_files = {str(p.name): sha256_file(p) for p in prep.stack.files}
+    mask_files = {
+        str(m.path.name): sha256_file(m.path) for step in prep.stack.steps for m in step.masks if m is not None
+    }
+    out: dict[str, Any] = {
+        "stack": {"spec": src.stack, "path": resolve_spec(src.stack, base), "files": stack_files},
+        "masks": {"spec": src.masks, "path": resolve_spec(src.masks, base), "files": mask_files} if src.masks else None,
+        "parcels": {"spec": src.parcels, "path": resolve_spec(src.parcels, base),
+                    "sha256": sha256_file(resolve_spec(src.parcels, base))},
+    }
+    if src.class_raster is not None:
+        p = resolve_spec(src.class_raster.path, base)
+        out["class_raster"] = {"spec": src.class_raster.path, "path": p, "sha256": sha256_file(p)}
+    gs = prep.cfg.tasks.growth_stages
+    if gs is not None and gs.labels is not None:
+        for key in ("stages", "key_dates"):
+            spec = getattr(gs.labels, key)
+            if spec:
+                p = resolve_spec(spec, base)
+                out[f"labels_{key}"] = {"spec": spec, "path": p, "sha256": sha256_file(p)}
+    return out
+
+
+def _phenology_summary(prep: Prepared) -> dict[str, Any]:
+    table = phenology_detail_table(prep.phenology)
+    out: dict[str, Any] = {"fields_analysed": len(prep.phenology), "seasons": {}}
+    for season, group in table.groupby("season"):
+        med = {}
+        for col in ("sos", "pos", "senescence", "eos"):
+            days = to_days(group[col].to_numpy().astype("datetime64[D]"))
+            med[col] = str(np.datetime64("1970-01-01") + np.timedelta64(int(round(float(np.median(days)))), "D"))
+        out["seasons"][str(season)] = {"fields": int(len(group)), "median": med,
+                                       "post_stage": dict(Counter(group.post_stage))}
+    out["stage_labels"] = len(prep.state.truth.stage_labels)
+    out["key_date_labels"] = len(prep.state.truth.key_date_labels)
+    return out
+
+
+def _write_parcels(prep: Prepared, path: Path) -> None:
+    footprint = prep.stack.grid.footprint()
+    parcels = prep.parcels
+    inside = parcels[parcels.intersects(footprint)].copy()
+    clipped = inside.geometry.intersection(footprint)
+    layer = gpd.GeoDataFrame({
+        "field_id": inside.field_id.values,
+        "class": inside.cls.values,
+        "area_m2": inside.area_m2.round(3).values,
+        "clipped_area_m2": clipped.area.round(3).values,
+        "cut_by_stack": (clipped.area.values < inside.area_m2.values * (1 - 1e-6)),
+        "n_px": prep.scan.parcel_px[inside.index.to_numpy()],
+        "analysed": [fid in prep.phenology for fid in inside.field_id],
+    }, geometry=clipped.values, crs=parcels.crs)
+    rows = []
+    for chip in prep.chips:
+        for p in chip.parcels:
+            rows.append({"chip_id": chip.chip_id, "split": chip.split, "field_id": p.field_id, "class": p.cls,
+                         "area_px": round(p.area_px, 3), "cut": p.cut, "geometry": p.geom})
+    chip_layer = gpd.GeoDataFrame(rows, geometry="geometry", crs=parcels.crs) if rows else gpd.GeoDataFrame(
+        {"chip_id": []}, geometry=gpd.GeoSeries([], crs=parcels.crs))
+    layer.to_file(path, driver="GPKG", layer="parcels")
+    chip_layer.to_file(path, driver="GPKG", layer="chip_parcels", mode="a")
+
+
+def write_outputs(
+    prep: Prepared,
+    pools: dict[str, list[Record]],
+    arranged: dict[str, list[Record]],
+    reports: dict[str, MixReport],
+    out_dir: Path,
+    recipe_path: Path,
+) -> dict[str, Any]:
+    """Write shards, tables, plots and the manifest into ``out_dir`` (a fresh folder); return the manifest."""
+    cfg = prep.cfg
+    shard_dir = out_dir / "shards"
+    shard_dir.mkdir(parents=True)
+    shards = []
+    for split in SPLITS:
+        recs = arranged[split]
+        for k in range(0, max(len(recs), 1), cfg.output.shard_size):
+            chunk = recs[k:k + cfg.output.shard_size]
+            if not chunk:
+                continue
+            path = shard_dir / f"{split}-{k // cfg.output.shard_size:05d}.jsonl"
+            write_records(path, chunk)
+            shards.append({"path": str(path.relative_to(out_dir)), "split": split, "records": len(chunk),
+                           "sha256": sha256_file(path)})
+
+    tables = out_dir / "tables"
+    tables.mkdir()
+    truth = prep.state.truth
+    stage_table(truth, list(prep.stack.times)).to_csv(tables / "growth_stages.csv", index=False)
+    key_date_table(truth, [s[0] for s in prep.state.seasons]).to_csv(tables / "key_dates.csv", index=False)
+    phenology_detail_table(prep.phenology).to_csv(tables / "phenology.csv", index=False)
+    _write_parcels(prep, tables / "parcels.gpkg")
+
+    plots = out_dir / "plots"
+    chosen = pick_parcels(prep.phenology, cfg.output.plot_parcels)
+    plot_phenology(chosen, plots / "phenology.png", cfg.source.index_name,
+                   title=f"recipe {cfg.name}: {cfg.source.index_name} of {len(chosen)} parcels, derived stages")
+    kept = {c.chip_id: c.window for c in prep.chips}
+    plot_splits(prep.stack.grid, kept, {c.chip_id: c.split for c in prep.chips},
+                [prep.windows[i] for i in prep.assignment.excluded], prep.parcels, plots / "splits.png")
+
+    by_family: dict[str, dict[str, int]] = {}
+    by_task: dict[str, dict[str, int]] = {}
+    record_split: dict[str, str] = {}
+    for split in SPLITS:
+        for r in arranged[split]:
+            by_family.setdefault(r.family, dict.fromkeys(SPLITS, 0))[split] += 1
+            by_task.setdefault(f"{r.family}/{r.task}", dict.fromkeys(SPLITS, 0))[split] += 1
+            record_split[r.sample_id] = split
+    pool_counts = {
+        fam: {split: sum(1 for r in recs if r.split == split) for split in SPLITS} for fam, recs in pools.items()
+    }
+    chips_by_split = {s: sorted(c.chip_id for c in prep.chips if c.split == s) for s in SPLITS}
+    manifest: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "recipe": cfg.name,
+        "recipe_file": str(recipe_path.resolve()),
+        "recipe_sha256": sha256_file(recipe_path),
+        "config": cfg.model_dump(mode="json"),
+        "seeds": {"recipe": cfg.seed, "split": cfg.split.seed},
+        "sources": _sources_manifest(prep),
+        "stack": {
+            "n_dates": len(prep.stack.steps), "first_date": str(prep.stack.times[0]),
+            "last_date": str(prep.stack.times[-1]), "crs": _crs_text(prep.stack.crs),
+            "shape": list(prep.stack.shape), "transform": list(prep.stack.transform)[:6],
+        },
+        "parcels": {**prep.parcel_counts, "in_stack": int(prep.parcels.intersects(prep.stack.grid.footprint()).sum())},
+        "chips": {
+            "grid": len(prep.windows),
+            "kept": len(prep.chips),
+            "excluded_buffer": sorted(make_chip_id(prep.windows[i]) for i in prep.assignment.excluded),
+            "by_split": chips_by_split,
+            "windows": {c.chip_id: [int(c.window.col_off), int(c.window.row_off), int(c.window.width),
+                                    int(c.window.height)] for c in prep.chips},
+            "without_frames": sorted(cid for cid, fr in prep.state.frames_all.items() if not fr),
+        },
+        "split": {"blocks": {f"{r}_{c}": s for (r, c), s in sorted(prep.assignment.blocks.items())}},
+        "counts": {
+            "records": {s: len(arranged[s]) for s in SPLITS},
+            "unique_records": len(record_split),
+            "by_family": dict(sorted(by_family.items())),
+            "by_task": dict(sorted(by_task.items())),
+            "pools": pool_counts,
+        },
+        "mixture": {s: rep.as_dict() for s, rep in reports.items()} if reports else None,
+        "phenology": _phenology_summary(prep),
+        "shards": shards,
+        "records": dict(sorted(record_split.items())),
+        "tables": {
+            "growth_stages": "tables/growth_stages.csv", "key_dates": "tables/key_dates.csv",
+            "phenology": "tables/phenology.csv", "parcels": "tables/parcels.gpkg",
+        },
+        "plots": ["plots/phenology.png", "plots/splits.png"],
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def build_recipe(
+    recipe: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    seed: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Build a recipe into ``out`` (see the module docstring); returns the manifest.
+
+    Raises:
+        ConfigError: bad recipe, or ``out`` holds a previous build and ``overwrite`` is False.
+
+    """
+    recipe_path = Path(recipe)
+    out_dir = Path(out)
+    cfg = load_recipe(recipe_path)
+    if seed is not None:
+        cfg = cfg.model_copy(update={"seed": seed})
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ConfigError(f"{out_dir}: already exists and is not empty; pass --overwrite to replace it")
+    prep = prepare(cfg, recipe_path.parent, progress)
+    pools = build_pools(prep, progress)
+    arranged, reports = arrange(prep, pools)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        manifest = write_outputs(prep, pools, arranged, reports, tmp, recipe_path)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old / "x")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+__all__ = ["FAMILIES", "Prepared", "arrange", "build_pools", "build_recipe", "prepare", "write_outputs"]

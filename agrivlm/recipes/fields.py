@@ -1,0 +1,130 @@
+"""Field boundaries: outlines (boxes), traced polygons, the largest parcel of a class, counts, edge cuts.
+
+Parcels are clipped to the chip; a parcel the chip's edge cuts is answered with the box of its visible
+part and marked ``(partly outside the image)`` in outline answers and ``cut`` in ``meta``. Visible parts
+under ``min_area_px`` pixels are slivers: never asked about, counted in ``meta.n_slivers``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from agrivlm.recipes.config import FieldBoundariesConfig
+from agrivlm.recipes.context import ChipContext, ParcelInChip, assistant, norm_ring, pick, rng_for, user
+from agrivlm.recipes.families import BuildState
+from agrivlm.recipes.schema import Record
+from agrivlm.recipes.sources import UNKNOWN_CLASS
+
+FAMILY = "field_boundaries"
+
+_Q_FIELDS = (
+    "Outline every field in this image.",
+    "Draw a box around each field.",
+    "Where are the fields in this image?",
+    "Find all agricultural fields and give their boxes.",
+)
+_Q_PARCELS = (
+    "Outline every land parcel in this image.",
+    "Give a box for each parcel you can see.",
+    "Where are the land-use parcels in this image?",
+)
+_Q_LARGEST = ("Where is the largest {cls} parcel?", "Find the largest {cls} parcel in this image.")
+_Q_TRACE = ("Trace the boundary of the {name} at {{box:0}}.", "Give the outline of the {name} at {{box:0}} as points.")
+_Q_COUNT = ("How many fields are in this image?", "Count the fields in this image.")
+_Q_EDGE = ("Which fields are cut by the edge of the image?", "Which fields extend beyond the image?")
+
+
+def parcel_name(cls: str) -> str:
+    """``"grassland parcel"``, or ``"parcel"`` for an unknown class."""
+    return "parcel" if cls == UNKNOWN_CLASS else f"{cls} parcel"
+
+
+def _listing(parcels: list[ParcelInChip], noun: str) -> str:
+    items = []
+    for i, p in enumerate(parcels):
+        label = "parcel" if p.cls == UNKNOWN_CLASS else p.cls
+        items.append(f"{label} {{box:{i}}}" + (" (partly outside the image)" if p.cut else ""))
+    body = items[0] if len(items) == 1 else "; ".join(items)
+    n = len(parcels)
+    return f"{n} {noun}{'s' if n != 1 else ''}: {body}."
+
+
+def _meta(parcels: list[ParcelInChip], n_slivers: int) -> dict[str, object]:
+    return {
+        "field_ids": [p.field_id for p in parcels],
+        "classes": [p.cls for p in parcels],
+        "cut": [p.cut for p in parcels],
+        "area_px": [round(p.area_px, 3) for p in parcels],
+        "n_slivers": n_slivers,
+    }
+
+
+def build_field_boundaries(state: BuildState, chip: ChipContext, cfg: FieldBoundariesConfig) -> list[Record]:
+    """The field-boundary records of one chip (frames: the chip's clear dates over the whole stack)."""
+    frames = state.frames_all.get(chip.chip_id)
+    if not frames:
+        return []
+    f = state.factory
+    visible = [p for p in chip.parcels if p.area_px >= cfg.min_area_px]
+    n_slivers = len(chip.parcels) - len(visible)
+    fields = [p for p in visible if cfg.field_classes is None or p.cls in cfg.field_classes]
+    out: list[Record] = []
+
+    def rng(task: str, subject: str = "") -> np.random.Generator:
+        return rng_for(state.seed, FAMILY, chip.chip_id, task, subject)
+
+    if "outline_fields" in cfg.tasks and len(fields) <= cfg.max_objects:
+        r = rng("outline_fields")
+        answer = _listing(fields, "field") if fields else "There are no fields in this image."
+        out.append(f.record(chip, frames, FAMILY, "outline_fields", "all", [
+            user(pick(r, _Q_FIELDS)),
+            assistant(answer, boxes=[p.box for p in fields]),
+        ], _meta(fields, n_slivers)))
+    if "outline_parcels" in cfg.tasks and visible and len(visible) <= cfg.max_objects:
+        r = rng("outline_parcels")
+        out.append(f.record(chip, frames, FAMILY, "outline_parcels", "all", [
+            user(pick(r, _Q_PARCELS)),
+            assistant(_listing(visible, "parcel"), boxes=[p.box for p in visible]),
+        ], _meta(visible, n_slivers)))
+    if "largest_of_class" in cfg.tasks:
+        for cls in sorted({p.cls for p in visible if p.cls != UNKNOWN_CLASS}):
+            ranked = sorted((p for p in visible if p.cls == cls), key=lambda p: -p.area_px)
+            if len(ranked) > 1 and ranked[0].area_px < cfg.unique_margin * ranked[1].area_px:
+                continue  # no clear winner
+            top = ranked[0]
+            r = rng("largest_of_class", cls)
+            out.append(f.record(chip, frames, FAMILY, "largest_of_class", cls.replace(" ", "_"), [
+                user(pick(r, _Q_LARGEST).format(cls=cls)),
+                assistant("{box:0}" + (" (partly outside the image)" if top.cut else ""), boxes=[top.box]),
+            ], {**_meta([top], n_slivers), "class": cls, "n_of_class": len(ranked)}))
+    if "trace_outline" in cfg.tasks:
+        for p in visible:
+            if p.area_px < cfg.trace_min_area_px:
+                continue
+            ring = norm_ring(chip.grid, p.geom, cfg.max_vertices, chip.pixel_size)
+            if len(ring) < 3:
+                continue
+            r = rng("trace_outline", p.field_id)
+            out.append(f.record(chip, frames, FAMILY, "trace_outline", p.field_id, [
+                user(pick(r, _Q_TRACE).format(name=parcel_name(p.cls)), boxes=[p.box]),
+                assistant("{polygon:0}", polygons=[ring]),
+            ], {**_meta([p], n_slivers), "n_vertices": len(ring)}))
+    if "count_fields" in cfg.tasks:
+        r = rng("count_fields")
+        n = len(fields)
+        out.append(f.record(chip, frames, FAMILY, "count_fields", "all", [
+            user(pick(r, _Q_COUNT)),
+            assistant(f"{n} field{'s' if n != 1 else ''}." if n else "There are no fields in this image."),
+        ], _meta(fields, n_slivers)))
+    if "edge_fields" in cfg.tasks and fields:
+        cut = [p for p in fields if p.cut]
+        if len(cut) <= cfg.max_objects:
+            r = rng("edge_fields")
+            answer = _listing(cut, "field").replace(" (partly outside the image)", "") if cut else (
+                "None; every field lies fully inside the image."
+            )
+            out.append(f.record(chip, frames, FAMILY, "edge_fields", "all", [
+                user(pick(r, _Q_EDGE)),
+                assistant(answer, boxes=[p.box for p in cut]),
+            ], _meta(cut, n_slivers)))
+    return out

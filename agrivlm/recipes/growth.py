@@ -1,0 +1,135 @@
+"""Growth stages: key dates (TEMP positions), the growing season (a segment) and the stage on a date.
+
+Every question points to its field by the box of the field's visible part in the chip. A record's
+frames are the chip's clear dates within one season, so ``t`` runs over that season's frames; a key
+date outside the frames' range is not asked. Labels (see :class:`~agrivlm.recipes.phenology.GrowthTruth`)
+take precedence over derived stages and dates; ``meta.source`` says which one an answer came from.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from agrivlm.recipes.config import GrowthStagesConfig
+from agrivlm.recipes.context import ChipContext, ParcelInChip, assistant, pick, rng_for, user
+from agrivlm.recipes.families import BuildState
+from agrivlm.recipes.fields import parcel_name
+from agrivlm.recipes.phenology import day_str, iso_day
+from agrivlm.recipes.schema import Record
+
+FAMILY = "growth_stages"
+
+#: Key date → (task, questions, answer).
+_KEY_DATES = {
+    "green_up": ("green_up_date", (
+        "When did green-up start in the {name} at {{box:0}}?",
+        "When did the {name} at {{box:0}} start to green up?",
+        "At which time did the growing season begin in the {name} at {{box:0}}?",
+    ), "Green-up started at {time:0}."),
+    "peak": ("peak_date", (
+        "When did the {name} at {{box:0}} reach its peak?",
+        "When was vegetation at its maximum in the {name} at {{box:0}}?",
+    ), "The peak was at {time:0}."),
+    "senescence": ("senescence_date", (
+        "When did senescence begin in the {name} at {{box:0}}?",
+        "When did the {name} at {{box:0}} start to senesce?",
+    ), "Senescence began at {time:0}."),
+}
+_Q_SEGMENT = (
+    "Over which period was the {name} at {{box:0}} growing?",
+    "Give the growing season of the {name} at {{box:0}}.",
+)
+_Q_STAGE_TOKEN = (
+    "What growth stage is the {name} at {{box:0}} in at {{time:0}}?",
+    "At {{time:0}}, which growth stage is the {name} at {{box:0}} in?",
+)
+_Q_STAGE_DATE = (
+    "What growth stage is the {name} at {{box:0}} in on {date}?",
+    "On {date}, which growth stage is the {name} at {{box:0}} in?",
+)
+
+
+def _clear_dates(state: BuildState, row: int, frames: list[int]) -> list[int]:
+    """Frames on which at least ``min_clear_fraction`` of the parcel is clear."""
+    px = max(int(state.scan.parcel_px[row]), 1)
+    frac = state.scan.parcel_clear[:, row] / px
+    return [i for i in frames if frac[i] >= state.phenology.min_clear_fraction]
+
+
+def _field_records(
+    state: BuildState, chip: ChipContext, p: ParcelInChip, season: str, frames: list[int], cfg: GrowthStagesConfig
+) -> list[Record]:
+    f = state.factory
+    name = parcel_name(p.cls)
+    base_meta: dict[str, object] = {"field_id": p.field_id, "class": p.cls, "season": season, "cut": p.cut}
+    out: list[Record] = []
+    known = state.truth.key_dates(p.field_id, season)
+    for key, (task, questions, answer) in _KEY_DATES.items():
+        if task not in cfg.tasks or key not in known:
+            continue
+        day, source = known[key]
+        t = f.norm_time(frames, float(day))
+        if t is None:
+            continue
+        r = rng_for(state.seed, FAMILY, chip.chip_id, task, p.field_id, season)
+        out.append(f.record(chip, frames, FAMILY, task, f"{p.field_id}:{season}", [
+            user(pick(r, questions).format(name=name), boxes=[p.box]),
+            assistant(answer, times=[t]),
+        ], {**base_meta, "date": iso_day(day), "source": source}))
+    derived = next((s for s in state.truth.phenology[p.field_id].seasons if s.label == season), None) \
+        if p.field_id in state.truth.phenology else None
+    labelled = (p.field_id, season) in state.truth.key_date_labels
+    if "season_segment" in cfg.tasks and derived is not None and not labelled:
+        t1, t2 = f.norm_time(frames, derived.sos), f.norm_time(frames, derived.eos)
+        if t1 is not None and t2 is not None:
+            r = rng_for(state.seed, FAMILY, chip.chip_id, "season_segment", p.field_id, season)
+            out.append(f.record(chip, frames, FAMILY, "season_segment", f"{p.field_id}:{season}", [
+                user(pick(r, _Q_SEGMENT).format(name=name), boxes=[p.box]),
+                assistant("From {segment:0}.", segments=[(t1, t2)]),
+            ], {**base_meta, "start": iso_day(derived.sos), "end": iso_day(derived.eos), "source": "derived"}))
+    if "stage_on_date" in cfg.tasks and cfg.stage_questions > 0:
+        cands = []
+        for i in _clear_dates(state, p.row, frames):
+            stage, source = state.truth.stage(p.field_id, state.factory.times[i])
+            if stage is not None:
+                cands.append((i, stage, source))
+        if cands:
+            r = rng_for(state.seed, FAMILY, chip.chip_id, "stage_on_date", p.field_id, season)
+            # rarer stages are drawn more often, so the answers are not mostly "dormant"
+            counts: dict[str, int] = {}
+            for _, stage, _ in cands:
+                counts[stage] = counts.get(stage, 0) + 1
+            weights = np.array([1.0 / counts[stage] for _, stage, _ in cands])
+            k = min(cfg.stage_questions, len(cands))
+            chosen = sorted(r.choice(len(cands), size=k, replace=False, p=weights / weights.sum()))
+            for j in chosen:
+                i, stage, source = cands[int(j)]
+                when = state.factory.times[i]
+                on = day_str(when)
+                t = f.norm_time(frames, when)
+                if t is None:
+                    continue
+                if r.random() < 0.5:
+                    question = user(pick(r, _Q_STAGE_TOKEN).format(name=name), boxes=[p.box], times=[t])
+                else:
+                    question = user(pick(r, _Q_STAGE_DATE).format(name=name, date=on), boxes=[p.box])
+                out.append(f.record(chip, frames, FAMILY, "stage_on_date", f"{p.field_id}:{when}", [
+                    question, assistant(stage),
+                ], {**base_meta, "date": on, "stage": stage, "source": source, "frame": frames.index(i)}))
+    return out
+
+
+def build_growth_stages(state: BuildState, chip: ChipContext, cfg: GrowthStagesConfig) -> list[Record]:
+    """The growth-stage records of one chip: per analysed (or labelled) field in it and per season."""
+    out: list[Record] = []
+    labelled_fields = {fid for fid, _ in state.truth.key_date_labels} | {fid for fid, _ in state.truth.stage_labels}
+    for p in chip.parcels:
+        if p.area_px < cfg.min_field_px:
+            continue
+        if p.field_id not in state.truth.phenology and p.field_id not in labelled_fields:
+            continue
+        for label, _, _ in state.seasons:
+            frames = state.frames_season.get((chip.chip_id, label))
+            if frames:
+                out.extend(_field_records(state, chip, p, label, frames, cfg))
+    return out

@@ -1,0 +1,500 @@
+"""Phenology per parcel: index curves, cloud masking, gap fill, Savitzky–Golay, amplitude thresholds, stages.
+
+The method is TIMESAT's amplitude-threshold one (Jönsson & Eklundh 2004), on a curve smoothed by an
+upper-envelope Savitzky–Golay filter (Chen et al. 2004):
+
+1. **curve**: the mean index over a parcel's *clear* pixels on each date (cloud-masked with the stack's
+   masks); a date where less than ``min_clear_fraction`` of the parcel is clear is a gap;
+2. **gap fill**: linear interpolation of the valid observations onto a regular grid of ``step_days``;
+3. **smoothing**: Savitzky–Golay (``savgol_window_days``, ``savgol_order``); then, ``envelope_iterations``
+   times, observations below the fit are lifted to it (residual cloud and shadow only ever lower NDVI)
+   and the curve is refitted;
+4. **seasons**: one per year from ``season_start``. The peak (POS) is the curve's maximum inside the
+   season; the left/right minima are searched up to ``season_margin_days`` outside it; the left/right
+   amplitudes are peak − minimum. Start of season (SOS) = the first up-crossing of
+   ``min_left + sos_fraction·amp_left`` after the left minimum; end of season (EOS) = the last
+   down-crossing of ``min_right + eos_fraction·amp_right`` before the right minimum; the ``peak`` stage runs
+   from the up-crossing to the down-crossing of ``peak_fraction`` of the amplitudes. Crossings are
+   interpolated linearly between grid samples. A season whose peak sits on the edge of the season or of
+   the observed period, or whose amplitudes are below ``min_amplitude`` or below ``min_relative_amplitude``
+   of the curve's whole range, is not a season.
+5. **stages** on a date of a season: ``dormant`` before SOS, ``green-up`` from SOS, ``peak`` from the
+   peak-stage start, ``senescence`` from the peak-stage end (the key date ``senescence``), and after EOS
+   ``harvested`` or ``dormant`` (``post_season``; ``auto`` says harvested when the fall from peak-stage
+   end to EOS is abrupt, at most ``harvest_max_days``).
+
+Times are float **days since 1970-01-01** in the pure functions (:func:`to_days` / :func:`from_days`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+from scipy.signal import savgol_filter
+
+from agrivlm.errors import ConfigError, IngestError
+from agrivlm.recipes.config import LabelsConfig, PhenologyConfig
+from agrivlm.recipes.scan import StackScan
+from agrivlm.recipes.sources import resolve_spec
+from agrivlm.schema import GROWTH_STAGES, KEY_DATE_COLUMNS, STAGE_COLUMNS
+
+FloatArray = npt.NDArray[np.float64]
+
+_DAY = np.timedelta64(86400, "s")
+_EPOCH = np.datetime64("1970-01-01T00:00:00", "s")
+
+
+def to_days(times: npt.ArrayLike) -> FloatArray:
+    """Times (``datetime64`` or ISO strings) → float days since 1970-01-01."""
+    arr = np.asarray(times, dtype="datetime64[s]")
+    return (arr - _EPOCH).astype(np.float64) / 86400.0
+
+
+def from_days(days: npt.ArrayLike) -> npt.NDArray[np.datetime64]:
+    """Float days since 1970-01-01 → ``datetime64[s]`` (rounded to the second)."""
+    secs = np.rint(np.asarray(days, dtype=np.float64) * 86400.0).astype(np.int64)
+    return _EPOCH + secs.astype("timedelta64[s]")
+
+
+def day_str(when: object) -> str:
+    """A time (``datetime64``, ``datetime`` or ISO string) → its calendar day ``YYYY-MM-DD``."""
+    return str(np.asarray(when, dtype="datetime64[s]").astype("datetime64[D]"))
+
+
+def iso_day(day: float) -> str:
+    """A float day → ``YYYY-MM-DD``."""
+    return str(from_days(day).astype("datetime64[D]"))
+
+
+# -- pure curve math ---------------------------------------------------------------------------------------
+def gap_fill(
+    obs_days: npt.ArrayLike, obs_values: npt.ArrayLike, step_days: float, span: tuple[float, float] | None = None
+) -> tuple[FloatArray, FloatArray]:
+    """Linear interpolation of the finite observations onto a regular grid.
+
+    Args:
+        obs_days: ``(N,)`` observation times in days.
+        obs_values: ``(N,)`` values, NaN = gap.
+        step_days: grid spacing in days.
+        span: ``(first, last)`` day of the grid (default: the observations' range); the curve is held
+            constant beyond the first/last valid observation.
+
+    Returns:
+        ``grid`` ``(M,)`` days and ``filled`` ``(M,)`` values.
+
+    Raises:
+        ValueError: fewer than two finite observations.
+
+    """
+    d, v = np.asarray(obs_days, dtype=np.float64), np.asarray(obs_values, dtype=np.float64)
+    ok = np.isfinite(v)
+    if ok.sum() < 2:
+        raise ValueError(f"gap_fill needs at least two valid observations, got {int(ok.sum())}")
+    lo, hi = span if span is not None else (float(d.min()), float(d.max()))
+    grid = np.arange(lo, hi + 1e-9, step_days, dtype=np.float64)
+    order = np.argsort(d[ok], kind="stable")
+    return grid, np.interp(grid, d[ok][order], v[ok][order])
+
+
+def savgol_samples(step_days: float, window_days: float, order: int, n: int) -> int:
+    """Savitzky–Golay window length in samples: odd, > ``order``, ≤ ``n`` (0 when ``n`` is too short)."""
+    wl = int(round(window_days / step_days))
+    wl = max(wl, order + 2)
+    wl += 1 - wl % 2
+    if wl > n:
+        wl = n - (1 - n % 2)
+    return wl if wl > order else 0
+
+
+def smooth_curve(
+    obs_days: npt.ArrayLike,
+    obs_values: npt.ArrayLike,
+    step_days: float,
+    window_days: float,
+    order: int,
+    envelope_iterations: int = 2,
+    span: tuple[float, float] | None = None,
+) -> tuple[FloatArray, FloatArray]:
+    """Gap-filled, Savitzky–Golay-smoothed curve with upper-envelope adaptation.
+
+    Returns:
+        ``grid`` ``(M,)`` days and ``smooth`` ``(M,)`` index values.
+
+    """
+    d = np.asarray(obs_days, dtype=np.float64)
+    v = np.asarray(obs_values, dtype=np.float64).copy()
+    grid, filled = gap_fill(d, v, step_days, span)
+    wl = savgol_samples(step_days, window_days, order, grid.size)
+    smooth = savgol_filter(filled, wl, order, mode="interp") if wl else filled
+    ok = np.isfinite(v)
+    for _ in range(envelope_iterations):
+        fit = np.interp(d, grid, smooth)
+        v[ok] = np.maximum(v[ok], fit[ok])
+        grid, filled = gap_fill(d, v, step_days, span)
+        smooth = savgol_filter(filled, wl, order, mode="interp") if wl else filled
+    return grid, smooth
+
+
+def _up_crossing(grid: FloatArray, curve: FloatArray, start: int, stop: int, thr: float) -> float | None:
+    """First day in ``grid[start..stop]`` where ``curve`` rises to ``thr`` (linear between samples)."""
+    for i in range(start + 1, stop + 1):
+        if curve[i] >= thr:
+            a, b = curve[i - 1], curve[i]
+            if a >= thr:
+                return float(grid[i - 1])
+            return float(grid[i - 1] + (thr - a) / (b - a) * (grid[i] - grid[i - 1]))
+    return None
+
+
+def _down_crossing(grid: FloatArray, curve: FloatArray, start: int, stop: int, thr: float) -> float | None:
+    """Last day in ``grid[start..stop]`` where ``curve`` falls to ``thr`` (searching back from ``stop``)."""
+    for i in range(stop - 1, start - 1, -1):
+        if curve[i] >= thr:
+            a, b = curve[i], curve[i + 1]
+            if b >= thr:
+                return float(grid[i + 1])
+            return float(grid[i] + (a - thr) / (a - b) * (grid[i + 1] - grid[i]))
+    return None
+
+
+@dataclass(frozen=True)
+class Season:
+    """One growing season of one curve. Days are float days since 1970-01-01."""
+
+    #: Label, the year the season starts in (``"2016"``).
+    label: str
+    #: ``[start, end)`` of the season window.
+    start: float
+    end: float
+    #: Start of season (green-up).
+    sos: float
+    #: Start of the ``peak`` stage.
+    peak_start: float
+    #: Peak of season (the curve's maximum).
+    pos: float
+    #: End of the ``peak`` stage = start of senescence.
+    senescence: float
+    #: End of season.
+    eos: float
+    #: Curve minimum before / after the peak, and the peak value (index units).
+    base_left: float
+    base_right: float
+    peak_value: float
+    #: Stage after EOS: ``harvested`` or ``dormant``.
+    post_stage: str
+
+    @property
+    def amplitude(self) -> float:
+        """Peak minus the mean of the two minima."""
+        return self.peak_value - 0.5 * (self.base_left + self.base_right)
+
+    def stage_at(self, day: float) -> str | None:
+        """The stage on ``day`` (``None`` outside the season window)."""
+        if not self.start <= day < self.end:
+            return None
+        if day < self.sos:
+            return "dormant"
+        if day < self.peak_start:
+            return "green-up"
+        if day < self.senescence:
+            return "peak"
+        if day < self.eos:
+            return "senescence"
+        return self.post_stage
+
+
+def season_windows(first_day: float, last_day: float, season_start: str) -> list[tuple[str, float, float]]:
+    """Yearly windows ``(label, start, end)`` starting on ``season_start`` (``MM-DD``) that overlap the range."""
+    month, day = (int(x) for x in season_start.split("-"))
+    y0 = int(str(from_days(first_day))[:4]) - 1
+    y1 = int(str(from_days(last_day))[:4]) + 1
+    out = []
+    for year in range(y0, y1 + 1):
+        start = to_days(np.datetime64(f"{year:04d}-{month:02d}-{day:02d}"))
+        end = to_days(np.datetime64(f"{year + 1:04d}-{month:02d}-{day:02d}"))
+        if end > first_day and start <= last_day:
+            out.append((str(year), float(start), float(end)))
+    return out
+
+
+def detect_season(
+    grid: FloatArray,
+    curve: FloatArray,
+    window: tuple[str, float, float],
+    observed: tuple[float, float],
+    cfg: PhenologyConfig,
+) -> Season | None:
+    """Amplitude-threshold phenology of one season window of a smoothed curve (see the module docstring).
+
+    Args:
+        grid: ``(M,)`` days of the curve samples, increasing.
+        curve: ``(M,)`` smoothed index.
+        window: ``(label, start, end)`` of the season.
+        observed: ``(first, last)`` day with a valid observation; nothing outside is trusted.
+        cfg: thresholds and margins.
+
+    """
+    label, start, end = window
+    first, last = observed
+    in_win = np.flatnonzero((grid >= start) & (grid < end) & (grid >= first) & (grid <= last))
+    if in_win.size < 3:
+        return None
+    ipk = int(in_win[np.argmax(curve[in_win])])
+    if ipk in (in_win[0], in_win[-1]):
+        return None  # the maximum is on an edge: the real peak lies outside what this season saw
+    margin = cfg.season_margin_days
+    left = np.flatnonzero((grid >= max(start - margin, first)) & (grid <= grid[ipk]))
+    right = np.flatnonzero((grid >= grid[ipk]) & (grid <= min(end + margin, last)))
+    il = int(left[np.argmin(curve[left])])
+    ir = int(right[np.argmin(curve[right])])
+    peak = float(curve[ipk])
+    base_l, base_r = float(curve[il]), float(curve[ir])
+    amp_l, amp_r = peak - base_l, peak - base_r
+    whole = float(curve[(grid >= first) & (grid <= last)].max() - curve[(grid >= first) & (grid <= last)].min())
+    if min(amp_l, amp_r) < max(cfg.min_amplitude, cfg.min_relative_amplitude * whole):
+        return None
+    sos = _up_crossing(grid, curve, il, ipk, base_l + cfg.sos_fraction * amp_l)
+    pk0 = _up_crossing(grid, curve, il, ipk, base_l + cfg.peak_fraction * amp_l)
+    sen = _down_crossing(grid, curve, ipk, ir, base_r + cfg.peak_fraction * amp_r)
+    eos = _down_crossing(grid, curve, ipk, ir, base_r + cfg.eos_fraction * amp_r)
+    if sos is None or pk0 is None or sen is None or eos is None:
+        return None
+    if cfg.post_season == "auto":
+        post = "harvested" if eos - sen <= cfg.harvest_max_days else "dormant"
+    else:
+        post = cfg.post_season
+    return Season(
+        label=label, start=start, end=end, sos=sos, peak_start=pk0, pos=float(grid[ipk]), senescence=sen,
+        eos=eos, base_left=base_l, base_right=base_r, peak_value=peak, post_stage=post,
+    )
+
+
+# -- per parcel ---------------------------------------------------------------------------------------------
+@dataclass
+class FieldPhenology:
+    """The curve and seasons of one parcel."""
+
+    field_id: str
+    cls: str
+    #: Pixels of the parcel on the stack's grid.
+    n_px: int
+    #: ``(T,)`` observation days, and the cloud-masked mean index per date (NaN = gap).
+    obs_days: FloatArray
+    obs_values: FloatArray
+    #: ``(T,)`` mean over all pixels with data, clouds included (what masking removed; for plots).
+    obs_unmasked: FloatArray
+    #: The smoothed curve.
+    grid: FloatArray
+    smooth: FloatArray
+    seasons: list[Season] = field(default_factory=list)
+
+    def season_at(self, day: float) -> Season | None:
+        """The detected season whose window holds ``day``."""
+        for s in self.seasons:
+            if s.start <= day < s.end:
+                return s
+        return None
+
+    def stage_at(self, day: float) -> str | None:
+        """The derived stage on ``day`` (``None`` when no season was detected there)."""
+        s = self.season_at(day)
+        return s.stage_at(day) if s is not None else None
+
+    @property
+    def observed(self) -> tuple[float, float]:
+        """First and last day with a valid observation."""
+        ok = np.isfinite(self.obs_values)
+        return float(self.obs_days[ok].min()), float(self.obs_days[ok].max())
+
+
+def field_phenology(
+    field_id: str, cls: str, n_px: int, obs_days: FloatArray, obs_values: FloatArray, obs_unmasked: FloatArray,
+    cfg: PhenologyConfig,
+) -> FieldPhenology | None:
+    """Smooth one parcel's curve and detect its seasons (``None`` with fewer than 4 valid observations)."""
+    if np.isfinite(obs_values).sum() < 4:
+        return None
+    grid, smooth = smooth_curve(
+        obs_days, obs_values, cfg.step_days, cfg.savgol_window_days, cfg.savgol_order, cfg.envelope_iterations,
+        span=(float(np.floor(obs_days.min())), float(np.ceil(obs_days.max()))),
+    )
+    fp = FieldPhenology(field_id, cls, n_px, obs_days, obs_values, obs_unmasked, grid, smooth)
+    for window in season_windows(float(obs_days.min()), float(obs_days.max()), cfg.season_start):
+        season = detect_season(grid, smooth, window, fp.observed, cfg)
+        if season is not None:
+            fp.seasons.append(season)
+    return fp
+
+
+def analyse_parcels(scan: StackScan, parcels: gpd.GeoDataFrame, cfg: PhenologyConfig) -> dict[str, FieldPhenology]:
+    """Phenology of every parcel of ``cfg.classes`` with at least ``cfg.min_pixels`` pixels.
+
+    ``parcels`` is the frame of :func:`agrivlm.recipes.sources.load_parcels`, in the scan's parcel order.
+    Returns ``{field_id: FieldPhenology}`` in ``field_id`` order.
+    """
+    days = to_days(scan.times)
+    clear = scan.clear_mean(cfg.min_clear_fraction)
+    unmasked = scan.data_mean()
+    out: dict[str, FieldPhenology] = {}
+    for j, row in enumerate(parcels.itertuples(index=False)):
+        if cfg.classes is not None and row.cls not in cfg.classes:
+            continue
+        if scan.parcel_px[j] < cfg.min_pixels:
+            continue
+        fp = field_phenology(
+            str(row.field_id), str(row.cls), int(scan.parcel_px[j]), days, clear[:, j], unmasked[:, j], cfg
+        )
+        if fp is not None:
+            out[fp.field_id] = fp
+    return out
+
+
+# -- labels and reference tables -----------------------------------------------------------------------------
+def _read_table(spec: str, base_dir: Path | None, what: str) -> tuple[pd.DataFrame, Path]:
+    path = Path(resolve_spec(spec, base_dir))
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such {what} file")
+    try:
+        if path.suffix.lower() in (".csv", ".txt"):
+            return pd.read_csv(path, dtype=str, keep_default_na=False), path
+        frame = gpd.read_file(path)
+        return pd.DataFrame(frame.drop(columns="geometry", errors="ignore")).astype(str), path
+    except Exception as exc:  # pandas/pyogrio raise many types; name the file
+        raise IngestError(f"{path}: cannot be read as a {what} table ({exc})") from exc
+
+
+def _iso_date(value: str, path: Path, row: int, column: str) -> str:
+    try:
+        return str(np.datetime64(pd.Timestamp(value).to_datetime64(), "D"))
+    except (ValueError, TypeError) as exc:
+        raise IngestError(f"{path}: row {row + 2}: column {column!r}: {value!r} is not a date (YYYY-MM-DD)") from exc
+
+
+@dataclass
+class GrowthTruth:
+    """Stages and key dates per field: real labels where given, derived from the curves elsewhere."""
+
+    phenology: dict[str, FieldPhenology]
+    #: ``{(field_id, YYYY-MM-DD): stage}`` from a label table.
+    stage_labels: dict[tuple[str, str], str] = field(default_factory=dict)
+    #: ``{(field_id, season): {"green_up"|"peak"|"senescence": YYYY-MM-DD}}`` from a label table.
+    key_date_labels: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
+
+    def stage(self, field_id: str, when: np.datetime64) -> tuple[str | None, str]:
+        """``(stage, source)`` on an acquisition time; source is ``label`` or ``derived``."""
+        day = day_str(when)
+        if (field_id, day) in self.stage_labels:
+            return self.stage_labels[(field_id, day)], "label"
+        fp = self.phenology.get(field_id)
+        return (fp.stage_at(float(to_days(when))) if fp is not None else None), "derived"
+
+    def key_dates(self, field_id: str, season: str) -> dict[str, tuple[float, str]]:
+        """``{"green_up"|"peak"|"senescence": (day, source)}`` for one field and season (what is known)."""
+        out: dict[str, tuple[float, str]] = {}
+        fp = self.phenology.get(field_id)
+        if fp is not None:
+            for s in fp.seasons:
+                if s.label == season:
+                    out = {"green_up": (s.sos, "derived"), "peak": (s.pos, "derived"),
+                           "senescence": (s.senescence, "derived")}
+        for key, iso in self.key_date_labels.get((field_id, season), {}).items():
+            out[key] = (float(to_days(np.datetime64(iso))), "label")
+        return out
+
+    def seasons_of(self, field_id: str) -> list[str]:
+        """Season labels known for a field (derived or labelled), sorted."""
+        labels = {s.label for s in self.phenology[field_id].seasons} if field_id in self.phenology else set()
+        labels |= {season for (fid, season) in self.key_date_labels if fid == field_id}
+        return sorted(labels)
+
+
+def load_growth_truth(
+    phenology: dict[str, FieldPhenology], labels: LabelsConfig | None, base_dir: Path | None
+) -> GrowthTruth:
+    """Combine derived phenology with label tables (labels take precedence)."""
+    truth = GrowthTruth(phenology)
+    if labels is None:
+        return truth
+    if labels.stages is not None:
+        table, path = _read_table(labels.stages, base_dir, "stage label")
+        for col in (labels.field_id_column, labels.date_column, labels.stage_column):
+            if col not in table.columns:
+                raise IngestError(f"{path}: no column {col!r}; columns are: {', '.join(table.columns)}")
+        for i, row in enumerate(table.itertuples(index=False)):
+            rec = row._asdict()
+            stage = str(rec[labels.stage_column]).strip()
+            if stage not in GROWTH_STAGES:
+                raise IngestError(
+                    f"{path}: row {i + 2}: stage {stage!r} is not one of {', '.join(GROWTH_STAGES)}"
+                )
+            day = _iso_date(str(rec[labels.date_column]), path, i, labels.date_column)
+            truth.stage_labels[(str(rec[labels.field_id_column]).strip(), day)] = stage
+    if labels.key_dates is not None:
+        table, path = _read_table(labels.key_dates, base_dir, "key-date label")
+        missing = [c for c in KEY_DATE_COLUMNS if c not in table.columns]
+        if missing:
+            raise IngestError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(KEY_DATE_COLUMNS)}")
+        for i, row in enumerate(table.itertuples(index=False)):
+            rec = row._asdict()
+            dates = {
+                k: _iso_date(str(rec[k]), path, i, k) for k in KEY_DATE_COLUMNS[2:] if str(rec[k]).strip()
+            }
+            truth.key_date_labels[(str(rec["field_id"]).strip(), str(rec["season"]).strip())] = dates
+    return truth
+
+
+def stage_table(truth: GrowthTruth, times: Sequence[np.datetime64]) -> pd.DataFrame:
+    """Long table (:data:`agrivlm.schema.STAGE_COLUMNS`): one row per field and acquisition date with a stage.
+
+    Labelled (field, date) pairs appear with their label even where nothing was derived. Same-day
+    acquisitions give one row (the first).
+    """
+    rows: dict[tuple[str, str], str] = {}
+    fields = sorted(set(truth.phenology) | {fid for fid, _ in truth.stage_labels})
+    for fid in fields:
+        for when in times:
+            day = day_str(when)
+            if (fid, day) in rows:
+                continue
+            stage, _ = truth.stage(fid, when)
+            if stage is not None:
+                rows[(fid, day)] = stage
+    for (fid, day), stage in truth.stage_labels.items():
+        rows.setdefault((fid, day), stage)
+    frame = pd.DataFrame([(f, d, s) for (f, d), s in sorted(rows.items())], columns=list(STAGE_COLUMNS))
+    return frame
+
+
+def key_date_table(truth: GrowthTruth, seasons: Sequence[str]) -> pd.DataFrame:
+    """Key dates (:data:`agrivlm.schema.KEY_DATE_COLUMNS`): a row per analysed field and season, empty = not reached."""
+    rows = []
+    fields = sorted(set(truth.phenology) | {fid for fid, _ in truth.key_date_labels})
+    for fid in fields:
+        for season in seasons:
+            known = truth.key_dates(fid, season)
+            rows.append([fid, season] + [iso_day(known[k][0]) if k in known else "" for k in KEY_DATE_COLUMNS[2:]])
+    return pd.DataFrame(rows, columns=list(KEY_DATE_COLUMNS))
+
+
+def phenology_detail_table(phenology: dict[str, FieldPhenology]) -> pd.DataFrame:
+    """Every detected season with all its dates and levels (for inspection; not an evaluator contract)."""
+    rows = []
+    for fp in phenology.values():
+        for s in fp.seasons:
+            rows.append({
+                "field_id": fp.field_id, "class": fp.cls, "n_px": fp.n_px, "season": s.label,
+                "sos": iso_day(s.sos), "peak_start": iso_day(s.peak_start), "pos": iso_day(s.pos),
+                "senescence": iso_day(s.senescence), "eos": iso_day(s.eos),
+                "base_left": round(s.base_left, 4), "base_right": round(s.base_right, 4),
+                "peak_value": round(s.peak_value, 4), "post_stage": s.post_stage,
+                "valid_obs": int(np.isfinite(fp.obs_values).sum()),
+            })
+    cols = ["field_id", "class", "n_px", "season", "sos", "peak_start", "pos", "senescence", "eos",
+            "base_left", "base_right", "peak_value", "post_stage", "valid_obs"]
+    return pd.DataFrame(rows, columns=cols)

@@ -1,0 +1,367 @@
+"""Instruction records: one JSON object per line, validated on write and on read.
+
+A record ties one chip of a stack (its window, transform, CRS and the dates used as frames) to a
+conversation about it. Positions in a conversation are **normalized floats, never token strings**:
+
+* a box is ``(u1, v1, u2, v2)``: ``u`` = fraction of the chip's width from its left edge, ``v`` =
+  fraction of its height from its top edge (the chip as stored), ``u1 <= u2``, ``v1 <= v2``, all in
+  ``[0, 1]`` (:mod:`agrivlm.geo.coords` conventions; LAPE ``WIDTH`` tokens are ``u``, ``HEIGHT`` are ``v``);
+* a point is ``(u, v)``; a polygon is a list of points (its exterior ring, clockwise on the image,
+  not closed, starting at its top-most then left-most vertex);
+* a time is ``t`` ∈ [0, 1], the fraction of the record's frame-date range (``TimeAxis.from_dates`` of
+  ``chip.frame_dates``; LAPE ``TEMP`` tokens); a segment is ``(t1, t2)`` with ``t1 <= t2``.
+
+**Placeholder convention.** A turn's ``text`` refers to its own position lists by placeholders
+``{box:K}``, ``{point:K}``, ``{polygon:K}``, ``{time:K}`` and ``{segment:K}`` (``K`` = index into the
+turn's ``boxes``, ``points``, ``polygons``, ``times``, ``segments``). Every placeholder must point to an
+existing entry and every entry must be referenced at least once. :func:`render_conversation` replaces
+them with whatever a formatter returns (LAPE tokens at training time, readable numbers for a preview),
+so a record never fixes the number of position tokens. The visual placeholder (``<video>``/``<image>``)
+is *not* in the text: the processor inserts it.
+
+Records are written with sorted keys, no spaces, normalized values rounded to :data:`NORM_DECIMALS`
+decimals and everything else as Python's shortest float repr, so the same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from agrivlm.errors import RecordError
+
+#: Version of the record layout; readers refuse records of another version.
+SCHEMA_VERSION: Literal[1] = 1
+
+#: Decimals kept for normalized values (1e-6 of a chip: far below one position token).
+NORM_DECIMALS = 6
+
+#: Task families (one recipe each).
+Family = Literal["field_boundaries", "growth_stages", "general_rs", "spatial_reasoning"]
+FAMILIES: tuple[str, ...] = ("field_boundaries", "growth_stages", "general_rs", "spatial_reasoning")
+
+#: Splits, by geography (see :mod:`agrivlm.recipes.splits`).
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+#: Placeholder pattern in turn texts: ``{kind:index}``.
+PLACEHOLDER = re.compile(r"\{(box|point|polygon|time|segment):(\d+)\}")
+
+#: Which list of a turn each placeholder kind indexes.
+_KIND_FIELD = {"box": "boxes", "point": "points", "polygon": "polygons", "time": "times", "segment": "segments"}
+
+
+def _unit(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"normalized value {value!r} is outside [0, 1]")
+    return round(float(value), NORM_DECIMALS)
+
+
+#: A normalized value in [0, 1], rounded to NORM_DECIMALS decimals.
+Unit = Annotated[float, AfterValidator(_unit)]
+
+
+def _ordered_box(box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    if box[0] > box[2] or box[1] > box[3]:
+        raise ValueError(f"box {box} must be (u1, v1, u2, v2) with u1 <= u2 and v1 <= v2")
+    return box
+
+
+def _ordered_segment(seg: tuple[float, float]) -> tuple[float, float]:
+    if seg[0] > seg[1]:
+        raise ValueError(f"segment {seg} must be (t1, t2) with t1 <= t2")
+    return seg
+
+
+Box = Annotated[tuple[Unit, Unit, Unit, Unit], AfterValidator(_ordered_box)]
+Point = tuple[Unit, Unit]
+Segment = Annotated[tuple[Unit, Unit], AfterValidator(_ordered_segment)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Turn(_Model):
+    """One message. ``text`` refers to the position lists by ``{kind:K}`` placeholders."""
+
+    #: ``user`` asks, ``assistant`` answers.
+    role: Literal["user", "assistant"]
+    #: Message text with placeholders (see the module docstring).
+    text: str
+    #: Boxes ``(u1, v1, u2, v2)``, normalized to the chip.
+    boxes: list[Box] = Field(default_factory=list)
+    #: Points ``(u, v)``, normalized to the chip.
+    points: list[Point] = Field(default_factory=list)
+    #: Polygons: exterior rings as point lists (3+ points, not closed).
+    polygons: list[Annotated[list[Point], Field(min_length=3)]] = Field(default_factory=list)
+    #: Times ``t`` ∈ [0, 1] of the record's frame-date range.
+    times: list[Unit] = Field(default_factory=list)
+    #: Time segments ``(t1, t2)``.
+    segments: list[Segment] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _placeholders_match(self) -> Turn:
+        used: dict[str, set[int]] = {k: set() for k in _KIND_FIELD}
+        for match in PLACEHOLDER.finditer(self.text):
+            kind, k = match.group(1), int(match.group(2))
+            n = len(getattr(self, _KIND_FIELD[kind]))
+            if k >= n:
+                raise ValueError(f"placeholder {match.group(0)} but the turn has {n} {_KIND_FIELD[kind]}")
+            used[kind].add(k)
+        for kind, name in _KIND_FIELD.items():
+            n = len(getattr(self, name))
+            missing = sorted(set(range(n)) - used[kind])
+            if missing:
+                raise ValueError(f"{name}[{missing[0]}] is never referenced by a {{{kind}:{missing[0]}}} placeholder")
+        return self
+
+    @property
+    def has_positions(self) -> bool:
+        """Whether the turn carries any box, point, polygon, time or segment."""
+        return any(getattr(self, name) for name in _KIND_FIELD.values())
+
+
+class Window(_Model):
+    """A pixel window on the stack's reference grid (rasterio ``Window`` fields)."""
+
+    col_off: int = Field(ge=0)
+    row_off: int = Field(ge=0)
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+
+
+class StackRef(_Model):
+    """Which stack, and which of its files are the record's frames.
+
+    ``data`` / ``masks`` are the recipe's source specs: ``sample:<folder>`` (the embedded sample, resolved
+    through :mod:`agrivlm.sample`) or an absolute path; see :func:`agrivlm.recipes.sources.resolve_spec`.
+    """
+
+    #: Data source spec (folder or glob of GeoTIFFs).
+    data: str
+    #: Mask source spec, or ``None`` when the stack has no masks.
+    masks: str | None = None
+    #: File name(s) of each frame, relative to ``data`` (``+``-joined for same-day mosaics).
+    frame_files: list[str]
+    #: Mask file name of each frame (``None`` for a date without a mask).
+    frame_mask_files: list[str | None] = Field(default_factory=list)
+    #: Names of the stack's bands, in file order.
+    bands: list[str] = Field(default_factory=list)
+
+
+class ChipRef(_Model):
+    """The chip: window, own georeference, and the dates used as frames."""
+
+    #: ``r{row_off:06d}_c{col_off:06d}`` (:func:`agrivlm.geo.chips.chip_id`).
+    chip_id: str
+    window: Window
+    #: Affine of the chip's pixel edges → CRS, ``(a, b, c, d, e, f)`` as in rasterio.
+    transform: tuple[float, float, float, float, float, float]
+    #: ``EPSG:xxxx`` when the CRS has a code, else its WKT.
+    crs: str
+    #: Acquisition times of the frames, ISO ``YYYY-MM-DDTHH:MM:SS``, increasing.
+    frame_dates: list[str] = Field(min_length=1)
+    #: Index of each frame in the stack's time axis (sorted by time, as ``open_stack`` orders it).
+    frame_indices: list[int] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _frames_consistent(self) -> ChipRef:
+        if len(self.frame_dates) != len(self.frame_indices):
+            raise ValueError(f"{len(self.frame_dates)} frame_dates but {len(self.frame_indices)} frame_indices")
+        if list(self.frame_dates) != sorted(self.frame_dates) or len(set(self.frame_indices)) != len(
+            self.frame_indices
+        ):
+            raise ValueError("frames must be distinct and in increasing time order")
+        return self
+
+
+MetaValue = str | int | float | bool | None | list[str] | list[int] | list[float] | list[bool]
+
+
+class Record(_Model):
+    """One instruction sample: a chip reference and a conversation about it."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    #: Stable id: the same recipe and inputs give the same id (family, chip, task, subject).
+    sample_id: str = Field(min_length=1)
+    #: Name of the recipe that made it.
+    recipe: str
+    family: Family
+    #: The question kind within the family (e.g. ``green_up_date``, ``outline_fields``).
+    task: str
+    split: Split
+    stack: StackRef
+    chip: ChipRef
+    conversation: list[Turn] = Field(min_length=2)
+    #: Facts behind the answer, for evaluators and tests (field ids, classes, flags, ISO dates).
+    meta: dict[str, MetaValue] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _frames_match_files(self) -> Record:
+        if len(self.stack.frame_files) != len(self.chip.frame_indices):
+            raise ValueError(
+                f"stack.frame_files has {len(self.stack.frame_files)} entries, chip has "
+                f"{len(self.chip.frame_indices)} frames"
+            )
+        if self.stack.frame_mask_files and len(self.stack.frame_mask_files) != len(self.chip.frame_indices):
+            raise ValueError("stack.frame_mask_files must have one entry per frame (or be empty)")
+        if self.conversation[0].role != "user" or self.conversation[-1].role != "assistant":
+            raise ValueError("a conversation starts with a user turn and ends with an assistant turn")
+        return self
+
+    @property
+    def has_positions(self) -> bool:
+        """Whether any turn carries positions (stage-1 alignment data has none)."""
+        return any(t.has_positions for t in self.conversation)
+
+
+# -- serialization ---------------------------------------------------------------------------------------
+def dump_record(record: Record) -> str:
+    """One JSON line (no newline): sorted keys, compact separators, empty position lists left out."""
+    data = record.model_dump(mode="json", exclude_defaults=False)
+    for turn in data["conversation"]:
+        for name in _KIND_FIELD.values():
+            if not turn[name]:
+                del turn[name]
+    if not data["stack"]["frame_mask_files"]:
+        del data["stack"]["frame_mask_files"]
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _error_text(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(record)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def parse_record(line: str, source: str = "<record>") -> Record:
+    """Parse and validate one JSON line; :class:`RecordError` naming ``source`` otherwise."""
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise RecordError(f"{source}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+    if not isinstance(data, dict):
+        raise RecordError(f"{source}: a record is a JSON object, not {type(data).__name__}")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise RecordError(f"{source}: schema_version {version!r}; this agrivlm reads version {SCHEMA_VERSION}")
+    try:
+        return Record.model_validate(data)
+    except ValidationError as exc:
+        raise RecordError(f"{source}: {_error_text(exc)}") from exc
+
+
+def write_records(path: str | os.PathLike[str], records: Iterable[Record]) -> int:
+    """Write records as JSONL to ``path`` (validating each again); returns the count.
+
+    The caller makes the write atomic (``build`` writes into a temporary folder that replaces the old one).
+
+    Raises:
+        RecordError: naming the file and the line of the first invalid record.
+
+    """
+    path = Path(path)
+    n = 0
+    with path.open("w", encoding="utf-8", newline="\n") as fh:
+        for n, record in enumerate(records, start=1):
+            line = dump_record(record)
+            parse_record(line, f"{path}:{n}")  # a record that would not read back is never written
+            fh.write(line + "\n")
+    return n
+
+
+def iter_records(path: str | os.PathLike[str]) -> Iterator[Record]:
+    """Read and validate a JSONL shard record by record.
+
+    Raises:
+        RecordError: ``FILE:LINE: what is wrong`` at the first invalid line (blank lines too).
+
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecordError(f"{path}: no such shard")
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                raise RecordError(f"{path}:{lineno}: blank line; a shard has one record per line")
+            yield parse_record(line, f"{path}:{lineno}")
+
+
+def read_records(path: str | os.PathLike[str]) -> list[Record]:
+    """All records of a shard (see :func:`iter_records`)."""
+    return list(iter_records(path))
+
+
+# -- rendering ---------------------------------------------------------------------------------------------
+BoxFormatter = Callable[[Sequence[float]], str]
+PointFormatter = Callable[[Sequence[float]], str]
+TimeFormatter = Callable[[float], str]
+SegmentFormatter = Callable[[Sequence[float]], str]
+
+
+def render_text(
+    turn: Turn,
+    fmt_box: BoxFormatter,
+    fmt_point: PointFormatter,
+    fmt_segment: SegmentFormatter,
+    fmt_time: TimeFormatter,
+    polygon_sep: str = "",
+) -> str:
+    """The turn's text with every placeholder replaced by the formatter's string.
+
+    A polygon is rendered as its points formatted with ``fmt_point`` and joined by ``polygon_sep``.
+    """
+
+    def repl(match: re.Match[str]) -> str:
+        kind, k = match.group(1), int(match.group(2))
+        if kind == "box":
+            return fmt_box(turn.boxes[k])
+        if kind == "point":
+            return fmt_point(turn.points[k])
+        if kind == "polygon":
+            return polygon_sep.join(fmt_point(p) for p in turn.polygons[k])
+        if kind == "time":
+            return fmt_time(turn.times[k])
+        return fmt_segment(turn.segments[k])
+
+    return PLACEHOLDER.sub(repl, turn.text)
+
+
+def render_conversation(
+    record: Record,
+    fmt_box: BoxFormatter,
+    fmt_point: PointFormatter,
+    fmt_segment: SegmentFormatter,
+    fmt_time: TimeFormatter,
+    polygon_sep: str = "",
+) -> list[tuple[str, str]]:
+    """``[(role, text), ...]`` with positions serialized by the given formatters.
+
+    At training time pass the LAPE codec's functions (e.g. a box → ``<WIDTH-a><HEIGHT-b><WIDTH-c><HEIGHT-d>``,
+    a time → ``<TEMP-k>``); :func:`plain_formatters` gives readable numbers for previews.
+    """
+    return [
+        (t.role, render_text(t, fmt_box, fmt_point, fmt_segment, fmt_time, polygon_sep)) for t in record.conversation
+    ]
+
+
+def plain_formatters(decimals: int = 3) -> dict[str, Any]:
+    """Readable formatters for previews: ``[u1, v1, u2, v2]``, ``(u, v)``, ``t=0.25``, ``[t1–t2]``."""
+    f = f"{{:.{decimals}f}}"
+    return {
+        "fmt_box": lambda b: "[" + ", ".join(f.format(x) for x in b) + "]",
+        "fmt_point": lambda p: "(" + ", ".join(f.format(x) for x in p) + ")",
+        "fmt_segment": lambda s: "[t=" + f.format(s[0]) + "–" + f.format(s[1]) + "]",
+        "fmt_time": lambda t: "t=" + f.format(t),
+        "polygon_sep": " ",
+    }

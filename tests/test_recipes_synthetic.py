@@ -1,0 +1,142 @@
+"""A full recipe on a synthetic scene with known truth: parcels in EPSG:4326, labels, known key dates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from recipes_synth import EVERY_DAYS, FIELDS, recipe_yaml, write_scene
+from typer.testing import CliRunner
+
+from agrivlm.errors import ConfigError
+from agrivlm.geo.coords import TimeAxis
+from agrivlm.recipes.build import build_recipe
+from agrivlm.recipes.commands import recipe_app
+from agrivlm.recipes.scan import IndexSpec
+from agrivlm.recipes.schema import read_records
+
+LABELS = """
+  growth_stages:
+    stage_questions: 3
+    labels:
+      stages: stage_labels.csv
+      key_dates: key_date_labels.csv
+"""
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("scene")
+    paths = write_scene(root)
+    (root / "stage_labels.csv").write_text("field_id,date,stage\nD,2021-05-30,senescence\n")
+    (root / "key_date_labels.csv").write_text("field_id,season,green_up,peak,senescence\nE,2021,2021-04-01,,\n")
+    text = recipe_yaml(paths).replace("  growth_stages: {stage_questions: 3}\n", LABELS)
+    (root / "recipe.yaml").write_text(text)
+    manifest = build_recipe(root / "recipe.yaml", root / "out", progress=False)
+    return {"root": root, "out": root / "out", "manifest": manifest}  # type: ignore[dict-item]
+
+
+def _records(out: Path) -> list:
+    return [r for p in sorted((out / "shards").glob("*.jsonl")) for r in read_records(p)]
+
+
+def test_parcels_in_another_crs_are_reprojected_and_boxed_on_the_pixel_grid(scene) -> None:
+    recs = _records(scene["out"])
+    fields = {f.field_id: f for f in FIELDS}
+    checked = 0
+    for rec in recs:
+        if rec.family != "field_boundaries" or rec.task not in ("outline_parcels", "largest_of_class"):
+            continue
+        w = rec.chip.window
+        for fid, box in zip(rec.meta["field_ids"], rec.conversation[-1].boxes, strict=True):
+            f = fields[fid]
+            # the field's pixel rectangle clipped to the chip (and to the 64 px raster), normalized
+            c0, c1 = max(f.cols[0], w.col_off), min(f.cols[1], w.col_off + w.width, 64)
+            r0, r1 = max(f.rows[0], w.row_off), min(f.rows[1], w.row_off + w.height)
+            expected = ((c0 - w.col_off) / w.width, (r0 - w.row_off) / w.height,
+                        (c1 - w.col_off) / w.width, (r1 - w.row_off) / w.height)
+            assert np.allclose(box, expected, atol=2e-3), (rec.sample_id, fid, box, expected)  # < 0.07 px
+            checked += 1
+    assert checked >= 8
+    m = scene["manifest"]
+    assert m["parcels"]["read"] == 6 and m["stack"]["crs"] == "EPSG:32633"
+
+
+def test_key_date_answers_come_back_within_one_acquisition_of_the_truth(scene) -> None:
+    """t in the records, mapped back through the frames' TimeAxis, lands on the analytic key dates."""
+    fields = {f.field_id: f for f in FIELDS}
+    task_key = {"green_up_date": "green_up", "peak_date": "peak", "senescence_date": "senescence"}
+    seen = set()
+    for rec in _records(scene["out"]):
+        if rec.task not in task_key:
+            continue
+        fid = rec.meta["field_id"]
+        axis = TimeAxis.from_dates(np.array(rec.chip.frame_dates, dtype="datetime64[s]"))
+        when = axis.from_norm(rec.conversation[-1].times[0])
+        if fid == "E" and rec.task == "green_up_date":
+            label = np.datetime64("2021-04-01T00:00:00")
+            assert rec.meta["source"] == "label" and abs((when - label) / np.timedelta64(1, "s")) < 60
+            seen.add(("E", "label"))
+            continue
+        truth = np.datetime64(fields[fid].truth()[task_key[rec.task]], "s")
+        err_days = abs((when - truth) / np.timedelta64(1, "D"))
+        # one acquisition, or the gap between the chip's clear frames around the true date
+        frames = np.array(rec.chip.frame_dates, dtype="datetime64[s]")
+        i = int(np.searchsorted(frames, truth))
+        gap = (frames[min(i, len(frames) - 1)] - frames[max(i - 1, 0)]) / np.timedelta64(1, "D")
+        assert err_days <= max(EVERY_DAYS, gap), (rec.sample_id, str(when), str(truth))
+        assert rec.meta["source"] == "derived"
+        seen.add((fid, rec.task))
+    assert {"A", "B", "D", "E", "F"} <= {fid for fid, _ in seen} and ("E", "label") in seen
+    assert "C" not in {fid for fid, _ in seen}, "the evergreen strip has no season to ask about"
+
+
+def test_labels_win_in_the_tables_and_the_stage_answers(scene) -> None:
+    out = scene["out"]
+    stages = pd.read_csv(out / "tables" / "growth_stages.csv", dtype=str)
+    # 2021-05-30 is an acquisition in D's derived peak stage; the label says otherwise and wins
+    assert stages[(stages.field_id == "D") & (stages.date == "2021-05-30")].stage.tolist() == ["senescence"]
+    assert stages[(stages.field_id == "D") & (stages.date == "2021-06-09")].stage.tolist() == ["peak"]
+    keys = pd.read_csv(out / "tables" / "key_dates.csv", dtype=str, keep_default_na=False)
+    row = keys[(keys.field_id == "E") & (keys.season == "2021")].iloc[0]
+    assert row.green_up == "2021-04-01" and row.peak.startswith("2021-0")
+    for rec in _records(out):
+        if rec.task == "stage_on_date":
+            expected = stages[(stages.field_id == rec.meta["field_id"]) & (stages.date == rec.meta["date"])]
+            assert rec.conversation[-1].text == expected.stage.item()
+            if (rec.meta["field_id"], rec.meta["date"]) == ("D", "2021-05-30"):
+                assert rec.meta["source"] == "label"
+
+
+def test_post_season_stage_and_land_cover_from_parcel_classes(scene) -> None:
+    out = scene["out"]
+    details = pd.read_csv(out / "tables" / "phenology.csv", dtype=str).set_index("field_id")
+    assert details.loc["A", "post_stage"] == "dormant" and details.loc["B", "post_stage"] == "harvested"
+    rs = [r for r in _records(out) if r.family == "general_rs"]
+    classes = {c for r in rs for c in r.meta["classes"]}
+    assert classes <= {"cultivated land", "grassland", "forest", "shrubland"} and "grassland" in classes
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["chips"]["grid"] == 9 and m["chips"]["kept"] + len(m["chips"]["excluded_buffer"]) == 9
+
+
+def test_cli_show_renders_positions_readably(scene) -> None:
+    shard = scene["out"] / "shards" / "train-00000.jsonl"
+    res = CliRunner().invoke(recipe_app, ["show", str(shard), "--n", "2", "--task", "green_up_date"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("# gs:") == 2 and "Green-up started at t=0." in res.output and "[0." in res.output
+
+
+def test_index_from_two_bands_and_band_names() -> None:
+    spec = IndexSpec.from_config(["red", "nir"], 1, ("nir", "red"))
+    assert spec.pair == (1, 0) and spec.bands == (1, 0)
+    data = np.array([[[[0.1]], [[0.5]]], [[[0.0]], [[0.0]]]], dtype=np.float32)  # (T=2, C=2, 1, 1)
+    ndvi = spec.compute(data)
+    assert ndvi[0, 0, 0] == pytest.approx((0.5 - 0.1) / 0.6) and np.isnan(ndvi[1, 0, 0])
+    assert IndexSpec.from_config(["a", "b"], "b", None).band == 1
+    with pytest.raises(ConfigError, match="no band named 'nir'"):
+        IndexSpec.from_config(["a"], "nir", None)
+    with pytest.raises(ConfigError, match="band 3 does not exist"):
+        IndexSpec.from_config(["a"], 3, None)
