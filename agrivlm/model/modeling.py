@@ -70,19 +70,19 @@ class AgriVLMOutput(ModelOutput):
     position_loss: torch.Tensor | None = None
 
 
-class BandAdapter(nn.Module):
+class BandAdapter(nn.Conv2d):
     """Learnable 1×1 conv ``(N, num_bands, H, W) → (N, out_channels, H, W)`` in front of an RGB-pretrained encoder.
 
-    Initialisation (:meth:`reset_to_default`): identity when ``num_bands == out_channels``; one band is
-    copied to every channel (a grey image); otherwise each channel starts as the mean of the bands.
-    Bias 0.
+    Initialisation (:meth:`default_weight`, applied by the model's weight init): identity when
+    ``num_bands == out_channels``; one band is copied to every channel (a grey image); otherwise each
+    channel starts as the mean of the bands. Bias 0. (A ``Conv2d`` subclass, so the init sees its own
+    parameters: state-dict keys ``band_adapter.weight`` / ``band_adapter.bias``.)
     """
 
     def __init__(self, num_bands: int, out_channels: int) -> None:
-        super().__init__()
+        super().__init__(num_bands, out_channels, kernel_size=1)
         self.num_bands = num_bands
         self.out_channels = out_channels
-        self.conv = nn.Conv2d(num_bands, out_channels, kernel_size=1)
 
     def default_weight(self) -> torch.Tensor:
         """The initial ``(out_channels, num_bands, 1, 1)`` weight described above."""
@@ -91,10 +91,6 @@ class BandAdapter(nn.Module):
         else:
             w = torch.full((self.out_channels, self.num_bands), 1.0 / self.num_bands)
         return w[:, :, None, None]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, num_bands, H, W)`` → ``(N, out_channels, H, W)``."""
-        return self.conv(x)  # type: ignore[no-any-return]
 
 
 class Projector(nn.Module):
@@ -128,9 +124,9 @@ class AgriVLMPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, BandAdapter):
-            init.copy_(module.conv.weight, module.default_weight().to(module.conv.weight))
-            if module.conv.bias is not None:
-                init.zeros_(module.conv.bias)
+            init.copy_(module.weight, module.default_weight().to(module.weight))
+            if module.bias is not None:
+                init.zeros_(module.bias)
             return
         super()._init_weights(module)
 
@@ -211,7 +207,7 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         patch = int(vcfg.patch_size)  # type: ignore[union-attr]
         visual_token_grid(height, width, patch, cfg.pool_stride)  # checks divisibility, names the fix
         h, w = height // patch, width // patch
-        x = pixel_values.reshape(n * t, c, height, width).to(self.band_adapter.conv.weight.dtype)
+        x = pixel_values.reshape(n * t, c, height, width).to(self.band_adapter.weight.dtype)
         x = self.band_adapter(x)
         size = vcfg.image_size  # type: ignore[union-attr]
         interpolate = (height, width) != (size, size)
