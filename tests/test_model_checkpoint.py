@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
     CLIPConfig,
     CLIPModel,
     Qwen2Config,
@@ -59,6 +61,10 @@ def test_save_pretrained_round_trip_gives_identical_logits(tmp_path: Path) -> No
         after = again(**b2)
     assert torch.equal(before.logits, after.logits)
     assert torch.equal(before.loss, after.loss)
+    # the HF auto classes find both
+    auto_model = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert isinstance(auto_model, AgriVLMForConditionalGeneration)
+    assert isinstance(AutoProcessor.from_pretrained(tmp_path), AgriVLMProcessor)
 
 
 def test_local_checkpoints_siglip_and_tied_qwen2_load_and_round_trip(tmp_path: Path) -> None:

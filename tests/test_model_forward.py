@@ -235,3 +235,14 @@ def test_clip_vision_encoder_drops_its_cls_token() -> None:
         vis = model.get_visual_features(b["pixel_values"])
         out = model(**b)
     assert vis.shape == (1, 16, 64) and torch.isfinite(out.logits).all()
+
+
+def test_number_text_init_builds_from_the_llm_digit_embeddings() -> None:
+    model, proc = build_model(ModelSettings.model_validate({"lape": {"init": "number_text"}}))
+    emb = model.get_input_embeddings().weight.detach()
+    ids = proc.tokenizer("7", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 1
+    table = model.lape.height_input.weight.detach()
+    noise = (table[7] - emb[ids[0]]).std()
+    assert float(noise) == pytest.approx(0.1 * float(emb.std()), rel=0.5)  # the digit's row plus 0.1·std noise
+    assert float((table[7] - emb[ids[0]]).norm()) < float((table[7] - emb[ids[0] + 1]).norm())

@@ -286,3 +286,12 @@ class AgriVLMProcessor(ProcessorMixin):
     def decode(self, *args: Any, **kwargs: Any) -> str:
         """``tokenizer.decode``; keep ``skip_special_tokens=False`` to see position tokens."""
         return self.tokenizer.decode(*args, **kwargs)  # type: ignore[no-any-return]
+
+
+def _register_auto_processor() -> None:
+    """Let ``AutoProcessor.from_pretrained`` find this processor for agrivlm folders."""
+    from transformers import AutoProcessor
+
+    from agrivlm.model.configuration import AgriVLMConfig
+
+    AutoProcessor.register(AgriVLMConfig, AgriVLMProcessor)
