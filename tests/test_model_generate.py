@@ -97,3 +97,20 @@ def test_decode_positions_refines_within_the_generated_bin(tiny) -> None:
             # greedy ⇒ the token is the argmax; the expectation stays within the window around its centre
             assert np.all(np.abs(np.subtract(c, f)) <= 2.5 / 150 + 1e-9)
     assert any(p.boxes or p.points or p.segments for p in coarse)
+
+
+def test_generate_with_continuous_input_positions(tiny) -> None:
+    """A prompt point given as <WIDTH-INPUT><HEIGHT-INPUT> + values reaches the prefill, and changes the answer."""
+    model, proc = tiny
+    img = np.random.default_rng(5).normal(size=(1, 32, 32)).astype(np.float32)
+    outs = []
+    for point in ((0.1, 0.2), (0.9, 0.7)):
+        b = proc("<image> what grows at <WIDTH-INPUT><HEIGHT-INPUT>?", images=[img], positions=[list(point)],
+                 padding_side="left")
+        with torch.no_grad():
+            first = model(**b).logits[:, -1]
+        out = model.generate(**b, max_new_tokens=4, eos_token_id=None, output_logits=True,
+                             return_dict_in_generate=True)
+        torch.testing.assert_close(out.logits[0], first)  # the prefill saw the interpolated embeddings
+        outs.append(first)
+    assert not torch.allclose(outs[0], outs[1])
