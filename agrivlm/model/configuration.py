@@ -1,0 +1,141 @@
+"""``AgriVLMConfig``: vision encoder + projector + pooling + LAPE + causal LM, as one HF config.
+
+Sub-configs are real transformers configs (``vision_config``: SigLIP or CLIP vision; ``text_config``:
+any causal LM, e.g. Qwen2 or Llama), so a real checkpoint's configs drop in unchanged. The token ids
+(``image_token_id``, …, ``position_token_offset``) come from the tokenizer prepared by
+:func:`agrivlm.model.tokenizer.add_agrivlm_tokens`; the builders fill them in.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from agrivlm.errors import ConfigError
+from agrivlm.pipeline.pooling import POOL_MODES
+
+#: Vision sub-config model types the model knows how to read a patch grid from.
+VISION_MODEL_TYPES: tuple[str, ...] = ("siglip_vision_model", "clip_vision_model")
+#: LAPE initialisations: statistics of the LLM's embeddings, or the embeddings of the bin numbers' text.
+LAPE_INITS: tuple[str, ...] = ("llm_stats", "number_text")
+
+#: The tiny default vision encoder (a real SigLIP vision transformer with small dimensions).
+TINY_VISION: dict[str, Any] = {
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+    "image_size": 32, "patch_size": 4, "num_channels": 3, "vision_use_head": False,
+}
+#: The tiny default LLM (a real Qwen2 with small dimensions).
+TINY_TEXT: dict[str, Any] = {
+    "vocab_size": 1032, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+    "tie_word_embeddings": False,
+}
+
+
+class AgriVLMConfig(PreTrainedConfig):
+    """Configuration of :class:`~agrivlm.model.AgriVLMForConditionalGeneration`.
+
+    Values are checked here; a bad one raises :class:`~agrivlm.errors.ConfigError` naming the key and the
+    allowed values.
+    """
+
+    model_type = "agrivlm"
+    sub_configs_defaults: ClassVar[dict[str, SubConfigSpec]] = {  # type: ignore[misc]
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig, model_type="siglip_vision_model", init_kwargs=TINY_VISION
+        ),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2", init_kwargs=TINY_TEXT),
+    }
+
+    #: Vision encoder config (SigLIP or CLIP vision).
+    vision_config: dict | PreTrainedConfig | None = None  # type: ignore[type-arg]
+    #: Causal LM config; its ``vocab_size`` is the text vocabulary (position tokens excluded when LAPE is on).
+    text_config: dict | PreTrainedConfig | None = None  # type: ignore[type-arg]
+    #: Bands of the input frames; a learnable 1×1 conv maps them to the encoder's channels.
+    num_bands: int = 1
+    #: Activation between the projector's two linear layers.
+    projector_hidden_act: str = "gelu"
+    #: Vision hidden state to use: -1 = the encoder's ``last_hidden_state``, else an index into ``hidden_states``.
+    vision_feature_layer: int = -1
+    #: Spatial pooling stride on the patch grid (``agrivlm.pipeline.pooling``).
+    pool_stride: int = 2
+    #: Pooling mode: average, max or bilinear.
+    pool_mode: str = "average"
+    #: LAPE on: separate position tables/heads, NTP, injection, soft targets. Off: position tokens are plain vocabulary.
+    enable_lape: bool = True
+    #: Position tokens per spatial axis.
+    num_spatial_tokens: int = 150
+    #: Temporal position tokens.
+    num_temporal_tokens: int = 50
+    #: Neighbouring token propagation on the LAPE tables and heads.
+    lape_ntp: bool = True
+    #: Scale of the height + width embeddings added to visual features.
+    spatial_pos_weight: float = 1.0
+    #: Scale of the temporal embeddings added to visual features.
+    temporal_pos_weight: float = 1.0
+    #: Loss weight of spatial position tokens (text tokens weigh 1).
+    spatial_loss_weight: float = 1.0
+    #: Loss weight of temporal position tokens.
+    temporal_loss_weight: float = 1.0
+    #: LAPE initialisation used by the builders: ``llm_stats`` or ``number_text``.
+    lape_init: str = "llm_stats"
+    #: std of the LAPE init as a fraction of the LLM embeddings' std.
+    lape_init_std_ratio: float = 0.1
+    #: Bins on each side of the argmax in sub-bin decoding.
+    decode_window: int = 2
+    #: Id of ``<image>``.
+    image_token_id: int | None = None
+    #: Id of ``<video>``.
+    video_token_id: int | None = None
+    #: Ids of ``<HEIGHT-INPUT>``, ``<WIDTH-INPUT>``, ``<TEMP-INPUT>``.
+    lape_input_token_ids: list[int] | None = None
+    #: Ids of ``<HEIGHT-OUTPUT>``, ``<WIDTH-OUTPUT>``, ``<TEMP-OUTPUT>``.
+    lape_output_token_ids: list[int] | None = None
+    #: Id of ``<HEIGHT-000>``: position tokens are ids ``[offset, offset + 2·spatial + temporal)``.
+    position_token_offset: int | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        self.validate_values()
+
+    def validate_values(self) -> None:
+        """Check every value; :class:`ConfigError` naming the key and what is allowed."""
+        vt = getattr(self.vision_config, "model_type", None)
+        if vt not in VISION_MODEL_TYPES:
+            raise ConfigError(f"AgriVLMConfig.vision_config: model_type {vt!r} is not one of {VISION_MODEL_TYPES}")
+        if self.pool_mode not in POOL_MODES:
+            raise ConfigError(f"AgriVLMConfig.pool_mode: {self.pool_mode!r} is not one of {POOL_MODES}")
+        if self.lape_init not in LAPE_INITS:
+            raise ConfigError(f"AgriVLMConfig.lape_init: {self.lape_init!r} is not one of {LAPE_INITS}")
+        for key in ("num_bands", "pool_stride"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"AgriVLMConfig.{key}: must be ≥ 1, got {getattr(self, key)}")
+        for key in ("num_spatial_tokens", "num_temporal_tokens"):
+            if getattr(self, key) < 2:
+                raise ConfigError(f"AgriVLMConfig.{key}: must be ≥ 2, got {getattr(self, key)}")
+        for key in ("spatial_loss_weight", "temporal_loss_weight", "lape_init_std_ratio"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"AgriVLMConfig.{key}: must be > 0, got {getattr(self, key)}")
+        if self.decode_window < 0:
+            raise ConfigError(f"AgriVLMConfig.decode_window: must be ≥ 0, got {self.decode_window}")
+        for key in ("lape_input_token_ids", "lape_output_token_ids"):
+            ids = getattr(self, key)
+            if ids is not None and len(ids) != 3:
+                raise ConfigError(f"AgriVLMConfig.{key}: needs 3 ids (HEIGHT, WIDTH, TEMP), got {ids}")
+
+    @property
+    def num_position_tokens(self) -> int:
+        """``2 · num_spatial_tokens + num_temporal_tokens``."""
+        return 2 * self.num_spatial_tokens + self.num_temporal_tokens
+
+    @property
+    def logits_size(self) -> int:
+        """Size of the logits: the LLM's rows, plus the LAPE heads' rows when LAPE is on."""
+        base = int(self.text_config.vocab_size)  # type: ignore[union-attr]
+        return base + self.num_position_tokens if self.enable_lape else base
+
+
+AutoConfig.register("agrivlm", AgriVLMConfig)

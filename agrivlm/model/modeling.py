@@ -1,0 +1,499 @@
+"""``AgriVLMForConditionalGeneration``: band adapter → vision encoder → projector → pooling → LAPE → causal LM.
+
+Data path for ``N`` visual items of ``T`` frames, ``C`` bands, ``H × W`` px, LLM width ``D``:
+
+1. ``pixel_values (N, T, C, H, W)`` → band adapter (1×1 conv, ``C`` → the encoder's 3 channels) →
+   vision encoder (SigLIP/CLIP vision from transformers; frames whose size differs from the encoder's
+   ``image_size`` use the encoder's own ``interpolate_pos_encoding=True``) → patch features
+   ``(N·T, h·w, Dv)`` with ``(h, w) = (H/p, W/p)`` (CLIP's CLS token dropped).
+2. 2-layer MLP projector → ``(N·T, h·w, D)`` → :func:`~agrivlm.pipeline.pooling.pool_2d` →
+   ``(N·T, h'·w', D)`` with ``(h', w') =`` :func:`~agrivlm.pipeline.processor.visual_token_grid`.
+3. LAPE injection (when on): ``+ spatial_pos_weight·(H[v] + W[u]) + temporal_pos_weight·T[t]`` at each
+   pooled cell's centre and each frame's time.
+4. The ``T·h'·w'`` visual tokens of each item replace its ``<image>``/``<video>`` placeholder tokens
+   (count checked, then ``masked_scatter``, as in HF Llava).
+5. The LLM runs on the embeddings. With LAPE on, ids ``≥ position_token_offset`` are position tokens:
+   their input embeddings are rows of the LAPE tables, and their logits come from the LAPE heads, appended
+   after the LLM's text logits — so the logits have ``len(tokenizer)`` columns and ``generate()`` emits
+   position tokens like any other token.
+
+Loss: cross-entropy over supervised tokens; a position-token label (a bin token, or an ``-OUTPUT``
+placeholder with its value in ``position_values``) gets the soft target ``(1 − r, r)`` on the two bins
+around its continuous value (:func:`~agrivlm.lape.tokens.position_interp`), and weight
+``spatial_loss_weight`` / ``temporal_loss_weight``; the loss is ``Σ wᵢ·CEᵢ / Σ wᵢ``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import ModelOutput
+
+from agrivlm.lape.embedding import LapeEmbeddings, cell_centres, default_frame_times, token_transfer
+from agrivlm.lape.tokens import AXES, Axis, LapeVocab, ParsedPositions, parse_token_ids
+from agrivlm.model.configuration import AgriVLMConfig
+from agrivlm.pipeline.pooling import pool_2d
+from agrivlm.pipeline.processor import IGNORE_INDEX, visual_token_grid
+
+
+@dataclass
+class AgriVLMOutput(ModelOutput):
+    """Output of :meth:`AgriVLMForConditionalGeneration.forward`.
+
+    Attributes:
+        loss: scalar, ``Σ wᵢ·CEᵢ / Σ wᵢ`` over supervised tokens (with ``labels``).
+        logits: ``(B, L, V)`` with ``V = len(tokenizer)`` (text logits, then the LAPE heads').
+        cache: the LLM's KV cache (with ``use_cache``).
+        hidden_states: the LLM's hidden states (with ``output_hidden_states``).
+        attentions: the LLM's attentions (with ``output_attentions``).
+        text_loss: mean CE over supervised text tokens (detached, for logging).
+        position_loss: mean CE over supervised position tokens (detached, for logging).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    text_loss: torch.Tensor | None = None
+    position_loss: torch.Tensor | None = None
+
+
+class BandAdapter(nn.Conv2d):
+    """Learnable 1×1 conv ``(N, num_bands, H, W) → (N, out_channels, H, W)`` in front of an RGB-pretrained encoder.
+
+    Initialisation (:meth:`default_weight`, applied by the model's weight init): identity when
+    ``num_bands == out_channels``; one band is copied to every channel (a grey image); otherwise each
+    channel starts as the mean of the bands. Bias 0. (A ``Conv2d`` subclass, so the init sees its own
+    parameters: state-dict keys ``band_adapter.weight`` / ``band_adapter.bias``.)
+    """
+
+    def __init__(self, num_bands: int, out_channels: int) -> None:
+        super().__init__(num_bands, out_channels, kernel_size=1)
+        self.num_bands = num_bands
+        self.out_channels = out_channels
+
+    def default_weight(self) -> torch.Tensor:
+        """The initial ``(out_channels, num_bands, 1, 1)`` weight described above."""
+        if self.num_bands == self.out_channels:
+            w = torch.eye(self.num_bands)
+        else:
+            w = torch.full((self.out_channels, self.num_bands), 1.0 / self.num_bands)
+        return w[:, :, None, None]
+
+
+class Projector(nn.Module):
+    """2-layer MLP ``(…, Dv) → (…, D)``: Linear → activation → Linear (LLaVA-1.5's projector)."""
+
+    def __init__(self, vision_size: int, text_size: int, act: str = "gelu") -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_size, text_size)
+        self.act = ACT2FN[act]
+        self.linear_2 = nn.Linear(text_size, text_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(…, Dv)`` → ``(…, D)``."""
+        return self.linear_2(self.act(self.linear_1(x)))  # type: ignore[no-any-return]
+
+
+class AgriVLMPreTrainedModel(PreTrainedModel):
+    """Weight init and HF plumbing shared by agrivlm models."""
+
+    config: AgriVLMConfig
+    config_class = AgriVLMConfig
+    base_model_prefix = "agrivlm"
+    main_input_name = "input_ids"
+    input_modalities = ["image", "video", "text"]  # type: ignore[assignment]
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, BandAdapter):
+            init.copy_(module.weight, module.default_weight().to(module.weight))
+            if module.bias is not None:
+                init.zeros_(module.bias)
+            return
+        super()._init_weights(module)
+
+
+class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
+    """The agrivlm VLM (see the module docstring for the data path, shapes and loss).
+
+    Build it with :mod:`agrivlm.model.builders` (tiny default or local checkpoints, tokenizer included);
+    ``AgriVLMForConditionalGeneration(config)`` alone gives random weights and needs the token ids in
+    ``config``.
+    """
+
+    def __init__(self, config: AgriVLMConfig) -> None:
+        super().__init__(config)
+        vcfg, tcfg = config.vision_config, config.text_config
+        self.band_adapter = BandAdapter(config.num_bands, vcfg.num_channels)  # type: ignore[union-attr]
+        self.vision_tower = AutoModel.from_config(vcfg)
+        self.projector = Projector(vcfg.hidden_size, tcfg.hidden_size, config.projector_hidden_act)  # type: ignore[union-attr]
+        self.language_model = AutoModelForCausalLM.from_config(tcfg)
+        self.lape: LapeEmbeddings | None = None
+        if config.enable_lape:
+            self.lape = LapeEmbeddings(
+                tcfg.hidden_size, config.num_spatial_tokens, config.num_temporal_tokens, config.lape_ntp  # type: ignore[union-attr]
+            )
+        # one config object per sub-model, shared, so resizing the LLM updates what save_pretrained writes
+        self.config.vision_config = self.vision_tower.config
+        self.config.text_config = self.language_model.config
+        self.post_init()
+
+    # -- HF plumbing ---------------------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        """The LLM's text-token embeddings (position tokens live in ``self.lape``)."""
+        return self.language_model.get_input_embeddings()  # type: ignore[no-any-return]
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        """Replace the LLM's text-token embeddings."""
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        """The LLM's text-token output head."""
+        return self.language_model.get_output_embeddings()  # type: ignore[no-any-return]
+
+    @property
+    def vocab(self) -> LapeVocab:
+        """The LAPE vocabulary of this model."""
+        return LapeVocab(self.config.num_spatial_tokens, self.config.num_temporal_tokens)
+
+    def resize_text_vocab(self, size: int) -> None:
+        """Resize the LLM's text vocabulary (embeddings and head) to ``size`` rows and record it in the config."""
+        self.language_model.resize_token_embeddings(size, mean_resizing=False)
+        self.config.text_config.vocab_size = size  # type: ignore[union-attr]
+
+    # -- vision path ---------------------------------------------------------------------------------
+    def get_visual_features(
+        self,
+        pixel_values: torch.Tensor,
+        frame_times: torch.Tensor | None = None,
+        lape_tables: dict[Axis, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Visual tokens of each item.
+
+        Args:
+            pixel_values: ``(N, T, C, H, W)`` frames (``C = num_bands``; no NaN — the processor fills them).
+            frame_times: ``(N, T)`` normalized time of each frame; default evenly spaced ``[0, 1]``.
+            lape_tables: the LAPE input tables of this forward (computed once and shared with the text path).
+
+        Returns:
+            ``(N, T·h'·w', D)`` projected, pooled, LAPE-injected visual tokens, frame by frame, cells
+            row-major (``(h', w') = visual_token_grid(H, W, patch_size, pool_stride)``).
+        """
+        cfg = self.config
+        vcfg = cfg.vision_config
+        if pixel_values.ndim != 5:
+            raise ValueError(f"pixel_values must be (N, T, C, H, W), got shape {tuple(pixel_values.shape)}")
+        n, t, c, height, width = pixel_values.shape
+        if c != cfg.num_bands:
+            raise ValueError(f"pixel_values have {c} bands but the model was built for num_bands={cfg.num_bands}")
+        patch = int(vcfg.patch_size)  # type: ignore[union-attr]
+        visual_token_grid(height, width, patch, cfg.pool_stride)  # checks divisibility, names the fix
+        h, w = height // patch, width // patch
+        x = pixel_values.reshape(n * t, c, height, width).to(self.band_adapter.weight.dtype)
+        x = self.band_adapter(x)
+        size = vcfg.image_size  # type: ignore[union-attr]
+        interpolate = (height, width) != (size, size)
+        want_hidden = cfg.vision_feature_layer != -1
+        out = self.vision_tower(pixel_values=x, interpolate_pos_encoding=interpolate, output_hidden_states=want_hidden)
+        feats = out.last_hidden_state if not want_hidden else out.hidden_states[cfg.vision_feature_layer]
+        if vcfg.model_type == "clip_vision_model":  # type: ignore[union-attr]
+            feats = feats[:, 1:]
+        if feats.shape[1] != h * w:
+            raise ValueError(f"the vision encoder gave {feats.shape[1]} patches for a {h}x{w} grid")
+        feats = self.projector(feats)
+        feats = pool_2d(feats, (h, w), cfg.pool_stride, cfg.pool_mode)  # type: ignore[arg-type]
+        per_frame, d = feats.shape[1], feats.shape[2]
+        feats = feats.reshape(n, t, per_frame, d)
+        if self.lape is not None:
+            if frame_times is None:
+                frame_times = default_frame_times(t).to(feats.device).expand(n, t)
+            feats = self.lape.inject(
+                feats,
+                cell_centres(h, cfg.pool_stride, cfg.pool_mode),
+                cell_centres(w, cfg.pool_stride, cfg.pool_mode),
+                frame_times,
+                cfg.spatial_pos_weight,
+                cfg.temporal_pos_weight,
+                lape_tables,
+            )
+        return feats.reshape(n, t * per_frame, d)
+
+    # -- text path -----------------------------------------------------------------------------------
+    def embed_tokens(
+        self,
+        input_ids: torch.Tensor,
+        position_values: torch.Tensor | None = None,
+        lape_tables: dict[Axis, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Input embeddings ``(B, L, D)`` of ``input_ids (B, L)``.
+
+        With LAPE: ids ``≥ position_token_offset`` take their LAPE table row; an ``-INPUT``/``-OUTPUT``
+        placeholder with a finite ``position_values[b, i]`` takes :func:`token_transfer` of its axis's
+        table at that value (without a value it keeps its own text-vocabulary row).
+        """
+        embed = self.language_model.get_input_embeddings()
+        if self.lape is None:
+            return embed(input_ids)  # type: ignore[no-any-return]
+        cfg = self.config
+        offset = self._offset()
+        tables = lape_tables if lape_tables is not None else self.lape.input_tables_by_axis()
+        is_pos = input_ids >= offset
+        emb = embed(input_ids.masked_fill(is_pos, 0))
+        rows = self.lape.input_tables(tables).to(emb.dtype)
+        pos_emb = rows[(input_ids - offset).clamp(0, rows.shape[0] - 1)]
+        emb = torch.where(is_pos.unsqueeze(-1), pos_emb, emb)
+        if position_values is None or cfg.lape_input_token_ids is None or cfg.lape_output_token_ids is None:
+            return emb
+        finite = torch.isfinite(position_values)
+        for k, axis in enumerate(AXES):
+            mask = ((input_ids == cfg.lape_input_token_ids[k]) | (input_ids == cfg.lape_output_token_ids[k])) & finite
+            if bool(mask.any()):
+                vals = position_values[mask]
+                emb = emb.index_put((mask,), token_transfer(tables[axis], vals).to(emb.dtype))
+        return emb
+
+    def _offset(self) -> int:
+        offset = self.config.position_token_offset
+        if offset is None:
+            raise ValueError("config.position_token_offset is not set; build the model with agrivlm.model.builders")
+        return offset
+
+    def merge_visual_tokens(self, input_ids: torch.Tensor, embeds: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        """Put ``visual (N, S, D)`` into the ``<image>``/``<video>`` positions of ``embeds (B, L, D)``, in order.
+
+        Raises:
+            ValueError: the number of placeholder tokens differs from ``N·S``.
+        """
+        cfg = self.config
+        ids = [i for i in (cfg.image_token_id, cfg.video_token_id) if i is not None]
+        if not ids:
+            raise ValueError(
+                "config.image_token_id / video_token_id are not set; build the model with agrivlm.model.builders"
+            )
+        mask = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
+        n_tokens, n_visual = int(mask.sum()), visual.shape[0] * visual.shape[1]
+        if n_tokens != n_visual:
+            raise ValueError(
+                f"the prompts hold {n_tokens} <image>/<video> tokens but the {visual.shape[0]} visual items give "
+                f"{n_visual} visual tokens ({visual.shape[1]} each); build inputs with AgriVLMProcessor"
+            )
+        return embeds.masked_scatter(mask.unsqueeze(-1), visual.to(embeds.dtype))
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(…, D)`` → ``(…, V)``: the LLM head's text logits, then the LAPE heads' (NTP-reparameterised)."""
+        head = self.language_model.get_output_embeddings()
+        if self.lape is None:
+            return head(hidden)  # type: ignore[no-any-return]
+        lape_w = self.lape.output_weights().to(hidden.dtype)
+        rows = hidden.shape[:-1].numel()
+        if rows > hidden.shape[-1]:
+            # many positions (training): one matmul against the stacked weight is cheaper than concatenating logits
+            weight = torch.cat([head.weight, lape_w], dim=0)
+            bias = None
+            if head.bias is not None:
+                bias = torch.cat([head.bias, head.bias.new_zeros(lape_w.shape[0])])
+            return F.linear(hidden, weight, bias)
+        return torch.cat([head(hidden), F.linear(hidden, lape_w)], dim=-1)
+
+    # -- loss ----------------------------------------------------------------------------------------
+    def compute_loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, position_values: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Weighted next-token CE with soft position targets.
+
+        Args:
+            logits: ``(B, L, V)``.
+            labels: ``(B, L)`` token ids, ``-100`` where unsupervised (shifted inside: logits at ``i``
+                predict ``labels[i + 1]``).
+            position_values: ``(B, L)`` continuous normalized value of each position label (NaN where
+                none: a bin label then targets its own bin centre).
+
+        Returns:
+            ``(loss, text_loss, position_loss)``; the last two are detached means (None when empty).
+        """
+        cfg = self.config
+        tgt = labels[:, 1:]
+        valid = tgt != IGNORE_INDEX
+        lg = logits[:, :-1][valid].float()  # (K, V)
+        t = tgt[valid]
+        lse = torch.logsumexp(lg, dim=-1)
+        if self.lape is None:
+            ce = lse - lg.gather(1, t[:, None]).squeeze(1)
+            loss = ce.mean() if ce.numel() else lg.sum() * 0.0
+            return loss, ce.detach().mean() if ce.numel() else None, None
+        offset = self._offset()
+        vocab = self.vocab
+        ns, nt = vocab.num_spatial, vocab.num_temporal
+        rel = t - offset
+        axis_idx = torch.full_like(t, -1)  # 0 height, 1 width, 2 temporal, -1 text
+        in_bins = (rel >= 0) & (rel < vocab.num_position_tokens)
+        bounds = torch.tensor([ns, 2 * ns], device=t.device)
+        axis_idx = torch.where(in_bins, torch.bucketize(rel, bounds, right=True), axis_idx)
+        bin_idx = rel - torch.tensor([0, ns, 2 * ns], device=t.device)[axis_idx.clamp(min=0)]
+        out_ids = cfg.lape_output_token_ids or []
+        for k, oid in enumerate(out_ids):
+            axis_idx = torch.where(t == oid, torch.full_like(t, k), axis_idx)
+        is_pos = axis_idx >= 0
+        n_axis = torch.tensor([ns, ns, nt], device=t.device)[axis_idx.clamp(min=0)].to(torch.float64)
+        vals = (
+            position_values[:, 1:][valid].to(torch.float64)
+            if position_values is not None
+            else torch.full(t.shape, float("nan"), dtype=torch.float64, device=t.device)
+        )
+        is_output_token = is_pos & ~in_bins
+        if bool((is_output_token & ~torch.isfinite(vals)).any()):
+            raise ValueError("an -OUTPUT label has no value in position_values; pass positions= to the processor")
+        centre = (bin_idx.to(torch.float64) + 0.5) / n_axis
+        value = torch.where(torch.isfinite(vals), vals, centre)
+        c = (value * n_axis - 0.5).clamp(min=0.0)
+        c = torch.minimum(c, n_axis - 1)
+        lo = c.floor()
+        hi = torch.minimum(lo + 1, n_axis - 1)
+        r = torch.where(hi > lo, c - lo, torch.zeros_like(c)).to(lg.dtype)
+        base = offset + torch.tensor([0, ns, 2 * ns], device=t.device)[axis_idx.clamp(min=0)]
+        id_lo = torch.where(is_pos, base + lo.long(), t)
+        id_hi = torch.where(is_pos, base + hi.long(), t)
+        r = torch.where(is_pos, r, torch.zeros_like(r))
+        target = (1 - r) * lg.gather(1, id_lo[:, None]).squeeze(1) + r * lg.gather(1, id_hi[:, None]).squeeze(1)
+        ce = lse - target
+        weights = torch.ones_like(ce)
+        weights = torch.where(is_pos & (axis_idx < 2), torch.full_like(ce, cfg.spatial_loss_weight), weights)
+        weights = torch.where(is_pos & (axis_idx == 2), torch.full_like(ce, cfg.temporal_loss_weight), weights)
+        loss = (weights * ce).sum() / weights.sum() if ce.numel() else lg.sum() * 0.0
+        text_loss = ce[~is_pos].detach().mean() if bool((~is_pos).any()) else None
+        position_loss = ce[is_pos].detach().mean() if bool(is_pos.any()) else None
+        return loss, text_loss, position_loss
+
+    # -- forward -------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        position_values: torch.Tensor | None = None,
+        frame_times: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> AgriVLMOutput:
+        """Run the model.
+
+        Args:
+            input_ids: ``(B, L)`` from :class:`~agrivlm.pipeline.processor.AgriVLMProcessor` (placeholders expanded).
+            pixel_values: ``(N, T, C, H, W)``, one item per placeholder in reading order across the batch.
+            attention_mask: ``(B, L)`` 1 for tokens, 0 for padding.
+            position_ids: optional ``(B, L)`` LLM positions.
+            cache: KV cache (generation).
+            inputs_embeds: ``(B, L, D)`` instead of ``input_ids`` (visual tokens must already be in).
+            labels: ``(B, L)`` targets, ``-100`` where unsupervised.
+            position_values: ``(B, L)`` continuous values of LAPE tokens (NaN elsewhere).
+            frame_times: ``(N, T)`` normalized time of each frame.
+            use_cache: return a KV cache.
+            logits_to_keep: compute logits only for the last ``k`` positions (0 = all).
+            **kwargs: passed to the LLM (e.g. ``output_hidden_states``).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            assert input_ids is not None
+            tables = self.lape.input_tables_by_axis() if self.lape is not None else None
+            inputs_embeds = self.embed_tokens(input_ids, position_values, tables)
+            if pixel_values is not None:
+                visual = self.get_visual_features(pixel_values, frame_times, tables)
+                inputs_embeds = self.merge_visual_tokens(input_ids, inputs_embeds, visual)
+        elif pixel_values is not None:
+            raise ValueError(
+                "pixel_values need input_ids to find the placeholders; do not pass inputs_embeds with them"
+            )
+        outputs = self.language_model.base_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        logits = self.compute_logits(slice_logits_to_keep(hidden, logits_to_keep))
+        loss = text_loss = position_loss = None
+        if labels is not None:
+            if logits.shape[1] != labels.shape[1]:
+                raise ValueError("labels need logits at every position; call with logits_to_keep=0")
+            loss, text_loss, position_loss = self.compute_loss(logits, labels, position_values)
+        return AgriVLMOutput(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            text_loss=text_loss,
+            position_loss=position_loss,
+        )
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """HF's preparation, plus: ``frame_times`` and ``position_values`` only reach the prefill step."""
+        first = bool(kwargs.get("is_first_iteration", False))
+        inputs: dict[str, Any] = super().prepare_inputs_for_generation(*args, **kwargs)
+        if not first and kwargs.get("use_cache", True):
+            inputs.pop("frame_times", None)
+            inputs.pop("position_values", None)
+        return inputs
+
+    # -- decoding ------------------------------------------------------------------------------------
+    def decode_positions(
+        self,
+        sequences: torch.Tensor,
+        logits: Sequence[torch.Tensor] | torch.Tensor | None = None,
+        window: int | None = None,
+    ) -> list[ParsedPositions]:
+        """Generated ids → boxes / points / segments per sample, with sub-bin precision from ``logits``.
+
+        Args:
+            sequences: ``(B, S)`` the *generated* ids (prompt removed).
+            logits: the ``S`` per-step logits ``(B, V)`` of ``generate(..., output_logits=True,
+                return_dict_in_generate=True)`` (``out.logits``), or a ``(B, S, V)`` tensor; None → bin centres.
+            window: bins on each side of the argmax for the expectation (default ``config.decode_window``).
+        """
+        window = self.config.decode_window if window is None else window
+        stacked = None
+        if logits is not None:
+            stacked = logits if isinstance(logits, torch.Tensor) else torch.stack(list(logits), dim=1)
+            stacked = stacked.detach().float().cpu()
+        seqs = sequences.detach().cpu().numpy()
+        out = []
+        for b in range(seqs.shape[0]):
+            lg = None if stacked is None else np.asarray(stacked[b].numpy())
+            out.append(parse_token_ids(seqs[b], self._offset(), self.vocab, lg, window))
+        return out
+
+    def axis_of_token(self, token_id: int) -> tuple[Axis, int] | None:
+        """``(axis, bin)`` of a position-token id, or None for any other id."""
+        rel = token_id - self._offset()
+        if 0 <= rel < self.vocab.num_position_tokens:
+            return self.vocab.locate(rel)
+        return None
+
+
+AutoModelForImageTextToText.register(AgriVLMConfig, AgriVLMForConditionalGeneration)
