@@ -132,6 +132,11 @@ def quickstart(
     print_summary(summary, title="embedded sample: Sentinel-2 NDVI, Slovenia")
 
 
+from agrivlm.explore.command import explore as _explore  # noqa: E402
+
+app.command("explore")(_explore)
+
+
 def main() -> None:
     """Console entry point: agrivlm's own errors print one line and exit 1, never a traceback."""
     try:
