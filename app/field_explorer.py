@@ -1,5 +1,8 @@
-"""agrivlm field explorer (Streamlit). Start it with ``agrivlm explore --stack PATH`` (safe server settings);
-the page's logic lives in :mod:`agrivlm.explore`."""
+"""agrivlm field explorer (Streamlit).
+
+Start it with ``agrivlm explore --stack PATH`` (safe server settings); the page's logic lives in
+:mod:`agrivlm.explore`.
+"""
 
 from agrivlm.explore.page import main
 

@@ -30,7 +30,8 @@ def deck_layers(at: AppTest) -> dict[str, dict]:
 
 
 def sample_args(sample_root: Path) -> list[str | Path]:
-    return ["--stack", sample_root / "ndvi", "--masks", sample_root / "cloud_mask", "--truth", sample_root / "parcels.gpkg"]
+    return ["--stack", sample_root / "ndvi", "--masks", sample_root / "cloud_mask",
+            "--truth", sample_root / "parcels.gpkg"]
 
 
 @pytest.fixture(scope="module")

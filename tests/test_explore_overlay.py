@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from affine import Affine
 from matplotlib import colormaps
 from PIL import Image
-from affine import Affine
 from rasters import ROTATED_TRANSFORM, UTM33, UTM_TRANSFORM, write_raster
 
 from agrivlm.explore.inputs import ExploreError

@@ -26,8 +26,10 @@ MIN_CLEAR = 0.5
 
 
 def field_window(stack: Stack, geometry: BaseGeometry) -> Window | None:
-    """The smallest pixel window of the stack's grid that holds ``geometry`` (stack CRS), clipped to the
-    grid; ``None`` when the field lies outside it. Rotation-aware (all four bound corners are mapped)."""
+    """The smallest pixel window of the stack's grid that holds ``geometry`` (stack CRS), clipped to it.
+
+    ``None`` when the field lies outside the grid. Rotation-aware (all four bound corners are mapped).
+    """
     minx, miny, maxx, maxy = geometry.bounds
     cols, rows = stack.grid.crs_to_pixel([minx, maxx, maxx, minx], [miny, miny, maxy, maxy])
     c0, c1 = max(math.floor(cols.min()), 0), min(math.ceil(cols.max()), stack.grid.width)
@@ -38,8 +40,10 @@ def field_window(stack: Stack, geometry: BaseGeometry) -> Window | None:
 
 
 def field_pixels(stack: Stack, geometry: BaseGeometry) -> tuple[Window, np.ndarray]:
-    """The field's window and its pixels ``(h, w)`` bool: pixel centres inside the polygon, or every pixel
-    the polygon touches when it is too small to hold a pixel centre.
+    """The field's window and its pixels ``(h, w)`` bool.
+
+    Pixels whose centre is inside the polygon, or every pixel the polygon touches when it is too small to
+    hold a pixel centre.
 
     Raises:
         ExploreError: the field lies outside the stack.

@@ -23,7 +23,6 @@ from agrivlm.explore.errors import ExploreError
 from agrivlm.geo.coords import GeoGrid
 from agrivlm.schema import FIELD_PREDICTION_COLUMNS, GROWTH_STAGES, STAGE_COLUMNS
 
-
 #: Columns tried, in order, for the ids of a true-field layer when none is given: the first that exists
 #: and is unique wins; ``index`` falls back to the row number when the layer has no such column.
 TRUTH_ID_CANDIDATES: tuple[str, ...] = ("field_id", "RABA_ID", "index")

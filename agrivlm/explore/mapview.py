@@ -96,8 +96,10 @@ def chip_grid_frame(grid: GeoGrid, chip_size: int, stride: int | None = None) ->
 
 def fit_view(bounds: Sequence[float], width_px: int = MAP_WIDTH_HINT_PX, height_px: int = MAP_HEIGHT_PX,
              padding: float = 0.05) -> dict[str, float]:
-    """The web-mercator view ``{longitude, latitude, zoom}`` that fits lon/lat ``bounds`` (west, south, east,
-    north) into a ``width_px × height_px`` map with ``padding`` (fraction of each side) to spare.
+    """The web-mercator view ``{longitude, latitude, zoom}`` that fits lon/lat ``bounds`` into a map.
+
+    ``bounds`` are ``(west, south, east, north)`` in degrees; the map is ``width_px × height_px`` with
+    ``padding`` (a fraction of each side) to spare.
 
     deck.gl's world is 512 px wide at zoom 0, so a span of ``Δx`` mercator units (of a [0, 1] world) fills
     ``Δx · 512 · 2^zoom`` pixels.
@@ -136,8 +138,10 @@ def lonlat_to_screen(lon: float, lat: float, view: dict[str, float], width_px: f
 
 
 def basemap_style(tiles: str | None) -> str | None:
-    """The map style for an optional basemap: ``None`` (no basemap, the default), a style-JSON URL as given,
-    or an XYZ raster template (``…/{z}/{x}/{y}.png``) wrapped in a one-layer style (as a ``data:`` URL).
+    """The map style for an optional basemap.
+
+    ``None`` (no basemap, the default), a style-JSON URL as given, or an XYZ raster template
+    (``…/{z}/{x}/{y}.png``) wrapped in a one-layer style (as a ``data:`` URL).
 
     Raises:
         ExploreError: a value that is neither an http(s) URL nor a template.
@@ -146,7 +150,9 @@ def basemap_style(tiles: str | None) -> str | None:
     if not tiles:
         return None
     if not tiles.startswith(("http://", "https://")):
-        raise ExploreError(f"--tiles {tiles!r}: give an http(s) XYZ template with {{z}}/{{x}}/{{y}} or a style JSON URL")
+        raise ExploreError(
+            f"--tiles {tiles!r}: give an http(s) XYZ template with {{z}}/{{x}}/{{y}} or a style JSON URL"
+        )
     if all(key in tiles for key in ("{z}", "{x}", "{y}")):
         style = {
             "version": 8,

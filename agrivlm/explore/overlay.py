@@ -47,15 +47,17 @@ NDVI, TRUE_COLOUR, FALSE_COLOUR = "NDVI", "true colour", "false colour"
 NDVI_RANGE: tuple[float, float] = (-0.2, 1.0)
 #: Matplotlib colour maps: NDVI (red = bare, green = dense vegetation) and single bands.
 NDVI_CMAP, BAND_CMAP = "RdYlGn", "viridis"
-#: Colour drawn over cloud-masked pixels (RGBA).
-CLOUD_RGBA: tuple[int, int, int, int] = (255, 255, 255, 200)
+#: Colour drawn over cloud-masked pixels (RGBA): a blue-grey, told apart from the white page and from no data.
+CLOUD_RGBA: tuple[int, int, int, int] = (176, 190, 210, 235)
 #: Largest side of an overlay in pixels; larger stacks are block-averaged when read.
 MAX_OVERLAY_PX = 2048
 
 
 def band_roles(band_names: Sequence[str], explicit: Mapping[str, str] | None = None) -> dict[str, int]:
-    """Band index (0-based) of each role found: from ``explicit`` ``{role: band name or 1-based number}``
-    first, then from the names in :data:`ROLE_NAMES`.
+    """Band index (0-based) of each role found.
+
+    From ``explicit`` ``{role: band name or 1-based number}`` first, then from the band names
+    (:data:`ROLE_NAMES`).
 
     Raises:
         ExploreError: an explicit role or band that does not exist.
@@ -72,7 +74,8 @@ def band_roles(band_names: Sequence[str], explicit: Mapping[str, str] | None = N
             roles[role] = list(band_names).index(band)
         else:
             raise ExploreError(
-                f"--band {role}={band}: no such band; the stack's bands are {', '.join(band_names)} (or 1..{len(band_names)})"
+                f"--band {role}={band}: no such band; the stack's bands are {', '.join(band_names)} "
+                f"(or 1..{len(band_names)})"
             )
     for role, names in ROLE_NAMES.items():
         if role in roles:
@@ -224,14 +227,18 @@ def read_date(stack: Stack, step: int, max_px: int = MAX_OVERLAY_PX
 
 
 def lonlat_grid(grid: GeoGrid, oversample: float = 2.0, max_px: int = MAX_OVERLAY_PX) -> GeoGrid:
-    """A north-up EPSG:4326 grid that covers ``grid``'s footprint (densified edges, so rotation and
-    meridian convergence are covered), with about ``oversample``² target pixels per source pixel
-    (nearest-neighbour warping then keeps the source pixels' shapes), no side above ``max_px``.
+    """A north-up EPSG:4326 grid that covers ``grid``'s footprint.
+
+    The footprint's edges are densified, so rotation and meridian convergence are covered. The grid has about
+    ``oversample``² target pixels per source pixel (nearest-neighbour warping then keeps the source pixels'
+    shapes) and no side above ``max_px``.
     """
     n = 32
     steps = np.linspace(0.0, 1.0, n + 1)
     cols = np.concatenate([steps * grid.width, np.full(n + 1, grid.width), steps[::-1] * grid.width, np.zeros(n + 1)])
-    rows = np.concatenate([np.zeros(n + 1), steps * grid.height, np.full(n + 1, grid.height), steps[::-1] * grid.height])
+    rows = np.concatenate(
+        [np.zeros(n + 1), steps * grid.height, np.full(n + 1, grid.height), steps[::-1] * grid.height]
+    )
     lon, lat = grid.crs_to_lonlat(*grid.pixel_to_crs(cols, rows))
     west, east, south, north = float(lon.min()), float(lon.max()), float(lat.min()), float(lat.max())
     # Square-ish target pixels on the ground: a degree of longitude is cos(lat) of a degree of latitude.

@@ -1,5 +1,7 @@
-"""The field explorer page (Streamlit). ``app/field_explorer.py`` runs :func:`main`; this module can also be
-run directly as the Streamlit script (``streamlit run agrivlm/explore/page.py -- --stack …``).
+"""The field explorer page (Streamlit).
+
+``app/field_explorer.py`` runs :func:`main`; this module can also be run directly as the Streamlit script
+(``streamlit run agrivlm/explore/page.py -- --stack …``).
 
 Layout: a sidebar with the stack's description, the date slider, the view (NDVI / true colour / false
 colour / one band), layer switches and the field list; the map; then the selected field's NDVI curve with
@@ -17,6 +19,7 @@ from typing import Any
 
 import altair as alt
 import geopandas as gpd
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -38,7 +41,7 @@ from agrivlm.explore.mapview import (
     positions_layers,
     to_geojson,
 )
-from agrivlm.explore.overlay import NDVI, NDVI_RANGE, Overlay, available_views, band_roles, legend_png, render_overlay
+from agrivlm.explore.overlay import NDVI_RANGE, Overlay, available_views, band_roles, legend_png, render_overlay
 from agrivlm.explore.positions import (
     ModelUnavailable,
     PositionCodecUnavailable,
@@ -109,7 +112,8 @@ def load_inputs(settings: ExploreSettings) -> Inputs:
     """Open the stack (an error stops the page) and read the optional layers and tables (errors are listed)."""
     stack = _stack(settings.stack, settings.masks)
     inputs = Inputs(stack=stack)
-    for kind, paths, option in (("predicted", settings.predictions, "--predictions"), ("true", settings.truth, "--truth")):
+    sources = (("predicted", settings.predictions, "--predictions"), ("true", settings.truth, "--truth"))
+    for kind, paths, option in sources:
         try:
             layer_paths, table_paths = split_inputs(paths, option)
         except ExploreError as exc:
@@ -154,7 +158,8 @@ def field_labels(frame: gpd.GeoDataFrame) -> pd.Series:
         if column in frame.columns:
             return frame[column].fillna("").astype(str)
     if {"task", "score"} <= set(frame.columns):
-        return frame["task"].astype(str) + " · score " + pd.to_numeric(frame["score"], errors="coerce").round(2).astype(str)
+        score = pd.to_numeric(frame["score"], errors="coerce").round(2).astype(str)
+        return frame["task"].astype(str) + " · score " + score
     return pd.Series([""] * len(frame), index=frame.index)
 
 
@@ -186,31 +191,47 @@ def picked_field(selection: Any) -> str | None:
     return None
 
 
-def curve_chart(curve: pd.DataFrame, stages: pd.DataFrame, current: pd.Timestamp | None) -> alt.VConcatChart:
-    """NDVI over the dates (clear dates joined, cloudy dates as grey dots) above the growth stages
-    (predicted and true on their own rows, coloured by stage), sharing the date axis."""
+#: Growth-stage colours, in phenological order: brown (dormant) → light green → dark green → orange → grey.
+_STAGE_COLOURS = ("#8d6e63", "#9ccc65", "#1b5e20", "#ef6c00", "#757575")
+#: Heights (in NDVI units, above the NDVI range) of the predicted and true growth-stage rows.
+_STAGE_ROWS = {"predicted": NDVI_RANGE[1] + 0.1, "true": NDVI_RANGE[1] + 0.22}
+
+
+def curve_chart(curve: pd.DataFrame, stages: pd.DataFrame, current: pd.Timestamp | None) -> alt.LayerChart:
+    """The field's NDVI over the dates, with its growth stages in two rows above the curve.
+
+    Clear dates are joined by a line, cloudy dates are grey dots, a dashed rule marks the date shown on the
+    map; predicted stages are triangles and true stages circles, coloured by stage, in rows above NDVI 1.
+    """
     x = alt.X("date:T", title=None)
-    base = alt.Chart(curve.assign(status=curve["used"].map({True: "clear", False: "cloudy / no data"})))
-    y = alt.Y("ndvi:Q", title="NDVI (field mean)", scale=alt.Scale(domain=list(NDVI_RANGE)))
+    ticks = [round(v, 1) for v in np.arange(NDVI_RANGE[0], NDVI_RANGE[1] + 1e-9, 0.2)]
+    y_scale = alt.Scale(domain=[NDVI_RANGE[0], NDVI_RANGE[1] + 0.3])
+    y = alt.Y("ndvi:Q", title="NDVI (field mean)", scale=y_scale, axis=alt.Axis(values=ticks))
     tooltip = [alt.Tooltip("date:T", format="%Y-%m-%d"), alt.Tooltip("ndvi:Q", format=".3f"),
                alt.Tooltip("clear_fraction:Q", format=".0%", title="clear")]
-    line = base.transform_filter("datum.used").mark_line(point=True, color="#2e7d32").encode(x=x, y=y, tooltip=tooltip)
+    base = alt.Chart(curve)
+    green = "#2e7d32"
+    line = base.transform_filter("datum.used").mark_line(
+        color=green, point=alt.OverlayMarkDef(color=green, size=30)).encode(x=x, y=y, tooltip=tooltip)
     cloudy = base.transform_filter("!datum.used && isValid(datum.ndvi)").mark_point(color="#9e9e9e").encode(
         x=x, y=y, tooltip=tooltip)
     layers: list[alt.Chart] = [line, cloudy]
     if current is not None:
-        layers.append(alt.Chart(pd.DataFrame({"date": [current]})).mark_rule(color="#555", strokeDash=[4, 3]).encode(x=x))
-    top = alt.layer(*layers).properties(height=220)
-    stage_data = stages if not stages.empty else pd.DataFrame({"date": [], "stage": [], "source": []})
-    marks = alt.Chart(stage_data).mark_point(size=110, filled=True).encode(
-        x=x,
-        y=alt.Y("source:N", title=None, sort=["predicted", "true"]),
-        color=alt.Color("stage:N", scale=alt.Scale(domain=list(GROWTH_STAGES)), legend=alt.Legend(orient="bottom")),
-        shape=alt.Shape("source:N", scale=alt.Scale(domain=["predicted", "true"], range=["triangle-up", "circle"]),
-                        legend=None),
-        tooltip=[alt.Tooltip("date:T", format="%Y-%m-%d"), "stage:N", "source:N"],
-    ).properties(height=70)
-    return alt.vconcat(top, marks).resolve_scale(x="shared")
+        rule = alt.Chart(pd.DataFrame({"date": [current]})).mark_rule(color="#555", strokeDash=[4, 3])
+        layers.append(rule.encode(x=x))
+    if not stages.empty:
+        rows = stages.assign(row=stages["source"].map(_STAGE_ROWS))
+        layers.append(alt.Chart(rows).mark_point(size=130, filled=True, opacity=1).encode(
+            x=x,
+            y=alt.Y("row:Q", scale=y_scale),
+            color=alt.Color("stage:N", title="growth stage",
+                            scale=alt.Scale(domain=list(GROWTH_STAGES), range=list(_STAGE_COLOURS)),
+                            legend=alt.Legend(orient="bottom", columns=5)),
+            shape=alt.Shape("source:N", scale=alt.Scale(domain=["predicted", "true"], range=["triangle-up", "circle"]),
+                            legend=None),
+            tooltip=[alt.Tooltip("date:T", format="%Y-%m-%d"), "stage:N", "source:N"],
+        ))
+    return alt.layer(*layers)
 
 
 # -- the page -----------------------------------------------------------------------------------------
@@ -247,9 +268,10 @@ def _render(settings: ExploreSettings) -> None:
 
     # A click on the map (the chart's state, known before anything is drawn) selects that field.
     picked = picked_field(st.session_state.get("map"))
-    if picked is not None and picked != st.session_state.get("_last_pick") and picked in options:
-        st.session_state["_last_pick"] = picked
-        st.session_state["field"] = picked
+    if picked != st.session_state.get("_last_pick"):
+        st.session_state["_last_pick"] = picked  # a cleared selection re-arms a click on the same field
+        if picked in options:
+            st.session_state["field"] = picked
 
     with st.sidebar:
         t, c, h, w = stack.shape
@@ -263,7 +285,7 @@ def _render(settings: ExploreSettings) -> None:
         show_truth = st.checkbox("True fields (cyan)", value=True, disabled=inputs.fields("true") is None)
         show_pred = st.checkbox("Predicted fields (magenta)", value=True, disabled=inputs.fields("predicted") is None)
         show_grid = st.checkbox(f"Chip grid ({settings.chip_size} px)", value=False, key="grid")
-        show_clouds = st.checkbox("Mark clouds (white)", value=True, disabled=not stack.has_masks)
+        show_clouds = st.checkbox("Mark clouds (blue-grey)", value=True, disabled=not stack.has_masks)
         choice = st.selectbox("Field", [""] + list(options), format_func=lambda k: options.get(k, "— none —"),
                               key="field", help="Or click a field on the map.")
 
@@ -283,9 +305,12 @@ def _render(settings: ExploreSettings) -> None:
     answer_layers, position_panel = _positions(settings, stack, selected)
     truth_json = _geojson(inputs.fields("true")) if show_truth else None
     pred_json = _geojson(inputs.fields("predicted")) if show_pred else None
-    grid_json = to_geojson(chip_grid_frame(stack.grid, settings.chip_size, settings.stride), ["chip_id"]) if show_grid else None
+    grid_json = None
+    if show_grid:
+        grid_json = to_geojson(chip_grid_frame(stack.grid, settings.chip_size, settings.stride), ["chip_id"])
     selected_json = _geojson(selected) if selected is not None else None
-    deck = build_deck(view_state, overlay, truth_json, pred_json, grid_json, selected_json, answer_layers, settings.tiles)
+    deck = build_deck(view_state, overlay, truth_json, pred_json, grid_json, selected_json, answer_layers,
+                      settings.tiles)
     st.pydeck_chart(deck, on_select="rerun", selection_mode="single-object", key="map", height=MAP_HEIGHT_PX)
 
     legend = legend_png(view)
@@ -373,10 +398,13 @@ def _field_panel(stack: Stack, selected: gpd.GeoDataFrame, inputs: Inputs, roles
         left.error(f"No NDVI curve for field {fid}: {exc}")
         curve = None
     if curve is not None:
-        left.altair_chart(curve_chart(curve, stages, current), width="stretch")
+        left.altair_chart(curve_chart(curve, stages, current), width="stretch", height=360)
         used = int(curve["used"].sum())
-        left.caption(f"{used} of {len(curve)} dates clear enough (≥ 50 % of the field's {int(curve['n_pixels'].iloc[0])} "
-                     "pixels without cloud or gap); grey dots: cloudy dates.")
+        n_pixels = int(curve["n_pixels"].iloc[0])
+        left.caption(f"{used} of {len(curve)} dates clear enough (≥ 50 % of the field's {n_pixels} "
+                     "pixels without cloud or gap); grey dots: cloudy dates."
+                     + (" Above the curve: predicted stages ▲ (lower row), true stages ● (upper row)."
+                        if not stages.empty else ""))
         left.download_button("NDVI curve (CSV)", curve.to_csv(index=False).encode(), file_name=f"ndvi_{fid}.csv",
                              mime="text/csv")
     with right:
@@ -392,7 +420,7 @@ def _field_panel(stack: Stack, selected: gpd.GeoDataFrame, inputs: Inputs, roles
             st.caption("No growth stages for this field in the given tables.")
         else:
             wide = stages.assign(date=stages["date"].dt.strftime("%Y-%m-%d")).pivot_table(
-                index="date", columns="source", values="stage", aggfunc="first").reset_index()
+                index="date", columns="source", values="stage", aggfunc="first").reset_index().fillna("")
             st.markdown("**Growth stages**")
             st.dataframe(wide, hide_index=True)
         if position_panel is not None:

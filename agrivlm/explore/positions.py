@@ -166,8 +166,9 @@ def check_model(model: str | os.PathLike[str]) -> None:
 
 
 def ask_model(model: str | os.PathLike[str], chip_id: str, question: str) -> str:
-    """Answer ``question`` about chip ``chip_id`` with the checkpoint ``model``; returns the answer's text
-    (whose position tokens :func:`decode_answer` turns into positions for :func:`positions_table`).
+    """Answer ``question`` about chip ``chip_id`` with the checkpoint ``model``; returns the answer's text.
+
+    :func:`decode_answer` turns the answer's position tokens into positions for :func:`positions_table`.
 
     INTEGRATION POINT (model): implement with the model's loader and ``agrivlm infer`` (one chip, one
     question). Until they land :func:`check_model` raises, and the page says that asking needs a trained
