@@ -205,7 +205,7 @@ def curve_chart(curve: pd.DataFrame, stages: pd.DataFrame, current: pd.Timestamp
     """
     x = alt.X("date:T", title=None)
     ticks = [round(v, 1) for v in np.arange(NDVI_RANGE[0], NDVI_RANGE[1] + 1e-9, 0.2)]
-    y_scale = alt.Scale(domain=[NDVI_RANGE[0], NDVI_RANGE[1] + 0.3])
+    y_scale = alt.Scale(domain=[NDVI_RANGE[0], NDVI_RANGE[1] + (0.3 if not stages.empty else 0.02)])
     y = alt.Y("ndvi:Q", title="NDVI (field mean)", scale=y_scale, axis=alt.Axis(values=ticks))
     tooltip = [alt.Tooltip("date:T", format="%Y-%m-%d"), alt.Tooltip("ndvi:Q", format=".3f"),
                alt.Tooltip("clear_fraction:Q", format=".0%", title="clear")]
