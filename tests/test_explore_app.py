@@ -63,6 +63,7 @@ def test_sample_page(monkeypatch: pytest.MonkeyPatch, sample_root: Path, predict
     date = at.sidebar.select_slider(key="date")
     assert len(date.options) == 68 and at.sidebar.radio(key="view").options == ["NDVI"]
     assert "no basemap" in at.caption[0].value and "data on 100% of the stack" in at.caption[0].value
+    assert not at.text_input  # no place to type a path: the page reads only what it was started with
     first_image = layers["stack-overlay"]["image"]
 
     # another date: another overlay, with the clouds of that date counted

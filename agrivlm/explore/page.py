@@ -231,7 +231,7 @@ def curve_chart(curve: pd.DataFrame, stages: pd.DataFrame, current: pd.Timestamp
                             legend=None),
             tooltip=[alt.Tooltip("date:T", format="%Y-%m-%d"), "stage:N", "source:N"],
         ))
-    return alt.layer(*layers)
+    return alt.LayerChart(layer=layers)
 
 
 # -- the page -----------------------------------------------------------------------------------------
