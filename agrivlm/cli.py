@@ -146,6 +146,9 @@ def quickstart(
 
 
 app.add_typer(recipe_app, name="recipe")
+from agrivlm.explore.command import explore as _explore  # noqa: E402
+
+app.command("explore")(_explore)
 
 
 def main() -> None:
