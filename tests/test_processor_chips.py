@@ -178,6 +178,8 @@ def test_multiscale_items_are_padded_with_their_sizes(processor: AgriVLMProcesso
 def test_bad_chip_inputs_name_the_problem(processor: AgriVLMProcessor, chips32: list[Chip],
                                           sample_root: Path) -> None:
     chip = chips32[0]
+    with pytest.raises(PipelineError, match="at least one chip"):
+        processor.from_chips([], "no image")
     with pytest.raises(PipelineError, match="2 chips for 1 <image>/<video> placeholders"):
         processor.from_chips(chips32[:2], "<video>")
     with pytest.raises(PipelineError, match=r"anyres.tile_size: frames of 30x30 px are not a multiple"):

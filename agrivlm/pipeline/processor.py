@@ -628,6 +628,8 @@ class AgriVLMProcessor(ProcessorMixin):
         layout = self.layout
         placeholder_ids = {layout.image_token_id, layout.video_token_id}
         owner = [b for b, ids in enumerate(prompt_ids) for i in ids if i in placeholder_ids]
+        if not chip_list:
+            raise PipelineError("from_chips needs at least one chip; use processor(text) for prompts without images")
         if len(owner) != len(chip_list):
             raise PipelineError(f"{len(chip_list)} chips for {len(owner)} <image>/<video> placeholders in the prompts; "
                                 "give one chip per placeholder (put <video> in each prompt)")
