@@ -273,6 +273,7 @@ def build_model(
         patch_size=int(model.config.vision_config.patch_size),  # type: ignore[union-attr]
         pool_stride=s.pooling.stride,
         num_bands=s.num_bands,
+        pool_mode=s.pooling.mode,
         num_spatial_tokens=s.lape.num_spatial_tokens,
         num_temporal_tokens=s.lape.num_temporal_tokens,
     )

@@ -9,7 +9,10 @@ Data path for ``N`` visual items of ``T`` frames, ``C`` bands, ``H × W`` px, LL
 2. 2-layer MLP projector → ``(N·T, h·w, D)`` → :func:`~agrivlm.pipeline.pooling.pool_2d` →
    ``(N·T, h'·w', D)`` with ``(h', w') =`` :func:`~agrivlm.pipeline.processor.visual_token_grid`.
 3. LAPE injection (when on): ``+ spatial_pos_weight·(H[v] + W[u]) + temporal_pos_weight·T[t]`` at each
-   pooled cell's centre and each frame's time.
+   pooled cell's centre and each frame's time. With ``patch_positions (N, h'·w', 2)`` (from
+   :meth:`~agrivlm.pipeline.processor.AgriVLMProcessor.from_chips`) each token's ``(u, v)`` is given instead:
+   the chip position of an AnyRes tile's cells (:func:`inject_lape_at_positions`). Items of different sizes
+   (multi-scale) come zero-padded with ``image_sizes (N, 2)``; each is cropped and encoded at its own size.
 4. The ``T·h'·w'`` visual tokens of each item replace its ``<image>``/``<video>`` placeholder tokens
    (count checked, then ``masked_scatter``, as in HF Llava).
 5. The LLM runs on the embeddings. With LAPE on, ids ``≥ position_token_offset`` are position tokens:
@@ -44,7 +47,7 @@ from agrivlm.lape.embedding import LapeEmbeddings, cell_centres, default_frame_t
 from agrivlm.lape.tokens import AXES, Axis, LapeVocab, ParsedPositions, parse_token_ids
 from agrivlm.model.configuration import AgriVLMConfig
 from agrivlm.pipeline.pooling import pool_2d
-from agrivlm.pipeline.processor import IGNORE_INDEX, visual_token_grid
+from agrivlm.pipeline.processor import IGNORE_INDEX, num_visual_tokens, visual_token_grid
 
 
 @dataclass
@@ -68,6 +71,52 @@ class AgriVLMOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
     text_loss: torch.Tensor | None = None
     position_loss: torch.Tensor | None = None
+
+
+def inject_lape_at_positions(
+    lape: LapeEmbeddings,
+    features: torch.Tensor,
+    positions: torch.Tensor,
+    frame_times: torch.Tensor,
+    spatial_weight: float = 1.0,
+    temporal_weight: float = 1.0,
+    tables: dict[Axis, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Add LAPE positions to visual features at given per-token positions (AnyRes tiles, thumbnails, scales).
+
+    The same sum as :meth:`~agrivlm.lape.embedding.LapeEmbeddings.inject`, with the grid's separable row/column
+    centres replaced by each token's own ``(u, v)``; on a grid's cell centres the result is bit-for-bit the same.
+
+    Args:
+        lape: the model's LAPE embeddings.
+        features: ``(N, T, P, D)`` projected, pooled features, cells row-major.
+        positions: ``(N, P, 2)`` normalized chip ``(u, v)`` of each token (``u`` → ``WIDTH``, ``v`` → ``HEIGHT``),
+            shared by the item's frames; float32 is used (as the grid centres are).
+        frame_times: ``(N, T)`` normalized ``t`` of each frame.
+        spatial_weight: scale of the height + width embeddings.
+        temporal_weight: scale of the temporal embeddings.
+        tables: the LAPE input tables of this forward, when already computed.
+
+    Returns:
+        ``(N, T, P, D)``: ``features + sw·(H[v] + W[u]) + tw·T[t]``, each term by :func:`token_transfer`.
+    """
+    n, t, p, _ = features.shape
+    if tuple(positions.shape) != (n, p, 2):
+        raise ValueError(f"patch_positions must be ({n}, {p}, 2): (u, v) of the {p} visual tokens per frame of each "
+                         f"of {n} items, got {tuple(positions.shape)}; build inputs with AgriVLMProcessor.from_chips")
+    if tuple(frame_times.shape) != (n, t):
+        raise ValueError(f"frame_times must be ({n}, {t}) for {n} items of {t} frames, got {tuple(frame_times.shape)}")
+    dev = features.device
+    pos = positions.to(device=dev, dtype=torch.float32)
+    if not bool(torch.isfinite(pos).all()):
+        raise ValueError("patch_positions hold NaN/inf for real visual tokens; give every token its (u, v)")
+    tables = tables if tables is not None else lape.input_tables_by_axis()
+    height = token_transfer(tables[Axis.HEIGHT], pos[..., 1])  # (N, P, D)
+    width = token_transfer(tables[Axis.WIDTH], pos[..., 0])  # (N, P, D)
+    temporal = token_transfer(tables[Axis.TEMP], frame_times.to(dev))  # (N, T, D)
+    spatial = height + width
+    out = spatial_weight * spatial[:, None] + temporal_weight * temporal[:, :, None, :]
+    return features + out.to(features.dtype)
 
 
 class BandAdapter(nn.Conv2d):
@@ -185,6 +234,7 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor,
         frame_times: torch.Tensor | None = None,
         lape_tables: dict[Axis, torch.Tensor] | None = None,
+        patch_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Visual tokens of each item.
 
@@ -192,6 +242,9 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
             pixel_values: ``(N, T, C, H, W)`` frames (``C = num_bands``; no NaN — the processor fills them).
             frame_times: ``(N, T)`` normalized time of each frame; default evenly spaced ``[0, 1]``.
             lape_tables: the LAPE input tables of this forward (computed once and shared with the text path).
+            patch_positions: optional ``(N, h'·w', 2)`` chip ``(u, v)`` of each visual token of a frame
+                (:func:`inject_lape_at_positions`); None: the centres of the item's own pooled grid, i.e. the
+                item is the whole chip.
 
         Returns:
             ``(N, T·h'·w', D)`` projected, pooled, LAPE-injected visual tokens, frame by frame, cells
@@ -225,16 +278,65 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         if self.lape is not None:
             if frame_times is None:
                 frame_times = default_frame_times(t).to(feats.device).expand(n, t)
-            feats = self.lape.inject(
-                feats,
-                cell_centres(h, cfg.pool_stride, cfg.pool_mode),
-                cell_centres(w, cfg.pool_stride, cfg.pool_mode),
-                frame_times,
-                cfg.spatial_pos_weight,
-                cfg.temporal_pos_weight,
-                lape_tables,
-            )
+            if patch_positions is not None:
+                feats = inject_lape_at_positions(
+                    self.lape, feats, patch_positions, frame_times, cfg.spatial_pos_weight, cfg.temporal_pos_weight,
+                    lape_tables,
+                )
+            else:
+                feats = self.lape.inject(
+                    feats,
+                    cell_centres(h, cfg.pool_stride, cfg.pool_mode),
+                    cell_centres(w, cfg.pool_stride, cfg.pool_mode),
+                    frame_times,
+                    cfg.spatial_pos_weight,
+                    cfg.temporal_pos_weight,
+                    lape_tables,
+                )
         return feats.reshape(n, t * per_frame, d)
+
+    def get_visual_features_by_size(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor,
+        frame_times: torch.Tensor | None = None,
+        lape_tables: dict[Axis, torch.Tensor] | None = None,
+        patch_positions: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Visual tokens of items of different sizes (multi-scale), each encoded at its own size.
+
+        Args:
+            pixel_values: ``(N, T, C, H_max, W_max)``, item ``i`` in ``[..., :H_i, :W_i]`` (zero-padded).
+            image_sizes: ``(N, 2)`` ``(H_i, W_i)`` of each item.
+            frame_times: ``(N, T)``.
+            lape_tables: as in :meth:`get_visual_features`.
+            patch_positions: optional ``(N, P_max, 2)``; item ``i`` uses its first ``P_i = h'_i·w'_i`` rows.
+
+        Returns:
+            ``N`` tensors ``(T·h'_i·w'_i, D)``, in item order. Items of one size go through the encoder together.
+        """
+        n = pixel_values.shape[0]
+        if tuple(image_sizes.shape) != (n, 2):
+            raise ValueError(f"image_sizes must be ({n}, 2) for {n} items, got {tuple(image_sizes.shape)}")
+        sizes = [(int(h), int(w)) for h, w in image_sizes.tolist()]
+        for i, (h, w) in enumerate(sizes):
+            if not (0 < h <= pixel_values.shape[-2] and 0 < w <= pixel_values.shape[-1]):
+                raise ValueError(f"image_sizes[{i}] = {(h, w)} does not fit pixel_values of "
+                                 f"{pixel_values.shape[-2]}x{pixel_values.shape[-1]} px")
+        patch = int(self.config.vision_config.patch_size)  # type: ignore[union-attr]
+        out: list[torch.Tensor | None] = [None] * n
+        for size in dict.fromkeys(sizes):
+            idx = [i for i, s in enumerate(sizes) if s == size]
+            sel = torch.tensor(idx, device=pixel_values.device)
+            pos = None
+            if patch_positions is not None:
+                per_frame = num_visual_tokens(1, size[0], size[1], patch, self.config.pool_stride)
+                pos = patch_positions[sel.to(patch_positions.device), :per_frame]
+            ft = None if frame_times is None else frame_times[sel.to(frame_times.device)]
+            feats = self.get_visual_features(pixel_values[sel, :, :, : size[0], : size[1]], ft, lape_tables, pos)
+            for j, i in enumerate(idx):
+                out[i] = feats[j]
+        return [f for f in out if f is not None]
 
     # -- text path -----------------------------------------------------------------------------------
     def embed_tokens(
@@ -394,6 +496,8 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         position_values: torch.Tensor | None = None,
         frame_times: torch.Tensor | None = None,
+        patch_positions: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
@@ -410,6 +514,10 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
             labels: ``(B, L)`` targets, ``-100`` where unsupervised.
             position_values: ``(B, L)`` continuous values of LAPE tokens (NaN elsewhere).
             frame_times: ``(N, T)`` normalized time of each frame.
+            patch_positions: optional ``(N, P, 2)`` chip ``(u, v)`` of each item's visual tokens per frame (AnyRes
+                tiles, scales; see :meth:`get_visual_features`); None: each item is the whole chip.
+            image_sizes: optional ``(N, 2)`` ``(H, W)`` of each item when items differ in size (zero-padded in
+                ``pixel_values``); see :meth:`get_visual_features_by_size`.
             use_cache: return a KV cache.
             logits_to_keep: compute logits only for the last ``k`` positions (0 = all).
             **kwargs: passed to the LLM (e.g. ``output_hidden_states``).
@@ -420,8 +528,21 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
             assert input_ids is not None
             tables = self.lape.input_tables_by_axis() if self.lape is not None else None
             inputs_embeds = self.embed_tokens(input_ids, position_values, tables)
-            if pixel_values is not None:
-                visual = self.get_visual_features(pixel_values, frame_times, tables)
+            if pixel_values is not None and image_sizes is not None:
+                parts = self.get_visual_features_by_size(
+                    pixel_values, image_sizes, frame_times, tables, patch_positions
+                )
+                ids = [i for i in (self.config.image_token_id, self.config.video_token_id) if i is not None]
+                n_tokens = int(torch.isin(input_ids, torch.tensor(ids, device=input_ids.device)).sum())
+                if n_tokens != sum(part.shape[0] for part in parts):
+                    raise ValueError(
+                        f"the prompts hold {n_tokens} <image>/<video> tokens but the {len(parts)} visual items of "
+                        f"image_sizes give {[part.shape[0] for part in parts]} visual tokens; build inputs with "
+                        "AgriVLMProcessor.from_chips"
+                    )
+                inputs_embeds = self.merge_visual_tokens(input_ids, inputs_embeds, torch.cat(parts)[None])
+            elif pixel_values is not None:
+                visual = self.get_visual_features(pixel_values, frame_times, tables, patch_positions)
                 inputs_embeds = self.merge_visual_tokens(input_ids, inputs_embeds, visual)
         elif pixel_values is not None:
             raise ValueError(
@@ -453,12 +574,12 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         )
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """HF's preparation, plus: ``frame_times`` and ``position_values`` only reach the prefill step."""
+        """HF's preparation, plus: ``frame_times``, ``position_values``, ``patch_positions`` reach only the prefill."""
         first = bool(kwargs.get("is_first_iteration", False))
         inputs: dict[str, Any] = super().prepare_inputs_for_generation(*args, **kwargs)
         if not first and kwargs.get("use_cache", True):
-            inputs.pop("frame_times", None)
-            inputs.pop("position_values", None)
+            for key in ("frame_times", "position_values", "patch_positions", "image_sizes"):
+                inputs.pop(key, None)
         return inputs
 
     # -- decoding ------------------------------------------------------------------------------------

@@ -10,23 +10,45 @@ the model (and by whoever later adds frame sampling or AnyRes tiles): the encode
 ``(H/p, W/p)`` patch grid per frame and :func:`agrivlm.pipeline.pooling.pooled_grid` shrinks it by the
 pooling stride.
 
-Band normalisation is not done here (``agrivlm/pipeline/bands.py``): inputs are float arrays already
-scaled as the model expects.
+Two entries:
+
+* ``processor(text, images=...)``: float arrays already scaled as the model expects, one visual item per
+  placeholder, all of one size.
+* :meth:`AgriVLMProcessor.from_chips`: :class:`~agrivlm.geo.chips.Chip` objects straight from a stack. Per
+  chip it samples frames (:func:`~agrivlm.pipeline.frames.sample_frames`, dates kept), scales the bands
+  (:func:`~agrivlm.pipeline.bands.prepare_bands`), optionally cuts AnyRes tiles plus a thumbnail
+  (:func:`~agrivlm.pipeline.anyres.anyres_tiles`) or resizes to several scales, fills no data, and returns
+  the batch with the geography of every visual item (:class:`ChipBatch`). A chip's placeholder then
+  stands for *all* its visual items (thumbnail and tiles, or every scale), each expanded to its own
+  :func:`num_visual_tokens`; ``patch_positions`` gives the model the chip-normalized ``(u, v)`` of every
+  visual token, so a tile's tokens carry the LAPE ``HEIGHT``/``WIDTH`` embeddings of where they lie on
+  the chip (:func:`~agrivlm.pipeline.anyres.token_positions`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
 import torch
+from pydantic import Field, field_validator, model_validator
+from rasterio.windows import Window
 from transformers import BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
 
+from agrivlm.config import StrictModel, parse_config
+from agrivlm.errors import PipelineError
+from agrivlm.geo.chips import Chip
+from agrivlm.geo.coords import FloatArray, GeoGrid, TimeAxis
 from agrivlm.lape.embedding import default_frame_times
 from agrivlm.lape.tokens import LapeVocab
-from agrivlm.pipeline.pooling import pooled_grid
+from agrivlm.pipeline.anyres import Tile, anyres_tiles, cell_centres, token_positions
+from agrivlm.pipeline.bands import COMPOSITES, PRESETS, BandStats, available_composites, fill_nodata, prepare_bands
+from agrivlm.pipeline.frames import Frames, FrameSamplingConfig, ResizeMode, rescale_grid, resize_frames, sample_frames
+from agrivlm.pipeline.pooling import POOL_MODES, PoolMode, pooled_grid
 
 if TYPE_CHECKING:  # the model package imports this module; import its tokenizer lazily
     from agrivlm.model.tokenizer import TokenLayout
@@ -60,6 +82,20 @@ def num_visual_tokens(num_frames: int, height: int, width: int, patch_size: int,
     return num_frames * h * w
 
 
+def visual_token_centres(height: int, width: int, patch_size: int, pool_stride: int,
+                         pool_mode: PoolMode = "average") -> FloatArray:
+    """``(h'·w', 2)`` normalized ``(u, v)`` of each visual token of one frame, in that frame's own ``[0, 1]²``.
+
+    The centres of the pooled cells of :func:`visual_token_grid` (row-major, the model's token order):
+    :func:`agrivlm.pipeline.anyres.cell_centres` on the ``(height / p, width / p)`` patch grid. For an item
+    that shows the whole chip (a plain chip, a thumbnail, a scale) these are chip positions; a tile's go
+    through :func:`agrivlm.pipeline.anyres.token_positions` instead.
+    """
+    visual_token_grid(height, width, patch_size, pool_stride)  # checks the size
+    u, v = cell_centres(height // patch_size, width // patch_size, pool_stride, pool_mode)
+    return np.stack([u, v], axis=1)
+
+
 def _as_item(x: Any, index: int) -> npt.NDArray[np.float32]:
     arr = np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
     if arr.ndim == 3:
@@ -69,11 +105,223 @@ def _as_item(x: Any, index: int) -> npt.NDArray[np.float32]:
     return arr
 
 
+# -- chip inputs: settings -----------------------------------------------------------------------------
+
+
+class BandsConfig(StrictModel):
+    """How :meth:`AgriVLMProcessor.from_chips` scales a chip's bands (:func:`~agrivlm.pipeline.bands.prepare_bands`)."""
+
+    #: Sensor preset key (:data:`agrivlm.pipeline.bands.PRESETS`): band count, scale, offset, nodata.
+    preset: str
+    #: Optional false-colour composite (:data:`agrivlm.pipeline.bands.COMPOSITES`); None keeps every band.
+    composite: str | None = None
+    #: Percentiles of the per-chip robust clip range (used when ``low``/``high`` are not set).
+    percentiles: tuple[float, float] = (2.0, 98.0)
+    #: Fixed, dataset-wide per-channel value mapped to 0 (with ``high``); None: each chip's own percentiles.
+    low: list[float] | None = None
+    #: Fixed per-channel value mapped to 1.
+    high: list[float] | None = None
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        if v not in PRESETS:
+            raise ValueError(f"unknown sensor preset {v!r}; use one of {', '.join(PRESETS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BandsConfig:
+        if self.composite is not None:
+            if self.composite not in COMPOSITES:
+                raise ValueError(f"unknown composite {self.composite!r}; use one of {', '.join(COMPOSITES)}")
+            if self.composite not in available_composites(self.preset):
+                raise ValueError(f"preset {self.preset!r} cannot make composite {self.composite!r}; it supports "
+                                 f"{', '.join(available_composites(self.preset)) or 'none'}")
+        if (self.low is None) != (self.high is None):
+            raise ValueError("give both low and high (fixed stats) or neither (per-chip percentiles)")
+        if self.low is not None and self.high is not None and len(self.low) != len(self.high):
+            raise ValueError(f"low has {len(self.low)} values but high has {len(self.high)}")
+        lo_p, hi_p = self.percentiles
+        if not 0.0 <= lo_p < hi_p <= 100.0:
+            raise ValueError(f"percentiles must satisfy 0 ≤ lower < upper ≤ 100, got {self.percentiles}")
+        return self
+
+    def stats(self) -> BandStats | None:
+        """The fixed :class:`BandStats`, or None for per-chip percentiles."""
+        if self.low is None or self.high is None:
+            return None
+        return BandStats(np.asarray(self.low, dtype=np.float64), np.asarray(self.high, dtype=np.float64),
+                         self.percentiles)
+
+
+class AnyResConfig(StrictModel):
+    """AnyRes tiling of :meth:`AgriVLMProcessor.from_chips` (:func:`~agrivlm.pipeline.anyres.anyres_tiles`)."""
+
+    #: Side of every tile (and the thumbnail) fed to the encoder, in px; a multiple of the patch size.
+    tile_size: Annotated[int, Field(ge=1)]
+    #: Most tiles (thumbnail not counted).
+    max_tiles: Annotated[int, Field(ge=1)] = 6
+    #: Fewest tiles.
+    min_tiles: Annotated[int, Field(ge=1)] = 1
+    #: Put the whole chip, resized to ``tile_size``, first (as LLaVA-NeXT does).
+    thumbnail: bool = True
+
+    @model_validator(mode="after")
+    def _range(self) -> AnyResConfig:
+        if self.min_tiles > self.max_tiles:
+            raise ValueError(f"min_tiles={self.min_tiles} is more than max_tiles={self.max_tiles}")
+        return self
+
+
+class ChipInputConfig(StrictModel):
+    """Everything :meth:`AgriVLMProcessor.from_chips` does to a chip; saved with the processor.
+
+    Exactly one layout: plain (one item per chip), ``anyres`` (thumbnail + tiles), or ``scales`` (one item per
+    scale factor).
+    """
+
+    #: Which dates become frames.
+    sampling: FrameSamplingConfig = Field(default_factory=FrameSamplingConfig)
+    #: Band scaling; None feeds the chip's values as they are (NaN still becomes ``fill_value``).
+    bands: BandsConfig | None = None
+    #: AnyRes tiling; None: no tiles.
+    anyres: AnyResConfig | None = None
+    #: Multi-scale: scale factors, e.g. ``[1.0, 0.75, 0.5]``; each scale's side is rounded to a multiple of
+    #: the patch size (at least one patch). None: one scale, the chip's own size.
+    scales: list[Annotated[float, Field(gt=0)]] | None = None
+    #: Plain and multi-scale: resize each chip to ``size × size`` px first (the geography follows exactly).
+    size: Annotated[int, Field(ge=1)] | None = None
+    #: Interpolation of every resize (NaN-aware, :func:`~agrivlm.pipeline.frames.resize_frames`).
+    resize_mode: ResizeMode = "bilinear"
+    #: Value that replaces no data (NaN) in the pixels fed to the encoder.
+    fill_value: float = 0.0
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> ChipInputConfig:
+        if self.anyres is not None and self.scales is not None:
+            raise ValueError("use either anyres or scales, not both")
+        if self.anyres is not None and self.size is not None:
+            raise ValueError("size resizes plain and multi-scale chips; AnyRes tiles are anyres.tile_size px")
+        if self.scales is not None and not self.scales:
+            raise ValueError("scales needs at least one factor (or null for one scale)")
+        return self
+
+
+# -- chip inputs: what comes back ---------------------------------------------------------------------
+
+
+ItemKind = Literal["chip", "scale", "thumbnail", "tile"]
+
+
+@dataclass(frozen=True)
+class VisualItem:
+    """Where one visual item (one row of ``pixel_values``) lies.
+
+    Attributes:
+        chip: index of its chip in :attr:`ChipBatch.chips`.
+        kind: ``"chip"`` (plain), ``"scale"``, ``"thumbnail"`` or ``"tile"``.
+        grid: the item's pixels as fed to the encoder: normalized ``(u, v)`` *of the item* → CRS with
+            ``grid.norm_to_crs(u, v)``.
+        chip_grid: the chip's grid.
+        window: the chip pixels it shows, on the chip's grid (the whole chip except for tiles).
+        token_grid: ``(h', w')`` visual tokens per frame (:func:`visual_token_grid`).
+        scale: the scale factor (``"scale"`` items; 1.0 otherwise).
+        tile: the :class:`~agrivlm.pipeline.anyres.Tile` of a thumbnail or tile, else None.
+    """
+
+    chip: int
+    kind: ItemKind
+    grid: GeoGrid
+    chip_grid: GeoGrid
+    window: Window
+    token_grid: tuple[int, int]
+    scale: float = 1.0
+    tile: Tile | None = None
+
+    @property
+    def num_tokens_per_frame(self) -> int:
+        """``h'·w'``."""
+        return self.token_grid[0] * self.token_grid[1]
+
+    def to_crs(self, u: npt.ArrayLike, v: npt.ArrayLike) -> tuple[FloatArray, FloatArray]:
+        """Normalized ``(u, v)`` of this item → CRS ``(x, y)``."""
+        return self.grid.norm_to_crs(u, v)
+
+    def to_chip(self, u: npt.ArrayLike, v: npt.ArrayLike) -> tuple[FloatArray, FloatArray]:
+        """Normalized ``(u, v)`` of this item → normalized ``(u, v)`` of the chip (via the CRS, as ``Tile.to_chip``)."""
+        return self.chip_grid.crs_to_norm(*self.grid.norm_to_crs(u, v))
+
+
+@dataclass(frozen=True)
+class ChipGeography:
+    """Where and when one chip of a batch is: what turns decoded positions into map coordinates and dates.
+
+    Positions the model reads and writes are the *chip's* normalized ``(u, v)`` (and ``t`` on the frames'
+    date range), whatever the tiling: a tile's visual tokens carry chip positions.
+
+    Attributes:
+        chip_id: the chip's id.
+        sample: index of the prompt it belongs to.
+        grid: the chip's grid: decoded ``(u, v)`` → CRS with ``grid.norm_to_crs``.
+        time_axis: the frames' date range (first frame ``t = 0``, last ``t = 1``, as the recipes' records).
+        frame_dates: ``(T,)`` ``datetime64[us]`` acquisition time of each frame.
+        frame_indices: ``(T,)`` int64 index of each frame into the chip's date axis (``chip.times``).
+        frame_t: ``(T,)`` normalized time of each frame on ``time_axis`` (the ``frame_times`` row fed to the model).
+        items: rows of ``pixel_values`` (and of :attr:`ChipBatch.items`) that show this chip, in order.
+        grid_shape: ``(rows, cols)`` of AnyRes tiles, or None.
+        stats: the band normalisation used (per chip or fixed), or None without band scaling.
+    """
+
+    chip_id: str
+    sample: int
+    grid: GeoGrid
+    time_axis: TimeAxis
+    frame_dates: npt.NDArray[np.datetime64]
+    frame_indices: npt.NDArray[np.int64]
+    frame_t: FloatArray
+    items: tuple[int, ...]
+    grid_shape: tuple[int, int] | None = None
+    stats: BandStats | None = None
+
+    def to_crs(self, u: npt.ArrayLike, v: npt.ArrayLike) -> tuple[FloatArray, FloatArray]:
+        """Decoded chip-normalized ``(u, v)`` → CRS ``(x, y)``."""
+        return self.grid.norm_to_crs(u, v)
+
+    def to_dates(self, t: npt.ArrayLike) -> npt.NDArray[np.datetime64]:
+        """Decoded normalized ``t`` → dates (``datetime64[us]``)."""
+        return self.time_axis.from_norm(t)
+
+
+@dataclass(frozen=True)
+class ChipBatch:
+    """What :meth:`AgriVLMProcessor.from_chips` returns.
+
+    Attributes:
+        batch: the model inputs: ``model(**chip_batch.batch)`` / ``model.generate(**chip_batch.batch)``.
+        chips: one :class:`ChipGeography` per chip, in the order given.
+        items: one :class:`VisualItem` per row of ``pixel_values``.
+    """
+
+    batch: BatchFeature
+    chips: tuple[ChipGeography, ...]
+    items: tuple[VisualItem, ...]
+
+
+@dataclass(frozen=True)
+class _PreparedChip:
+    pixels: list[torch.Tensor]  # per item (T, C, h, w), filled
+    positions: list[FloatArray]  # per item (h'·w', 2) chip (u, v)
+    items: list[VisualItem]
+    frames: Frames
+    grid_shape: tuple[int, int] | None
+    stats: BandStats | None
+
+
 class AgriVLMProcessor(ProcessorMixin):
     """Tokenizer + visual-token expansion + pixel stacking for :class:`~agrivlm.model.AgriVLMForConditionalGeneration`.
 
     Saved and loaded with ``save_pretrained`` / ``from_pretrained`` (``processor_config.json`` plus the
-    tokenizer files).
+    tokenizer files), including ``pool_mode`` and the chip settings (``chip_config``).
     """
 
     def __init__(
@@ -85,6 +333,8 @@ class AgriVLMProcessor(ProcessorMixin):
         num_spatial_tokens: int = 150,
         num_temporal_tokens: int = 50,
         chat_template: str | None = None,
+        pool_mode: str = "average",
+        chip_config: dict[str, Any] | ChipInputConfig | None = None,
     ) -> None:
         #: Vision encoder patch size in px.
         self.patch_size = patch_size
@@ -94,7 +344,20 @@ class AgriVLMProcessor(ProcessorMixin):
         self.num_bands = num_bands
         self.num_spatial_tokens = num_spatial_tokens
         self.num_temporal_tokens = num_temporal_tokens
+        if pool_mode not in POOL_MODES:
+            raise ValueError(f"pool_mode must be one of {POOL_MODES} (the model's config.pool_mode), got {pool_mode!r}")
+        #: The model's pooling mode (where the pooled cells' centres are, for ``patch_positions``).
+        self.pool_mode = pool_mode
+        cfg = chip_config if isinstance(chip_config, ChipInputConfig) else parse_config(
+            ChipInputConfig, chip_config or {}, "processor chip_config")
+        #: Default settings of :meth:`from_chips`, JSON-ready (saved in ``processor_config.json``).
+        self.chip_config: dict[str, Any] = cfg.model_dump(mode="json")
         super().__init__(tokenizer, chat_template=chat_template)
+
+    @property
+    def chip_settings(self) -> ChipInputConfig:
+        """:attr:`chip_config` as a :class:`ChipInputConfig`."""
+        return ChipInputConfig.model_validate(self.chip_config)
 
     @property
     def vocab(self) -> LapeVocab:
@@ -146,6 +409,28 @@ class AgriVLMProcessor(ProcessorMixin):
             ``pixel_values (N, T, C, H, W)`` float32 and ``frame_times (N, T)``, ``labels (B, L)``
             (``-100`` off the answers), ``position_values (B, L)`` (NaN off the LAPE tokens).
         """
+        texts, answer_list, prompt_ids = self._prepare_text(text, answers, padding_side, return_tensors)
+        layout = self.layout
+        placeholder_ids = {layout.image_token_id, layout.video_token_id}
+        n_items = sum(sum(i in placeholder_ids for i in ids) for ids in prompt_ids)
+        items = self._stack_items(images, n_items)
+        data: dict[str, Any] = {}
+        expand: list[int] = []
+        frames: list[int] = []
+        if items is not None:
+            n, t, c, h, w = items.shape
+            per_item = num_visual_tokens(t, h, w, self.patch_size, self.pool_stride)
+            data["pixel_values"] = torch.from_numpy(items)
+            data["frame_times"] = self._frame_times(frame_times, n, t)
+            expand, frames = [per_item] * n, [t] * n
+        data.update(self._encode_text(texts, prompt_ids, answer_list, positions, expand, frames, "item",
+                                      padding_side, add_eos))
+        return BatchFeature(data=data)
+
+    # -- text ------------------------------------------------------------------------------------------
+    def _prepare_text(
+        self, text: str | Sequence[str], answers: str | Sequence[str] | None, padding_side: str, return_tensors: str
+    ) -> tuple[list[str], list[str] | None, list[list[int]]]:
         if return_tensors != "pt":
             raise ValueError(f"return_tensors must be 'pt', got {return_tensors!r}")
         if padding_side not in ("left", "right"):
@@ -156,34 +441,37 @@ class AgriVLMProcessor(ProcessorMixin):
             answer_list = [answers] if isinstance(answers, str) else list(answers)
             if len(answer_list) != len(texts):
                 raise ValueError(f"{len(answer_list)} answers for {len(texts)} prompts")
+        prompt_ids = [list(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        return texts, answer_list, prompt_ids
+
+    def _encode_text(
+        self,
+        texts: list[str],
+        prompt_ids: list[list[int]],
+        answer_list: list[str] | None,
+        positions: Sequence[Sequence[float] | None] | None,
+        expand: list[int],
+        frames: list[int],
+        noun: str,
+        padding_side: str,
+        add_eos: bool,
+    ) -> dict[str, torch.Tensor]:
+        """Expand placeholder ``k`` (reading order) to ``expand[k]`` tokens, append answers, labels, values, pad."""
         layout = self.layout
         placeholder_ids = {layout.image_token_id, layout.video_token_id}
         tok = self.tokenizer
-
-        prompt_ids = [list(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
-        n_items = sum(sum(i in placeholder_ids for i in ids) for ids in prompt_ids)
-        items = self._stack_items(images, n_items)
-        data: dict[str, Any] = {}
-        per_item = 0
-        if items is not None:
-            n, t, c, h, w = items.shape
-            per_item = num_visual_tokens(t, h, w, self.patch_size, self.pool_stride)
-            data["pixel_values"] = torch.from_numpy(items)
-            data["frame_times"] = self._frame_times(frame_times, n, t)
-
-        # expand placeholders, append answers, build labels
         sequences: list[list[int]] = []
         labels: list[list[int]] = []
-        item = 0
+        k = 0
         for b, ids in enumerate(prompt_ids):
             seq: list[int] = []
             for i in ids:
                 if i in placeholder_ids:
-                    if i == layout.image_token_id and items is not None and items.shape[1] != 1:
-                        raise ValueError(f"sample {b}: <image> stands for one frame but item {item} has "
-                                         f"{items.shape[1]} frames; use <video>")
-                    seq.extend([i] * per_item)
-                    item += 1
+                    if i == layout.image_token_id and frames[k] != 1:
+                        raise ValueError(f"sample {b}: <image> stands for one frame but {noun} {k} has "
+                                         f"{frames[k]} frames; use <video>")
+                    seq.extend([i] * expand[k])
+                    k += 1
                 else:
                     seq.append(i)
             lab = [IGNORE_INDEX] * len(seq)
@@ -228,13 +516,12 @@ class AgriVLMProcessor(ProcessorMixin):
             label_t[b, sl] = torch.tensor(labels[b], dtype=torch.long)
             if pos_rows:
                 pos_t[b, sl] = torch.from_numpy(pos_rows[b])
-        data["input_ids"] = input_ids
-        data["attention_mask"] = attention
+        data: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention}
         if answer_list is not None:
             data["labels"] = label_t
         if pos_rows:
             data["position_values"] = pos_t
-        return BatchFeature(data=data)
+        return data
 
     def _stack_items(self, images: Any, n_items: int) -> npt.NDArray[np.float32] | None:
         if images is None:
@@ -278,6 +565,232 @@ class AgriVLMProcessor(ProcessorMixin):
                 raise ValueError(f"frame_times[{i}] must be normalized times in [0, 1], got {row.tolist()}")
             out[i] = row
         return out
+
+    # -- chips -----------------------------------------------------------------------------------------
+    def from_chips(
+        self,
+        chips: Chip | Sequence[Chip],
+        prompts: str | Sequence[str],
+        answers: str | Sequence[str] | None = None,
+        *,
+        config: ChipInputConfig | None = None,
+        sampling: FrameSamplingConfig | None = None,
+        bands: BandsConfig | str | None = None,
+        stats: BandStats | None = None,
+        anyres: AnyResConfig | None = None,
+        scales: Sequence[float] | None = None,
+        frame_indices: Sequence[Sequence[int] | None] | None = None,
+        positions: Sequence[Sequence[float] | None] | None = None,
+        padding_side: str = "right",
+        add_eos: bool = True,
+    ) -> ChipBatch:
+        """Build a batch from chips: frames sampled, bands scaled, tiles or scales cut, geography kept.
+
+        One chip per ``<image>`` / ``<video>`` placeholder, in reading order across the prompts (as
+        ``images`` in :meth:`__call__`). Each chip becomes one visual item (plain), one per scale
+        (``scales``), or a thumbnail plus ``rows × cols`` tiles (``anyres``); its placeholder expands to the
+        tokens of all its items, in that order, each item :func:`num_visual_tokens` long. Positions in
+        ``answers``/``positions`` are the chip's own normalized ``(u, v)`` and ``t`` on its frames' date range
+        (as in the recipes' records), whatever the layout.
+
+        Args:
+            chips: chips from a :class:`~agrivlm.geo.chips.ChipStream` (``data (T_all, C, h, w)``, NaN = no data).
+            prompts: one per sample, with the placeholders.
+            answers: optional answers, one per sample (supervised, as in :meth:`__call__`).
+            config: settings for this call instead of the processor's :attr:`chip_settings` (pass a whole
+                config to switch a section *off*); the next five override single sections, None keeps them.
+            sampling: frame sampler (:class:`~agrivlm.pipeline.frames.FrameSamplingConfig`).
+            bands: band scaling, a :class:`BandsConfig` or just a preset key (per-chip percentiles).
+            stats: fixed, dataset-wide normalisation (needs a band preset).
+            anyres: AnyRes tiling (:class:`AnyResConfig`).
+            scales: multi-scale factors, e.g. ``(1.0, 0.75, 0.5)``.
+            frame_indices: optional, per chip, the indices into ``chip.times`` to use as frames (e.g. a
+                record's ``chip.frame_indices``) instead of the sampler; None entries use the sampler.
+            positions: continuous values of each sample's LAPE tokens, as in :meth:`__call__`.
+            padding_side: ``"right"`` for training, ``"left"`` for batched generation.
+            add_eos: end each answer with the eos token.
+
+        Returns:
+            :class:`ChipBatch`: ``batch`` holds ``pixel_values (N, T, C, H, W)`` float32 (no NaN),
+            ``frame_times (N, T)`` (each chip's frames on its own date range), ``patch_positions (N, P, 2)``
+            float32 chip ``(u, v)`` of each item's ``P = h'·w'`` visual tokens per frame, ``input_ids``,
+            ``attention_mask`` (and ``labels``, ``position_values`` as in :meth:`__call__`). When items differ
+            in size (``scales``), ``pixel_values`` are zero-padded to the largest, ``image_sizes (N, 2)`` gives
+            each item's ``(H, W)`` and ``patch_positions`` rows are NaN past each item's ``P``.
+
+        Raises:
+            PipelineError: a chip without usable frames, a band count that does not fit the preset, chips
+                that give different numbers of frames, a size that is not a multiple of the patch size.
+        """
+        cfg = self._chip_config(config, sampling, bands, stats, anyres, scales)
+        chip_list = [chips] if isinstance(chips, Chip) else list(chips)
+        texts, answer_list, prompt_ids = self._prepare_text(prompts, answers, padding_side, "pt")
+        layout = self.layout
+        placeholder_ids = {layout.image_token_id, layout.video_token_id}
+        owner = [b for b, ids in enumerate(prompt_ids) for i in ids if i in placeholder_ids]
+        if not chip_list:
+            raise PipelineError("from_chips needs at least one chip; use processor(text) for prompts without images")
+        if len(owner) != len(chip_list):
+            raise PipelineError(f"{len(chip_list)} chips for {len(owner)} <image>/<video> placeholders in the prompts; "
+                                "give one chip per placeholder (put <video> in each prompt)")
+        if frame_indices is not None and len(frame_indices) != len(chip_list):
+            raise PipelineError(f"{len(frame_indices)} frame_indices entries for {len(chip_list)} chips")
+        prepared = [self._prepare_chip(chip, cfg, None if frame_indices is None else frame_indices[c])
+                    for c, chip in enumerate(chip_list)]
+
+        n_frames = {len(p.frames) for p in prepared}
+        if len(n_frames) > 1:
+            counts = ", ".join(f"{c.chip_id}: {len(p.frames)}" for c, p in zip(chip_list, prepared, strict=True))
+            raise PipelineError(f"chips of one batch must give the same number of frames, got {counts}; batch chips "
+                                "with enough usable dates together, or lower sampling.max_frames")
+        t = n_frames.pop()
+        bands_out = {int(px.shape[1]) for p in prepared for px in p.pixels}
+        if bands_out != {self.num_bands}:
+            raise PipelineError(f"the chips give {sorted(bands_out)} channels but the model takes "
+                                f"num_bands={self.num_bands}; set bands.preset/composite (or the model's num_bands)")
+
+        pixels = [px for p in prepared for px in p.pixels]
+        sizes = [(int(px.shape[-2]), int(px.shape[-1])) for px in pixels]
+        max_h, max_w = max(h for h, _ in sizes), max(w for _, w in sizes)
+        pv = torch.zeros((len(pixels), t, self.num_bands, max_h, max_w), dtype=torch.float32)
+        for k, px in enumerate(pixels):
+            pv[k, :, :, : px.shape[-2], : px.shape[-1]] = px
+        item_pos = [pos for p in prepared for pos in p.positions]
+        p_max = max(pos.shape[0] for pos in item_pos)
+        pp = torch.full((len(pixels), p_max, 2), float("nan"), dtype=torch.float32)
+        for k, pos in enumerate(item_pos):
+            pp[k, : pos.shape[0]] = torch.from_numpy(pos.astype(np.float32))
+
+        geos: list[ChipGeography] = []
+        items: list[VisualItem] = []
+        frame_rows: list[FloatArray] = []
+        expand: list[int] = []
+        for c, (chip, prep) in enumerate(zip(chip_list, prepared, strict=True)):
+            fr = prep.frames
+            axis = TimeAxis.from_dates(fr.times)
+            ft = axis.to_norm(fr.times)
+            first = len(items)
+            items.extend(dataclasses.replace(it, chip=c) for it in prep.items)
+            frame_rows.extend([ft] * len(prep.items))
+            expand.append(t * sum(it.num_tokens_per_frame for it in prep.items))
+            geos.append(ChipGeography(
+                chip_id=chip.chip_id, sample=owner[c], grid=chip.grid, time_axis=axis, frame_dates=fr.times,
+                frame_indices=fr.indices, frame_t=ft, items=tuple(range(first, len(items))),
+                grid_shape=prep.grid_shape, stats=prep.stats))
+
+        data: dict[str, Any] = {
+            "pixel_values": pv,
+            "frame_times": torch.from_numpy(np.stack(frame_rows).astype(np.float32)),
+            "patch_positions": pp,
+        }
+        if len(set(sizes)) > 1:
+            data["image_sizes"] = torch.tensor(sizes, dtype=torch.long)
+        data.update(self._encode_text(texts, prompt_ids, answer_list, positions, expand, [t] * len(chip_list),
+                                      "chip", padding_side, add_eos))
+        return ChipBatch(batch=BatchFeature(data=data), chips=tuple(geos), items=tuple(items))
+
+    def _chip_config(
+        self,
+        config: ChipInputConfig | None,
+        sampling: FrameSamplingConfig | None,
+        bands: BandsConfig | str | None,
+        stats: BandStats | None,
+        anyres: AnyResConfig | None,
+        scales: Sequence[float] | None,
+    ) -> ChipInputConfig:
+        cfg = config if config is not None else self.chip_settings
+        update: dict[str, Any] = {}
+        if sampling is not None:
+            update["sampling"] = sampling
+        if bands is not None:
+            update["bands"] = BandsConfig(preset=bands) if isinstance(bands, str) else bands
+        if stats is not None:
+            base = update.get("bands", cfg.bands)
+            if base is None:
+                raise PipelineError("stats need a band preset: pass bands='<preset>' (or set chip_config.bands)")
+            update["bands"] = base.model_copy(update={"low": stats.low.tolist(), "high": stats.high.tolist(),
+                                                      "percentiles": stats.percentiles})
+        if anyres is not None:
+            update["anyres"] = anyres
+        if scales is not None:
+            update["scales"] = [float(s) for s in scales]
+        if not update:
+            return cfg
+        return ChipInputConfig.model_validate({**cfg.model_dump(), **update})
+
+    def _frames(self, chip: Chip, sampling: FrameSamplingConfig, indices: Sequence[int] | None) -> Frames:
+        if indices is None:
+            return sample_frames(chip, sampling)
+        idx = np.asarray(indices, dtype=np.int64)
+        n = len(chip.times)
+        if idx.ndim != 1 or idx.size == 0 or idx.min() < 0 or idx.max() >= n or np.any(np.diff(idx) <= 0):
+            raise PipelineError(f"chip {chip.chip_id}: frame_indices {idx.tolist()} must be increasing indices "
+                                f"into its {n} dates (0…{n - 1})")
+        files = [chip.files[i] for i in idx] if len(chip.files) == n else list(chip.files)
+        sub = dataclasses.replace(chip, times=chip.times[idx], data=chip.data[idx], nodata=chip.nodata[idx],
+                                  mask=chip.mask[idx], files=files)
+        keep_all = sampling.model_copy(update={"sampler": "uniform", "uniform_by": "index",
+                                               "max_frames": int(idx.size)})
+        fr = sample_frames(sub, keep_all)
+        return dataclasses.replace(fr, indices=idx[fr.indices], time_axis=chip.time_axis)
+
+    def _prepare_chip(self, chip: Chip, cfg: ChipInputConfig, indices: Sequence[int] | None) -> _PreparedChip:
+        frames = self._frames(chip, cfg.sampling, indices)
+        values = frames.pixels
+        used: BandStats | None = None
+        if cfg.bands is not None:
+            values, used = prepare_bands(values, cfg.bands.preset, composite_name=cfg.bands.composite,
+                                         times=frames.times, stats=cfg.bands.stats(),
+                                         percentiles=cfg.bands.percentiles, source=f"chip {chip.chip_id}")
+        x = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+        grid = chip.grid
+        whole = Window(0, 0, chip.grid.width, chip.grid.height)
+        p, stride = self.patch_size, self.pool_stride
+        mode = cast(PoolMode, self.pool_mode)
+        if cfg.size is not None:
+            x = resize_frames(x, (cfg.size, cfg.size), cfg.resize_mode)
+            grid = rescale_grid(grid, cfg.size, cfg.size)
+        out_px: list[torch.Tensor] = []
+        out_pos: list[FloatArray] = []
+        out_items: list[VisualItem] = []
+        grid_shape: tuple[int, int] | None = None
+
+        def grid_of(h: int, w: int, what: str) -> tuple[int, int]:
+            try:
+                return visual_token_grid(h, w, p, stride)
+            except ValueError as exc:
+                raise PipelineError(f"chip {chip.chip_id}: {what}: {exc}") from None
+
+        if cfg.anyres is not None:
+            size = cfg.anyres.tile_size
+            token_grid = grid_of(size, size, "anyres.tile_size")
+            tiles = anyres_tiles(x, grid, size, cfg.anyres.max_tiles, cfg.anyres.min_tiles, cfg.resize_mode)
+            grid_shape = tiles.grid_shape
+            for k, tile in enumerate(tiles.tiles):
+                if tile.is_thumbnail and not cfg.anyres.thumbnail:
+                    continue
+                u, v = token_positions(tiles, k, (size // p, size // p), stride, mode)
+                out_px.append(tiles.pixels[k])
+                out_pos.append(np.stack([u, v], axis=1))
+                out_items.append(VisualItem(chip=0, kind="thumbnail" if tile.is_thumbnail else "tile", grid=tile.grid,
+                                            chip_grid=chip.grid, window=tile.window, token_grid=token_grid, tile=tile))
+        elif cfg.scales is not None:
+            h0, w0 = int(x.shape[-2]), int(x.shape[-1])
+            for s in cfg.scales:
+                h, w = (max(p, int(np.floor(side * s / p + 0.5)) * p) for side in (h0, w0))
+                out_px.append(resize_frames(x, (h, w), cfg.resize_mode))
+                out_pos.append(visual_token_centres(h, w, p, stride, mode))
+                out_items.append(VisualItem(chip=0, kind="scale", grid=rescale_grid(grid, h, w), chip_grid=chip.grid,
+                                            window=whole, token_grid=grid_of(h, w, f"scale {s}"), scale=float(s)))
+        else:
+            h, w = int(x.shape[-2]), int(x.shape[-1])
+            token_grid = grid_of(h, w, "set chip_config.size, scales or anyres to resize it")
+            out_px.append(x)
+            out_pos.append(visual_token_centres(h, w, p, stride, mode))
+            out_items.append(VisualItem(chip=0, kind="chip", grid=grid, chip_grid=chip.grid, window=whole,
+                                        token_grid=token_grid))
+        filled = [torch.from_numpy(fill_nodata(px.numpy(), cfg.fill_value)[0]) for px in out_px]
+        return _PreparedChip(filled, out_pos, out_items, frames, grid_shape, used)
 
     def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
         """``tokenizer.batch_decode``; keep ``skip_special_tokens=False`` to see position tokens."""
