@@ -517,7 +517,8 @@ def run_inference(
 
     Returns:
         The run's :class:`RunReport` (also written as ``<stem>_report.json``). ``report.failed`` lists
-        stacks that failed; their chips are missing from the outputs.
+        stacks that failed; the outputs hold only their chips journaled before (by an earlier run or before a
+        damaged block was met).
 
     Raises:
         InferError / ConfigError: options that cannot work (naming what to change).
