@@ -149,6 +149,9 @@ app.add_typer(recipe_app, name="recipe")
 from agrivlm.explore.command import explore as _explore  # noqa: E402
 
 app.command("explore")(_explore)
+from agrivlm.infer.commands import infer as _infer  # noqa: E402
+
+app.command("infer")(_infer)
 
 
 def main() -> None:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import geopandas as gpd
 import pytest
+from infer_model import trained_checkpoint, training_set
 from streamlit.testing.v1 import AppTest
 
 from agrivlm.explore.page import picked_field
+from agrivlm.geo import open_stack
+from agrivlm.recipes.fields import OUTLINE_FIELDS_QUESTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "app" / "field_explorer.py")
@@ -87,11 +91,16 @@ def test_sample_page(monkeypatch: pytest.MonkeyPatch, sample_root: Path, predict
     assert "selected-field" in deck_layers(at)
     assert "clear enough" in at.caption[1].value
 
-    # a predicted field: its score, chip and the position tokens (the codec has not landed: said so)
+    # a predicted field: its score, chip and its position tokens decoded, the box drawn on the map
     at.sidebar.selectbox(key="field").set_value("predicted:r000000_c000000#1").run()
     assert at.subheader[0].value == "Field r000000_c000000#1 (predicted) · boundary · score 0.72"
-    assert any("agrivlm.lape.tokens" in i.value for i in at.info)
-    assert at.code[0].value == "<WIDTH-010><HEIGHT-020><WIDTH-040><HEIGHT-060>"
+    table = at.dataframe[0].value
+    assert list(table["label"]) == ["P1", "P2"]
+    assert list(table["tokens"]) == ["<WIDTH-010><HEIGHT-020>", "<WIDTH-040><HEIGHT-060>"]
+    assert table["u"].tolist() == pytest.approx([10.5 / 150, 40.5 / 150])
+    layers = deck_layers(at)
+    assert {"answer-boxes", "answer-path", "answer-points"} <= set(layers)
+    assert len(layers["answer-boxes"]["data"]["features"]) == 1
 
 
 @pytest.mark.filterwarnings("ignore:'crs' was not provided")
@@ -119,10 +128,35 @@ def test_model_box_says_a_checkpoint_is_needed(monkeypatch: pytest.MonkeyPatch, 
     (tmp_path / "ckpt").mkdir()
     at = run_app(monkeypatch, "--stack", sample_root / "ndvi", "--model", tmp_path / "ckpt")
     assert not at.error
-    assert any(i.value.startswith("Asking needs a trained checkpoint") for i in at.info)
+    assert any(i.value.startswith("Asking needs a trained checkpoint") and "no config.json" in i.value
+               for i in at.info)
     assert at.text_input(key="question").disabled
     assert at.selectbox(key="chip").options == ["r000000_c000000", "r000000_c000036", "r000037_c000000",
                                                 "r000037_c000036"]
+
+
+def test_the_model_answers_a_question_about_a_chip(monkeypatch: pytest.MonkeyPatch, sample_root: Path) -> None:
+    """A tiny checkpoint trained on the sample (tests/infer_model.py) answers; its box lands on the map."""
+    ckpt, _ = trained_checkpoint()
+    _, answers, _, chip_ids = training_set()
+    chip = chip_ids[answers.index(next(a for a in answers if a.startswith("1 field")))]
+    at = run_app(monkeypatch, "--stack", sample_root / "ndvi", "--masks", sample_root / "cloud_mask", "--model", ckpt,
+                 "--chip-size", "32")
+    assert not at.error and not any(i.value.startswith("Asking needs") for i in at.info)
+    at.selectbox(key="chip").set_value(chip)
+    at.text_input(key="question").input(OUTLINE_FIELDS_QUESTIONS[0]).run()
+    at.button(key="ask").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert re.fullmatch(r"1 field: \w[\w ]* <WIDTH-\d+><HEIGHT-\d+><WIDTH-\d+><HEIGHT-\d+>\.", at.code[0].value)
+    layers = deck_layers(at)
+    assert len(layers["model-answer-boxes"]["data"]["features"]) == 1
+    table = at.dataframe[0].value
+    assert list(table["label"]) == ["P1", "P2"]
+    grid = open_stack(sample_root / "ndvi").grid
+    west, south, east, north = grid.footprint().bounds
+    x, y = grid.lonlat_to_crs(table["lon"].to_numpy(), table["lat"].to_numpy())
+    assert ((x >= west) & (x <= east) & (y >= south) & (y <= north)).all()
+    assert at.session_state["model_answer"]["chip"] == chip
 
 
 def test_picked_field_reads_the_chart_selection() -> None:

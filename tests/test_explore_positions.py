@@ -14,8 +14,8 @@ from agrivlm.explore.inputs import ExploreError
 from agrivlm.explore.positions import (
     ChipPositions,
     ModelUnavailable,
-    PositionCodecUnavailable,
     ask_model,
+    boxes_frame,
     check_model,
     chip_grid,
     decode_answer,
@@ -81,11 +81,31 @@ def test_bad_positions_are_errors(stack) -> None:
         positions_table(grid, axis, ChipPositions("r000000_c000000", np.array([1.2]), np.array([0.1])))
 
 
-def test_codec_and_model_say_what_is_missing(tmp_path: Path) -> None:
-    with pytest.raises(PositionCodecUnavailable, match="agrivlm.lape.tokens"):
-        decode_answer("<WIDTH-012><HEIGHT-087>", "r000000_c000000")
+def test_answers_decode_with_the_lape_codec(stack) -> None:
+    text = ("1 field: grassland <WIDTH-012><HEIGHT-087><WIDTH-040><HEIGHT-120>; at <WIDTH-003><HEIGHT-004> "
+            "in <TEMP-030>.")
+    pos = decode_answer(text, "r000000_c000000")
+    assert pos.u == pytest.approx([12.5 / 150, 40.5 / 150, 3.5 / 150])
+    assert pos.v == pytest.approx([87.5 / 150, 120.5 / 150, 4.5 / 150])
+    assert pos.t == pytest.approx([30.5 / 50])
+    assert pos.tokens == ("<WIDTH-012><HEIGHT-087>", "<WIDTH-040><HEIGHT-120>", "<WIDTH-003><HEIGHT-004>")
+    assert len(pos.boxes) == 1 and pos.boxes[0] == pytest.approx((12.5 / 150, 87.5 / 150, 40.5 / 150, 120.5 / 150))
+    grid = chip_grid(stack.grid, "r000000_c000000", 64)
+    frame = boxes_frame(grid, pos)
+    assert frame.crs == stack.crs and list(frame["label"]) == ["B1"]
+    assert frame.geometry.iloc[0].equals(grid.norm_box_to_polygon(pos.boxes[0]))
+    empty = decode_answer("There are no fields in this image.", "r000000_c000000")
+    assert empty.u.size == 0 and empty.boxes == ()
+    with pytest.raises(ExploreError, match="do not decode.*WIDTH-151"):
+        decode_answer("<WIDTH-151><HEIGHT-000>", "r000000_c000000")
+
+
+def test_model_says_what_is_missing(tmp_path: Path, stack) -> None:
     with pytest.raises(ModelUnavailable, match="no such checkpoint"):
         check_model(tmp_path / "missing")
     (tmp_path / "ckpt").mkdir()
-    with pytest.raises(ModelUnavailable, match="model"):
-        ask_model(tmp_path / "ckpt", "r000000_c000000", "Where are the fields?")
+    with pytest.raises(ModelUnavailable, match="no config.json"):
+        ask_model(tmp_path / "ckpt", stack, "r000000_c000000", "Where are the fields?", 32)
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    with pytest.raises(ModelUnavailable, match="does not load"):
+        check_model(tmp_path / "ckpt")

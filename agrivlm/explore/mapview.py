@@ -184,16 +184,24 @@ def pick_layer(layer_id: str, geojson: dict[str, Any]) -> pdk.Layer:
     )
 
 
-def positions_layers(points: pd.DataFrame) -> list[pdk.Layer]:
-    """Decoded answer positions (columns ``lon``, ``lat``, ``label``): numbered dots joined in order."""
+def positions_layers(points: pd.DataFrame, boxes: dict[str, Any] | None = None,
+                     prefix: str = "answer") -> list[pdk.Layer]:
+    """Decoded answer positions (columns ``lon``, ``lat``, ``label``): numbered dots joined in order.
+
+    ``boxes`` (GeoJSON in lon/lat) are drawn as outlines; layer ids start with ``prefix``.
+    """
+    layers = []
+    if boxes is not None and boxes["features"]:
+        layers.append(outline_layer(f"{prefix}-boxes", boxes, POSITION_RGBA, 2.0))
     if points.empty:
-        return []
+        return layers
     data = points[["lon", "lat", "label"]].to_dict("records")
     path = [[float(r["lon"]), float(r["lat"])] for r in data]
     return [
-        pdk.Layer("PathLayer", data=[{"path": path}], id="answer-path", get_path="path",
+        *layers,
+        pdk.Layer("PathLayer", data=[{"path": path}], id=f"{prefix}-path", get_path="path",
                   get_color=list(POSITION_RGBA), width_units=_quoted("pixels"), get_width=2, pickable=False),
-        pdk.Layer("ScatterplotLayer", data=data, id="answer-points", get_position=["lon", "lat"],
+        pdk.Layer("ScatterplotLayer", data=data, id=f"{prefix}-points", get_position=["lon", "lat"],
                   get_fill_color=list(POSITION_RGBA), radius_units=_quoted("pixels"), get_radius=6, pickable=False,
                   stroked=True, get_line_color=[0, 0, 0, 255], line_width_min_pixels=1),
     ]

@@ -43,9 +43,10 @@ from agrivlm.explore.mapview import (
 )
 from agrivlm.explore.overlay import NDVI_RANGE, Overlay, available_views, band_roles, legend_png, render_overlay
 from agrivlm.explore.positions import (
+    ChipPositions,
     ModelUnavailable,
-    PositionCodecUnavailable,
     ask_model,
+    boxes_frame,
     check_model,
     chip_grid,
     decode_answer,
@@ -303,6 +304,7 @@ def _render(settings: ExploreSettings) -> None:
 
     selected = _selected(inputs, choice)
     answer_layers, position_panel = _positions(settings, stack, selected)
+    answer_layers += _model_answer_layers(settings, stack)
     truth_json = _geojson(inputs.fields("true")) if show_truth else None
     pred_json = _geojson(inputs.fields("predicted")) if show_pred else None
     grid_json = None
@@ -366,22 +368,43 @@ def _positions(settings: ExploreSettings, stack: Stack, selected: gpd.GeoDataFra
         positions = decode_answer(tokens, str(row["chip_id"]))
         grid = chip_grid(stack.grid, str(row["chip_id"]), settings.chip_size)
         table = positions_table(grid, TimeAxis.from_dates(stack.times), positions)
-    except PositionCodecUnavailable as exc:
-        message = str(exc)
-
-        def panel() -> None:
-            st.info(f"{message}. Raw tokens of this prediction:")
-            st.code(tokens or "(none)", language=None)
-
-        return [], panel
     except ExploreError as exc:
         error = str(exc)
         return [], lambda: st.error(error)
+    if table.empty:
+
+        def raw_panel() -> None:
+            st.info("This prediction holds no position token. Its raw tokens:")
+            st.code(tokens or "(none)", language=None)
+
+        return [], raw_panel
 
     def table_panel() -> None:
         st.dataframe(table, hide_index=True)
 
-    return positions_layers(table[table["kind"] == "point"]), table_panel
+    return _layers(grid, positions, table, "answer"), table_panel
+
+
+def _layers(grid: GeoGrid, positions: ChipPositions, table: pd.DataFrame, prefix: str) -> list[Any]:
+    boxes = to_geojson(boxes_frame(grid, positions), ["label"]) if positions.boxes else None
+    return positions_layers(table[table["kind"] == "point"], boxes, prefix)
+
+
+#: Session keys of the last model answer (kept across the rerun that draws it on the map).
+_ANSWER = "model_answer"
+
+
+def _model_answer_layers(settings: ExploreSettings, stack: Stack) -> list[Any]:
+    """The last model answer's positions on the map (the question box stores it and reruns the page)."""
+    stored = st.session_state.get(_ANSWER)
+    if settings.model is None or not stored:
+        return []
+    try:
+        grid = chip_grid(stack.grid, stored["chip"], settings.chip_size)
+    except ExploreError:
+        return []
+    positions = stored["answer"].positions
+    return _layers(grid, positions, stored["table"], "model-answer")
 
 
 def _field_panel(stack: Stack, selected: gpd.GeoDataFrame, inputs: Inputs, roles_key: tuple[tuple[str, int], ...],
@@ -445,12 +468,30 @@ def _question_box(settings: ExploreSettings, stack: Stack, selected: gpd.GeoData
     if not ready:
         st.info(f"Asking needs a trained checkpoint: {reason}.")
     question = st.text_input("Question", key="question", disabled=not ready,
-                             placeholder="Where are the field boundaries in this chip?")
+                             placeholder="Outline every field in this image.")
     if ready and question and st.button("Ask", key="ask"):
         try:
-            st.write(ask_model(settings.model, chip, question))
-        except ModelUnavailable as exc:
+            with st.spinner("The model is answering…"):
+                answer = ask_model(settings.model, stack, chip, question, settings.chip_size)
+            grid = chip_grid(stack.grid, chip, settings.chip_size)
+            table = positions_table(grid, TimeAxis.from_dates(np.array(answer.frame_dates, dtype="datetime64[s]")),
+                                    answer.positions)
+        except ExploreError as exc:
             st.error(str(exc))
+        else:
+            st.session_state[_ANSWER] = {"chip": chip, "question": question, "answer": answer, "table": table}
+            st.rerun()  # draw the answer's positions on the map, which is above this box
+    stored = st.session_state.get(_ANSWER)
+    if stored and stored["chip"] == chip and stored["question"] == question:
+        answer = stored["answer"]
+        st.markdown(f"**Answer** (score {answer.score:.2f}; frames {answer.frame_dates[0]} → "
+                    f"{answer.frame_dates[-1]}):")
+        st.code(answer.text or "(empty)", language=None)
+        if stored["table"].empty:
+            st.caption("The answer holds no position.")
+        else:
+            st.caption("Its positions, orange on the map (boxes as outlines, corners as numbered dots):")
+            st.dataframe(stored["table"], hide_index=True)
 
 
 if __name__ == "__main__":

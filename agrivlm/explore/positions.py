@@ -1,14 +1,16 @@
 """Where an answer's positions point: normalized chip positions (u, v) and times t → lon/lat and dates.
 
-This is the one place the explorer turns the model's positions into map coordinates, and it is where the
-model and the LAPE codec plug in:
+This is the one place the explorer turns the model's positions into map coordinates, and where the model
+and the LAPE codec plug in:
 
 * :func:`decode_answer` turns an answer's text (``"<WIDTH-012><HEIGHT-087>…<TEMP-030>"``) into
-  :class:`ChipPositions`. The token → value codec belongs to ``agrivlm.lape.tokens``; until that module
-  lands, it raises :class:`PositionCodecUnavailable` and the page says so.
-* :func:`ask_model` answers a question about a chip with a checkpoint (``--model``); until the model and
-  ``agrivlm infer`` land, it raises :class:`ModelUnavailable` and the page says so.
-* :func:`positions_table` (tested now, needs no codec) maps decoded values with the chip's own
+  :class:`ChipPositions` with the LAPE codec (:func:`agrivlm.lape.tokens.parse_positions`: values at their
+  bins' centres).
+* :func:`ask_model` answers one question about one chip with a checkpoint (``--model``), through the
+  inference core of ``agrivlm infer`` (the checkpoint's frames and bands, batched greedy generation, sub-bin
+  decoding of the positions); :func:`check_model` says why a checkpoint cannot answer
+  (:class:`ModelUnavailable`).
+* :func:`positions_table` and :func:`boxes_frame` map decoded values with the chip's own
   :class:`~agrivlm.geo.coords.GeoGrid` and :class:`~agrivlm.geo.coords.TimeAxis`; nothing here re-derives
   a coordinate conversion.
 """
@@ -17,26 +19,38 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import geopandas as gpd
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 from rasterio.windows import Window
 
+from agrivlm.errors import AgriVLMError
 from agrivlm.explore.errors import ExploreError
 from agrivlm.geo.coords import GeoGrid, TimeAxis
+from agrivlm.lape.tokens import Axis, LapeVocab, parse_positions
+
+if TYPE_CHECKING:
+    from agrivlm.geo.stack import Stack
+    from agrivlm.infer.generate import Predictor
 
 #: Chip ids as written by ``agrivlm ingest`` / ``agrivlm.geo.chips.chip_id``.
 CHIP_ID = re.compile(r"^r(?P<row>\d+)_c(?P<col>\d+)$")
 
 
-class PositionCodecUnavailable(ExploreError):
-    """Position tokens cannot be decoded yet: the LAPE codec (``agrivlm.lape.tokens``) is not installed."""
+#: A TEMP position token (every one is a time of the answer, alone or in a segment).
+_TEMP_TOKEN = re.compile(r"<TEMP-\d+>")
 
 
 class ModelUnavailable(ExploreError):
-    """Questions cannot be answered: no trained checkpoint or no model code to load it with."""
+    """Questions cannot be answered: no checkpoint at the path, or one that cannot be loaded."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,7 @@ class ChipPositions:
         v: ``(N,)`` row fractions of the chip's height from its top as stored, [0, 1] (``HEIGHT`` tokens).
         t: ``(M,)`` fractions of the chip's date range, [0, 1] (``TEMP`` tokens).
         tokens: ``(N,)`` the text of each spatial point (e.g. ``"<WIDTH-012><HEIGHT-087>"``), for the table.
+        boxes: ``(u1, v1, u2, v2)`` of each box of the answer (their corners are also points of ``u``, ``v``).
 
     """
 
@@ -57,6 +72,27 @@ class ChipPositions:
     v: npt.NDArray[np.float64]
     t: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     tokens: tuple[str, ...] = ()
+    boxes: tuple[tuple[float, float, float, float], ...] = ()
+
+
+def chip_positions(
+    chip_id: str,
+    boxes: Sequence[Sequence[float]],
+    points: Sequence[Sequence[float]],
+    times: Sequence[float],
+    vocab: LapeVocab,
+) -> ChipPositions:
+    """Decoded values → :class:`ChipPositions`: each box gives its two corners, then the points, in order.
+
+    Each spatial point's ``tokens`` are the WIDTH/HEIGHT tokens of its bins (the tokens the model wrote).
+    """
+    pairs = [p for b in boxes for p in ((b[0], b[1]), (b[2], b[3]))]
+    pairs += [(p[0], p[1]) for p in points]
+    u = np.array([p[0] for p in pairs], dtype=np.float64)
+    v = np.array([p[1] for p in pairs], dtype=np.float64)
+    tokens = tuple(vocab.encode(Axis.WIDTH, a) + vocab.encode(Axis.HEIGHT, b) for a, b in pairs)
+    return ChipPositions(chip_id, u, v, np.asarray(times, dtype=np.float64), tokens,
+                         tuple((float(b[0]), float(b[1]), float(b[2]), float(b[3])) for b in boxes))
 
 
 def chip_grid(stack_grid: GeoGrid, chip_id: str, chip_size: int | tuple[int, int]) -> GeoGrid:
@@ -121,62 +157,123 @@ def positions_table(grid: GeoGrid, axis: TimeAxis, positions: ChipPositions) -> 
     return pd.concat([points, times], ignore_index=True) if t.size else points
 
 
-def decode_answer(text: str, chip_id: str) -> ChipPositions:
-    """Decode an answer's position tokens into normalized positions.
+def boxes_frame(grid: GeoGrid, positions: ChipPositions) -> gpd.GeoDataFrame:
+    """The answer's boxes as polygons in the chip's CRS (``GeoGrid.norm_box_to_polygon``), labelled B1…."""
+    polygons = [grid.norm_box_to_polygon((min(b[0], b[2]), min(b[1], b[3]), max(b[0], b[2]), max(b[1], b[3])))
+                for b in positions.boxes]
+    return gpd.GeoDataFrame({"label": [f"B{i + 1}" for i in range(len(polygons))]},
+                            geometry=gpd.GeoSeries(polygons, crs=grid.crs.to_wkt()))
 
-    INTEGRATION POINT (LAPE codec): implement with ``agrivlm.lape.tokens`` (token → value in [0, 1] for the
-    WIDTH, HEIGHT and TEMP vocabularies). Until that module exists this raises, and the page shows the raw
-    tokens with a note instead of a table.
+
+def decode_answer(text: str, chip_id: str, vocab: LapeVocab | None = None) -> ChipPositions:
+    """Decode an answer's position tokens into normalized positions (bin centres, ``agrivlm.lape.tokens``).
+
+    Boxes (``W H W H``) give their two corners, points (``W H``) one point; every ``TEMP`` token is a time.
 
     Raises:
-        PositionCodecUnavailable: the codec has not landed.
+        ExploreError: a position token beyond the vocabulary (e.g. ``<WIDTH-151>`` with 150 spatial tokens).
 
     """
+    vocab = vocab or LapeVocab()
     try:
-        import agrivlm.lape.tokens  # noqa: F401  (the codec's module; its API is wired in when it lands)
-    except ImportError as exc:
-        raise PositionCodecUnavailable(
-            "position tokens cannot be decoded yet: the LAPE token codec (agrivlm.lape.tokens) is not part of "
-            "this install"
-        ) from exc
-    raise PositionCodecUnavailable(
-        "agrivlm.lape.tokens is installed but the explorer is not wired to it yet (agrivlm.explore.positions."
-        "decode_answer)"
-    )
+        parsed = parse_positions(text, vocab)
+        times = [vocab.decode(m.group(0)) for m in _TEMP_TOKEN.finditer(text)]
+    except ValueError as exc:
+        raise ExploreError(f"chip {chip_id}: the answer's position tokens do not decode ({exc})") from exc
+    return chip_positions(chip_id, parsed.boxes, parsed.points, times, vocab)
 
 
-def check_model(model: str | os.PathLike[str]) -> None:
-    """Raise :class:`ModelUnavailable` with the reason when ``model`` cannot answer questions yet.
+@dataclass(frozen=True)
+class ModelAnswer:
+    """The model's answer to one question about one chip."""
 
-    INTEGRATION POINT (model): when the model lands, load (and cache) the checkpoint here.
+    #: The answer's text (position tokens kept).
+    text: str
+    #: Geometric mean of the probabilities of its tokens (see :mod:`agrivlm.infer.generate`).
+    score: float
+    #: Its positions, sub-bin decoded from the model's logits; ``t`` on the frames' date range.
+    positions: ChipPositions
+    #: The frames the model saw (ISO days), whose range ``t`` is measured on.
+    frame_dates: tuple[str, ...]
+
+
+_LOAD_LOCK = threading.Lock()
+
+
+def _checkpoint_stamp(folder: Path) -> tuple[Any, ...]:
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+
+
+@lru_cache(maxsize=2)
+def _load(folder: str, stamp: tuple[Any, ...]) -> Predictor:
+    from agrivlm.infer.generate import Predictor
+
+    return Predictor.load(folder, device="cpu", max_new_tokens=64)
+
+
+def check_model(model: str | os.PathLike[str]) -> Predictor:
+    """Load (once, then from a cache keyed by the files' sizes and times) the checkpoint ``model``.
+
+    Raises:
+        ModelUnavailable: no such folder, no ``config.json`` in it, or it does not load (with the reason).
+
     """
-    path = os.fspath(model)
-    if not os.path.exists(path):
+    path = Path(os.fspath(model))
+    if not path.exists():
         raise ModelUnavailable(f"{path}: no such checkpoint; pass --model with a trained agrivlm checkpoint folder")
+    if not (path / "config.json").is_file():
+        raise ModelUnavailable(f"{path}: not an agrivlm checkpoint (no config.json); save one with save_pretrained")
     try:
-        import agrivlm.infer  # noqa: F401  (the inference module; wired in when it lands)
-    except ImportError as exc:
-        raise ModelUnavailable(
-            "the agrivlm model and `agrivlm infer` are not part of this install yet, so no checkpoint can be "
-            "loaded"
-        ) from exc
-    raise ModelUnavailable(
-        "agrivlm.infer is installed but the explorer is not wired to it yet (agrivlm.explore.positions.ask_model)"
-    )
+        with _LOAD_LOCK:
+            return _load(str(path.resolve()), _checkpoint_stamp(path))
+    except (AgriVLMError, OSError, ValueError, KeyError) as exc:
+        raise ModelUnavailable(f"{path}: the checkpoint does not load ({exc})") from exc
 
 
-def ask_model(model: str | os.PathLike[str], chip_id: str, question: str) -> str:
-    """Answer ``question`` about chip ``chip_id`` with the checkpoint ``model``; returns the answer's text.
+def ask_model(model: str | os.PathLike[str], stack: Stack, chip_id: str, question: str,
+              chip_size: int | tuple[int, int]) -> ModelAnswer:
+    """Answer ``question`` about chip ``chip_id`` of ``stack`` with the checkpoint ``model``.
 
-    :func:`decode_answer` turns the answer's position tokens into positions for :func:`positions_table`.
-
-    INTEGRATION POINT (model): implement with the model's loader and ``agrivlm infer`` (one chip, one
-    question). Until they land :func:`check_model` raises, and the page says that asking needs a trained
-    checkpoint.
+    The chip is read as ``agrivlm infer`` reads it (every date of its window), its frames and bands are made
+    with the checkpoint's input settings (``agrivlm_inputs.yaml``), and the answer is generated greedily;
+    its positions are decoded with sub-bin precision. The chip is the explorer's (``chip_size``), whatever
+    chip size the checkpoint's batch runs use.
 
     Raises:
-        ModelUnavailable: no checkpoint at ``model``, or the model code has not landed.
+        ModelUnavailable: the checkpoint cannot be loaded or has no band preset.
+        ExploreError: a bad chip id, or a chip the model cannot be asked about (too few clear frames, …).
 
     """
-    check_model(model)
-    raise AssertionError("unreachable until the model lands: check_model raises")  # pragma: no cover
+    from agrivlm.errors import PipelineError
+    from agrivlm.geo.chips import ChipStream
+    from agrivlm.infer.config import load_input_config
+    from agrivlm.infer.prepare import ChipPreparer, channels_of
+
+    predictor = check_model(model)
+    if not question.strip():
+        raise ExploreError("the question is empty")
+    grid = chip_grid(stack.grid, chip_id, chip_size)  # checks the id and the window
+    try:
+        config, _ = load_input_config(model)
+        if channels_of(config) != predictor.num_bands:
+            raise ModelUnavailable(f"{model}: its agrivlm_inputs.yaml gives {channels_of(config)} channel(s) but the "
+                                   f"model takes {predictor.num_bands}")
+    except AgriVLMError as exc:
+        raise ModelUnavailable(str(exc)) from exc
+    ch, cw = (chip_size, chip_size) if isinstance(chip_size, int) else chip_size
+    match = CHIP_ID.match(chip_id)
+    assert match is not None
+    window = Window(int(match["col"]), int(match["row"]), cw, ch)
+    chip = ChipStream(stack, chip_size=(ch, cw)).read(0, window)
+    assert chip.grid == grid
+    try:
+        questions = ChipPreparer(config, "ask", predictor.vocab, question).prepare(chip).questions
+    except PipelineError as exc:
+        raise ExploreError(f"the model cannot be asked about this chip: {exc}") from exc
+    answer = predictor.generate(predictor.encode(questions, 1))[0]
+    pos = answer.positions
+    frame_dates = tuple(str(d.astype("datetime64[D]")) for d in questions[0].visual.dates)
+    return ModelAnswer(text=answer.text, score=answer.score,
+                       positions=chip_positions(chip_id, pos.boxes, pos.points, answer.times, predictor.vocab),
+                       frame_dates=frame_dates)

@@ -33,6 +33,14 @@ _Q_TRACE = ("Trace the boundary of the {name} at {{box:0}}.", "Give the outline 
 _Q_COUNT = ("How many fields are in this image?", "Count the fields in this image.")
 _Q_EDGE = ("Which fields are cut by the edge of the image?", "Which fields extend beyond the image?")
 
+#: Questions of the ``outline_fields`` task (``agrivlm infer --task fields`` asks the first, so inference
+#: prompts are worded exactly as the training records).
+OUTLINE_FIELDS_QUESTIONS: tuple[str, ...] = _Q_FIELDS
+#: The ``outline_fields`` answer of a chip without fields.
+NO_FIELDS_ANSWER = "There are no fields in this image."
+#: Written after the box of a parcel the chip's edge cuts.
+CUT_MARK = " (partly outside the image)"
+
 
 def parcel_name(cls: str) -> str:
     """``"grassland parcel"``, or ``"parcel"`` for an unknown class."""
@@ -43,7 +51,7 @@ def _listing(parcels: list[ParcelInChip], noun: str) -> str:
     items = []
     for i, p in enumerate(parcels):
         label = "parcel" if p.cls == UNKNOWN_CLASS else p.cls
-        items.append(f"{label} {{box:{i}}}" + (" (partly outside the image)" if p.cut else ""))
+        items.append(f"{label} {{box:{i}}}" + (CUT_MARK if p.cut else ""))
     body = items[0] if len(items) == 1 else "; ".join(items)
     n = len(parcels)
     return f"{n} {noun}{'s' if n != 1 else ''}: {body}."
@@ -75,7 +83,7 @@ def build_field_boundaries(state: BuildState, chip: ChipContext, cfg: FieldBound
 
     if "outline_fields" in cfg.tasks and len(fields) <= cfg.max_objects:
         r = rng("outline_fields")
-        answer = _listing(fields, "field") if fields else "There are no fields in this image."
+        answer = _listing(fields, "field") if fields else NO_FIELDS_ANSWER
         out.append(f.record(chip, frames, FAMILY, "outline_fields", "all", [
             user(pick(r, _Q_FIELDS)),
             assistant(answer, boxes=[p.box for p in fields]),

@@ -47,6 +47,9 @@ _Q_STAGE_DATE = (
     "What growth stage is the {name} at {{box:0}} in on {date}?",
     "On {date}, which growth stage is the {name} at {{box:0}} in?",
 )
+#: Questions of the ``stage_on_date`` task that name the date in words (``agrivlm infer --task growth`` asks
+#: the first, with the date as :func:`~agrivlm.recipes.phenology.day_str` writes it).
+STAGE_ON_DATE_QUESTIONS: tuple[str, ...] = _Q_STAGE_DATE
 
 
 def _clear_dates(state: BuildState, row: int, frames: list[int]) -> list[int]:

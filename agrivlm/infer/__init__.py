@@ -1,0 +1,8 @@
+"""Batch inference: ``agrivlm infer`` (stacks → chips → batched generation → fields and growth stages on the map).
+
+In-process: :func:`agrivlm.infer.batch.run_inference` (the command as a function),
+:class:`agrivlm.infer.generate.Predictor` (a loaded checkpoint answering questions in batches),
+:class:`agrivlm.infer.prepare.ChipPreparer` (a chip → its questions), :func:`agrivlm.infer.nms.nms`,
+:class:`agrivlm.infer.journal.Journal`, :func:`agrivlm.infer.config.save_input_config` (for trainers).
+Importing this package loads nothing heavy.
+"""

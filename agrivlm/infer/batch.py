@@ -1,0 +1,624 @@
+"""Batch inference over stacks: chips → questions → batched generation → features in map coordinates.
+
+``run_inference`` is ``agrivlm infer`` as a function. Per stack (each INPUT is one stack, ingested on its
+own):
+
+1. open the stack (:func:`agrivlm.geo.open_stack`) and validate every block of every file
+   (:func:`agrivlm.geo.validate_files`). A stack that fails — an unreadable or truncated file, no CRS, no
+   date, a band count the preset does not take — is reported with the file's name and skipped; the other
+   stacks go on and the run ends with a failure status. ("One bad file" of a stack fails that stack: a stack
+   is one co-registered time series, and a missing date would silently change every chip's frames.)
+2. a background thread streams the chips (:class:`agrivlm.geo.ChipStream`, block-aligned reads with its own
+   reader threads), turns each into questions (:mod:`agrivlm.infer.prepare`) and encodes full batches with
+   the processor, while the main thread generates (:class:`agrivlm.infer.generate.Predictor`): reading and
+   decoding chips overlap the model.
+3. answers → features through the chip's own grid and time axis (``GeoGrid.norm_box_to_polygon``,
+   ``GeoGrid.norm_to_crs``, ``TimeAxis.from_norm``) → one journal line per batch (:mod:`agrivlm.infer.journal`).
+
+Then the outputs are written atomically from the journal (:mod:`agrivlm.infer.outputs`): overlapping chips'
+detections merged by NMS in map units, growth stages merged per field and day.
+
+A chip is skipped (and journaled with the reason, so it is not retried) when it holds no data at all, has
+fewer usable frames than the checkpoint wants, or its bands cannot be normalised. Answers the model gets
+wrong (no box where boxes were asked for, no stage word) are counted as unparsed and kept raw in the journal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import shapely
+from tqdm.auto import tqdm
+
+from agrivlm.errors import AgriVLMError, PipelineError
+from agrivlm.geo.chips import Chip, ChipStream, chip_id
+from agrivlm.geo.coords import GeoGrid, TimeAxis
+from agrivlm.geo.stack import open_stack
+from agrivlm.geo.validate import validate_files
+from agrivlm.infer.config import InputConfig
+from agrivlm.infer.errors import InferError
+from agrivlm.infer.generate import DecodedAnswer, Predictor, Question
+from agrivlm.infer.journal import Journal
+from agrivlm.infer.prepare import ChipPreparer, FieldLayer, channels_of, check_stack_bands
+from agrivlm.infer.prompts import Task, listing_details, parse_stage, says_no_fields
+
+log = logging.getLogger(__name__)
+
+#: Bumped when prompts or decoding change in a way that makes old journals' answers differ.
+PIPELINE_VERSION = 1
+
+#: Default ``--max-new-tokens`` per task: a listing of up to 12 boxes, a stage word, a short answer.
+DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {"fields": 128, "growth": 8, "ask": 64}
+
+
+@dataclass(frozen=True)
+class StackInput:
+    """One stack to run on: the INPUT as given (a folder, a glob or a file) and its masks."""
+
+    #: The INPUT as given on the command line (shown in messages and the ``stack`` column).
+    name: str
+    #: Per-date mask files (a folder, glob or file), or None.
+    masks: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The stack's identity in the journal: the absolute path (or glob) of the INPUT."""
+        return os.path.abspath(self.name)
+
+
+@dataclass
+class StackOutcome:
+    """What happened to one stack in this run."""
+
+    name: str
+    ok: bool
+    message: str = ""
+    chips_total: int = 0
+    processed: int = 0
+    resumed: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class RunReport:
+    """Counts and timings of a run (written as ``<out>_report.json``)."""
+
+    task: str
+    stacks: list[StackOutcome] = field(default_factory=list)
+    questions: int = 0
+    unparsed: int = 0
+    unmatched_tokens: int = 0
+    degenerate: int = 0
+    skip_reasons: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+    model_seconds: float = 0.0
+    outputs: dict[str, str] = field(default_factory=dict)
+    features: int = 0
+    features_before_nms: int = 0
+    stage_rows: int = 0
+
+    @property
+    def failed(self) -> list[StackOutcome]:
+        """Stacks that failed."""
+        return [s for s in self.stacks if not s.ok]
+
+    @property
+    def processed(self) -> int:
+        """Chips run through the model in this run."""
+        return sum(s.processed for s in self.stacks)
+
+    @property
+    def chips_per_second(self) -> float:
+        """Chips processed per second of this run's chip loop (reading, preparing and generating)."""
+        return self.processed / self.seconds if self.seconds > 0 else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "task": self.task,
+            "stacks": [s.__dict__ for s in self.stacks],
+            "chips_processed": self.processed,
+            "chips_resumed": sum(s.resumed for s in self.stacks),
+            "chips_skipped": sum(s.skipped for s in self.stacks),
+            "skip_reasons": dict(self.skip_reasons),
+            "questions": self.questions,
+            "unparsed_answers": self.unparsed,
+            "unmatched_position_tokens": self.unmatched_tokens,
+            "degenerate_boxes": self.degenerate,
+            "features_before_nms": self.features_before_nms,
+            "features": self.features,
+            "stage_rows": self.stage_rows,
+            "seconds": round(self.seconds, 3),
+            "model_seconds": round(self.model_seconds, 3),
+            "chips_per_second": None if not np.isfinite(self.chips_per_second) else round(self.chips_per_second, 3),
+            "outputs": self.outputs,
+        }
+
+
+# -- the settings a journal belongs to ------------------------------------------------------------------
+def _file_stamp(path: Path) -> list[Any]:
+    st = path.stat()
+    return [path.name, st.st_size, st.st_mtime_ns]
+
+
+def model_fingerprint(folder: Path) -> dict[str, Any]:
+    """The checkpoint's identity: its path, the hash of its config, and the size and time of its weights."""
+    config = folder / "config.json"
+    weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
+    return {
+        "path": str(folder.resolve()),
+        "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None,
+        "weights": [_file_stamp(p) for p in weights],
+    }
+
+
+def run_settings(
+    model_dir: Path, task: str, stacks: Sequence[StackInput], config: InputConfig, question: str | None,
+    max_new_tokens: int, dtype: str, fields: FieldLayer | None, field_id: str | None, field_class: str | None,
+) -> dict[str, Any]:
+    """Everything that decides the answers (the journal's header); batch size and device are not in it."""
+    return {
+        "pipeline_version": PIPELINE_VERSION,
+        "model": model_fingerprint(model_dir),
+        "task": task,
+        "question": question,
+        "stacks": [[s.key, os.path.abspath(s.masks) if s.masks else None] for s in stacks],
+        "inputs": config.model_dump(mode="json"),
+        "max_new_tokens": max_new_tokens,
+        "dtype": dtype,
+        "fields": None if fields is None else {**dict(zip(("name", "size", "mtime_ns"), _file_stamp(fields.path),
+                                                          strict=True)), "path": str(fields.path.resolve()),
+                                               "id": field_id, "class": field_class},
+    }
+
+
+# -- answers → journal records --------------------------------------------------------------------------
+@dataclass
+class ChipJob:
+    """A chip on its way through the model: where it is and what is asked about it."""
+
+    chip_id: str
+    index: int
+    grid: GeoGrid
+    questions: list[Question]
+    note: str = ""
+
+
+@dataclass
+class ChipSkip:
+    """A chip that cannot be asked about, and why."""
+
+    chip_id: str
+    index: int
+    reason: str
+
+
+def _score(value: float) -> float | None:
+    return None if not np.isfinite(value) else float(value)
+
+
+def answer_record(task: Task, grid: GeoGrid, question: Question, answer: DecodedAnswer,
+                  decode: Any) -> dict[str, Any]:
+    """One answer as a journal record: its text, score, parse status and features (WKB hex, stack CRS).
+
+    ``decode`` turns token ids back into text (the item's own tokens, for the ``tokens`` column).
+    """
+    pos = answer.positions
+    rec: dict[str, Any] = {
+        "meta": question.meta, "text": answer.text, "score": _score(answer.score), "finished": answer.finished,
+        "unmatched": pos.unmatched, "features": [], "degenerate": 0,
+    }
+    axis = TimeAxis.from_dates(question.visual.dates)
+
+    def day(t: float) -> str:
+        return str(axis.from_norm(t).astype("datetime64[D]"))
+
+    if task in ("fields", "ask"):
+        details = listing_details(answer.text, len(pos.boxes))
+        for k, (box, steps) in enumerate(zip(pos.boxes, answer.box_steps, strict=True)):
+            u1, u2 = sorted((box[0], box[2]))
+            v1, v2 = sorted((box[1], box[3]))
+            if u2 - u1 <= 0 or v2 - v1 <= 0:
+                rec["degenerate"] += 1
+                continue
+            polygon = grid.norm_box_to_polygon((u1, v1, u2, v2))
+            label, cut = details[k]
+            rec["features"].append({
+                "kind": "box", "geometry": shapely.to_wkb(polygon, hex=True), "score": _score(answer.item_score(steps)),
+                "tokens": decode([answer.ids[s] for s in steps]), "label": label, "cut": cut,
+                "box": [float(u1), float(v1), float(u2), float(v2)],
+            })
+        if task == "ask":
+            for point, steps in zip(pos.points, answer.point_steps, strict=True):
+                x, y = grid.norm_to_crs(point[0], point[1])
+                rec["features"].append({
+                    "kind": "point", "geometry": shapely.to_wkb(shapely.Point(float(x), float(y)), hex=True),
+                    "score": _score(answer.item_score(steps)), "tokens": decode([answer.ids[s] for s in steps]),
+                    "label": "", "cut": False, "box": [float(point[0]), float(point[1])],
+                })
+            if not rec["features"]:  # an answer without positions is about the whole chip
+                rec["features"].append({
+                    "kind": "chip", "geometry": shapely.to_wkb(grid.footprint(), hex=True), "score": rec["score"],
+                    "tokens": "", "label": "", "cut": False, "box": [0.0, 0.0, 1.0, 1.0],
+                })
+            rec["dates"] = [day(t) for t in answer.times]
+            rec["segments"] = [[day(a), day(b)] for a, b in pos.segments]
+            rec["unparsed"] = False
+        else:
+            rec["unparsed"] = not pos.boxes and not says_no_fields(answer.text)
+    else:
+        stage = parse_stage(answer.text)
+        rec["stage"] = stage
+        rec["unparsed"] = stage is None
+    return rec
+
+
+# -- the chip loop ------------------------------------------------------------------------------------
+_END = object()
+
+
+class _Producer(threading.Thread):
+    """Streams a stack's chips, prepares their questions and encodes whole batches into a bounded queue."""
+
+    def __init__(self, stream: ChipStream, groups: Sequence[Any], done: set[str], preparer: ChipPreparer,
+                 predictor: Predictor, batch_size: int, prefetch: int = 2) -> None:
+        super().__init__(name="agrivlm-infer-prefetch", daemon=True)
+        self.stream, self.groups, self.done = stream, groups, done
+        self.preparer, self.predictor, self.batch_size = preparer, predictor, batch_size
+        self.out: queue.Queue[object] = queue.Queue(maxsize=max(1, prefetch))
+        self.stop = threading.Event()
+
+    def _put(self, item: object) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.out.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _flush(self, pending: list[ChipJob | ChipSkip]) -> bool:
+        questions = [q for job in pending if isinstance(job, ChipJob) for q in job.questions]
+        encoded = self.predictor.encode(questions, self.batch_size) if questions else []
+        return self._put((pending, questions, encoded))
+
+    def run(self) -> None:
+        try:
+            pending: list[ChipJob | ChipSkip] = []
+            n_questions = 0
+            with self.stream.stack:
+                for chip, empty in self.stream.iter_groups(self.groups):
+                    if self.stop.is_set():
+                        return
+                    if chip.chip_id in self.done:
+                        continue
+                    item = self._prepare(chip, empty)
+                    pending.append(item)
+                    if isinstance(item, ChipJob):
+                        n_questions += len(item.questions)
+                    if n_questions >= self.batch_size:
+                        if not self._flush(pending):
+                            return
+                        pending, n_questions = [], 0
+            if pending and not self._flush(pending):
+                return
+            self._put(_END)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self._put(exc)
+
+    def _prepare(self, chip: Chip, empty: bool) -> ChipJob | ChipSkip:
+        if empty:
+            return ChipSkip(chip.chip_id, chip.index, "no data: every pixel of every date is nodata")
+        try:
+            prepared = self.preparer.prepare(chip)
+        except PipelineError as exc:
+            return ChipSkip(chip.chip_id, chip.index, str(exc))
+        return ChipJob(chip.chip_id, chip.index, chip.grid, prepared.questions, prepared.note)
+
+    def items(self) -> Iterator[tuple[list[ChipJob | ChipSkip], list[Question], list[Any]]]:
+        """The prepared batches in order; raises what the thread raised."""
+        while True:
+            try:
+                item = self.out.get(timeout=0.1)
+            except queue.Empty:
+                if not self.is_alive():
+                    raise InferError("the chip reader stopped without finishing") from None
+                continue
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+
+    def close(self) -> None:
+        """Stop the thread and wait for it."""
+        self.stop.set()
+        self.join()
+
+
+def _skip_reason(reason: str) -> str:
+    """A skip message without its chip id (for counting reasons)."""
+    return reason.split(": ", 1)[1] if reason.startswith("chip ") and ": " in reason else reason
+
+
+def infer_stack(
+    stack_input: StackInput, journal: Journal, predictor: Predictor, preparer: ChipPreparer, config: InputConfig,
+    report: RunReport, batch_size: int, validate: bool, bar: tqdm,
+) -> StackOutcome:
+    """Run one stack (see the module docstring); its failure is returned, not raised."""
+    outcome = StackOutcome(name=stack_input.name, ok=True)
+    key = stack_input.key
+    done_entry = journal.stack_done(key)
+    if done_entry is not None:
+        outcome.chips_total = int(done_entry.get("chips_total", 0))
+        outcome.resumed = len(journal.done_chips(key))
+        log.info("stack %s: every chip is in the journal", stack_input.name)
+        return outcome
+    try:
+        stack = open_stack(stack_input.name, masks=stack_input.masks)
+        check_stack_bands(config, len(stack.band_names), f"stack {stack_input.name}")
+        if validate:
+            masks = [m.path for step in stack.steps for m in step.masks if m is not None]
+            validate_files(stack.files + masks, progress=False)
+        stream = ChipStream(stack, chip_size=config.chip_size, stride=config.stride, edge=config.edge)
+        outcome.chips_total = len(stream)
+        if preparer.fields is not None:
+            preparer.fields = preparer.fields.to_crs(stack.crs)
+    except AgriVLMError as exc:
+        return StackOutcome(name=stack_input.name, ok=False, message=str(exc))
+    journal.append({"type": "stack", "stack": key, "name": stack_input.name, "crs": stack.crs.to_wkt(),
+                    "bounds": list(stack.grid.bounds), "chips_total": outcome.chips_total,
+                    "dates": [str(stack.times[0]), str(stack.times[-1])]})
+    done = journal.done_chips(key)
+    outcome.resumed = len(done)
+    groups = [g for g in stream.groups() if any(chip_id(w) not in done for _, w in g.members)]
+    bar.total = (bar.total or 0) + outcome.chips_total - len(done)
+    bar.refresh()
+    producer = _Producer(stream, groups, done, preparer, predictor, batch_size)
+    producer.start()
+    try:
+        for pending, questions, encoded in producer.items():
+            t0 = time.perf_counter()
+            answers = predictor.generate(encoded) if encoded else []
+            report.model_seconds += time.perf_counter() - t0
+            records = _batch_records(pending, questions, answers, preparer.task, predictor, report)
+            journal.append({"type": "chips", "stack": key, "chips": records})
+            for rec in records:
+                if rec["status"] == "skipped":
+                    outcome.skipped += 1
+                    report.skip_reasons[_skip_reason(rec["reason"])] += 1
+                else:
+                    outcome.processed += 1
+            bar.update(len(records))
+            bar.set_postfix(unparsed=report.unparsed, skipped=sum(report.skip_reasons.values()), refresh=False)
+    except AgriVLMError as exc:  # a damaged block found while streaming (without validation)
+        outcome.ok, outcome.message = False, str(exc)
+        return outcome
+    finally:
+        producer.close()
+    journal.append({"type": "stack_done", "stack": key, "chips_total": outcome.chips_total,
+                    "skipped_empty_stream": stream.skipped})
+    return outcome
+
+
+def _batch_records(pending: Sequence[ChipJob | ChipSkip], questions: Sequence[Question],
+                   answers: Sequence[DecodedAnswer], task: Task, predictor: Predictor,
+                   report: RunReport) -> list[dict[str, Any]]:
+    if len(answers) != len(questions):
+        raise AssertionError(f"{len(answers)} answers for {len(questions)} questions")  # pragma: no cover
+    records = []
+    k = 0
+    for job in pending:
+        if isinstance(job, ChipSkip):
+            records.append({"chip_id": job.chip_id, "index": job.index, "status": "skipped", "reason": job.reason})
+            continue
+        recs = []
+        for q in job.questions:
+            rec = answer_record(task, job.grid, q, answers[k], predictor.decode_ids)
+            k += 1
+            report.questions += 1
+            report.unparsed += int(rec["unparsed"])
+            report.unmatched_tokens += int(rec["unmatched"])
+            report.degenerate += int(rec["degenerate"])
+            recs.append(rec)
+        records.append({"chip_id": job.chip_id, "index": job.index, "status": "ok", "note": job.note,
+                        "answers": recs})
+    return records
+
+
+def count_journal(journal: Journal) -> Counter[str]:
+    """Chip records per ``stack|chip_id`` in a journal (each is 1 when no chip was processed twice)."""
+    return Counter(f"{rec['stack']}|{rec['chip_id']}" for rec in journal.chips())
+
+
+def load_json(path: Path) -> Any:
+    """Read a JSON file."""
+    return json.loads(path.read_text())
+
+
+# -- the run ------------------------------------------------------------------------------------------
+def apply_overrides(config: InputConfig, overrides: dict[str, Any] | None) -> InputConfig:
+    """``config`` with flag values set (dotted keys, e.g. ``bands.preset``, ``frames.max_frames``), validated."""
+    data = config.model_dump(mode="json")
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    from agrivlm.config import parse_config
+
+    return parse_config(InputConfig, data, "agrivlm infer options")
+
+
+def run_inference(
+    inputs: Sequence[str],
+    model_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    task: Task = "fields",
+    masks: Sequence[str] | None = None,
+    question: str | None = None,
+    fields: str | os.PathLike[str] | None = None,
+    field_id: str | None = None,
+    field_class: str | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    overrides: dict[str, Any] | None = None,
+    validate: bool = True,
+    nms_iou: float = 0.5,
+    min_score: float = 0.0,
+    restart: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    predictor: Predictor | None = None,
+) -> RunReport:
+    """Run a checkpoint over stacks and write the predictions (``agrivlm infer``; see the module docstring).
+
+    Args:
+        inputs: one stack per item (a folder, a glob or a file of GeoTIFFs, one file per date).
+        model_dir: checkpoint folder (``save_pretrained`` of model and processor; ``agrivlm_inputs.yaml``).
+        out: ``.gpkg`` or ``.geojson``; beside it ``<name>.journal.jsonl``, ``<stem>_report.json`` and, for
+            growth, ``<stem>_stages.csv``.
+        task: ``fields``, ``growth`` or ``ask``.
+        masks: per-date mask files of each stack (one item per input), or None.
+        question: the question of ``task="ask"``.
+        fields: growth: the field polygons to ask about (any CRS).
+        field_id: the column of ``fields`` with unique ids (default: field_id, id, index, else the row number).
+        field_class: the column of ``fields`` with land-use classes, used in the questions' wording.
+        batch_size: questions per generation batch (chips are batched together until it is reached).
+        max_new_tokens: per answer (default :data:`DEFAULT_MAX_NEW_TOKENS` of the task).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
+        dtype: model weights' dtype: ``float32``, ``bfloat16``, ``float16``.
+        overrides: input settings that win over the checkpoint's (dotted keys of :class:`InputConfig`).
+        validate: read every block of every file before a stack's chips (a damaged file fails the stack early).
+        nms_iou: NMS threshold: a detection overlapping a better one by IoU above this is dropped.
+        min_score: detections scored below this are dropped.
+        restart: discard an existing journal and start over.
+        overwrite: replace an existing output that has no journal to resume.
+        progress: show a progress bar.
+        predictor: an already loaded model (its device and dtype are used as they are).
+
+    Returns:
+        The run's :class:`RunReport` (also written as ``<stem>_report.json``). ``report.failed`` lists
+        stacks that failed; the outputs hold only their chips journaled before (by an earlier run or before a
+        damaged block was met).
+
+    Raises:
+        InferError / ConfigError: options that cannot work (naming what to change).
+
+    """
+    from agrivlm.infer.config import load_input_config
+    from agrivlm.infer.outputs import (
+        detection_frame,
+        growth_frame,
+        journal_path,
+        output_crs,
+        report_path,
+        stage_table,
+        suppress,
+        write_outputs,
+    )
+    from agrivlm.infer.prompts import TASKS
+
+    started = time.perf_counter()
+    if task not in TASKS:
+        raise InferError(f"--task {task!r}: use one of {', '.join(TASKS)}")
+    out = Path(out)
+    if out.suffix.lower() not in (".gpkg", ".geojson"):
+        raise InferError(f"{out}: the output must be a .gpkg or .geojson file")
+    if not inputs:
+        raise InferError("no INPUTS: give one or more stacks (folders, globs or files of GeoTIFFs)")
+    if masks and len(masks) != len(inputs):
+        raise InferError(f"{len(masks)} --masks for {len(inputs)} INPUTS: give one --masks per input, in order")
+    if batch_size < 1:
+        raise InferError(f"--batch-size must be ≥ 1, got {batch_size}")
+    if not 0.0 <= nms_iou <= 1.0:
+        raise InferError(f"--nms-iou must be in [0, 1], got {nms_iou}")
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise InferError(f"{model_dir}: not a checkpoint folder (no config.json); pass --model with a folder saved by "
+                         "save_pretrained")
+    journal_file = journal_path(out)
+    if out.exists() and not journal_file.exists() and not overwrite and not restart:
+        raise InferError(f"{out}: already exists; pass --overwrite to replace it")
+    stacks = [StackInput(name, masks[i] if masks else None) for i, name in enumerate(inputs)]
+    if len({s.key for s in stacks}) != len(stacks):
+        raise InferError("the same stack is given twice in INPUTS")
+    config, found = load_input_config(model_dir)
+    if not found:
+        log.warning("%s has no agrivlm_inputs.yaml; using the recipes' default chips, frames and bands", model_dir)
+    config = apply_overrides(config, overrides)
+    channels = channels_of(config)
+    max_new = max_new_tokens if max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS[task]
+    if max_new < 1:
+        raise InferError(f"--max-new-tokens must be ≥ 1, got {max_new}")
+    layer = FieldLayer.read(fields, field_id, field_class) if fields is not None else None
+    if task == "growth" and layer is None:
+        raise InferError("--task growth needs --fields PATH: the field polygons whose stages to predict")
+    if predictor is None:
+        predictor = Predictor.load(model_dir, device=device, dtype=dtype, max_new_tokens=max_new)
+    else:
+        predictor.max_new_tokens = max_new
+    if channels != predictor.num_bands:
+        raise InferError(
+            f"the band settings give {channels} channel(s) (preset {config.bands.preset!r}"
+            f"{', composite ' + repr(config.bands.composite) if config.bands.composite else ''}) but the model takes "
+            f"{predictor.num_bands}; pick the preset/composite the model was trained with"
+        )
+    settings = run_settings(model_dir, task, stacks, config, question if task == "ask" else None, max_new, dtype,
+                            layer, field_id, field_class)
+    report = RunReport(task=task)
+    with Journal.open(journal_file, settings, restart=restart) as journal:
+        if journal.resumed_entries:
+            log.info("%s: resuming (%d journaled chip(s))", journal_file, sum(1 for _ in journal.chips()))
+        bar = tqdm(total=0, desc=f"infer {task}", unit="chip", disable=not progress, dynamic_ncols=True)
+        loop_start = time.perf_counter()
+        try:
+            for s in stacks:
+                preparer = ChipPreparer(config, task, predictor.vocab, question, layer)
+                outcome = infer_stack(s, journal, predictor, preparer, config, report, batch_size, validate, bar)
+                report.stacks.append(outcome)
+                if not outcome.ok:
+                    log.error("stack %s skipped: %s", s.name, outcome.message)
+                    bar.write(f"error: stack {s.name} skipped: {outcome.message}")
+        finally:
+            bar.close()
+        report.seconds = time.perf_counter() - loop_start
+        keys, names = [s.key for s in stacks], [s.name for s in stacks]
+        if task == "growth":
+            stages = stage_table(journal, keys, names)
+            frame = growth_frame(stages, layer, output_crs(journal, keys))
+            report.stage_rows = len(stages)
+            report.features_before_nms = report.features = len(frame)
+        else:
+            stages = None
+            frame = detection_frame(journal, keys, names, task)
+            report.features_before_nms = len(frame)
+            frame = suppress(frame, nms_iou, min_score)
+            report.features = len(frame)
+        report.outputs = write_outputs(out, task, frame, stages)
+        report.outputs["journal"] = str(journal_file)
+    report.outputs["report"] = str(report_path(out))
+    from agrivlm.geo.index import atomic_path
+
+    with atomic_path(report_path(out)) as tmp:
+        tmp.write_text(json.dumps({**report.to_dict(), "total_seconds": round(time.perf_counter() - started, 3)},
+                                  indent=2) + "\n")
+    return report

@@ -1,0 +1,98 @@
+"""How a checkpoint wants its inputs: chip grid, frames, bands — ``agrivlm_inputs.yaml`` beside the weights.
+
+A model only answers well on inputs like those it was trained on, so the chip size, the frame selection and
+the band normalisation travel with the checkpoint in ``CKPT_DIR/agrivlm_inputs.yaml`` (:class:`InputConfig`,
+strict: unknown keys are errors). A trainer writes it with :func:`save_input_config`; ``agrivlm infer`` reads
+it with :func:`load_input_config` and lets flags override single values. Without the file the defaults below
+apply; they are the recipes' defaults (``agrivlm.recipes.config``), i.e. the inputs the training records
+describe:
+
+* chips of 32 px, stride 16, the last row/column snapped to the raster's edge;
+* frames: the chip's dates that are more than 60 % clear (data, no cloud; cloudy pixels become no data),
+  at most 16 evenly spread over them (``sample_frames`` with ``uniform``/``index``, ``empty="drop"``);
+  chips with fewer than 4 such dates are skipped (``min_frames``);
+* growth questions: one season per calendar year starting on ``season_start`` (01-01), frames chosen within
+  the season; a field is asked about where at least 9 of its pixels lie in the chip;
+* bands: a sensor preset of :data:`agrivlm.pipeline.bands.PRESETS` (none by default: pass ``--preset`` or
+  write it here), normalised to [0, 1] with fixed per-channel ``low``/``high`` or, without them, each chip's
+  own 2nd–98th percentiles over all its frames.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import Field
+
+from agrivlm.config import StrictModel, load_config
+from agrivlm.pipeline.frames import FrameSamplingConfig
+from agrivlm.recipes.config import ChipConfig, GrowthStagesConfig, PhenologyConfig
+
+#: The file beside a checkpoint's weights that says how its inputs are made.
+INPUT_CONFIG_FILE = "agrivlm_inputs.yaml"
+
+_CHIPS = ChipConfig()
+
+
+def default_frames() -> FrameSamplingConfig:
+    """The recipes' frame choice: clear dates (> ``min_clear``), at most ``max_frames``, evenly spread."""
+    return FrameSamplingConfig(
+        sampler="uniform", uniform_by="index", max_frames=_CHIPS.max_frames, empty="drop", clouds_as_nodata=True,
+        min_valid_fraction=_CHIPS.min_clear,
+    )
+
+
+class BandConfig(StrictModel):
+    """Band preset and normalisation (:func:`agrivlm.pipeline.bands.prepare_bands`)."""
+
+    #: A key of ``agrivlm.pipeline.bands.PRESETS`` (``ndvi``, ``sentinel2_l2a``, …); required to run.
+    preset: str | None = None
+    #: A false-colour composite (``COMPOSITES`` key) giving 3 channels; None: every band of the preset.
+    composite: str | None = None
+    #: Fixed value mapped to 0, per channel (dataset-wide statistics); None: each chip's own percentiles.
+    low: list[float] | None = None
+    #: Fixed value mapped to 1, per channel.
+    high: list[float] | None = None
+    #: Percentiles of the per-chip statistics when ``low``/``high`` are not given.
+    percentiles: tuple[float, float] = (2.0, 98.0)
+
+
+class InputConfig(StrictModel):
+    """Chip grid, frames and bands of a checkpoint (see the module docstring for the defaults)."""
+
+    chip_size: Annotated[int, Field(gt=0)] = _CHIPS.size
+    stride: Annotated[int, Field(gt=0)] | None = _CHIPS.stride
+    edge: Literal["snap", "drop"] = _CHIPS.edge
+    frames: FrameSamplingConfig = Field(default_factory=default_frames)
+    #: Chips (or, for growth, seasons of a chip) with fewer usable frames are skipped.
+    min_frames: Annotated[int, Field(gt=0)] = _CHIPS.min_frames
+    #: Start of each growth season, ``MM-DD``.
+    season_start: str = PhenologyConfig().season_start
+    #: Growth: fields with fewer pixels (area) in a chip are not asked about there.
+    min_field_px: Annotated[float, Field(ge=0)] = GrowthStagesConfig().min_field_px
+    bands: BandConfig = Field(default_factory=BandConfig)
+
+
+def load_input_config(folder: str | os.PathLike[str]) -> tuple[InputConfig, bool]:
+    """``(config, found)``: the checkpoint's :data:`INPUT_CONFIG_FILE`, or the defaults when it has none.
+
+    Raises:
+        ConfigError: the file exists but has an unknown key or a bad value (naming the file and key).
+
+    """
+    path = Path(folder) / INPUT_CONFIG_FILE
+    if not path.is_file():
+        return InputConfig(), False
+    return load_config(InputConfig, path), True
+
+
+def save_input_config(config: InputConfig, folder: str | os.PathLike[str]) -> Path:
+    """Write ``config`` as :data:`INPUT_CONFIG_FILE` into a checkpoint folder; returns the path."""
+    path = Path(folder) / INPUT_CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = config.model_dump(mode="json")
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path

@@ -1,0 +1,188 @@
+"""The journal of an inference run: append-only JSONL, one fsynced line per finished batch of chips.
+
+Line 1 is the header: the settings that decide the answers (model, task, inputs, chip grid, frames,
+bands, generation). Then, in the order they happen:
+
+* ``{"type": "stack", "stack": KEY, ...}`` when a stack opened (its CRS, bounds, chip count);
+* ``{"type": "chips", "stack": KEY, "chips": [...]}`` a finished batch: one record per chip, with its
+  answers and features (geometry as WKB hex, so a reload gives the same bytes), or a skipped chip with the
+  reason;
+* ``{"type": "stack_done", "stack": KEY, ...}`` when every chip of a stack is journaled.
+
+A batch is written as ONE line with one ``write`` and an ``fsync``, so a kill leaves either the whole batch
+or at most a torn last line, which the next run drops (truncating the file to its last complete line). A
+restarted run reads the journal, skips every journaled chip and stack, and goes on; because whole batches are
+journaled, the remaining chips form the same batches as in an uninterrupted run (with the same
+``--batch-size``), so the answers are the same to the bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from agrivlm.infer.errors import InferError
+
+#: Version of the journal layout; a journal of another version is refused.
+JOURNAL_VERSION = 1
+
+
+def _dumps(entry: dict[str, Any]) -> str:
+    return json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+class Journal:
+    """An open journal: the entries read back from disk, and :meth:`append` for new ones.
+
+    Use :meth:`open`; close with :meth:`close` (or as a context manager).
+    """
+
+    def __init__(self, path: Path, settings: dict[str, Any], entries: list[dict[str, Any]]) -> None:
+        self.path = path
+        self.settings = settings
+        #: Entries after the header, oldest first (read back from disk, then appended).
+        self.entries = entries
+        #: Entries found on disk when opened (0 for a fresh journal).
+        self.resumed_entries = len(entries)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], settings: dict[str, Any], restart: bool = False) -> Journal:
+        """Open (or create) the journal of a run with ``settings`` (JSON-able).
+
+        An existing journal is resumed when its header's settings equal ``settings``; ``restart`` discards it.
+
+        Raises:
+            InferError: the journal belongs to a run with other settings (naming what differs), or a line
+                before the last one is damaged.
+
+        """
+        path = Path(path)
+        settings = json.loads(_dumps(settings))  # as it will read back
+        if restart and path.exists():
+            path.unlink()
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            line = _dumps({"type": "header", "version": JOURNAL_VERSION, "settings": settings}) + "\n"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, line.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _fsync_dir(path.parent)
+            return cls(path, settings, [])
+        lines = list(_read_lines(path))
+        if not lines:
+            raise InferError(f"{path}: empty journal (no header); delete it or pass --restart")
+        header = lines[0]
+        if header.get("type") != "header" or header.get("version") != JOURNAL_VERSION:
+            raise InferError(f"{path}: not an agrivlm infer journal of version {JOURNAL_VERSION}; pass --restart")
+        diff = _differences(header.get("settings", {}), settings)
+        if diff:
+            raise InferError(
+                f"{path}: journal of a run with other settings ({'; '.join(diff[:4])}"
+                f"{' …' if len(diff) > 4 else ''}); pass --restart to discard it, or write to another --out"
+            )
+        return cls(path, settings, lines[1:])
+
+    def append(self, entry: dict[str, Any]) -> None:
+        """Write one entry as one line (one ``write``, then ``fsync``) and remember it."""
+        data = (_dumps(entry) + "\n").encode()
+        written = os.write(self._fd, data)
+        if written != len(data):  # a regular file takes the whole buffer; anything else is a full disk
+            raise InferError(f"{self.path}: only {written} of {len(data)} bytes written (disk full?)")
+        os.fsync(self._fd)
+        self.entries.append(entry)
+
+    def close(self) -> None:
+        """Close the file (entries stay readable)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- what is done ------------------------------------------------------------------------------
+    def of_type(self, kind: str, stack: str | None = None) -> Iterator[dict[str, Any]]:
+        """Entries of one type (of one stack)."""
+        for e in self.entries:
+            if e.get("type") == kind and (stack is None or e.get("stack") == stack):
+                yield e
+
+    def chips(self, stack: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every journaled chip record (of one stack), in journal order."""
+        for e in self.of_type("chips", stack):
+            for rec in e["chips"]:
+                yield {**rec, "stack": e["stack"]}
+
+    def done_chips(self, stack: str) -> set[str]:
+        """Ids of the journaled chips of ``stack``."""
+        return {rec["chip_id"] for rec in self.chips(stack)}
+
+    def stack_done(self, stack: str) -> dict[str, Any] | None:
+        """The ``stack_done`` entry of ``stack``, if every chip of it is journaled."""
+        return next(self.of_type("stack_done", stack), None)
+
+    def stack_info(self, stack: str) -> dict[str, Any] | None:
+        """The latest ``stack`` entry of ``stack`` (CRS, bounds, …)."""
+        found = None
+        for e in self.of_type("stack", stack):
+            found = e
+        return found
+
+
+def _read_lines(path: Path) -> Iterator[dict[str, Any]]:
+    """Parse the journal; a torn last line (a kill mid-write) is cut off the file."""
+    raw = path.read_bytes()
+    pos = 0
+    lineno = 0
+    while pos < len(raw):
+        end = raw.find(b"\n", pos)
+        lineno += 1
+        if end < 0:  # no newline: the write of this line never completed
+            _truncate(path, pos)
+            return
+        try:
+            entry = json.loads(raw[pos:end])
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            if end + 1 == len(raw):
+                _truncate(path, pos)  # damaged last line: drop it, its batch is redone
+                return
+            raise InferError(f"{path}:{lineno}: damaged journal line ({exc}); pass --restart to start over") from exc
+        if not isinstance(entry, dict):
+            raise InferError(f"{path}:{lineno}: a journal line must be a JSON object; pass --restart")
+        yield entry
+        pos = end + 1
+
+
+def _truncate(path: Path, size: int) -> None:
+    with path.open("r+b") as fh:
+        fh.truncate(size)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not every platform opens folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

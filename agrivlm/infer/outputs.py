@@ -1,0 +1,206 @@
+"""The journal → the run's outputs, written atomically (``agrivlm.geo.index.write_frame``).
+
+``--out predictions.gpkg`` (or ``.geojson``) gets one layer:
+
+* ``fields`` (``--task fields``): one polygon per detected field, in the output CRS (the first stack's CRS;
+  features of stacks in another CRS are reprojected to it). Columns: ``field_id`` (``<chip_id>#<k>``, with
+  ``<i>:`` in front for the i-th INPUT when several are given), :data:`agrivlm.schema.FIELD_PREDICTION_COLUMNS`
+  (``chip_id``, ``task``, ``score`` — the geometric mean of the box tokens' probabilities —, ``tokens`` — the
+  box's four position tokens), ``label`` (the class the answer names, e.g. ``grassland``), ``cut`` (the
+  answer marks the field "partly outside the image"), ``stack`` (the INPUT), ``answer`` (the chip's whole
+  answer) and ``box`` (``[u1, v1, u2, v2]`` in the chip, JSON). Detections of overlapping chips are merged by
+  :func:`agrivlm.infer.nms.nms` (IoU in map units; fields the chip shows whole rank before cut ones, then by
+  score).
+* ``growth`` (``--task growth``): one polygon per field of ``--fields`` with at least one predicted stage:
+  ``field_id``, ``chip_id`` (the chips asked, comma-joined), ``task``, ``score`` (mean of its stage answers'
+  scores), ``tokens`` (``{date: raw answer}`` JSON), ``stages`` (``{date: stage}`` JSON), ``n_dates``, ``stack``.
+  Beside it, ``<stem>_stages.csv``: the growth-stage table of :data:`agrivlm.schema.STAGE_COLUMNS`
+  (``field_id, date, stage``; plus ``score, chip_id, season, stack, answer``), one row per field and day — where
+  overlapping chips (or two acquisitions on one day) answered, the answer with the highest score wins.
+  ``agrivlm eval growth --pred <stem>_stages.csv`` reads it.
+* ``answers`` (``--task ask``): per answer, one polygon per box and one point per point (``kind``), or — for
+  an answer without positions — the chip's footprint (``kind = chip``); plus ``answer``, ``dates`` and
+  ``segments`` (decoded ``TEMP`` positions as ISO days, JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import shapely
+from rasterio.crs import CRS
+
+from agrivlm.geo.index import atomic_path, write_frame
+from agrivlm.infer.journal import Journal
+from agrivlm.infer.nms import nms
+from agrivlm.infer.prepare import FieldLayer
+from agrivlm.schema import FIELD_PREDICTION_COLUMNS, STAGE_COLUMNS
+
+#: GeoPackage layer of each task.
+LAYERS = {"fields": "fields", "growth": "growth", "ask": "answers"}
+
+#: Columns of the ``fields`` / ``answers`` layers (plus geometry).
+DETECTION_COLUMNS: tuple[str, ...] = ("field_id", *FIELD_PREDICTION_COLUMNS, "label", "cut", "stack", "answer", "box")
+ASK_COLUMNS: tuple[str, ...] = (*DETECTION_COLUMNS, "kind", "dates", "segments")
+GROWTH_COLUMNS: tuple[str, ...] = ("field_id", *FIELD_PREDICTION_COLUMNS, "stages", "n_dates", "stack")
+STAGE_TABLE_COLUMNS: tuple[str, ...] = (*STAGE_COLUMNS, "score", "chip_id", "season", "stack", "answer")
+
+
+def stages_path(out: Path) -> Path:
+    """The growth-stage table beside ``out``: ``<stem>_stages.csv``."""
+    return out.with_name(f"{out.stem}_stages.csv")
+
+
+def report_path(out: Path) -> Path:
+    """The run report beside ``out``: ``<stem>_report.json``."""
+    return out.with_name(f"{out.stem}_report.json")
+
+
+def journal_path(out: Path) -> Path:
+    """The journal beside ``out``: ``<name>.journal.jsonl``."""
+    return out.with_name(f"{out.name}.journal.jsonl")
+
+
+def output_crs(journal: Journal, keys: Sequence[str]) -> CRS | None:
+    """The CRS of the first stack (INPUT order) the journal knows, or None."""
+    for key in keys:
+        info = journal.stack_info(key)
+        if info is not None:
+            return CRS.from_wkt(info["crs"])
+    return None
+
+
+def _nan(v: Any) -> float:
+    return math.nan if v is None else float(v)
+
+
+def _empty(columns: Sequence[str], crs: CRS | None) -> gpd.GeoDataFrame:
+    data = {c: pd.Series([], dtype=float if c == "score" else (bool if c == "cut" else object)) for c in columns}
+    return gpd.GeoDataFrame(data, geometry=gpd.GeoSeries([], crs=None if crs is None else crs.to_wkt()))
+
+
+def _to_crs(frame: gpd.GeoDataFrame, crs: CRS) -> gpd.GeoDataFrame:
+    return frame if CRS.from_user_input(frame.crs) == crs else frame.to_crs(crs.to_wkt())
+
+
+def detection_frame(journal: Journal, keys: Sequence[str], names: Sequence[str], task: str) -> gpd.GeoDataFrame:
+    """Every journaled feature of the ``fields``/``ask`` task, before NMS, in the output CRS.
+
+    Rows are ordered by INPUT, chip (row-major index), answer and feature, whatever order the journal has.
+    """
+    crs = output_crs(journal, keys)
+    columns = ASK_COLUMNS if task == "ask" else DETECTION_COLUMNS
+    frames = []
+    prefix = len(keys) > 1
+    for i, (key, name) in enumerate(zip(keys, names, strict=True)):
+        info = journal.stack_info(key)
+        if info is None:
+            continue
+        rows: list[dict[str, Any]] = []
+        geoms = []
+        chips = sorted((r for r in journal.chips(key) if r["status"] == "ok"), key=lambda r: int(r["index"]))
+        for rec in chips:
+            cid = rec["chip_id"]
+            k = 0
+            for a, ans in enumerate(rec["answers"]):
+                for feat in ans["features"]:
+                    fid = f"{cid}#{k}" if task == "fields" else f"{cid}#{a}.{k}"
+                    row = {
+                        "field_id": f"{i}:{fid}" if prefix else fid, "chip_id": cid, "task": task,
+                        "score": _nan(feat["score"]), "tokens": feat["tokens"], "label": feat["label"],
+                        "cut": bool(feat["cut"]), "stack": name, "answer": ans["text"], "box": json.dumps(feat["box"]),
+                    }
+                    if task == "ask":
+                        row.update(kind=feat["kind"], dates=json.dumps(ans.get("dates", [])),
+                                   segments=json.dumps(ans.get("segments", [])))
+                    rows.append(row)
+                    geoms.append(feat["geometry"])
+                    k += 1
+        if not rows:
+            continue
+        frame = gpd.GeoDataFrame(rows, geometry=gpd.GeoSeries(shapely.from_wkb(geoms), crs=info["crs"]))
+        frames.append(_to_crs(frame, crs) if crs is not None else frame)
+    if not frames:
+        return _empty(columns, crs)
+    out = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry",
+                           crs=frames[0].crs if crs is None else crs.to_wkt())
+    return out[[*columns, "geometry"]]
+
+
+def suppress(frame: gpd.GeoDataFrame, iou_threshold: float, min_score: float = 0.0) -> gpd.GeoDataFrame:
+    """Drop features scored below ``min_score``, then NMS over the box polygons (points and chips stay)."""
+    if frame.empty:
+        return frame
+    frame = frame[~(frame["score"] < min_score)]
+    is_box = frame["kind"] == "box" if "kind" in frame.columns else pd.Series(True, index=frame.index)
+    boxes = frame[is_box]
+    keep = nms(boxes.geometry.to_numpy(), boxes["score"].to_numpy(dtype=np.float64), iou_threshold,
+               priority=(~boxes["cut"].astype(bool)).astype(np.int64).to_numpy())
+    kept = boxes.iloc[keep]
+    out = pd.concat([kept, frame[~is_box]]).sort_index()
+    return gpd.GeoDataFrame(out, geometry="geometry", crs=frame.crs).reset_index(drop=True)
+
+
+def stage_table(journal: Journal, keys: Sequence[str], names: Sequence[str]) -> pd.DataFrame:
+    """The growth-stage table: one row per (field, day), the highest-scored answer among chips and acquisitions."""
+    rows = []
+    order = 0
+    for key, name in zip(keys, names, strict=True):
+        chips = sorted((r for r in journal.chips(key) if r["status"] == "ok"), key=lambda r: int(r["index"]))
+        for rec in chips:
+            for ans in rec["answers"]:
+                if ans.get("stage") is None:
+                    continue
+                meta = ans["meta"]
+                rows.append({"field_id": str(meta["field_id"]), "date": meta["date"], "stage": ans["stage"],
+                             "score": _nan(ans["score"]), "chip_id": rec["chip_id"], "season": meta.get("season", ""),
+                             "stack": name, "answer": ans["text"], "_order": order})
+                order += 1
+    if not rows:
+        return pd.DataFrame({c: pd.Series([], dtype=float if c == "score" else object) for c in STAGE_TABLE_COLUMNS})
+    table = pd.DataFrame(rows)
+    table["_rank"] = table["score"].fillna(-np.inf)
+    table = table.sort_values(["field_id", "date", "_rank", "_order"], ascending=[True, True, False, True],
+                              kind="stable")
+    table = table.drop_duplicates(["field_id", "date"], keep="first")
+    return table[list(STAGE_TABLE_COLUMNS)].reset_index(drop=True)
+
+
+def growth_frame(stages: pd.DataFrame, fields: FieldLayer | None, crs: CRS | None) -> gpd.GeoDataFrame:
+    """One polygon per field with predicted stages (``--fields`` geometry in the output CRS)."""
+    if stages.empty or fields is None or crs is None:
+        return _empty(GROWTH_COLUMNS, crs)
+    layer = fields.to_crs(crs)
+    geom_of = dict(zip(layer.ids.tolist(), layer.geoms.tolist(), strict=True))
+    rows, geoms = [], []
+    for fid, group in stages.groupby("field_id", sort=True):
+        group = group.sort_values("date")
+        rows.append({
+            "field_id": str(fid), "chip_id": ",".join(sorted(set(group["chip_id"]))), "task": "growth",
+            "score": float(group["score"].mean()), "tokens": json.dumps(dict(zip(group["date"], group["answer"],
+                                                                                 strict=True))),
+            "stages": json.dumps(dict(zip(group["date"], group["stage"], strict=True))), "n_dates": len(group),
+            "stack": ",".join(sorted(set(group["stack"]))),
+        })
+        geoms.append(geom_of[str(fid)])
+    frame = gpd.GeoDataFrame(rows, geometry=gpd.GeoSeries(geoms, crs=crs.to_wkt()))
+    return frame[[*GROWTH_COLUMNS, "geometry"]]
+
+
+def write_outputs(out: Path, task: str, frame: gpd.GeoDataFrame, stages: pd.DataFrame | None) -> dict[str, str]:
+    """Write the layer (and the stage table) atomically; returns ``{what: path}``."""
+    written = {"layer": str(out)}
+    write_frame(frame, out, layer=LAYERS[task])
+    if stages is not None:
+        target = stages_path(out)
+        with atomic_path(target) as tmp:
+            stages.to_csv(tmp, index=False)
+        written["stages"] = str(target)
+    return written

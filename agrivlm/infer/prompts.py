@@ -1,0 +1,163 @@
+"""The questions ``agrivlm infer`` asks, worded and rendered exactly as the training records, and their answers.
+
+Wording: the questions are the recipes' own (:data:`agrivlm.recipes.fields.OUTLINE_FIELDS_QUESTIONS`,
+:data:`agrivlm.recipes.growth.STAGE_ON_DATE_QUESTIONS`), never re-typed here. Rendering: a question's
+positions go through the recipes' :func:`~agrivlm.recipes.schema.render_text` with the LAPE codec as the
+formatters (:func:`lape_formatters`), the rendering the recipes prescribe for training; the continuous value
+of every position token is returned beside the text (:attr:`PromptText.positions`) for the processor's
+``positions=`` (interpolated input embeddings, as the processor does for training).
+
+A prompt is ``"<video> QUESTION"`` (``"<image> QUESTION"`` for one frame): :func:`build_prompt`. This is the
+one place that fixes the format; a trainer must build its prompts with it too.
+
+Answers: :func:`parse_stage` finds the growth-stage word of a ``stage_on_date`` answer;
+:func:`listing_details` reads the class label and the "partly outside the image" mark of each box of an
+``outline_fields`` answer (``"2 fields: grassland <box>; cultivated land <box> (partly outside the image)."``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from agrivlm.lape.tokens import Axis, LapeVocab, serialize_box, serialize_point, serialize_segment
+from agrivlm.recipes.fields import CUT_MARK, NO_FIELDS_ANSWER, OUTLINE_FIELDS_QUESTIONS, parcel_name
+from agrivlm.recipes.growth import STAGE_ON_DATE_QUESTIONS
+from agrivlm.recipes.phenology import day_str
+from agrivlm.recipes.schema import PLACEHOLDER, Turn, render_text
+from agrivlm.recipes.sources import UNKNOWN_CLASS
+from agrivlm.schema import GROWTH_STAGES
+
+#: The inference tasks: field boundaries (boxes), growth stage per field and date, a free question.
+Task = Literal["fields", "growth", "ask"]
+TASKS: tuple[str, ...] = ("fields", "growth", "ask")
+
+#: One growth-stage word as a whole word (``green-up`` included, ``peaks`` or ``pre-peak`` not).
+_STAGE_RE = re.compile(r"(?<![\w-])(" + "|".join(re.escape(s) for s in GROWTH_STAGES) + r")(?![\w-])", re.I)
+#: A box as serialized by :func:`~agrivlm.lape.tokens.serialize_box` (whitespace between tokens allowed).
+_BOX_RE = re.compile(r"<WIDTH-\d+>\s*<HEIGHT-\d+>\s*<WIDTH-\d+>\s*<HEIGHT-\d+>")
+
+
+def lape_formatters(vocab: LapeVocab) -> dict[str, Any]:
+    """The LAPE codec as :func:`~agrivlm.recipes.schema.render_text` formatters (box → 4 tokens, time → 1)."""
+    return {
+        "fmt_box": lambda b: serialize_box(b, vocab),
+        "fmt_point": lambda p: serialize_point(p, vocab),
+        "fmt_segment": lambda s: serialize_segment(s, vocab),
+        "fmt_time": lambda t: vocab.encode(Axis.TEMP, float(t)),
+        "polygon_sep": "",
+    }
+
+
+@dataclass(frozen=True)
+class PromptText:
+    """A question rendered with LAPE tokens (no visual placeholder yet).
+
+    Attributes:
+        text: the question, positions as LAPE tokens.
+        positions: the continuous normalized value of each position token of ``text``, in text order (the
+            processor's ``positions=``); empty when the question has none.
+
+    """
+
+    text: str
+    positions: tuple[float, ...] = field(default_factory=tuple)
+
+
+def render_question(
+    text: str,
+    vocab: LapeVocab,
+    boxes: Sequence[Sequence[float]] = (),
+    points: Sequence[Sequence[float]] = (),
+    times: Sequence[float] = (),
+    segments: Sequence[Sequence[float]] = (),
+) -> PromptText:
+    """Render a question with ``{box:K}``-style placeholders as the recipes do, and collect the token values.
+
+    Values are normalized (``u``, ``v`` fractions of the chip, ``t`` of the frames' date range) and rounded
+    as records round them (:class:`~agrivlm.recipes.schema.Turn` validates and rounds to 6 decimals).
+
+    Raises:
+        pydantic.ValidationError: a value outside [0, 1], or placeholders and positions that do not match.
+
+    """
+    turn = Turn.model_validate({"role": "user", "text": text, "boxes": [list(b) for b in boxes],
+                                "points": [list(p) for p in points], "times": list(times),
+                                "segments": [list(s) for s in segments]})
+    rendered = render_text(turn, **lape_formatters(vocab))
+    values: list[float] = []
+    for match in PLACEHOLDER.finditer(turn.text):
+        kind, k = match.group(1), int(match.group(2))
+        if kind == "box":
+            values.extend(turn.boxes[k])
+        elif kind == "point":
+            values.extend(turn.points[k])
+        elif kind == "polygon":
+            values.extend(v for p in turn.polygons[k] for v in p)
+        elif kind == "time":
+            values.append(turn.times[k])
+        else:
+            values.extend(turn.segments[k])
+    return PromptText(rendered, tuple(float(v) for v in values))
+
+
+def build_prompt(question: str, num_frames: int) -> str:
+    """The model's prompt: the visual placeholder, a space, the question (``<image>`` for one frame)."""
+    if num_frames < 1:
+        raise ValueError(f"a prompt needs at least one frame, got {num_frames}")
+    return f"{'<image>' if num_frames == 1 else '<video>'} {question}"
+
+
+def fields_question(vocab: LapeVocab) -> PromptText:
+    """The ``fields`` task's question: the recipes' first ``outline_fields`` question."""
+    return render_question(OUTLINE_FIELDS_QUESTIONS[0], vocab)
+
+
+def stage_question(vocab: LapeVocab, box: Sequence[float], date: object, field_class: str | None = None) -> PromptText:
+    """The ``growth`` task's question about the field at ``box`` on ``date`` (the recipes' ``stage_on_date``).
+
+    Args:
+        vocab: the model's LAPE vocabulary.
+        box: the field's visible part in the chip, ``(u1, v1, u2, v2)`` normalized.
+        date: the acquisition time asked about (written as its calendar day).
+        field_class: the field's land-use class (``"grassland"``); None → "parcel".
+
+    """
+    name = parcel_name(field_class or UNKNOWN_CLASS)
+    text = STAGE_ON_DATE_QUESTIONS[0].format(name=name, date=day_str(date))
+    return render_question(text, vocab, boxes=[box])
+
+
+def parse_stage(text: str) -> str | None:
+    """The growth stage an answer names, or None when it names none or several different ones."""
+    found = {m.group(1).lower() for m in _STAGE_RE.finditer(text)}
+    return found.pop() if len(found) == 1 else None
+
+
+def says_no_fields(text: str) -> bool:
+    """Whether an answer is the recipes' "no fields" answer."""
+    return NO_FIELDS_ANSWER.lower().rstrip(".") in text.lower()
+
+
+def listing_details(text: str, n_boxes: int) -> list[tuple[str, bool]]:
+    """``(label, cut)`` of each box of an ``outline_fields`` answer, in order.
+
+    The label is the text between the previous ``:``/``;`` (or the start) and the box (``"grassland"``;
+    ``"parcel"`` for an unknown class); ``cut`` is True when the recipes' mark ``"(partly outside the
+    image)"`` follows the box. When the text holds another number of boxes than ``n_boxes`` (the decoded
+    count) every box gets ``("", False)``.
+    """
+    matches = list(_BOX_RE.finditer(text))
+    if len(matches) != n_boxes:
+        return [("", False)] * n_boxes
+    out = []
+    prev_end = 0
+    for m in matches:
+        before = text[prev_end:m.start()]
+        label = re.split(r"[:;]", before)[-1].strip(" ,.")
+        cut = text[m.end():].startswith(CUT_MARK)
+        out.append((label, cut))
+        prev_end = m.end()
+    return out
