@@ -160,6 +160,15 @@ def _mixed_precision(choice: str) -> str | None:
     return "no"
 
 
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory so far in MiB: allocated by torch on a CUDA device, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: StageConfig, step: int) -> dict[str, float]:
     """Set each param group's LR for optimizer step ``step`` (0-based); returns ``{"lr_main", "lr_lape"}``."""
     o = cfg.optim
@@ -277,10 +286,20 @@ class _Run:
         # a process may run several stages (the quickstart): start each with a fresh accelerate state
         AcceleratorState._reset_state()
         GradientState._reset_state()
-        return Accelerator(
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        # torchrun on a machine without GPUs: accelerate needs cpu=True to see the other processes (gloo)
+        cpu = world > 1 and not torch.cuda.is_available()
+        acc = Accelerator(
             mixed_precision=_mixed_precision(self.cfg.train.mixed_precision),
             gradient_accumulation_steps=self.cfg.train.grad_accum,
+            cpu=cpu,
         )
+        if acc.num_processes != world:
+            raise ConfigError(
+                f"{world} processes were launched but accelerate sees {acc.num_processes}; each would train alone "
+                "into the same folder — check the launcher (accelerate launch / torchrun) and its environment"
+            )
+        return acc
 
     def run(self) -> Path:
         from accelerate.utils import set_seed
@@ -453,7 +472,8 @@ class _Run:
                 state.tokens += step_tokens
                 seen.write(state.step, step_ids)
                 row = {**reduced, **lrs, "epoch": state.epoch, "samples": state.samples,
-                       "tokens_per_s": step_tokens / elapsed, "step_time_s": elapsed}
+                       "tokens_per_s": step_tokens / elapsed, "step_time_s": elapsed,
+                       "peak_mem_mib": peak_memory_mib(acc.device)}
                 if t.eval_every > 0 and state.step % t.eval_every == 0 and val_ds is not None:
                     row.update(self._evaluate(acc, module, val_ds, collate))
                     module.train()
