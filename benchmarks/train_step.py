@@ -3,7 +3,7 @@
 Every number comes from the real trainer: for each size a one-step stage 1 makes the starting folder, then
 ``agrivlm train stage2`` runs in its own process (so each run's peak memory is its own) twice — without and
 with the auxiliary next-frame reconstruction loss (``configs/stage2.yaml`` settings: 128-wide, 3-layer
-predictor, frozen teacher) — on real records of the embedded sample (``data_recipes/curriculum_tiny.yaml``,
+predictor, frozen teacher) — on real records of the embedded sample (``tests/recipes/curriculum_tiny.yaml``,
 built once unless ``--data`` points at a recipe output). The trainer logs each step's compute time,
 non-padding tokens/s and peak memory (CUDA: ``max_memory_allocated``; CPU: the process's peak RSS); the
 first ``--warmup`` steps are dropped and the median of the rest is reported, with the ratios
@@ -107,7 +107,8 @@ def main() -> None:
         data = args.data
         if data is None:
             data = work / "data"
-            cli("recipe", "build", "--recipe", "data_recipes/curriculum_tiny.yaml", "--out", str(data), "--no-progress")
+            recipe = "tests/recipes/curriculum_tiny.yaml"
+            cli("recipe", "build", "--recipe", recipe, "--out", str(data), "--no-progress")
         results = {}
         for size in args.sizes.split(","):
             t0 = time.perf_counter()

@@ -12,12 +12,12 @@ from typer.testing import CliRunner
 from agrivlm.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "data_recipes" / "curriculum_tiny.yaml"
+RECIPE = ROOT / "tests" / "recipes" / "curriculum_tiny.yaml"
 CONFIGS = ROOT / "configs"
 
 
 def curriculum_recipe(factory: pytest.TempPathFactory) -> Path:
-    """``agrivlm recipe build --recipe data_recipes/curriculum_tiny.yaml`` into the session's temp folder (once)."""
+    """``agrivlm recipe build --recipe tests/recipes/curriculum_tiny.yaml`` into the session's temp folder (once)."""
     out = factory.getbasetemp() / "curriculum_recipe"
     if not (out / "manifest.json").is_file():
         args = ["recipe", "build", "--recipe", str(RECIPE), "--out", str(out), "--no-progress"]
