@@ -226,7 +226,7 @@ def test_killed_run_resumes_to_the_same_weights_and_samples(
             assert proc.poll() is None, f"the run ended before its first checkpoint: {proc.stderr.read()}"  # type: ignore[union-attr]
             assert time.monotonic() < deadline, "no checkpoint within 240 s"
             time.sleep(0.02)
-        time.sleep(random.uniform(0.0, 0.6))  # a moment the run does not choose
+        time.sleep(random.SystemRandom().uniform(0.0, 0.6))  # a moment nobody chose (run_stage seeds `random`)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:

@@ -145,6 +145,14 @@ def test_lora_merge_of_a_state_dict_equals_peft_merging_the_layers() -> None:
     assert not any("lora_" in k or "base_layer" in k for k in merged)
 
 
+def test_full_llm_training_opens_the_llm_and_nothing_else() -> None:
+    model, _ = build_model()
+    groups, scaling = set_trainable(model, Trainables(lape=False, band_adapter=False, llm=LLMTraining(mode="full")))
+    names = {n.split(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert scaling is None and names == {"projector", "language_model"} and groups["lape"] == []
+    assert len(groups["main"]) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
 # -- reconstruction ------------------------------------------------------------------------------------------
 
 
