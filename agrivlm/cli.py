@@ -14,6 +14,7 @@ from rich.table import Table
 from agrivlm.errors import AgriVLMError
 from agrivlm.eval.commands import app as eval_app
 from agrivlm.recipes.commands import recipe_app
+from agrivlm.train.commands import train_app
 
 app = typer.Typer(
     name="agrivlm",
@@ -146,6 +147,7 @@ def quickstart(
 
 
 app.add_typer(recipe_app, name="recipe")
+app.add_typer(train_app, name="train")
 from agrivlm.explore.command import explore as _explore  # noqa: E402
 
 app.command("explore")(_explore)

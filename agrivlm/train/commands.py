@@ -1,0 +1,51 @@
+"""``agrivlm train stage1|stage2|stage3 --config configs/stageN.yaml [--resume]``: the curriculum stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+train_app = typer.Typer(
+    name="train",
+    help="Three-stage curriculum on accelerate: stage1 alignment → stage2 LAPE warm-up → stage3 agricultural "
+    "fine-tune. Runs the same on one CPU and under `accelerate launch`.",
+    no_args_is_help=True,
+)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Stage YAML (configs/stageN.yaml).")]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in the output folder.")
+]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Start over in an output folder that holds a run.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config key, KEY=VALUE (YAML value), e.g. --set train.max_steps=20."),
+]
+
+
+def _run(stage: str, config: Path, resume: bool, overwrite: bool, overrides: list[str] | None) -> None:
+    from agrivlm.train.config import parse_overrides
+    from agrivlm.train.trainer import run_stage
+
+    final = run_stage(config, parse_overrides(overrides), stage=stage, resume=resume, overwrite=overwrite)
+    typer.echo(f"{stage}: final model in {final}")
+
+
+@train_app.command("stage1")
+def stage1(config: ConfigOpt, resume: ResumeOpt = False, overwrite: OverwriteOpt = False, set_: SetOpt = None) -> None:
+    """Vision–language alignment: LAPE off, projector and band adapter trained, vision encoder and LLM frozen."""
+    _run("stage1", config, resume, overwrite, set_)
+
+
+@train_app.command("stage2")
+def stage2(config: ConfigOpt, resume: ResumeOpt = False, overwrite: OverwriteOpt = False, set_: SetOpt = None) -> None:
+    """LAPE warm-up from stage 1: LAPE on (smart init), own LR group with warm-up, weighted position losses."""
+    _run("stage2", config, resume, overwrite, set_)
+
+
+@train_app.command("stage3")
+def stage3(config: ConfigOpt, resume: ResumeOpt = False, overwrite: OverwriteOpt = False, set_: SetOpt = None) -> None:
+    """Agricultural fine-tune from stage 2: LAPE on, the LLM through LoRA or fully."""
+    _run("stage3", config, resume, overwrite, set_)

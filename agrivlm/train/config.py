@@ -1,0 +1,309 @@
+"""Stage configs (``configs/stage1.yaml`` … ``stage3.yaml``): strict YAML → typed settings.
+
+Every section is a :class:`~agrivlm.config.StrictModel`: an unknown key or a wrong type is a
+:class:`~agrivlm.errors.ConfigError` naming the file and the dotted key. Relative paths (model YAML,
+``init_from``, recipe outputs, ``output_dir``) resolve against the current directory, as command-line
+tools do; run the commands from the repository root.
+
+Naming: the curriculum report's ``spatial_pos_weight`` / ``temporal_pos_weight`` are **loss weights** of
+the position tokens here (section ``lape``), written into the model config as ``spatial_loss_weight`` /
+``temporal_loss_weight``. The model's own ``spatial_pos_weight`` / ``temporal_pos_weight`` (the scale of
+the LAPE embeddings added to the visual features) keep their model-YAML values; change them with
+``model.overrides``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from agrivlm.config import StrictModel, load_config
+from agrivlm.errors import ConfigError
+from agrivlm.recipes.config import FamilyName
+
+Stage = Literal["stage1", "stage2", "stage3"]
+#: The stages, in curriculum order.
+STAGES: tuple[Stage, ...] = ("stage1", "stage2", "stage3")
+
+
+class ModelSource(StrictModel):
+    """Where the stage's model comes from."""
+
+    #: Stage 1: model YAML to build from (``configs/model/tiny.yaml``, or one pointing at local checkpoints).
+    config: str | None = None
+    #: Dotted overrides of that YAML, e.g. ``{"llm.num_layers": 4}`` (stage 1 only).
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    #: Stages 2 and 3: the previous stage's final folder (``<output_dir>/final``).
+    init_from: str | None = None
+
+
+class LapeTrainConfig(StrictModel):
+    """LAPE in stages 2 and 3 (the LAPE initialisation report's flags)."""
+
+    #: Position tokens per spatial axis; must match the tokenizer of the stage-1 model.
+    num_spatial_tokens: int = Field(default=150, ge=2)
+    #: Temporal position tokens; must match the tokenizer of the stage-1 model.
+    num_temporal_tokens: int = Field(default=50, ge=2)
+    #: LR of the LAPE parameter group as a multiple of the base LR (after its warmup).
+    lape_lr_multiplier: float = Field(default=0.5, gt=0)
+    #: Optimizer steps over which the LAPE factor ramps linearly from 0.1 to ``lape_lr_multiplier``.
+    lape_warmup_steps: int = Field(default=1000, ge=0)
+    #: Loss weight of spatial (HEIGHT/WIDTH) position tokens (text tokens weigh 1).
+    spatial_pos_weight: float = Field(default=2.0, gt=0)
+    #: Loss weight of temporal (TEMP) position tokens.
+    temporal_pos_weight: float = Field(default=1.0, gt=0)
+    #: Initialisation when LAPE is switched on: ``llm_stats`` (smart init: Normal(mean, ratio·std) of the
+    #: LLM embeddings) or ``number_text``.
+    init: Literal["llm_stats", "number_text"] = "llm_stats"
+    #: std of the smart init as a fraction of the LLM embeddings' std.
+    init_std_ratio: float = Field(default=0.1, gt=0)
+
+
+class LoraSettings(StrictModel):
+    """LoRA on the LLM (peft)."""
+
+    #: Rank.
+    r: int = Field(default=8, ge=1)
+    #: Scale numerator (the update is ``alpha / r · B·A``).
+    alpha: float = Field(default=16.0, gt=0)
+    #: Dropout on the LoRA input.
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    #: Names of the LLM's linear layers that get adapters.
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+class LLMTraining(StrictModel):
+    """How the LLM is trained."""
+
+    #: ``frozen``, ``lora`` (adapters trained, merged into the weights of the final folder) or ``full``.
+    mode: Literal["frozen", "lora", "full"] = "frozen"
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+
+
+class Trainables(StrictModel):
+    """Which parts of the model are trained (everything else is frozen, bit for bit)."""
+
+    #: The 2-layer MLP between the vision encoder and the LLM.
+    projector: bool = True
+    #: The 1×1 conv mapping the bands to the encoder's channels.
+    band_adapter: bool = True
+    #: The vision encoder.
+    vision: bool = False
+    #: The LAPE tables and heads (stages 2 and 3; they get their own optimizer group).
+    lape: bool = True
+    llm: LLMTraining = Field(default_factory=LLMTraining)
+
+
+class FramesConfig(StrictModel):
+    """Which of a record's frames become the model's frames (every sample of a batch gets ``num_frames``)."""
+
+    #: ``random``: a sorted random subset, drawn per (seed, epoch, sample) — a temporal augmentation;
+    #: ``uniform``: evenly spread over the record's frames (first and last kept);
+    #: ``fast_slow``: ``num_slow`` slow frames over the series and the ``num_fast`` most recent (pipeline.frames).
+    sampler: Literal["random", "uniform", "fast_slow"] = "random"
+    #: Frames per sample (``random``/``uniform``); records with fewer frames are left out (counted in the log).
+    num_frames: int = Field(default=4, ge=1)
+    #: ``fast_slow``: step between fast frames, least step between slow frames, counts and merge order.
+    fast_stride: int = Field(default=1, ge=1)
+    slow_stride: int = Field(default=4, ge=1)
+    num_fast: int = Field(default=2, ge=1)
+    num_slow: int = Field(default=2, ge=1)
+    merge: Literal["concat", "interleave"] = "interleave"
+    #: Cloud-masked pixels become no data (then 0 after normalisation, as every no-data pixel).
+    clouds_as_nodata: bool = False
+
+    @property
+    def frames_per_sample(self) -> int:
+        """The number of frames each sample has."""
+        return self.num_fast + self.num_slow if self.sampler == "fast_slow" else self.num_frames
+
+
+class NormalizeConfig(StrictModel):
+    """Band values → ``[0, 1]`` (``agrivlm.pipeline.bands.normalize``)."""
+
+    #: ``dataset``: one per-band percentile range over the training chips (computed in the first stage,
+    #: saved as ``band_stats.json`` and reused by later stages); ``chip``: each sample's own frames;
+    #: ``fixed``: ``low``/``high`` below.
+    mode: Literal["dataset", "chip", "fixed"] = "dataset"
+    #: Percentiles of ``dataset``/``chip``.
+    percentiles: tuple[float, float] = (2.0, 98.0)
+    #: At most this many distinct training chips are read for ``dataset`` stats.
+    max_chips: int = Field(default=64, ge=1)
+    #: ``fixed``: per-band values mapped to 0 and 1.
+    low: list[float] | None = None
+    high: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _fixed_has_range(self) -> NormalizeConfig:
+        if self.mode == "fixed" and (self.low is None or self.high is None or len(self.low) != len(self.high)):
+            raise ValueError("mode fixed needs low and high, one value per band each")
+        return self
+
+
+class MixtureEntry(StrictModel):
+    """One component of the training mixture."""
+
+    #: Record families pooled in this component.
+    families: list[FamilyName]
+    #: Share of each epoch drawn from it.
+    weight: float = Field(gt=0)
+
+
+class DataConfig(StrictModel):
+    """Instruction records (outputs of ``agrivlm recipe build``) and how they become samples."""
+
+    #: Recipe output folders (each with ``manifest.json`` and ``shards/``).
+    roots: list[str] = Field(min_length=1)
+    #: Keep only records without positions (stage 1 alignment).
+    text_only: bool = False
+    #: Keep only these families (None: all).
+    families: list[FamilyName] | None = None
+    #: Re-mix the training records by component weight (None: the shards' records as built).
+    mixture: dict[str, MixtureEntry] | None = None
+    #: Samples per epoch when mixing (None: the number of distinct records in the mixture's pools).
+    samples_per_epoch: int | None = Field(default=None, ge=1)
+    frames: FramesConfig = Field(default_factory=FramesConfig)
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+    #: DataLoader worker processes (0: load in the training process).
+    num_workers: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _weights(self) -> DataConfig:
+        if self.mixture is not None:
+            total = sum(c.weight for c in self.mixture.values())
+            if not self.mixture or abs(total - 1.0) > 1e-6:
+                raise ValueError(f"mixture weights must sum to 1, got {total:g}")
+        return self
+
+
+class ReconstructionConfig(StrictModel):
+    """Auxiliary autoregressive next-frame reconstruction (``agrivlm.model.reconstruction``)."""
+
+    #: Add ``loss_weight · MSE`` of the next frame's teacher features to the loss.
+    enabled: bool = False
+    #: Weight of the reconstruction loss.
+    loss_weight: float = Field(default=0.1, ge=0)
+    #: Width of the predictor (the notes' ``embedding_dim``).
+    embedding_dim: int = Field(default=128, ge=8)
+    #: Transformer layers of the predictor.
+    num_layers: int = Field(default=3, ge=1)
+    #: Attention heads of the predictor (must divide ``embedding_dim``).
+    num_heads: int = Field(default=8, ge=1)
+    #: History frames each frame sees, itself included (sliding window); 0 = every earlier frame (causal).
+    num_hist: int = Field(default=3, ge=0)
+    #: Use the fast/slow frame mask (needs ``data.frames.sampler: fast_slow`` with ``merge: interleave``).
+    fast_slow: bool = False
+    #: Layer-normalise the teacher features before the MSE (as MAE's normalised pixel loss).
+    normalize_targets: bool = True
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ReconstructionConfig:
+        if self.embedding_dim % self.num_heads:
+            raise ValueError(f"num_heads {self.num_heads} must divide embedding_dim {self.embedding_dim}")
+        return self
+
+
+class OptimConfig(StrictModel):
+    """AdamW and the base LR schedule (``agrivlm.train.schedule``)."""
+
+    #: Base learning rate (the main group; the LAPE group gets ``lape_lr_multiplier`` × this).
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(default=1e-8, gt=0)
+    #: Gradient-norm clip (0: off).
+    max_grad_norm: float = Field(default=1.0, ge=0)
+    #: Base schedule after the base warmup: ``constant``, ``linear`` or ``cosine`` decay to 0.
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    #: Base warmup steps (linear from 0).
+    warmup_steps: int = Field(default=0, ge=0)
+
+
+class RunConfig(StrictModel):
+    """Steps, batches, precision, checkpoints, logs."""
+
+    #: Optimizer steps of the stage.
+    max_steps: int = Field(default=100, ge=1)
+    #: Samples per micro-batch on each process.
+    batch_size: int = Field(default=4, ge=1)
+    #: Micro-batches per optimizer step (accelerate's gradient accumulation).
+    grad_accum: int = Field(default=1, ge=1)
+    #: ``auto`` (bf16 on GPUs that support it, else fp32; or what ``accelerate launch`` sets), ``no``, ``bf16``,
+    #: ``fp16``.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    #: Seed of the sample order, per-sample randomness, init and dropout.
+    seed: int = 0
+    #: Save a resumable checkpoint (``accelerator.save_state``) every this many optimizer steps (0: only at the end).
+    save_every: int = Field(default=50, ge=0)
+    #: Checkpoints kept.
+    keep_checkpoints: int = Field(default=2, ge=1)
+    #: Log every this many optimizer steps.
+    log_every: int = Field(default=1, ge=1)
+    #: Evaluate on the val split every this many steps (0: only at the start and the end; -1: never).
+    eval_every: int = Field(default=0, ge=-1)
+    #: Val micro-batches per evaluation.
+    eval_batches: int = Field(default=4, ge=1)
+    #: CPU threads of torch in this process (None: torch's default).
+    torch_threads: int | None = Field(default=None, ge=1)
+    #: Show a progress bar (loss, tokens/s).
+    progress: bool = True
+
+
+class StageConfig(StrictModel):
+    """One curriculum stage (``configs/stageN.yaml``)."""
+
+    #: Which stage this file configures (checked against the command).
+    stage: Stage
+    #: Folder of the run: ``checkpoints/``, ``logs/``, ``final/``.
+    output_dir: str
+    model: ModelSource = Field(default_factory=ModelSource)
+    #: LAPE settings (stages 2 and 3; must be absent in stage 1).
+    lape: LapeTrainConfig | None = None
+    trainable: Trainables = Field(default_factory=Trainables)
+    data: DataConfig
+    reconstruction: ReconstructionConfig = Field(default_factory=ReconstructionConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StageConfig:
+        rec, frames = self.reconstruction, self.data.frames
+        if rec.enabled and frames.frames_per_sample < 2:
+            raise ValueError("reconstruction needs at least 2 frames per sample (data.frames)")
+        if rec.enabled and rec.fast_slow and (frames.sampler != "fast_slow" or frames.merge != "interleave"):
+            raise ValueError(
+                "reconstruction.fast_slow needs data.frames.sampler: fast_slow with merge: interleave "
+                "(the next frame must be the next date)"
+            )
+        return self
+
+
+def load_stage_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> StageConfig:
+    """Read a stage YAML (strict) with dotted-key ``overrides``; :class:`ConfigError` naming the file and key."""
+    return load_config(StageConfig, path, overrides)
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["train.max_steps=5", "data.roots=[a, b]"]`` → ``{"train.max_steps": 5, ...}`` (values parsed as YAML)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_steps=20")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc})") from exc
+    return out
+
+
+def resolve(path: str | os.PathLike[str]) -> Path:
+    """A config path (``~`` expanded, relative to the current directory) as an absolute path."""
+    return Path(os.path.expanduser(str(path))).resolve()

@@ -1,0 +1,290 @@
+"""The three-stage curriculum: what each stage starts from and what it trains.
+
+After the LAPE initialisation report:
+
+* **stage1 — vision–language alignment.** Built from a model YAML with LAPE **off** (position tokens are
+  plain vocabulary); the projector and band adapter train, the vision encoder and the LLM are frozen.
+* **stage2 — LAPE warm-up.** Starts from stage 1's final folder and switches LAPE **on**: the LAPE tables
+  and heads are created and drawn by the smart init from the (frozen) LLM embeddings' statistics; the
+  position-token rows of the LLM's text vocabulary, never trained, are dropped (those ids now belong to
+  the LAPE tables). LAPE trains in its own optimizer group (``lape_lr_multiplier``, ``lape_warmup_steps``);
+  ``spatial_pos_weight`` / ``temporal_pos_weight`` weight the position-token losses.
+* **stage3 — agricultural fine-tune.** Starts from stage 2's final folder (LAPE on); the LLM trains
+  through LoRA (peft; merged into the weights of the final folder) or fully, by config.
+
+Rules that define a stage are checked (:func:`check_stage_rules`) and broken ones are
+:class:`~agrivlm.errors.ConfigError` naming the key; the rest (which parts train) is configuration.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from agrivlm.errors import ConfigError
+from agrivlm.model.builders import (
+    TINY_CONFIG,
+    build_model,
+    generation_config_for,
+    init_lape,
+    load_model_settings,
+    load_pretrained,
+)
+from agrivlm.model.modeling import AgriVLMForConditionalGeneration
+from agrivlm.train.config import STAGES, LapeTrainConfig, LLMTraining, StageConfig, Trainables, resolve
+
+log = logging.getLogger(__name__)
+
+#: Written into every run folder and final folder: which stage, from what, with which settings.
+STAGE_INFO = "stage_info.json"
+#: Top-level parts of the model whose weights are fingerprinted (:func:`module_digests`).
+PARTS: tuple[str, ...] = ("band_adapter", "vision_tower", "projector", "language_model", "lape")
+#: Prefix of LoRA parameter names (peft).
+LORA_MARK = "lora_"
+
+
+def previous_stage(stage: str) -> str | None:
+    """The stage a stage starts from (None for stage 1)."""
+    i = STAGES.index(stage)  # type: ignore[arg-type]
+    return STAGES[i - 1] if i > 0 else None
+
+
+def check_stage_rules(cfg: StageConfig, source: str = "config") -> None:
+    """The rules that make a stage that stage; :class:`ConfigError` naming the key otherwise."""
+    t = cfg.trainable
+    if cfg.stage == "stage1":
+        if cfg.lape is not None:
+            raise ConfigError(f"{source}: lape: stage1 (alignment) runs without LAPE; remove the lape section")
+        if t.llm.mode != "frozen" or t.vision:
+            raise ConfigError(
+                f"{source}: trainable: stage1 (alignment) keeps the vision encoder and the LLM frozen "
+                "(trainable.vision: false, trainable.llm.mode: frozen)"
+            )
+        if cfg.model.init_from is not None:
+            raise ConfigError(f"{source}: model.init_from: stage1 builds its model from model.config; remove init_from")
+    else:
+        if cfg.model.init_from is None:
+            prev = previous_stage(cfg.stage)
+            raise ConfigError(
+                f"{source}: model.init_from: {cfg.stage} starts from the {prev} model; set it to {prev}'s "
+                "<output_dir>/final"
+            )
+        if cfg.model.config is not None or cfg.model.overrides:
+            raise ConfigError(
+                f"{source}: model.config/overrides: only stage1 builds a model; {cfg.stage} loads init_from"
+            )
+
+
+def module_digests(model: nn.Module) -> dict[str, str]:
+    """SHA-256 of the weights of each part in :data:`PARTS` (names and bytes, sorted by name); absent parts left out."""
+    out: dict[str, str] = {}
+    sd = model.state_dict()
+    for part in PARTS:
+        keys = sorted(k for k in sd if k.split(".", 1)[0] == part)
+        if not keys:
+            continue
+        h = hashlib.sha256()
+        for k in keys:
+            t = sd[k].detach().cpu().contiguous()
+            h.update(k.encode())
+            h.update(str(t.dtype).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        out[part] = h.hexdigest()
+    return out
+
+
+def read_stage_info(folder: str | Path) -> dict[str, Any] | None:
+    """The ``stage_info.json`` of a run or final folder, or None."""
+    path = Path(folder) / STAGE_INFO
+    return json.loads(path.read_text()) if path.is_file() else None  # type: ignore[no-any-return]
+
+
+def enable_lape(
+    model: AgriVLMForConditionalGeneration, tokenizer: Any, lape: LapeTrainConfig, seed: int
+) -> AgriVLMForConditionalGeneration:
+    """A LAPE-on copy of a LAPE-off model: same weights, LAPE tables and heads drawn by the chosen init.
+
+    The LLM's text vocabulary shrinks to the ids below ``position_token_offset`` (the position tokens'
+    rows, plain vocabulary while LAPE was off, are replaced by the LAPE tables).
+
+    Raises:
+        ConfigError: the token counts differ from the model's tokenizer.
+    """
+    cfg = model.config
+    for key in ("num_spatial_tokens", "num_temporal_tokens"):
+        if getattr(lape, key) != getattr(cfg, key):
+            raise ConfigError(
+                f"lape.{key}: {getattr(lape, key)} but the stage-1 model's tokenizer has {getattr(cfg, key)}; "
+                f"use {getattr(cfg, key)} or build stage 1 with model.overrides lape.{key}"
+            )
+    offset = cfg.position_token_offset
+    if offset is None:
+        raise ConfigError("the stage-1 model has no position_token_offset; build it with agrivlm.model.builders")
+    new_cfg = copy.deepcopy(cfg)
+    new_cfg.enable_lape = True
+    new_cfg.lape_init = lape.init
+    new_cfg.lape_init_std_ratio = lape.init_std_ratio
+    new_cfg.text_config.vocab_size = offset  # type: ignore[union-attr]
+    new = AgriVLMForConditionalGeneration(new_cfg)
+    target = new.state_dict()
+    src = {}
+    for key, value in model.state_dict().items():
+        want = target.get(key)
+        if want is not None and want.shape != value.shape and value.shape[1:] == want.shape[1:]:
+            value = value[: want.shape[0]]  # text vocabulary rows below the position-token offset
+        src[key] = value
+    missing, unexpected = new.load_state_dict(src, strict=False)
+    if unexpected or any(not k.startswith("lape.") for k in missing):
+        raise ConfigError(f"cannot switch LAPE on: missing {missing}, unexpected {unexpected}")
+    init_lape(new, tokenizer, seed=seed)
+    new.generation_config = generation_config_for(new, tokenizer)
+    return new
+
+
+@dataclass
+class StageModel:
+    """A stage's model, processor and trainable parameter groups."""
+
+    model: AgriVLMForConditionalGeneration
+    processor: Any
+    #: Fingerprints of the starting weights of each part (:func:`module_digests`), before LoRA.
+    init_digests: dict[str, str]
+    #: Where the weights came from.
+    init_source: str
+    #: ``band_stats.json`` of the init folder (dataset normalisation carried across stages), if any.
+    band_stats: dict[str, Any] | None = None
+    #: LoRA scaling ``alpha / r`` when the LLM trains through LoRA.
+    lora_scaling: float | None = None
+    groups: dict[str, list[nn.Parameter]] = field(default_factory=dict)
+
+
+def build_stage_model(cfg: StageConfig) -> StageModel:
+    """Build or load the stage's model per the curriculum, freeze it, and open the trainable parts."""
+    check_stage_rules(cfg)
+    stats = None
+    if cfg.stage == "stage1":
+        path = resolve(cfg.model.config) if cfg.model.config else TINY_CONFIG
+        settings = load_model_settings(path, {**cfg.model.overrides, "lape.enabled": False})
+        model, processor = build_model(settings)
+        source = str(path)
+    else:
+        assert cfg.model.init_from is not None
+        folder = resolve(cfg.model.init_from)
+        if not (folder / "config.json").is_file():
+            raise ConfigError(
+                f"model.init_from: {folder} is not a model folder (no config.json); run "
+                f"`agrivlm train {previous_stage(cfg.stage)}` first and point at its <output_dir>/final"
+            )
+        info = read_stage_info(folder)
+        prev = previous_stage(cfg.stage)
+        if info is not None and info.get("stage") not in (prev, cfg.stage):
+            raise ConfigError(
+                f"model.init_from: {folder} is a {info.get('stage')} model; {cfg.stage} starts from {prev}"
+            )
+        if info is None:
+            log.warning("%s has no %s: not checked to be a %s model", folder, STAGE_INFO, prev)
+        model, processor = load_pretrained(folder)
+        lape = cfg.lape or LapeTrainConfig()
+        if not model.config.enable_lape:
+            if cfg.stage == "stage3":
+                raise ConfigError(f"model.init_from: {folder} has LAPE off; stage3 starts from a stage2 model")
+            model = enable_lape(model, processor.tokenizer, lape, cfg.train.seed)
+        else:
+            for key in ("num_spatial_tokens", "num_temporal_tokens"):
+                if getattr(lape, key) != getattr(model.config, key):
+                    raise ConfigError(f"lape.{key}: {getattr(lape, key)} but {folder} has {getattr(model.config, key)}")
+        model.config.spatial_loss_weight = lape.spatial_pos_weight
+        model.config.temporal_loss_weight = lape.temporal_pos_weight
+        stats_path = folder / "band_stats.json"
+        stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
+        source = str(folder)
+    digests = module_digests(model)
+    sm = StageModel(model=model, processor=processor, init_digests=digests, init_source=source, band_stats=stats)
+    sm.groups, sm.lora_scaling = set_trainable(model, cfg.trainable)
+    return sm
+
+
+def set_trainable(
+    model: AgriVLMForConditionalGeneration, trainable: Trainables
+) -> tuple[dict[str, list[nn.Parameter]], float | None]:
+    """Freeze everything, then open the configured parts; returns the groups ``{"main": [...], "lape": [...]}``.
+
+    With ``llm.mode: lora`` the LLM gets LoRA adapters (peft, injected in place so the model's structure
+    and forward stay the same) and only they train in the LLM.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    scaling = inject_lora(model, trainable.llm) if trainable.llm.mode == "lora" else None
+    parts: list[nn.Module] = []
+    if trainable.projector:
+        parts.append(model.projector)
+    if trainable.band_adapter:
+        parts.append(model.band_adapter)
+    if trainable.vision:
+        parts.append(model.vision_tower)
+    if trainable.llm.mode == "full":
+        parts.append(model.language_model)
+    for part in parts:
+        for p in part.parameters():
+            p.requires_grad_(True)
+    if scaling is not None:
+        for name, p in model.language_model.named_parameters():
+            if LORA_MARK in name:
+                p.requires_grad_(True)
+    lape_params: list[nn.Parameter] = []
+    if trainable.lape and model.lape is not None:
+        lape_params = list(model.lape.parameters())
+        for p in lape_params:
+            p.requires_grad_(True)
+    lape_ids = {id(p) for p in lape_params}
+    main = [p for p in model.parameters() if p.requires_grad and id(p) not in lape_ids]
+    return {"main": main, "lape": lape_params}, scaling
+
+
+def inject_lora(model: AgriVLMForConditionalGeneration, llm: LLMTraining) -> float:
+    """Add LoRA adapters to the LLM's ``target_modules`` in place (peft ``LoraModel``); returns ``alpha / r``."""
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraModel
+
+    names = {n.rsplit(".", 1)[-1] for n, m in model.language_model.named_modules() if isinstance(m, nn.Linear)}
+    unknown = sorted(set(llm.lora.target_modules) - names)
+    if unknown:
+        raise ConfigError(
+            f"trainable.llm.lora.target_modules: {unknown} are not linear layers of the LLM; it has {sorted(names)}"
+        )
+    config = LoraConfig(
+        r=llm.lora.r, lora_alpha=llm.lora.alpha,  # type: ignore[arg-type]  # peft types it int; floats work lora_dropout=llm.lora.dropout,
+        target_modules=list(llm.lora.target_modules), bias="none",
+    )
+    LoraModel(model.language_model, config, "default")  # injects into model.language_model in place
+    return llm.lora.alpha / llm.lora.r
+
+
+def merge_lora_state_dict(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """A LoRA-injected state dict → the plain model's: ``W + scaling · B @ A`` under the base layer's own names.
+
+    ``….q_proj.base_layer.weight`` + ``….q_proj.lora_A.default.weight`` (r, in) + ``….q_proj.lora_B.default.weight``
+    (out, r) → ``….q_proj.weight``; ``base_layer.bias`` → ``bias``; every LoRA tensor dropped.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if LORA_MARK in key:
+            continue
+        if ".base_layer." in key:
+            prefix, leaf = key.split(".base_layer.", 1)
+            if leaf == "weight":
+                a = state[f"{prefix}.lora_A.default.weight"].float()
+                b = state[f"{prefix}.lora_B.default.weight"].float()
+                value = (value.float() + scaling * (b @ a)).to(value.dtype)
+            out[f"{prefix}.{leaf}"] = value
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,431 @@
+"""Instruction records → training samples → batches.
+
+One record (:class:`~agrivlm.recipes.schema.Record`) becomes one sample:
+
+1. **Frames.** The stack of the record (``record.stack``; the same-day rule of the recipe that built it,
+   from its ``manifest.json``) is opened once per process and kept open; for each sample the chip's
+   window is read once, for the record's ``frame_indices`` only (``Stack.read_window``), and the file
+   names are checked against ``record.stack.frame_files`` (a stack that changed since the recipe was built
+   is an error, not silently different data). ``num_frames`` of the record's frames are chosen
+   (``random``: a sorted random subset seeded by ``sample_seed(seed, epoch, index)``; ``uniform``; or
+   ``fast_slow`` from :mod:`agrivlm.pipeline.frames`).
+2. **Normalisation** (:mod:`agrivlm.pipeline.bands`): ``dataset`` — one per-band 2–98 % percentile range
+   over the training chips (:func:`dataset_band_stats`); ``chip`` — the sample's own frames; ``fixed``.
+   No data stays NaN; the processor turns it into 0.
+3. **Time.** Each frame's ``t`` is its date on the record's own time axis
+   (``TimeAxis.from_dates(chip.frame_dates)``), the axis the record's ``times``/``segments`` use, so
+   ``TEMP`` tokens in the text and the frames' temporal embeddings agree even when frames are dropped.
+4. **Text.** The conversation is rendered with the LAPE codec (:func:`~agrivlm.lape.tokens.serialize_box`
+   etc.; polygon vertices separated by :data:`POLYGON_SEP` so they decode as points), and the continuous
+   value of every position token is kept, in text order, for the model's sub-bin soft targets
+   (``position_values``). **Multi-turn** conversations are flattened: every turn but
+   the last assistant turn goes into the prompt (:func:`build_prompt`, a plain ``USER:``/``ASSISTANT:``
+   template with the visual placeholder in the first user turn); only the last assistant turn is
+   supervised. (Every record the recipes make today has one user and one assistant turn.)
+
+Batches: :class:`Collator` calls :class:`~agrivlm.pipeline.processor.AgriVLMProcessor` (unchanged) on
+the samples of a micro-batch and adds ``sample_ids`` and ``is_fast``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from rasterio.windows import Window
+from torch.utils.data import Dataset, Sampler
+
+from agrivlm.errors import ConfigError, PipelineError, RecordError
+from agrivlm.geo.coords import TimeAxis
+from agrivlm.geo.stack import Stack, open_stack
+from agrivlm.lape.tokens import Axis, LapeVocab, serialize_box, serialize_point, serialize_segment
+from agrivlm.pipeline.bands import BandStats, normalize, robust_stats
+from agrivlm.pipeline.frames import FrameSamplingConfig, select_indices, uniform_indices
+from agrivlm.recipes.mixture import mix
+from agrivlm.recipes.schema import Record, Turn, iter_records, render_text
+from agrivlm.recipes.sources import resolve_spec
+from agrivlm.train.config import DataConfig, FramesConfig, NormalizeConfig, resolve
+from agrivlm.train.sampler import ResumableSampler, sample_seed
+
+log = logging.getLogger(__name__)
+
+#: Prefix of a user turn in the flattened prompt.
+USER = "USER: "
+#: Prefix of an assistant turn; the prompt ends with it.
+ASSISTANT = "ASSISTANT: "
+#: Between the vertices of a polygon: a text token breaks the codec's adjacency, so a polygon decodes as
+#: its points (``parse_positions``/``parse_token_ids``); back to back, ``W H W H`` would decode as boxes.
+POLYGON_SEP = ","
+
+
+# -- records -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """A record and the recipe output it came from."""
+
+    record: Record
+    #: Same-day rule of the recipe that built it (needed to reopen its stack with the same time axis).
+    same_day: str
+
+
+def _manifest(root: Path) -> dict[str, Any]:
+    path = root / "manifest.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"{root}: no manifest.json; data.roots must be outputs of `agrivlm recipe build --recipe R --out {root}`"
+        )
+    return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+
+def read_split(roots: Sequence[str | Path], split: str) -> list[SourceRecord]:
+    """Every record of ``split`` in the shards of the recipe outputs ``roots``, in shard order."""
+    out: list[SourceRecord] = []
+    for root_s in roots:
+        root = resolve(root_s)
+        manifest = _manifest(root)
+        same_day = str(manifest.get("config", {}).get("source", {}).get("same_day", "keep"))
+        for shard in manifest.get("shards", []):
+            if shard["split"] != split:
+                continue
+            for rec in iter_records(root / shard["path"]):
+                out.append(SourceRecord(rec, same_day))
+    return out
+
+
+def select_records(
+    records: Sequence[SourceRecord], cfg: DataConfig, seed: int, mixed: bool
+) -> tuple[list[SourceRecord], dict[str, Any]]:
+    """Filter records (``text_only``, ``families``, enough frames) and, with ``mixed``, apply ``cfg.mixture``.
+
+    Returns:
+        ``(records, report)``; the report counts what was left out and the mixture achieved.
+    """
+    need = cfg.frames.frames_per_sample
+    report: dict[str, Any] = {"read": len(records), "dropped_positions": 0, "dropped_family": 0, "dropped_frames": 0}
+    kept: list[SourceRecord] = []
+    for sr in records:
+        r = sr.record
+        if cfg.text_only and r.has_positions:
+            report["dropped_positions"] += 1
+        elif cfg.families is not None and r.family not in cfg.families:
+            report["dropped_family"] += 1
+        elif frames_available(len(r.chip.frame_indices), cfg.frames) != need:
+            report["dropped_frames"] += 1
+        else:
+            kept.append(sr)
+    if mixed and cfg.mixture is not None:
+        unique: dict[str, SourceRecord] = {}
+        for sr in kept:
+            unique.setdefault(sr.record.sample_id, sr)
+        pools = {
+            name: [sr for sr in unique.values() if sr.record.family in comp.families]
+            for name, comp in cfg.mixture.items()
+        }
+        empty = [name for name, pool in pools.items() if not pool]
+        if empty:
+            raise ConfigError(
+                f"data.mixture.{empty[0]}: no records of families {cfg.mixture[empty[0]].families} left; check "
+                "data.roots, data.families and data.text_only"
+            )
+        n = cfg.samples_per_epoch or len({sr.record.sample_id for p in pools.values() for sr in p})
+        try:
+            kept, mix_report = mix(pools, {k: c.weight for k, c in cfg.mixture.items()}, n, seed, "train")
+        except ValueError as exc:
+            raise ConfigError(f"data.mixture: {exc}; check data.roots, data.families and data.text_only") from exc
+        report["mixture"] = mix_report.as_dict()
+    report["kept"] = len(kept)
+    return kept, report
+
+
+def frames_available(n: int, cfg: FramesConfig) -> int:
+    """How many frames the sampler gives a record of ``n`` frames (records must give ``frames_per_sample``)."""
+    if cfg.sampler == "fast_slow":
+        idx, _ = select_indices(np.arange(n).astype("datetime64[D]"), _fast_slow(cfg))
+        return int(idx.size)
+    return min(n, cfg.num_frames)
+
+
+def _fast_slow(cfg: FramesConfig) -> FrameSamplingConfig:
+    return FrameSamplingConfig(
+        sampler="fast_slow", fast_stride=cfg.fast_stride, slow_stride=cfg.slow_stride,
+        num_fast=cfg.num_fast, num_slow=cfg.num_slow, merge=cfg.merge,
+    )
+
+
+def choose_frames(
+    n: int, cfg: FramesConfig, rng: np.random.Generator | None
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+    """Indices into a record's ``n`` frames, and which are fast frames.
+
+    ``random`` needs ``rng`` (a sorted draw without replacement); ``uniform`` keeps the first and last.
+    """
+    if cfg.sampler == "fast_slow":
+        return select_indices(np.arange(n).astype("datetime64[D]"), _fast_slow(cfg))
+    k = min(n, cfg.num_frames)
+    if cfg.sampler == "random" and rng is not None:
+        idx = np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
+    else:
+        idx = uniform_indices(n, k)
+    return idx, np.zeros(idx.size, dtype=bool)
+
+
+# -- rendering ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Collector:
+    """LAPE formatters that remember each position token's continuous value, in text order."""
+
+    vocab: LapeVocab
+    values: list[float] = field(default_factory=list)
+
+    def box(self, b: Sequence[float]) -> str:
+        self.values.extend(float(x) for x in b)  # WIDTH u1, HEIGHT v1, WIDTH u2, HEIGHT v2
+        return serialize_box(b, self.vocab)
+
+    def point(self, p: Sequence[float]) -> str:
+        self.values.extend(float(x) for x in p)
+        return serialize_point(p, self.vocab)
+
+    def segment(self, s: Sequence[float]) -> str:
+        self.values.extend(float(x) for x in s)
+        return serialize_segment(s, self.vocab)
+
+    def time(self, t: float) -> str:
+        self.values.append(float(t))
+        return self.vocab.encode(Axis.TEMP, float(t))
+
+
+def build_prompt(turns: Sequence[tuple[str, str]], visual_token: str = "<video>") -> str:
+    r"""The flattened prompt of a conversation whose last turn (the answer) is left out.
+
+    ``[("user", "q1"), ("assistant", "a1"), ("user", "q2")]`` →
+    ``"USER: <video>\\nq1\\nASSISTANT: a1\\nUSER: q2\\nASSISTANT: "``.
+    """
+    parts: list[str] = []
+    for k, (role, text) in enumerate(turns):
+        if role == "user":
+            parts.append(USER + (f"{visual_token}\n" if k == 0 else "") + text + "\n")
+        else:
+            parts.append(ASSISTANT + text + "\n")
+    return "".join(parts) + ASSISTANT
+
+
+def render_record(record: Record, vocab: LapeVocab, visual_token: str = "<video>") -> tuple[str, str, list[float]]:
+    """``(prompt, answer, position values in text order)`` of a record, positions as LAPE tokens."""
+    coll = _Collector(vocab)
+    rendered: list[tuple[str, str]] = []
+    for turn in record.conversation:
+        rendered.append((turn.role, _render_turn(turn, coll)))
+    *context, (role, answer) = rendered
+    if role != "assistant":
+        raise RecordError(f"record {record.sample_id}: the last turn must be the assistant's answer")
+    return build_prompt(context, visual_token), answer, coll.values
+
+
+def _render_turn(turn: Turn, coll: _Collector) -> str:
+    return render_text(turn, coll.box, coll.point, coll.segment, coll.time, polygon_sep=POLYGON_SEP)
+
+
+# -- frames from the stack -------------------------------------------------------------------------------
+
+
+class StackCache:
+    """Stacks of the records, opened once per process (per data spec, mask spec and same-day rule) and kept open."""
+
+    def __init__(self) -> None:
+        self._stacks: dict[tuple[str, str | None, str], Stack] = {}
+
+    def get(self, record: Record, same_day: str) -> Stack:
+        """The record's stack (files kept open until :meth:`close`)."""
+        key = (record.stack.data, record.stack.masks, same_day)
+        stack = self._stacks.get(key)
+        if stack is None:
+            masks = resolve_spec(record.stack.masks) if record.stack.masks else None
+            stack = open_stack(resolve_spec(record.stack.data), masks=masks, same_day=same_day)  # type: ignore[arg-type]
+            stack.open()
+            self._stacks[key] = stack
+        return stack
+
+    def close(self) -> None:
+        """Close every stack."""
+        for stack in self._stacks.values():
+            stack.close()
+        self._stacks.clear()
+
+    def __getstate__(self) -> dict[str, Any]:  # a DataLoader worker reopens its own
+        return {"_stacks": {}}
+
+
+def read_record_frames(
+    record: Record, stack: Stack
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """The record's frames: ``(T, C, h, w)`` float32 (NaN = no data) and clouds ``(T, h, w)``, one read of the window.
+
+    Raises:
+        RecordError: the stack's files at ``frame_indices`` are not the record's ``frame_files``.
+    """
+    idx = list(record.chip.frame_indices)
+    if max(idx) >= len(stack.steps):
+        raise RecordError(
+            f"record {record.sample_id}: frame index {max(idx)} but the stack {record.stack.data} has "
+            f"{len(stack.steps)} dates; rebuild the recipe"
+        )
+    have = ["+".join(Path(s.path).name for s in stack.steps[i].sources) for i in idx]
+    want = ["+".join(Path(f).name for f in name.split("+")) for name in record.stack.frame_files]
+    if have != want:
+        bad = next(k for k, (a, b) in enumerate(zip(have, want, strict=True)) if a != b)
+        raise RecordError(
+            f"record {record.sample_id}: frame {bad} should be {want[bad]} but the stack {record.stack.data} has "
+            f"{have[bad]} there; the stack changed since the recipe was built — rebuild it"
+        )
+    w = record.chip.window
+    data, _nodata, clouds = stack.read_window(Window(w.col_off, w.row_off, w.width, w.height), steps=idx)
+    return data, clouds
+
+
+def dataset_band_stats(
+    records: Sequence[SourceRecord], stacks: StackCache, cfg: NormalizeConfig
+) -> BandStats:
+    """Per-band percentile range over the frames of up to ``cfg.max_chips`` distinct training chips.
+
+    Chips are taken in sorted ``(data, chip_id)`` order (deterministic), each with the frames of its first record.
+    """
+    first: dict[tuple[str, str], SourceRecord] = {}
+    for sr in records:
+        first.setdefault((sr.record.stack.data, sr.record.chip.chip_id), sr)
+    chosen = [first[k] for k in sorted(first)][: cfg.max_chips]
+    if not chosen:
+        raise PipelineError("no training records to compute band statistics from")
+    values = []
+    for sr in chosen:
+        data, _ = read_record_frames(sr.record, stacks.get(sr.record, sr.same_day))
+        values.append(np.moveaxis(data, 1, 0).reshape(data.shape[1], -1))
+    flat = np.concatenate(values, axis=1)[None, :, None, :]  # (1, C, 1, N)
+    return robust_stats(flat, cfg.percentiles, source=f"{len(chosen)} training chips")
+
+
+def fixed_band_stats(cfg: NormalizeConfig) -> BandStats:
+    """The ``fixed`` normalisation range as :class:`BandStats`."""
+    assert cfg.low is not None and cfg.high is not None
+    return BandStats(np.asarray(cfg.low, dtype=np.float64), np.asarray(cfg.high, dtype=np.float64), (0.0, 100.0))
+
+
+# -- dataset -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training sample before batching.
+
+    Attributes:
+        sample_id: the record's id.
+        prompt: flattened prompt with one ``<video>``/``<image>`` placeholder.
+        answer: the supervised answer.
+        positions: continuous value of each position token of prompt + answer, in text order.
+        pixels: ``(T, C, H, W)`` float32 normalised to [0, 1], NaN = no data.
+        frame_times: ``(T,)`` normalised ``t`` of each frame on the record's own time axis.
+        is_fast: ``(T,)`` True for fast-stream frames.
+    """
+
+    sample_id: str
+    prompt: str
+    answer: str
+    positions: list[float]
+    pixels: npt.NDArray[np.float32]
+    frame_times: npt.NDArray[np.float64]
+    is_fast: npt.NDArray[np.bool_]
+
+
+class RecordDataset(Dataset[Sample]):
+    """Records → :class:`Sample`; indexed by ``(epoch, index)`` so per-sample randomness depends on nothing else."""
+
+    def __init__(
+        self,
+        records: Sequence[SourceRecord],
+        frames: FramesConfig,
+        normalize_cfg: NormalizeConfig,
+        vocab: LapeVocab,
+        seed: int,
+        stats: BandStats | None = None,
+        train: bool = True,
+        stacks: StackCache | None = None,
+    ) -> None:
+        if not records:
+            raise ConfigError("no records left to train on; check data.roots, data.text_only, data.families, "
+                              "data.frames (records with fewer frames than a sample needs are left out)")
+        self.records = list(records)
+        self.frames, self.norm, self.vocab, self.seed = frames, normalize_cfg, vocab, seed
+        self.stats = stats
+        self.train = train
+        self.stacks = stacks if stacks is not None else StackCache()
+        if normalize_cfg.mode != "chip" and stats is None:
+            raise ValueError("dataset/fixed normalisation needs stats")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> Sample:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        sr = self.records[index]
+        rec = sr.record
+        data, clouds = read_record_frames(rec, self.stacks.get(rec, sr.same_day))
+        rng = np.random.default_rng(sample_seed(self.seed, epoch, index)) if self.train else None
+        idx, is_fast = choose_frames(data.shape[0], self.frames, rng)
+        pixels = data[idx]
+        if self.frames.clouds_as_nodata:
+            pixels = np.where(clouds[idx][:, None], np.float32(np.nan), pixels)
+        stats = self.stats if self.norm.mode != "chip" else robust_stats(pixels, self.norm.percentiles, rec.sample_id)
+        assert stats is not None
+        pixels = normalize(pixels, stats)
+        dates = np.asarray(rec.chip.frame_dates, dtype="datetime64[s]")
+        times = TimeAxis.from_dates(dates).to_norm(dates[idx])
+        token = "<video>" if len(idx) > 1 else "<image>"
+        prompt, answer, positions = render_record(rec, self.vocab, token)
+        return Sample(rec.sample_id, prompt, answer, positions, pixels, np.clip(times, 0.0, 1.0), is_fast)
+
+
+class EpochIndexSampler(Sampler[tuple[int, int]]):
+    """Yields ``(epoch, index)`` from a :class:`ResumableSampler` (per-sample randomness is seeded with both)."""
+
+    def __init__(self, sampler: ResumableSampler) -> None:
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.sampler.epoch
+        for index in self.sampler:
+            yield epoch, index
+
+
+class Collator:
+    """Samples → the processor's batch, plus ``sample_ids`` (list) and ``is_fast`` ``(B, T)``."""
+
+    def __init__(self, processor: Any, lape: bool) -> None:
+        self.processor = processor
+        self.lape = lape
+
+    def __call__(self, samples: Sequence[Sample]) -> dict[str, Any]:
+        """One micro-batch."""
+        batch = self.processor(
+            text=[s.prompt for s in samples],
+            images=[s.pixels for s in samples],
+            answers=[s.answer for s in samples],
+            frame_times=[s.frame_times for s in samples],
+            positions=[s.positions for s in samples] if self.lape else None,
+        )
+        out: dict[str, Any] = dict(batch)
+        out["sample_ids"] = [s.sample_id for s in samples]
+        out["is_fast"] = torch.from_numpy(np.stack([s.is_fast for s in samples]))
+        return out

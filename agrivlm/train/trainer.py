@@ -1,0 +1,576 @@
+"""The training loop of a curriculum stage, on accelerate (the same code on one CPU and under ``accelerate launch``).
+
+:func:`run_stage` (Python) and ``agrivlm train stage1|stage2|stage3`` (CLI) run one stage into
+``<output_dir>``:
+
+* ``checkpoints/step_NNNNNNN/`` — ``accelerator.save_state`` every ``train.save_every`` steps and at the
+  end (model, optimizer, RNG states and the trainer's :class:`TrainState`), crash-safe
+  (:mod:`agrivlm.train.checkpoint`);
+* ``logs/metrics.{jsonl,csv}`` (+ TensorBoard when installed), ``logs/samples.jsonl`` (the sample ids of
+  every optimizer step) and ``logs/loss_curves.png``;
+* ``final/`` — ``save_pretrained`` of the model (LoRA merged) and the processor, ``band_stats.json`` and
+  ``stage_info.json``; the next stage's ``model.init_from``.
+
+**Exact resume.** accelerate owns devices, mixed precision, gradient accumulation and checkpoints, but the
+DataLoader is *not* passed through ``accelerator.prepare``: :class:`~agrivlm.train.sampler.ResumableSampler`
+shards by rank itself, and the position in the data (epoch, samples of the epoch already trained on,
+optimizer step) lives in :class:`TrainState`, registered with ``accelerator.register_for_checkpointing``.
+On resume the sampler restarts exactly there (prefetched batches do not matter: only trained samples are
+counted), per-sample randomness is seeded from ``(seed, epoch, index)``, and the torch RNG is re-seeded
+from ``(seed, rank, step)`` at every optimizer step (dropout), so nothing depends on how the run got to a
+step. Checkpoints missing RNG or custom state are refused (``load_checkpoint``). The learning rates are a
+pure function of the step (:mod:`agrivlm.train.schedule`), set on the param groups before each step.
+A run killed at any moment and resumed with ``resume=True`` ends with bit-identical weights on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from agrivlm.config import parse_config
+from agrivlm.errors import ConfigError
+from agrivlm.model.modeling import AgriVLMForConditionalGeneration
+from agrivlm.model.reconstruction import FrozenTeacher, NextFramePredictor, visual_hidden_states
+from agrivlm.pipeline.bands import BandStats
+from agrivlm.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from agrivlm.train.config import StageConfig, load_stage_config, resolve
+from agrivlm.train.curriculum import STAGE_INFO, StageModel, build_stage_model, merge_lora_state_dict
+from agrivlm.train.data import (
+    Collator,
+    EpochIndexSampler,
+    RecordDataset,
+    SourceRecord,
+    StackCache,
+    dataset_band_stats,
+    fixed_band_stats,
+    read_split,
+    select_records,
+)
+from agrivlm.train.logs import TrainLog, plot_losses
+from agrivlm.train.sampler import ResumableSampler, sample_seed, seeded_generator
+from agrivlm.train.schedule import base_lr_factor, lape_lr_factor
+
+log = logging.getLogger(__name__)
+
+#: Metric names of the three losses, logged apart.
+LOSS_KEYS = ("loss", "main_loss", "text_loss", "position_loss", "autoregressive_loss")
+#: Distinct "epoch" of the per-step dropout seeds (data epochs are small numbers).
+_STEP_SEED_STREAM = 1 << 30
+
+
+@dataclass
+class TrainState:
+    """Where the run is: registered for checkpointing, restored by ``load_state``.
+
+    Attributes:
+        epoch: current epoch.
+        offset: samples of this rank's share of ``epoch`` already trained on.
+        step: optimizer steps done.
+        samples: samples trained on, all ranks.
+        tokens: non-padding tokens trained on, all ranks.
+    """
+
+    epoch: int = 0
+    offset: int = 0
+    step: int = 0
+    samples: int = 0
+    tokens: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        """Plain ints (accelerate pickles them as ``custom_checkpoint_0.pkl``)."""
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore from :meth:`state_dict`; a missing key is an error."""
+        for key in asdict(self):
+            if key not in state:
+                raise CheckpointError(f"trainer state lacks {key!r}; the checkpoint is from another version")
+            setattr(self, key, int(state[key]))
+
+
+class CurriculumModule(nn.Module):
+    """The model plus the optional next-frame predictor: one module for accelerate to wrap.
+
+    ``forward(batch)`` returns ``{"loss", "main_loss", "text_loss"?, "position_loss"?, "autoregressive_loss"?}``.
+    The frozen teacher is held outside the module tree (never wrapped, trained or saved).
+    """
+
+    def __init__(
+        self,
+        model: AgriVLMForConditionalGeneration,
+        predictor: NextFramePredictor | None = None,
+        teacher: FrozenTeacher | None = None,
+        loss_weight: float = 0.0,
+        fast_slow: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.predictor = predictor
+        object.__setattr__(self, "teacher", teacher)
+        self.loss_weight = loss_weight
+        self.fast_slow = fast_slow
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Losses of one micro-batch (see the class docstring)."""
+        is_fast = batch.pop("is_fast", None)
+        want_hidden = self.predictor is not None
+        out = self.model(**batch, output_hidden_states=want_hidden)
+        losses: dict[str, torch.Tensor] = {"main_loss": out.loss}
+        if out.text_loss is not None:
+            losses["text_loss"] = out.text_loss
+        if out.position_loss is not None:
+            losses["position_loss"] = out.position_loss
+        total = out.loss
+        if self.predictor is not None:
+            teacher: FrozenTeacher = self.teacher  # type: ignore[assignment]
+            pixels = batch["pixel_values"]
+            targets, grid = teacher(pixels)
+            cfg = self.model.config
+            ids = [i for i in (cfg.image_token_id, cfg.video_token_id) if i is not None]
+            hidden = visual_hidden_states(
+                out.hidden_states[-1], batch["input_ids"], ids,
+                pixels.shape[0], pixels.shape[1],
+            )
+            rec = self.predictor.loss(targets, hidden, grid, is_fast if self.fast_slow else None)
+            losses["autoregressive_loss"] = rec.loss.detach()
+            total = total + self.loss_weight * rec.loss
+        losses["loss"] = total
+        return losses
+
+
+def _mixed_precision(choice: str) -> str | None:
+    if choice != "auto":
+        return choice
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return None  # what `accelerate launch` was told
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory so far in MiB: allocated by torch on a CUDA device, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: StageConfig, step: int) -> dict[str, float]:
+    """Set each param group's LR for optimizer step ``step`` (0-based); returns ``{"lr_main", "lr_lape"}``."""
+    o = cfg.optim
+    base = o.lr * base_lr_factor(step, cfg.train.max_steps, o.warmup_steps, o.schedule)
+    lape = cfg.lape
+    lape_lr = base * (lape_lr_factor(step, lape.lape_lr_multiplier, lape.lape_warmup_steps) if lape else 1.0)
+    out = {}
+    for group in optimizer.param_groups:
+        group["lr"] = lape_lr if group.get("name") == "lape" else base
+        out[f"lr_{group.get('name', 'main')}"] = float(group["lr"])
+    return out
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def _band_stats(cfg: StageConfig, sm: StageModel, records: list[SourceRecord], stacks: StackCache) -> BandStats | None:
+    norm = cfg.data.normalize
+    if norm.mode == "chip":
+        return None
+    if norm.mode == "fixed":
+        return fixed_band_stats(norm)
+    if sm.band_stats is not None:
+        return BandStats.from_dict(sm.band_stats)
+    return dataset_band_stats(records, stacks, norm)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _prepare_output(out: Path, resume: bool, overwrite: bool, is_main: bool) -> None:
+    has_run = (out / "checkpoints").exists() or (out / "final").exists() or (out / "logs").exists()
+    if resume:
+        return
+    if has_run and not overwrite:
+        raise ConfigError(
+            f"{out}: already holds a run (checkpoints/, logs/ or final/); pass --resume to continue it or "
+            "--overwrite to start over"
+        )
+    if has_run and is_main:
+        for name in ("checkpoints", "final", "final.partial", "logs"):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+
+
+def run_stage(
+    config: StageConfig | str | os.PathLike[str],
+    overrides: dict[str, Any] | None = None,
+    *,
+    stage: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Run one curriculum stage; returns its final folder (``<output_dir>/final``, the next stage's ``init_from``).
+
+    Args:
+        config: a :class:`StageConfig` or the path of a stage YAML.
+        overrides: dotted-key overrides (``{"train.max_steps": 20, "data.roots": ["runs/data/x"]}``).
+        stage: the stage the caller means (checked against the config's ``stage``).
+        resume: continue from the newest complete checkpoint under ``<output_dir>/checkpoints`` (an error
+            when there is none).
+        overwrite: start over in an ``output_dir`` that already holds a run.
+
+    Raises:
+        ConfigError: bad config, a stage rule broken, an output folder in the way.
+        CheckpointError: ``resume`` without a usable checkpoint.
+    """
+    if isinstance(config, StageConfig):
+        cfg = config
+        if overrides:
+            cfg = parse_config(StageConfig, _nest(overrides, cfg.model_dump(mode="json")), "config + overrides")
+        source = "config"
+    else:
+        cfg = load_stage_config(config, overrides)
+        source = str(config)
+    if stage is not None and cfg.stage != stage:
+        raise ConfigError(f"{source}: stage: the file configures {cfg.stage}, but {stage} was asked for")
+    threads = torch.get_num_threads()
+    if cfg.train.torch_threads is not None:
+        torch.set_num_threads(cfg.train.torch_threads)
+    try:
+        return _Run(cfg, resume, overwrite).run()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _nest(overrides: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(base))
+    for dotted, value in overrides.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+class _Run:
+    """One stage run (state shared by the steps of :func:`run_stage`)."""
+
+    def __init__(self, cfg: StageConfig, resume: bool, overwrite: bool) -> None:
+        self.cfg, self.resume, self.overwrite = cfg, resume, overwrite
+        self.out = resolve(cfg.output_dir)
+
+    # -- setup ---------------------------------------------------------------------------------------
+    def _accelerator(self) -> Any:
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, GradientState
+
+        # a process may run several stages (the quickstart): start each with a fresh accelerate state
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        # torchrun on a machine without GPUs: accelerate needs cpu=True to see the other processes (gloo)
+        cpu = world > 1 and not torch.cuda.is_available()
+        acc = Accelerator(
+            mixed_precision=_mixed_precision(self.cfg.train.mixed_precision),
+            gradient_accumulation_steps=self.cfg.train.grad_accum,
+            cpu=cpu,
+        )
+        if acc.num_processes != world:
+            raise ConfigError(
+                f"{world} processes were launched but accelerate sees {acc.num_processes}; each would train alone "
+                "into the same folder — check the launcher (accelerate launch / torchrun) and its environment"
+            )
+        return acc
+
+    def run(self) -> Path:
+        from accelerate.utils import set_seed
+
+        cfg, out = self.cfg, self.out
+        final = out / "final"
+        if self.resume and (final / STAGE_INFO).is_file() and (final / "config.json").is_file():
+            log.info("%s: the stage already finished; nothing to resume", out)
+            return final
+        ckpt_root = out / "checkpoints"
+        if self.resume and latest_checkpoint(ckpt_root) is None:
+            raise CheckpointError(
+                f"{ckpt_root}: no complete checkpoint to resume from; run without --resume to start the stage"
+            )
+        acc = self._accelerator()
+        _prepare_output(out, self.resume, self.overwrite, acc.is_main_process)
+        acc.wait_for_everyone()
+        out.mkdir(parents=True, exist_ok=True)
+        set_seed(cfg.train.seed)
+
+        sm = build_stage_model(cfg)
+        model, processor = sm.model, sm.processor
+        lape_on = bool(model.config.enable_lape)
+        stacks = StackCache()
+        train_records, report = select_records(read_split(cfg.data.roots, "train"), cfg.data, cfg.train.seed, True)
+        val_records, _ = select_records(read_split(cfg.data.roots, "val"), cfg.data, cfg.train.seed, False)
+        stats = _band_stats(cfg, sm, train_records, stacks)
+        vocab = processor.vocab
+        frames, norm, seed = cfg.data.frames, cfg.data.normalize, cfg.train.seed
+        train_ds = RecordDataset(train_records, frames, norm, vocab, seed, stats, stacks=stacks)
+        val_ds = RecordDataset(val_records, frames, norm, vocab, seed, stats, False, stacks) if val_records else None
+        collate = Collator(processor, lape_on)
+        sampler = ResumableSampler(
+            len(train_ds), cfg.train.seed, shuffle=True, num_replicas=acc.num_processes, rank=acc.process_index
+        )
+        if sampler.per_rank() < 1:
+            raise ConfigError(f"data: {len(train_ds)} training samples for {acc.num_processes} processes")
+        loader = DataLoader(
+            train_ds, batch_size=cfg.train.batch_size, sampler=EpochIndexSampler(sampler), collate_fn=collate,
+            num_workers=cfg.data.num_workers, generator=seeded_generator(cfg.train.seed),
+        )
+
+        rec = cfg.reconstruction
+        predictor = teacher = None
+        if rec.enabled:
+            teacher = FrozenTeacher(model, share_vision=not cfg.trainable.vision)
+            vcfg: Any = model.config.vision_config
+            tcfg: Any = model.config.text_config
+            predictor = NextFramePredictor(
+                int(vcfg.hidden_size), int(tcfg.hidden_size),
+                rec.embedding_dim, rec.num_layers, rec.num_heads, rec.num_hist, rec.normalize_targets,
+            )
+        module = CurriculumModule(model, predictor, teacher, rec.loss_weight, rec.fast_slow)
+        main = sm.groups["main"] + (list(predictor.parameters()) if predictor is not None else [])
+        groups = [{"params": main, "name": "main"}]
+        if sm.groups["lape"]:
+            groups.append({"params": sm.groups["lape"], "name": "lape"})
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        module, optimizer = acc.prepare(module, optimizer)
+        if teacher is not None:
+            teacher.to(acc.device)
+        state = TrainState()
+        acc.register_for_checkpointing(state)
+
+        if self.resume:
+            found = latest_checkpoint(ckpt_root)
+            assert found is not None
+            step = load_checkpoint(acc, found, num_custom=1)
+            if step != state.step:
+                raise CheckpointError(f"{found}: marker says step {step} but the trainer state says {state.step}")
+            log.info("resumed from %s (step %d, epoch %d, offset %d)", found, state.step, state.epoch, state.offset)
+        info = {
+            "stage": cfg.stage,
+            "init_source": sm.init_source,
+            "init_digests": sm.init_digests,
+            "lape": lape_on,
+            "config": cfg.model_dump(mode="json"),
+            "data": report,
+            "val_records": len(val_records),
+            "num_processes": acc.num_processes,
+            "mixed_precision": str(acc.mixed_precision),
+            "trainable_parameters": {k: int(sum(p.numel() for p in v)) for k, v in sm.groups.items()},
+            "predictor_parameters": int(sum(p.numel() for p in predictor.parameters())) if predictor else 0,
+        }
+        if acc.is_main_process:
+            _write_json(out / STAGE_INFO, info)
+            if stats is not None:
+                _write_json(out / "band_stats.json", stats.to_dict())
+        metrics = None
+        if acc.is_main_process:
+            metrics = TrainLog(out / "logs", resume_step=state.step if self.resume else None)
+        seen = _SeenLog(out / "logs" / "samples.jsonl", state.step if self.resume else None, acc.is_main_process)
+        try:
+            self._loop(acc, module, optimizer, loader, sampler, val_ds, collate, state, metrics, seen, ckpt_root)
+            last = metrics.read()[-1] if metrics is not None and metrics.read() else {}
+            result = self._save_final(acc, module, sm, stats, {**info, "steps": state.step, "final_metrics": last})
+        finally:
+            stacks.close()
+            if metrics is not None:
+                metrics.close()
+                plot_losses({cfg.stage: metrics.read()}, out / "logs" / "loss_curves.png")
+        acc.wait_for_everyone()
+        return result
+
+    # -- loop ----------------------------------------------------------------------------------------
+    def _loop(
+        self, acc: Any, module: nn.Module, optimizer: Any, loader: DataLoader[Any], sampler: ResumableSampler,
+        val_ds: RecordDataset | None, collate: Collator, state: TrainState, metrics: TrainLog | None,
+        seen: _SeenLog, ckpt_root: Path,
+    ) -> None:
+        from accelerate.utils import gather_object, set_seed
+
+        cfg = self.cfg
+        t = cfg.train
+        params = [p for p in module.parameters() if p.requires_grad]
+        show = t.progress and acc.is_main_process
+        bar = tqdm(total=t.max_steps, initial=state.step, desc=cfg.stage, disable=not show, dynamic_ncols=True)
+        if state.step == 0 and t.eval_every >= 0 and val_ds is not None:
+            baseline = self._evaluate(acc, module, val_ds, collate)  # the starting point, logged as step 0
+            if metrics is not None:
+                metrics.log(0, baseline)
+        module.train()
+        acc_sums: dict[str, float] = {}
+        acc_n = 0
+        step_ids: list[str] = []
+        step_tokens = 0
+        step_start = time.perf_counter()
+        lrs = {}
+        while state.step < t.max_steps:
+            sampler.set_position(state.epoch, state.offset)
+            for batch in loader:
+                if acc_n == 0:
+                    set_seed(sample_seed(t.seed, _STEP_SEED_STREAM + acc.process_index, state.step) % (1 << 32))
+                    lrs = set_learning_rates(optimizer, cfg, state.step)
+                    step_start = time.perf_counter()
+                ids = batch.pop("sample_ids")
+                tokens = int(batch["attention_mask"].sum())
+                batch = _to_device(batch, acc.device)
+                with acc.accumulate(module):
+                    losses = module(batch)
+                    acc.backward(losses["loss"])
+                    if acc.sync_gradients and cfg.optim.max_grad_norm > 0:
+                        acc.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                for k, v in losses.items():
+                    acc_sums[k] = acc_sums.get(k, 0.0) + float(v.detach())
+                acc_n += 1
+                step_ids.extend(ids)
+                step_tokens += tokens
+                state.offset += len(ids)
+                if not acc.sync_gradients:
+                    continue
+                # one optimizer step done
+                reduced = {k: v / acc_n for k, v in acc_sums.items()}
+                if acc.num_processes > 1:
+                    keys = sorted(reduced)
+                    local = [reduced[k] for k in keys] + [float(step_tokens), float(len(step_ids))]
+                    vec = acc.reduce(torch.tensor(local, device=acc.device), "sum")
+                    reduced = {k: float(vec[i]) / acc.num_processes for i, k in enumerate(keys)}
+                    step_tokens, n_samples = int(vec[-2]), int(vec[-1])
+                    all_ids = gather_object([step_ids])
+                    step_ids = [i for part in all_ids for i in part]
+                else:
+                    n_samples = len(step_ids)
+                elapsed = max(time.perf_counter() - step_start, 1e-9)
+                state.step += 1
+                state.samples += n_samples
+                state.tokens += step_tokens
+                seen.write(state.step, step_ids)
+                row = {**reduced, **lrs, "epoch": state.epoch, "samples": state.samples,
+                       "tokens_per_s": step_tokens / elapsed, "step_time_s": elapsed,
+                       "peak_mem_mib": peak_memory_mib(acc.device)}
+                if t.eval_every > 0 and state.step % t.eval_every == 0 and val_ds is not None:
+                    row.update(self._evaluate(acc, module, val_ds, collate))
+                    module.train()
+                if state.step == t.max_steps and t.eval_every >= 0 and val_ds is not None and "eval_loss" not in row:
+                    row.update(self._evaluate(acc, module, val_ds, collate))
+                if metrics is not None and (state.step % t.log_every == 0 or state.step == t.max_steps):
+                    metrics.log(state.step, row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{reduced['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                if (t.save_every and state.step % t.save_every == 0) or state.step == t.max_steps:
+                    save_checkpoint(acc, ckpt_root, state.step, keep=t.keep_checkpoints)
+                acc_sums, acc_n, step_ids, step_tokens = {}, 0, [], 0
+                if state.step >= t.max_steps:
+                    break
+            else:
+                state.epoch += 1
+                state.offset = 0
+        bar.close()
+
+    @torch.no_grad()
+    def _evaluate(self, acc: Any, module: nn.Module, ds: RecordDataset, collate: Collator) -> dict[str, float]:
+        """Mean losses over the first ``eval_batches`` micro-batches of the val split (every process the same)."""
+        module.eval()
+        b = self.cfg.train.batch_size
+        sums: dict[str, float] = {}
+        n = 0
+        for k in range(self.cfg.train.eval_batches):
+            idx = range(k * b, min((k + 1) * b, len(ds)))
+            if not idx:
+                break
+            batch = collate([ds[(0, i)] for i in idx])
+            batch.pop("sample_ids")
+            losses = module(_to_device(batch, acc.device))
+            for name, v in losses.items():
+                sums[name] = sums.get(name, 0.0) + float(v)
+            n += 1
+        return {f"eval_{k}": v / n for k, v in sums.items()} if n else {}
+
+    # -- final folder --------------------------------------------------------------------------------
+    def _save_final(self, acc: Any, module: nn.Module, sm: StageModel, stats: BandStats | None,
+                    info: dict[str, Any]) -> Path:
+        out = self.out
+        final, partial = out / "final", out / "final.partial"
+        state = acc.get_state_dict(module)  # gathered (FSDP/DeepSpeed) on the main process
+        if acc.is_main_process:
+            model_sd = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+            if sm.lora_scaling is not None:
+                model_sd = merge_lora_state_dict(model_sd, sm.lora_scaling)
+            plain = type(sm.model)(sm.model.config)
+            missing, unexpected = plain.load_state_dict(model_sd, strict=False)
+            if missing or unexpected:
+                raise CheckpointError(f"final weights do not fit the model: missing {missing}, unexpected {unexpected}")
+            plain.generation_config = sm.model.generation_config
+            if partial.exists():
+                shutil.rmtree(partial)
+            plain.save_pretrained(partial)
+            sm.processor.save_pretrained(partial)
+            if stats is not None:
+                _write_json(partial / "band_stats.json", stats.to_dict())
+            _write_json(partial / STAGE_INFO, info)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+        acc.wait_for_everyone()
+        return final
+
+
+class _SeenLog:
+    """``samples.jsonl``: the sample ids of every optimizer step (rows past a resumed step are dropped)."""
+
+    def __init__(self, path: Path, resume_step: int | None, active: bool) -> None:
+        self.path, self.active = path, active
+        if not active:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            path.unlink(missing_ok=True)
+        elif path.exists():
+            kept = [r for r in read_seen(path) if r["step"] <= resume_step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, step: int, ids: list[str]) -> None:
+        """Append one step's ids."""
+        if self.active:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps({"step": step, "ids": ids}) + "\n")
+
+
+def read_seen(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Rows of ``samples.jsonl`` (a torn last line from a killed run is skipped)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+__all__ = ["CurriculumModule", "TrainState", "read_seen", "run_stage", "set_learning_rates"]

@@ -1,0 +1,156 @@
+"""Records of a real recipe build (embedded sample) → training samples: frames, normalisation, time, text, mixture."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.windows import Window
+from train_helpers import curriculum_recipe
+
+from agrivlm.errors import ConfigError, RecordError
+from agrivlm.geo.coords import TimeAxis
+from agrivlm.lape.tokens import LapeVocab, parse_positions
+from agrivlm.model import build_model
+from agrivlm.recipes.schema import Turn
+from agrivlm.recipes.sources import resolve_spec
+from agrivlm.train.config import DataConfig, FramesConfig, NormalizeConfig
+from agrivlm.train.data import (
+    Collator,
+    RecordDataset,
+    SourceRecord,
+    StackCache,
+    dataset_band_stats,
+    read_record_frames,
+    read_split,
+    render_record,
+    select_records,
+)
+from agrivlm.train.sampler import ResumableSampler
+
+VOCAB = LapeVocab(150, 50)
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory: pytest.TempPathFactory) -> list[SourceRecord]:
+    return read_split([curriculum_recipe(tmp_path_factory)], "train")
+
+
+@pytest.fixture(scope="module")
+def stacks() -> StackCache:
+    return StackCache()
+
+
+def _first(records: list[SourceRecord], task: str) -> SourceRecord:
+    return next(sr for sr in records if sr.record.task == task)
+
+
+def test_frames_are_the_records_dates_read_from_the_geotiffs(records: list[SourceRecord], stacks: StackCache) -> None:
+    sr = _first(records, "season_segment")
+    rec = sr.record
+    data, clouds = read_record_frames(rec, stacks.get(rec, sr.same_day))
+    w = rec.chip.window
+    root = Path(resolve_spec(rec.stack.data))
+    for k, name in enumerate(rec.stack.frame_files):  # each frame straight from its file with rasterio
+        with rasterio.open(root / name) as src:
+            raw = src.read(1, window=Window(w.col_off, w.row_off, w.width, w.height)).astype(np.float32)
+            raw[raw == src.nodata] = np.nan
+        np.testing.assert_array_equal(data[k, 0], raw)
+    assert clouds.shape == (len(rec.chip.frame_indices), w.height, w.width)
+    stats = dataset_band_stats(records, stacks, NormalizeConfig())
+    ds = RecordDataset([sr], FramesConfig(sampler="uniform", num_frames=4), NormalizeConfig(), VOCAB, 0, stats,
+                       train=False, stacks=stacks)
+    sample = ds[(0, 0)]
+    idx = np.round(np.linspace(0, data.shape[0] - 1, 4)).astype(int)
+    span = stats.high - stats.low
+    np.testing.assert_allclose(sample.pixels, np.clip((data[idx] - stats.low[0]) / span[0], 0, 1), atol=1e-6)
+    dates = np.asarray(rec.chip.frame_dates, dtype="datetime64[s]")
+    np.testing.assert_allclose(sample.frame_times, TimeAxis.from_dates(dates).to_norm(dates[idx]))
+    assert sample.frame_times[0] == 0.0 and sample.frame_times[-1] == 1.0  # the record's own time axis
+
+
+def test_random_frames_depend_only_on_seed_epoch_and_index(records: list[SourceRecord], stacks: StackCache) -> None:
+    subset = [sr for sr in records if len(sr.record.chip.frame_indices) >= 10][:6]
+    ds = RecordDataset(subset, FramesConfig(sampler="random", num_frames=4), NormalizeConfig(mode="chip"), VOCAB, 7,
+                       stacks=stacks)
+    a, b = ds[(3, 2)], ds[(3, 2)]
+    assert np.array_equal(a.pixels, b.pixels, equal_nan=True) and np.array_equal(a.frame_times, b.frame_times)
+    times = {tuple(ds[(epoch, 2)].frame_times) for epoch in range(6)}
+    assert len(times) > 1 and all(list(t) == sorted(t) and len(t) == 4 for t in times)
+    other = RecordDataset(subset, FramesConfig(sampler="random", num_frames=4), NormalizeConfig(mode="chip"), VOCAB, 8,
+                          stacks=stacks)
+    assert {tuple(other[(e, 2)].frame_times) for e in range(6)} != times
+
+
+def test_positions_become_lape_tokens_with_their_exact_values(records: list[SourceRecord]) -> None:
+    rec = _first(records, "season_segment").record
+    prompt, answer, values = render_record(rec, VOCAB)
+    user, assistant = rec.conversation
+    assert prompt.startswith("USER: <video>\n") and prompt.endswith("ASSISTANT: ")
+    assert values == [*user.boxes[0], *assistant.segments[0]]
+    parsed = parse_positions(prompt + answer, VOCAB)
+    assert len(parsed.boxes) == 1 and len(parsed.segments) == 1
+    assert np.allclose(parsed.boxes[0], user.boxes[0], atol=0.5 / 150)
+    assert np.allclose(parsed.segments[0], assistant.segments[0], atol=0.5 / 50)
+    poly = _first(records, "trace_outline").record
+    _, ans, vals = render_record(poly, VOCAB)
+    ring = poly.conversation[1].polygons[0]
+    assert len(vals) == 4 + 2 * len(ring) and len(parse_positions(ans, VOCAB).points) == len(ring)
+
+
+def test_batches_carry_position_values_and_multi_turn_supervises_the_last_answer(
+    records: list[SourceRecord], stacks: StackCache
+) -> None:
+    _, proc = build_model()
+    base = _first(records, "green_up_date")
+    extra = [Turn(role="assistant", text="Let me look."), Turn(role="user", text="And when exactly?")]
+    convo = [base.record.conversation[0], *extra, base.record.conversation[1]]
+    multi = SourceRecord(base.record.model_copy(update={"conversation": convo}), base.same_day)
+    ds = RecordDataset([base, multi], FramesConfig(sampler="uniform", num_frames=4), NormalizeConfig(mode="chip"),
+                       proc.vocab, 0, train=False, stacks=stacks)
+    samples = [ds[(0, 0)], ds[(0, 1)]]
+    assert "ASSISTANT: Let me look.\nUSER: And when exactly?\nASSISTANT: " in samples[1].prompt
+    batch = Collator(proc, lape=True)(samples)
+    assert batch["sample_ids"] == [base.record.sample_id] * 2 and batch["is_fast"].shape == (2, 4)
+    pv = batch["position_values"]
+    for b, s in enumerate(samples):
+        got = pv[b][~pv[b].isnan()].tolist()
+        assert np.allclose(got, s.positions, atol=1e-6)
+        supervised = batch["labels"][b][batch["labels"][b] != -100]
+        answer_ids = proc.tokenizer(s.answer, add_special_tokens=False)["input_ids"] + [proc.tokenizer.eos_token_id]
+        assert supervised.tolist() == answer_ids  # only the last assistant turn
+
+
+def test_selection_filters_and_mixes_by_family(records: list[SourceRecord]) -> None:
+    text, report = select_records(records, DataConfig(roots=["x"], text_only=True), 0, True)
+    assert text and all(not sr.record.has_positions for sr in text) and report["dropped_positions"] > 0
+    cfg = DataConfig.model_validate({"roots": ["x"], "samples_per_epoch": 500, "mixture": {
+        "general": {"families": ["general_rs"], "weight": 0.4},
+        "agri": {"families": ["field_boundaries", "growth_stages"], "weight": 0.4},
+        "spatial": {"families": ["spatial_reasoning"], "weight": 0.2}}})
+    mixed, report = select_records(records, cfg, 0, True)
+    fam = Counter(sr.record.family for sr in mixed)
+    assert len(mixed) == 500 and fam["general_rs"] == 200 and fam["spatial_reasoning"] == 100
+    assert fam["field_boundaries"] + fam["growth_stages"] == 200 and report["mixture"]["max_abs_deviation"] == 0.0
+    few, report = select_records(records, DataConfig(roots=["x"], frames=FramesConfig(num_frames=14)), 0, True)
+    assert report["dropped_frames"] > 0 and all(len(sr.record.chip.frame_indices) >= 14 for sr in few)
+    with pytest.raises(ConfigError, match="data.mixture"):
+        select_records(records, DataConfig.model_validate({"roots": ["x"], "families": ["general_rs"], "mixture": {
+            "spatial": {"families": ["spatial_reasoning"], "weight": 1.0}}}), 0, True)
+
+
+def test_a_stack_that_changed_since_the_recipe_is_an_error(records: list[SourceRecord], stacks: StackCache) -> None:
+    sr = records[0]
+    files = list(sr.record.stack.frame_files)
+    files[1] = files[0]
+    moved = sr.record.model_copy(update={"stack": sr.record.stack.model_copy(update={"frame_files": files})})
+    with pytest.raises(RecordError, match=rf"record {sr.record.sample_id}: frame 1 should be .* stack changed"):
+        read_record_frames(moved, stacks.get(moved, sr.same_day))
+
+
+def test_ranks_share_an_epoch_without_overlap(records: list[SourceRecord]) -> None:
+    shares = [list(ResumableSampler(len(records), 3, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert not set(shares[0]) & set(shares[1]) and len(shares[0]) == len(shares[1]) == len(records) // 2
