@@ -116,8 +116,8 @@ def test_journal_resumes_refuses_other_settings_and_drops_a_torn_last_line(tmp_p
 def test_prompts_are_the_recipes_wording_rendered_with_the_codec() -> None:
     q = fields_question(VOCAB)
     assert q.text == OUTLINE_FIELDS_QUESTIONS[0] and q.positions == ()
-    assert build_prompt(q.text, 8) == "<video> " + OUTLINE_FIELDS_QUESTIONS[0]
-    assert build_prompt(q.text, 1).startswith("<image> ")
+    assert build_prompt(q.text, 8) == "USER: <video>\n" + OUTLINE_FIELDS_QUESTIONS[0] + "\nASSISTANT: "
+    assert build_prompt(q.text, 1).startswith("USER: <image>\n")
     b = (0.1, 0.2, 0.4, 0.7)
     s = stage_question(VOCAB, b, np.datetime64("2016-06-05T10:06:52"), "grassland")
     expected = STAGE_ON_DATE_QUESTIONS[0].format(name="grassland parcel", date="2016-06-05")

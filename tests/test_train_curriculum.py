@@ -246,3 +246,40 @@ def test_killed_run_resumes_to_the_same_weights_and_samples(
     rows_ref = [r for r in _rows(reference) if "loss" in r]
     rows = [r for r in _rows(resumed) if "loss" in r]
     assert [r["loss"] for r in rows] == [r["loss"] for r in rows_ref]
+
+
+def test_final_folders_tell_inference_how_to_prepare_inputs(curriculum: dict[str, Path]) -> None:
+    """The checkpoint carries its chip size, frame count, band preset and the training normalisation range."""
+    from agrivlm.infer.config import load_input_config
+
+    stats = _stats(curriculum["s3"])
+    inputs, found = load_input_config(curriculum["s3"])
+    assert found
+    info = read_stage_info(curriculum["s3"])
+    assert inputs.bands.low == pytest.approx(list(stats.low)) and inputs.bands.high == pytest.approx(list(stats.high))
+    assert inputs.bands.preset == _data_cfg(curriculum["s3"]).normalize.preset
+    assert inputs.frames.max_frames == inputs.min_frames == _data_cfg(curriculum["s3"]).frames.frames_per_sample
+    assert inputs.chip_size == 32 and info is not None
+
+
+def test_training_and_inference_render_a_question_identically(curriculum: dict[str, Path]) -> None:
+    """Growth records asked in the wording ``agrivlm infer`` uses render, for training, to its very prompt."""
+    from agrivlm.infer.prompts import build_prompt, stage_question
+    from agrivlm.lape.tokens import LapeVocab
+    from agrivlm.recipes.schema import read_records
+    from agrivlm.train.data import render_record
+
+    vocab = LapeVocab()
+    records = [r for shard in sorted((curriculum["data"] / "shards").glob("*.jsonl"))
+               for r in read_records(shard) if r.task == "stage_on_date"]
+    compared = 0
+    for rec in records:
+        user = rec.conversation[0]
+        asked = stage_question(vocab, user.boxes[0], rec.meta["date"], str(rec.meta.get("class")))
+        prompt, _, positions = render_record(rec, vocab, "<video>")
+        if asked.text not in prompt:
+            continue  # another of the recipes' phrasings
+        assert build_prompt(asked.text, 4) == prompt
+        assert list(asked.positions) == pytest.approx(positions[: len(asked.positions)])
+        compared += 1
+    assert compared > 0, f"none of {len(records)} stage_on_date records uses the inference wording"

@@ -15,11 +15,11 @@ from agrivlm.cli import app
 from agrivlm.errors import ConfigError
 from agrivlm.model import build_model
 from agrivlm.model.reconstruction import FrozenTeacher, NextFramePredictor, frame_mask, visual_hidden_states
+from agrivlm.pipeline.conversation import format_prompt as build_prompt
 from agrivlm.pipeline.pooling import pool_2d
 from agrivlm.train.checkpoint import CheckpointError
 from agrivlm.train.config import LLMTraining, Trainables, load_stage_config, parse_overrides
 from agrivlm.train.curriculum import check_stage_rules, merge_lora_state_dict, set_trainable
-from agrivlm.train.data import build_prompt
 from agrivlm.train.schedule import base_lr_factor, lape_lr_factor
 from agrivlm.train.trainer import run_stage, set_learning_rates
 

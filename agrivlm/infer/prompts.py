@@ -1,4 +1,4 @@
-"""The questions ``agrivlm infer`` asks, worded and rendered exactly as the training records, and their answers.
+r"""The questions ``agrivlm infer`` asks, worded and rendered exactly as the training records, and their answers.
 
 Wording: the questions are the recipes' own (:data:`agrivlm.recipes.fields.OUTLINE_FIELDS_QUESTIONS`,
 :data:`agrivlm.recipes.growth.STAGE_ON_DATE_QUESTIONS`), never re-typed here. Rendering: a question's
@@ -7,8 +7,9 @@ formatters (:func:`lape_formatters`), the rendering the recipes prescribe for tr
 of every position token is returned beside the text (:attr:`PromptText.positions`) for the processor's
 ``positions=`` (interpolated input embeddings, as the processor does for training).
 
-A prompt is ``"<video> QUESTION"`` (``"<image> QUESTION"`` for one frame): :func:`build_prompt`. This is the
-one place that fixes the format; a trainer must build its prompts with it too.
+A prompt is one user turn in the conversation format training uses
+(:func:`agrivlm.pipeline.conversation.format_prompt`): ``"USER: <video>\nQUESTION\nASSISTANT: "``
+(``<image>`` for one frame): :func:`build_prompt`.
 
 Answers: :func:`parse_stage` finds the growth-stage word of a ``stage_on_date`` answer;
 :func:`listing_details` reads the class label and the "partly outside the image" mark of each box of an
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from agrivlm.lape.tokens import Axis, LapeVocab, serialize_box, serialize_point, serialize_segment
+from agrivlm.pipeline.conversation import POLYGON_SEP, format_prompt, visual_placeholder
 from agrivlm.recipes.fields import CUT_MARK, NO_FIELDS_ANSWER, OUTLINE_FIELDS_QUESTIONS, parcel_name
 from agrivlm.recipes.growth import STAGE_ON_DATE_QUESTIONS
 from agrivlm.recipes.phenology import day_str
@@ -47,7 +49,7 @@ def lape_formatters(vocab: LapeVocab) -> dict[str, Any]:
         "fmt_point": lambda p: serialize_point(p, vocab),
         "fmt_segment": lambda s: serialize_segment(s, vocab),
         "fmt_time": lambda t: vocab.encode(Axis.TEMP, float(t)),
-        "polygon_sep": "",
+        "polygon_sep": POLYGON_SEP,
     }
 
 
@@ -104,10 +106,8 @@ def render_question(
 
 
 def build_prompt(question: str, num_frames: int) -> str:
-    """The model's prompt: the visual placeholder, a space, the question (``<image>`` for one frame)."""
-    if num_frames < 1:
-        raise ValueError(f"a prompt needs at least one frame, got {num_frames}")
-    return f"{'<image>' if num_frames == 1 else '<video>'} {question}"
+    """The model's prompt for one question: the training conversation format with one user turn."""
+    return format_prompt([("user", question)], visual_placeholder(num_frames))
 
 
 def fields_question(vocab: LapeVocab) -> PromptText:

@@ -130,6 +130,11 @@ class NormalizeConfig(StrictModel):
     #: saved as ``band_stats.json`` and reused by later stages); ``chip``: each sample's own frames;
     #: ``fixed``: ``low``/``high`` below.
     mode: Literal["dataset", "chip", "fixed"] = "dataset"
+    #: Band preset (a key of ``agrivlm.pipeline.bands.PRESETS``, e.g. ``ndvi``, ``sentinel2_l2a``): stored values
+    #: → reflectance / index units before normalising, exactly as ``agrivlm infer`` prepares chips. It is
+    #: written, with the normalisation range, into the final folder's ``agrivlm_inputs.yaml``. None: stored
+    #: values as they are (``agrivlm infer`` then needs ``--preset``).
+    preset: str | None = None
     #: Percentiles of ``dataset``/``chip``.
     percentiles: tuple[float, float] = (2.0, 98.0)
     #: At most this many distinct training chips are read for ``dataset`` stats.
@@ -137,6 +142,14 @@ class NormalizeConfig(StrictModel):
     #: ``fixed``: per-band values mapped to 0 and 1.
     low: list[float] | None = None
     high: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _known_preset(self) -> NormalizeConfig:
+        from agrivlm.pipeline.bands import PRESETS
+
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown band preset {self.preset!r}; use one of {', '.join(sorted(PRESETS))}")
+        return self
 
     @model_validator(mode="after")
     def _fixed_has_range(self) -> NormalizeConfig:

@@ -19,9 +19,9 @@ One record (:class:`~agrivlm.recipes.schema.Record`) becomes one sample:
    etc.; polygon vertices separated by :data:`POLYGON_SEP` so they decode as points), and the continuous
    value of every position token is kept, in text order, for the model's sub-bin soft targets
    (``position_values``). **Multi-turn** conversations are flattened: every turn but
-   the last assistant turn goes into the prompt (:func:`build_prompt`, a plain ``USER:``/``ASSISTANT:``
-   template with the visual placeholder in the first user turn); only the last assistant turn is
-   supervised. (Every record the recipes make today has one user and one assistant turn.)
+   the last assistant turn goes into the prompt (:func:`agrivlm.pipeline.conversation.format_prompt`,
+   a plain ``USER:``/``ASSISTANT:`` template with the visual placeholder in the first user turn); only the
+   last assistant turn is supervised. (Every record the recipes make today has one user and one assistant turn.)
 
 Batches: :class:`Collator` calls :class:`~agrivlm.pipeline.processor.AgriVLMProcessor` (unchanged) on
 the samples of a micro-batch and adds ``sample_ids`` and ``is_fast``.
@@ -46,7 +46,8 @@ from agrivlm.errors import ConfigError, PipelineError, RecordError
 from agrivlm.geo.coords import TimeAxis
 from agrivlm.geo.stack import Stack, open_stack
 from agrivlm.lape.tokens import Axis, LapeVocab, serialize_box, serialize_point, serialize_segment
-from agrivlm.pipeline.bands import BandStats, normalize, robust_stats
+from agrivlm.pipeline.bands import BandStats, normalize, robust_stats, to_reflectance
+from agrivlm.pipeline.conversation import POLYGON_SEP, format_prompt, visual_placeholder
 from agrivlm.pipeline.frames import FrameSamplingConfig, select_indices, uniform_indices
 from agrivlm.recipes.mixture import mix
 from agrivlm.recipes.schema import Record, Turn, iter_records, render_text
@@ -56,13 +57,6 @@ from agrivlm.train.sampler import ResumableSampler, sample_seed
 
 log = logging.getLogger(__name__)
 
-#: Prefix of a user turn in the flattened prompt.
-USER = "USER: "
-#: Prefix of an assistant turn; the prompt ends with it.
-ASSISTANT = "ASSISTANT: "
-#: Between the vertices of a polygon: a text token breaks the codec's adjacency, so a polygon decodes as
-#: its points (``parse_positions``/``parse_token_ids``); back to back, ``W H W H`` would decode as boxes.
-POLYGON_SEP = ","
 
 
 # -- records -----------------------------------------------------------------------------------------
@@ -205,21 +199,6 @@ class _Collector:
         return self.vocab.encode(Axis.TEMP, float(t))
 
 
-def build_prompt(turns: Sequence[tuple[str, str]], visual_token: str = "<video>") -> str:
-    r"""The flattened prompt of a conversation whose last turn (the answer) is left out.
-
-    ``[("user", "q1"), ("assistant", "a1"), ("user", "q2")]`` →
-    ``"USER: <video>\\nq1\\nASSISTANT: a1\\nUSER: q2\\nASSISTANT: "``.
-    """
-    parts: list[str] = []
-    for k, (role, text) in enumerate(turns):
-        if role == "user":
-            parts.append(USER + (f"{visual_token}\n" if k == 0 else "") + text + "\n")
-        else:
-            parts.append(ASSISTANT + text + "\n")
-    return "".join(parts) + ASSISTANT
-
-
 def render_record(record: Record, vocab: LapeVocab, visual_token: str = "<video>") -> tuple[str, str, list[float]]:
     """``(prompt, answer, position values in text order)`` of a record, positions as LAPE tokens."""
     coll = _Collector(vocab)
@@ -229,7 +208,7 @@ def render_record(record: Record, vocab: LapeVocab, visual_token: str = "<video>
     *context, (role, answer) = rendered
     if role != "assistant":
         raise RecordError(f"record {record.sample_id}: the last turn must be the assistant's answer")
-    return build_prompt(context, visual_token), answer, coll.values
+    return format_prompt(context, visual_token), answer, coll.values
 
 
 def _render_turn(turn: Turn, coll: _Collector) -> str:
@@ -267,9 +246,12 @@ class StackCache:
 
 
 def read_record_frames(
-    record: Record, stack: Stack
+    record: Record, stack: Stack, preset: str | None = None
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
     """The record's frames: ``(T, C, h, w)`` float32 (NaN = no data) and clouds ``(T, h, w)``, one read of the window.
+
+    With a band ``preset`` (:data:`agrivlm.pipeline.bands.PRESETS`) stored values become reflectance / index
+    units (:func:`~agrivlm.pipeline.bands.to_reflectance`, as ``agrivlm infer`` does), else they stay as stored.
 
     Raises:
         RecordError: the stack's files at ``frame_indices`` are not the record's ``frame_files``.
@@ -290,6 +272,9 @@ def read_record_frames(
         )
     w = record.chip.window
     data, _nodata, clouds = stack.read_window(Window(w.col_off, w.row_off, w.width, w.height), steps=idx)
+    if preset is not None:
+        times = np.asarray(record.chip.frame_dates, dtype="datetime64[s]")
+        data = to_reflectance(data, preset, times, source=record.sample_id).astype(np.float32)
     return data, clouds
 
 
@@ -308,7 +293,7 @@ def dataset_band_stats(
         raise PipelineError("no training records to compute band statistics from")
     values = []
     for sr in chosen:
-        data, _ = read_record_frames(sr.record, stacks.get(sr.record, sr.same_day))
+        data, _ = read_record_frames(sr.record, stacks.get(sr.record, sr.same_day), cfg.preset)
         values.append(np.moveaxis(data, 1, 0).reshape(data.shape[1], -1))
     flat = np.concatenate(values, axis=1)[None, :, None, :]  # (1, C, 1, N)
     return robust_stats(flat, cfg.percentiles, source=f"{len(chosen)} training chips")
@@ -378,7 +363,7 @@ class RecordDataset(Dataset[Sample]):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         sr = self.records[index]
         rec = sr.record
-        data, clouds = read_record_frames(rec, self.stacks.get(rec, sr.same_day))
+        data, clouds = read_record_frames(rec, self.stacks.get(rec, sr.same_day), self.norm.preset)
         rng = np.random.default_rng(sample_seed(self.seed, epoch, index)) if self.train else None
         idx, is_fast = choose_frames(data.shape[0], self.frames, rng)
         pixels = data[idx]
@@ -389,7 +374,7 @@ class RecordDataset(Dataset[Sample]):
         pixels = normalize(pixels, stats)
         dates = np.asarray(rec.chip.frame_dates, dtype="datetime64[s]")
         times = TimeAxis.from_dates(dates).to_norm(dates[idx])
-        token = "<video>" if len(idx) > 1 else "<image>"
+        token = visual_placeholder(len(idx))
         prompt, answer, positions = render_record(rec, self.vocab, token)
         return Sample(rec.sample_id, prompt, answer, positions, pixels, np.clip(times, 0.0, 1.0), is_fast)
 

@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,11 @@ from tqdm.auto import tqdm
 
 from agrivlm.config import parse_config
 from agrivlm.errors import ConfigError
+from agrivlm.infer.config import BandConfig, InputConfig, default_frames, save_input_config
 from agrivlm.model.modeling import AgriVLMForConditionalGeneration
 from agrivlm.model.reconstruction import FrozenTeacher, NextFramePredictor, visual_hidden_states
 from agrivlm.pipeline.bands import BandStats
+from agrivlm.pipeline.frames import FrameSamplingConfig
 from agrivlm.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from agrivlm.train.config import StageConfig, load_stage_config, resolve
 from agrivlm.train.curriculum import STAGE_INFO, StageModel, build_stage_model, merge_lora_state_dict
@@ -199,6 +202,37 @@ def _band_stats(cfg: StageConfig, sm: StageModel, records: list[SourceRecord], s
     return dataset_band_stats(records, stacks, norm)
 
 
+def checkpoint_inputs(cfg: StageConfig, stats: BandStats | None, records: Sequence[SourceRecord]) -> InputConfig:
+    """How ``agrivlm infer`` must prepare inputs for the model this stage trains (``agrivlm_inputs.yaml``).
+
+    Chips of the training records' size (stride half of it, as the recipes' default grid), the clear dates
+    the recipes take (cloudy pixels as no data), as many frames per question as each training sample had
+    (fewer: the chip is skipped, as training left such records out), the band preset and the normalisation
+    range training used (per-chip percentiles when training normalised per chip).
+    """
+    size = int(records[0].record.chip.window.width) if records else InputConfig().chip_size
+    frames_cfg = cfg.data.frames
+    n = frames_cfg.frames_per_sample
+    base = default_frames()
+    if frames_cfg.sampler == "fast_slow":
+        frames = FrameSamplingConfig(
+            sampler="fast_slow", fast_stride=frames_cfg.fast_stride, slow_stride=frames_cfg.slow_stride,
+            num_fast=frames_cfg.num_fast, num_slow=frames_cfg.num_slow, merge=frames_cfg.merge,
+            empty=base.empty, clouds_as_nodata=True, min_valid_fraction=base.min_valid_fraction,
+        )
+    else:
+        frames = base.model_copy(update={"max_frames": n})
+    norm = cfg.data.normalize
+    fixed = stats is not None and norm.mode != "chip"
+    bands = BandConfig(
+        preset=norm.preset,
+        low=[float(x) for x in stats.low] if fixed and stats is not None else None,
+        high=[float(x) for x in stats.high] if fixed and stats is not None else None,
+        percentiles=norm.percentiles,
+    )
+    return InputConfig(chip_size=size, stride=max(size // 2, 1), frames=frames, min_frames=n, bands=bands)
+
+
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -327,6 +361,7 @@ class _Run:
         train_records, report = select_records(read_split(cfg.data.roots, "train"), cfg.data, cfg.train.seed, True)
         val_records, _ = select_records(read_split(cfg.data.roots, "val"), cfg.data, cfg.train.seed, False)
         stats = _band_stats(cfg, sm, train_records, stacks)
+        self.inputs = checkpoint_inputs(cfg, stats, train_records)
         vocab = processor.vocab
         frames, norm, seed = cfg.data.frames, cfg.data.normalize, cfg.train.seed
         train_ds = RecordDataset(train_records, frames, norm, vocab, seed, stats, stacks=stacks)
@@ -533,6 +568,7 @@ class _Run:
             sm.processor.save_pretrained(partial)
             if stats is not None:
                 _write_json(partial / "band_stats.json", stats.to_dict())
+            save_input_config(self.inputs, partial)
             _write_json(partial / STAGE_INFO, info)
             if final.exists():
                 shutil.rmtree(final)

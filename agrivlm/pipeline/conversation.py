@@ -1,0 +1,46 @@
+"""The model's conversation format: one place, used by training (``agrivlm.train.data``) and inference.
+
+A conversation is flattened into a prompt whose first user turn carries the visual placeholder, and the
+model answers after the last ``ASSISTANT:``::
+
+    USER: <video>
+    Outline every field.
+    ASSISTANT: <answer>
+
+A model only answers well on prompts like those it was trained on, so training and ``agrivlm infer`` /
+the explorer build their prompts with :func:`format_prompt` and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+#: Prefix of a user turn.
+USER = "USER: "
+#: Prefix of an assistant turn (and the end of every prompt).
+ASSISTANT = "ASSISTANT: "
+#: Separator between the vertices of a polygon answer (written back to back, four position tokens would read
+#: as a box; with the comma they read as points).
+POLYGON_SEP = ","
+
+
+def visual_placeholder(num_frames: int) -> str:
+    """``<image>`` for one frame, ``<video>`` for several."""
+    if num_frames < 1:
+        raise ValueError(f"a prompt needs at least one frame, got {num_frames}")
+    return "<image>" if num_frames == 1 else "<video>"
+
+
+def format_prompt(turns: Sequence[tuple[str, str]], visual_token: str = "<video>") -> str:
+    r"""The flattened prompt of a conversation whose answer (the last assistant turn) is left out.
+
+    ``[("user", "q1"), ("assistant", "a1"), ("user", "q2")]`` →
+    ``"USER: <video>\nq1\nASSISTANT: a1\nUSER: q2\nASSISTANT: "``.
+    """
+    parts: list[str] = []
+    for k, (role, text) in enumerate(turns):
+        if role == "user":
+            parts.append(USER + (f"{visual_token}\n" if k == 0 else "") + text + "\n")
+        else:
+            parts.append(ASSISTANT + text + "\n")
+    return "".join(parts) + ASSISTANT
