@@ -71,7 +71,10 @@ def test_fit_view_shows_the_whole_box(lon: float, lat: float, span: float, aspec
                    for a in (west, east) for b in (south, north)), strict=True)
     assert min(xs) >= -1e-6 and max(xs) <= width + 1e-6
     assert min(ys) >= -1e-6 and max(ys) <= height + 1e-6
-    # and it is tight on one axis: the box spans 90 % of the width or of the height
+    # and it is tight on one axis (the box spans 90 % of the width or of the height) unless the zoom hit
+    # its ceiling of 22, where a box of a few metres stays smaller than the map
+    if view["zoom"] >= 22.0:
+        return
     assert max(max(xs) - min(xs) - 0.9 * width, max(ys) - min(ys) - 0.9 * height) == pytest.approx(0, abs=1e-3)
 
 
