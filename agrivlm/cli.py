@@ -126,24 +126,34 @@ def ingest(
 @app.command()
 def quickstart(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("runs/quickstart"),
-    chip_size: Annotated[int, typer.Option(help="Chip size in pixels.")] = 64,
-    stride: Annotated[int, typer.Option(help="Step between chips in pixels.")] = 32,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    steps: Annotated[int, typer.Option(help="Optimizer steps over the 3 stages (15 % / 15 % / 70 %).")] = 1000,
+    stack: Annotated[str | None, typer.Option(help="Your GeoTIFF stack (folder/glob); default: the sample.")] = None,
+    masks: Annotated[str | None, typer.Option(help="Per-date cloud masks of --stack.")] = None,
+    parcels: Annotated[str | None, typer.Option(help="Your parcel layer (any CRS); default: the sample's.")] = None,
+    parcel_id: Annotated[str | None, typer.Option(help="Unique id column of --parcels.")] = None,
+    parcel_class: Annotated[str | None, typer.Option(help="Land-use class column of --parcels.")] = None,
+    preset: Annotated[str, typer.Option(help="Band preset of the stack (agrivlm.pipeline.bands.PRESETS).")] = "ndvi",
+    base_model: Annotated[str | None, typer.Option(
+        help="Folder with vision/ (SigLIP/CLIP) and llm/ (Qwen2/Llama) checkpoints; default: tiny random.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of data and training.")] = 0,
+    fresh: Annotated[bool, typer.Option(help="Start over instead of resuming what --out holds.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
 ) -> None:
-    """The main job on the embedded sample (Sentinel-2 NDVI, Slovenia, 68 dates): ingest and summarise."""
-    from agrivlm.geo.ingest import ingest as run_ingest
-    from agrivlm.sample import sample_cloud_mask_dir, sample_ndvi_dir
+    """The main job: ingest → instruction data → train stage 1→2→3 → infer → eval → report.html.
 
-    summary = run_ingest(
-        sample_ndvi_dir(),
-        out / "ingest",
-        chip_size=chip_size,
-        stride=stride,
-        masks=sample_cloud_mask_dir(),
-        overwrite=True,
-        progress=progress,
-    )
-    print_summary(summary, title="embedded sample: Sentinel-2 NDVI, Slovenia")
+    On the embedded sample by default (Sentinel-2 NDVI, Slovenia, 68 dates, 88 parcels); a second run
+    resumes from what is done.
+    """
+    from agrivlm.quickstart import Quickstart, QuickstartOptions
+
+    if (stack is None) != (parcels is None):
+        raise typer.BadParameter("--stack and --parcels go together (your own data needs both)")
+    if base_model is not None and not all((Path(base_model) / d).is_dir() for d in ("vision", "llm")):
+        raise typer.BadParameter(f"{base_model}: needs the subfolders vision/ and llm/ (local HF checkpoints)")
+    options = QuickstartOptions(steps=steps, stack=stack, masks=masks, parcels=parcels, parcel_id=parcel_id,
+                                parcel_class=parcel_class, preset=preset, base_model=base_model, seed=seed)
+    report = Quickstart(out, options, progress=progress, echo=typer.echo).run(fresh=fresh)
+    typer.echo(f"report: {report}  (open it in a browser; its last section has the explorer command)")
 
 
 app.add_typer(recipe_app, name="recipe")

@@ -164,3 +164,24 @@ def test_empty_predictions_score_zero_and_are_counted_missing() -> None:
         "8 truth (field, date) pair(s) have no prediction and count as wrong"]
     k = evaluate_key_dates(KEY_PRED.iloc[:0], KEY_TRUTH).per_key["green_up"]
     assert (k["n_compared"], k["n_missing"]) == (0, 3) and np.isnan(k["mean_abs_days"])
+
+
+def test_key_dates_read_off_a_stage_table() -> None:
+    import pandas as pd
+
+    from agrivlm.eval import key_dates_from_stages
+
+    rows = [("a", "2016-01-10", "dormant"), ("a", "2016-03-01", "green-up"), ("a", "2016-03-20", "green-up"),
+            ("a", "2016-06-01", "peak"), ("a", "2016-09-01", "senescence"), ("a", "2017-02-01", "dormant"),
+            ("a", "2017-04-01", "green-up"), ("b", "2016-05-05", "peak")]
+    table = pd.DataFrame(rows, columns=["field_id", "date", "stage"])
+    got = key_dates_from_stages(table)
+    assert got.to_dict("records") == [
+        {"field_id": "a", "season": "2016", "green_up": "2016-03-01", "peak": "2016-06-01", "senescence": "2016-09-01"},
+        {"field_id": "a", "season": "2017", "green_up": "2017-04-01", "peak": "", "senescence": ""},
+        {"field_id": "b", "season": "2016", "green_up": "", "peak": "2016-05-05", "senescence": ""},
+    ]
+    # a season starting on 10-01 puts 2016-01-10 and 2016-03-01 into the season of 2015
+    shifted = key_dates_from_stages(table, "10-01")
+    assert shifted.iloc[0].to_dict() == {"field_id": "a", "season": "2015", "green_up": "2016-03-01",
+                                         "peak": "2016-06-01", "senescence": "2016-09-01"}

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
         evaluate_key_dates,
         evaluate_stages,
         interval_iou,
+        key_dates_from_stages,
         write_growth_report,
     )
 
@@ -50,7 +51,7 @@ _HOMES: dict[str, str] = {
     ),
     **dict.fromkeys(
         ("GrowthEvaluation", "KeyDateScores", "StageScores", "date_cells", "evaluate_growth", "evaluate_key_dates",
-         "evaluate_stages", "interval_iou", "write_growth_report"),
+         "evaluate_stages", "interval_iou", "key_dates_from_stages", "write_growth_report"),
         "agrivlm.eval.growth",
     ),
 }
@@ -69,6 +70,7 @@ __all__ = [
     "evaluate_key_dates",
     "evaluate_stages",
     "interval_iou",
+    "key_dates_from_stages",
     "match_pairs",
     "pairwise_iou",
     "pixel_scores",

@@ -414,6 +414,35 @@ def evaluate_key_dates(pred: str | Path | pd.DataFrame, truth: str | Path | pd.D
     return KeyDateScores(per_key=per_key, table=table)
 
 
+def key_dates_from_stages(stages: str | Path | pd.DataFrame, season_start: str = "01-01") -> pd.DataFrame:
+    """Key dates read off a stage table: per field and season, the first date of each key stage.
+
+    ``green_up`` = the first ``green-up`` date, ``peak`` = the first ``peak`` date, ``senescence`` = the first
+    ``senescence`` date of the season (the start of that stage, as the recipes' key dates mark the end of
+    the peak stage). Seasons run from ``season_start`` (``MM-DD``) for a year and are named by the year they
+    start in, as the recipes name them. A stage never reached in a season leaves its cell empty.
+
+    Returns:
+        A key-date table with the columns of :data:`agrivlm.schema.KEY_DATE_COLUMNS` (ISO dates, "" = none).
+
+    """
+    table, _ = read_stage_table(stages, "stages")
+    month, day = (int(x) for x in season_start.split("-"))
+    dates = pd.to_datetime(table["date"])
+    before_start = (dates.dt.month < month) | ((dates.dt.month == month) & (dates.dt.day < day))
+    table = table.assign(season=(dates.dt.year - before_start.astype(int)).astype(str),
+                         day=dates.dt.strftime("%Y-%m-%d"))
+    stage_of_key = {"green_up": "green-up", "peak": "peak", "senescence": "senescence"}
+    rows = []
+    for (fid, season), group in table.sort_values("date").groupby(["field_id", "season"], sort=True):
+        row = {"field_id": fid, "season": season}
+        for key, stage in stage_of_key.items():
+            hit = group.loc[group["stage"] == stage, "day"]
+            row[key] = hit.iloc[0] if len(hit) else ""
+        rows.append(row)
+    return pd.DataFrame(rows, columns=list(KEY_DATE_COLUMNS))
+
+
 def evaluate_growth(
     pred: str | Path | pd.DataFrame | None = None,
     truth: str | Path | pd.DataFrame | None = None,

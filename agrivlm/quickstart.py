@@ -1,0 +1,327 @@
+"""``agrivlm quickstart``: the whole system on one stack, from GeoTIFFs to a report with maps.
+
+ingest the stack → build the curriculum's instruction data (recipes) → train stage 1 → 2 → 3 of the
+model → ``infer`` fields and growth stages on the stack → ``eval`` against the parcels and the stages
+derived from the NDVI curves → ``report.html`` with the PNGs beside it.
+
+Every step writes into its own folder under ``--out`` and, last, a marker ``DIR/.quickstart/<step>.json``
+with what it made. A second run skips the steps whose marker exists (same options), resumes a training
+stage from its newest checkpoint and an inference run from its journal, and redoes only what is missing.
+Options that change the results (stack, parcels, steps, base model, seed) are recorded in
+``DIR/quickstart.json``; a run with other options into the same folder is refused (``--fresh`` starts over).
+
+The embedded default is honest about its scale: a tiny model (a real SigLIP + Qwen2 with tiny dimensions,
+built from config, random weights) trained for minutes on 1 km² of one Sentinel-2 tile. The report shows
+the scores it really gets, which are those of such a model, not of agrivlm on real data with real weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agrivlm.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: The steps, in order.
+STEPS: tuple[str, ...] = ("ingest", "recipes", "stage1", "stage2", "stage3", "infer", "eval", "report")
+#: Share of ``--steps`` each training stage gets (stage 3, the agricultural fine-tune, the most).
+STAGE_SHARE = {"stage1": 0.15, "stage2": 0.15, "stage3": 0.70}
+#: Land-use classes the field-boundary recipes outline (and the evaluation counts as fields).
+FIELD_CLASSES = ("cultivated land", "grassland")
+
+
+def repo_root() -> Path:
+    """The checkout holding ``configs/`` and ``data_recipes/`` (the package's parent folder)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "configs" / "stage1.yaml").is_file() or not (root / "data_recipes" / "stage1.yaml").is_file():
+        raise ConfigError(
+            f"{root}: no configs/ and data_recipes/ beside the package; the quickstart runs from a clone of the "
+            "repository installed with `pip install -e .`"
+        )
+    return root
+
+
+@dataclass(frozen=True)
+class QuickstartOptions:
+    """What a quickstart run is made of (recorded in ``DIR/quickstart.json``)."""
+
+    #: Optimizer steps over the three stages (split by :data:`STAGE_SHARE`).
+    steps: int = 1000
+    #: GeoTIFF stack (folder/glob); None: the embedded sample.
+    stack: str | None = None
+    #: Per-date cloud masks of the stack (None: the sample's, or none for a user stack).
+    masks: str | None = None
+    #: Parcel layer (any CRS); None: the sample's.
+    parcels: str | None = None
+    #: Parcel id and class columns of a user layer.
+    parcel_id: str | None = None
+    parcel_class: str | None = None
+    #: Band preset of the stack (``agrivlm.pipeline.bands.PRESETS``): ``ndvi`` for the sample.
+    preset: str = "ndvi"
+    #: Folder with ``vision/`` (SigLIP/CLIP) and ``llm/`` (Qwen2/Llama) checkpoints; None: tiny random model.
+    base_model: str | None = None
+    seed: int = 0
+
+    def stage_steps(self) -> dict[str, int]:
+        """Steps of each stage (at least 1)."""
+        return {s: max(1, round(self.steps * share)) for s, share in STAGE_SHARE.items()}
+
+
+class Quickstart:
+    """One quickstart run into ``out`` (see the module docstring)."""
+
+    def __init__(self, out: str | os.PathLike[str], options: QuickstartOptions, progress: bool = True,
+                 echo: Callable[[str], None] = print) -> None:
+        self.out = Path(out).resolve()
+        self.opts = options
+        self.progress = progress
+        self.echo = echo
+        self.root = repo_root()
+        self.state = self.out / ".quickstart"
+        self.timings: dict[str, float] = {}
+
+    # -- sources ---------------------------------------------------------------------------------------
+    @property
+    def stack(self) -> str:
+        """The stack's path (folder or glob)."""
+        from agrivlm.sample import sample_ndvi_dir
+
+        return self.opts.stack or str(sample_ndvi_dir())
+
+    @property
+    def masks(self) -> str | None:
+        """The stack's mask files, if any."""
+        from agrivlm.sample import sample_cloud_mask_dir
+
+        if self.opts.stack is None:
+            return str(sample_cloud_mask_dir())
+        return self.opts.masks
+
+    @property
+    def parcels(self) -> str:
+        """The parcel layer."""
+        from agrivlm.sample import sample_parcels
+
+        return self.opts.parcels or str(sample_parcels())
+
+    def path(self, *parts: str) -> Path:
+        """A path under the output folder."""
+        return self.out.joinpath(*parts)
+
+    def final(self, stage: str) -> Path:
+        """The final model folder of a training stage."""
+        return self.path("train", stage, "final")
+
+    # -- bookkeeping ---------------------------------------------------------------------------------------
+    def _check_options(self, fresh: bool) -> None:
+        record = self.path("quickstart.json")
+        mine = asdict(self.opts)
+        if fresh and self.out.exists():
+            for child in ("ingest", "data", "recipes", "train", "predictions", "eval", ".quickstart"):
+                if self.path(child).exists():
+                    shutil.rmtree(self.path(child))
+        if record.is_file() and not fresh:
+            theirs = json.loads(record.read_text()).get("options", {})
+            if theirs != mine:
+                diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+                raise ConfigError(
+                    f"{self.out}: made by a quickstart with other options ({', '.join(diff)}); use another --out, "
+                    "or --fresh to start over there"
+                )
+        self.out.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"options": mine}, indent=2))
+
+    def done(self, step: str) -> dict[str, Any] | None:
+        """The marker of a finished step, or None."""
+        marker = self.state / f"{step}.json"
+        return json.loads(marker.read_text()) if marker.is_file() else None
+
+    def _mark(self, step: str, info: dict[str, Any]) -> None:
+        self.state.mkdir(parents=True, exist_ok=True)
+        tmp = self.state / f".{step}.json.tmp"
+        tmp.write_text(json.dumps(info, indent=2, default=str))
+        os.replace(tmp, self.state / f"{step}.json")
+
+    # -- steps -------------------------------------------------------------------------------------------
+    def step_ingest(self) -> dict[str, Any]:
+        """Validate and chip the stack; the chip index and summary."""
+        from agrivlm.geo.ingest import ingest
+
+        summary = ingest(self.stack, self.path("ingest"), chip_size=32, stride=16, masks=self.masks,
+                         overwrite=True, progress=self.progress)
+        return {"summary": str(self.path("ingest", "summary.json")), "chips": summary["chips_kept"],
+                "dates": summary["n_dates"]}
+
+    def recipe_file(self, stage: str) -> Path:
+        """The recipe of a stage's data: the repository's, or one over it pointing at the user's data."""
+        base = self.root / "data_recipes" / f"{stage}.yaml"
+        if self.opts.stack is None and self.opts.parcels is None:
+            return base
+        source: dict[str, Any] = {
+            "stack": str(Path(self.stack).resolve()) if not any(c in self.stack for c in "*?[") else self.stack,
+            "masks": str(Path(self.masks).resolve()) if self.masks else None,
+            "parcels": str(Path(self.parcels).resolve()),
+            "id_column": self.opts.parcel_id, "class_column": self.opts.parcel_class,
+            "class_names": {}, "class_raster": None,
+        }
+        path = self.path("recipes", f"{stage}.yaml")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump({"extends": str(base), "source": source}, sort_keys=False))
+        return path
+
+    def step_recipes(self) -> dict[str, Any]:
+        """Instruction data of the three stages (shards, manifests, derived phenology tables)."""
+        from agrivlm.recipes.build import build_recipe
+
+        counts = {}
+        for s in ("stage1", "stage2", "stage3"):
+            manifest = build_recipe(self.recipe_file(s), self.path("data", s), seed=self.opts.seed,
+                                    overwrite=True, progress=False)
+            counts[s] = manifest.get("counts", {})
+        return {"data": str(self.path("data")), "counts": counts}
+
+    def stage_overrides(self, stage: str) -> dict[str, Any]:
+        """The dotted-key overrides of a training stage's config."""
+        steps = self.opts.stage_steps()[stage]
+        over: dict[str, Any] = {
+            "output_dir": str(self.path("train", stage)),
+            "data.roots": [str(self.path("data", stage))],
+            "data.normalize.preset": self.opts.preset,
+            "train.max_steps": steps,
+            "train.save_every": max(steps // 4, 1),
+            "train.eval_every": max(steps // 2, 1),
+            "train.seed": self.opts.seed,
+            "train.torch_threads": 1,
+            "train.progress": self.progress,
+        }
+        if stage == "stage1" and self.opts.base_model:
+            base = Path(self.opts.base_model)
+            over["model.overrides"] = {"vision": {"checkpoint": str(base / "vision")},
+                                       "llm": {"checkpoint": str(base / "llm")}}
+        if stage != "stage1":
+            over["model.init_from"] = str(self.final("stage1" if stage == "stage2" else "stage2"))
+        if stage == "stage3" and not self.opts.base_model:
+            # A tiny LLM with random weights has nothing for LoRA to adapt: train it fully.
+            over["trainable.llm.mode"] = "full"
+            over["optim.lr"] = 3e-3
+        return over
+
+    def run_training(self, stage: str) -> dict[str, Any]:
+        """Train one stage, resuming from its newest checkpoint when an earlier run was cut short."""
+        from agrivlm.train.checkpoint import latest_checkpoint
+        from agrivlm.train.trainer import run_stage
+
+        config = self.root / "configs" / f"{stage}.yaml"
+        resume = latest_checkpoint(self.path("train", stage, "checkpoints")) is not None
+        overwrite = not resume and self.path("train", stage).exists()
+        final = run_stage(config, self.stage_overrides(stage), stage=stage, resume=resume, overwrite=overwrite)
+        rows = [json.loads(line) for line in (final.parent / "logs" / "metrics.jsonl").read_text().splitlines()]
+        losses = [r["loss"] for r in rows if "loss" in r]
+        evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+        return {"final": str(final), "steps": len(losses), "first_loss": losses[0] if losses else None,
+                "last_loss": losses[-1] if losses else None, "eval_loss": evals, "resumed": resume}
+
+    def step_infer(self) -> dict[str, Any]:
+        """Fields and growth stages predicted on the stack by the stage-3 model."""
+        from agrivlm.infer.batch import run_inference
+
+        model = self.final("stage3")
+        masks = [self.masks] if self.masks else None
+        preset = {"bands.preset": self.opts.preset}
+        fields = run_inference([self.stack], model, self.path("predictions", "fields.gpkg"), task="fields",
+                               masks=masks, overrides=preset, batch_size=32, overwrite=True, progress=self.progress)
+        growth = run_inference([self.stack], model, self.path("predictions", "growth.gpkg"), task="growth",
+                               masks=masks, overrides=preset, fields=self.path("data", "stage3", "tables",
+                                                                               "parcels.gpkg"),
+                               field_id="field_id", field_class="class", batch_size=32, overwrite=True,
+                               progress=self.progress)
+        for report in (fields, growth):
+            if report.failed:
+                raise ConfigError(f"inference failed on {report.failed[0].name}: {report.failed[0].message}")
+        return {"fields": fields.to_dict(), "growth": growth.to_dict()}
+
+    def step_eval(self) -> dict[str, Any]:
+        """Field boundaries against the parcels of the outlined classes; stages against the derived ones."""
+        import geopandas as gpd
+
+        from agrivlm.eval import (
+            evaluate_fields,
+            evaluate_growth,
+            key_dates_from_stages,
+            write_field_report,
+            write_growth_report,
+        )
+        from agrivlm.geo.stack import resolve_inputs
+
+        tables = self.path("data", "stage3", "tables")
+        parcels = gpd.read_file(tables / "parcels.gpkg", layer="parcels")
+        truth = parcels[parcels["class"].isin(FIELD_CLASSES)] if "class" in parcels else parcels
+        truth_path = self.path("eval", "truth_fields.gpkg")
+        truth_path.parent.mkdir(parents=True, exist_ok=True)
+        truth.to_file(truth_path, layer="fields", driver="GPKG")
+        extent = resolve_inputs(self.stack)[0]
+        fields = evaluate_fields(self.path("predictions", "fields.gpkg"), truth_path, extent=extent,
+                                 truth_id="field_id")
+        write_field_report(fields, self.path("eval", "fields"), overwrite=True)
+        pred_stages = self.path("predictions", "growth_stages.csv")
+        pred_keys = self.path("eval", "pred_key_dates.csv")
+        key_dates_from_stages(pred_stages).to_csv(pred_keys, index=False)
+        growth = evaluate_growth(pred_stages, tables / "growth_stages.csv", pred_key_dates=pred_keys,
+                                 truth_key_dates=tables / "key_dates.csv")
+        write_growth_report(growth, self.path("eval", "growth"), overwrite=True)
+        return {"fields": fields.to_dict(), "growth": growth.to_dict(), "truth_fields": str(truth_path),
+                "extent": str(extent)}
+
+    def step_report(self) -> dict[str, Any]:
+        """``report.html`` and its PNGs."""
+        from agrivlm.quickstart_report import write_quickstart_report
+
+        path = write_quickstart_report(self)
+        return {"report": str(path)}
+
+    # -- driver ---------------------------------------------------------------------------------------------
+    def run(self, fresh: bool = False) -> Path:
+        """Run (or finish) every step; returns the report's path."""
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._check_options(fresh)
+        actions: dict[str, Callable[[], dict[str, Any]]] = {
+            "ingest": self.step_ingest, "recipes": self.step_recipes,
+            "stage1": lambda: self.run_training("stage1"), "stage2": lambda: self.run_training("stage2"),
+            "stage3": lambda: self.run_training("stage3"), "infer": self.step_infer, "eval": self.step_eval,
+            "report": self.step_report,
+        }
+        labels = {
+            "ingest": "ingest the stack", "recipes": "build the instruction data",
+            **{s: f"train {s} ({n} steps)" for s, n in self.opts.stage_steps().items()},
+            "infer": "predict fields and growth stages", "eval": "evaluate", "report": "write the report",
+        }
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), disable=not self.progress, transient=False) as bar:
+            overall = bar.add_task("quickstart", total=len(STEPS))
+            say = bar.console.print if self.progress else self.echo
+            for step in STEPS:
+                bar.update(overall, description=f"quickstart: {labels[step]}")
+                if self.done(step) is not None and step != "report":
+                    say(f"✓ {labels[step]} (done earlier, kept)")
+                    bar.advance(overall)
+                    continue
+                start = time.perf_counter()
+                info = actions[step]()
+                info["seconds"] = round(time.perf_counter() - start, 2)
+                self.timings[step] = info["seconds"]
+                self._mark(step, info)
+                say(f"✓ {labels[step]} ({info['seconds']:.0f} s)")
+                bar.advance(overall)
+        return self.path("report.html")

@@ -1,0 +1,118 @@
+"""The main job end to end: `agrivlm quickstart` on a cropped copy of the real sample, every artifact checked."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+from PIL import Image
+from rasterio.windows import Window
+from rasterio.windows import transform as window_transform
+from shapely.geometry import box
+
+ROOT = Path(__file__).resolve().parents[1]
+CROP = Window(0, 0, 64, 64)  # the north-west 640 m × 640 m of the sample: 9 chips of 32 px, stride 16
+
+
+def _crop(src: Path, dst: Path) -> None:
+    with rasterio.open(src) as ds:
+        profile = ds.profile | {"width": CROP.width, "height": CROP.height,
+                                "transform": window_transform(CROP, ds.transform)}
+        data, tags = ds.read(window=CROP), ds.tags()
+    with rasterio.open(dst, "w", **profile) as out:
+        out.write(data)
+        out.update_tags(**tags)
+
+
+@pytest.fixture(scope="module")
+def user_data(tmp_path_factory: pytest.TempPathFactory, sample_root: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("user_data")
+    for sub in ("ndvi", "cloud_mask"):
+        (root / sub).mkdir()
+        for f in sorted((sample_root / sub).glob("*.tif")):
+            _crop(f, root / sub / f.name)
+    parcels = gpd.read_file(sample_root / "parcels.gpkg")
+    with rasterio.open(next((root / "ndvi").iterdir())) as ds:
+        footprint = box(*ds.bounds)
+    parcels = parcels[parcels.intersects(footprint)].copy()
+    parcels["parcel_no"] = np.arange(len(parcels)).astype(str)
+    parcels.to_crs(4326).to_file(root / "parcels.geojson", driver="GeoJSON")  # another CRS, on purpose
+    return {"stack": root / "ndvi", "masks": root / "cloud_mask", "parcels": root / "parcels.geojson",
+            "bounds": footprint}
+
+
+def _run(out: Path, data: dict[str, Path], *extra: str) -> subprocess.CompletedProcess[str]:
+    args = [sys.executable, "-m", "agrivlm.cli", "quickstart", "--out", str(out), "--steps", "14",
+            "--stack", str(data["stack"]), "--masks", str(data["masks"]), "--parcels", str(data["parcels"]),
+            "--parcel-id", "parcel_no", "--parcel-class", "LULC_NAME", "--no-progress", *extra]
+    return subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, user_data: dict[str, Path]) -> Path:
+    out = tmp_path_factory.mktemp("qs") / "run"
+    res = _run(out, user_data)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return out
+
+
+def test_every_artifact(run: Path, user_data: dict[str, Path]) -> None:
+    # chip index of the ingested stack
+    index = gpd.read_file(run / "ingest" / "chips.gpkg")
+    assert len(index) == 9 and json.loads((run / "ingest" / "summary.json").read_text())["n_dates"] == 68
+    # instruction records of the three stages
+    for stage in ("stage1", "stage2", "stage3"):
+        manifest = json.loads((run / "data" / stage / "manifest.json").read_text())
+        assert sum(split["train"] for split in manifest["counts"]["by_family"].values()) > 0
+        assert list((run / "data" / stage / "shards").glob("train-*.jsonl"))
+    # three checkpoints that load, each starting from the previous one
+    from agrivlm.model import load_pretrained
+
+    for stage in ("stage1", "stage2", "stage3"):
+        final = run / "train" / stage / "final"
+        model, processor = load_pretrained(final)
+        assert model.config.enable_lape == (stage != "stage1") and processor is not None
+        info = json.loads((final / "stage_info.json").read_text())
+        if stage != "stage1":
+            previous = run / "train" / f"stage{int(stage[-1]) - 1}" / "final"
+            assert Path(info["init_source"]).resolve() == previous.resolve()
+    # predictions inside the stack's bounds, in its CRS
+    fields = gpd.read_file(run / "predictions" / "fields.gpkg")
+    assert fields.crs.to_epsg() == 32633
+    if len(fields):
+        assert fields.geometry.within(user_data["bounds"].buffer(1e-6)).all()
+    assert (run / "predictions" / "growth_stages.csv").is_file()
+    # evaluator summaries with the issue's keys
+    summary = json.loads((run / "eval" / "fields" / "summary.json").read_text())
+    assert {"precision", "recall", "f1", "map_50_95", "mean_iou", "pixel_iou"} <= set(summary)
+    growth = json.loads((run / "eval" / "growth" / "summary.json").read_text())
+    assert {"accuracy", "macro_f1", "temporal_iou", "key_dates"} <= set(growth)
+    # PNGs that decode and an HTML report that references them (and nothing online)
+    html = (run / "report.html").read_text()
+    images = re.findall(r"<img src='([^']+)'", html)
+    assert {"stack_dates.png", "loss_curves.png", "fields_map.png", "stage_curves.png"} <= set(images)
+    for name in images:
+        with Image.open(run / name) as im:
+            im.load()
+            assert im.size[0] > 300 and np.asarray(im.convert("L")).std() > 1, name
+    assert "agrivlm explore --stack" in html and "agrivlm train stage3" in html and "http" not in html
+    assert "tiny dimensions, random weights" in html and f"{summary['f1']:.3f}" in html
+
+
+def test_second_run_resumes_instead_of_redoing(run: Path, user_data: dict[str, Path]) -> None:
+    stamp = (run / "train" / "stage3" / "final" / "model.safetensors").stat().st_mtime_ns
+    start = time.perf_counter()
+    res = _run(run, user_data)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("done earlier, kept") == 7 and time.perf_counter() - start < 60
+    assert (run / "train" / "stage3" / "final" / "model.safetensors").stat().st_mtime_ns == stamp
+    other = _run(run, user_data, "--seed", "1")
+    assert other.returncode != 0 and "made by a quickstart with other options (seed)" in other.stderr
