@@ -116,3 +116,37 @@ def test_second_run_resumes_instead_of_redoing(run: Path, user_data: dict[str, P
     assert (run / "train" / "stage3" / "final" / "model.safetensors").stat().st_mtime_ns == stamp
     other = _run(run, user_data, "--seed", "1")
     assert other.returncode != 0 and "made by a quickstart with other options (seed)" in other.stderr
+
+
+def test_base_model_folder_starts_stage1_from_its_weights(tmp_path: Path) -> None:
+    """`--base-model DIR` (vision/ + llm/ local HF checkpoints): stage 1 builds the model from those weights."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    from agrivlm.model.tokenizer import default_tokenizer
+    from agrivlm.quickstart import Quickstart, QuickstartOptions
+    from agrivlm.train.config import load_stage_config
+    from agrivlm.train.curriculum import build_stage_model
+
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(
+        base / "vision")
+    tok = default_tokenizer(512)
+    llm = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2))
+    llm.save_pretrained(base / "llm")
+    tok.save_pretrained(base / "llm")
+    qs = Quickstart(tmp_path / "out", QuickstartOptions(steps=10, base_model=str(base)), progress=False)
+    over = qs.stage_overrides("stage1")
+    cfg = load_stage_config(ROOT / "configs" / "stage1.yaml", over)
+    built = build_stage_model(cfg).model
+    saved = SiglipVisionModel.from_pretrained(base / "vision").state_dict()
+    mine = built.vision_tower.state_dict()
+    assert mine and all(torch.equal(v, saved[k]) for k, v in mine.items())
+    assert torch.equal(built.get_input_embeddings().weight[: len(tok)], llm.get_input_embeddings().weight[: len(tok)])
+    # with real weights stage 3 keeps the config's LoRA; the tiny random LLM is trained fully instead
+    assert "trainable.llm.mode" not in qs.stage_overrides("stage3")
+    assert Quickstart(tmp_path / "o2", QuickstartOptions(), progress=False).stage_overrides("stage3")[
+        "trainable.llm.mode"] == "full"
