@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,11 +83,3 @@ def test_bad_input_messages(tmp_path: Path, setup: str, message: str) -> None:
     assert res.returncode == 1
     assert message in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
-
-
-def test_quickstart_runs_on_the_embedded_sample(tmp_path: Path) -> None:
-    res = agrivlm("quickstart", "--out", str(tmp_path / "qs"), "--no-progress")
-    assert res.returncode == 0, res.stderr
-    summary = json.loads((tmp_path / "qs" / "ingest" / "summary.json").read_text())
-    assert summary["n_dates"] == 68 and summary["has_masks"] is True
-    shutil.rmtree(tmp_path / "qs")

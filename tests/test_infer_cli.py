@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import geopandas as gpd
@@ -48,12 +47,7 @@ runner = CliRunner()
 BOX = re.compile(r"^<WIDTH-\d{3}><HEIGHT-\d{3}><WIDTH-\d{3}><HEIGHT-\d{3}>$")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +260,11 @@ def test_ask_answers_become_features_on_the_map(ckpt: Path, sample_root: Path, t
                 "--max-new-tokens", "12")
     assert res.exit_code == 0, res.output
     ans = gpd.read_file(out)
-    assert set(ans["kind"]) <= {"box", "point", "chip"} and len(set(ans["chip_id"])) == 9
+    # every one of the 9 chips was asked; NMS in map units may merge boxes of the overlapping chips (64 and 68)
+    report = json.loads((tmp_path / "ask_report.json").read_text())
+    assert report["chips_processed"] == 9 and report["features_before_nms"] >= 9
+    ids = {f"r{r:06d}_c{c:06d}" for r in (0, 64, 69) for c in (0, 64, 68)}
+    assert set(ans["kind"]) <= {"box", "point", "chip"} and 0 < len(set(ans["chip_id"])) and set(ans["chip_id"]) <= ids
     grid = open_stack(sample_root / "ndvi").grid
     assert ans.geometry.within(grid.footprint().buffer(1e-6)).all()
     # GDAL's GeoJSON reader turns the JSON list columns back into lists

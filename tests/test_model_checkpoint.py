@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +22,7 @@ from agrivlm.model import AgriVLMForConditionalGeneration, ModelSettings, build_
 from agrivlm.model.tokenizer import default_tokenizer
 from agrivlm.pipeline.processor import AgriVLMProcessor
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(proc: AgriVLMProcessor, size: int = 32):  # type: ignore[no-untyped-def]

@@ -9,7 +9,6 @@ encoder, projector, LAPE tables/heads, LLM) and that generate() + sub-bin decodi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import geopandas as gpd
@@ -26,12 +25,7 @@ PROMPT = "<image> Box of the largest grassland parcel:"
 MAX_STEPS = 300
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +22,7 @@ from agrivlm.train.curriculum import check_stage_rules, merge_lora_state_dict, s
 from agrivlm.train.schedule import base_lr_factor, lape_lr_factor
 from agrivlm.train.trainer import run_stage, set_learning_rates
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- configs and stage rules ---------------------------------------------------------------------------------
