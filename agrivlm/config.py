@@ -44,6 +44,23 @@ def parse_config(model: type[M], data: dict[str, Any], source: str = "<config>")
         raise ConfigError(format_validation_error(exc, source)) from exc
 
 
+def read_yaml_mapping(path: Path, missing: str = "no such config file") -> dict[str, Any]:
+    """The top-level mapping of a YAML file.
+
+    Raises:
+        ConfigError: missing file (``missing`` says what), invalid YAML, a top level that is not a mapping.
+    """
+    if not path.is_file():
+        raise ConfigError(f"{path}: {missing}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(data).__name__}")
+    return data
+
+
 def load_config(model: type[M], path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> M:
     """Read a YAML file into ``model`` (pydantic, ``extra="forbid"``), applying dotted-key ``overrides``.
 
@@ -51,14 +68,7 @@ def load_config(model: type[M], path: str | os.PathLike[str], overrides: dict[st
         ConfigError: missing file, invalid YAML, unknown key, wrong type — naming the file and key.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(data).__name__}")
+    data = read_yaml_mapping(path)
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")

@@ -12,10 +12,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import yaml
 from pydantic import Field, field_validator, model_validator
 
-from agrivlm.config import StrictModel, parse_config
+from agrivlm.config import StrictModel, parse_config, read_yaml_mapping
 from agrivlm.errors import ConfigError
 from agrivlm.recipes.schema import FAMILIES, SPLITS
 
@@ -345,15 +344,8 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if path.resolve() in chain:
         raise ConfigError(f"{path}: `extends` loops back to itself ({' → '.join(p.name for p in chain)})")
-    if not path.is_file():
-        where = f" (extended by {chain[-1]})" if chain else ""
-        raise ConfigError(f"{path}: no such recipe file{where}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(data).__name__}")
+    where = f" (extended by {chain[-1]})" if chain else ""
+    data = read_yaml_mapping(path, f"no such recipe file{where}")
     parent = data.pop("extends", None)
     if parent is None:
         return data
