@@ -57,6 +57,21 @@ def test_greedy_generate_with_kv_cache_matches_full_recomputation(tiny) -> None:
         assert (new >= offset).any(), "position tokens come out of generate()"
 
 
+def test_generate_without_kv_cache_gives_the_cached_tokens(tiny) -> None:
+    # use_cache=False re-reads the whole sequence each step (what benchmarks/infer.py measures the cache against):
+    # the prompt's position values are padded for the generated tokens, and the answer is the same
+    model, proc = tiny
+    rng = np.random.default_rng(5)
+    point = proc(["<image> Is <WIDTH-INPUT><HEIGHT-INPUT> in a field?"] * 2,
+                 images=[rng.normal(size=(1, 32, 32)).astype(np.float32) for _ in range(2)],
+                 positions=[[0.31, 0.72], [0.5, 0.1]], padding_side="left")
+    assert torch.isfinite(point["position_values"]).sum() == 4
+    for batch in (*_inputs(proc), point):
+        cached = model.generate(**batch, max_new_tokens=6, do_sample=False, eos_token_id=None)
+        uncached = model.generate(**batch, max_new_tokens=6, do_sample=False, eos_token_id=None, use_cache=False)
+        assert torch.equal(cached, uncached)
+
+
 def test_sampling_is_seeded_and_emits_valid_tokens(tiny) -> None:
     model, proc = tiny
     batch, _ = _inputs(proc)

@@ -234,7 +234,10 @@ class Predictor:
         self.vocab: LapeVocab = model.vocab
         self.window = int(model.config.decode_window)
         self.eos = model.generation_config.eos_token_id
+        #: Generate with the KV cache (off only to measure what it saves: every step then re-reads the prompt).
+        self.use_cache = True
         self._tok_lock = threading.Lock()
+        self._gen_lock = threading.Lock()
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str], device: str = "auto", dtype: str = "float32",
@@ -287,9 +290,18 @@ class Predictor:
         return out
 
     # -- generate ----------------------------------------------------------------------------------
+    def generate(self, encoded: Sequence[tuple[list[int], Any]], max_new_tokens: int | None = None
+                 ) -> list[DecodedAnswer]:
+        """Generate and decode the answers of :meth:`encode`'s batches, in question order.
+
+        One call at a time per predictor (threads sharing it take turns); ``max_new_tokens`` overrides
+        the predictor's for this call.
+        """
+        with self._gen_lock:
+            return self._generate(encoded, self.max_new_tokens if max_new_tokens is None else max_new_tokens)
+
     @torch.inference_mode()
-    def generate(self, encoded: Sequence[tuple[list[int], Any]]) -> list[DecodedAnswer]:
-        """Generate and decode the answers of :meth:`encode`'s batches, in question order."""
+    def _generate(self, encoded: Sequence[tuple[list[int], Any]], max_new_tokens: int) -> list[DecodedAnswer]:
         n = sum(len(idx) for idx, _ in encoded)
         answers: list[DecodedAnswer | None] = [None] * n
         start = self.offset
@@ -300,10 +312,10 @@ class Predictor:
             recorder = _StepRecorder(start, end)
             out = self.model.generate(
                 **inputs,
-                max_new_tokens=self.max_new_tokens,
+                max_new_tokens=max_new_tokens,
                 do_sample=False,
                 num_beams=1,
-                use_cache=True,
+                use_cache=self.use_cache,
                 logits_processor=LogitsProcessorList([recorder]),
                 return_dict_in_generate=True,
             )

@@ -580,6 +580,11 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         if not first and kwargs.get("use_cache", True):
             for key in ("frame_times", "position_values", "patch_positions", "image_sizes"):
                 inputs.pop(key, None)
+        values, ids = inputs.get("position_values"), inputs.get("input_ids")
+        if values is not None and ids is not None and values.shape[1] < ids.shape[1]:
+            # without the KV cache every step re-reads the whole sequence: generated tokens carry no value
+            pad = values.new_full((values.shape[0], ids.shape[1] - values.shape[1]), float("nan"))
+            inputs["position_values"] = torch.cat([values, pad], dim=1)
         return inputs
 
     # -- decoding ------------------------------------------------------------------------------------
