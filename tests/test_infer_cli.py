@@ -26,7 +26,6 @@ from infer_model import (
     boxes_iou,
     field_layer,
     stage_truth,
-    trained_checkpoint,
     training_set,
     untrained_checkpoint,
 )
@@ -51,10 +50,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def ckpt() -> Path:
-    folder, stats = trained_checkpoint()
-    assert stats["last_loss"] < 0.15 * stats["first_loss"], stats
-    return folder
+def ckpt(infer_ckpt: Path) -> Path:
+    return infer_ckpt
 
 
 def infer(*args: str | Path) -> object:
@@ -62,25 +59,6 @@ def infer(*args: str | Path) -> object:
     if result.exception and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result
-
-
-#: The fields run shared by the end-to-end test and the kill-and-restart test (36 overlapping chips).
-FIELDS_ARGS = ("--stride", "16", "--batch-size", "2", "--threads", "1")
-
-
-@pytest.fixture(scope="module")
-def fields_run(ckpt: Path, sample_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    """An uninterrupted ``--task fields`` run on the sample (in this process); its output and arguments."""
-    out = tmp_path_factory.mktemp("fields") / "pred.gpkg"
-    args = [str(sample_root / "ndvi"), "--masks", str(sample_root / "cloud_mask"), "--model", str(ckpt),
-            *FIELDS_ARGS]
-    threads = torch.get_num_threads()
-    try:  # one thread, as the subprocess of the restart test: the same sums in the same order
-        res = infer(*args, "--out", out)
-    finally:
-        torch.set_num_threads(threads)
-    assert res.exit_code == 0, res.output
-    return out, args
 
 
 def test_fields_on_the_sample_stack_then_eval(fields_run: tuple[Path, list[str]], sample_root: Path,

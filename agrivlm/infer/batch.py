@@ -33,17 +33,18 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import shapely
 from tqdm.auto import tqdm
 
 from agrivlm.errors import AgriVLMError, PipelineError
-from agrivlm.geo.chips import Chip, ChipStream, chip_id
+from agrivlm.geo.chips import Chip, ChipGroup, ChipStream, chip_id
 from agrivlm.geo.coords import GeoGrid, TimeAxis
 from agrivlm.geo.stack import open_stack
 from agrivlm.geo.validate import validate_files
@@ -53,6 +54,9 @@ from agrivlm.infer.generate import DecodedAnswer, Predictor, Question
 from agrivlm.infer.journal import Journal
 from agrivlm.infer.prepare import ChipPreparer, FieldLayer, channels_of, check_stack_bands
 from agrivlm.infer.prompts import Task, listing_details, parse_stage, says_no_fields
+
+if TYPE_CHECKING:
+    from agrivlm.infer.distributed import ClusterRun
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +107,14 @@ class RunReport:
     degenerate: int = 0
     skip_reasons: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
+    #: Seconds generating (summed over workers on a cluster).
     model_seconds: float = 0.0
+    #: Seconds reading, preparing and encoding chips in the reader thread(s), overlapping generation.
+    io_seconds: float = 0.0
+    #: Seconds the model waited for chips (the reading it did not hide).
+    starved_seconds: float = 0.0
+    #: Workers that answered (0: this process).
+    workers: int = 0
     outputs: dict[str, str] = field(default_factory=dict)
     features: int = 0
     features_before_nms: int = 0
@@ -142,6 +153,9 @@ class RunReport:
             "stage_rows": self.stage_rows,
             "seconds": round(self.seconds, 3),
             "model_seconds": round(self.model_seconds, 3),
+            "io_seconds": round(self.io_seconds, 3),
+            "starved_seconds": round(self.starved_seconds, 3),
+            "workers": self.workers,
             "chips_per_second": None if not np.isfinite(self.chips_per_second) else round(self.chips_per_second, 3),
             "outputs": self.outputs,
         }
@@ -268,26 +282,62 @@ def answer_record(task: Task, grid: GeoGrid, question: Question, answer: Decoded
 # -- the chip loop ------------------------------------------------------------------------------------
 _END = object()
 
+#: Chips per task by default (``--chips-per-task``): a generation batch never spans two tasks, on one
+#: process or on a cluster, so both give the same batches and the same answers to the bit.
+CHIPS_PER_TASK = 64
+
+
+def chip_segments(groups: Sequence[ChipGroup], chips_per_task: int) -> dict[int, int]:
+    """Chip index → task number: the grid's chips in reading order, cut every ``chips_per_task`` chips.
+
+    The cut depends on the grid only (not on what is already journaled), so a resumed run, a run on one
+    process and a run on a cluster cut the same tasks.
+    """
+    if chips_per_task < 1:
+        raise InferError(f"--chips-per-task must be ≥ 1, got {chips_per_task}")
+    out: dict[int, int] = {}
+    k = 0
+    for g in groups:
+        for index, _ in g.members:
+            out[index] = k // chips_per_task
+            k += 1
+    return out
+
 
 class _Producer(threading.Thread):
-    """Streams a stack's chips, prepares their questions and encodes whole batches into a bounded queue."""
+    """Streams a stack's chips, prepares their questions and encodes whole batches into a bounded queue.
 
-    def __init__(self, stream: ChipStream, groups: Sequence[Any], done: set[str], preparer: ChipPreparer,
-                 predictor: Predictor, batch_size: int, prefetch: int = 2) -> None:
+    A batch is flushed when it holds ``batch_size`` questions or when the next chip belongs to another task
+    (``segment_of``). ``io_seconds`` is the thread's time reading, preparing and encoding (not waiting for
+    the model to take a batch); ``starved_seconds`` the consumer's time waiting for a batch (the part of
+    that work the model did not hide).
+    """
+
+    def __init__(self, stream: ChipStream, groups: Sequence[Any], done: set[str] | frozenset[str],
+                 preparer: ChipPreparer, predictor: Predictor, batch_size: int,
+                 segment_of: dict[int, int] | None = None, prefetch: int = 2) -> None:
         super().__init__(name="agrivlm-infer-prefetch", daemon=True)
         self.stream, self.groups, self.done = stream, groups, done
         self.preparer, self.predictor, self.batch_size = preparer, predictor, batch_size
+        self.segment_of = segment_of or {}
         self.out: queue.Queue[object] = queue.Queue(maxsize=max(1, prefetch))
         self.stop = threading.Event()
+        self.io_seconds = 0.0
+        self.starved_seconds = 0.0
+        self._blocked = 0.0
 
     def _put(self, item: object) -> bool:
-        while not self.stop.is_set():
-            try:
-                self.out.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
+        t0 = time.perf_counter()
+        try:
+            while not self.stop.is_set():
+                try:
+                    self.out.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+        finally:
+            self._blocked += time.perf_counter() - t0
 
     def _flush(self, pending: list[ChipJob | ChipSkip]) -> bool:
         questions = [q for job in pending if isinstance(job, ChipJob) for q in job.questions]
@@ -295,28 +345,41 @@ class _Producer(threading.Thread):
         return self._put((pending, questions, encoded))
 
     def run(self) -> None:
+        started = time.perf_counter()
         try:
-            pending: list[ChipJob | ChipSkip] = []
-            n_questions = 0
-            with self.stream.stack:
-                for chip, empty in self.stream.iter_groups(self.groups):
-                    if self.stop.is_set():
-                        return
-                    if chip.chip_id in self.done:
-                        continue
-                    item = self._prepare(chip, empty)
-                    pending.append(item)
-                    if isinstance(item, ChipJob):
-                        n_questions += len(item.questions)
-                    if n_questions >= self.batch_size:
-                        if not self._flush(pending):
-                            return
-                        pending, n_questions = [], 0
-            if pending and not self._flush(pending):
-                return
-            self._put(_END)
+            self._run()
         except BaseException as exc:  # handed to the consumer, which raises it
             self._put(exc)
+        finally:
+            self.io_seconds = time.perf_counter() - started - self._blocked
+
+    def _run(self) -> None:
+        pending: list[ChipJob | ChipSkip] = []
+        n_questions = 0
+        segment: int | None = None
+        with self.stream.stack:
+            for chip, empty in self.stream.iter_groups(self.groups):
+                if self.stop.is_set():
+                    return
+                if chip.chip_id in self.done:
+                    continue
+                seg = self.segment_of.get(chip.index)
+                if pending and seg != segment:  # a batch never spans two tasks
+                    if not self._flush(pending):
+                        return
+                    pending, n_questions = [], 0
+                segment = seg
+                item = self._prepare(chip, empty)
+                pending.append(item)
+                if isinstance(item, ChipJob):
+                    n_questions += len(item.questions)
+                if n_questions >= self.batch_size:
+                    if not self._flush(pending):
+                        return
+                    pending, n_questions = [], 0
+        if pending and not self._flush(pending):
+            return
+        self._put(_END)
 
     def _prepare(self, chip: Chip, empty: bool) -> ChipJob | ChipSkip:
         if empty:
@@ -330,12 +393,15 @@ class _Producer(threading.Thread):
     def items(self) -> Iterator[tuple[list[ChipJob | ChipSkip], list[Question], list[Any]]]:
         """The prepared batches in order; raises what the thread raised."""
         while True:
+            t0 = time.perf_counter()
             try:
                 item = self.out.get(timeout=0.1)
             except queue.Empty:
-                if not self.is_alive():
+                self.starved_seconds += time.perf_counter() - t0
+                if not self.is_alive() and self.out.empty():
                     raise InferError("the chip reader stopped without finishing") from None
                 continue
+            self.starved_seconds += time.perf_counter() - t0
             if item is _END:
                 return
             if isinstance(item, BaseException):
@@ -348,16 +414,30 @@ class _Producer(threading.Thread):
         self.join()
 
 
+def run_batches(producer: _Producer, predictor: Predictor, task: Task, max_new_tokens: int | None = None
+                ) -> Iterator[tuple[list[dict[str, Any]], float]]:
+    """Generate the producer's batches in order: ``(chip records, seconds generating)`` per batch."""
+    for pending, questions, encoded in producer.items():
+        t0 = time.perf_counter()
+        answers = predictor.generate(encoded, max_new_tokens) if encoded else []
+        seconds = time.perf_counter() - t0
+        yield batch_records(pending, questions, answers, task, predictor), seconds
+
+
 def _skip_reason(reason: str) -> str:
     """A skip message without its chip id (for counting reasons)."""
     return reason.split(": ", 1)[1] if reason.startswith("chip ") and ": " in reason else reason
 
 
 def infer_stack(
-    stack_input: StackInput, journal: Journal, predictor: Predictor, preparer: ChipPreparer, config: InputConfig,
-    report: RunReport, batch_size: int, validate: bool, bar: tqdm,
+    stack_input: StackInput, journal: Journal, predictor: Predictor | None, preparer: ChipPreparer,
+    config: InputConfig, report: RunReport, batch_size: int, validate: bool, bar: tqdm,
+    chips_per_task: int = CHIPS_PER_TASK, cluster: ClusterRun | None = None,
 ) -> StackOutcome:
-    """Run one stack (see the module docstring); its failure is returned, not raised."""
+    """Run one stack (see the module docstring); its failure is returned, not raised.
+
+    On one process ``predictor`` answers; with ``cluster`` the workers do (and validate the files).
+    """
     outcome = StackOutcome(name=stack_input.name, ok=True)
     key = stack_input.key
     done_entry = journal.stack_done(key)
@@ -371,7 +451,10 @@ def infer_stack(
         check_stack_bands(config, len(stack.band_names), f"stack {stack_input.name}")
         if validate:
             masks = [m.path for step in stack.steps for m in step.masks if m is not None]
-            validate_files(stack.files + masks, progress=False)
+            if cluster is not None:
+                cluster.validate(stack.files + masks)
+            else:
+                validate_files(stack.files + masks, progress=False)
         stream = ChipStream(stack, chip_size=config.chip_size, stride=config.stride, edge=config.edge)
         outcome.chips_total = len(stream)
         if preparer.fields is not None:
@@ -383,39 +466,64 @@ def infer_stack(
                     "dates": [str(stack.times[0]), str(stack.times[-1])]})
     done = journal.done_chips(key)
     outcome.resumed = len(done)
-    groups = [g for g in stream.groups() if any(chip_id(w) not in done for _, w in g.members)]
+    all_groups = stream.groups()
+    groups = [g for g in all_groups if any(chip_id(w) not in done for _, w in g.members)]
     bar.total = (bar.total or 0) + outcome.chips_total - len(done)
     bar.refresh()
-    producer = _Producer(stream, groups, done, preparer, predictor, batch_size)
-    producer.start()
+    segments = chip_segments(all_groups, chips_per_task)
     try:
-        for pending, questions, encoded in producer.items():
-            t0 = time.perf_counter()
-            answers = predictor.generate(encoded) if encoded else []
-            report.model_seconds += time.perf_counter() - t0
-            records = _batch_records(pending, questions, answers, preparer.task, predictor, report)
-            journal.append({"type": "chips", "stack": key, "chips": records})
-            for rec in records:
-                if rec["status"] == "skipped":
-                    outcome.skipped += 1
-                    report.skip_reasons[_skip_reason(rec["reason"])] += 1
-                else:
-                    outcome.processed += 1
-            bar.update(len(records))
-            bar.set_postfix(unparsed=report.unparsed, skipped=sum(report.skip_reasons.values()), refresh=False)
+        if cluster is not None:
+            cluster.run_stack(stream, key, all_groups, done, segments, preparer.fields, journal, report, outcome,
+                              bar)
+        else:
+            assert predictor is not None
+            _run_local(stream, key, groups, done, segments, preparer, predictor, batch_size, journal, report,
+                       outcome, bar)
     except AgriVLMError as exc:  # a damaged block found while streaming (without validation)
         outcome.ok, outcome.message = False, str(exc)
         return outcome
-    finally:
-        producer.close()
     journal.append({"type": "stack_done", "stack": key, "chips_total": outcome.chips_total,
-                    "skipped_empty_stream": stream.skipped})
+                    "chips_skipped": outcome.skipped})
     return outcome
 
 
-def _batch_records(pending: Sequence[ChipJob | ChipSkip], questions: Sequence[Question],
-                   answers: Sequence[DecodedAnswer], task: Task, predictor: Predictor,
-                   report: RunReport) -> list[dict[str, Any]]:
+def _run_local(stream: ChipStream, key: str, groups: Sequence[ChipGroup], done: set[str], segments: dict[int, int],
+               preparer: ChipPreparer, predictor: Predictor, batch_size: int, journal: Journal, report: RunReport,
+               outcome: StackOutcome, bar: tqdm) -> None:
+    """The chips of one stack in this process: a reader thread feeds the model; a journal line per batch."""
+    producer = _Producer(stream, groups, done, preparer, predictor, batch_size, segments)
+    producer.start()
+    try:
+        for records, seconds in run_batches(producer, predictor, preparer.task):
+            report.model_seconds += seconds
+            journal.append({"type": "chips", "stack": key, "chips": records})
+            tally(records, report, outcome)
+            bar.update(len(records))
+            bar.set_postfix(unparsed=report.unparsed, skipped=sum(report.skip_reasons.values()), refresh=False)
+    finally:
+        producer.close()
+        report.io_seconds += producer.io_seconds
+        report.starved_seconds += producer.starved_seconds
+
+
+def tally(records: Sequence[dict[str, Any]], report: RunReport, outcome: StackOutcome) -> None:
+    """Count journaled chip records into the run's report and the stack's outcome."""
+    for rec in records:
+        if rec["status"] == "skipped":
+            outcome.skipped += 1
+            report.skip_reasons[_skip_reason(rec["reason"])] += 1
+            continue
+        outcome.processed += 1
+        for ans in rec["answers"]:
+            report.questions += 1
+            report.unparsed += int(ans["unparsed"])
+            report.unmatched_tokens += int(ans["unmatched"])
+            report.degenerate += int(ans["degenerate"])
+
+
+def batch_records(pending: Sequence[ChipJob | ChipSkip], questions: Sequence[Question],
+                  answers: Sequence[DecodedAnswer], task: Task, predictor: Predictor) -> list[dict[str, Any]]:
+    """The journal records of one batch: a skipped chip with its reason, or a chip with its answers."""
     if len(answers) != len(questions):
         raise AssertionError(f"{len(answers)} answers for {len(questions)} questions")  # pragma: no cover
     records = []
@@ -426,13 +534,8 @@ def _batch_records(pending: Sequence[ChipJob | ChipSkip], questions: Sequence[Qu
             continue
         recs = []
         for q in job.questions:
-            rec = answer_record(task, job.grid, q, answers[k], predictor.decode_ids)
+            recs.append(answer_record(task, job.grid, q, answers[k], predictor.decode_ids))
             k += 1
-            report.questions += 1
-            report.unparsed += int(rec["unparsed"])
-            report.unmatched_tokens += int(rec["unmatched"])
-            report.degenerate += int(rec["degenerate"])
-            recs.append(rec)
         records.append({"chip_id": job.chip_id, "index": job.index, "status": "ok", "note": job.note,
                         "answers": recs})
     return records
@@ -488,6 +591,11 @@ def run_inference(
     overwrite: bool = False,
     progress: bool = True,
     predictor: Predictor | None = None,
+    chips_per_task: int = CHIPS_PER_TASK,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    threads: int | None = None,
+    on_task_done: Callable[[int, int], None] | None = None,
 ) -> RunReport:
     """Run a checkpoint over stacks and write the predictions (``agrivlm infer``; see the module docstring).
 
@@ -513,7 +621,15 @@ def run_inference(
         restart: discard an existing journal and start over.
         overwrite: replace an existing output that has no journal to resume.
         progress: show a progress bar.
-        predictor: an already loaded model (its device and dtype are used as they are).
+        predictor: an already loaded model (its device and dtype are used as they are; not with a cluster).
+        chips_per_task: chips of the grid per task (reading order); a batch never spans two tasks, so the same
+            value gives the same answers on one process and on a cluster.
+        workers: run on a ``LocalCluster`` of this many single-threaded worker processes.
+        scheduler: run on the dask.distributed scheduler at this address (``tcp://host:8786``); every worker
+            must see the stacks and the checkpoint at the same paths and have agrivlm installed.
+        threads: torch threads of each worker (default: the workers' own setting; 1 on a ``LocalCluster``).
+        on_task_done: on a cluster, called as ``on_task_done(done, total)`` after each task's chips are
+            journaled (tests use it to kill a worker mid-run).
 
     Returns:
         The run's :class:`RunReport` (also written as ``<stem>_report.json``). ``report.failed`` lists
@@ -572,28 +688,51 @@ def run_inference(
     layer = FieldLayer.read(fields, field_id, field_class) if fields is not None else None
     if task == "growth" and layer is None:
         raise InferError("--task growth needs --fields PATH: the field polygons whose stages to predict")
-    if predictor is None:
-        predictor = Predictor.load(model_dir, device=device, dtype=dtype, max_new_tokens=max_new)
+    on_cluster = workers is not None or scheduler is not None
+    if on_cluster and predictor is not None:
+        raise InferError("a loaded predictor runs in this process; it cannot be used with --workers/--scheduler")
+    if on_cluster:  # the workers load the model; here only what the checks need
+        from agrivlm.infer.distributed import checkpoint_summary
+
+        num_bands, vocab = checkpoint_summary(model_dir)
     else:
-        predictor.max_new_tokens = max_new
-    if channels != predictor.num_bands:
+        if predictor is None:
+            predictor = Predictor.load(model_dir, device=device, dtype=dtype, max_new_tokens=max_new)
+        else:
+            predictor.max_new_tokens = max_new
+        num_bands, vocab = predictor.num_bands, predictor.vocab
+    if channels != num_bands:
         raise InferError(
             f"the band settings give {channels} channel(s) (preset {config.bands.preset!r}"
             f"{', composite ' + repr(config.bands.composite) if config.bands.composite else ''}) but the model takes "
-            f"{predictor.num_bands}; pick the preset/composite the model was trained with"
+            f"{num_bands}; pick the preset/composite the model was trained with"
         )
+    if chips_per_task < 1:
+        raise InferError(f"--chips-per-task must be ≥ 1, got {chips_per_task}")
     settings = run_settings(model_dir, task, stacks, config, question if task == "ask" else None, max_new, dtype,
                             layer, field_id, field_class)
     report = RunReport(task=task)
-    with Journal.open(journal_file, settings, restart=restart) as journal:
+    with ExitStack() as scope:
+        cluster = None
+        if on_cluster:  # connect first: a cluster that cannot be reached leaves no journal behind
+            from agrivlm.geo.distributed import dask_client
+            from agrivlm.infer.distributed import ClusterRun, WorkerSpec
+
+            spec = WorkerSpec(str(model_dir.resolve()), device, dtype, max_new, task, question, config, batch_size,
+                              threads)
+            client = scope.enter_context(dask_client(workers, scheduler))
+            cluster = ClusterRun(client, spec, on_task_done)
+            report.workers = len(client.scheduler_info()["workers"])
+        journal = scope.enter_context(Journal.open(journal_file, settings, restart=restart))
         if journal.resumed_entries:
             log.info("%s: resuming (%d journaled chip(s))", journal_file, sum(1 for _ in journal.chips()))
         bar = tqdm(total=0, desc=f"infer {task}", unit="chip", disable=not progress, dynamic_ncols=True)
         loop_start = time.perf_counter()
         try:
             for s in stacks:
-                preparer = ChipPreparer(config, task, predictor.vocab, question, layer)
-                outcome = infer_stack(s, journal, predictor, preparer, config, report, batch_size, validate, bar)
+                preparer = ChipPreparer(config, task, vocab, question, layer)
+                outcome = infer_stack(s, journal, predictor, preparer, config, report, batch_size, validate, bar,
+                                      chips_per_task, cluster)
                 report.stacks.append(outcome)
                 if not outcome.ok:
                     log.error("stack %s skipped: %s", s.name, outcome.message)

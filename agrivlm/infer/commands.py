@@ -46,7 +46,16 @@ def infer(
     validate: Annotated[bool, typer.Option(help="Read every block of every file of a stack before its chips.")] = True,
     restart: Annotated[bool, typer.Option(help="Discard the journal of an earlier run and start over.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output that has no journal.")] = False,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's).")] = None,
+    threads: Annotated[int | None, typer.Option(
+        help="torch CPU threads of this process, or of each worker with --workers/--scheduler.")] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="Run on a local dask cluster of N single-threaded worker processes.")] = None,
+    scheduler: Annotated[str | None, typer.Option(
+        help="Run on a running dask.distributed scheduler, e.g. tcp://host:8786 (workers must see the stacks and "
+             "the checkpoint at the same paths).")] = None,
+    chips_per_task: Annotated[int, typer.Option(
+        help="Chips per task (reading order); a batch never spans two tasks, so one process and a cluster give "
+             "the same answers.")] = 64,
     progress: Annotated[bool, typer.Option(help="Show a progress bar (chips/s).")] = True,
 ) -> None:
     """Run a checkpoint over stacks: chips → batched generation → fields / growth stages in map coordinates.
@@ -56,7 +65,7 @@ def infer(
     """
     from agrivlm.infer.batch import run_inference
 
-    if threads is not None:
+    if threads is not None and workers is None and scheduler is None:
         import torch
 
         torch.set_num_threads(threads)
@@ -68,7 +77,8 @@ def infer(
         inputs, model, out, task=task, masks=masks, question=question, fields=fields,  # type: ignore[arg-type]
         field_id=field_id, field_class=field_class, batch_size=batch_size, max_new_tokens=max_new_tokens,
         device=device, dtype=dtype, overrides=overrides, validate=validate, nms_iou=nms_iou, min_score=min_score,
-        restart=restart, overwrite=overwrite, progress=progress,
+        restart=restart, overwrite=overwrite, progress=progress, chips_per_task=chips_per_task, workers=workers,
+        scheduler=scheduler, threads=threads if workers is not None or scheduler is not None else None,
     )
     print_report(report)
     if report.failed:
@@ -98,7 +108,10 @@ def print_report(report: Any) -> None:
     else:
         table.add_row("features", f"{d['features']} (of {d['features_before_nms']} before NMS)")
     rate = d["chips_per_second"]
-    table.add_row("speed", f"{rate:.2f} chips/s ({d['seconds']:.1f} s, model {d['model_seconds']:.1f} s)"
+    where = f" on {d['workers']} workers" if d["workers"] else ""
+    table.add_row("speed", f"{rate:.2f} chips/s{where} ({d['seconds']:.1f} s; generating {d['model_seconds']:.1f} s, "
+                           f"reading/preparing chips {d['io_seconds']:.1f} s of which {d['starved_seconds']:.1f} s "
+                           "not hidden behind the model)"
                   if rate is not None else "no chip processed")
     for what, path in d["outputs"].items():
         table.add_row(what, path)
