@@ -38,3 +38,20 @@ def test_memory_benchmark_runs_small(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "out" / "ingest_memory.json").read_text())
     assert report["runs"]["600x600"]["chips"] == 9  # 256-px chips, snapped to the edge: 3 x 3
     assert 0 < report["runs"]["imports only"]["peak_rss_mib"] < report["peak_rss_gib"] * 1024 < 2048
+
+
+def test_infer_benchmark_runs_small(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [sys.executable, "benchmarks/infer.py", "--batch-sizes", "1,4", "--reps", "2", "--max-new-tokens", "3",
+         "--stride", "32", "--max-frames", "2", "--threads", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "infer.json").read_text())
+    rows = report["configurations"]
+    assert list(rows) == ["batch 1, cache on", "batch 4, cache on", "batch 1, cache off", "batch 4, cache off"]
+    for row in rows.values():  # every configuration ran every round over all 16 chips (stride 32)
+        assert [r["chips"] for r in row["runs"]] == [16, 16] and row["chips_per_s"] > 0
+        assert 0 < row["model_share"] < 1 and 0 <= row["waiting_share"] < 1 and row["io_share"] > 0
+    assert rows["batch 1, cache on"]["speedup"] == 1.0 and "x_cache_off" in rows["batch 4, cache on"]
+    assert "x no cache" in res.stdout and (tmp_path / "infer.png").stat().st_size > 0
