@@ -8,14 +8,12 @@ batches — and, on one thread per worker, the answers' every bit — are those 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-from collections import Counter
 from pathlib import Path
 
 import geopandas as gpd
 import pytest
+from cluster_helpers import rescheduled, worker_killer
 from rasterio.windows import Window
 from typer.testing import CliRunner
 
@@ -121,28 +119,16 @@ def test_killed_worker_loses_nothing_and_a_cluster_resumes_a_single_process_jour
         assert got == reference
         _same_output(out, ref_out)
 
-        # a worker killed while the cluster runs tasks of 2 chips: its tasks run again elsewhere
-        killed: dict[str, object] = {}
-
-        def kill_a_busy_worker(done: int, total: int) -> None:
-            if killed or done != 1:
-                return
-            busy = [addr for addr, keys in client.processing().items() if keys]
-            assert busy, "no worker was running a task after the first result"
-            pid = client.run(os.getpid, workers=[busy[0]])[busy[0]]
-            os.kill(pid, signal.SIGKILL)
-            killed.update(addr=busy[0], remaining=total - done)
+        # a worker killed while the cluster runs tasks of 2 chips, holding a result the client has not fetched
+        # yet: that task and the ones it was running run again elsewhere
+        kill_a_worker, killed = worker_killer(client, holding="agrivlm-infer")
 
         out = tmp_path / "killed" / "pred.gpkg"
         report = run_inference([args[0]], infer_ckpt, out, scheduler=client.scheduler.address, chips_per_task=2,
-                               on_task_done=kill_a_busy_worker, **_opts(args))
-        assert killed and int(killed["remaining"]) >= 10  # type: ignore[call-overload]
+                               on_task_done=kill_a_worker, **_opts(args))
+        assert killed and killed["remaining"] >= 10
         assert killed["addr"] not in client.scheduler_info()["workers"]
-        starts = client.run_on_scheduler(
-            lambda dask_scheduler: [t[0] for t in dask_scheduler.transition_log if t[2] == "processing"]
-        )
-        reruns = [k for k, n in Counter(str(k) for k in starts).items() if n > 1 and "agrivlm-infer" in k]
-        assert reruns, "no task was rescheduled after the kill"
+        assert killed["lost"] in rescheduled(client, "agrivlm-infer"), "the lost result was not recomputed"
         assert report.processed == 36
         got, _ = _journal(out)  # every chip exactly once
         assert got == reference

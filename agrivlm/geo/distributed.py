@@ -232,7 +232,7 @@ def distributed_chips(
     ]
     results: list[TaskResult] = []
     try:
-        for done, future in enumerate(as_completed(futures), start=1):
+        for done, future in enumerate(as_completed(futures, loop=client.loop), start=1):
             results.append(future.result())
             future.release()
             if on_task_done is not None:

@@ -225,7 +225,7 @@ class ClusterRun:
             ))
         journaled = set(done)
         try:
-            for n, future in enumerate(as_completed(futures), start=1):
+            for n, future in enumerate(as_completed(futures, loop=self.client.loop), start=1):
                 result: InferTaskResult = future.result()
                 future.release()
                 for records in result.batches:
