@@ -97,8 +97,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         med = {k: statistics.median(r[k] for r in rs) for k in ("chips_per_s", "model_share", "io_share",
                                                                   "waiting_share")}
         table[key] = {**med, "speedup": med["chips_per_s"] / base, "runs": rs}
-    for b in sizes:  # what the cache buys at each batch size
-        if True in caches and False in caches:
+    if True in caches and False in caches:  # what the cache buys at each batch size
+        for b in sizes:
             table[name(b, True)]["x_cache_off"] = (table[name(b, True)]["chips_per_s"]
                                                    / table[name(b, False)]["chips_per_s"])
     return {

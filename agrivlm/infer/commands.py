@@ -65,7 +65,8 @@ def infer(
     """
     from agrivlm.infer.batch import run_inference
 
-    if threads is not None and workers is None and scheduler is None:
+    on_cluster = workers is not None or scheduler is not None
+    if threads is not None and not on_cluster:  # on a cluster the threads are the workers'
         import torch
 
         torch.set_num_threads(threads)
@@ -78,7 +79,7 @@ def infer(
         field_id=field_id, field_class=field_class, batch_size=batch_size, max_new_tokens=max_new_tokens,
         device=device, dtype=dtype, overrides=overrides, validate=validate, nms_iou=nms_iou, min_score=min_score,
         restart=restart, overwrite=overwrite, progress=progress, chips_per_task=chips_per_task, workers=workers,
-        scheduler=scheduler, threads=threads if workers is not None or scheduler is not None else None,
+        scheduler=scheduler, threads=threads if on_cluster else None,
     )
     print_report(report)
     if report.failed:

@@ -32,7 +32,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -193,8 +193,7 @@ class ClusterRun:
     def __init__(self, client: Any, spec: WorkerSpec, on_task_done: Callable[[int, int], None] | None = None
                  ) -> None:
         self.client = client
-        self.spec = spec if spec.fingerprint else WorkerSpec(
-            **{**spec.__dict__, "fingerprint": checkpoint_identity(Path(spec.model_dir))})
+        self.spec = spec if spec.fingerprint else replace(spec, fingerprint=checkpoint_identity(Path(spec.model_dir)))
         self.on_task_done = on_task_done
 
     def validate(self, files: Sequence[Path]) -> int:
