@@ -4,10 +4,11 @@ Every number here is a documented default a scene can override (``scene.json`` r
 are rounded from published figures, to give scenes of the right order, not to reproduce one place:
 
 * **Field sizes.** Central Europe: median parcel about 1–2 ha with a long tail to tens of ha — the
-  Austrian INVEKOS and Slovenian GERK open parcel registers (the embedded sample's 88 parcels: median
-  0.6 ha) and the per-country field-size statistics of Fields of The World (Kerner et al. 2024,
-  arXiv:2409.16252). Pannonian plain (Hungary, Vojvodina): about 3–10 ha (Fritz et al. 2015, "Mapping
-  global cropland and field size", Global Change Biology 21:1980). US Corn Belt: the PLSS quarter-quarter
+  Austrian INVEKOS and Slovenian GERK open parcel registers (the embedded sample's cultivated and
+  grassland parcels are smaller still: median 0.2 ha) and the per-country field-size statistics of
+  Fields of The World (Kerner et al. 2024, arXiv:2409.16252). Pannonian plain (Hungary, Vojvodina):
+  about 3–10 ha (Fritz et al. 2015, "Mapping global cropland and field size", Global Change Biology
+  21:1980). US Corn Belt: the PLSS quarter-quarter
   section is 40 acres = 16.2 ha, fields of 15–65 ha (Yan & Roy 2016, "Conterminous United States crop
   field size quantification", Remote Sensing of Environment 172:67). Mato Grosso: commercial soy
   fields of tens to hundreds of ha (Picoli et al. 2018, ISPRS J. 145:328). Sizes are log-normal.
@@ -117,12 +118,14 @@ class Region:
 
 
 def _grass(cuts: tuple[float, ...]) -> Calendar:
+    # winter levels from the embedded real sample (Slovenia): grassland and deciduous forest fall to NDVI
+    # 0.1–0.3 in January–February (benchmarks/synth_realism.py, synth_vs_real.png); 0.3 / 0.35 here
     return Calendar(sow_doy=-365, rise_doy=95, rise_days=10, fall_doy=290, fall_days=12, harvest_doy=None,
-                    base_left=0.45, peak=0.82, base_right=0.5, cuts=cuts)
+                    base_left=0.3, peak=0.8, base_right=0.3, cuts=cuts)
 
 
 _FOREST = Crop("forest", "forest", Calendar(sow_doy=-365, rise_doy=115, rise_days=7, fall_doy=290, fall_days=9,
-                                              harvest_doy=None, base_left=0.5, peak=0.88, base_right=0.5))
+                                              harvest_doy=None, base_left=0.35, peak=0.86, base_right=0.35))
 _EUROPE_CROPS: dict[str, Crop] = {
     "winter_cereal": Crop("winter_cereal", "cultivated land", Calendar(
         sow_doy=-85, rise_doy=88, rise_days=9, fall_doy=178, fall_days=7, harvest_doy=198,
