@@ -7,12 +7,15 @@ from typing import Annotated, Any
 
 import typer
 
+from agrivlm.default_checkpoint import resolve_model
+
 
 def infer(
     inputs: Annotated[list[str], typer.Argument(
         help="Stacks: each INPUT is one stack (a folder, a glob or a file of GeoTIFFs, one file per date).")],
-    model: Annotated[Path, typer.Option(
-        "--model", "-m", help="Checkpoint folder (save_pretrained of model and processor).")],
+    model: Annotated[str, typer.Option(
+        "--model", "-m", help="Checkpoint folder (save_pretrained of model and processor), or `default` for "
+        "the checkpoint shipped in the package.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Predictions: .gpkg or .geojson (journal, report beside).")],
     task: Annotated[str, typer.Option(help="fields (boxes of fields) | growth (stage per field and date) | ask.")] = (
         "fields"),
@@ -75,7 +78,7 @@ def infer(
         "frames.max_frames": max_frames, "min_frames": min_frames,
     }
     report = run_inference(
-        inputs, model, out, task=task, masks=masks, question=question, fields=fields,  # type: ignore[arg-type]
+        inputs, resolve_model(model), out, task=task, masks=masks, question=question, fields=fields,  # type: ignore[arg-type]
         field_id=field_id, field_class=field_class, batch_size=batch_size, max_new_tokens=max_new_tokens,
         device=device, dtype=dtype, overrides=overrides, validate=validate, nms_iou=nms_iou, min_score=min_score,
         restart=restart, overwrite=overwrite, progress=progress, chips_per_task=chips_per_task, workers=workers,
