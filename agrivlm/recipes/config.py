@@ -186,8 +186,14 @@ class LabelsConfig(StrictModel):
     field_id_column: str = "field_id"
     date_column: str = "date"
     stage_column: str = "stage"
-    #: Key-date table with ``agrivlm.schema.KEY_DATE_COLUMNS`` (field_id, season, green_up, peak, senescence).
+    #: Key-date table with ``agrivlm.schema.KEY_DATE_COLUMNS`` (field_id, season, green_up, peak, senescence);
+    #: ``season`` is the recipe's season label (the year a season window starts in, ``phenology.season_start``).
     key_dates: str | None = None
+    #: Which fields get stages and key dates derived from the index curves. A field listed in a table is
+    #: answered from that table only (a date or key date it lacks is not asked, never derived):
+    #: ``unlabelled_fields`` derives them for fields in no table; ``never`` asks only about labelled fields
+    #: (synthetic scenes, whose truth is complete).
+    derive: Literal["unlabelled_fields", "never"] = "unlabelled_fields"
 
 
 class FieldBoundariesConfig(StrictModel):
