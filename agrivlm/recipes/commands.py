@@ -40,12 +40,13 @@ def print_build_summary(manifest: dict[str, Any], out: Path, console: Console | 
         mt.add_column("component")
         for s in splits:
             mt.add_column(s, justify="right")
-        comps = list(next(iter(manifest["mixture"].values()))["requested"])
+        comps = list(dict.fromkeys(c for m in manifest["mixture"].values() for c in m["requested"]))
         for c in comps:
             cells = []
             for s in splits:
                 m = manifest["mixture"].get(s)
-                cells.append(f"{m['proportions'][c]:.3f} / {m['requested'][c]:.2f} (n={m['counts'][c]})" if m else "-")
+                ok = m is not None and c in m["requested"]
+                cells.append(f"{m['proportions'][c]:.3f} / {m['requested'][c]:.2f} (n={m['counts'][c]})" if ok else "-")
             mt.add_row(c, *cells)
         console.print(mt)
     ph = manifest["phenology"]
