@@ -21,6 +21,7 @@ from agrivlm.recipes.build import build_recipe
 from agrivlm.recipes.config import RecipeConfig, load_recipe
 from agrivlm.recipes.schema import FAMILIES, Record, read_records
 from agrivlm.recipes.sources import resolve_sources
+from agrivlm.train.data import read_split
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "data_recipes"
@@ -77,6 +78,8 @@ def test_each_scene_goes_wholly_to_one_split_with_every_family(three) -> None:
     assert m["split"]["scenes"] == {k: next(iter(v)) for k, v in splits.items()}
     assert m["chips"]["excluded_buffer"] == [] and m["chips"]["kept"] == m["chips"]["grid"] == 27
     assert [s["name"] for s in m["sources"]] == ["s0", "s1", "s2"] and m["sources"][1]["scene"]["seed"] == 1
+    # the training reader takes the output (a sources: recipe has no config.source)
+    assert len(read_split([three["out"]], "val")) == m["counts"]["records"]["val"] > 0
     # the deal depends on the seed: another seed moves some scene to another split
     other = THREE_SCENES.replace("seed: 4}", "seed: 0}")
     deals = {tuple(s.split for s in resolve_sources(load_recipe_text(three["root"], t), three["root"]))
@@ -219,10 +222,20 @@ def test_bad_synth_paths_are_one_clear_line(tmp_path: Path) -> None:
     recipe.write_text(f"extends: {RECIPES / 'sample_base.yaml'}\n" + THREE_SCENES)
     with pytest.raises(ConfigError, match=r"either source: .* or sources: .*not both"):
         load_recipe(recipe)
+    # truth that falls on none of the stack's days or seasons answers nothing: an error, not an empty family
+    truth = tmp_path / "scenes" / "s0" / "truth"
+    stages = truth / "stages.csv"
+    stages.write_text("field_id,date,stage\nA,2031-06-01,peak\n")
+    recipe.write_text(THREE_SCENES)
+    with pytest.raises(ConfigError, match=r"s0/truth/stages.csv: no labelled date is an acquisition day of the stack"):
+        build_recipe(recipe, tmp_path / "out", progress=False)
+    stages.write_text("field_id,date,stage\nA,2021-06-09,peak\n")
+    keys = (truth / "key_dates.csv").read_text()
+    (truth / "key_dates.csv").write_text(keys.replace(",2021,", ",season-2021,"))
+    with pytest.raises(ConfigError, match=r"key_dates.csv: seasons \['season-2021'\] are none of the stack's"):
+        build_recipe(recipe, tmp_path / "out", progress=False)
     # a scene whose bands give no NDVI
     (tmp_path / "scenes" / "s0" / "scene.json").write_text(json.dumps({"seed": 0, "bands": ["B02", "B03"]}))
-    (tmp_path / "scenes" / "s0" / "truth" / "stages.csv").write_text("field_id,date,stage\n")
-    recipe.write_text(THREE_SCENES)
     with pytest.raises(ConfigError, match=r"scene.json: bands \['B02', 'B03'\] give no NDVI"):
         build_recipe(recipe, tmp_path / "out", progress=False)
 

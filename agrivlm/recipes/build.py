@@ -50,7 +50,9 @@ from agrivlm.recipes.families import BuildState, builders
 from agrivlm.recipes.mixture import MixReport, max_unique, mix
 from agrivlm.recipes.phenology import (
     FieldPhenology,
+    GrowthTruth,
     analyse_parcels,
+    day_str,
     key_date_table,
     load_growth_truth,
     phenology_detail_table,
@@ -151,6 +153,32 @@ def prepare_all(cfg: RecipeConfig, base_dir: Path, progress: bool = True) -> lis
     return [prepare(cfg, base_dir, progress, origin) for origin in resolve_sources(cfg, base_dir)]
 
 
+def _check_labels_meet_stack(
+    truth: GrowthTruth, origin: ResolvedSource, base_dir: Path, times: Any, seasons: list[str], season_start: str
+) -> None:
+    """A label table none of whose rows falls on the stack (no acquisition day, no season) is an error.
+
+    Such a table answers nothing: a date or season format the recipe does not share, or another scene's
+    labels. Tables that also cover other dates or years are fine.
+    """
+    labels = origin.labels
+    if labels is None:
+        return
+    days = {day_str(t) for t in times}
+    if labels.stages and truth.stage_labels and not any(d in days for _, d in truth.stage_labels):
+        raise ConfigError(
+            f"{resolve_spec(labels.stages, base_dir)}: no labelled date is an acquisition day of the stack "
+            f"({day_str(times[0])} … {day_str(times[-1])}); check the date column and that the labels are this "
+            "source's"
+        )
+    if labels.key_dates and truth.key_date_labels and not any(s in seasons for _, s in truth.key_date_labels):
+        have = sorted({s for _, s in truth.key_date_labels})[:3]
+        raise ConfigError(
+            f"{resolve_spec(labels.key_dates, base_dir)}: seasons {have} are none of the stack's "
+            f"({', '.join(seasons)}: the year a season starts in, from phenology.season_start {season_start})"
+        )
+
+
 def source_chip_id(origin: ResolvedSource | None, window: Window) -> str:
     """``r000000_c000000``, prefixed ``NAME/`` for a named source (so ids stay unique across scenes)."""
     cid = make_chip_id(window)
@@ -216,6 +244,8 @@ def prepare(cfg: RecipeConfig, base_dir: Path, progress: bool = True, origin: Re
         seed=cfg.seed, factory=factory, scan=scan, truth=truth, phenology=cfg.phenology, days=days,
         seasons=season_windows(float(days.min()), float(days.max()), cfg.phenology.season_start),
     )
+    _check_labels_meet_stack(truth, origin, base_dir, stack.times, [s[0] for s in state.seasons],
+                             cfg.phenology.season_start)
     prep = Prepared(cfg, base_dir, stack, parcels, counts, windows, assignment, scan, phenology, state, origin=origin)
 
     c = cfg.chips
