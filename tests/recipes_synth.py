@@ -135,14 +135,23 @@ def _stage(f: SynthField, day: datetime, shift: float) -> str:
     return "harvested" if f.cls == "cultivated land" else "dormant"
 
 
+#: Land-cover codes of the scenes' ``landcover.tif`` (as ``agrivlm synth``'s).
+LANDCOVER = {"cultivated land": 1, "forest": 2, "grassland": 3, "shrubland": 4}
+
+
 def write_synth_scene(
-    root: Path, seed: int = 0, bands: str = "ndvi", cloud_rate: float = 0.3, truth_shift: dict[str, float] | None = None
+    root: Path, seed: int = 0, bands: str = "ndvi", cloud_rate: float = 0.3,
+    truth_shift: dict[str, float] | None = None, season_start: str = "01-01", second_cycle: tuple[str, ...] = (),
 ) -> Path:
     """Write a scene folder as ``agrivlm synth`` does; return ``root``.
 
     The fields of :data:`FIELDS` with a season (not the forest) get truth rows for every acquisition date
-    and their 2021 key dates; ``truth_shift`` moves a field's truth by days away from what its NDVI shows,
-    so a recipe that derived stages from NDVI would answer differently.
+    and their key dates, labelled by the year of the ``season_start`` window holding the peak;
+    ``truth_shift`` moves a field's truth by days away from what its NDVI shows, so a recipe that derived
+    stages from NDVI would answer differently; fields in ``second_cycle`` get a second key-date row in the
+    same window (``YYYY-2``, as a double crop). ``ndvi`` scenes record ``seed``/``region``/``bands`` at the
+    top of ``scene.json``; ``s2`` scenes as the generator's writer does (``spec``, ``band_names``,
+    ``season_start``, ``class_raster`` with a ``landcover.tif``).
     """
     rng = np.random.default_rng(seed)
     shift = truth_shift or {}
@@ -179,7 +188,12 @@ def write_synth_scene(
         d = shift.get(f.field_id, 0.0)
         stage_rows += [(f.field_id, f"{when:%Y-%m-%d}", _stage(f, when, d)) for when in dates()]
         t = {k: f"{v + timedelta(days=d):%Y-%m-%d}" for k, v in f.truth().items()}
-        key_rows.append((f.field_id, "2021", t["green_up"], t["peak"], t["senescence"], t["eos"]))
+        peak = f.truth()["peak"] + timedelta(days=d)
+        label = str(peak.year if f"{peak:%m-%d}" >= season_start else peak.year - 1)
+        key_rows.append((f.field_id, label, t["green_up"], t["peak"], t["senescence"], t["eos"]))
+        if f.field_id in second_cycle:
+            later = {k: f"{v + timedelta(days=d + 120):%Y-%m-%d}" for k, v in f.truth().items()}
+            key_rows.append((f.field_id, f"{label}-2", later["green_up"], later["peak"], later["senescence"], ""))
     gpd.GeoDataFrame(
         {"field_id": [f.field_id for f in FIELDS], "class": [f.cls for f in FIELDS],
          "crop": ["maize" if f.cls == "cultivated land" else "" for f in FIELDS]},
@@ -189,7 +203,17 @@ def write_synth_scene(
     pd.DataFrame(stage_rows, columns=["field_id", "date", "stage"]).to_csv(root / "truth" / "stages.csv", index=False)
     pd.DataFrame(key_rows, columns=["field_id", "season", "green_up", "peak", "senescence", "harvest"]).to_csv(
         root / "truth" / "key_dates.csv", index=False)
-    (root / "scene.json").write_text(json.dumps({"seed": seed, "region": "test", "bands": bands, "size": SIZE}))
+    if bands == "ndvi":
+        scene: dict[str, object] = {"seed": seed, "region": "test", "bands": bands, "size": SIZE}
+    else:
+        cover = np.zeros((1, SIZE, SIZE), dtype=np.uint8)
+        for f in FIELDS:
+            cover[0, f.rows[0]:f.rows[1], f.cols[0]:f.cols[1]] = LANDCOVER[f.cls]
+        write_raster(root / "landcover.tif", cover, nodata=0)
+        scene = {"spec": {"seed": seed, "region": "test", "bands": bands}, "season_start": season_start,
+                 "band_names": list(S2_BANDS), "region": {"season_start": season_start},
+                 "class_raster": {"path": "landcover.tif", "classes": {str(v): k for k, v in LANDCOVER.items()}}}
+    (root / "scene.json").write_text(json.dumps(scene))
     return root
 
 

@@ -147,9 +147,9 @@ def test_key_date_answers_are_the_truth_key_dates(three) -> None:
     assert 30 <= gap <= 60
 
 
-def _scenes(root: Path, n: int, bands: str = "ndvi") -> None:
+def _scenes(root: Path, n: int, **kwargs: object) -> None:
     for seed in range(n):
-        write_synth_scene(root / "runs" / "synth" / f"cE_{seed}", seed=seed, bands=bands)
+        write_synth_scene(root / "runs" / "synth" / f"cE_{seed}", seed=seed, **kwargs)
 
 
 def _shipped(root: Path, *names: str) -> Path:
@@ -160,8 +160,12 @@ def _shipped(root: Path, *names: str) -> Path:
 
 
 def test_shipped_mixed_recipe_mixes_the_sample_and_s2_scenes_by_weight(tmp_path: Path) -> None:
-    """data_recipes/synthetic_mixed.yaml as shipped, over 3 five-band scenes beside a copy of it."""
-    _scenes(tmp_path, 3, bands="s2")
+    """data_recipes/synthetic_mixed.yaml as shipped, over 3 five-band scenes beside a copy of it.
+
+    The scenes' seasons start on 1 August (a southern-hemisphere region): their truth labels the 2021 peaks
+    season "2020", which only the scene's own season windows match. Field E has a second crop in the season.
+    """
+    _scenes(tmp_path, 3, bands="s2", season_start="08-01", second_cycle=("E",))
     recipes = _shipped(tmp_path, "synthetic_mixed.yaml", "sample_base.yaml")
     m = build_recipe(recipes / "synthetic_mixed.yaml", tmp_path / "out", progress=False)
     recs = _records(tmp_path / "out")
@@ -179,9 +183,15 @@ def test_shipped_mixed_recipe_mixes_the_sample_and_s2_scenes_by_weight(tmp_path:
             assert abs(train["proportions"][f"{comp}@{entry}"] - weight * 0.5) <= 1 / 2000
     # NDVI of the five-band scenes comes from B08 and B04 (scene.json bands: s2): the curves have seasons
     src = next(s for s in m["sources"] if s["name"] == "synth.cE_0")
-    assert src["scene"]["bands"] == "s2" and src["phenology"]["seasons"]["2021"]["fields"] >= 4
+    assert src["scene"]["spec"]["bands"] == "s2" and src["phenology"]["seasons"]["2020"]["fields"] >= 4
+    assert src["files"]["class_raster"]["path"].endswith("cE_0/landcover.tif")
     growth = [r for r in recs if r.family == "growth_stages" and _scene_of(r).startswith("synth")]
     assert growth and all(r.meta["source"] == "label" for r in growth)
+    keyed = {(r.meta["field_id"], r.meta["season"]) for r in growth if r.task.endswith("_date") and
+             r.task != "stage_on_date"}
+    assert keyed and {s for _, s in keyed} == {"2020"}, keyed
+    assert "E" not in {f for f, _ in keyed}, "two crops in one season: 'when did green-up start' has two answers"
+    assert "E" in {r.meta["field_id"] for r in growth if r.task == "stage_on_date"}
     assert any(r.family == "growth_stages" and r.meta["source"] == "derived" for r in recs if _scene_of(r) == "sample")
 
 

@@ -220,7 +220,10 @@ def prepare(cfg: RecipeConfig, base_dir: Path, progress: bool = True, origin: Re
     scan = scan_stack(
         stack, index, [windows[i] for i in kept], list(parcels.geometry), cfg.phenology.tile_px, progress
     )
-    phenology = analyse_parcels(scan, parcels, cfg.phenology)
+    phen = cfg.phenology
+    if origin.season_start is not None and origin.season_start != phen.season_start:
+        phen = phen.model_copy(update={"season_start": origin.season_start})
+    phenology = analyse_parcels(scan, parcels, phen)
     truth = load_growth_truth(phenology, origin.labels, base_dir)
     days = to_days(stack.times)
 
@@ -241,11 +244,10 @@ def prepare(cfg: RecipeConfig, base_dir: Path, progress: bool = True, origin: Re
         band_names=list(stack.band_names),
     )
     state = BuildState(
-        seed=cfg.seed, factory=factory, scan=scan, truth=truth, phenology=cfg.phenology, days=days,
-        seasons=season_windows(float(days.min()), float(days.max()), cfg.phenology.season_start),
+        seed=cfg.seed, factory=factory, scan=scan, truth=truth, phenology=phen, days=days,
+        seasons=season_windows(float(days.min()), float(days.max()), phen.season_start),
     )
-    _check_labels_meet_stack(truth, origin, base_dir, stack.times, [s[0] for s in state.seasons],
-                             cfg.phenology.season_start)
+    _check_labels_meet_stack(truth, origin, base_dir, stack.times, [s[0] for s in state.seasons], phen.season_start)
     prep = Prepared(cfg, base_dir, stack, parcels, counts, windows, assignment, scan, phenology, state, origin=origin)
 
     c = cfg.chips

@@ -68,6 +68,8 @@ def _field_records(
     base_meta: dict[str, object] = {"field_id": p.field_id, "class": p.cls, "season": season, "cut": p.cut}
     out: list[Record] = []
     known = state.truth.key_dates(p.field_id, season)
+    if state.truth.cycles(p.field_id, season) > 1:
+        known = {}  # two green-ups (double cropping, a regrowth) in one season: "when" has two answers
     for key, (task, questions, answer) in _KEY_DATES.items():
         if task not in cfg.tasks or key not in known:
             continue

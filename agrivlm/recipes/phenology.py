@@ -427,6 +427,16 @@ class GrowthTruth:
                         "senescence": (s.senescence, "derived")}
         return {}
 
+    def cycles(self, field_id: str, season: str) -> int:
+        """Labelled cycles of a field in one season window: its rows ``season``, ``season-2``, ``season-3`` ….
+
+        ``agrivlm synth`` labels a second crop or a grass regrowth in one window ``YYYY-2``.
+        """
+        n, k = int((field_id, season) in self.key_date_labels), 2
+        while (field_id, f"{season}-{k}") in self.key_date_labels:
+            n, k = n + 1, k + 1
+        return n
+
     def derived_season(self, field_id: str, season: str) -> Season | None:
         """The derived season of an unlabelled field (for the growing-season segment), or ``None``."""
         fp = self.derived_for(field_id, "key_dates")

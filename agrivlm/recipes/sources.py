@@ -22,7 +22,15 @@ from rasterio.windows import Window
 
 from agrivlm.errors import ConfigError, IngestError
 from agrivlm.geo.coords import GeoGrid
-from agrivlm.recipes.config import LabelsConfig, RecipeConfig, SceneSplitConfig, SourceConfig, SourceEntry
+from agrivlm.recipes.config import (
+    ClassRasterConfig,
+    LabelsConfig,
+    PhenologyConfig,
+    RecipeConfig,
+    SceneSplitConfig,
+    SourceConfig,
+    SourceEntry,
+)
 from agrivlm.recipes.schema import SPLITS
 from agrivlm.sample import SAMPLE_ROOT
 
@@ -230,6 +238,9 @@ class ResolvedSource:
     weight: float
     #: A synthetic scene's ``scene.json`` (``None`` for a real source).
     scene: dict[str, Any] | None = None
+    #: Start (``MM-DD``) of this source's season windows, when it is not the recipe's
+    #: ``phenology.season_start`` (a synthetic scene's region: its truth labels seasons by it).
+    season_start: str | None = None
 
     @property
     def label(self) -> str:
@@ -238,8 +249,12 @@ class ResolvedSource:
 
 
 def _scene_index(scene: dict[str, Any], path: Path) -> dict[str, Any]:
-    """``band`` / ``normalized_difference`` for a scene from its ``bands`` (``ndvi`` | ``s2`` | a name list)."""
-    bands = scene.get("bands")
+    """``band`` / ``normalized_difference`` for a scene from its band names.
+
+    The names are ``band_names``, else those of the band set ``spec.bands`` or ``bands`` (``ndvi`` | ``s2``).
+    """
+    spec = scene["spec"] if isinstance(scene.get("spec"), dict) else {}
+    bands = scene.get("band_names") or spec.get("bands") or scene.get("bands")
     names = list(S2_BANDS) if bands == "s2" else ["NDVI"] if bands == "ndvi" else bands
     if isinstance(names, list) and [str(b).lower() for b in names] == ["ndvi"]:
         return {"band": 1}
@@ -271,14 +286,33 @@ def synth_scene(folder: Path, entry: SourceEntry) -> tuple[SourceConfig, LabelsC
         raise ConfigError(f"{meta}: cannot be read as JSON ({exc})") from exc
     if not isinstance(scene, dict):
         raise ConfigError(f"{meta}: expected a JSON object with the generator's parameters")
+    class_raster = entry.class_raster
+    raster = scene.get("class_raster")
+    if class_raster is None and isinstance(raster, dict) and (folder / str(raster.get("path"))).is_file():
+        try:
+            classes = {int(k): str(v) for k, v in dict(raster["classes"]).items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{meta}: class_raster.classes must map codes to class words ({exc})") from exc
+        class_raster = ClassRasterConfig(path=str(folder / str(raster["path"])), classes=classes)
     source = SourceConfig(
         stack=str(folder / "stack"), masks=str(folder / "cloud_mask"), parcels=str(folder / "parcels.gpkg"),
         id_column="field_id", class_column="class", index_name=entry.index_name, same_day=entry.same_day,
-        class_names=entry.class_names, class_raster=entry.class_raster, **_scene_index(scene, meta),
+        class_names=entry.class_names, class_raster=class_raster, **_scene_index(scene, meta),
     )
     labels = LabelsConfig(stages=str(folder / "truth" / "stages.csv"),
                           key_dates=str(folder / "truth" / "key_dates.csv"), derive="never")
     return source, labels, scene
+
+
+def _season_start(scene: dict[str, Any], folder: Path) -> str | None:
+    """The scene's ``season_start`` (its truth's season labels follow it), checked; ``None`` if not recorded."""
+    value = scene.get("season_start")
+    if value is None:
+        return None
+    try:
+        return PhenologyConfig(season_start=str(value)).season_start
+    except ValueError as exc:
+        raise ConfigError(f"{folder / 'scene.json'}: season_start {value!r} is not a day as MM-DD") from exc
 
 
 def _scene_folders(entry: SourceEntry, where: str, base_dir: str | os.PathLike[str] | None) -> list[Path]:
@@ -335,14 +369,17 @@ def resolve_sources(cfg: RecipeConfig, base_dir: str | os.PathLike[str] | None) 
             out.append(ResolvedSource(name, entry.to_source(), entry.labels, fixed, where, entry.weight))
             continue
         scenes = []
+        folder_of: dict[str, Path] = {}
         for folder in _scene_folders(entry, where, base_dir):
             name = f"{entry.name}.{folder.name}" if entry.name else folder.name
+            folder_of[name] = folder
             source, labels, scene = synth_scene(folder, entry)
             scenes.append((name, source, labels, scene))
         dealt = deal_scenes([n for n, *_ in scenes], entry.split, where) \
             if isinstance(entry.split, SceneSplitConfig) else {}
         for name, source, labels, scene in scenes:
-            out.append(ResolvedSource(name, source, labels, dealt.get(name, fixed), where, entry.weight, scene))
+            out.append(ResolvedSource(name, source, labels, dealt.get(name, fixed), where, entry.weight, scene,
+                                      _season_start(scene, folder_of[name])))
     names = [s.name for s in out]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup is not None:
