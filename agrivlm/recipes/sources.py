@@ -318,9 +318,9 @@ def _season_start(scene: dict[str, Any], folder: Path) -> str | None:
 def _scene_folders(entry: SourceEntry, where: str, base_dir: str | os.PathLike[str] | None) -> list[Path]:
     pattern = resolve_spec(str(entry.synth), base_dir)
     if any(ch in pattern for ch in "*?["):
-        found = sorted(Path(p) for p in glob.glob(pattern) if Path(p).is_dir())
+        found = sorted(Path(p).resolve() for p in glob.glob(pattern) if Path(p).is_dir())
     else:
-        found = [Path(pattern)] if Path(pattern).is_dir() else []
+        found = [Path(pattern).resolve()] if Path(pattern).is_dir() else []
     if not found:
         raise ConfigError(
             f"{pattern}: no synthetic scene folder there ({where}.synth: {entry.synth}); write one with "
@@ -329,12 +329,18 @@ def _scene_folders(entry: SourceEntry, where: str, base_dir: str | os.PathLike[s
     return found
 
 
-def deal_scenes(names: list[str], rule: SceneSplitConfig, group: str) -> dict[str, str]:
-    """Whole scenes → splits: ``names`` shuffled with ``rule.seed`` and dealt by ``rule.fractions``."""
+def deal_scenes(names: list[str], rule: SceneSplitConfig) -> dict[str, str]:
+    """Whole scenes → splits: ``names`` (sorted) shuffled with ``rule.seed`` and dealt by ``rule.fractions``.
+
+    The deal depends only on the set of names and the seed, so every recipe over the same scene folders
+    with the same seed (the three curriculum stages, a mixed recipe) puts each scene in the same split.
+    Adding or removing a scene may move others: pin one with ``split: train`` on its own entry.
+    """
     from agrivlm.recipes.context import rng_for
     from agrivlm.recipes.splits import allocate
 
-    order = [sorted(names)[int(i)] for i in rng_for(rule.seed, "scene-split", group).permutation(len(names))]
+    ordered = sorted(names)
+    order = [ordered[int(i)] for i in rng_for(rule.seed, "scene-split").permutation(len(ordered))]
     counts = allocate({k: rule.fractions.get(k, 0.0) for k in SPLITS}, len(order), at_least_one=True)  # type: ignore[call-overload]
     out: dict[str, str] = {}
     pos = 0
@@ -365,7 +371,7 @@ def resolve_sources(cfg: RecipeConfig, base_dir: str | os.PathLike[str] | None) 
         if entry.synth is None:
             name = entry.name or f"source{i}"
             if isinstance(entry.split, SceneSplitConfig):  # one scene: dealt whole to one split
-                fixed = deal_scenes([name], entry.split, where)[name]
+                fixed = deal_scenes([name], entry.split)[name]
             out.append(ResolvedSource(name, entry.to_source(), entry.labels, fixed, where, entry.weight))
             continue
         scenes = []
@@ -375,10 +381,12 @@ def resolve_sources(cfg: RecipeConfig, base_dir: str | os.PathLike[str] | None) 
             folder_of[name] = folder
             source, labels, scene = synth_scene(folder, entry)
             scenes.append((name, source, labels, scene))
-        dealt = deal_scenes([n for n, *_ in scenes], entry.split, where) \
+        # dealt by folder name, so a named entry (NAME.folder) deals its scenes as an unnamed one does
+        dealt = deal_scenes([folder_of[n].name for n, *_ in scenes], entry.split) \
             if isinstance(entry.split, SceneSplitConfig) else {}
         for name, source, labels, scene in scenes:
-            out.append(ResolvedSource(name, source, labels, dealt.get(name, fixed), where, entry.weight, scene,
+            split = dealt.get(folder_of[name].name, fixed)
+            out.append(ResolvedSource(name, source, labels, split, where, entry.weight, scene,
                                       _season_start(scene, folder_of[name])))
     names = [s.name for s in out]
     dup = next((n for n in names if names.count(n) > 1), None)
