@@ -164,6 +164,9 @@ app.command("explore")(_explore)
 from agrivlm.infer.commands import infer as _infer  # noqa: E402
 
 app.command("infer")(_infer)
+from agrivlm.synth.commands import synth as _synth  # noqa: E402
+
+app.command("synth")(_synth)
 
 
 def main() -> None:

@@ -25,3 +25,7 @@ class EvalError(AgriVLMError):
 
 class PipelineError(AgriVLMError):
     """Chips cannot become model inputs: wrong band count for a sensor preset, no frames, all-nodata frames."""
+
+
+class SynthError(AgriVLMError):
+    """A synthetic scene cannot be generated: unknown region or band set, bad dates or area, existing output."""

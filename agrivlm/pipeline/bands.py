@@ -133,6 +133,13 @@ PRESETS: dict[str, SensorPreset] = {
             tuple(BandSpec(n, c, w, scale=1e-4, nodata=0, valid_range=(1, 65534)) for n, c, w in _S2_BANDS),
         ),
         SensorPreset(
+            "sentinel2_l2a_5band",
+            "Sentinel-2 L2A B02 B03 B04 B08 B11 at the harmonised scale (DN/10000): the usual 10/20 m subset, "
+            "and what `agrivlm synth --bands s2` writes",
+            tuple(BandSpec(n, c, w, scale=1e-4, nodata=0, valid_range=(1, 65534))
+                  for n, c, w in _S2_BANDS if n in ("B02", "B03", "B04", "B08", "B11")),
+        ),
+        SensorPreset(
             "landsat89_l2",
             "Landsat 8/9 Collection 2 Level-2 surface reflectance SR_B1…SR_B7 (DN·2.75e-5 − 0.2)",
             (
