@@ -265,3 +265,42 @@ def test_recipe_files_with_sources_load_and_name_their_entries() -> None:
     assert set(cfg.tasks.enabled()) == set(FAMILIES) and cfg.same_day == "keep"
     with pytest.raises(ConfigError, match=r"/runs/synth/\*: no synthetic scene folder there \(sources\[1\]"):
         resolve_sources(cfg, Path("/nonexistent/data_recipes"))
+
+
+def test_scenes_of_the_real_generator_through_the_shipped_stage2_recipe(tmp_path: Path) -> None:
+    """``agrivlm synth`` scenes (two regions, both band sets) → data_recipes/synthetic_stage2.yaml: every
+    growth answer is the scene's truth, every scene in one split, every family built."""
+    from agrivlm.synth import SceneSpec, write_scene
+
+    small = {"area_km2": 0.36, "start": "2021-03-01", "end": "2021-10-31"}
+    for name, region, bands in (("ce_ndvi", "central_europe", "ndvi"), ("ce_s2", "central_europe", "s2"),
+                                ("mt_ndvi", "mato_grosso", "ndvi")):
+        write_scene(tmp_path / "runs" / "synth" / name, SceneSpec(region=region, bands=bands, seed=3, **small))
+    recipes = _shipped(tmp_path, "synthetic_stage2.yaml", "synthetic_base.yaml")
+    m = build_recipe(recipes / "synthetic_stage2.yaml", tmp_path / "out", progress=False)
+    recs = _records(tmp_path / "out")
+    assert sorted(m["split"]["scenes"].values()) == sorted(SPLITS)
+    assert {r.split for r in recs if _scene_of(r) == "ce_s2"} == {m["split"]["scenes"]["ce_s2"]}
+    assert {r.family for r in recs} == set(FAMILIES)
+    key_of = {"green_up_date": "green_up", "peak_date": "peak", "senescence_date": "senescence"}
+    asked: dict[str, int] = defaultdict(int)
+    for scene in ("ce_ndvi", "ce_s2", "mt_ndvi"):
+        folder = tmp_path / "runs" / "synth" / scene
+        stages = pd.read_csv(folder / "truth" / "stages.csv", dtype=str).set_index(["field_id", "date"]).stage
+        keys = pd.read_csv(folder / "truth" / "key_dates.csv", dtype=str, keep_default_na=False)
+        keys = keys.set_index(["field_id", "season"])
+        for r in (r for r in recs if _scene_of(r) == scene and r.family == "growth_stages"):
+            assert r.meta["source"] == "label", r.sample_id
+            if r.task == "stage_on_date":
+                assert r.conversation[-1].text == stages.loc[(r.meta["field_id"], r.meta["date"])], r.sample_id
+            else:
+                axis = TimeAxis.from_dates(np.array(r.chip.frame_dates, dtype="datetime64[s]"))
+                truth = np.datetime64(keys.loc[(r.meta["field_id"], r.meta["season"]), key_of[r.task]], "s")
+                assert abs((axis.from_norm(r.conversation[-1].times[0]) - truth) / np.timedelta64(1, "s")) < 60
+            asked[f"{scene}/{r.task}"] += 1
+    for scene in ("ce_ndvi", "ce_s2", "mt_ndvi"):
+        assert asked[f"{scene}/stage_on_date"] > 0, dict(asked)
+    assert asked["ce_s2/peak_date"] > 0 and asked["ce_ndvi/peak_date"] > 0, dict(asked)
+    # Mato Grosso: the second crop (safrinha, labelled 2020-2) is the window's only cycle in this stack
+    seasons = {r.meta["season"] for r in recs if _scene_of(r) == "mt_ndvi" and r.task == "peak_date"}
+    assert asked["mt_ndvi/peak_date"] > 0 and "2020-2" in seasons, seasons

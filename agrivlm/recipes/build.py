@@ -56,6 +56,7 @@ from agrivlm.recipes.phenology import (
     key_date_table,
     load_growth_truth,
     phenology_detail_table,
+    season_of,
     season_windows,
     stage_table,
     to_days,
@@ -171,7 +172,9 @@ def _check_labels_meet_stack(
             f"({day_str(times[0])} … {day_str(times[-1])}); check the date column and that the labels are this "
             "source's"
         )
-    if labels.key_dates and truth.key_date_labels and not any(s in seasons for _, s in truth.key_date_labels):
+    if labels.key_dates and truth.key_date_labels and not any(
+        season_of(s) in seasons for _, s in truth.key_date_labels
+    ):
         have = sorted({s for _, s in truth.key_date_labels})[:3]
         raise ConfigError(
             f"{resolve_spec(labels.key_dates, base_dir)}: seasons {have} are none of the stack's "

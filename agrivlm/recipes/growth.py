@@ -67,9 +67,13 @@ def _field_records(
     name = parcel_name(p.cls)
     base_meta: dict[str, object] = {"field_id": p.field_id, "class": p.cls, "season": season, "cut": p.cut}
     out: list[Record] = []
-    known = state.truth.key_dates(p.field_id, season)
-    if state.truth.cycles(p.field_id, season) > 1:
-        known = {}  # two green-ups (double cropping, a regrowth) in one season: "when" has two answers
+    cycle: str | None = season
+    if p.field_id in state.truth.key_date_fields:
+        # the one labelled cycle of the window (``2021`` or ``2021-2``); two (a double crop, a regrowth):
+        # "when did green-up start" has two answers, so no key-date question
+        cycles = state.truth.cycle_labels(p.field_id, season)
+        cycle = cycles[0] if len(cycles) == 1 else None
+    known = state.truth.key_dates(p.field_id, cycle) if cycle is not None else {}
     for key, (task, questions, answer) in _KEY_DATES.items():
         if task not in cfg.tasks or key not in known:
             continue
@@ -81,7 +85,7 @@ def _field_records(
         out.append(f.record(chip, frames, FAMILY, task, f"{p.field_id}:{season}", [
             user(pick(r, questions).format(name=name), boxes=[p.box]),
             assistant(answer, times=[t]),
-        ], {**base_meta, "date": iso_day(day), "source": source}))
+        ], {**base_meta, "season": cycle, "date": iso_day(day), "source": source}))
     derived = state.truth.derived_season(p.field_id, season)
     if "season_segment" in cfg.tasks and derived is not None:
         t1, t2 = f.norm_time(frames, derived.sos), f.norm_time(frames, derived.eos)

@@ -62,6 +62,12 @@ def from_days(days: npt.ArrayLike) -> npt.NDArray[np.datetime64]:
     return _EPOCH + secs.astype("timedelta64[s]")
 
 
+def season_of(label: str) -> str:
+    """The season window of a key-date label: ``2021-2`` (a second cycle) → ``2021``; ``2021`` → ``2021``."""
+    base, _, k = label.rpartition("-")
+    return base if base and k.isdigit() else label
+
+
 def day_str(when: object) -> str:
     """A time (``datetime64``, ``datetime`` or ISO string) → its calendar day ``YYYY-MM-DD``."""
     return str(np.asarray(when, dtype="datetime64[s]").astype("datetime64[D]"))
@@ -427,15 +433,17 @@ class GrowthTruth:
                         "senescence": (s.senescence, "derived")}
         return {}
 
-    def cycles(self, field_id: str, season: str) -> int:
-        """Labelled cycles of a field in one season window: its rows ``season``, ``season-2``, ``season-3`` ….
+    def cycle_labels(self, field_id: str, season: str) -> list[str]:
+        """A field's labelled cycles in one season window: its key-date rows ``season``, ``season-2`` ….
 
         ``agrivlm synth`` labels a second crop or a grass regrowth in one window ``YYYY-2``.
         """
-        n, k = int((field_id, season) in self.key_date_labels), 2
+        out = [season] if (field_id, season) in self.key_date_labels else []
+        k = 2
         while (field_id, f"{season}-{k}") in self.key_date_labels:
-            n, k = n + 1, k + 1
-        return n
+            out.append(f"{season}-{k}")
+            k += 1
+        return out
 
     def derived_season(self, field_id: str, season: str) -> Season | None:
         """The derived season of an unlabelled field (for the growing-season segment), or ``None``."""
@@ -511,11 +519,18 @@ def stage_table(truth: GrowthTruth, times: Sequence[np.datetime64]) -> pd.DataFr
 
 
 def key_date_table(truth: GrowthTruth, seasons: Sequence[str]) -> pd.DataFrame:
-    """Key dates (:data:`agrivlm.schema.KEY_DATE_COLUMNS`): a row per analysed field and season, empty = not reached."""
+    """Key dates (:data:`agrivlm.schema.KEY_DATE_COLUMNS`): a row per analysed field and season, empty = not reached.
+
+    A labelled field also gets its labelled seasons outside ``seasons`` (a second cycle ``2021-2``).
+    """
     rows = []
+    extra: dict[str, set[str]] = {}
+    for fid, season in truth.key_date_labels:
+        if season not in seasons:
+            extra.setdefault(fid, set()).add(season)
     fields = [f for f in truth.fields() if f in truth.key_date_fields or truth.derived_for(f, "key_dates")]
     for fid in fields:
-        for season in seasons:
+        for season in [*seasons, *sorted(extra.get(fid, ()))]:
             known = truth.key_dates(fid, season)
             rows.append([fid, season] + [iso_day(known[k][0]) if k in known else "" for k in KEY_DATE_COLUMNS[2:]])
     return pd.DataFrame(rows, columns=list(KEY_DATE_COLUMNS))
