@@ -16,6 +16,11 @@ beside ``OUT`` that replaces it only when complete.
     tables/phenology.csv                  every detected season in detail (SOS, peak start, POS, ...)
     tables/parcels.gpkg                   layers ``parcels`` (clipped to the stack) and ``chip_parcels``
     plots/phenology.png, plots/splits.png
+
+A recipe with ``sources:`` (several real sources, ``synth:`` scene folders) prepares each source on its own
+(chip ids ``NAME/r000000_c000000``; a scene dealt whole to a split, or blocks within it), pools the records
+of all, shares each mixture component among the entries by weight, and writes the tables and plots of
+each source under ``tables/NAME/`` and ``plots/NAME/``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from typing import Any
 
 import geopandas as gpd
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 import shapely
 from rasterio.features import rasterize
@@ -155,7 +161,8 @@ def prepare_all(cfg: RecipeConfig, base_dir: Path, progress: bool = True) -> lis
 
 
 def _check_labels_meet_stack(
-    truth: GrowthTruth, origin: ResolvedSource, base_dir: Path, times: Any, seasons: list[str], season_start: str
+    truth: GrowthTruth, origin: ResolvedSource, base_dir: Path, times: npt.NDArray[np.datetime64],
+    seasons: list[str], season_start: str,
 ) -> None:
     """A label table none of whose rows falls on the stack (no acquisition day, no season) is an error.
 
