@@ -4,11 +4,15 @@ Two fields on a 10 m UTM grid carry asymmetric-Gaussian NDVI seasons with known 
 part of the scene on some dates (their pixels read 0.02 and the date's mask marks them); the parcels
 are written as GeoJSON in EPSG:4326 so recipes have to reproject them to the stack's CRS.
 
+:func:`write_synth_scene` writes the same fields as a scene folder in the layout of ``agrivlm synth``
+(``stack/``, ``cloud_mask/``, ``parcels.gpkg``, ``truth/stages.csv``, ``truth/key_dates.csv``, ``scene.json``).
+
 Run as a script to write the scene into a folder: ``python tests/recipes_synth.py OUT_DIR``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -17,6 +21,7 @@ from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 from rasters import UTM33, UTM_TRANSFORM, write_raster
 from shapely.geometry import box
 
@@ -109,6 +114,107 @@ def write_scene(root: Path, seed: int = 0, cloud_rate: float = 0.3) -> dict[str,
     ).to_crs(4326)
     parcels.to_file(root / "parcels.geojson", driver="GeoJSON")
     return {"ndvi": root / "ndvi", "masks": root / "masks", "parcels": root / "parcels.geojson"}
+
+
+#: Reflectance band names of ``--bands s2`` scenes (NDVI = (B08 − B04) / (B08 + B04)).
+S2_BANDS = ("B02", "B03", "B04", "B08", "B11")
+
+
+def _stage(f: SynthField, day: datetime, shift: float) -> str:
+    """The analytic stage of a field on ``day`` (key dates shifted by ``shift`` days)."""
+    t = {k: v + timedelta(days=shift) for k, v in f.truth().items()}
+    peak_start = datetime(2021, 1, 1) + timedelta(days=f.peak_doy + shift - f.w_left * math.sqrt(-math.log(0.8)))
+    if day < t["green_up"]:
+        return "dormant"
+    if day < peak_start:
+        return "green-up"
+    if day < t["senescence"]:
+        return "peak"
+    if day < t["eos"]:
+        return "senescence"
+    return "harvested" if f.cls == "cultivated land" else "dormant"
+
+
+#: Land-cover codes of the scenes' ``landcover.tif`` (as ``agrivlm synth``'s).
+LANDCOVER = {"cultivated land": 1, "forest": 2, "grassland": 3, "shrubland": 4}
+
+
+def write_synth_scene(
+    root: Path, seed: int = 0, bands: str = "ndvi", cloud_rate: float = 0.3,
+    truth_shift: dict[str, float] | None = None, season_start: str = "01-01", second_cycle: tuple[str, ...] = (),
+) -> Path:
+    """Write a scene folder as ``agrivlm synth`` does; return ``root``.
+
+    The fields of :data:`FIELDS` with a season (not the forest) get truth rows for every acquisition date
+    and their key dates, labelled by the year of the ``season_start`` window holding the peak;
+    ``truth_shift`` moves a field's truth by days away from what its NDVI shows, so a recipe that derived
+    stages from NDVI would answer differently; fields in ``second_cycle`` get a second key-date row in the
+    same window (``YYYY-2``, as a double crop). ``ndvi`` scenes record ``seed``/``region``/``bands`` at the
+    top of ``scene.json``; ``s2`` scenes as the generator's writer does (``spec``, ``band_names``,
+    ``season_start``, ``class_raster`` with a ``landcover.tif``).
+    """
+    rng = np.random.default_rng(seed)
+    shift = truth_shift or {}
+    day0 = datetime(2021, 1, 1)
+    rows, cols = np.mgrid[0:SIZE, 0:SIZE]
+    for k, when in enumerate(dates()):
+        doy = (when - day0).total_seconds() / 86400.0
+        ndvi = np.full((SIZE, SIZE), 0.1, dtype=np.float64) + rng.normal(0, 0.005, (SIZE, SIZE))
+        for f in FIELDS:
+            inside = (rows >= f.rows[0]) & (rows < f.rows[1]) & (cols >= f.cols[0]) & (cols < f.cols[1])
+            ndvi[inside] = f.ndvi(np.array([doy]))[0] + rng.normal(0, 0.01, int(inside.sum()))
+        cloud = np.zeros((SIZE, SIZE), dtype=np.uint8)
+        if k > 0 and rng.random() < cloud_rate:
+            cloud[:, : SIZE // 2] = 1
+        ndvi[cloud == 1] = CLOUD_VALUE
+        stamp = f"{when:%Y%m%d}"
+        tags = {"TIFFTAG_DATETIME": f"{when:%Y:%m:%d %H:%M:%S}"}
+        if bands == "s2":
+            red = np.full_like(ndvi, 0.05)
+            nir = red * (1 + ndvi) / (1 - ndvi)
+            data = np.stack([red * 0.8, red * 1.2, red, nir, nir * 0.6]).astype(np.float32)
+            write_raster(root / "stack" / f"S2_{stamp}.tif", data, tags=tags, descriptions=S2_BANDS)
+        else:
+            write_raster(root / "stack" / f"NDVI_{stamp}.tif", ndvi[None].astype(np.float32), tags=tags,
+                         descriptions=["NDVI"])
+        write_raster(root / "cloud_mask" / f"CLM_{stamp}.tif", cloud[None], nodata=255, tags=tags)
+    polys, stage_rows, key_rows = [], [], []
+    for f in FIELDS:
+        x0, y0 = UTM_TRANSFORM * (f.cols[0], f.rows[1])
+        x1, y1 = UTM_TRANSFORM * (f.cols[1], f.rows[0])
+        polys.append(box(x0, y0, x1, y1))
+        if f.amp < 0.3:
+            continue
+        d = shift.get(f.field_id, 0.0)
+        stage_rows += [(f.field_id, f"{when:%Y-%m-%d}", _stage(f, when, d)) for when in dates()]
+        t = {k: f"{v + timedelta(days=d):%Y-%m-%d}" for k, v in f.truth().items()}
+        peak = f.truth()["peak"] + timedelta(days=d)
+        label = str(peak.year if f"{peak:%m-%d}" >= season_start else peak.year - 1)
+        key_rows.append((f.field_id, label, t["green_up"], t["peak"], t["senescence"], t["eos"]))
+        if f.field_id in second_cycle:
+            later = {k: f"{v + timedelta(days=d + 120):%Y-%m-%d}" for k, v in f.truth().items()}
+            key_rows.append((f.field_id, f"{label}-2", later["green_up"], later["peak"], later["senescence"], ""))
+    gpd.GeoDataFrame(
+        {"field_id": [f.field_id for f in FIELDS], "class": [f.cls for f in FIELDS],
+         "crop": ["maize" if f.cls == "cultivated land" else "" for f in FIELDS]},
+        geometry=polys, crs=UTM33,
+    ).to_file(root / "parcels.gpkg", driver="GPKG")
+    (root / "truth").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(stage_rows, columns=["field_id", "date", "stage"]).to_csv(root / "truth" / "stages.csv", index=False)
+    pd.DataFrame(key_rows, columns=["field_id", "season", "green_up", "peak", "senescence", "harvest"]).to_csv(
+        root / "truth" / "key_dates.csv", index=False)
+    if bands == "ndvi":
+        scene: dict[str, object] = {"seed": seed, "region": "test", "bands": bands, "size": SIZE}
+    else:
+        cover = np.zeros((1, SIZE, SIZE), dtype=np.uint8)
+        for f in FIELDS:
+            cover[0, f.rows[0]:f.rows[1], f.cols[0]:f.cols[1]] = LANDCOVER[f.cls]
+        write_raster(root / "landcover.tif", cover, nodata=0)
+        scene = {"spec": {"seed": seed, "region": "test", "bands": bands}, "season_start": season_start,
+                 "band_names": list(S2_BANDS), "region": {"season_start": season_start},
+                 "class_raster": {"path": "landcover.tif", "classes": {str(v): k for k, v in LANDCOVER.items()}}}
+    (root / "scene.json").write_text(json.dumps(scene))
+    return root
 
 
 def recipe_yaml(paths: dict[str, Path], name: str = "synth", extra: str = "") -> str:

@@ -213,7 +213,7 @@ def _truth_for_labels() -> GrowthTruth:
     return GrowthTruth({"A": fp})
 
 
-def test_real_labels_take_precedence_over_derived_stages_and_dates(tmp_path: Path) -> None:
+def test_a_labelled_field_is_answered_from_its_labels_only(tmp_path: Path) -> None:
     truth = _truth_for_labels()
     when = np.datetime64(dates()[25], "s")  # 2021-07-09: derived "peak"
     assert truth.stage("A", when) == ("peak", "derived")
@@ -225,9 +225,12 @@ def test_real_labels_take_precedence_over_derived_stages_and_dates(tmp_path: Pat
                           key_dates="keys.csv")
     merged = load_growth_truth(truth.phenology, labels, tmp_path)
     assert merged.stage("A", when) == ("senescence", "label")
-    assert merged.stage("A", np.datetime64(dates()[26], "s"))[1] == "derived"
+    # a date the labels lack has no stage (derived would say "peak"): labels and curves are never mixed
+    assert truth.stage("A", np.datetime64(dates()[26], "s"))[0] is not None
+    assert merged.stage("A", np.datetime64(dates()[26], "s")) == (None, "label")
     keys = merged.key_dates("A", "2021")
-    assert keys["green_up"] == (_days(datetime(2021, 5, 5)), "label") and keys["peak"][1] == "derived"
+    assert keys == {"green_up": (_days(datetime(2021, 5, 5)), "label")}, "no derived peak or senescence"
+    assert merged.derived_season("A", "2021") is None and truth.derived_season("A", "2021") is not None
     stages = stage_table(merged, [np.datetime64(d, "s") for d in dates()])
     assert list(stages.columns) == list(STAGE_COLUMNS) and set(stages.stage) <= set(GROWTH_STAGES)
     row = stages[(stages.field_id == "A") & (stages.date == "2021-07-09")]
@@ -236,7 +239,14 @@ def test_real_labels_take_precedence_over_derived_stages_and_dates(tmp_path: Pat
     kd = key_date_table(merged, ["2020", "2021"])
     assert list(kd.columns) == list(KEY_DATE_COLUMNS)
     a21 = kd[(kd.field_id == "A") & (kd.season == "2021")].iloc[0]
-    assert a21.green_up == "2021-05-05" and a21.peak == str(from_days(truth.phenology["A"].seasons[0].pos))[:10]
+    assert (a21.green_up, a21.peak, a21.senescence) == ("2021-05-05", "", "")
+    assert key_date_table(truth, ["2021"]).peak.item() == str(from_days(truth.phenology["A"].seasons[0].pos))[:10]
+    assert list(stages[stages.field_id == "A"].date) == ["2021-07-09"], "no derived stage for a labelled field"
+    # derive: never (synthetic truth): an unlabelled field with a clear derived season is not asked about
+    (tmp_path / "z.csv").write_text("field_id,date,stage\nZ,2021-07-09,harvested\n")
+    only = load_growth_truth(truth.phenology, LabelsConfig(stages="z.csv", derive="never"), tmp_path)
+    assert only.fields() == ["Z"] and only.stage("A", when) == (None, "derived") and not only.has_field("A")
+    assert only.key_dates("A", "2021") == {} and key_date_table(only, ["2021"]).empty
     a20 = kd[(kd.field_id == "A") & (kd.season == "2020")].iloc[0]
     assert (a20.green_up, a20.peak, a20.senescence) == ("", "", ""), "empty where not reached"
 

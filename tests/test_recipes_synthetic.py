@@ -99,10 +99,13 @@ def test_labels_win_in_the_tables_and_the_stage_answers(scene) -> None:
     stages = pd.read_csv(out / "tables" / "growth_stages.csv", dtype=str)
     # 2021-05-30 is an acquisition in D's derived peak stage; the label says otherwise and wins
     assert stages[(stages.field_id == "D") & (stages.date == "2021-05-30")].stage.tolist() == ["senescence"]
-    assert stages[(stages.field_id == "D") & (stages.date == "2021-06-09")].stage.tolist() == ["peak"]
+    # D is labelled: its other dates are not filled with derived stages (06-09 would derive "peak")
+    assert stages[stages.field_id == "D"].date.tolist() == ["2021-05-30"]
+    assert stages[(stages.field_id == "A") & (stages.date == "2021-06-09")].stage.tolist() == ["peak"]
     keys = pd.read_csv(out / "tables" / "key_dates.csv", dtype=str, keep_default_na=False)
     row = keys[(keys.field_id == "E") & (keys.season == "2021")].iloc[0]
-    assert row.green_up == "2021-04-01" and row.peak.startswith("2021-0")
+    assert (row.green_up, row.peak, row.senescence) == ("2021-04-01", "", ""), "E's key dates are its labels only"
+    assert keys[(keys.field_id == "A") & (keys.season == "2021")].iloc[0].peak.startswith("2021-0")
     for rec in _records(out):
         if rec.task == "stage_on_date":
             expected = stages[(stages.field_id == rec.meta["field_id"]) & (stages.date == rec.meta["date"])]

@@ -16,6 +16,11 @@ beside ``OUT`` that replaces it only when complete.
     tables/phenology.csv                  every detected season in detail (SOS, peak start, POS, ...)
     tables/parcels.gpkg                   layers ``parcels`` (clipped to the stack) and ``chip_parcels``
     plots/phenology.png, plots/splits.png
+
+A recipe with ``sources:`` (several real sources, ``synth:`` scene folders) prepares each source on its own
+(chip ids ``NAME/r000000_c000000``; a scene dealt whole to a split, or blocks within it), pools the records
+of all, shares each mixture component among the entries by weight, and writes the tables and plots of
+each source under ``tables/NAME/`` and ``plots/NAME/``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +39,8 @@ from typing import Any
 
 import geopandas as gpd
 import numpy as np
+import numpy.typing as npt
+import pandas as pd
 import shapely
 from rasterio.features import rasterize
 from rasterio.windows import Window
@@ -43,16 +50,19 @@ from agrivlm.errors import ConfigError
 from agrivlm.geo.chips import chip_id as make_chip_id
 from agrivlm.geo.chips import chip_windows
 from agrivlm.geo.stack import Stack, open_stack
-from agrivlm.recipes.config import RecipeConfig, load_recipe
+from agrivlm.recipes.config import RecipeConfig, SceneSplitConfig, load_recipe
 from agrivlm.recipes.context import ChipContext, ParcelInChip, RecordFactory, norm_box, select_frames
 from agrivlm.recipes.families import BuildState, builders
 from agrivlm.recipes.mixture import MixReport, max_unique, mix
 from agrivlm.recipes.phenology import (
     FieldPhenology,
+    GrowthTruth,
     analyse_parcels,
+    day_str,
     key_date_table,
     load_growth_truth,
     phenology_detail_table,
+    season_of,
     season_windows,
     stage_table,
     to_days,
@@ -63,8 +73,10 @@ from agrivlm.recipes.schema import FAMILIES, SCHEMA_VERSION, SPLITS, Record, wri
 from agrivlm.recipes.sources import (
     UNKNOWN_CLASS,
     ClassRaster,
+    ResolvedSource,
     load_parcels,
     portable_spec,
+    resolve_sources,
     resolve_spec,
     sha256_file,
 )
@@ -89,6 +101,15 @@ class Prepared:
     phenology: dict[str, FieldPhenology]
     state: BuildState
     chips: list[ChipContext] = field(default_factory=list)
+    #: The source this was prepared from (files, labels, split rule, mixture weight).
+    origin: ResolvedSource | None = None
+
+    @property
+    def source(self) -> ResolvedSource:
+        """The source (the recipe's single ``source:`` when prepared without one)."""
+        if self.origin is not None:
+            return self.origin
+        return resolve_sources(self.cfg, self.base_dir)[0]
 
 
 def _spec_root(resolved: str) -> Path:
@@ -129,9 +150,63 @@ def _clip_parcels(chip: ChipContext, parcels: gpd.GeoDataFrame) -> list[ParcelIn
     return out
 
 
-def prepare(cfg: RecipeConfig, base_dir: Path, progress: bool = True) -> Prepared:
-    """Open the sources, cut and split the chip grid, scan the stack, derive phenology, clip parcels."""
-    src = cfg.source
+def fixed_split(windows: Sequence[Window], split: str) -> SplitAssignment:
+    """Every chip in one split (a whole scene dealt to a split): no blocks, nothing excluded."""
+    return SplitAssignment(blocks={}, chip_split=dict.fromkeys(range(len(windows)), split))
+
+
+def prepare_all(cfg: RecipeConfig, base_dir: Path, progress: bool = True) -> list[Prepared]:
+    """:func:`prepare` for every source of the recipe (``synth:`` globs expanded), in order."""
+    return [prepare(cfg, base_dir, progress, origin) for origin in resolve_sources(cfg, base_dir)]
+
+
+def _check_labels_meet_stack(
+    truth: GrowthTruth, origin: ResolvedSource, base_dir: Path, times: npt.NDArray[np.datetime64],
+    seasons: list[str], season_start: str,
+) -> None:
+    """A label table none of whose rows falls on the stack (no acquisition day, no season) is an error.
+
+    Such a table answers nothing: a date or season format the recipe does not share, or another scene's
+    labels. Tables that also cover other dates or years are fine.
+    """
+    labels = origin.labels
+    if labels is None:
+        return
+    days = {day_str(t) for t in times}
+    if labels.stages and truth.stage_labels and not any(d in days for _, d in truth.stage_labels):
+        raise ConfigError(
+            f"{resolve_spec(labels.stages, base_dir)}: no labelled date is an acquisition day of the stack "
+            f"({day_str(times[0])} … {day_str(times[-1])}); check the date column and that the labels are this "
+            "source's"
+        )
+    if labels.key_dates and truth.key_date_labels and not any(
+        season_of(s) in seasons for _, s in truth.key_date_labels
+    ):
+        have = sorted({s for _, s in truth.key_date_labels})[:3]
+        raise ConfigError(
+            f"{resolve_spec(labels.key_dates, base_dir)}: seasons {have} are none of the stack's "
+            f"({', '.join(seasons)}: the year a season starts in, from phenology.season_start {season_start})"
+        )
+
+
+def source_chip_id(origin: ResolvedSource | None, window: Window) -> str:
+    """``r000000_c000000``, prefixed ``NAME/`` for a named source (so ids stay unique across scenes)."""
+    cid = make_chip_id(window)
+    return f"{origin.name}/{cid}" if origin is not None and origin.name is not None else cid
+
+
+def prepare(cfg: RecipeConfig, base_dir: Path, progress: bool = True, origin: ResolvedSource | None = None) -> Prepared:
+    """Open a source, cut and split the chip grid, scan the stack, derive phenology, clip parcels.
+
+    ``origin`` is one of :func:`~agrivlm.recipes.sources.resolve_sources`; without it the recipe must have
+    exactly one source.
+    """
+    if origin is None:
+        resolved = resolve_sources(cfg, base_dir)
+        if len(resolved) != 1:
+            raise ConfigError(f"recipe {cfg.name}: {len(resolved)} sources; prepare each (prepare_all)")
+        origin = resolved[0]
+    src = origin.source
     stack = open_stack(
         resolve_spec(src.stack, base_dir),
         masks=resolve_spec(src.masks, base_dir) if src.masks else None,
@@ -144,17 +219,22 @@ def prepare(cfg: RecipeConfig, base_dir: Path, progress: bool = True) -> Prepare
     )
     t, _, h, w = stack.shape
     windows = chip_windows(h, w, cfg.chips.size, cfg.chips.stride, cfg.chips.edge)
-    assignment = assign_splits(
-        windows, h, w, cfg.split.block_px, cfg.split.buffer_px, {str(k): v for k, v in cfg.split.fractions.items()},
-        cfg.split.seed,
-    )
+    if origin.split is not None:
+        assignment = fixed_split(windows, origin.split)
+    else:
+        assignment = assign_splits(
+            windows, h, w, cfg.split.block_px, cfg.split.buffer_px,
+            {str(k): v for k, v in cfg.split.fractions.items()}, cfg.split.seed,
+        )
     kept = sorted(assignment.chip_split)
     scan = scan_stack(
         stack, index, [windows[i] for i in kept], list(parcels.geometry), cfg.phenology.tile_px, progress
     )
-    phenology = analyse_parcels(scan, parcels, cfg.phenology)
-    labels = cfg.tasks.growth_stages.labels if cfg.tasks.growth_stages is not None else None
-    truth = load_growth_truth(phenology, labels, base_dir)
+    phen = cfg.phenology
+    if origin.season_start is not None and origin.season_start != phen.season_start:
+        phen = phen.model_copy(update={"season_start": origin.season_start})
+    phenology = analyse_parcels(scan, parcels, phen)
+    truth = load_growth_truth(phenology, origin.labels, base_dir)
     days = to_days(stack.times)
 
     data_root = _spec_root(resolve_spec(src.stack, base_dir))
@@ -174,15 +254,16 @@ def prepare(cfg: RecipeConfig, base_dir: Path, progress: bool = True) -> Prepare
         band_names=list(stack.band_names),
     )
     state = BuildState(
-        seed=cfg.seed, factory=factory, scan=scan, truth=truth, phenology=cfg.phenology, days=days,
-        seasons=season_windows(float(days.min()), float(days.max()), cfg.phenology.season_start),
+        seed=cfg.seed, factory=factory, scan=scan, truth=truth, phenology=phen, days=days,
+        seasons=season_windows(float(days.min()), float(days.max()), phen.season_start),
     )
-    prep = Prepared(cfg, base_dir, stack, parcels, counts, windows, assignment, scan, phenology, state)
+    _check_labels_meet_stack(truth, origin, base_dir, stack.times, [s[0] for s in state.seasons], phen.season_start)
+    prep = Prepared(cfg, base_dir, stack, parcels, counts, windows, assignment, scan, phenology, state, origin=origin)
 
     c = cfg.chips
     for k, i in enumerate(kept):
         win = windows[i]
-        cid = make_chip_id(win)
+        cid = source_chip_id(origin, win)
         chip = ChipContext(
             chip_id=cid, window=win, grid=stack.grid.subgrid(win), split=assignment.chip_split[i],
             clear=scan.chip_clear[:, k],
@@ -203,7 +284,7 @@ def class_maps(prep: Prepared) -> Iterator[Callable[[ChipContext], None]]:
 
     Class maps are loaded one chip at a time (and dropped after use) so memory stays bounded.
     """
-    src, base = prep.cfg.source, prep.base_dir
+    src, base = prep.source.source, prep.base_dir
     if src.class_raster is not None:
         words = sorted(set(src.class_raster.classes.values()))
         lut = {code: words.index(word) for code, word in src.class_raster.classes.items()}
@@ -257,11 +338,39 @@ def build_pools(prep: Prepared, progress: bool = True) -> dict[str, list[Record]
     return pools
 
 
-def arrange(prep: Prepared, pools: dict[str, list[Record]]) -> tuple[dict[str, list[Record]], dict[str, MixReport]]:
-    """Records per split: the stage mixture when the recipe has one, else every record in a seeded order."""
+def _component_pools(
+    preps: Sequence[Prepared], records: list[Record], name: str
+) -> tuple[dict[str, list[Record]], dict[str, float]]:
+    """A component's pool split by source entry (``name@sources[i]``), with the entries' weights.
+
+    One entry: the pool as it is, weight 1. Entries without records in this pool are left out, so the
+    others share the component (none with records: the empty pool, which the mixture reports).
+    """
+    group_of = {chip.chip_id: prep.source.group for prep in preps for chip in prep.chips}
+    weight_of = {prep.source.group: prep.source.weight for prep in preps}
+    by_group: dict[str, list[Record]] = {}
+    for r in records:
+        by_group.setdefault(group_of[r.chip.chip_id], []).append(r)
+    if len(weight_of) == 1 or not by_group:
+        return {name: records}, {name: 1.0}
+    groups = [g for g in weight_of if g in by_group]
+    total = sum(weight_of[g] for g in groups)
+    return ({f"{name}@{g}": by_group[g] for g in groups}, {f"{name}@{g}": weight_of[g] / total for g in groups})
+
+
+def arrange(
+    prep: Prepared | Sequence[Prepared], pools: dict[str, list[Record]]
+) -> tuple[dict[str, list[Record]], dict[str, MixReport]]:
+    """Records per split: the stage mixture when the recipe has one, else every record in a seeded order.
+
+    ``pools`` holds the records of every source in ``prep`` (one :class:`Prepared` per source). In a
+    mixture each component is shared among the ``sources:`` entries by their weights (components named
+    ``COMPONENT@sources[i]`` in the report when there are several).
+    """
     from agrivlm.recipes.context import rng_for
 
-    cfg = prep.cfg
+    preps = [prep] if isinstance(prep, Prepared) else list(prep)
+    cfg = preps[0].cfg
     out: dict[str, list[Record]] = {}
     reports: dict[str, MixReport] = {}
     for split in SPLITS:
@@ -271,12 +380,15 @@ def arrange(prep: Prepared, pools: dict[str, list[Record]]) -> tuple[dict[str, l
             out[split] = [recs[int(i)] for i in order]
             continue
         comp_pools: dict[str, list[Record]] = {}
+        weights: dict[str, float] = {}
         for name, comp in cfg.mixture.components.items():
-            comp_pools[name] = [
+            recs = [
                 r for fam in comp.families for r in pools[fam]
                 if r.split == split and (not comp.text_only or not r.has_positions)
             ]
-        weights = {name: comp.weight for name, comp in cfg.mixture.components.items()}
+            sub_pools, sub_weights = _component_pools(preps, recs, name)
+            comp_pools.update(sub_pools)
+            weights.update({k: comp.weight * w for k, w in sub_weights.items()})
         want = cfg.mixture.samples.get(split, "max_unique")  # type: ignore[call-overload]
         n = max_unique(comp_pools, weights) if want == "max_unique" else int(want)
         try:
@@ -287,7 +399,7 @@ def arrange(prep: Prepared, pools: dict[str, list[Record]]) -> tuple[dict[str, l
 
 
 def _sources_manifest(prep: Prepared) -> dict[str, Any]:
-    src, base = prep.cfg.source, prep.base_dir
+    src, base = prep.source.source, prep.base_dir
     stack_files = {str(p.name): sha256_file(p) for p in prep.stack.files}
     mask_files = {
         str(m.path.name): sha256_file(m.path) for step in prep.stack.steps for m in step.masks if m is not None
@@ -301,19 +413,20 @@ def _sources_manifest(prep: Prepared) -> dict[str, Any]:
     if src.class_raster is not None:
         p = resolve_spec(src.class_raster.path, base)
         out["class_raster"] = {"spec": src.class_raster.path, "path": p, "sha256": sha256_file(p)}
-    gs = prep.cfg.tasks.growth_stages
-    if gs is not None and gs.labels is not None:
+    labels = prep.source.labels
+    if labels is not None:
         for key in ("stages", "key_dates"):
-            spec = getattr(gs.labels, key)
+            spec = getattr(labels, key)
             if spec:
                 p = resolve_spec(spec, base)
                 out[f"labels_{key}"] = {"spec": spec, "path": p, "sha256": sha256_file(p)}
     return out
 
 
-def _phenology_summary(prep: Prepared) -> dict[str, Any]:
-    table = phenology_detail_table(prep.phenology)
-    out: dict[str, Any] = {"fields_analysed": len(prep.phenology), "seasons": {}}
+def _phenology_summary(preps: Sequence[Prepared]) -> dict[str, Any]:
+    tables = [phenology_detail_table(p.phenology) for p in preps]
+    table = pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
+    out: dict[str, Any] = {"fields_analysed": sum(len(p.phenology) for p in preps), "seasons": {}}
     for season, group in table.groupby("season"):
         med = {}
         for col in ("sos", "pos", "senescence", "eos"):
@@ -321,8 +434,8 @@ def _phenology_summary(prep: Prepared) -> dict[str, Any]:
             med[col] = str(np.datetime64("1970-01-01") + np.timedelta64(int(round(float(np.median(days)))), "D"))
         out["seasons"][str(season)] = {"fields": int(len(group)), "median": med,
                                        "post_stage": dict(Counter(group.post_stage))}
-    out["stage_labels"] = len(prep.state.truth.stage_labels)
-    out["key_date_labels"] = len(prep.state.truth.key_date_labels)
+    out["stage_labels"] = sum(len(p.state.truth.stage_labels) for p in preps)
+    out["key_date_labels"] = sum(len(p.state.truth.key_date_labels) for p in preps)
     return out
 
 
@@ -351,16 +464,65 @@ def _write_parcels(prep: Prepared, path: Path) -> None:
     chip_layer.to_file(path, driver="GPKG", layer="chip_parcels", mode="a")
 
 
+def _write_source_files(prep: Prepared, out_dir: Path, sub: str) -> dict[str, Any]:
+    """Tables and plots of one source under ``tables/SUB`` and ``plots/SUB``; their paths (relative)."""
+    tables = out_dir / "tables" / sub
+    tables.mkdir(parents=True, exist_ok=True)
+    truth = prep.state.truth
+    stage_table(truth, list(prep.stack.times)).to_csv(tables / "growth_stages.csv", index=False)
+    key_date_table(truth, [s[0] for s in prep.state.seasons]).to_csv(tables / "key_dates.csv", index=False)
+    phenology_detail_table(prep.phenology).to_csv(tables / "phenology.csv", index=False)
+    _write_parcels(prep, tables / "parcels.gpkg")
+
+    plots = out_dir / "plots" / sub
+    index_name = prep.source.source.index_name
+    chosen = pick_parcels(prep.phenology, prep.cfg.output.plot_parcels)
+    where = f"recipe {prep.cfg.name}" + (f", {prep.source.name}" if prep.source.name else "")
+    plot_phenology(chosen, plots / "phenology.png", index_name,
+                   title=f"{where}: {index_name} of {len(chosen)} parcels, derived stages")
+    kept = {c.chip_id: c.window for c in prep.chips}
+    plot_splits(prep.stack.grid, kept, {c.chip_id: c.split for c in prep.chips},
+                [prep.windows[i] for i in prep.assignment.excluded], prep.parcels, plots / "splits.png")
+    rel = f"{sub}/" if sub else ""
+    return {
+        "tables": {"growth_stages": f"tables/{rel}growth_stages.csv", "key_dates": f"tables/{rel}key_dates.csv",
+                   "phenology": f"tables/{rel}phenology.csv", "parcels": f"tables/{rel}parcels.gpkg"},
+        "plots": [f"plots/{rel}phenology.png", f"plots/{rel}splits.png"],
+    }
+
+
+def _stack_summary(prep: Prepared) -> dict[str, Any]:
+    return {
+        "n_dates": len(prep.stack.steps), "first_date": str(prep.stack.times[0]),
+        "last_date": str(prep.stack.times[-1]), "crs": _crs_text(prep.stack.crs),
+        "shape": list(prep.stack.shape), "transform": list(prep.stack.transform)[:6],
+    }
+
+
+def _parcel_summary(prep: Prepared) -> dict[str, int]:
+    return {**prep.parcel_counts, "in_stack": int(prep.parcels.intersects(prep.stack.grid.footprint()).sum())}
+
+
+def _block_ids(prep: Prepared) -> dict[str, str]:
+    prefix = f"{prep.source.name}/" if prep.source.name else ""
+    return {f"{prefix}{r}_{c}": s for (r, c), s in sorted(prep.assignment.blocks.items())}
+
+
 def write_outputs(
-    prep: Prepared,
+    prep: Prepared | Sequence[Prepared],
     pools: dict[str, list[Record]],
     arranged: dict[str, list[Record]],
     reports: dict[str, MixReport],
     out_dir: Path,
     recipe_path: Path,
 ) -> dict[str, Any]:
-    """Write shards, tables, plots and the manifest into ``out_dir`` (a fresh folder); return the manifest."""
-    cfg = prep.cfg
+    """Write shards, tables, plots and the manifest into ``out_dir`` (a fresh folder); return the manifest.
+
+    One source (``source:``): ``tables/`` and ``plots/`` hold its files. Several (``sources:``): each
+    source's under ``tables/NAME/`` and ``plots/NAME/``, and the manifest's ``sources`` lists them.
+    """
+    preps = [prep] if isinstance(prep, Prepared) else list(prep)
+    cfg = preps[0].cfg
     shard_dir = out_dir / "shards"
     shard_dir.mkdir(parents=True)
     shards = []
@@ -375,21 +537,8 @@ def write_outputs(
             shards.append({"path": str(path.relative_to(out_dir)), "split": split, "records": len(chunk),
                            "sha256": sha256_file(path)})
 
-    tables = out_dir / "tables"
-    tables.mkdir()
-    truth = prep.state.truth
-    stage_table(truth, list(prep.stack.times)).to_csv(tables / "growth_stages.csv", index=False)
-    key_date_table(truth, [s[0] for s in prep.state.seasons]).to_csv(tables / "key_dates.csv", index=False)
-    phenology_detail_table(prep.phenology).to_csv(tables / "phenology.csv", index=False)
-    _write_parcels(prep, tables / "parcels.gpkg")
-
-    plots = out_dir / "plots"
-    chosen = pick_parcels(prep.phenology, cfg.output.plot_parcels)
-    plot_phenology(chosen, plots / "phenology.png", cfg.source.index_name,
-                   title=f"recipe {cfg.name}: {cfg.source.index_name} of {len(chosen)} parcels, derived stages")
-    kept = {c.chip_id: c.window for c in prep.chips}
-    plot_splits(prep.stack.grid, kept, {c.chip_id: c.split for c in prep.chips},
-                [prep.windows[i] for i in prep.assignment.excluded], prep.parcels, plots / "splits.png")
+    single = cfg.source is not None
+    files = [_write_source_files(p, out_dir, "" if single else str(p.source.name)) for p in preps]
 
     by_family: dict[str, dict[str, int]] = {}
     by_task: dict[str, dict[str, int]] = {}
@@ -402,31 +551,43 @@ def write_outputs(
     pool_counts = {
         fam: {split: sum(1 for r in recs if r.split == split) for split in SPLITS} for fam, recs in pools.items()
     }
-    chips_by_split = {s: sorted(c.chip_id for c in prep.chips if c.split == s) for s in SPLITS}
+    chips = [c for p in preps for c in p.chips]
+    chips_by_split = {s: sorted(c.chip_id for c in chips if c.split == s) for s in SPLITS}
+    stacks = [_stack_summary(p) for p in preps]
+    parcel_counts: Counter[str] = Counter()
+    for p in preps:
+        parcel_counts.update(_parcel_summary(p))
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "recipe": cfg.name,
         "recipe_file": str(recipe_path.resolve()),
         "recipe_sha256": sha256_file(recipe_path),
         "config": cfg.model_dump(mode="json"),
+        "same_day": cfg.same_day,
         "seeds": {"recipe": cfg.seed, "split": cfg.split.seed},
-        "sources": _sources_manifest(prep),
-        "stack": {
-            "n_dates": len(prep.stack.steps), "first_date": str(prep.stack.times[0]),
-            "last_date": str(prep.stack.times[-1]), "crs": _crs_text(prep.stack.crs),
-            "shape": list(prep.stack.shape), "transform": list(prep.stack.transform)[:6],
+        "sources": _sources_manifest(preps[0]) if single else [
+            {"name": p.source.name, "entry": p.source.group, "weight": p.source.weight,
+             "split": p.source.split or "blocks", "scene": p.source.scene, "files": _sources_manifest(p),
+             "stack": stack, "parcels": _parcel_summary(p), "chips": len(p.chips),
+             "phenology": _phenology_summary([p]), **f}
+            for p, stack, f in zip(preps, stacks, files, strict=True)
+        ],
+        "stack": stacks[0] if single else {
+            "sources": len(preps), "n_dates": sum(st["n_dates"] for st in stacks),
+            "first_date": min(st["first_date"] for st in stacks), "last_date": max(st["last_date"] for st in stacks),
         },
-        "parcels": {**prep.parcel_counts, "in_stack": int(prep.parcels.intersects(prep.stack.grid.footprint()).sum())},
+        "parcels": dict(parcel_counts),
         "chips": {
-            "grid": len(prep.windows),
-            "kept": len(prep.chips),
-            "excluded_buffer": sorted(make_chip_id(prep.windows[i]) for i in prep.assignment.excluded),
+            "grid": sum(len(p.windows) for p in preps),
+            "kept": len(chips),
+            "excluded_buffer": sorted(source_chip_id(p.origin, p.windows[i]) for p in preps
+                                      for i in p.assignment.excluded),
             "by_split": chips_by_split,
             "windows": {c.chip_id: [int(c.window.col_off), int(c.window.row_off), int(c.window.width),
-                                    int(c.window.height)] for c in prep.chips},
-            "without_frames": sorted(cid for cid, fr in prep.state.frames_all.items() if not fr),
+                                    int(c.window.height)] for c in chips},
+            "without_frames": sorted(cid for p in preps for cid, fr in p.state.frames_all.items() if not fr),
         },
-        "split": {"blocks": {f"{r}_{c}": s for (r, c), s in sorted(prep.assignment.blocks.items())}},
+        "split": {"blocks": {k: v for p in preps for k, v in _block_ids(p).items()}},
         "counts": {
             "records": {s: len(arranged[s]) for s in SPLITS},
             "unique_records": len(record_split),
@@ -435,15 +596,20 @@ def write_outputs(
             "pools": pool_counts,
         },
         "mixture": {s: rep.as_dict() for s, rep in reports.items()} if reports else None,
-        "phenology": _phenology_summary(prep),
+        "phenology": _phenology_summary(preps),
         "shards": shards,
         "records": dict(sorted(record_split.items())),
-        "tables": {
-            "growth_stages": "tables/growth_stages.csv", "key_dates": "tables/key_dates.csv",
-            "phenology": "tables/phenology.csv", "parcels": "tables/parcels.gpkg",
+        "tables": files[0]["tables"] if single else {
+            str(p.source.name): f["tables"] for p, f in zip(preps, files, strict=True)
         },
-        "plots": ["plots/phenology.png", "plots/splits.png"],
+        "plots": files[0]["plots"] if single else [x for f in files for x in f["plots"]],
     }
+    if not single:
+        manifest["split"]["scenes"] = {str(p.source.name): p.source.split or "blocks" for p in preps}
+        manifest["seeds"]["scenes"] = {
+            f"sources[{i}]": e.split.seed
+            for i, e in enumerate(cfg.sources or []) if isinstance(e.split, SceneSplitConfig)
+        }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
@@ -469,13 +635,18 @@ def build_recipe(
         cfg = cfg.model_copy(update={"seed": seed})
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ConfigError(f"{out_dir}: already exists and is not empty; pass --overwrite to replace it")
-    prep = prepare(cfg, recipe_path.parent, progress)
-    pools = build_pools(prep, progress)
-    arranged, reports = arrange(prep, pools)
+    preps = prepare_all(cfg, recipe_path.parent, progress)
+    pools: dict[str, list[Record]] = {f: [] for f in cfg.tasks.enabled()}
+    for prep in preps:
+        for family, records in build_pools(prep, progress).items():
+            pools[family].extend(records)
+    for records in pools.values():
+        records.sort(key=lambda r: r.sample_id)
+    arranged, reports = arrange(preps, pools)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        manifest = write_outputs(prep, pools, arranged, reports, tmp, recipe_path)
+        manifest = write_outputs(preps, pools, arranged, reports, tmp, recipe_path)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
             os.replace(out_dir, old / "x")
@@ -489,4 +660,4 @@ def build_recipe(
     return manifest
 
 
-__all__ = ["FAMILIES", "Prepared", "arrange", "build_pools", "build_recipe", "prepare", "write_outputs"]
+__all__ = ["FAMILIES", "Prepared", "arrange", "build_pools", "build_recipe", "prepare", "prepare_all", "write_outputs"]

@@ -30,22 +30,32 @@ def print_build_summary(manifest: dict[str, Any], out: Path, console: Console | 
     chips = manifest["chips"]
     table.add_row("chips", *(str(len(chips["by_split"][s])) for s in splits))
     console.print(table)
+    st = manifest["stack"]
+    where = (f"{st['sources']} sources, {st['n_dates']} dates in all" if "sources" in st
+             else f"stack {st['n_dates']} dates")
     console.print(
         f"chips: {chips['kept']} kept of {chips['grid']} ({len(chips['excluded_buffer'])} excluded by the split "
-        f"buffer); unique records {manifest['counts']['unique_records']}; stack {manifest['stack']['n_dates']} dates "
-        f"{manifest['stack']['first_date'][:10]} → {manifest['stack']['last_date'][:10]}"
+        f"buffer); unique records {manifest['counts']['unique_records']}; {where} "
+        f"{st['first_date'][:10]} → {st['last_date'][:10]}"
     )
+    scenes = manifest.get("split", {}).get("scenes")
+    if scenes:
+        by_split: dict[str, list[str]] = {}
+        for name, split in scenes.items():
+            by_split.setdefault(split, []).append(name)
+        console.print("sources per split: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(by_split.items())))
     if manifest.get("mixture"):
         mt = Table(title="mixture (achieved / requested)")
         mt.add_column("component")
         for s in splits:
             mt.add_column(s, justify="right")
-        comps = list(next(iter(manifest["mixture"].values()))["requested"])
+        comps = list(dict.fromkeys(c for m in manifest["mixture"].values() for c in m["requested"]))
         for c in comps:
             cells = []
             for s in splits:
                 m = manifest["mixture"].get(s)
-                cells.append(f"{m['proportions'][c]:.3f} / {m['requested'][c]:.2f} (n={m['counts'][c]})" if m else "-")
+                ok = m is not None and c in m["requested"]
+                cells.append(f"{m['proportions'][c]:.3f} / {m['requested'][c]:.2f} (n={m['counts'][c]})" if ok else "-")
             mt.add_row(c, *cells)
         console.print(mt)
     ph = manifest["phenology"]

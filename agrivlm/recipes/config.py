@@ -82,6 +82,85 @@ class SourceConfig(StrictModel):
     class_raster: ClassRasterConfig | None = None
 
 
+class LabelsConfig(StrictModel):
+    """Real labels; where they exist they take precedence over derived ones."""
+
+    #: Long stage table (CSV or GeoPackage/GeoJSON attribute table): one row per field and date.
+    stages: str | None = None
+    field_id_column: str = "field_id"
+    date_column: str = "date"
+    stage_column: str = "stage"
+    #: Key-date table with ``agrivlm.schema.KEY_DATE_COLUMNS`` (field_id, season, green_up, peak, senescence);
+    #: ``season`` is the recipe's season label (the year a season window starts in, ``phenology.season_start``).
+    key_dates: str | None = None
+    #: Which fields get stages and key dates derived from the index curves. A field listed in a table is
+    #: answered from that table only (a date or key date it lacks is not asked, never derived):
+    #: ``unlabelled_fields`` derives them for fields in no table; ``never`` asks only about labelled fields
+    #: (synthetic scenes, whose truth is complete).
+    derive: Literal["unlabelled_fields", "never"] = "unlabelled_fields"
+
+
+class SceneSplitConfig(StrictModel):
+    """Whole scenes dealt to splits: the scenes of a source entry, shuffled with ``seed``, by ``fractions``."""
+
+    #: Share of scenes per split (largest remainder; every split with a non-zero share gets a scene when
+    #: there are enough).
+    fractions: dict[SplitName, float]
+    #: Seed of the scene → split draw.
+    seed: int = 0
+
+    @field_validator("fractions")
+    @classmethod
+    def _sum_to_one(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(v < 0 for v in value.values()) or abs(sum(value.values()) - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must be non-negative and sum to 1, got {value}")
+        return value
+
+
+#: Keys a ``synth:`` entry takes from the scene folder (setting them too is an error).
+SYNTH_OWNED = ("stack", "masks", "parcels", "parcel_layer", "id_column", "class_column", "band",
+               "normalized_difference", "labels")
+
+
+class SourceEntry(SourceConfig):
+    """One entry of ``sources:``: a real source (the keys of ``source:``) or ``synth:`` scenes.
+
+    Each entry has its own labels, split rule and mixture weight.
+    """
+
+    #: Name of the source (letters, digits, ``_ . -``): chip ids become ``NAME/r000000_c000000``. Default:
+    #: ``source<i>`` for a real source; the scene folder's name (prefixed ``NAME.`` when given) for ``synth:``.
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
+    #: Synthetic scenes written by ``agrivlm synth``: a scene folder or a glob of them (relative to the recipe
+    #: file). Each becomes a source: ``stack/``, ``cloud_mask/``, ``parcels.gpkg`` (``field_id``, ``class``),
+    #: stage and key-date labels from ``truth/`` (``derive: never``), the index from ``scene.json``'s bands.
+    synth: str | None = None
+    stack: str | None = None  # type: ignore[assignment]
+    parcels: str | None = None  # type: ignore[assignment]
+    #: Growth-stage labels of this source (relative paths: to the recipe file).
+    labels: LabelsConfig | None = None
+    #: ``train`` | ``val`` | ``test``: every chip of every scene of this entry goes there; ``{fractions, seed}``:
+    #: whole scenes are dealt to splits; unset: geographic blocks within each scene (the recipe's ``split:``).
+    split: SplitName | SceneSplitConfig | None = None
+    #: Share of this entry in each mixture component, relative to the other entries with records there.
+    weight: float = Field(default=1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _synth_or_files(self) -> SourceEntry:
+        if self.synth is not None:
+            clash = [k for k in SYNTH_OWNED if k in self.model_fields_set]
+            if clash:
+                raise ValueError(f"synth: the scene folder gives {', '.join(clash)}; leave them out of this entry")
+        elif self.stack is None or self.parcels is None:
+            raise ValueError("give synth: (scene folders) or both stack: and parcels:")
+        return self
+
+    def to_source(self) -> SourceConfig:
+        """The :class:`SourceConfig` of a real (non-``synth``) entry."""
+        keys = set(SourceConfig.model_fields)
+        return SourceConfig(**{k: v for k, v in self.model_dump().items() if k in keys})
+
+
 class ChipConfig(StrictModel):
     """The chip grid and how frames are chosen for each record."""
 
@@ -176,18 +255,6 @@ class PhenologyConfig(StrictModel):
         if not (self.sos_fraction < self.peak_fraction and self.eos_fraction < self.peak_fraction):
             raise ValueError("sos_fraction and eos_fraction must be below peak_fraction")
         return self
-
-
-class LabelsConfig(StrictModel):
-    """Real labels; where they exist they take precedence over derived ones."""
-
-    #: Long stage table (CSV or GeoPackage/GeoJSON attribute table): one row per field and date.
-    stages: str | None = None
-    field_id_column: str = "field_id"
-    date_column: str = "date"
-    stage_column: str = "stage"
-    #: Key-date table with ``agrivlm.schema.KEY_DATE_COLUMNS`` (field_id, season, green_up, peak, senescence).
-    key_dates: str | None = None
 
 
 class FieldBoundariesConfig(StrictModel):
@@ -302,12 +369,21 @@ class OutputConfig(StrictModel):
 class RecipeConfig(StrictModel):
     """A data recipe: sources, chip grid, split, phenology, task families and (for a stage) a mixture."""
 
+    @property
+    def same_day(self) -> str:
+        """The same-day rule of the recipe's sources (one per recipe)."""
+        return self.source.same_day if self.source is not None else self.sources[0].same_day  # type: ignore[index]
+
+
     #: Recipe name (in every record and the manifest).
     name: str
     description: str = ""
     #: Seed of every random choice (question phrasing, sampled dates, mixture); same seed → same bytes.
     seed: int = 0
-    source: SourceConfig
+    #: One source (the original form) …
+    source: SourceConfig | None = None
+    #: … or several: real sources and ``synth:`` scene folders, mixed in one dataset.
+    sources: list[SourceEntry] | None = None
     chips: ChipConfig = Field(default_factory=ChipConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     phenology: PhenologyConfig = Field(default_factory=PhenologyConfig)
@@ -317,6 +393,21 @@ class RecipeConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> RecipeConfig:
+        if (self.source is None) == (self.sources is None):
+            raise ValueError("give either source: (one source) or sources: (a list), not "
+                             + ("both (set source: null to replace an extended one)" if self.source else "neither"))
+        if self.sources is not None:
+            if not self.sources:
+                raise ValueError("sources: the list is empty")
+            gs = self.tasks.growth_stages
+            if gs is not None and gs.labels is not None:
+                raise ValueError("tasks.growth_stages.labels: with sources:, give labels: on each source entry")
+            names = [e.name for e in self.sources if e.name is not None]
+            dup = next((n for n in names if names.count(n) > 1), None)
+            if dup is not None:
+                raise ValueError(f"sources: name {dup!r} is given twice")
+            if len({e.same_day for e in self.sources}) > 1:
+                raise ValueError("sources: every entry needs the same same_day (one recipe output has one)")
         enabled = self.tasks.enabled()
         if not enabled:
             raise ValueError("tasks: enable at least one family (" + ", ".join(FAMILIES) + ")")

@@ -2,8 +2,9 @@
 
 Every question points to its field by the box of the field's visible part in the chip. A record's
 frames are the chip's clear dates within one season, so ``t`` runs over that season's frames; a key
-date outside the frames' range is not asked. Labels (see :class:`~agrivlm.recipes.phenology.GrowthTruth`)
-take precedence over derived stages and dates; ``meta.source`` says which one an answer came from.
+date outside the frames' range is not asked. A labelled field is answered from its labels only, never from
+derived stages or dates (see :class:`~agrivlm.recipes.phenology.GrowthTruth`); ``meta.source`` says which
+one an answer came from. The growing-season segment (SOS → EOS) is asked only of derived seasons.
 """
 
 from __future__ import annotations
@@ -66,7 +67,13 @@ def _field_records(
     name = parcel_name(p.cls)
     base_meta: dict[str, object] = {"field_id": p.field_id, "class": p.cls, "season": season, "cut": p.cut}
     out: list[Record] = []
-    known = state.truth.key_dates(p.field_id, season)
+    cycle: str | None = season
+    if p.field_id in state.truth.key_date_fields:
+        # the one labelled cycle of the window (``2021`` or ``2021-2``); two (a double crop, a regrowth):
+        # "when did green-up start" has two answers, so no key-date question
+        cycles = state.truth.cycle_labels(p.field_id, season)
+        cycle = cycles[0] if len(cycles) == 1 else None
+    known = state.truth.key_dates(p.field_id, cycle) if cycle is not None else {}
     for key, (task, questions, answer) in _KEY_DATES.items():
         if task not in cfg.tasks or key not in known:
             continue
@@ -78,11 +85,9 @@ def _field_records(
         out.append(f.record(chip, frames, FAMILY, task, f"{p.field_id}:{season}", [
             user(pick(r, questions).format(name=name), boxes=[p.box]),
             assistant(answer, times=[t]),
-        ], {**base_meta, "date": iso_day(day), "source": source}))
-    derived = next((s for s in state.truth.phenology[p.field_id].seasons if s.label == season), None) \
-        if p.field_id in state.truth.phenology else None
-    labelled = (p.field_id, season) in state.truth.key_date_labels
-    if "season_segment" in cfg.tasks and derived is not None and not labelled:
+        ], {**base_meta, "season": cycle, "date": iso_day(day), "source": source}))
+    derived = state.truth.derived_season(p.field_id, season)
+    if "season_segment" in cfg.tasks and derived is not None:
         t1, t2 = f.norm_time(frames, derived.sos), f.norm_time(frames, derived.eos)
         if t1 is not None and t2 is not None:
             r = rng_for(state.seed, FAMILY, chip.chip_id, "season_segment", p.field_id, season)
@@ -125,11 +130,8 @@ def _field_records(
 def build_growth_stages(state: BuildState, chip: ChipContext, cfg: GrowthStagesConfig) -> list[Record]:
     """The growth-stage records of one chip: per analysed (or labelled) field in it and per season."""
     out: list[Record] = []
-    labelled_fields = {fid for fid, _ in state.truth.key_date_labels} | {fid for fid, _ in state.truth.stage_labels}
     for p in chip.parcels:
-        if p.area_px < cfg.min_field_px:
-            continue
-        if p.field_id not in state.truth.phenology and p.field_id not in labelled_fields:
+        if p.area_px < cfg.min_field_px or not state.truth.has_field(p.field_id):
             continue
         for label, _, _ in state.seasons:
             frames = state.frames_season.get((chip.chip_id, label))

@@ -62,6 +62,12 @@ def from_days(days: npt.ArrayLike) -> npt.NDArray[np.datetime64]:
     return _EPOCH + secs.astype("timedelta64[s]")
 
 
+def season_of(label: str) -> str:
+    """The season window of a key-date label: ``2021-2`` (a second cycle) → ``2021``; ``2021`` → ``2021``."""
+    base, _, k = label.rpartition("-")
+    return base if base and k.isdigit() else label
+
+
 def day_str(when: object) -> str:
     """A time (``datetime64``, ``datetime`` or ISO string) → its calendar day ``YYYY-MM-DD``."""
     return str(np.asarray(when, dtype="datetime64[s]").astype("datetime64[D]"))
@@ -378,47 +384,85 @@ def _iso_date(value: str, path: Path, row: int, column: str) -> str:
 
 @dataclass
 class GrowthTruth:
-    """Stages and key dates per field: real labels where given, derived from the curves elsewhere."""
+    """Stages and key dates per field: from label tables for labelled fields, derived from the curves elsewhere.
+
+    Labels and derived values are never mixed within a field: a field in the stage table takes its stages
+    only from it (a date it lacks has no stage), a field in the key-date table takes its key dates only
+    from it. With ``derive`` False nothing is derived at all (only labelled fields are asked about).
+    """
 
     phenology: dict[str, FieldPhenology]
     #: ``{(field_id, YYYY-MM-DD): stage}`` from a label table.
     stage_labels: dict[tuple[str, str], str] = field(default_factory=dict)
     #: ``{(field_id, season): {"green_up"|"peak"|"senescence": YYYY-MM-DD}}`` from a label table.
     key_date_labels: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
+    #: Whether fields without labels get derived stages and key dates.
+    derive: bool = True
+    #: Fields in the stage table / in the key-date table (filled by :func:`load_growth_truth`).
+    stage_fields: set[str] = field(default_factory=set)
+    key_date_fields: set[str] = field(default_factory=set)
+
+    def derived_for(self, field_id: str, kind: str) -> FieldPhenology | None:
+        """The derived phenology a field may use for ``kind`` (``stages`` | ``key_dates``), or ``None``."""
+        labelled = self.stage_fields if kind == "stages" else self.key_date_fields
+        if not self.derive or field_id in labelled:
+            return None
+        return self.phenology.get(field_id)
+
+    def has_field(self, field_id: str) -> bool:
+        """Whether anything (a label or, where allowed, a derived curve) is known about the field."""
+        return (field_id in self.stage_fields or field_id in self.key_date_fields
+                or (self.derive and field_id in self.phenology))
 
     def stage(self, field_id: str, when: np.datetime64) -> tuple[str | None, str]:
         """``(stage, source)`` on an acquisition time; source is ``label`` or ``derived``."""
-        day = day_str(when)
-        if (field_id, day) in self.stage_labels:
-            return self.stage_labels[(field_id, day)], "label"
-        fp = self.phenology.get(field_id)
+        if field_id in self.stage_fields:
+            return self.stage_labels.get((field_id, day_str(when))), "label"
+        fp = self.derived_for(field_id, "stages")
         return (fp.stage_at(float(to_days(when))) if fp is not None else None), "derived"
 
     def key_dates(self, field_id: str, season: str) -> dict[str, tuple[float, str]]:
         """``{"green_up"|"peak"|"senescence": (day, source)}`` for one field and season (what is known)."""
-        out: dict[str, tuple[float, str]] = {}
-        fp = self.phenology.get(field_id)
-        if fp is not None:
-            for s in fp.seasons:
-                if s.label == season:
-                    out = {"green_up": (s.sos, "derived"), "peak": (s.pos, "derived"),
-                           "senescence": (s.senescence, "derived")}
-        for key, iso in self.key_date_labels.get((field_id, season), {}).items():
-            out[key] = (float(to_days(np.datetime64(iso))), "label")
+        if field_id in self.key_date_fields:
+            return {key: (float(to_days(np.datetime64(iso))), "label")
+                    for key, iso in self.key_date_labels.get((field_id, season), {}).items()}
+        fp = self.derived_for(field_id, "key_dates")
+        for s in fp.seasons if fp is not None else []:
+            if s.label == season:
+                return {"green_up": (s.sos, "derived"), "peak": (s.pos, "derived"),
+                        "senescence": (s.senescence, "derived")}
+        return {}
+
+    def cycle_labels(self, field_id: str, season: str) -> list[str]:
+        """A field's labelled cycles in one season window: its key-date rows ``season``, ``season-2`` ….
+
+        ``agrivlm synth`` labels a second crop or a grass regrowth in one window ``YYYY-2``.
+        """
+        out = [season] if (field_id, season) in self.key_date_labels else []
+        k = 2
+        while (field_id, f"{season}-{k}") in self.key_date_labels:
+            out.append(f"{season}-{k}")
+            k += 1
         return out
 
-    def seasons_of(self, field_id: str) -> list[str]:
-        """Season labels known for a field (derived or labelled), sorted."""
-        labels = {s.label for s in self.phenology[field_id].seasons} if field_id in self.phenology else set()
-        labels |= {season for (fid, season) in self.key_date_labels if fid == field_id}
-        return sorted(labels)
+    def derived_season(self, field_id: str, season: str) -> Season | None:
+        """The derived season of an unlabelled field (for the growing-season segment), or ``None``."""
+        fp = self.derived_for(field_id, "key_dates")
+        if fp is None or field_id in self.stage_fields:
+            return None
+        return next((s for s in fp.seasons if s.label == season), None)
+
+    def fields(self) -> list[str]:
+        """Every field with a label or an allowed derived curve, sorted."""
+        derived = set(self.phenology) if self.derive else set()
+        return sorted(derived | self.stage_fields | self.key_date_fields)
 
 
 def load_growth_truth(
     phenology: dict[str, FieldPhenology], labels: LabelsConfig | None, base_dir: Path | None
 ) -> GrowthTruth:
-    """Combine derived phenology with label tables (labels take precedence)."""
-    truth = GrowthTruth(phenology)
+    """Combine derived phenology with label tables (a labelled field is answered from its labels only)."""
+    truth = GrowthTruth(phenology, derive=labels is None or labels.derive != "never")
     if labels is None:
         return truth
     if labels.stages is not None:
@@ -434,7 +478,9 @@ def load_growth_truth(
                     f"{path}: row {i + 2}: stage {stage!r} is not one of {', '.join(GROWTH_STAGES)}"
                 )
             day = _iso_date(str(rec[labels.date_column]), path, i, labels.date_column)
-            truth.stage_labels[(str(rec[labels.field_id_column]).strip(), day)] = stage
+            fid = str(rec[labels.field_id_column]).strip()
+            truth.stage_labels[(fid, day)] = stage
+            truth.stage_fields.add(fid)
     if labels.key_dates is not None:
         table, path = _read_table(labels.key_dates, base_dir, "key-date label")
         missing = [c for c in KEY_DATE_COLUMNS if c not in table.columns]
@@ -445,7 +491,9 @@ def load_growth_truth(
             dates = {
                 k: _iso_date(str(rec[k]), path, i, k) for k in KEY_DATE_COLUMNS[2:] if str(rec[k]).strip()
             }
-            truth.key_date_labels[(str(rec["field_id"]).strip(), str(rec["season"]).strip())] = dates
+            fid = str(rec["field_id"]).strip()
+            truth.key_date_labels[(fid, str(rec["season"]).strip())] = dates
+            truth.key_date_fields.add(fid)
     return truth
 
 
@@ -456,8 +504,7 @@ def stage_table(truth: GrowthTruth, times: Sequence[np.datetime64]) -> pd.DataFr
     acquisitions give one row (the first).
     """
     rows: dict[tuple[str, str], str] = {}
-    fields = sorted(set(truth.phenology) | {fid for fid, _ in truth.stage_labels})
-    for fid in fields:
+    for fid in truth.fields():
         for when in times:
             day = day_str(when)
             if (fid, day) in rows:
@@ -472,11 +519,18 @@ def stage_table(truth: GrowthTruth, times: Sequence[np.datetime64]) -> pd.DataFr
 
 
 def key_date_table(truth: GrowthTruth, seasons: Sequence[str]) -> pd.DataFrame:
-    """Key dates (:data:`agrivlm.schema.KEY_DATE_COLUMNS`): a row per analysed field and season, empty = not reached."""
+    """Key dates (:data:`agrivlm.schema.KEY_DATE_COLUMNS`): a row per analysed field and season, empty = not reached.
+
+    A labelled field also gets its labelled seasons outside ``seasons`` (a second cycle ``2021-2``).
+    """
     rows = []
-    fields = sorted(set(truth.phenology) | {fid for fid, _ in truth.key_date_labels})
+    extra: dict[str, set[str]] = {}
+    for fid, season in truth.key_date_labels:
+        if season not in seasons:
+            extra.setdefault(fid, set()).add(season)
+    fields = [f for f in truth.fields() if f in truth.key_date_fields or truth.derived_for(f, "key_dates")]
     for fid in fields:
-        for season in seasons:
+        for season in [*seasons, *sorted(extra.get(fid, ()))]:
             known = truth.key_dates(fid, season)
             rows.append([fid, season] + [iso_day(known[k][0]) if k in known else "" for k in KEY_DATE_COLUMNS[2:]])
     return pd.DataFrame(rows, columns=list(KEY_DATE_COLUMNS))

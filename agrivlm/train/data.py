@@ -86,7 +86,8 @@ def read_split(roots: Sequence[str | Path], split: str) -> list[SourceRecord]:
     for root_s in roots:
         root = resolve(root_s)
         manifest = _manifest(root)
-        same_day = str(manifest.get("config", {}).get("source", {}).get("same_day", "keep"))
+        source = manifest.get("config", {}).get("source") or {}  # None in a recipe with `sources:`
+        same_day = str(manifest.get("same_day") or source.get("same_day", "keep"))
         for shard in manifest.get("shards", []):
             if shard["split"] != split:
                 continue
