@@ -126,7 +126,9 @@ def test_stage2_lape_group_follows_its_warmup_and_losses_are_logged_apart(curric
         assert r["lr_main"] == pytest.approx(base, rel=1e-9)
         assert r["lr_lape"] == pytest.approx(base * lape_lr_factor(s, 0.5, 6), rel=1e-9)
     ratios = [r["lr_lape"] / r["lr_main"] for r in rows]
-    assert ratios[0] == pytest.approx(0.1) and all(x == pytest.approx(0.5) for x in ratios[6:])
+    # the LAPE report's warm-up: 0.1 · step / warmup for the 6 warm-up steps, then the multiplier 0.5
+    assert ratios[:6] == pytest.approx([0.1 * k / 6 for k in range(6)]) and ratios[0] == 0.0
+    assert all(x == pytest.approx(0.5) for x in ratios[6:])
     assert all(a < b for a, b in zip(ratios[:7], ratios[1:7], strict=False))
     for r in rows:  # main, position and reconstruction losses apart; total = main + 0.1 · reconstruction
         assert {"main_loss", "text_loss", "position_loss", "autoregressive_loss"} <= r.keys()

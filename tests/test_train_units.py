@@ -91,7 +91,7 @@ def test_cli_refuses_resume_without_checkpoint_and_clobbering_a_run(tmp_path: Pa
 # -- learning rates ----------------------------------------------------------------------------------------
 
 
-def test_lape_group_lr_ramps_from_a_tenth_to_the_multiplier(tmp_path: Path) -> None:
+def test_lape_group_lr_ramps_from_zero_to_a_tenth_then_the_multiplier(tmp_path: Path) -> None:
     cfg = load_stage_config(stage_yaml("stage2", tmp_path / "s2.yaml", {
         "lape.lape_warmup_steps": 10, "lape.lape_lr_multiplier": 0.5, "optim.lr": 1e-3, "optim.schedule": "linear",
         "optim.warmup_steps": 2, "train.max_steps": 40}))
@@ -103,9 +103,10 @@ def test_lape_group_lr_ramps_from_a_tenth_to_the_multiplier(tmp_path: Path) -> N
         lrs = set_learning_rates(opt, cfg, step)
         base = 1e-3 * base_lr_factor(step, 40, 2, "linear")
         assert opt.param_groups[0]["lr"] == lrs["lr_main"] == pytest.approx(base)
-        assert opt.param_groups[1]["lr"] == lrs["lr_lape"] == pytest.approx(base * lape_lr_factor(step, 0.5, 10))
+        report = 0.1 * step / 10 if step < 10 else 0.5  # the LAPE report's get_lape_learning_rate (§4.2)
+        assert opt.param_groups[1]["lr"] == lrs["lr_lape"] == pytest.approx(base * report)
         seen.append(lape_lr_factor(step, 0.5, 10))
-    assert seen[0] == pytest.approx(0.1) and seen[5] == pytest.approx(0.3) and seen[10:] == [0.5] * 30
+    assert seen[0] == 0.0 and seen[5] == pytest.approx(0.05) and seen[10:] == [0.5] * 30
 
 
 # -- trainable parts and LoRA ------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ class LapeTrainConfig(StrictModel):
     num_temporal_tokens: int = Field(default=50, ge=2)
     #: LR of the LAPE parameter group as a multiple of the base LR (after its warmup).
     lape_lr_multiplier: float = Field(default=0.5, gt=0)
-    #: Optimizer steps over which the LAPE factor ramps linearly from 0.1 to ``lape_lr_multiplier``.
+    #: Optimizer steps of the LAPE warm-up (the report's §4.2): the factor ramps linearly from 0 to 0.1, then is
+    #: ``lape_lr_multiplier``.
     lape_warmup_steps: int = Field(default=1000, ge=0)
     #: Loss weight of spatial (HEIGHT/WIDTH) position tokens (text tokens weigh 1).
     spatial_pos_weight: float = Field(default=2.0, gt=0)
