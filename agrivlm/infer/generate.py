@@ -31,6 +31,7 @@ import numpy.typing as npt
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from agrivlm.geo.coords import TimeAxis
 from agrivlm.infer.errors import InferError
 from agrivlm.lape.tokens import (
     Axis,
@@ -53,15 +54,18 @@ class Visual:
 
     Attributes:
         pixels: ``(T, C, h, w)`` float32 normalized to [0, 1], NaN = no data (the processor makes it 0).
-        frame_times: ``(T,)`` normalized time of each frame on the frames' own date range (as records: 0 =
-            first frame, 1 = last).
+        frame_times: ``(T,)`` normalized time of each frame on ``time_axis``
+            (:func:`agrivlm.pipeline.frames.frame_time_positions`, the rule training follows).
         dates: ``(T,)`` acquisition times of the frames (``datetime64``).
+        time_axis: the range of the dates the frames were drawn from (the chip's usable dates, as a record's
+            frame dates): decoded ``t`` → dates with ``time_axis.from_norm``.
 
     """
 
     pixels: npt.NDArray[np.float32]
     frame_times: FloatArray
     dates: npt.NDArray[np.datetime64]
+    time_axis: TimeAxis
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,7 @@ class DecodedAnswer:
         finished: whether the model ended the answer (False: cut at ``max_new_tokens``).
         score: geometric mean of the tokens' probabilities (NaN for an empty answer).
         positions: boxes, points and segments, normalized, sub-bin refined.
-        times: every ``TEMP`` value in order, normalized to the frames' date range.
+        times: every ``TEMP`` value in order, normalized on the visual's :attr:`Visual.time_axis`.
         box_steps: per box, the indices into ``ids`` of its four tokens.
         point_steps: per point, its two token indices; ``segment_steps`` likewise.
 
