@@ -36,7 +36,7 @@ def test_shipped_stage_configs_load_with_the_reports_defaults() -> None:
     s1, s2, s3 = cfgs["stage1"], cfgs["stage2"], cfgs["stage3"]
     assert s1.lape is None and s1.data.text_only and s1.trainable.llm.mode == "frozen"
     assert s2.lape is not None and s2.model.init_from == "runs/stage1/final"
-    assert (s2.lape.lape_lr_multiplier, s2.lape.spatial_pos_weight, s2.lape.temporal_pos_weight) == (0.5, 2.0, 1.0)
+    assert (s2.lape.lape_lr_multiplier, s2.lape.spatial_loss_weight, s2.lape.temporal_loss_weight) == (0.5, 2.0, 1.0)
     assert (s2.lape.num_spatial_tokens, s2.lape.num_temporal_tokens) == (150, 50)
     assert s2.data.mixture is not None
     assert {k: c.weight for k, c in s2.data.mixture.items()} == {
@@ -48,6 +48,9 @@ def test_shipped_stage_configs_load_with_the_reports_defaults() -> None:
 def test_unknown_key_and_wrong_type_name_the_file_and_key(tmp_path: Path) -> None:
     bad = stage_yaml("stage2", tmp_path / "s2.yaml", {"lape.lape_lr_multiplyer": 0.3})
     with pytest.raises(ConfigError, match=r"s2\.yaml: lape\.lape_lr_multiplyer: unknown key"):
+        load_stage_config(bad)
+    bad = stage_yaml("stage2", tmp_path / "s2old.yaml", {"lape.temporal_pos_weight": 1.0})  # the old loss-weight name
+    with pytest.raises(ConfigError, match=r"s2old\.yaml: lape: .*temporal_pos_weight was renamed temporal_loss_weight"):
         load_stage_config(bad)
     bad = stage_yaml("stage1", tmp_path / "s1.yaml", {"train.max_steps": "many"})
     with pytest.raises(ConfigError, match=r"s1\.yaml: train\.max_steps: .*integer"):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -44,7 +44,7 @@ from agrivlm.config import StrictModel, load_config
 from agrivlm.errors import ConfigError
 from agrivlm.lape.embedding import number_text_init_, smart_init_
 from agrivlm.lape.tokens import LapeVocab
-from agrivlm.model.configuration import AgriVLMConfig
+from agrivlm.model.configuration import RENAMED_KEYS, AgriVLMConfig
 from agrivlm.model.modeling import AgriVLMForConditionalGeneration
 from agrivlm.model.tokenizer import add_agrivlm_tokens, default_tokenizer
 from agrivlm.pipeline.pooling import PoolMode
@@ -102,13 +102,27 @@ class LapeSettings(StrictModel):
     num_spatial_tokens: int = Field(default=150, ge=2)
     num_temporal_tokens: int = Field(default=50, ge=2)
     ntp: bool = True
-    spatial_pos_weight: float = 1.0
-    temporal_pos_weight: float = 1.0
+    #: Scale of the height + width LAPE embeddings added to the visual features.
+    spatial_injection_scale: float = 1.0
+    #: Scale of the temporal LAPE embeddings added to the visual features.
+    temporal_injection_scale: float = 1.0
+    #: Loss weight of spatial position tokens (text tokens weigh 1).
     spatial_loss_weight: float = Field(default=1.0, gt=0)
+    #: Loss weight of temporal position tokens.
     temporal_loss_weight: float = Field(default=1.0, gt=0)
     init: Literal["llm_stats", "number_text"] = "llm_stats"
     init_std_ratio: float = Field(default=0.1, gt=0)
     decode_window: int = Field(default=2, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for old, new in RENAMED_KEYS.items():
+                if old in data:
+                    raise ValueError(f"{old} was renamed {new} (the scale of the LAPE embeddings added to the visual "
+                                     "features; the loss weights are spatial/temporal_loss_weight)")
+        return data
 
 
 class ModelSettings(StrictModel):
@@ -244,8 +258,8 @@ def build_model(
         num_spatial_tokens=s.lape.num_spatial_tokens,
         num_temporal_tokens=s.lape.num_temporal_tokens,
         lape_ntp=s.lape.ntp,
-        spatial_pos_weight=s.lape.spatial_pos_weight,
-        temporal_pos_weight=s.lape.temporal_pos_weight,
+        spatial_injection_scale=s.lape.spatial_injection_scale,
+        temporal_injection_scale=s.lape.temporal_injection_scale,
         spatial_loss_weight=s.lape.spatial_loss_weight,
         temporal_loss_weight=s.lape.temporal_loss_weight,
         lape_init=s.lape.init,

@@ -8,7 +8,7 @@ After the LAPE initialisation report:
   and heads are created and drawn by the smart init from the (frozen) LLM embeddings' statistics; the
   position-token rows of the LLM's text vocabulary, never trained, are dropped (those ids now belong to
   the LAPE tables). LAPE trains in its own optimizer group (``lape_lr_multiplier``, ``lape_warmup_steps``);
-  ``spatial_pos_weight`` / ``temporal_pos_weight`` weight the position-token losses.
+  ``spatial_loss_weight`` / ``temporal_loss_weight`` weight the position-token losses.
 * **stage3 — agricultural fine-tune.** Starts from stage 2's final folder (LAPE on); the LLM trains
   through LoRA (peft; merged into the weights of the final folder) or fully, by config.
 
@@ -201,8 +201,8 @@ def build_stage_model(cfg: StageConfig) -> StageModel:
             for key in ("num_spatial_tokens", "num_temporal_tokens"):
                 if getattr(lape, key) != getattr(model.config, key):
                     raise ConfigError(f"lape.{key}: {getattr(lape, key)} but {folder} has {getattr(model.config, key)}")
-        model.config.spatial_loss_weight = lape.spatial_pos_weight
-        model.config.temporal_loss_weight = lape.temporal_pos_weight
+        model.config.spatial_loss_weight = lape.spatial_loss_weight
+        model.config.temporal_loss_weight = lape.temporal_loss_weight
         stats_path = folder / "band_stats.json"
         stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
         source = str(folder)
