@@ -42,6 +42,7 @@ from agrivlm.lape.tokens import (
     parse_token_ids,
     refine_position,
 )
+from agrivlm.pipeline.conversation import answer_end_id
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +239,14 @@ class Predictor:
         self.vocab: LapeVocab = model.vocab
         self.window = int(model.config.decode_window)
         self.eos = model.generation_config.eos_token_id
+        stops = {self.eos} if isinstance(self.eos, int) else set(self.eos or [])
+        end = answer_end_id(processor.tokenizer)
+        if end not in stops:
+            raise InferError(
+                f"the checkpoint's generation_config.eos_token_id is {self.eos!r} but its answers end with token {end} "
+                f"({processor.tokenizer.convert_ids_to_tokens(end)!r}, the tokenizer's eos the model was trained to "
+                "say): generation would run to the token budget; set eos_token_id in its generation_config.json"
+            )
         #: Generate with the KV cache (off only to measure what it saves: every step then re-reads the prompt).
         self.use_cache = True
         self._tok_lock = threading.Lock()

@@ -47,6 +47,7 @@ from agrivlm.lape.tokens import LapeVocab
 from agrivlm.model.configuration import RENAMED_KEYS, AgriVLMConfig
 from agrivlm.model.modeling import AgriVLMForConditionalGeneration
 from agrivlm.model.tokenizer import add_agrivlm_tokens, default_tokenizer
+from agrivlm.pipeline.conversation import answer_end_id
 from agrivlm.pipeline.pooling import PoolMode
 
 #: The tiny default config shipped with the repository.
@@ -315,12 +316,16 @@ def init_lape(model: AgriVLMForConditionalGeneration, tokenizer: PreTrainedToken
 def generation_config_for(
     model: AgriVLMForConditionalGeneration, tokenizer: PreTrainedTokenizerBase
 ) -> GenerationConfig:
-    """Greedy by default; eos/pad from the tokenizer; placeholders and LAPE control tokens can never be generated."""
+    """Greedy by default; placeholders and LAPE control tokens can never be generated.
+
+    Generation stops on the answer's end, :func:`~agrivlm.pipeline.conversation.answer_end_id` — the token the
+    processor appends to every supervised answer; pad is the tokenizer's pad (its eos when it has none).
+    """
     cfg = model.config
     suppress = [i for i in (cfg.image_token_id, cfg.video_token_id) if i is not None]
     suppress += list(cfg.lape_input_token_ids or []) + list(cfg.lape_output_token_ids or [])
     return GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=answer_end_id(tokenizer),
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
         do_sample=False,

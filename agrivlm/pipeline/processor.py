@@ -47,6 +47,7 @@ from agrivlm.lape.embedding import default_frame_times
 from agrivlm.lape.tokens import LapeVocab
 from agrivlm.pipeline.anyres import Tile, anyres_tiles, cell_centres, token_positions
 from agrivlm.pipeline.bands import COMPOSITES, PRESETS, BandStats, available_composites, fill_nodata, prepare_bands
+from agrivlm.pipeline.conversation import answer_end_id
 from agrivlm.pipeline.frames import Frames, FrameSamplingConfig, ResizeMode, rescale_grid, resize_frames, sample_frames
 from agrivlm.pipeline.pooling import POOL_MODES, PoolMode, pooled_grid
 
@@ -482,7 +483,7 @@ class AgriVLMProcessor(ProcessorMixin):
                 if any(i in placeholder_ids for i in ans):
                     raise ValueError(f"sample {b}: an answer cannot hold <image>/<video>")
                 if add_eos:
-                    ans.append(tok.eos_token_id)
+                    ans.append(answer_end_id(tok))  # the token generation stops on
                 seq.extend(ans)
                 lab.extend(ans)
             sequences.append(seq)
