@@ -280,8 +280,8 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
                 frame_times = default_frame_times(t).to(feats.device).expand(n, t)
             if patch_positions is not None:
                 feats = inject_lape_at_positions(
-                    self.lape, feats, patch_positions, frame_times, cfg.spatial_injection_scale, cfg.temporal_injection_scale,
-                    lape_tables,
+                    self.lape, feats, patch_positions, frame_times, cfg.spatial_injection_scale,
+                    cfg.temporal_injection_scale, lape_tables,
                 )
             else:
                 feats = self.lape.inject(
