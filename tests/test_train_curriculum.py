@@ -20,8 +20,14 @@ from train_helpers import ROOT, curriculum_recipe, stage_yaml
 
 from agrivlm.model import load_pretrained
 from agrivlm.model.builders import TINY_CONFIG, build_model, load_model_settings
-from agrivlm.train.config import LapeTrainConfig
-from agrivlm.train.curriculum import enable_lape, merge_lora_state_dict, module_digests, read_stage_info
+from agrivlm.train.config import LapeTrainConfig, load_stage_config
+from agrivlm.train.curriculum import (
+    enable_lape,
+    frozen_head_warning,
+    merge_lora_state_dict,
+    module_digests,
+    read_stage_info,
+)
 from agrivlm.train.data import Collator, RecordDataset, read_split, select_records
 from agrivlm.train.schedule import base_lr_factor, lape_lr_factor
 from agrivlm.train.trainer import read_seen, run_stage
@@ -58,7 +64,7 @@ def curriculum(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "data.families": ["field_boundaries", "growth_stages"], "trainable.llm.lora.r": 4,
     })
     s3 = run_stage(c3, stage="stage3")
-    return {"data": data, "s1": s1, "s2": s2, "s3": s3, "c2": c2}
+    return {"data": data, "s1": s1, "s2": s2, "s3": s3, "c2": c2, "c3": c3}
 
 
 def _sd(folder: Path) -> dict[str, torch.Tensor]:
@@ -114,6 +120,17 @@ def test_stage2_starts_from_stage1_switches_lape_on_and_trains_projector_and_lap
     assert model.config.spatial_loss_weight == 2.0 and model.config.temporal_loss_weight == 1.0
     assert model.config.num_spatial_tokens == 150 and model.config.num_temporal_tokens == 50
     _assert_changed_exactly(start.state_dict(), _sd(s2), ("projector", "band_adapter", "lape"))
+
+
+def test_stage3_with_lora_on_the_tiny_random_llm_is_told_its_answers_cannot_end(curriculum: dict[str, Path]) -> None:
+    # the tiny model's LLM is built from config: every stage records that its weights are not pretrained
+    assert [read_stage_info(curriculum[s])["llm_pretrained"] for s in ("s1", "s2", "s3")] == [False] * 3  # type: ignore[index]
+    lora = load_stage_config(curriculum["c3"])
+    assert lora.trainable.llm.mode == "lora"
+    assert "set trainable.llm.mode: full" in (frozen_head_warning(lora, False) or "")
+    assert frozen_head_warning(lora, True) is None and frozen_head_warning(lora, None) is None
+    assert frozen_head_warning(load_stage_config(curriculum["c3"], {"trainable.llm.mode": "full"}), False) is None
+    assert frozen_head_warning(load_stage_config(curriculum["c2"]), False) is None  # stage 2 is not the final model
 
 
 def test_stage2_lape_group_follows_its_warmup_and_losses_are_logged_apart(curriculum: dict[str, Path]) -> None:
