@@ -94,12 +94,12 @@ def test_tile_tokens_carry_the_chip_position_of_their_cells(tiny, chip64: Chip) 
     cfg = model.config
     with torch.no_grad():
         full = model.get_visual_features(b["pixel_values"], b["frame_times"], None, b["patch_positions"])
-        weight = cfg.spatial_pos_weight
+        weight = cfg.spatial_injection_scale
         try:
-            cfg.spatial_pos_weight = 0.0
+            cfg.spatial_injection_scale = 0.0
             no_space = model.get_visual_features(b["pixel_values"], b["frame_times"], None, b["patch_positions"])
         finally:
-            cfg.spatial_pos_weight = weight
+            cfg.spatial_injection_scale = weight
         tables = model.lape.input_tables_by_axis()
         spatial = token_transfer(tables[Axis.HEIGHT], want_pos[..., 1]) + token_transfer(tables[Axis.WIDTH],
                                                                                           want_pos[..., 0])

@@ -17,6 +17,7 @@ from agrivlm.geo import Chip, ChipStream, GeoGrid, open_stack
 from agrivlm.pipeline.frames import (
     FrameSamplingConfig,
     fast_slow_indices,
+    frame_time_positions,
     merge_streams,
     multiscale,
     rescale_grid,
@@ -108,6 +109,29 @@ def test_config_is_strict_and_checked() -> None:
         parse_config(FrameSamplingConfig, {"num_slow": 0}, "frames.yaml")
 
 
+# -- time: one rule for training and inference -----------------------------------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(days=st.lists(st.integers(0, 3000), min_size=1, max_size=30, unique=True), data=st.data())
+def test_frame_times_are_on_the_candidates_range_not_the_chosen_frames(days: list[int], data: st.DataObject) -> None:
+    dates = np.datetime64("2016-01-01") + np.sort(np.array(days)).astype("timedelta64[D]")
+    chosen = np.array(sorted(data.draw(st.sets(st.integers(0, len(days) - 1), min_size=1))), dtype=np.int64)
+    axis, t = frame_time_positions(dates, chosen)
+    assert axis.start == dates[0] and axis.end == dates[-1]
+    assert t.shape == chosen.shape and np.all((t >= 0) & (t <= 1)) and np.all(np.diff(t) > 0)
+    if len(days) > 1:
+        span = float((dates[-1] - dates[0]) / np.timedelta64(1, "D"))
+        np.testing.assert_allclose(t, (dates[chosen] - dates[0]) / np.timedelta64(1, "D") / span, atol=1e-12)
+        # a subset without the first and last candidate is not stretched to [0, 1]
+        if chosen[0] > 0:
+            assert t[0] > 0
+        if chosen[-1] < len(days) - 1:
+            assert t[-1] < 1
+    with pytest.raises(PipelineError, match="outside the"):
+        frame_time_positions(dates, [len(days)])
+
+
 # -- frames of real chips --------------------------------------------------------------------------------
 
 
@@ -148,6 +172,9 @@ def test_fast_slow_frames_of_a_real_chip(sample_chips: list[Chip], merge: str) -
     assert sorted(frames.indices[frames.is_fast].tolist()) == fast.tolist()
     assert sorted(frames.indices[~frames.is_fast].tolist()) == slow.tolist()
     assert frames.indices.max() == 40  # nothing after "now"
+    # t on the range the frames were drawn from (every date of the chip), so "now" is not t = 1
+    np.testing.assert_allclose(frames.t, chip.time_axis.to_norm(frames.times), atol=1e-12)
+    assert frames.t.max() < 1.0
     np.testing.assert_array_equal(frames.pixels, chip.data[frames.indices])
     np.testing.assert_array_equal(frames.times, chip.times[frames.indices])
     if merge == "interleave":
@@ -166,6 +193,8 @@ def test_cloudy_dates_are_dropped_with_dates_kept_consistent(sample_chips: list[
     assert len(frames) == 12 and not np.isin(frames.indices, fully_cloudy).any()
     usable = np.flatnonzero(clear > 0)
     assert frames.indices.tolist() == usable[uniform_indices(usable.size, 12)].tolist()
+    # t is measured on the usable dates' range (the dates drawn from, as a record's frame dates)
+    assert (frames.time_axis.start, frames.time_axis.end) == (chip.times[usable[0]], chip.times[usable[-1]])
     np.testing.assert_array_equal(frames.times, chip.times[frames.indices])
     # cloudy pixels are NaN and not valid; clear pixels are the chip's values
     cloudy = chip.mask[frames.indices]
@@ -193,7 +222,7 @@ def test_all_nodata_frame_in_a_geotiff_stack(tmp_path: Path) -> None:
     frames = sample_frames(chip, FrameSamplingConfig(empty="drop"))
     assert frames.indices.tolist() == [0, 1, 3]
     assert [str(t)[:10] for t in frames.times] == ["2021-03-01", "2021-03-11", "2021-03-31"]
-    assert frames.t[-1] == 1.0  # still measured on the chip's range
+    assert frames.t[-1] == 1.0  # measured on the range of the usable dates
     every = replace(chip, data=np.full_like(chip.data, np.nan), nodata=np.ones_like(chip.nodata))
     with pytest.raises(PipelineError, match="all 4 frames are empty"):
         sample_frames(every, FrameSamplingConfig(empty="drop"))

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from transformers import (
 
 from agrivlm.errors import ConfigError
 from agrivlm.lape.tokens import serialize_box
-from agrivlm.model import AgriVLMForConditionalGeneration, ModelSettings, build_model, load_pretrained
+from agrivlm.model import AgriVLMConfig, AgriVLMForConditionalGeneration, ModelSettings, build_model, load_pretrained
 from agrivlm.model.tokenizer import default_tokenizer
 from agrivlm.pipeline.processor import AgriVLMProcessor
 
@@ -58,6 +59,34 @@ def test_save_pretrained_round_trip_gives_identical_logits(tmp_path: Path) -> No
     auto_model = AutoModelForImageTextToText.from_pretrained(tmp_path)
     assert isinstance(auto_model, AgriVLMForConditionalGeneration)
     assert isinstance(AutoProcessor.from_pretrained(tmp_path), AgriVLMProcessor)
+
+
+def test_a_config_json_saved_with_the_old_injection_keys_still_loads(tmp_path: Path) -> None:
+    # spatial/temporal_pos_weight were the model config's names of the injection scales (now *_injection_scale)
+    settings = ModelSettings.model_validate({"lape": {"spatial_injection_scale": 0.5, "temporal_injection_scale": 2.0}})
+    model, proc = build_model(settings)
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    with torch.no_grad():
+        before = model(**_batch(proc)).logits
+        default = build_model()[0](**_batch(proc)).logits
+    assert not torch.equal(before, default)  # the scales change the logits, so the check below can fail
+    path = tmp_path / "config.json"
+    data = json.loads(path.read_text())
+    data["spatial_pos_weight"] = data.pop("spatial_injection_scale")
+    data["temporal_pos_weight"] = data.pop("temporal_injection_scale")
+    path.write_text(json.dumps(data))
+    again, proc2 = load_pretrained(tmp_path)
+    assert (again.config.spatial_injection_scale, again.config.temporal_injection_scale) == (0.5, 2.0)
+    assert not hasattr(again.config, "spatial_pos_weight")
+    with torch.no_grad():
+        assert torch.equal(again(**_batch(proc2)).logits, before)
+    again.save_pretrained(tmp_path / "resaved")  # saved again: the new names only
+    resaved = json.loads((tmp_path / "resaved" / "config.json").read_text())
+    assert resaved["spatial_injection_scale"] == 0.5 and "spatial_pos_weight" not in resaved
+    with pytest.raises(ConfigError, match="both spatial_pos_weight .* keep only spatial_injection_scale"):
+        AgriVLMConfig(spatial_pos_weight=0.5, spatial_injection_scale=2.0)
+    assert AgriVLMConfig(temporal_pos_weight=3.0, temporal_injection_scale=3.0).temporal_injection_scale == 3.0
 
 
 def test_local_checkpoints_siglip_and_tied_qwen2_load_and_round_trip(tmp_path: Path) -> None:

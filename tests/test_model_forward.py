@@ -46,6 +46,9 @@ def test_tiny_yaml_is_the_default_and_unknown_keys_are_errors(tmp_path: Path) ->
     bad.write_text("lape:\n  num_spatial_tokns: 100\n")
     with pytest.raises(ConfigError, match=r"m.yaml: lape.num_spatial_tokns: unknown key"):
         load_model_settings(bad)
+    bad.write_text("lape:\n  spatial_pos_weight: 2.0\n")  # the old name of the injection scale
+    with pytest.raises(ConfigError, match=r"m.yaml: lape: .*spatial_pos_weight was renamed spatial_injection_scale"):
+        load_model_settings(bad)
 
 
 def test_forward_shapes_for_images_and_frames(tiny) -> None:
@@ -190,12 +193,12 @@ def test_injection_adds_exactly_the_interpolated_tables(tiny) -> None:
     b = proc("<video>", images=_rand_frames(1, 2), frame_times=[[0.25, 0.9]])
     with torch.no_grad():
         with_lape = model.get_visual_features(b["pixel_values"], b["frame_times"])
-        old = (cfg.spatial_pos_weight, cfg.temporal_pos_weight)
-        cfg.spatial_pos_weight, cfg.temporal_pos_weight = 0.0, 0.0
+        old = (cfg.spatial_injection_scale, cfg.temporal_injection_scale)
+        cfg.spatial_injection_scale, cfg.temporal_injection_scale = 0.0, 0.0
         try:
             bare = model.get_visual_features(b["pixel_values"], b["frame_times"])
         finally:
-            cfg.spatial_pos_weight, cfg.temporal_pos_weight = old
+            cfg.spatial_injection_scale, cfg.temporal_injection_scale = old
         rows, cols = cell_centres(8, 2), cell_centres(8, 2)  # 32 px / patch 4 = 8 patches, pooled by 2
         hgt = token_transfer(model.lape.input_table(Axis.HEIGHT), rows)
         wid = token_transfer(model.lape.input_table(Axis.WIDTH), cols)

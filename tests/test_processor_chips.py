@@ -79,7 +79,9 @@ def test_plain_chips_shapes_counts_values_and_dates(processor: AgriVLMProcessor,
         np.testing.assert_array_equal(geo.frame_indices, frames.indices)
         np.testing.assert_array_equal(geo.frame_dates, chip.times[frames.indices].astype("datetime64[us]"))
         assert np.all(np.diff(geo.frame_dates.astype(np.int64)) > 0)
-        # t on the frames' own range (as the recipes' records): seconds since the first over the span
+        # t on the range of the usable dates the sampler drew from (as training and `agrivlm infer`); the
+        # uniform sampler keeps the first and last of them: seconds since the first frame over the span
+        assert geo.time_axis == frames.time_axis
         secs = (geo.frame_dates - geo.frame_dates[0]) / np.timedelta64(1, "s")
         np.testing.assert_allclose(geo.frame_t, secs / secs[-1], rtol=0, atol=1e-12)
         np.testing.assert_allclose(b["frame_times"][c].numpy(), geo.frame_t, atol=1e-7)

@@ -20,8 +20,14 @@ from train_helpers import ROOT, curriculum_recipe, stage_yaml
 
 from agrivlm.model import load_pretrained
 from agrivlm.model.builders import TINY_CONFIG, build_model, load_model_settings
-from agrivlm.train.config import LapeTrainConfig
-from agrivlm.train.curriculum import enable_lape, merge_lora_state_dict, module_digests, read_stage_info
+from agrivlm.train.config import LapeTrainConfig, load_stage_config
+from agrivlm.train.curriculum import (
+    enable_lape,
+    frozen_head_warning,
+    merge_lora_state_dict,
+    module_digests,
+    read_stage_info,
+)
 from agrivlm.train.data import Collator, RecordDataset, read_split, select_records
 from agrivlm.train.schedule import base_lr_factor, lape_lr_factor
 from agrivlm.train.trainer import read_seen, run_stage
@@ -58,7 +64,7 @@ def curriculum(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "data.families": ["field_boundaries", "growth_stages"], "trainable.llm.lora.r": 4,
     })
     s3 = run_stage(c3, stage="stage3")
-    return {"data": data, "s1": s1, "s2": s2, "s3": s3, "c2": c2}
+    return {"data": data, "s1": s1, "s2": s2, "s3": s3, "c2": c2, "c3": c3}
 
 
 def _sd(folder: Path) -> dict[str, torch.Tensor]:
@@ -116,6 +122,17 @@ def test_stage2_starts_from_stage1_switches_lape_on_and_trains_projector_and_lap
     _assert_changed_exactly(start.state_dict(), _sd(s2), ("projector", "band_adapter", "lape"))
 
 
+def test_stage3_with_lora_on_the_tiny_random_llm_is_told_its_answers_cannot_end(curriculum: dict[str, Path]) -> None:
+    # the tiny model's LLM is built from config: every stage records that its weights are not pretrained
+    assert [read_stage_info(curriculum[s])["llm_pretrained"] for s in ("s1", "s2", "s3")] == [False] * 3  # type: ignore[index]
+    lora = load_stage_config(curriculum["c3"])
+    assert lora.trainable.llm.mode == "lora"
+    assert "set trainable.llm.mode: full" in (frozen_head_warning(lora, False) or "")
+    assert frozen_head_warning(lora, True) is None and frozen_head_warning(lora, None) is None
+    assert frozen_head_warning(load_stage_config(curriculum["c3"], {"trainable.llm.mode": "full"}), False) is None
+    assert frozen_head_warning(load_stage_config(curriculum["c2"]), False) is None  # stage 2 is not the final model
+
+
 def test_stage2_lape_group_follows_its_warmup_and_losses_are_logged_apart(curriculum: dict[str, Path]) -> None:
     rows = [r for r in _rows(curriculum["s2"]) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
@@ -126,7 +143,9 @@ def test_stage2_lape_group_follows_its_warmup_and_losses_are_logged_apart(curric
         assert r["lr_main"] == pytest.approx(base, rel=1e-9)
         assert r["lr_lape"] == pytest.approx(base * lape_lr_factor(s, 0.5, 6), rel=1e-9)
     ratios = [r["lr_lape"] / r["lr_main"] for r in rows]
-    assert ratios[0] == pytest.approx(0.1) and all(x == pytest.approx(0.5) for x in ratios[6:])
+    # the LAPE report's warm-up: 0.1 · step / warmup for the 6 warm-up steps, then the multiplier 0.5
+    assert ratios[:6] == pytest.approx([0.1 * k / 6 for k in range(6)]) and ratios[0] == 0.0
+    assert all(x == pytest.approx(0.5) for x in ratios[6:])
     assert all(a < b for a, b in zip(ratios[:7], ratios[1:7], strict=False))
     for r in rows:  # main, position and reconstruction losses apart; total = main + 0.1 · reconstruction
         assert {"main_loss", "text_loss", "position_loss", "autoregressive_loss"} <= r.keys()

@@ -8,16 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import torch
 from rasterio.windows import Window
-from train_helpers import curriculum_recipe
+from train_helpers import curriculum_recipe, stage_yaml
 
 from agrivlm.errors import ConfigError, RecordError
+from agrivlm.geo import ChipStream
 from agrivlm.geo.coords import TimeAxis
+from agrivlm.infer.generate import Predictor
+from agrivlm.infer.prepare import ChipPreparer
 from agrivlm.lape.tokens import LapeVocab, parse_positions
 from agrivlm.model import build_model
 from agrivlm.recipes.schema import Turn
 from agrivlm.recipes.sources import resolve_spec
-from agrivlm.train.config import DataConfig, FramesConfig, NormalizeConfig
+from agrivlm.train.config import DataConfig, FramesConfig, NormalizeConfig, load_stage_config
 from agrivlm.train.data import (
     Collator,
     RecordDataset,
@@ -30,6 +34,7 @@ from agrivlm.train.data import (
     select_records,
 )
 from agrivlm.train.sampler import ResumableSampler
+from agrivlm.train.trainer import checkpoint_inputs
 
 VOCAB = LapeVocab(150, 50)
 
@@ -154,3 +159,30 @@ def test_a_stack_that_changed_since_the_recipe_is_an_error(records: list[SourceR
 def test_ranks_share_an_epoch_without_overlap(records: list[SourceRecord]) -> None:
     shares = [list(ResumableSampler(len(records), 3, num_replicas=2, rank=r)) for r in (0, 1)]
     assert not set(shares[0]) & set(shares[1]) and len(shares[0]) == len(shares[1]) == len(records) // 2
+
+
+def test_a_chip_gets_the_same_frame_times_in_training_and_in_agrivlm_infer(
+    records: list[SourceRecord], stacks: StackCache, tmp_path: Path
+) -> None:
+    # a stage trained with uniform frames, and the input settings it writes beside its weights for `agrivlm infer`
+    cfg = load_stage_config(stage_yaml("stage2", tmp_path / "s2.yaml", {
+        "data.frames": {"sampler": "uniform", "num_frames": 4, "clouds_as_nodata": True},
+        "data.normalize": {"mode": "chip", "preset": "ndvi"}}))
+    chosen = [sr for sr in records if sr.record.task == "outline_fields"]
+    assert len(chosen) >= 3
+    inputs = checkpoint_inputs(cfg, None, chosen)
+    model, proc = build_model()
+    ds = RecordDataset(chosen, cfg.data.frames, cfg.data.normalize, proc.vocab, 0, train=False, stacks=stacks)
+    trained = Collator(proc, lape=True)([ds[(0, i)] for i in range(len(chosen))])["frame_times"]  # (B, T)
+    preparer, predictor = ChipPreparer(inputs, "fields", proc.vocab), Predictor(model, proc, torch.device("cpu"))
+    for i, sr in enumerate(chosen):
+        w = sr.record.chip.window
+        stack = stacks.get(sr.record, sr.same_day)
+        chip = ChipStream(stack, chip_size=inputs.chip_size).read(0, Window(w.col_off, w.row_off, w.width, w.height))
+        question = preparer.prepare(chip).questions[0]
+        # the frame_times row the model gets from `agrivlm infer` (Predictor.encode) is the one it trained on
+        asked = predictor.encode([question], 1)[0][1]["frame_times"][0]
+        assert torch.equal(asked, trained[i]), (sr.record.sample_id, asked.tolist(), trained[i].tolist())
+        # on the record's time axis, on which its answers' TEMP tokens are written, so decoded t → the same dates
+        dates = np.asarray(sr.record.chip.frame_dates, dtype="datetime64[s]")
+        assert question.visual.time_axis == TimeAxis.from_dates(dates)

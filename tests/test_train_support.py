@@ -13,12 +13,17 @@ from agrivlm.train.sampler import ResumableSampler, epoch_order, sample_seed
 from agrivlm.train.schedule import base_lr_factor, lape_lr_factor
 
 
-def test_lape_warmup_ramps_from_point_one_to_the_multiplier() -> None:
-    assert lape_lr_factor(0, 0.5, 10) == pytest.approx(0.1)
-    assert lape_lr_factor(5, 0.5, 10) == pytest.approx(0.3)
+def test_lape_warmup_follows_the_report_from_zero_to_a_tenth_then_the_multiplier() -> None:
+    # the LAPE report, §4.2 get_lape_learning_rate: base_lr * 0.1 * (current_step / warmup_steps) during the
+    # warm-up, base_lr * 0.5 (the multiplier) after it
+    assert lape_lr_factor(0, 0.5, 10) == 0.0
+    assert lape_lr_factor(5, 0.5, 10) == pytest.approx(0.05)
+    assert lape_lr_factor(9, 0.5, 10) == pytest.approx(0.09)
     assert lape_lr_factor(10, 0.5, 10) == pytest.approx(0.5)
     assert lape_lr_factor(1000, 0.5, 10) == pytest.approx(0.5)
-    assert lape_lr_factor(3, 0.5, 0) == 0.5
+    assert lape_lr_factor(500, 0.3, 1000) == pytest.approx(0.05)  # the ramp's top is 0.1, whatever the multiplier
+    assert lape_lr_factor(1000, 0.3, 1000) == pytest.approx(0.3)
+    assert lape_lr_factor(0, 0.5, 0) == 0.5  # no warm-up: the multiplier from the start
     steps = [lape_lr_factor(s, 0.5, 20) for s in range(25)]
     assert all(b >= a for a, b in zip(steps, steps[1:], strict=False))
 

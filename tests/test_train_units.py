@@ -36,7 +36,7 @@ def test_shipped_stage_configs_load_with_the_reports_defaults() -> None:
     s1, s2, s3 = cfgs["stage1"], cfgs["stage2"], cfgs["stage3"]
     assert s1.lape is None and s1.data.text_only and s1.trainable.llm.mode == "frozen"
     assert s2.lape is not None and s2.model.init_from == "runs/stage1/final"
-    assert (s2.lape.lape_lr_multiplier, s2.lape.spatial_pos_weight, s2.lape.temporal_pos_weight) == (0.5, 2.0, 1.0)
+    assert (s2.lape.lape_lr_multiplier, s2.lape.spatial_loss_weight, s2.lape.temporal_loss_weight) == (0.5, 2.0, 1.0)
     assert (s2.lape.num_spatial_tokens, s2.lape.num_temporal_tokens) == (150, 50)
     assert s2.data.mixture is not None
     assert {k: c.weight for k, c in s2.data.mixture.items()} == {
@@ -48,6 +48,9 @@ def test_shipped_stage_configs_load_with_the_reports_defaults() -> None:
 def test_unknown_key_and_wrong_type_name_the_file_and_key(tmp_path: Path) -> None:
     bad = stage_yaml("stage2", tmp_path / "s2.yaml", {"lape.lape_lr_multiplyer": 0.3})
     with pytest.raises(ConfigError, match=r"s2\.yaml: lape\.lape_lr_multiplyer: unknown key"):
+        load_stage_config(bad)
+    bad = stage_yaml("stage2", tmp_path / "s2old.yaml", {"lape.temporal_pos_weight": 1.0})  # the old loss-weight name
+    with pytest.raises(ConfigError, match=r"s2old\.yaml: lape: .*temporal_pos_weight was renamed temporal_loss_weight"):
         load_stage_config(bad)
     bad = stage_yaml("stage1", tmp_path / "s1.yaml", {"train.max_steps": "many"})
     with pytest.raises(ConfigError, match=r"s1\.yaml: train\.max_steps: .*integer"):
@@ -91,7 +94,7 @@ def test_cli_refuses_resume_without_checkpoint_and_clobbering_a_run(tmp_path: Pa
 # -- learning rates ----------------------------------------------------------------------------------------
 
 
-def test_lape_group_lr_ramps_from_a_tenth_to_the_multiplier(tmp_path: Path) -> None:
+def test_lape_group_lr_ramps_from_zero_to_a_tenth_then_the_multiplier(tmp_path: Path) -> None:
     cfg = load_stage_config(stage_yaml("stage2", tmp_path / "s2.yaml", {
         "lape.lape_warmup_steps": 10, "lape.lape_lr_multiplier": 0.5, "optim.lr": 1e-3, "optim.schedule": "linear",
         "optim.warmup_steps": 2, "train.max_steps": 40}))
@@ -103,9 +106,10 @@ def test_lape_group_lr_ramps_from_a_tenth_to_the_multiplier(tmp_path: Path) -> N
         lrs = set_learning_rates(opt, cfg, step)
         base = 1e-3 * base_lr_factor(step, 40, 2, "linear")
         assert opt.param_groups[0]["lr"] == lrs["lr_main"] == pytest.approx(base)
-        assert opt.param_groups[1]["lr"] == lrs["lr_lape"] == pytest.approx(base * lape_lr_factor(step, 0.5, 10))
+        report = 0.1 * step / 10 if step < 10 else 0.5  # the LAPE report's get_lape_learning_rate (§4.2)
+        assert opt.param_groups[1]["lr"] == lrs["lr_lape"] == pytest.approx(base * report)
         seen.append(lape_lr_factor(step, 0.5, 10))
-    assert seen[0] == pytest.approx(0.1) and seen[5] == pytest.approx(0.3) and seen[10:] == [0.5] * 30
+    assert seen[0] == 0.0 and seen[5] == pytest.approx(0.05) and seen[10:] == [0.5] * 30
 
 
 # -- trainable parts and LoRA ------------------------------------------------------------------------------

@@ -474,8 +474,7 @@ def _question_box(settings: ExploreSettings, stack: Stack, selected: gpd.GeoData
             with st.spinner("The model is answering…"):
                 answer = ask_model(settings.model, stack, chip, question, settings.chip_size)
             grid = chip_grid(stack.grid, chip, settings.chip_size)
-            table = positions_table(grid, TimeAxis.from_dates(np.array(answer.frame_dates, dtype="datetime64[s]")),
-                                    answer.positions)
+            table = positions_table(grid, answer.time_axis, answer.positions)
         except ExploreError as exc:
             st.error(str(exc))
         else:

@@ -191,10 +191,13 @@ class ModelAnswer:
     text: str
     #: Geometric mean of the probabilities of its tokens (see :mod:`agrivlm.infer.generate`).
     score: float
-    #: Its positions, sub-bin decoded from the model's logits; ``t`` on the frames' date range.
+    #: Its positions, sub-bin decoded from the model's logits; ``t`` on :attr:`time_axis`.
     positions: ChipPositions
-    #: The frames the model saw (ISO days), whose range ``t`` is measured on.
+    #: The frames the model saw (ISO days).
     frame_dates: tuple[str, ...]
+    #: The range ``t`` is measured on: the dates the frames were drawn from (the chip's usable dates;
+    #: :func:`agrivlm.pipeline.frames.frame_time_positions`), not the frames' own range.
+    time_axis: TimeAxis
 
 
 _LOAD_LOCK = threading.Lock()
@@ -276,4 +279,4 @@ def ask_model(model: str | os.PathLike[str], stack: Stack, chip_id: str, questio
     frame_dates = tuple(str(d.astype("datetime64[D]")) for d in questions[0].visual.dates)
     return ModelAnswer(text=answer.text, score=answer.score,
                        positions=chip_positions(chip_id, pos.boxes, pos.points, answer.times, predictor.vocab),
-                       frame_dates=frame_dates)
+                       frame_dates=frame_dates, time_axis=questions[0].visual.time_axis)

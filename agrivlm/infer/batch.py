@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from agrivlm.errors import AgriVLMError, PipelineError
 from agrivlm.geo.chips import Chip, ChipGroup, ChipStream, chip_id
-from agrivlm.geo.coords import GeoGrid, TimeAxis
+from agrivlm.geo.coords import GeoGrid
 from agrivlm.geo.stack import open_stack
 from agrivlm.geo.validate import validate_files
 from agrivlm.infer.config import InputConfig
@@ -234,7 +234,7 @@ def answer_record(task: Task, grid: GeoGrid, question: Question, answer: Decoded
         "meta": question.meta, "text": answer.text, "score": _score(answer.score), "finished": answer.finished,
         "unmatched": pos.unmatched, "features": [], "degenerate": 0,
     }
-    axis = TimeAxis.from_dates(question.visual.dates)
+    axis = question.visual.time_axis
 
     def day(t: float) -> str:
         return str(axis.from_norm(t).astype("datetime64[D]"))

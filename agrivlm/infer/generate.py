@@ -31,6 +31,7 @@ import numpy.typing as npt
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from agrivlm.geo.coords import TimeAxis
 from agrivlm.infer.errors import InferError
 from agrivlm.lape.tokens import (
     Axis,
@@ -41,6 +42,7 @@ from agrivlm.lape.tokens import (
     parse_token_ids,
     refine_position,
 )
+from agrivlm.pipeline.conversation import answer_end_id
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +55,18 @@ class Visual:
 
     Attributes:
         pixels: ``(T, C, h, w)`` float32 normalized to [0, 1], NaN = no data (the processor makes it 0).
-        frame_times: ``(T,)`` normalized time of each frame on the frames' own date range (as records: 0 =
-            first frame, 1 = last).
+        frame_times: ``(T,)`` normalized time of each frame on ``time_axis``
+            (:func:`agrivlm.pipeline.frames.frame_time_positions`, the rule training follows).
         dates: ``(T,)`` acquisition times of the frames (``datetime64``).
+        time_axis: the range of the dates the frames were drawn from (the chip's usable dates, as a record's
+            frame dates): decoded ``t`` → dates with ``time_axis.from_norm``.
 
     """
 
     pixels: npt.NDArray[np.float32]
     frame_times: FloatArray
     dates: npt.NDArray[np.datetime64]
+    time_axis: TimeAxis
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,7 @@ class DecodedAnswer:
         finished: whether the model ended the answer (False: cut at ``max_new_tokens``).
         score: geometric mean of the tokens' probabilities (NaN for an empty answer).
         positions: boxes, points and segments, normalized, sub-bin refined.
-        times: every ``TEMP`` value in order, normalized to the frames' date range.
+        times: every ``TEMP`` value in order, normalized on the visual's :attr:`Visual.time_axis`.
         box_steps: per box, the indices into ``ids`` of its four tokens.
         point_steps: per point, its two token indices; ``segment_steps`` likewise.
 
@@ -234,6 +239,14 @@ class Predictor:
         self.vocab: LapeVocab = model.vocab
         self.window = int(model.config.decode_window)
         self.eos = model.generation_config.eos_token_id
+        stops = {self.eos} if isinstance(self.eos, int) else set(self.eos or [])
+        end = answer_end_id(processor.tokenizer)
+        if end not in stops:
+            raise InferError(
+                f"the checkpoint's generation_config.eos_token_id is {self.eos!r} but its answers end with token {end} "
+                f"({processor.tokenizer.convert_ids_to_tokens(end)!r}, the tokenizer's eos the model was trained to "
+                "say): generation would run to the token budget; set eos_token_id in its generation_config.json"
+            )
         #: Generate with the KV cache (off only to measure what it saves: every step then re-reads the prompt).
         self.use_cache = True
         self._tok_lock = threading.Lock()

@@ -12,8 +12,10 @@ questions:
   the box of its visible part (:func:`agrivlm.recipes.context.norm_box`, as the records compute it) on each
   frame's date.
 
-Frame times are normalized on the frames' own date range (``TimeAxis.from_dates(frames.times)``), the
-convention of the instruction records.
+Frame times follow the one rule of :func:`agrivlm.pipeline.frames.frame_time_positions`, as in training:
+each frame's ``t`` is its date on the range of the dates the frames were drawn from (the chip's usable
+dates, or the season's; :attr:`Frames.time_axis`) — the range the instruction records' frame dates and
+answer times use — not on the chosen frames' own range.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from rasterio.crs import CRS
 
 from agrivlm.errors import PipelineError
 from agrivlm.geo.chips import Chip
-from agrivlm.geo.coords import GeoGrid, TimeAxis
+from agrivlm.geo.coords import GeoGrid
 from agrivlm.infer.config import InputConfig
 from agrivlm.infer.errors import InferError
 from agrivlm.infer.generate import Question, Visual
@@ -93,10 +95,9 @@ def normalize_frames(frames: Frames, config: InputConfig) -> npt.NDArray[np.floa
 
 
 def make_visual(frames: Frames, config: InputConfig) -> Visual:
-    """The model's view of some frames: normalised pixels, frame times on the frames' own range, dates."""
-    axis = TimeAxis.from_dates(frames.times)
-    return Visual(pixels=normalize_frames(frames, config), frame_times=axis.to_norm(frames.times),
-                  dates=np.asarray(frames.times, dtype="datetime64[s]"))
+    """The model's view of some frames: normalised pixels, frame times (``frames.t`` on ``frames.time_axis``), dates."""
+    return Visual(pixels=normalize_frames(frames, config), frame_times=frames.t,
+                  dates=np.asarray(frames.times, dtype="datetime64[s]"), time_axis=frames.time_axis)
 
 
 def chip_frames(chip: Chip, config: InputConfig) -> Frames:

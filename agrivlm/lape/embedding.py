@@ -202,8 +202,8 @@ class LapeEmbeddings(nn.Module):
             row_centres: ``(h,)`` normalized ``v`` of each grid row's centre (:func:`cell_centres`).
             col_centres: ``(w,)`` normalized ``u`` of each grid column's centre.
             frame_times: ``(N, T)`` normalized ``t`` of each frame (:func:`default_frame_times`).
-            spatial_weight: scale of the height + width embeddings (``spatial_pos_weight``).
-            temporal_weight: scale of the temporal embeddings (``temporal_pos_weight``).
+            spatial_weight: scale of the height + width embeddings (``spatial_injection_scale``).
+            temporal_weight: scale of the temporal embeddings (``temporal_injection_scale``).
             tables: :meth:`input_tables_by_axis` when already computed in this forward.
 
         Returns:

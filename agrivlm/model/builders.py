@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -44,9 +44,10 @@ from agrivlm.config import StrictModel, load_config
 from agrivlm.errors import ConfigError
 from agrivlm.lape.embedding import number_text_init_, smart_init_
 from agrivlm.lape.tokens import LapeVocab
-from agrivlm.model.configuration import AgriVLMConfig
+from agrivlm.model.configuration import RENAMED_KEYS, AgriVLMConfig
 from agrivlm.model.modeling import AgriVLMForConditionalGeneration
 from agrivlm.model.tokenizer import add_agrivlm_tokens, default_tokenizer
+from agrivlm.pipeline.conversation import answer_end_id
 from agrivlm.pipeline.pooling import PoolMode
 
 #: The tiny default config shipped with the repository.
@@ -102,13 +103,27 @@ class LapeSettings(StrictModel):
     num_spatial_tokens: int = Field(default=150, ge=2)
     num_temporal_tokens: int = Field(default=50, ge=2)
     ntp: bool = True
-    spatial_pos_weight: float = 1.0
-    temporal_pos_weight: float = 1.0
+    #: Scale of the height + width LAPE embeddings added to the visual features.
+    spatial_injection_scale: float = 1.0
+    #: Scale of the temporal LAPE embeddings added to the visual features.
+    temporal_injection_scale: float = 1.0
+    #: Loss weight of spatial position tokens (text tokens weigh 1).
     spatial_loss_weight: float = Field(default=1.0, gt=0)
+    #: Loss weight of temporal position tokens.
     temporal_loss_weight: float = Field(default=1.0, gt=0)
     init: Literal["llm_stats", "number_text"] = "llm_stats"
     init_std_ratio: float = Field(default=0.1, gt=0)
     decode_window: int = Field(default=2, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for old, new in RENAMED_KEYS.items():
+                if old in data:
+                    raise ValueError(f"{old} was renamed {new} (the scale of the LAPE embeddings added to the visual "
+                                     "features; the loss weights are spatial/temporal_loss_weight)")
+        return data
 
 
 class ModelSettings(StrictModel):
@@ -244,8 +259,8 @@ def build_model(
         num_spatial_tokens=s.lape.num_spatial_tokens,
         num_temporal_tokens=s.lape.num_temporal_tokens,
         lape_ntp=s.lape.ntp,
-        spatial_pos_weight=s.lape.spatial_pos_weight,
-        temporal_pos_weight=s.lape.temporal_pos_weight,
+        spatial_injection_scale=s.lape.spatial_injection_scale,
+        temporal_injection_scale=s.lape.temporal_injection_scale,
         spatial_loss_weight=s.lape.spatial_loss_weight,
         temporal_loss_weight=s.lape.temporal_loss_weight,
         lape_init=s.lape.init,
@@ -301,12 +316,16 @@ def init_lape(model: AgriVLMForConditionalGeneration, tokenizer: PreTrainedToken
 def generation_config_for(
     model: AgriVLMForConditionalGeneration, tokenizer: PreTrainedTokenizerBase
 ) -> GenerationConfig:
-    """Greedy by default; eos/pad from the tokenizer; placeholders and LAPE control tokens can never be generated."""
+    """Greedy by default; placeholders and LAPE control tokens can never be generated.
+
+    Generation stops on the answer's end, :func:`~agrivlm.pipeline.conversation.answer_end_id` — the token the
+    processor appends to every supervised answer; pad is the tokenizer's pad (its eos when it has none).
+    """
     cfg = model.config
     suppress = [i for i in (cfg.image_token_id, cfg.video_token_id) if i is not None]
     suppress += list(cfg.lape_input_token_ids or []) + list(cfg.lape_output_token_ids or [])
     return GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=answer_end_id(tokenizer),
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
         do_sample=False,

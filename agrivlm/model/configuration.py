@@ -21,6 +21,14 @@ VISION_MODEL_TYPES: tuple[str, ...] = ("siglip_vision_model", "clip_vision_model
 #: LAPE initialisations: statistics of the LLM's embeddings, or the embeddings of the bin numbers' text.
 LAPE_INITS: tuple[str, ...] = ("llm_stats", "number_text")
 
+#: Keys renamed since checkpoints were first saved: a ``config.json`` with the old key still loads (its value
+#: goes to the new key). ``spatial_pos_weight``/``temporal_pos_weight`` named the injection scales, which
+#: the stage configs' loss weights of the same name were mistaken for.
+RENAMED_KEYS: dict[str, str] = {
+    "spatial_pos_weight": "spatial_injection_scale",
+    "temporal_pos_weight": "temporal_injection_scale",
+}
+
 #: The tiny default vision encoder (a real SigLIP vision transformer with small dimensions).
 TINY_VISION: dict[str, Any] = {
     "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -71,10 +79,10 @@ class AgriVLMConfig(PreTrainedConfig):
     num_temporal_tokens: int = 50
     #: Neighbouring token propagation on the LAPE tables and heads.
     lape_ntp: bool = True
-    #: Scale of the height + width embeddings added to visual features.
-    spatial_pos_weight: float = 1.0
-    #: Scale of the temporal embeddings added to visual features.
-    temporal_pos_weight: float = 1.0
+    #: Scale of the height + width LAPE embeddings added to the visual features (formerly ``spatial_pos_weight``).
+    spatial_injection_scale: float = 1.0
+    #: Scale of the temporal LAPE embeddings added to the visual features (formerly ``temporal_pos_weight``).
+    temporal_injection_scale: float = 1.0
     #: Loss weight of spatial position tokens (text tokens weigh 1).
     spatial_loss_weight: float = 1.0
     #: Loss weight of temporal position tokens.
@@ -98,6 +106,17 @@ class AgriVLMConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
+        for old, new in RENAMED_KEYS.items():  # a config.json saved before the rename
+            if old not in kwargs:
+                continue
+            value = kwargs.pop(old)
+            default = type(self).__dataclass_fields__[new].default
+            if getattr(self, new) not in (default, value):
+                raise ConfigError(
+                    f"AgriVLMConfig: both {old} (the old name of {new}) = {value} and {new} = {getattr(self, new)}; "
+                    f"keep only {new}"
+                )
+            setattr(self, new, value)
         super().__post_init__(**kwargs)
         self.validate_values()
 

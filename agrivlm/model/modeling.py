@@ -8,7 +8,7 @@ Data path for ``N`` visual items of ``T`` frames, ``C`` bands, ``H × W`` px, LL
    ``(N·T, h·w, Dv)`` with ``(h, w) = (H/p, W/p)`` (CLIP's CLS token dropped).
 2. 2-layer MLP projector → ``(N·T, h·w, D)`` → :func:`~agrivlm.pipeline.pooling.pool_2d` →
    ``(N·T, h'·w', D)`` with ``(h', w') =`` :func:`~agrivlm.pipeline.processor.visual_token_grid`.
-3. LAPE injection (when on): ``+ spatial_pos_weight·(H[v] + W[u]) + temporal_pos_weight·T[t]`` at each
+3. LAPE injection (when on): ``+ spatial_injection_scale·(H[v] + W[u]) + temporal_injection_scale·T[t]`` at each
    pooled cell's centre and each frame's time. With ``patch_positions (N, h'·w', 2)`` (from
    :meth:`~agrivlm.pipeline.processor.AgriVLMProcessor.from_chips`) each token's ``(u, v)`` is given instead:
    the chip position of an AnyRes tile's cells (:func:`inject_lape_at_positions`). Items of different sizes
@@ -280,8 +280,8 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
                 frame_times = default_frame_times(t).to(feats.device).expand(n, t)
             if patch_positions is not None:
                 feats = inject_lape_at_positions(
-                    self.lape, feats, patch_positions, frame_times, cfg.spatial_pos_weight, cfg.temporal_pos_weight,
-                    lape_tables,
+                    self.lape, feats, patch_positions, frame_times, cfg.spatial_injection_scale,
+                    cfg.temporal_injection_scale, lape_tables,
                 )
             else:
                 feats = self.lape.inject(
@@ -289,8 +289,8 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
                     cell_centres(h, cfg.pool_stride, cfg.pool_mode),
                     cell_centres(w, cfg.pool_stride, cfg.pool_mode),
                     frame_times,
-                    cfg.spatial_pos_weight,
-                    cfg.temporal_pos_weight,
+                    cfg.spatial_injection_scale,
+                    cfg.temporal_injection_scale,
                     lape_tables,
                 )
         return feats.reshape(n, t * per_frame, d)

@@ -9,11 +9,16 @@ model answers after the last ``ASSISTANT:``::
 
 A model only answers well on prompts like those it was trained on, so training and ``agrivlm infer`` /
 the explorer build their prompts with :func:`format_prompt` and nothing else.
+
+An answer ends with the tokenizer's end-of-sequence token, :func:`answer_end_id`: the processor appends it
+to every supervised answer (so the model learns to stop when the answer is complete) and generation stops
+on it (``generation_config.eos_token_id``); both take it from here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 #: Prefix of a user turn.
 USER = "USER: "
@@ -22,6 +27,21 @@ ASSISTANT = "ASSISTANT: "
 #: Separator between the vertices of a polygon answer (written back to back, four position tokens would read
 #: as a box; with the comma they read as points).
 POLYGON_SEP = ","
+
+
+def answer_end_id(tokenizer: Any) -> int:
+    """Id of the token that ends an answer: the tokenizer's eos, supervised after each answer and stopped on.
+
+    Raises:
+        ValueError: the tokenizer has no eos token (a model trained with it could never say it is done).
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if not isinstance(eos, int):
+        raise ValueError(
+            f"the tokenizer has no eos token (eos_token_id={eos!r}); answers must end with one to be learned and "
+            "stopped on: set tokenizer.eos_token (e.g. '<|endoftext|>' or '</s>')"
+        )
+    return eos
 
 
 def visual_placeholder(num_frames: int) -> str:

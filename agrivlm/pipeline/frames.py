@@ -3,8 +3,15 @@
 A chip holds every date of its window, ``(T, C, h, w)`` with NaN where there is no data. The model sees
 a few of them. The samplers here pick *which* dates (pure functions of the date axis, property-tested)
 and :func:`sample_frames` applies one to a :class:`~agrivlm.geo.chips.Chip`, keeping the chosen dates,
-their indices into the chip's date axis and their normalized time ``t`` on the chip's own
-:class:`~agrivlm.geo.coords.TimeAxis` (the value LAPE's ``TEMP`` tokens encode).
+their indices into the chip's date axis and their normalized time ``t`` (the value LAPE's ``TEMP`` tokens
+encode).
+
+Time (one rule, :func:`frame_time_positions`, for training, ``agrivlm infer``, the processor and the
+explorer): a frame's ``t`` is its date on the range of the dates the frames were *drawn from* — a record's
+``frame_dates`` in training, a chip's usable dates (every date with ``empty="raise"``) at inference — and
+never on the chosen frames' own range. The recipes write the times of their answers on that same range
+(the record's frame dates, which are the chip's usable dates), so a frame and an answer's ``TEMP`` token
+that name the same day carry the same ``t`` whichever frames were sampled.
 
 Samplers (after LLaVA-NeXT's video loader and the fast/slow sampler of the reconstruction notes):
 
@@ -187,6 +194,37 @@ def merge_streams(fast: IntArray, slow: IntArray, merge: Merge = "concat") -> tu
     return indices, is_fast
 
 
+# -- time ------------------------------------------------------------------------------------------------
+
+
+def frame_time_positions(
+    candidates: npt.ArrayLike, indices: npt.ArrayLike
+) -> tuple[TimeAxis, npt.NDArray[np.float64]]:
+    """Where chosen frames sit in time: the one rule of training and inference (see the module docstring).
+
+    Args:
+        candidates: ``(T,)`` acquisition times the frames are drawn from (a record's ``frame_dates``; a chip's
+            usable dates), sorted ascending.
+        indices: ``(T',)`` indices into ``candidates`` of the chosen frames.
+
+    Returns:
+        ``(axis, t)``: the :class:`TimeAxis` of ``candidates`` (0 = first candidate date, 1 = the last) and
+        ``(T',)`` float64 ``t`` of the chosen frames on it, in ``[0, 1]``.
+
+    Raises:
+        PipelineError: no candidate date, or an index outside them.
+
+    """
+    times = np.asarray(candidates, dtype="datetime64[us]").ravel()
+    idx = np.asarray(indices, dtype=np.int64).ravel()
+    if times.size == 0:
+        raise PipelineError("frame times need at least one candidate date, got none")
+    if idx.size and (idx.min() < 0 or idx.max() >= times.size):
+        raise PipelineError(f"frame indices {idx.tolist()} are outside the {times.size} candidate dates")
+    axis = TimeAxis.from_dates(times)
+    return axis, np.clip(axis.to_norm(times[idx]), 0.0, 1.0)
+
+
 # -- config and frames of a chip ---------------------------------------------------------------------
 
 
@@ -229,7 +267,9 @@ class Frames:
         valid: ``(T', h, w)`` bool, True where every band holds data (and, with ``clouds_as_nodata``,
             no cloud).
         grid: the chip's :class:`GeoGrid` (pixel edges → CRS); the frames share it.
-        time_axis: the *chip's* date range; ``t`` is measured on it, not on the chosen frames' range.
+        time_axis: the range of the dates the frames were drawn from (the chip's usable dates with
+            ``empty="drop"``, all its dates otherwise); ``t`` is measured on it, not on the chosen frames'
+            range (:func:`frame_time_positions`).
         chip_id: id of the source chip (for errors and records).
 
     """
@@ -245,8 +285,8 @@ class Frames:
 
     @property
     def t(self) -> npt.NDArray[np.float64]:
-        """``(T',)`` normalized time of each frame in ``[0, 1]`` of the chip's date range."""
-        return self.time_axis.to_norm(self.times)
+        """``(T',)`` normalized time of each frame in ``[0, 1]`` of :attr:`time_axis`."""
+        return np.clip(self.time_axis.to_norm(self.times), 0.0, 1.0)
 
     def __len__(self) -> int:
         return int(self.indices.size)
@@ -344,8 +384,10 @@ def sample_frames(chip: Chip, config: FrameSamplingConfig | None = None, fast_en
             local_end = int(hits[0])
         local, is_fast = select_indices(chip.times[keep], config, local_end)
         indices = keep[local]
+        axis, _ = frame_time_positions(chip.times[keep], local)
     else:
         indices, is_fast = select_indices(chip.times, config, fast_end)
+        axis, _ = frame_time_positions(chip.times, indices)
         bad = indices[~usable[indices]]
         if bad.size:
             raise PipelineError(
@@ -364,7 +406,7 @@ def sample_frames(chip: Chip, config: FrameSamplingConfig | None = None, fast_en
         is_fast=is_fast,
         valid=valid,
         grid=chip.grid,
-        time_axis=chip.time_axis,
+        time_axis=axis,
         chip_id=chip.chip_id,
     )
 

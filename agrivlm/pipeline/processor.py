@@ -47,6 +47,7 @@ from agrivlm.lape.embedding import default_frame_times
 from agrivlm.lape.tokens import LapeVocab
 from agrivlm.pipeline.anyres import Tile, anyres_tiles, cell_centres, token_positions
 from agrivlm.pipeline.bands import COMPOSITES, PRESETS, BandStats, available_composites, fill_nodata, prepare_bands
+from agrivlm.pipeline.conversation import answer_end_id
 from agrivlm.pipeline.frames import Frames, FrameSamplingConfig, ResizeMode, rescale_grid, resize_frames, sample_frames
 from agrivlm.pipeline.pooling import POOL_MODES, PoolMode, pooled_grid
 
@@ -256,14 +257,16 @@ class VisualItem:
 class ChipGeography:
     """Where and when one chip of a batch is: what turns decoded positions into map coordinates and dates.
 
-    Positions the model reads and writes are the *chip's* normalized ``(u, v)`` (and ``t`` on the frames'
-    date range), whatever the tiling: a tile's visual tokens carry chip positions.
+    Positions the model reads and writes are the *chip's* normalized ``(u, v)`` (and ``t`` on ``time_axis``),
+    whatever the tiling: a tile's visual tokens carry chip positions.
 
     Attributes:
         chip_id: the chip's id.
         sample: index of the prompt it belongs to.
         grid: the chip's grid: decoded ``(u, v)`` → CRS with ``grid.norm_to_crs``.
-        time_axis: the frames' date range (first frame ``t = 0``, last ``t = 1``, as the recipes' records).
+        time_axis: the range of the dates the frames were drawn from (the chip's usable dates, or the given
+            ``frame_indices``' dates — a record's frame dates), as training and ``agrivlm infer`` measure ``t``
+            (:func:`~agrivlm.pipeline.frames.frame_time_positions`); not the chosen frames' own range.
         frame_dates: ``(T,)`` ``datetime64[us]`` acquisition time of each frame.
         frame_indices: ``(T,)`` int64 index of each frame into the chip's date axis (``chip.times``).
         frame_t: ``(T,)`` normalized time of each frame on ``time_axis`` (the ``frame_times`` row fed to the model).
@@ -480,7 +483,7 @@ class AgriVLMProcessor(ProcessorMixin):
                 if any(i in placeholder_ids for i in ans):
                     raise ValueError(f"sample {b}: an answer cannot hold <image>/<video>")
                 if add_eos:
-                    ans.append(tok.eos_token_id)
+                    ans.append(answer_end_id(tok))  # the token generation stops on
                 seq.extend(ans)
                 lab.extend(ans)
             sequences.append(seq)
@@ -590,8 +593,9 @@ class AgriVLMProcessor(ProcessorMixin):
         ``images`` in :meth:`__call__`). Each chip becomes one visual item (plain), one per scale
         (``scales``), or a thumbnail plus ``rows × cols`` tiles (``anyres``); its placeholder expands to the
         tokens of all its items, in that order, each item :func:`num_visual_tokens` long. Positions in
-        ``answers``/``positions`` are the chip's own normalized ``(u, v)`` and ``t`` on its frames' date range
-        (as in the recipes' records), whatever the layout.
+        ``answers``/``positions`` are the chip's own normalized ``(u, v)`` and ``t`` on the range of the dates
+        its frames are drawn from (:attr:`ChipGeography.time_axis`, as in the recipes' records), whatever the
+        layout.
 
         Args:
             chips: chips from a :class:`~agrivlm.geo.chips.ChipStream` (``data (T_all, C, h, w)``, NaN = no data).
@@ -605,16 +609,18 @@ class AgriVLMProcessor(ProcessorMixin):
             anyres: AnyRes tiling (:class:`AnyResConfig`).
             scales: multi-scale factors, e.g. ``(1.0, 0.75, 0.5)``.
             frame_indices: optional, per chip, the indices into ``chip.times`` to use as frames (e.g. a
-                record's ``chip.frame_indices``) instead of the sampler; None entries use the sampler.
+                record's ``chip.frame_indices``) instead of the sampler, ``t`` then on their own range (the
+                record's time axis); None entries use the sampler.
             positions: continuous values of each sample's LAPE tokens, as in :meth:`__call__`.
             padding_side: ``"right"`` for training, ``"left"`` for batched generation.
             add_eos: end each answer with the eos token.
 
         Returns:
             :class:`ChipBatch`: ``batch`` holds ``pixel_values (N, T, C, H, W)`` float32 (no NaN),
-            ``frame_times (N, T)`` (each chip's frames on its own date range), ``patch_positions (N, P, 2)``
-            float32 chip ``(u, v)`` of each item's ``P = h'·w'`` visual tokens per frame, ``input_ids``,
-            ``attention_mask`` (and ``labels``, ``position_values`` as in :meth:`__call__`). When items differ
+            ``frame_times (N, T)`` (each chip's frames on its :attr:`ChipGeography.time_axis`),
+            ``patch_positions (N, P, 2)`` float32 chip ``(u, v)`` of each item's ``P = h'·w'`` visual tokens per
+            frame, ``input_ids``, ``attention_mask`` (and ``labels``, ``position_values`` as in :meth:`__call__`).
+            When items differ
             in size (``scales``), ``pixel_values`` are zero-padded to the largest, ``image_sizes (N, 2)`` gives
             each item's ``(H, W)`` and ``patch_positions`` rows are NaN past each item's ``P``.
 
@@ -667,8 +673,7 @@ class AgriVLMProcessor(ProcessorMixin):
         expand: list[int] = []
         for c, (chip, prep) in enumerate(zip(chip_list, prepared, strict=True)):
             fr = prep.frames
-            axis = TimeAxis.from_dates(fr.times)
-            ft = axis.to_norm(fr.times)
+            axis, ft = fr.time_axis, fr.t
             first = len(items)
             items.extend(dataclasses.replace(it, chip=c) for it in prep.items)
             frame_rows.extend([ft] * len(prep.items))
@@ -731,8 +736,8 @@ class AgriVLMProcessor(ProcessorMixin):
                                   mask=chip.mask[idx], files=files)
         keep_all = sampling.model_copy(update={"sampler": "uniform", "uniform_by": "index",
                                                "max_frames": int(idx.size)})
-        fr = sample_frames(sub, keep_all)
-        return dataclasses.replace(fr, indices=idx[fr.indices], time_axis=chip.time_axis)
+        fr = sample_frames(sub, keep_all)  # its time axis: the given frames' range (they are the candidates)
+        return dataclasses.replace(fr, indices=idx[fr.indices])
 
     def _prepare_chip(self, chip: Chip, cfg: ChipInputConfig, indices: Sequence[int] | None) -> _PreparedChip:
         frames = self._frames(chip, cfg.sampling, indices)

@@ -5,11 +5,12 @@ Every section is a :class:`~agrivlm.config.StrictModel`: an unknown key or a wro
 ``init_from``, recipe outputs, ``output_dir``) resolve against the current directory, as command-line
 tools do; run the commands from the repository root.
 
-Naming: the curriculum report's ``spatial_pos_weight`` / ``temporal_pos_weight`` are **loss weights** of
-the position tokens here (section ``lape``), written into the model config as ``spatial_loss_weight`` /
-``temporal_loss_weight``. The model's own ``spatial_pos_weight`` / ``temporal_pos_weight`` (the scale of
-the LAPE embeddings added to the visual features) keep their model-YAML values; change them with
-``model.overrides``.
+Naming: the curriculum report's ``--spatial_pos_weight`` / ``--temporal_pos_weight`` are **loss weights**
+of the position tokens; here (section ``lape``) they are ``spatial_loss_weight`` / ``temporal_loss_weight``,
+written into the model config under the same names. The model's ``spatial_injection_scale`` /
+``temporal_injection_scale`` (the scale of the LAPE embeddings added to the visual features) are another
+thing: they keep their model-YAML values; change them with ``model.overrides``. The old names are errors
+that say the new one.
 """
 
 from __future__ import annotations
@@ -49,17 +50,30 @@ class LapeTrainConfig(StrictModel):
     num_temporal_tokens: int = Field(default=50, ge=2)
     #: LR of the LAPE parameter group as a multiple of the base LR (after its warmup).
     lape_lr_multiplier: float = Field(default=0.5, gt=0)
-    #: Optimizer steps over which the LAPE factor ramps linearly from 0.1 to ``lape_lr_multiplier``.
+    #: Optimizer steps of the LAPE warm-up (the report's §4.2): the factor ramps linearly from 0 to 0.1, then is
+    #: ``lape_lr_multiplier``.
     lape_warmup_steps: int = Field(default=1000, ge=0)
-    #: Loss weight of spatial (HEIGHT/WIDTH) position tokens (text tokens weigh 1).
-    spatial_pos_weight: float = Field(default=2.0, gt=0)
-    #: Loss weight of temporal (TEMP) position tokens.
-    temporal_pos_weight: float = Field(default=1.0, gt=0)
+    #: Loss weight of spatial (HEIGHT/WIDTH) position tokens (text tokens weigh 1); the report's
+    #: ``spatial_pos_weight``.
+    spatial_loss_weight: float = Field(default=2.0, gt=0)
+    #: Loss weight of temporal (TEMP) position tokens; the report's ``temporal_pos_weight``.
+    temporal_loss_weight: float = Field(default=1.0, gt=0)
     #: Initialisation when LAPE is switched on: ``llm_stats`` (smart init: Normal(mean, ratio·std) of the
     #: LLM embeddings) or ``number_text``.
     init: Literal["llm_stats", "number_text"] = "llm_stats"
     #: std of the smart init as a fraction of the LLM embeddings' std.
     init_std_ratio: float = Field(default=0.1, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for old, new in (("spatial_pos_weight", "spatial_loss_weight"),
+                             ("temporal_pos_weight", "temporal_loss_weight")):
+                if old in data:
+                    raise ValueError(f"{old} was renamed {new} (a loss weight of the position tokens; the model's "
+                                     "injection scale is model.overrides lape.spatial/temporal_injection_scale)")
+        return data
 
 
 class LoraSettings(StrictModel):

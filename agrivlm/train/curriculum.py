@@ -8,7 +8,7 @@ After the LAPE initialisation report:
   and heads are created and drawn by the smart init from the (frozen) LLM embeddings' statistics; the
   position-token rows of the LLM's text vocabulary, never trained, are dropped (those ids now belong to
   the LAPE tables). LAPE trains in its own optimizer group (``lape_lr_multiplier``, ``lape_warmup_steps``);
-  ``spatial_pos_weight`` / ``temporal_pos_weight`` weight the position-token losses.
+  ``spatial_loss_weight`` / ``temporal_loss_weight`` weight the position-token losses.
 * **stage3 — agricultural fine-tune.** Starts from stage 2's final folder (LAPE on); the LLM trains
   through LoRA (peft; merged into the weights of the final folder) or fully, by config.
 
@@ -163,6 +163,9 @@ class StageModel:
     band_stats: dict[str, Any] | None = None
     #: LoRA scaling ``alpha / r`` when the LLM trains through LoRA.
     lora_scaling: float | None = None
+    #: Whether the LLM's weights came from a checkpoint (``llm.checkpoint`` of stage 1's model YAML), carried in
+    #: ``stage_info.json`` from stage to stage; None when the init folder does not say.
+    llm_pretrained: bool | None = None
     groups: dict[str, list[nn.Parameter]] = field(default_factory=dict)
 
 
@@ -175,6 +178,7 @@ def build_stage_model(cfg: StageConfig) -> StageModel:
         settings = load_model_settings(path, {**cfg.model.overrides, "lape.enabled": False})
         model, processor = build_model(settings)
         source = str(path)
+        llm_pretrained: bool | None = settings.llm.checkpoint is not None
     else:
         assert cfg.model.init_from is not None
         folder = resolve(cfg.model.init_from)
@@ -192,6 +196,7 @@ def build_stage_model(cfg: StageConfig) -> StageModel:
         if info is None:
             log.warning("%s has no %s: not checked to be a %s model", folder, STAGE_INFO, prev)
         model, processor = load_pretrained(folder)
+        llm_pretrained = info.get("llm_pretrained") if info is not None else None
         lape = cfg.lape or LapeTrainConfig()
         if not model.config.enable_lape:
             if cfg.stage == "stage3":
@@ -201,15 +206,33 @@ def build_stage_model(cfg: StageConfig) -> StageModel:
             for key in ("num_spatial_tokens", "num_temporal_tokens"):
                 if getattr(lape, key) != getattr(model.config, key):
                     raise ConfigError(f"lape.{key}: {getattr(lape, key)} but {folder} has {getattr(model.config, key)}")
-        model.config.spatial_loss_weight = lape.spatial_pos_weight
-        model.config.temporal_loss_weight = lape.temporal_pos_weight
+        model.config.spatial_loss_weight = lape.spatial_loss_weight
+        model.config.temporal_loss_weight = lape.temporal_loss_weight
         stats_path = folder / "band_stats.json"
         stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
         source = str(folder)
     digests = module_digests(model)
-    sm = StageModel(model=model, processor=processor, init_digests=digests, init_source=source, band_stats=stats)
+    sm = StageModel(model=model, processor=processor, init_digests=digests, init_source=source, band_stats=stats,
+                    llm_pretrained=llm_pretrained)
     sm.groups, sm.lora_scaling = set_trainable(model, cfg.trainable)
+    warning = frozen_head_warning(cfg, llm_pretrained)
+    if warning:
+        log.warning(warning)
     return sm
+
+
+def frozen_head_warning(cfg: StageConfig, llm_pretrained: bool | None) -> str | None:
+    """Why stage 3 cannot give answers that end, when it keeps a randomly initialised LM head; else None.
+
+    ``lora`` and ``frozen`` leave the LLM's output head as it is. A random head (the tiny model's LLM, built
+    from config) then cannot raise any text token — the answer's end included — above the LAPE heads, which do
+    train: the model lists boxes up to the token budget instead of ending its answer.
+    """
+    if cfg.stage != "stage3" or cfg.trainable.llm.mode == "full" or llm_pretrained is not False:
+        return None
+    return (f"stage3 with trainable.llm.mode: {cfg.trainable.llm.mode} on an LLM with random weights (no "
+            "llm.checkpoint in stage 1's model YAML): its LM head stays random and frozen, so the model cannot learn "
+            "text or to end its answers (they repeat boxes up to the token budget); set trainable.llm.mode: full")
 
 
 def set_trainable(

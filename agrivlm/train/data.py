@@ -12,9 +12,11 @@ One record (:class:`~agrivlm.recipes.schema.Record`) becomes one sample:
 2. **Normalisation** (:mod:`agrivlm.pipeline.bands`): ``dataset`` — one per-band 2–98 % percentile range
    over the training chips (:func:`dataset_band_stats`); ``chip`` — the sample's own frames; ``fixed``.
    No data stays NaN; the processor turns it into 0.
-3. **Time.** Each frame's ``t`` is its date on the record's own time axis
-   (``TimeAxis.from_dates(chip.frame_dates)``), the axis the record's ``times``/``segments`` use, so
-   ``TEMP`` tokens in the text and the frames' temporal embeddings agree even when frames are dropped.
+3. **Time.** Each frame's ``t`` is its date on the range of the record's frames, the dates the sample's
+   frames are drawn from (:func:`~agrivlm.pipeline.frames.frame_time_positions`, the rule ``agrivlm infer``
+   follows too: there the chip's usable dates, which are the record's frame dates); it is the axis the
+   record's ``times``/``segments`` use, so ``TEMP`` tokens in the text and the frames' temporal embeddings
+   agree whichever frames were sampled.
 4. **Text.** The conversation is rendered with the LAPE codec (:func:`~agrivlm.lape.tokens.serialize_box`
    etc.; polygon vertices separated by :data:`POLYGON_SEP` so they decode as points), and the continuous
    value of every position token is kept, in text order, for the model's sub-bin soft targets
@@ -43,12 +45,11 @@ from rasterio.windows import Window
 from torch.utils.data import Dataset, Sampler
 
 from agrivlm.errors import ConfigError, PipelineError, RecordError
-from agrivlm.geo.coords import TimeAxis
 from agrivlm.geo.stack import Stack, open_stack
 from agrivlm.lape.tokens import Axis, LapeVocab, serialize_box, serialize_point, serialize_segment
 from agrivlm.pipeline.bands import BandStats, normalize, robust_stats, to_reflectance
 from agrivlm.pipeline.conversation import POLYGON_SEP, format_prompt, visual_placeholder
-from agrivlm.pipeline.frames import FrameSamplingConfig, select_indices, uniform_indices
+from agrivlm.pipeline.frames import FrameSamplingConfig, frame_time_positions, select_indices, uniform_indices
 from agrivlm.recipes.mixture import mix
 from agrivlm.recipes.schema import Record, Turn, iter_records, render_text
 from agrivlm.recipes.sources import resolve_spec
@@ -319,7 +320,7 @@ class Sample:
         answer: the supervised answer.
         positions: continuous value of each position token of prompt + answer, in text order.
         pixels: ``(T, C, H, W)`` float32 normalised to [0, 1], NaN = no data.
-        frame_times: ``(T,)`` normalised ``t`` of each frame on the record's own time axis.
+        frame_times: ``(T,)`` normalised ``t`` of each frame on the range of the record's frame dates.
         is_fast: ``(T,)`` True for fast-stream frames.
     """
 
@@ -373,11 +374,10 @@ class RecordDataset(Dataset[Sample]):
         stats = self.stats if self.norm.mode != "chip" else robust_stats(pixels, self.norm.percentiles, rec.sample_id)
         assert stats is not None
         pixels = normalize(pixels, stats)
-        dates = np.asarray(rec.chip.frame_dates, dtype="datetime64[s]")
-        times = TimeAxis.from_dates(dates).to_norm(dates[idx])
+        _, times = frame_time_positions(np.asarray(rec.chip.frame_dates, dtype="datetime64[s]"), idx)
         token = visual_placeholder(len(idx))
         prompt, answer, positions = render_record(rec, self.vocab, token)
-        return Sample(rec.sample_id, prompt, answer, positions, pixels, np.clip(times, 0.0, 1.0), is_fast)
+        return Sample(rec.sample_id, prompt, answer, positions, pixels, times, is_fast)
 
 
 class EpochIndexSampler(Sampler[tuple[int, int]]):

@@ -1,8 +1,10 @@
 """Learning-rate factors (multipliers of the base LR) for the main and the LAPE parameter groups.
 
-The LAPE group follows the LAPE initialisation report: during ``lape_warmup_steps`` its factor ramps
-linearly from 0.1 to ``lape_lr_multiplier`` (default 0.5), then stays there; on top of that both
-groups follow the base schedule (constant, linear or cosine decay after a base warmup).
+The LAPE group follows the LAPE initialisation report (§4.2 ``get_lape_learning_rate``: ``base_lr · 0.1 ·
+(current_step / warmup_steps)`` during the warm-up, ``base_lr · 0.5`` after it): during
+``lape_warmup_steps`` its factor ramps linearly from 0 to :data:`LAPE_WARMUP_PEAK` (0.1), then jumps to
+``lape_lr_multiplier`` (the report's 0.5) and stays there; on top of that both groups follow the base
+schedule (constant, linear or cosine decay after a base warmup).
 """
 
 from __future__ import annotations
@@ -12,18 +14,20 @@ from typing import Literal
 
 BaseSchedule = Literal["constant", "linear", "cosine"]
 
-#: LAPE LR factor at step 0 of its warmup.
-LAPE_WARMUP_START = 0.1
+#: LAPE LR factor that the warm-up ramps towards (reached at ``step = warmup_steps``, the report's ``0.1``).
+LAPE_WARMUP_PEAK = 0.1
 
 
 def lape_lr_factor(step: int, multiplier: float = 0.5, warmup_steps: int = 0) -> float:
     """LAPE group's LR factor at optimizer step ``step`` (0-based), before the base schedule.
 
-    ``0.1 → multiplier`` linearly over ``warmup_steps`` steps, then ``multiplier``.
+    As the report's ``get_lape_learning_rate``: ``0.1 · step / warmup_steps`` while ``step <
+    warmup_steps`` (0 at step 0, 0.05 half-way), then ``multiplier``; no warm-up (``warmup_steps <= 0``)
+    is ``multiplier`` from the start.
     """
     if warmup_steps <= 0 or step >= warmup_steps:
         return multiplier
-    return LAPE_WARMUP_START + (multiplier - LAPE_WARMUP_START) * step / warmup_steps
+    return LAPE_WARMUP_PEAK * step / warmup_steps
 
 
 def base_lr_factor(step: int, max_steps: int, warmup_steps: int = 0, schedule: BaseSchedule = "constant") -> float:

@@ -412,6 +412,7 @@ class _Run:
             "init_source": sm.init_source,
             "init_digests": sm.init_digests,
             "lape": lape_on,
+            "llm_pretrained": sm.llm_pretrained,
             "config": cfg.model_dump(mode="json"),
             "data": report,
             "val_records": len(val_records),
