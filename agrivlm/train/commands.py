@@ -49,3 +49,25 @@ def stage2(config: ConfigOpt, resume: ResumeOpt = False, overwrite: OverwriteOpt
 def stage3(config: ConfigOpt, resume: ResumeOpt = False, overwrite: OverwriteOpt = False, set_: SetOpt = None) -> None:
     """Agricultural fine-tune from stage 2: LAPE on, the LLM through LoRA or fully."""
     _run("stage3", config, resume, overwrite, set_)
+
+
+@train_app.command("default")
+def default(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Working folder: scenes/, recipes/, data/, train/.")] = Path(
+        "runs/default"),
+    scenes_per_region: Annotated[int, typer.Option(help="Synthetic scenes per training region.")] = 10,
+    stage3_steps: Annotated[int, typer.Option(help="Optimizer steps of stage 3 (stages 1 and 2 are short).")] = 3000,
+    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
+    install: Annotated[bool, typer.Option(help="Copy the result into the package as the default checkpoint.")] = False,
+) -> None:
+    """The default checkpoint from the project's own data: synthetic scenes + the sample's train blocks → stages 1–3.
+
+    Resumes what a killed run left (scenes, recipes, a stage's newest checkpoint). See agrivlm/train/default.py.
+    """
+    from agrivlm.train.default import DefaultTraining, run_default
+
+    base = DefaultTraining()
+    opts = DefaultTraining(scenes_per_region=scenes_per_region, threads=threads,
+                           steps={**base.steps, "stage3": stage3_steps})
+    final = run_default(out, opts, do_install=install, echo=typer.echo)
+    typer.echo(f"default checkpoint: {final}")

@@ -269,6 +269,9 @@ class RunConfig(StrictModel):
     save_every: int = Field(default=50, ge=0)
     #: Checkpoints kept.
     keep_checkpoints: int = Field(default=2, ge=1)
+    #: Also write an HF folder like ``final/`` to ``snapshots/step-NNNNNN`` every this many steps (0: never),
+    #: all kept: what a learning curve evaluates (``benchmarks/learning.py --snapshots``).
+    snapshot_every: int = Field(default=0, ge=0)
     #: Log every this many optimizer steps.
     log_every: int = Field(default=1, ge=1)
     #: Evaluate on the val split every this many steps (0: only at the start and the end; -1: never).

@@ -429,6 +429,7 @@ class _Run:
         if acc.is_main_process:
             metrics = TrainLog(out / "logs", resume_step=state.step if self.resume else None)
         seen = _SeenLog(out / "logs" / "samples.jsonl", state.step if self.resume else None, acc.is_main_process)
+        self._snapshot = (sm, stats, info)
         try:
             self._loop(acc, module, optimizer, loader, sampler, val_ds, collate, state, metrics, seen, ckpt_root)
             last = metrics.read()[-1] if metrics is not None and metrics.read() else {}
@@ -521,6 +522,10 @@ class _Run:
                 bar.set_postfix(loss=f"{reduced['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 if (t.save_every and state.step % t.save_every == 0) or state.step == t.max_steps:
                     save_checkpoint(acc, ckpt_root, state.step, keep=t.keep_checkpoints)
+                if t.snapshot_every and state.step % t.snapshot_every == 0:
+                    sm, stats, info = self._snapshot
+                    self._save_final(acc, module, sm, stats, {**info, "steps": state.step},
+                                     folder=self.out / "snapshots" / f"step-{state.step:06d}")
                 acc_sums, acc_n, step_ids, step_tokens = {}, 0, [], 0
                 if state.step >= t.max_steps:
                     break
@@ -550,9 +555,10 @@ class _Run:
 
     # -- final folder --------------------------------------------------------------------------------
     def _save_final(self, acc: Any, module: nn.Module, sm: StageModel, stats: BandStats | None,
-                    info: dict[str, Any]) -> Path:
-        out = self.out
-        final, partial = out / "final", out / "final.partial"
+                    info: dict[str, Any], folder: Path | None = None) -> Path:
+        """The HF folder of the current weights: ``final/`` (or ``folder``, a snapshot), written then renamed."""
+        final = folder if folder is not None else self.out / "final"
+        partial = final.with_name(final.name + ".partial")
         state = acc.get_state_dict(module)  # gathered (FSDP/DeepSpeed) on the main process
         if acc.is_main_process:
             model_sd = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
@@ -565,6 +571,7 @@ class _Run:
             plain.generation_config = sm.model.generation_config
             if partial.exists():
                 shutil.rmtree(partial)
+            partial.parent.mkdir(parents=True, exist_ok=True)
             plain.save_pretrained(partial)
             sm.processor.save_pretrained(partial)
             if stats is not None:

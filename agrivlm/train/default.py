@@ -1,0 +1,227 @@
+"""``agrivlm train default``: the shipped default checkpoint, made from the project's own data in one command.
+
+1. **scenes** — `agrivlm synth` scenes of the training regions (``central_europe``, ``pannonian``,
+   ``mato_grosso``; ``corn_belt`` is left out, so ``benchmarks/learning.py`` can test a region never seen),
+   seeds ``0 … scenes_per_region − 1`` (held-out evaluation scenes use seeds ≥ 9000);
+2. **recipes** — the three curriculum stages over every scene (whole scenes per split; stages and key dates
+   from ``truth/``) plus the embedded real sample's **train blocks** (its test blocks stay unseen:
+   ``benchmarks/learning.py``'s ``real_test_block``);
+3. **training** — stage 1 (alignment) → 2 (LAPE warm-up) → 3 (agricultural fine-tune) of
+   ``configs/model/small.yaml``, with HF snapshots of stage 3 every ``snapshot_every`` steps for the learning
+   curve;
+4. **card** — the final folder gets ``README.md`` (data, steps, time) and ``default_training.json``.
+
+``--install`` copies the final folder into ``agrivlm/default_model`` (weights in float16 safetensors),
+what ``--model default`` loads. Every step is seeded; a rerun with the same options trains the same model
+(bit-identical on the same machine and thread count).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agrivlm.default_checkpoint import DEFAULT_MODEL_DIR
+from agrivlm.errors import ConfigError
+
+#: Regions the default checkpoint trains on (``corn_belt`` is the held-out region).
+TRAIN_REGIONS: tuple[str, ...] = ("central_europe", "pannonian", "mato_grosso")
+#: Seeds of evaluation scenes start here; training seeds stay below.
+HELDOUT_SEED_START = 9000
+
+
+@dataclass(frozen=True)
+class DefaultTraining:
+    """The recipe of the default checkpoint (recorded in ``default_training.json``)."""
+
+    scenes_per_region: int = 10
+    area_km2: float = 1.0
+    start: str = "2021-01-01"
+    end: str = "2021-12-31"
+    model_config: str = "configs/model/small.yaml"
+    steps: dict[str, int] = field(default_factory=lambda: {"stage1": 150, "stage2": 300, "stage3": 3000})
+    batch_size: int = 8
+    lr: dict[str, float] = field(default_factory=lambda: {"stage1": 1e-3, "stage2": 1e-3, "stage3": 2e-3})
+    snapshot_every: int = 500
+    threads: int = 2
+    seed: int = 0
+
+
+def _repo_root() -> Path:
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "configs" / "stage1.yaml").is_file():
+        raise ConfigError(f"{root}: no configs/ beside the package; `agrivlm train default` runs from a clone")
+    return root
+
+
+def make_scenes(out: Path, opts: DefaultTraining, echo: Callable[[str], None]) -> list[Path]:
+    """The training scenes (kept when already written with the same spec)."""
+    from agrivlm.synth import SceneSpec, write_scene
+
+    scenes = []
+    for region in TRAIN_REGIONS:
+        start, end = (opts.start, opts.end)
+        if region == "mato_grosso":  # a southern season window: August to July
+            start, end = f"{opts.start[:4]}-08-01", f"{int(opts.start[:4]) + 1}-07-31"
+        for seed in range(opts.scenes_per_region):
+            folder = out / f"{region}_{seed:03d}"
+            spec = SceneSpec(region=region, area_km2=opts.area_km2, seed=seed, start=start, end=end)
+            if (folder / "scene.json").is_file():
+                if json.loads((folder / "scene.json").read_text())["spec"] == json.loads(json.dumps(asdict(spec))):
+                    scenes.append(folder)
+                    continue
+            write_scene(folder, spec, overwrite=True)
+            scenes.append(folder)
+        echo(f"scenes: {region} × {opts.scenes_per_region}")
+    return scenes
+
+
+def recipe_text(stage: str, scenes_glob: str, opts: DefaultTraining) -> str:
+    """The recipe of one stage over the scenes and the sample's train blocks (YAML text)."""
+    root = _repo_root()
+    base = yaml.safe_load((root / "data_recipes" / f"synthetic_{stage}.yaml").read_text())
+    sample = yaml.safe_load((root / "data_recipes" / "sample_base.yaml").read_text())
+    src = dict(sample["source"])  # sample: specs resolve inside the package wherever the recipe lies
+    # the sample keeps its geographic blocks (the recipe's split: below): its test blocks are never trained on
+    src.update(name="sample", weight=0.2)
+    recipe = {
+        "name": f"default_{stage}",
+        "description": f"the default checkpoint's {stage}: synthetic scenes + the sample's train blocks",
+        "seed": opts.seed,
+        "sources": [
+            {"name": "synth", "synth": scenes_glob, "weight": 0.8,
+             "split": {"fractions": {"train": 0.9, "val": 0.1, "test": 0.0}, "seed": opts.seed}},
+            src,
+        ],
+        "chips": {**sample["chips"], "stride": 16},
+        "split": sample["split"],
+        "phenology": {"min_pixels": 6},
+        "tasks": base["tasks"],
+        "mixture": base.get("mixture"),
+        "output": {"shard_size": 5000, "plot_parcels": 1},
+    }
+    return yaml.safe_dump(recipe, sort_keys=False)
+
+
+def build_data(out: Path, scenes_dir: Path, opts: DefaultTraining, echo: Callable[[str], None]) -> dict[str, Path]:
+    """Recipes of the three stages → ``out/data/<stage>`` (kept when already built)."""
+    from agrivlm.recipes.build import build_recipe
+
+    roots = {}
+    for stage in ("stage1", "stage2", "stage3"):
+        path = out / "recipes" / f"{stage}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = recipe_text(stage, f"{scenes_dir}/*", opts)
+        data = out / "data" / stage
+        if not (data / "manifest.json").is_file() or not path.is_file() or path.read_text() != text:
+            path.write_text(text)
+            build_recipe(path, data, overwrite=True, progress=False)
+        roots[stage] = data
+        echo(f"data: {stage} built")
+    return roots
+
+
+def train(out: Path, roots: dict[str, Path], opts: DefaultTraining, echo: Callable[[str], None]) -> Path:
+    """Stage 1 → 2 → 3 (each resumed when a checkpoint of it exists, skipped when finished)."""
+    from agrivlm.train.checkpoint import latest_checkpoint
+    from agrivlm.train.trainer import run_stage
+
+    root = _repo_root()
+    prev: Path | None = None
+    for stage in ("stage1", "stage2", "stage3"):
+        folder = out / "train" / stage
+        n = opts.steps[stage]
+        over: dict[str, Any] = {
+            "output_dir": str(folder), "data.roots": [str(roots[stage])], "train.max_steps": n,
+            "train.batch_size": opts.batch_size, "train.save_every": max(n // 6, 1),
+            "train.eval_every": max(n // 4, 1), "train.seed": opts.seed, "train.torch_threads": opts.threads,
+            "train.progress": False, "optim.lr": opts.lr[stage],
+        }
+        if stage == "stage1":
+            over["model.config"] = str(root / opts.model_config)
+        else:
+            assert prev is not None
+            over["model.init_from"] = str(prev)
+            # a random-weight LLM has no language to protect: trained fully, so its text head learns to end
+            # answers (with LoRA or frozen it keeps a random head and lists boxes to the token budget)
+            over["trainable.llm.mode"] = "full"
+        if stage == "stage3":
+            over["train.snapshot_every"] = opts.snapshot_every
+        if (folder / "final" / "config.json").is_file():
+            prev = folder / "final"
+            echo(f"{stage}: already trained")
+            continue
+        resume = latest_checkpoint(folder / "checkpoints") is not None
+        t0 = time.perf_counter()
+        prev = run_stage(root / "configs" / f"{stage}.yaml", over, stage=stage, resume=resume,
+                         overwrite=not resume and folder.exists())
+        echo(f"{stage}: {n} steps in {time.perf_counter() - t0:.0f} s → {prev}")
+    assert prev is not None
+    return prev
+
+
+def write_card(final: Path, opts: DefaultTraining, info: dict[str, Any]) -> None:
+    """``README.md`` (model card) and ``default_training.json`` in the final folder."""
+    (final / "default_training.json").write_text(json.dumps({"options": asdict(opts), **info}, indent=1) + "\n")
+    scores = info.get("heldout")
+    lines = [
+        "# agrivlm default checkpoint", "",
+        "A LAPE vision-language model (SigLIP-style encoder + Qwen2-style LM with small dimensions, random "
+        "initialisation, no downloaded weights) trained by `agrivlm train default` on this project's own data.", "",
+        "## Data", "",
+        f"- `agrivlm synth` scenes: regions {', '.join(TRAIN_REGIONS)} × {opts.scenes_per_region} seeds "
+        f"(0–{opts.scenes_per_region - 1}), {opts.area_km2:g} km² each, {opts.start} → {opts.end} "
+        "(Mato Grosso: August → July), NDVI, truth stages and key dates; `corn_belt` is never seen.",
+        "- the embedded real sample (Sentinel-2 NDVI, Slovenia): its train blocks only.", "",
+        "## Training", "",
+        f"- model: `{opts.model_config}`; stages 1 → 2 → 3: {opts.steps} optimizer steps, batch {opts.batch_size}, "
+        f"learning rates {opts.lr}; LLM trained fully in stages 2–3 (random weights: nothing to protect).",
+        f"- time: {info.get('seconds', 0) / 60:.0f} minutes on {opts.threads} CPU threads.", "",
+        "## Held-out scores", "",
+        "See `benchmarks/results/learning.json` (made by `python benchmarks/learning.py`), measured on scenes "
+        "and blocks this model never saw, beside the whole-chip, segmentation and climatology baselines.",
+    ]
+    if scores:
+        lines += ["", "```json", json.dumps(scores, indent=1), "```"]
+    (final / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def install(final: Path, target: Path = DEFAULT_MODEL_DIR) -> Path:
+    """Copy a final folder into the package as the default checkpoint, weights in float16."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tmp = target.with_name(f".{target.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(final, tmp)
+    for weights in tmp.glob("*.safetensors"):
+        tensors = load_file(weights)
+        half = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+        save_file(half, weights, metadata={"format": "pt"})
+    del torch
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return target
+
+
+def run_default(out: Path, opts: DefaultTraining, *, do_install: bool = False,
+                echo: Callable[[str], None] = print) -> Path:
+    """Scenes → recipes → stages 1–3 → card (→ install); returns the final folder."""
+    t0 = time.perf_counter()
+    scenes_dir = out / "scenes"
+    make_scenes(scenes_dir, opts, echo)
+    roots = build_data(out, scenes_dir, opts, echo)
+    final = train(out, roots, opts, echo)
+    write_card(final, opts, {"seconds": round(time.perf_counter() - t0, 1)})
+    if do_install:
+        echo(f"installed: {install(final)}")
+    return final
