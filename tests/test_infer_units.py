@@ -150,8 +150,8 @@ def test_decode_answer_gives_boxes_times_and_the_steps_of_each() -> None:
         if t >= off:
             logits[s, t - off] = 10.0
     logprobs = np.log([0.9, 0.5, 0.5, 0.5, 0.5, 0.9, 0.25, 0.9, 0.64, 1.0])
-    pos, times, box_steps, point_steps, seg_steps = decode_answer(ids, logprobs, logits, off, VOCAB, 2)
+    pos, times, box_steps, point_steps, seg_steps, poly_steps = decode_answer(ids, logprobs, logits, off, VOCAB, 2)
     assert np.allclose(pos.boxes[0], [10.5 / 150, 20.5 / 150, 40.5 / 150, 60.5 / 150], atol=1e-9)
     assert np.allclose(pos.points[0], [3.5 / 150, 4.5 / 150], atol=1e-9) and seg_steps == []
-    assert box_steps == [[1, 2, 3, 4]] and point_steps == [[8, 9]]
+    assert box_steps == [[1, 2, 3, 4]] and point_steps == [[8, 9]] and poly_steps == [] and pos.polygons == []
     assert times == pytest.approx([30.5 / 50]) and pos.unmatched == 1  # a lone TEMP: a time, not a segment
