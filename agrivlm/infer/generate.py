@@ -150,13 +150,14 @@ def decode_answer(
     lg = np.asarray(lape_logits, dtype=np.float64).reshape(arr.size, vocab.num_position_tokens)
     if len(logprobs) != arr.size:
         raise ValueError(f"{len(logprobs)} log-probabilities for {arr.size} ids")
-    # the codec on ids relative to <HEIGHT-000>: text ids become negative, i.e. not position tokens
-    positions = parse_token_ids(arr - offset, 0, vocab, lg, window, separator_ids)
-    # the same grouping on token indices gives each item's tokens (the codec's grouping, not a copy of it)
+    # the codec on ids relative to <HEIGHT-000> (the LAPE logits' columns): text ids become negative
     rel = arr - offset
+    seps = [int(i) - offset for i in separator_ids]
+    positions = parse_token_ids(rel, 0, vocab, lg, window, seps)
+    # the same grouping on token indices gives each item's tokens (the codec's grouping, not a copy of it)
     where = np.flatnonzero((rel >= 0) & (rel < vocab.num_position_tokens))
     index_items = [PositionItem(it.axis, float(step), it.adjacent, it.chained) for it, step in
-                   zip(position_items(rel, 0, vocab, None, window, separator_ids), where.tolist(), strict=True)]
+                   zip(position_items(rel, 0, vocab, None, window, seps), where.tolist(), strict=True)]
     times: list[float] = []
     steps = group_positions(index_items)
     temporal = [it for it in index_items if it.axis is Axis.TEMP]
