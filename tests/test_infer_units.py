@@ -25,7 +25,7 @@ from agrivlm.infer.prompts import (
     says_no_fields,
     stage_question,
 )
-from agrivlm.lape.tokens import Axis, LapeVocab, serialize_box
+from agrivlm.lape.tokens import Axis, LapeVocab, serialize_box, serialize_polygon
 from agrivlm.recipes.fields import OUTLINE_FIELDS_QUESTIONS
 from agrivlm.recipes.growth import STAGE_ON_DATE_QUESTIONS
 
@@ -134,6 +134,10 @@ def test_answer_parsing() -> None:
     text = f"2 fields: grassland {b1}; cultivated land {b2} (partly outside the image)."
     assert listing_details(text, 2) == [("grassland", False), ("cultivated land", True)]
     assert listing_details(text, 3) == [("", False)] * 3
+    # items that are polygons (points joined by the codec's separator), mixed with a box
+    ring = serialize_polygon([(0.1, 0.1), (0.3, 0.1), (0.2, 0.3)])
+    mixed = f"3 fields: forest {ring} (partly outside the image); grassland {b1}; parcel {ring}."
+    assert listing_details(mixed, 3) == [("forest", True), ("grassland", False), ("parcel", False)]
 
 
 def test_decode_answer_gives_boxes_times_and_the_steps_of_each() -> None:
