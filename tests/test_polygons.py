@@ -20,6 +20,7 @@ from affine import Affine
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from rasterio.crs import CRS
+from rasterio.windows import Window
 from rasters import UTM33, UTM_TRANSFORM
 from recipes_synth import recipe_yaml, write_scene
 from shapely import affinity
@@ -258,3 +259,48 @@ def test_polygon_answers_become_polygon_features_in_the_gpkg_and_are_scored_as_p
     # had the fields been answered as boxes, the rotated one would be lost at IoU 0.5
     boxed = evaluate_fields(layer.assign(geometry=layer.envelope), scene["parcels"], iou_threshold=0.5)
     assert boxed.to_dict()["recall"] < 1.0
+
+
+# -- the whole chain with a model: trained on outlines, `agrivlm infer` writes outlines, `agrivlm eval` scores them
+
+
+def test_a_model_trained_on_outlines_answers_outlines_through_infer_and_eval(
+    one_torch_thread, sample_root: Path, tmp_path: Path
+) -> None:
+    from infer_model import polygon_checkpoint, training_set
+    from typer.testing import CliRunner
+
+    from agrivlm.cli import app
+    from agrivlm.geo import open_stack
+    from agrivlm.infer.outputs import journal_path
+
+    folder, stats = polygon_checkpoint()
+    assert stats["last_loss"] < 0.15 * stats["first_loss"], stats
+    out = tmp_path / "pred.gpkg"
+    res = CliRunner().invoke(app, ["infer", str(sample_root / "ndvi"), "--masks", str(sample_root / "cloud_mask"),
+                                   "--model", str(folder), "--task", "fields", "--out", str(out), "--device", "cpu",
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    pred = gpd.read_file(out, layer="fields")
+    assert (pred["shape"] == "polygon").sum() >= 3 and (pred.geometry.geom_type == "Polygon").all()
+    assert pred.geometry.is_valid.all()
+    # on the chips it was trained on, the outline written back is the trained one (IoU in the chip's CRS)
+    stack = open_stack(sample_root / "ndvi")
+    _, answers, positions, chip_ids = training_set("polygon")
+    entries = [json.loads(line) for line in journal_path(out).read_text().splitlines()]
+    by_chip = {c["chip_id"]: c for e in entries if e.get("type") == "chips" for c in e["chips"]}
+    ious = []
+    for answer, target, cid in zip(answers, positions, chip_ids, strict=True):
+        if not answer.startswith("1 field"):
+            continue
+        row, col = (int(x[1:]) for x in cid.split("_"))
+        grid = stack.grid.subgrid(Window(col, row, 32, 32))
+        truth = grid.norm_polygon_to_crs(list(zip(target[0::2], target[1::2], strict=True)))
+        feats = [f for f in by_chip[cid]["answers"][0]["features"] if f["kind"] == "polygon"]
+        ious.append(_iou(shapely.from_wkb(feats[0]["geometry"]), truth) if feats and truth is not None else 0.0)
+    assert sum(x > 0.8 for x in ious) >= 3, ious
+    res = CliRunner().invoke(app, ["eval", "fields", "--pred", str(out), "--truth", str(sample_root / "parcels.gpkg"),
+                                   "--out", str(tmp_path / "eval")])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["n_pred"] == len(pred) and summary["boxes"] is False
