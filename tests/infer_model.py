@@ -5,9 +5,9 @@ the stride-32 grid of the real Sentinel-2 NDVI sample. Its inputs are made by th
 (:class:`agrivlm.infer.prepare.ChipPreparer`: frames, band normalisation, the recipes' ``outline_fields``
 question), so training and inference see the same prompts and pixels. The target of a chip is the recipes'
 answer format for its largest field (cultivated land or grassland, clipped to the chip, box through
-``GeoGrid.crs_to_norm`` via ``norm_box``): ``"1 field: grassland <box>."`` — or, for
-:func:`polygon_checkpoint`, its outline (``norm_ring``, 8 vertices at most): ``"1 field: grassland <polygon>."``. A few growth-stage questions about
-real fields, answered with the recipes' derived stages, are mixed in so that growth answers are stage words.
+``GeoGrid.crs_to_norm`` via ``norm_box``): ``"1 field: grassland <box>."`` — or, for :func:`polygon_checkpoint`,
+its outline (``norm_ring``, 8 vertices at most): ``"1 field: grassland <polygon>."``. A few growth-stage questions
+about real fields, answered with the recipes' derived stages, are mixed in so that growth answers are stage words.
 """
 
 from __future__ import annotations

@@ -187,7 +187,8 @@ def test_nms_uses_polygon_iou_not_box_iou() -> None:
     assert nms(geoms, np.array([0.9, 0.6]), 0.5, priority=np.array([0, 1])).tolist() == [1]
     # a field's outline and its box overlap by IoU ≈ 0.44 only: both stay at 0.5 (box IoU would be 1)
     pair = np.array([ROTATED, box(*ROTATED.bounds)], dtype=object)
-    assert nms(pair, np.array([0.6, 0.9]), 0.5).tolist() == [0, 1] and nms(pair, np.array([0.6, 0.9]), 0.4).tolist() == [1]
+    assert nms(pair, np.array([0.6, 0.9]), 0.5).tolist() == [0, 1]
+    assert nms(pair, np.array([0.6, 0.9]), 0.4).tolist() == [1]
 
 
 # -- inference → GPKG → evaluator --------------------------------------------------------------------------

@@ -85,8 +85,7 @@ def chip_positions(
     vocab: LapeVocab,
     polygons: Sequence[Sequence[Sequence[float]]] = (),
 ) -> ChipPositions:
-    """Decoded values → :class:`ChipPositions`: each box gives its two corners, each polygon its vertices, then
-    the points, in order.
+    """Decoded values → :class:`ChipPositions`: box corners, then polygon vertices, then points, in order.
 
     Each spatial point's ``tokens`` are the WIDTH/HEIGHT tokens of its bins (the tokens the model wrote).
     """

@@ -166,7 +166,8 @@ class GeoGrid:
         poly = Polygon(np.stack([x, y], axis=1))
         if not poly.is_valid:
             fixed = shapely.make_valid(poly)
-            parts = [g for g in shapely.get_parts(shapely.get_parts(fixed)) if isinstance(g, Polygon) and not g.is_empty]
+            parts = [g for g in shapely.get_parts(shapely.get_parts(fixed))
+                     if isinstance(g, Polygon) and not g.is_empty]
             poly = max(parts, key=lambda g: g.area) if parts else Polygon()
         return None if poly.is_empty or poly.area <= 0.0 else poly
 

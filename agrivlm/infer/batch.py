@@ -13,7 +13,8 @@ own):
    the processor, while the main thread generates (:class:`agrivlm.infer.generate.Predictor`): reading and
    decoding chips overlap the model.
 3. answers → features through the chip's own grid and time axis (``GeoGrid.norm_box_to_polygon``,
-   ``GeoGrid.norm_polygon_to_crs``, ``GeoGrid.norm_to_crs``, ``TimeAxis.from_norm``) → one journal line per batch (:mod:`agrivlm.infer.journal`).
+   ``GeoGrid.norm_polygon_to_crs``, ``GeoGrid.norm_to_crs``, ``TimeAxis.from_norm``) → one journal line per
+   batch (:mod:`agrivlm.infer.journal`).
 
 Then the outputs are written atomically from the journal (:mod:`agrivlm.infer.outputs`): overlapping chips'
 detections merged by NMS in map units, growth stages merged per field and day.

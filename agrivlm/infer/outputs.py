@@ -143,8 +143,10 @@ def detection_frame(journal: Journal, keys: Sequence[str], names: Sequence[str],
 
 
 def suppress(frame: gpd.GeoDataFrame, iou_threshold: float, min_score: float = 0.0) -> gpd.GeoDataFrame:
-    """Drop features scored below ``min_score``, then NMS over the fields — boxes and polygons alike, by the
-    IoU of their polygons in map units — (points and chips stay)."""
+    """Drop features scored below ``min_score``, then NMS over the fields (points and chips stay).
+
+    Boxes and polygons alike are ranked and suppressed by the IoU of their polygons in map units.
+    """
     if frame.empty:
         return frame
     frame = frame[~(frame["score"] < min_score)]

@@ -33,7 +33,8 @@ from agrivlm.recipes.schema import PLACEHOLDER, Turn, render_text
 from agrivlm.recipes.sources import UNKNOWN_CLASS
 from agrivlm.schema import GROWTH_STAGES
 
-#: The inference tasks: field boundaries (polygons or boxes, as the checkpoint was trained), growth stage per field and date, a free question.
+#: The inference tasks: field boundaries (polygons or boxes, as the checkpoint was trained), growth stage per
+#: field and date, a free question.
 Task = Literal["fields", "growth", "ask"]
 TASKS: tuple[str, ...] = ("fields", "growth", "ask")
 
