@@ -156,10 +156,12 @@ class GeoGrid:
         """A normalized ring ``[(u, v), ...]`` (not closed, ≥ 3 points) → a valid polygon in the CRS, or None.
 
         The vertices map through :meth:`norm_to_crs` (rotation-aware). A ring that crosses itself (a model
-        can write one) is repaired with ``shapely.make_valid`` and its largest polygonal part kept; a ring
-        with no area (fewer than 3 distinct vertices, all on one line) gives None.
+        can write one) is repaired with ``shapely.make_valid`` and its largest polygonal part kept; a vertex
+        repeated right after itself is written once; a ring with no area (fewer than 3 distinct vertices, all
+        on one line) gives None.
         """
         xy = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        xy = xy[np.any(xy != np.roll(xy, 1, axis=0), axis=1)] if len(xy) > 1 else xy  # a vertex written twice
         if len(xy) < 3:
             return None
         x, y = self.norm_to_crs(xy[:, 0], xy[:, 1])
