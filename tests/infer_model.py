@@ -5,8 +5,9 @@ the stride-32 grid of the real Sentinel-2 NDVI sample. Its inputs are made by th
 (:class:`agrivlm.infer.prepare.ChipPreparer`: frames, band normalisation, the recipes' ``outline_fields``
 question), so training and inference see the same prompts and pixels. The target of a chip is the recipes'
 answer format for its largest field (cultivated land or grassland, clipped to the chip, box through
-``GeoGrid.crs_to_norm`` via ``norm_box``): ``"1 field: grassland <box>."``. A few growth-stage questions about
-real fields, answered with the recipes' derived stages, are mixed in so that growth answers are stage words.
+``GeoGrid.crs_to_norm`` via ``norm_box``): ``"1 field: grassland <box>."`` — or, for :func:`polygon_checkpoint`,
+its outline (``norm_ring``, 8 vertices at most): ``"1 field: grassland <polygon>."``. A few growth-stage questions
+about real fields, answered with the recipes' derived stages, are mixed in so that growth answers are stage words.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from agrivlm.geo import ChipStream, open_stack
 from agrivlm.infer.config import BandConfig, InputConfig, default_frames, save_input_config
 from agrivlm.infer.generate import Question
 from agrivlm.infer.prepare import ChipPreparer, FieldLayer
-from agrivlm.lape.tokens import LapeVocab, serialize_box
+from agrivlm.lape.tokens import LapeVocab, serialize_box, serialize_polygon
 from agrivlm.model import build_model
 from agrivlm.recipes.build import prepare
 from agrivlm.recipes.config import load_recipe
-from agrivlm.recipes.context import norm_box
+from agrivlm.recipes.context import norm_box, norm_ring
 from agrivlm.recipes.fields import OUTLINE_FIELDS_QUESTIONS
 from agrivlm.recipes.phenology import stage_table
 from agrivlm.sample import SAMPLE_ROOT
@@ -41,6 +42,9 @@ INPUTS = InputConfig(
 )
 FIELD_CLASSES = ("cultivated land", "grassland")
 STEPS = 100
+#: Steps for the outline checkpoint: 8 vertices are 16 position tokens to tell apart per chip, not 4 (at 100
+#: steps the model writes one chip's outline for every chip; at 400 it gives most chips their own).
+POLYGON_STEPS = 400
 #: Growth-stage questions (about real fields, answered with the recipes' derived stages) mixed into training.
 GROWTH_QUESTIONS = 8
 RECIPES = Path(__file__).resolve().parents[1] / "data_recipes"
@@ -59,8 +63,8 @@ def field_layer() -> FieldLayer:
     return FieldLayer.read(SAMPLE_ROOT / "parcels.gpkg", "index", "LULC_NAME")
 
 
-@lru_cache(maxsize=1)
-def training_set() -> tuple[list[Question], list[str], list[list[float]], list[str]]:
+@lru_cache(maxsize=2)
+def training_set(outline_as: str = "box") -> tuple[list[Question], list[str], list[list[float]], list[str]]:
     """``(questions, answers, answer positions, chip ids)``: every field chip of the grid, then stage questions.
 
     Fields: the chips of the stride-32 grid with ≥ 10 % cultivated land or grassland, answered with the box of
@@ -88,10 +92,15 @@ def training_set() -> tuple[list[Question], list[str], list[list[float]], list[s
             continue
         growth_chip = growth_chip or chip
         best = share.idxmax()
-        box = norm_box(chip.grid, clipped[best])
         questions.append(preparer.prepare(chip).questions[0])
-        answers.append(f"1 field: {fields.loc[best, 'LULC_NAME']} {serialize_box(box, vocab)}.")
-        positions.append(list(box))
+        if outline_as == "polygon":  # the recipes' outline of the field's visible part (outline_vertices = 8)
+            ring = norm_ring(chip.grid, clipped[best], 8, float(abs(chip.grid.transform.determinant)) ** 0.5)
+            answers.append(f"1 field: {fields.loc[best, 'LULC_NAME']} {serialize_polygon(ring, vocab)}.")
+            positions.append([x for point in ring for x in point])
+        else:
+            box = norm_box(chip.grid, clipped[best])
+            answers.append(f"1 field: {fields.loc[best, 'LULC_NAME']} {serialize_box(box, vocab)}.")
+            positions.append(list(box))
         chip_ids.append(chip.chip_id)
     assert growth_chip is not None
     asked = [q for q in growth.prepare(growth_chip).questions if (q.meta["field_id"], q.meta["date"]) in truth.index]
@@ -103,9 +112,9 @@ def training_set() -> tuple[list[Question], list[str], list[list[float]], list[s
     return questions, answers, positions, chip_ids
 
 
-def train(folder: Path) -> dict[str, float]:
+def train(folder: Path, outline_as: str = "box", steps: int = STEPS) -> dict[str, float]:
     """Overfit the tiny model on :func:`training_set` and save it (with its input settings) into ``folder``."""
-    questions, answers, positions, _ = training_set()
+    questions, answers, positions, _ = training_set(outline_as)
     assert OUTLINE_FIELDS_QUESTIONS[0] in questions[0].prompt
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -117,7 +126,7 @@ def train(folder: Path) -> dict[str, float]:
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
         model.train()
         losses = []
-        for _ in range(STEPS):
+        for _ in range(steps):
             loss = model(**batch).loss
             opt.zero_grad()
             loss.backward()
@@ -138,6 +147,15 @@ def trained_checkpoint() -> tuple[Path, dict[str, float]]:
     folder = Path(tempfile.mkdtemp(prefix="agrivlm-infer-ckpt-"))
     atexit.register(shutil.rmtree, folder, True)
     stats = train(folder)
+    return folder, stats
+
+
+@lru_cache(maxsize=1)
+def polygon_checkpoint() -> tuple[Path, dict[str, float]]:
+    """A checkpoint trained as :func:`trained_checkpoint`, its fields answered as outlines (``outline_as: polygon``)."""
+    folder = Path(tempfile.mkdtemp(prefix="agrivlm-infer-polygon-ckpt-"))
+    atexit.register(shutil.rmtree, folder, True)
+    stats = train(folder, "polygon", POLYGON_STEPS)
     return folder, stats
 
 

@@ -15,11 +15,11 @@ from agrivlm.explore.positions import (
     ChipPositions,
     ModelUnavailable,
     ask_model,
-    boxes_frame,
     check_model,
     chip_grid,
     decode_answer,
     positions_table,
+    shapes_frame,
 )
 from agrivlm.geo import ChipStream, open_stack
 from agrivlm.geo.coords import GeoGrid, TimeAxis
@@ -91,9 +91,18 @@ def test_answers_decode_with_the_lape_codec(stack) -> None:
     assert pos.tokens == ("<WIDTH-012><HEIGHT-087>", "<WIDTH-040><HEIGHT-120>", "<WIDTH-003><HEIGHT-004>")
     assert len(pos.boxes) == 1 and pos.boxes[0] == pytest.approx((12.5 / 150, 87.5 / 150, 40.5 / 150, 120.5 / 150))
     grid = chip_grid(stack.grid, "r000000_c000000", 64)
-    frame = boxes_frame(grid, pos)
+    frame = shapes_frame(grid, pos)
     assert frame.crs == stack.crs and list(frame["label"]) == ["B1"]
     assert frame.geometry.iloc[0].equals(grid.norm_box_to_polygon(pos.boxes[0]))
+    # a polygon answer (as the fields layer's ``tokens`` column holds it): its vertices, and its outline
+    ring = "<WIDTH-010><HEIGHT-010>,<WIDTH-100><HEIGHT-020>,<WIDTH-060><HEIGHT-120>"
+    poly = decode_answer(f"1 field: grassland {ring}; forest <WIDTH-001><HEIGHT-002><WIDTH-003><HEIGHT-004>.",
+                         "r000000_c000000")
+    assert len(poly.polygons) == 1 and len(poly.boxes) == 1 and poly.u.size == 2 + 3
+    assert poly.tokens[2:] == ("<WIDTH-010><HEIGHT-010>", "<WIDTH-100><HEIGHT-020>", "<WIDTH-060><HEIGHT-120>")
+    shapes = shapes_frame(grid, poly)
+    assert list(shapes["label"]) == ["B1", "G1"]
+    assert shapes.geometry.iloc[1].equals(grid.norm_polygon_to_crs(poly.polygons[0]))
     empty = decode_answer("There are no fields in this image.", "r000000_c000000")
     assert empty.u.size == 0 and empty.boxes == ()
     with pytest.raises(ExploreError, match="do not decode.*WIDTH-151"):

@@ -242,7 +242,8 @@ def test_ask_answers_become_features_on_the_map(ckpt: Path, sample_root: Path, t
     report = json.loads((tmp_path / "ask_report.json").read_text())
     assert report["chips_processed"] == 9 and report["features_before_nms"] >= 9
     ids = {f"r{r:06d}_c{c:06d}" for r in (0, 64, 69) for c in (0, 64, 68)}
-    assert set(ans["kind"]) <= {"box", "point", "chip"} and 0 < len(set(ans["chip_id"])) and set(ans["chip_id"]) <= ids
+    assert set(ans["kind"]) <= {"box", "polygon", "point", "chip"}
+    assert 0 < len(set(ans["chip_id"])) and set(ans["chip_id"]) <= ids
     grid = open_stack(sample_root / "ndvi").grid
     assert ans.geometry.within(grid.footprint().buffer(1e-6)).all()
     # GDAL's GeoJSON reader turns the JSON list columns back into lists

@@ -25,7 +25,7 @@ from agrivlm.infer.prompts import (
     says_no_fields,
     stage_question,
 )
-from agrivlm.lape.tokens import Axis, LapeVocab, serialize_box
+from agrivlm.lape.tokens import Axis, LapeVocab, serialize_box, serialize_polygon
 from agrivlm.recipes.fields import OUTLINE_FIELDS_QUESTIONS
 from agrivlm.recipes.growth import STAGE_ON_DATE_QUESTIONS
 
@@ -134,6 +134,10 @@ def test_answer_parsing() -> None:
     text = f"2 fields: grassland {b1}; cultivated land {b2} (partly outside the image)."
     assert listing_details(text, 2) == [("grassland", False), ("cultivated land", True)]
     assert listing_details(text, 3) == [("", False)] * 3
+    # items that are polygons (points joined by the codec's separator), mixed with a box
+    ring = serialize_polygon([(0.1, 0.1), (0.3, 0.1), (0.2, 0.3)])
+    mixed = f"3 fields: forest {ring} (partly outside the image); grassland {b1}; parcel {ring}."
+    assert listing_details(mixed, 3) == [("forest", True), ("grassland", False), ("parcel", False)]
 
 
 def test_decode_answer_gives_boxes_times_and_the_steps_of_each() -> None:
@@ -150,8 +154,8 @@ def test_decode_answer_gives_boxes_times_and_the_steps_of_each() -> None:
         if t >= off:
             logits[s, t - off] = 10.0
     logprobs = np.log([0.9, 0.5, 0.5, 0.5, 0.5, 0.9, 0.25, 0.9, 0.64, 1.0])
-    pos, times, box_steps, point_steps, seg_steps = decode_answer(ids, logprobs, logits, off, VOCAB, 2)
+    pos, times, box_steps, point_steps, seg_steps, poly_steps = decode_answer(ids, logprobs, logits, off, VOCAB, 2)
     assert np.allclose(pos.boxes[0], [10.5 / 150, 20.5 / 150, 40.5 / 150, 60.5 / 150], atol=1e-9)
     assert np.allclose(pos.points[0], [3.5 / 150, 4.5 / 150], atol=1e-9) and seg_steps == []
-    assert box_steps == [[1, 2, 3, 4]] and point_steps == [[8, 9]]
+    assert box_steps == [[1, 2, 3, 4]] and point_steps == [[8, 9]] and poly_steps == [] and pos.polygons == []
     assert times == pytest.approx([30.5 / 50]) and pos.unmatched == 1  # a lone TEMP: a time, not a segment

@@ -124,8 +124,14 @@ def test_serialize_box_point_segment_and_parse_back() -> None:
 def test_parse_positions_grammar() -> None:
     # whitespace between tokens keeps them together; other text splits them
     assert len(parse_positions("<WIDTH-001> <HEIGHT-002>\n<WIDTH-003><HEIGHT-004>").boxes) == 1
-    split = parse_positions("<WIDTH-001><HEIGHT-002>, <WIDTH-003><HEIGHT-004>")
+    split = parse_positions("<WIDTH-001><HEIGHT-002>; <WIDTH-003><HEIGHT-004>")
     assert len(split.points) == 2 and split.boxes == []
+    # points chained by the polygon separator: two are a box (its corners), three or more a polygon
+    two = parse_positions("<WIDTH-001><HEIGHT-002>, <WIDTH-003><HEIGHT-004>")
+    assert (len(two.boxes), two.points, two.polygons) == (1, [], [])
+    three = parse_positions("a <WIDTH-001><HEIGHT-002>,<WIDTH-003><HEIGHT-004> ,<WIDTH-005><HEIGHT-006>; b <WIDTH-001>"
+                            "<HEIGHT-002><WIDTH-003><HEIGHT-004>")
+    assert len(three.polygons) == 1 and len(three.polygons[0]) == 3 and len(three.boxes) == 1
     odd = parse_positions("<HEIGHT-001><TEMP-003><WIDTH-002>")
     assert (odd.boxes, odd.points, odd.segments, odd.unmatched) == ([], [], [], 3)
     items = [PositionItem(Axis.TEMP, 0.1), PositionItem(Axis.TEMP, 0.3, adjacent=False)]

@@ -135,6 +135,8 @@ def test_boxes_cover_their_parcels_clipped_footprint(api_build) -> None:
         for rec in pools[family]:
             if rec.task not in tasks:
                 continue
+            if rec.meta.get("outline_as") == "polygon":
+                continue  # listed outlines: test_listed_outlines_fit_their_parcels_clipped_footprint
             boxes = [b for turn in rec.conversation for b in turn.boxes]
             ids = rec.meta["field_ids"] if "field_ids" in rec.meta else [rec.meta["field_id"]]
             assert isinstance(ids, list) and len(ids) == len(boxes), rec.sample_id
@@ -159,6 +161,43 @@ def test_boxes_cover_their_parcels_clipped_footprint(api_build) -> None:
                 checked += 1
     assert checked > 1000 and cut_seen > 50
     assert float(np.median(ious)) > 0.9999
+
+
+def test_listed_outlines_fit_their_parcels_clipped_footprint(api_build) -> None:
+    """Listings answer outlines (``outline_as: polygon``): every item is a polygon of at most ``outline_vertices``
+    points (or, for a parcel whose outline simplifies to under 3 points, its box) whose polygon, read back
+    through the chip's own grid, covers the parcel clipped to the chip (median IoU ≥ 0.9; each ≥ 0.5 with the
+    largest part the chip shows, for parts of 16 px or more), better than the parcel's box does on average."""
+    prep, pools, _, _ = api_build
+    limit = prep.cfg.tasks.field_boundaries.outline_vertices
+    raw = gpd.read_file(sample_parcels())
+    geoms = dict(zip(raw["index"].astype(str), raw.geometry, strict=True))
+    ious, box_ious, n_boxes = [], [], 0
+    for rec in pools["field_boundaries"]:
+        if rec.task not in ("outline_fields", "outline_parcels"):
+            continue
+        assert rec.meta["outline_as"] == "polygon"
+        footprint, t = _chip_polygon(rec)
+        w, h = rec.chip.window.width, rec.chip.window.height
+        shapes = rec.conversation[-1].shapes()
+        assert len(shapes) == len(rec.meta["field_ids"]), rec.sample_id
+        for fid, (kind, shape) in zip(rec.meta["field_ids"], shapes, strict=True):
+            clipped = geoms[str(fid)].intersection(footprint)
+            if kind == "box":
+                n_boxes += 1
+                continue
+            assert 3 <= len(shape) <= limit, (rec.sample_id, fid, len(shape))
+            outline = Polygon([t * (u * w, v * h) for u, v in shape]).buffer(0)
+            ious.append(outline.intersection(clipped).area / outline.union(clipped).area)
+            part = max(getattr(clipped, "geoms", [clipped]), key=lambda g: g.area)
+            if part.area >= 16 * abs(t.determinant):
+                iou = outline.intersection(part).area / outline.union(part).area
+                assert iou >= 0.5, (rec.sample_id, fid, iou)
+            bounds = Polygon.from_bounds(*_box_bounds(t, w, h, (min(p[0] for p in shape), min(p[1] for p in shape),
+                                                                max(p[0] for p in shape), max(p[1] for p in shape))))
+            box_ious.append(bounds.intersection(clipped).area / bounds.union(clipped).area)
+    assert len(ious) > 100 and n_boxes < 0.05 * len(ious)
+    assert float(np.median(ious)) >= 0.9 and float(np.mean(ious)) > float(np.mean(box_ious))
 
 
 def test_growth_answers_agree_with_the_reference_tables(api_build) -> None:

@@ -51,7 +51,12 @@ def test_parcels_in_another_crs_are_reprojected_and_boxed_on_the_pixel_grid(scen
         if rec.family != "field_boundaries" or rec.task not in ("outline_parcels", "largest_of_class"):
             continue
         w = rec.chip.window
-        for fid, box in zip(rec.meta["field_ids"], rec.conversation[-1].boxes, strict=True):
+        for fid, (kind, shape) in zip(rec.meta["field_ids"], rec.conversation[-1].shapes(), strict=True):
+            # a listed outline of a rectangular field is the rectangle: its bounds are the box
+            box = shape if kind == "box" else (min(p[0] for p in shape), min(p[1] for p in shape),
+                                               max(p[0] for p in shape), max(p[1] for p in shape))
+            if kind == "polygon":
+                assert len(shape) == 4, (rec.sample_id, fid, shape)
             f = fields[fid]
             # the field's pixel rectangle clipped to the chip (and to the 64 px raster), normalized
             c0, c1 = max(f.cols[0], w.col_off), min(f.cols[1], w.col_off + w.width, 64)

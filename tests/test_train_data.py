@@ -103,7 +103,8 @@ def test_positions_become_lape_tokens_with_their_exact_values(records: list[Sour
     poly = _first(records, "trace_outline").record
     _, ans, vals = render_record(poly, VOCAB)
     ring = poly.conversation[1].polygons[0]
-    assert len(vals) == 4 + 2 * len(ring) and len(parse_positions(ans, VOCAB).points) == len(ring)
+    traced = parse_positions(ans, VOCAB).polygons  # vertices joined by the separator: one polygon
+    assert len(vals) == 4 + 2 * len(ring) and len(traced) == 1 and len(traced[0]) == len(ring)
 
 
 def test_batches_carry_position_values_and_multi_turn_supervises_the_last_answer(

@@ -188,7 +188,8 @@ def positions_layers(points: pd.DataFrame, boxes: dict[str, Any] | None = None,
                      prefix: str = "answer") -> list[pdk.Layer]:
     """Decoded answer positions (columns ``lon``, ``lat``, ``label``): numbered dots joined in order.
 
-    ``boxes`` (GeoJSON in lon/lat) are drawn as outlines; layer ids start with ``prefix``.
+    ``boxes`` (GeoJSON in lon/lat: the answer's boxes and polygons) are drawn as outlines; layer ids start
+    with ``prefix``.
     """
     layers = []
     if boxes is not None and boxes["features"]:

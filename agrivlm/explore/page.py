@@ -46,11 +46,11 @@ from agrivlm.explore.positions import (
     ChipPositions,
     ModelUnavailable,
     ask_model,
-    boxes_frame,
     check_model,
     chip_grid,
     decode_answer,
     positions_table,
+    shapes_frame,
 )
 from agrivlm.explore.settings import ExploreSettings
 from agrivlm.geo.coords import GeoGrid, TimeAxis
@@ -386,7 +386,8 @@ def _positions(settings: ExploreSettings, stack: Stack, selected: gpd.GeoDataFra
 
 
 def _layers(grid: GeoGrid, positions: ChipPositions, table: pd.DataFrame, prefix: str) -> list[Any]:
-    boxes = to_geojson(boxes_frame(grid, positions), ["label"]) if positions.boxes else None
+    shapes = shapes_frame(grid, positions)
+    boxes = to_geojson(shapes, ["label"]) if not shapes.empty else None
     return positions_layers(table[table["kind"] == "point"], boxes, prefix)
 
 

@@ -10,7 +10,7 @@ and the LAPE codec plug in:
   inference core of ``agrivlm infer`` (the checkpoint's frames and bands, batched greedy generation, sub-bin
   decoding of the positions); :func:`check_model` says why a checkpoint cannot answer
   (:class:`ModelUnavailable`).
-* :func:`positions_table` and :func:`boxes_frame` map decoded values with the chip's own
+* :func:`positions_table` and :func:`shapes_frame` map decoded values with the chip's own
   :class:`~agrivlm.geo.coords.GeoGrid` and :class:`~agrivlm.geo.coords.TimeAxis`; nothing here re-derives
   a coordinate conversion.
 """
@@ -64,6 +64,7 @@ class ChipPositions:
         t: ``(M,)`` fractions of the chip's date range, [0, 1] (``TEMP`` tokens).
         tokens: ``(N,)`` the text of each spatial point (e.g. ``"<WIDTH-012><HEIGHT-087>"``), for the table.
         boxes: ``(u1, v1, u2, v2)`` of each box of the answer (their corners are also points of ``u``, ``v``).
+        polygons: ``((u, v), ...)`` of each polygon of the answer (its vertices are also points of ``u``, ``v``).
 
     """
 
@@ -73,6 +74,7 @@ class ChipPositions:
     t: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     tokens: tuple[str, ...] = ()
     boxes: tuple[tuple[float, float, float, float], ...] = ()
+    polygons: tuple[tuple[tuple[float, float], ...], ...] = ()
 
 
 def chip_positions(
@@ -81,18 +83,21 @@ def chip_positions(
     points: Sequence[Sequence[float]],
     times: Sequence[float],
     vocab: LapeVocab,
+    polygons: Sequence[Sequence[Sequence[float]]] = (),
 ) -> ChipPositions:
-    """Decoded values → :class:`ChipPositions`: each box gives its two corners, then the points, in order.
+    """Decoded values → :class:`ChipPositions`: box corners, then polygon vertices, then points, in order.
 
     Each spatial point's ``tokens`` are the WIDTH/HEIGHT tokens of its bins (the tokens the model wrote).
     """
     pairs = [p for b in boxes for p in ((b[0], b[1]), (b[2], b[3]))]
+    pairs += [(p[0], p[1]) for ring in polygons for p in ring]
     pairs += [(p[0], p[1]) for p in points]
     u = np.array([p[0] for p in pairs], dtype=np.float64)
     v = np.array([p[1] for p in pairs], dtype=np.float64)
     tokens = tuple(vocab.encode(Axis.WIDTH, a) + vocab.encode(Axis.HEIGHT, b) for a, b in pairs)
     return ChipPositions(chip_id, u, v, np.asarray(times, dtype=np.float64), tokens,
-                         tuple((float(b[0]), float(b[1]), float(b[2]), float(b[3])) for b in boxes))
+                         tuple((float(b[0]), float(b[1]), float(b[2]), float(b[3])) for b in boxes),
+                         tuple(tuple((float(p[0]), float(p[1])) for p in ring) for ring in polygons))
 
 
 def chip_grid(stack_grid: GeoGrid, chip_id: str, chip_size: int | tuple[int, int]) -> GeoGrid:
@@ -157,18 +162,30 @@ def positions_table(grid: GeoGrid, axis: TimeAxis, positions: ChipPositions) -> 
     return pd.concat([points, times], ignore_index=True) if t.size else points
 
 
-def boxes_frame(grid: GeoGrid, positions: ChipPositions) -> gpd.GeoDataFrame:
-    """The answer's boxes as polygons in the chip's CRS (``GeoGrid.norm_box_to_polygon``), labelled B1…."""
-    polygons = [grid.norm_box_to_polygon((min(b[0], b[2]), min(b[1], b[3]), max(b[0], b[2]), max(b[1], b[3])))
-                for b in positions.boxes]
-    return gpd.GeoDataFrame({"label": [f"B{i + 1}" for i in range(len(polygons))]},
-                            geometry=gpd.GeoSeries(polygons, crs=grid.crs.to_wkt()))
+def shapes_frame(grid: GeoGrid, positions: ChipPositions) -> gpd.GeoDataFrame:
+    """The answer's boxes and polygons as polygons in the chip's CRS, labelled B1… and G1….
+
+    Boxes map with ``GeoGrid.norm_box_to_polygon``, polygons with ``GeoGrid.norm_polygon_to_crs`` (a ring
+    that crosses itself is repaired, one without area left out).
+    """
+    labels: list[str] = []
+    shapes = []
+    for i, b in enumerate(positions.boxes):
+        labels.append(f"B{i + 1}")
+        shapes.append(grid.norm_box_to_polygon((min(b[0], b[2]), min(b[1], b[3]), max(b[0], b[2]), max(b[1], b[3]))))
+    for i, ring in enumerate(positions.polygons):
+        polygon = grid.norm_polygon_to_crs(ring)
+        if polygon is not None:
+            labels.append(f"G{i + 1}")
+            shapes.append(polygon)
+    return gpd.GeoDataFrame({"label": labels}, geometry=gpd.GeoSeries(shapes, crs=grid.crs.to_wkt()))
 
 
 def decode_answer(text: str, chip_id: str, vocab: LapeVocab | None = None) -> ChipPositions:
     """Decode an answer's position tokens into normalized positions (bin centres, ``agrivlm.lape.tokens``).
 
-    Boxes (``W H W H``) give their two corners, points (``W H``) one point; every ``TEMP`` token is a time.
+    Boxes (``W H W H``) give their two corners, polygons (points joined by the codec's separator) their
+    vertices, points (``W H``) one point; every ``TEMP`` token is a time.
 
     Raises:
         ExploreError: a position token beyond the vocabulary (e.g. ``<WIDTH-151>`` with 150 spatial tokens).
@@ -180,7 +197,7 @@ def decode_answer(text: str, chip_id: str, vocab: LapeVocab | None = None) -> Ch
         times = [vocab.decode(m.group(0)) for m in _TEMP_TOKEN.finditer(text)]
     except ValueError as exc:
         raise ExploreError(f"chip {chip_id}: the answer's position tokens do not decode ({exc})") from exc
-    return chip_positions(chip_id, parsed.boxes, parsed.points, times, vocab)
+    return chip_positions(chip_id, parsed.boxes, parsed.points, times, vocab, parsed.polygons)
 
 
 @dataclass(frozen=True)
@@ -278,5 +295,6 @@ def ask_model(model: str | os.PathLike[str], stack: Stack, chip_id: str, questio
     pos = answer.positions
     frame_dates = tuple(str(d.astype("datetime64[D]")) for d in questions[0].visual.dates)
     return ModelAnswer(text=answer.text, score=answer.score,
-                       positions=chip_positions(chip_id, pos.boxes, pos.points, answer.times, predictor.vocab),
+                       positions=chip_positions(chip_id, pos.boxes, pos.points, answer.times, predictor.vocab,
+                                                pos.polygons),
                        frame_dates=frame_dates, time_axis=questions[0].visual.time_axis)

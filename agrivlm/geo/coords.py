@@ -27,6 +27,7 @@ from functools import lru_cache
 
 import numpy as np
 import numpy.typing as npt
+import shapely
 from affine import Affine
 from pyproj import Transformer
 from rasterio.crs import CRS
@@ -150,6 +151,27 @@ class GeoGrid:
         us = np.array([u1, u2, u2, u1])
         vs = np.array([v1, v1, v2, v2])
         return Polygon(np.stack(self.norm_to_crs(us, vs), axis=1))
+
+    def norm_polygon_to_crs(self, points: Sequence[Sequence[float]]) -> Polygon | None:
+        """A normalized ring ``[(u, v), ...]`` (not closed, ≥ 3 points) → a valid polygon in the CRS, or None.
+
+        The vertices map through :meth:`norm_to_crs` (rotation-aware). A ring that crosses itself (a model
+        can write one) is repaired with ``shapely.make_valid`` and its largest polygonal part kept; a vertex
+        repeated right after itself is written once; a ring with no area (fewer than 3 distinct vertices, all
+        on one line) gives None.
+        """
+        xy = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        xy = xy[np.any(xy != np.roll(xy, 1, axis=0), axis=1)] if len(xy) > 1 else xy  # a vertex written twice
+        if len(xy) < 3:
+            return None
+        x, y = self.norm_to_crs(xy[:, 0], xy[:, 1])
+        poly = Polygon(np.stack([x, y], axis=1))
+        if not poly.is_valid:
+            fixed = shapely.make_valid(poly)
+            parts = [g for g in shapely.get_parts(shapely.get_parts(fixed))
+                     if isinstance(g, Polygon) and not g.is_empty]
+            poly = max(parts, key=lambda g: g.area) if parts else Polygon()
+        return None if poly.is_empty or poly.area <= 0.0 else poly
 
     def subgrid(self, window: Window) -> GeoGrid:
         """The grid of a window of this one, with its own transform (``rasterio.windows.transform``)."""

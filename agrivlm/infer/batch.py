@@ -13,7 +13,8 @@ own):
    the processor, while the main thread generates (:class:`agrivlm.infer.generate.Predictor`): reading and
    decoding chips overlap the model.
 3. answers → features through the chip's own grid and time axis (``GeoGrid.norm_box_to_polygon``,
-   ``GeoGrid.norm_to_crs``, ``TimeAxis.from_norm``) → one journal line per batch (:mod:`agrivlm.infer.journal`).
+   ``GeoGrid.norm_polygon_to_crs``, ``GeoGrid.norm_to_crs``, ``TimeAxis.from_norm``) → one journal line per
+   batch (:mod:`agrivlm.infer.journal`).
 
 Then the outputs are written atomically from the journal (:mod:`agrivlm.infer.outputs`): overlapping chips'
 detections merged by NMS in map units, growth stages merged per field and day.
@@ -61,10 +62,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Bumped when prompts or decoding change in a way that makes old journals' answers differ.
-PIPELINE_VERSION = 1
+#: 2: answers may list polygons (points chained by the polygon separator), journaled as ``kind="polygon"``.
+PIPELINE_VERSION = 2
 
-#: Default ``--max-new-tokens`` per task: a listing of up to 12 boxes, a stage word, a short answer.
-DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {"fields": 128, "growth": 8, "ask": 64}
+#: Default ``--max-new-tokens`` per task: a listing of up to 12 fields as outlines of 8 vertices (3 tokens a
+#: vertex with its separator; with its label and cut mark an item takes up to 40 tokens on the sample, 34 on
+#: average), a stage word, a short answer.
+DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {"fields": 512, "growth": 8, "ask": 64}
 
 
 @dataclass(frozen=True)
@@ -240,18 +244,30 @@ def answer_record(task: Task, grid: GeoGrid, question: Question, answer: Decoded
         return str(axis.from_norm(t).astype("datetime64[D]"))
 
     if task in ("fields", "ask"):
-        details = listing_details(answer.text, len(pos.boxes))
-        for k, (box, steps) in enumerate(zip(pos.boxes, answer.box_steps, strict=True)):
-            u1, u2 = sorted((box[0], box[2]))
-            v1, v2 = sorted((box[1], box[3]))
-            if u2 - u1 <= 0 or v2 - v1 <= 0:
+        # boxes and polygons in the order the answer lists them (the order of their first tokens)
+        items: list[tuple[int, str, Any, list[int]]] = sorted(
+            [(steps[0], "box", box, steps) for box, steps in zip(pos.boxes, answer.box_steps, strict=True)]
+            + [(steps[0], "polygon", ring, steps)
+               for ring, steps in zip(pos.polygons, answer.polygon_steps, strict=True)],
+            key=lambda item: item[0],
+        )
+        details = listing_details(answer.text, len(items))
+        for k, (_, kind, value, steps) in enumerate(items):
+            if kind == "box":
+                u1, u2 = sorted((value[0], value[2]))
+                v1, v2 = sorted((value[1], value[3]))
+                polygon = grid.norm_box_to_polygon((u1, v1, u2, v2)) if u2 > u1 and v2 > v1 else None
+            else:
+                polygon = grid.norm_polygon_to_crs(value)
+                us, vs = [p[0] for p in value], [p[1] for p in value]
+                u1, v1, u2, v2 = min(us), min(vs), max(us), max(vs)
+            if polygon is None:  # a box or ring without area
                 rec["degenerate"] += 1
                 continue
-            polygon = grid.norm_box_to_polygon((u1, v1, u2, v2))
             label, cut = details[k]
             rec["features"].append({
-                "kind": "box", "geometry": shapely.to_wkb(polygon, hex=True), "score": _score(answer.item_score(steps)),
-                "tokens": decode([answer.ids[s] for s in steps]), "label": label, "cut": cut,
+                "kind": kind, "geometry": shapely.to_wkb(polygon, hex=True), "score": _score(answer.item_score(steps)),
+                "tokens": decode(answer.ids[steps[0]:steps[-1] + 1]), "label": label, "cut": cut,
                 "box": [float(u1), float(v1), float(u2), float(v2)],
             })
         if task == "ask":
@@ -271,7 +287,7 @@ def answer_record(task: Task, grid: GeoGrid, question: Question, answer: Decoded
             rec["segments"] = [[day(a), day(b)] for a, b in pos.segments]
             rec["unparsed"] = False
         else:
-            rec["unparsed"] = not pos.boxes and not says_no_fields(answer.text)
+            rec["unparsed"] = not pos.boxes and not pos.polygons and not says_no_fields(answer.text)
     else:
         stage = parse_stage(answer.text)
         rec["stage"] = stage

@@ -32,7 +32,7 @@ def infer(
     dtype: Annotated[str, typer.Option(help="Model dtype: float32 | bfloat16 | float16.")] = "float32",
     batch_size: Annotated[int, typer.Option(help="Questions per generation batch (chips are batched together).")] = 8,
     max_new_tokens: Annotated[int | None, typer.Option(
-        help="Most tokens per answer (default: fields 128, growth 8, ask 64).")] = None,
+        help="Most tokens per answer (default: fields 512 — 12 outlines of 8 vertices —, growth 8, ask 64).")] = None,
     chip_size: Annotated[int | None, typer.Option(help="Chip size in px (default: the checkpoint's, else 32).")] = None,
     stride: Annotated[int | None, typer.Option(help="Chip stride in px (default: the checkpoint's, else 16).")] = None,
     preset: Annotated[str | None, typer.Option(

@@ -7,8 +7,9 @@ decoding needs — the log-probability of the chosen token and the LAPE heads' l
 vocabulary's logits of every step.
 
 Decoding (:func:`decode_answer`) uses the LAPE codec (:func:`agrivlm.lape.tokens.parse_token_ids`: boxes,
-points, segments with sub-bin refinement from the heads' logits) and adds every ``TEMP`` value (a lone time
-such as ``"The peak was at <TEMP-030>"`` is no box, point or segment).
+points, polygons — points chained by the tokenizer's ids of :data:`~agrivlm.lape.tokens.POLYGON_SEP` —,
+segments, with sub-bin refinement from the heads' logits) and adds every ``TEMP`` value (a lone time such
+as ``"The peak was at <TEMP-030>"`` is no box, point or segment).
 
 Scores: the probability the model gave its own answer. A feature's score is the geometric mean of the
 probabilities of the tokens that make it up (a box: its four position tokens), an answer's score the
@@ -34,12 +35,14 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from agrivlm.geo.coords import TimeAxis
 from agrivlm.infer.errors import InferError
 from agrivlm.lape.tokens import (
+    POLYGON_SEP,
     Axis,
     LapeVocab,
     ParsedPositions,
     PositionItem,
     group_positions,
     parse_token_ids,
+    position_items,
     refine_position,
 )
 from agrivlm.pipeline.conversation import answer_end_id
@@ -96,10 +99,11 @@ class DecodedAnswer:
         ids: ``(S,)`` generated token ids, without the end-of-sequence token and what follows.
         finished: whether the model ended the answer (False: cut at ``max_new_tokens``).
         score: geometric mean of the tokens' probabilities (NaN for an empty answer).
-        positions: boxes, points and segments, normalized, sub-bin refined.
+        positions: boxes, points, polygons and segments, normalized, sub-bin refined.
         times: every ``TEMP`` value in order, normalized on the visual's :attr:`Visual.time_axis`.
         box_steps: per box, the indices into ``ids`` of its four tokens.
         point_steps: per point, its two token indices; ``segment_steps`` likewise.
+        polygon_steps: per polygon, the indices of its ``2 * vertices`` position tokens.
 
     """
 
@@ -113,6 +117,7 @@ class DecodedAnswer:
     point_steps: list[list[int]]
     segment_steps: list[list[int]]
     logprobs: list[float]
+    polygon_steps: list[list[int]] = field(default_factory=list)
 
     def item_score(self, steps: Sequence[int]) -> float:
         """Geometric mean of the probabilities of the tokens at ``steps``."""
@@ -128,7 +133,8 @@ def decode_answer(
     offset: int,
     vocab: LapeVocab,
     window: int = 2,
-) -> tuple[ParsedPositions, list[float], list[list[int]], list[list[int]], list[list[int]]]:
+    separator_ids: Sequence[int] = (),
+) -> tuple[ParsedPositions, list[float], list[list[int]], list[list[int]], list[list[int]], list[list[int]]]:
     """Position tokens of one answer → positions, times and the token indices of each item.
 
     Args:
@@ -138,29 +144,26 @@ def decode_answer(
         offset: id of the first position token.
         vocab: the LAPE vocabulary.
         window: bins on each side of the argmax for the sub-bin expectation.
+        separator_ids: the tokenizer's ids of :data:`~agrivlm.lape.tokens.POLYGON_SEP` (chain polygon
+            vertices); empty: no polygons.
 
     Returns:
-        ``(positions, times, box_steps, point_steps, segment_steps)``.
+        ``(positions, times, box_steps, point_steps, segment_steps, polygon_steps)``.
 
     """
     arr = np.asarray(ids, dtype=np.int64)
     lg = np.asarray(lape_logits, dtype=np.float64).reshape(arr.size, vocab.num_position_tokens)
     if len(logprobs) != arr.size:
         raise ValueError(f"{len(logprobs)} log-probabilities for {arr.size} ids")
-    # the codec on ids relative to <HEIGHT-000>: text ids become negative, i.e. not position tokens
-    positions = parse_token_ids(arr - offset, 0, vocab, lg, window)
+    # the codec on ids relative to <HEIGHT-000> (the LAPE logits' columns): text ids become negative
+    rel = arr - offset
+    seps = [int(i) - offset for i in separator_ids]
+    positions = parse_token_ids(rel, 0, vocab, lg, window, seps)
     # the same grouping on token indices gives each item's tokens (the codec's grouping, not a copy of it)
-    index_items: list[PositionItem] = []
+    where = np.flatnonzero((rel >= 0) & (rel < vocab.num_position_tokens))
+    index_items = [PositionItem(it.axis, float(step), it.adjacent, it.chained) for it, step in
+                   zip(position_items(rel, 0, vocab, None, window, seps), where.tolist(), strict=True)]
     times: list[float] = []
-    prev = False
-    for step, token_id in enumerate(arr.tolist()):
-        rel = token_id - offset
-        if not 0 <= rel < vocab.num_position_tokens:
-            prev = False
-            continue
-        axis, _ = vocab.locate(rel)
-        index_items.append(PositionItem(axis, float(step), prev))
-        prev = True
     steps = group_positions(index_items)
     temporal = [it for it in index_items if it.axis is Axis.TEMP]
     start, n = vocab.axis_offset(Axis.TEMP), vocab.size(Axis.TEMP)
@@ -170,11 +173,12 @@ def decode_answer(
     box_steps = [[int(x) for x in b] for b in steps.boxes]
     point_steps = [[int(x) for x in p] for p in steps.points]
     segment_steps = [[int(x) for x in s] for s in steps.segments]
-    if (len(box_steps), len(point_steps), len(segment_steps)) != (
-        len(positions.boxes), len(positions.points), len(positions.segments)
+    polygon_steps = [[int(x) for p in poly for x in p] for poly in steps.polygons]
+    if (len(box_steps), len(point_steps), len(segment_steps), len(polygon_steps)) != (
+        len(positions.boxes), len(positions.points), len(positions.segments), len(positions.polygons)
     ):
         raise AssertionError("position grouping of values and of indices disagree")  # pragma: no cover
-    return positions, times, box_steps, point_steps, segment_steps
+    return positions, times, box_steps, point_steps, segment_steps, polygon_steps
 
 
 class _StepRecorder(LogitsProcessor):
@@ -247,6 +251,8 @@ class Predictor:
                 f"({processor.tokenizer.convert_ids_to_tokens(end)!r}, the tokenizer's eos the model was trained to "
                 "say): generation would run to the token budget; set eos_token_id in its generation_config.json"
             )
+        #: The tokenizer's ids of the polygon vertex separator (as training tokenizes it between two points).
+        self.separator_ids = self._separator_ids(processor)
         #: Generate with the KV cache (off only to measure what it saves: every step then re-reads the prompt).
         self.use_cache = True
         self._tok_lock = threading.Lock()
@@ -269,6 +275,12 @@ class Predictor:
         if model.lape is None:
             raise InferError(f"{folder}: the model has LAPE off (stage-1 checkpoint); it cannot answer with positions")
         return cls(model, processor, resolve_device(device), DTYPES[dtype], max_new_tokens)
+
+    @staticmethod
+    def _separator_ids(processor: Any) -> tuple[int, ...]:
+        tokenizer = getattr(processor, "tokenizer", processor)
+        ids = tokenizer(POLYGON_SEP, add_special_tokens=False)["input_ids"]
+        return tuple(int(i) for i in ids)
 
     @property
     def num_bands(self) -> int:
@@ -355,11 +367,11 @@ class Predictor:
         finished = stop is not None
         cut = stop if stop is not None else len(ids)
         ids, logprobs = ids[:cut], [float(x) for x in top[:cut]]
-        positions, times, box_steps, point_steps, segment_steps = decode_answer(
-            ids, logprobs, lape[:cut], self.offset, self.vocab, self.window
+        positions, times, box_steps, point_steps, segment_steps, polygon_steps = decode_answer(
+            ids, logprobs, lape[:cut], self.offset, self.vocab, self.window, self.separator_ids
         )
         text = self.decode_ids(ids)
         score = float(math.exp(float(np.mean(logprobs)))) if logprobs else math.nan
         return DecodedAnswer(text=text, ids=ids, finished=finished, score=score, positions=positions, times=times,
                              box_steps=box_steps, point_steps=point_steps, segment_steps=segment_steps,
-                             logprobs=logprobs)
+                             logprobs=logprobs, polygon_steps=polygon_steps)

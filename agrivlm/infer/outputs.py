@@ -3,14 +3,16 @@
 ``--out predictions.gpkg`` (or ``.geojson``) gets one layer:
 
 * ``fields`` (``--task fields``): one polygon per detected field, in the output CRS (the first stack's CRS;
-  features of stacks in another CRS are reprojected to it). Columns: ``field_id`` (``<chip_id>#<k>``, with
-  ``<i>:`` in front for the i-th INPUT when several are given), :data:`agrivlm.schema.FIELD_PREDICTION_COLUMNS`
-  (``chip_id``, ``task``, ``score`` — the geometric mean of the box tokens' probabilities —, ``tokens`` — the
-  box's four position tokens), ``label`` (the class the answer names, e.g. ``grassland``), ``cut`` (the
-  answer marks the field "partly outside the image"), ``stack`` (the INPUT), ``answer`` (the chip's whole
-  answer) and ``box`` (``[u1, v1, u2, v2]`` in the chip, JSON). Detections of overlapping chips are merged by
-  :func:`agrivlm.infer.nms.nms` (IoU in map units; fields the chip shows whole rank before cut ones, then by
-  score).
+  features of stacks in another CRS are reprojected to it): the field's outline where the answer gives a
+  polygon, its box where it gives a box (``shape``). Columns: ``field_id`` (``<chip_id>#<k>``, with ``<i>:``
+  in front for the i-th INPUT when several are given), :data:`agrivlm.schema.FIELD_PREDICTION_COLUMNS`
+  (``chip_id``, ``task``, ``score`` — the geometric mean of the item's position tokens' probabilities —,
+  ``tokens`` — the item's position tokens as written), ``label`` (the class the answer names, e.g.
+  ``grassland``), ``cut`` (the answer marks the field "partly outside the image"), ``stack`` (the INPUT),
+  ``answer`` (the chip's whole answer), ``box`` (``[u1, v1, u2, v2]`` in the chip, JSON: the box, or the
+  polygon's bounding box) and ``shape`` (``box`` or ``polygon``). Detections of overlapping chips are merged
+  by :func:`agrivlm.infer.nms.nms` (polygon IoU in map units; fields the chip shows whole rank before cut
+  ones, then by score).
 * ``growth`` (``--task growth``): one polygon per field of ``--fields`` with at least one predicted stage:
   ``field_id``, ``chip_id`` (the chips asked, comma-joined), ``task``, ``score`` (mean of its stage answers'
   scores), ``tokens`` (``{date: raw answer}`` JSON), ``stages`` (``{date: stage}`` JSON), ``n_dates``, ``stack``.
@@ -18,7 +20,8 @@
   (``field_id, date, stage``; plus ``score, chip_id, season, stack, answer``), one row per field and day — where
   overlapping chips (or two acquisitions on one day) answered, the answer with the highest score wins.
   ``agrivlm eval growth --pred <stem>_stages.csv`` reads it.
-* ``answers`` (``--task ask``): per answer, one polygon per box and one point per point (``kind``), or — for
+* ``answers`` (``--task ask``): per answer, one polygon per box or polygon and one point per point (``kind``:
+  ``box``, ``polygon``, ``point``), or — for
   an answer without positions — the chip's footprint (``kind = chip``); plus ``answer``, ``dates`` and
   ``segments`` (decoded ``TEMP`` positions as ISO days, JSON).
 """
@@ -43,11 +46,15 @@ from agrivlm.infer.nms import nms
 from agrivlm.infer.prepare import FieldLayer
 from agrivlm.schema import FIELD_PREDICTION_COLUMNS, STAGE_COLUMNS
 
+#: Journaled feature kinds that are field shapes (NMS-merged; the ``shape`` column of the ``fields`` layer).
+SHAPES: tuple[str, ...] = ("box", "polygon")
+
 #: GeoPackage layer of each task.
 LAYERS = {"fields": "fields", "growth": "growth", "ask": "answers"}
 
 #: Columns of the ``fields`` / ``answers`` layers (plus geometry).
-DETECTION_COLUMNS: tuple[str, ...] = ("field_id", *FIELD_PREDICTION_COLUMNS, "label", "cut", "stack", "answer", "box")
+DETECTION_COLUMNS: tuple[str, ...] = ("field_id", *FIELD_PREDICTION_COLUMNS, "label", "cut", "stack", "answer", "box",
+                                      "shape")
 ASK_COLUMNS: tuple[str, ...] = (*DETECTION_COLUMNS, "kind", "dates", "segments")
 GROWTH_COLUMNS: tuple[str, ...] = ("field_id", *FIELD_PREDICTION_COLUMNS, "stages", "n_dates", "stack")
 STAGE_TABLE_COLUMNS: tuple[str, ...] = (*STAGE_COLUMNS, "score", "chip_id", "season", "stack", "answer")
@@ -116,6 +123,7 @@ def detection_frame(journal: Journal, keys: Sequence[str], names: Sequence[str],
                         "field_id": f"{i}:{fid}" if prefix else fid, "chip_id": cid, "task": task,
                         "score": _nan(feat["score"]), "tokens": feat["tokens"], "label": feat["label"],
                         "cut": bool(feat["cut"]), "stack": name, "answer": ans["text"], "box": json.dumps(feat["box"]),
+                        "shape": feat["kind"] if feat["kind"] in SHAPES else "",
                     }
                     if task == "ask":
                         row.update(kind=feat["kind"], dates=json.dumps(ans.get("dates", [])),
@@ -135,11 +143,14 @@ def detection_frame(journal: Journal, keys: Sequence[str], names: Sequence[str],
 
 
 def suppress(frame: gpd.GeoDataFrame, iou_threshold: float, min_score: float = 0.0) -> gpd.GeoDataFrame:
-    """Drop features scored below ``min_score``, then NMS over the box polygons (points and chips stay)."""
+    """Drop features scored below ``min_score``, then NMS over the fields (points and chips stay).
+
+    Boxes and polygons alike are ranked and suppressed by the IoU of their polygons in map units.
+    """
     if frame.empty:
         return frame
     frame = frame[~(frame["score"] < min_score)]
-    is_box = frame["kind"] == "box" if "kind" in frame.columns else pd.Series(True, index=frame.index)
+    is_box = frame["kind"].isin(SHAPES) if "kind" in frame.columns else pd.Series(True, index=frame.index)
     boxes = frame[is_box]
     keep = nms(boxes.geometry.to_numpy(), boxes["score"].to_numpy(dtype=np.float64), iou_threshold,
                priority=(~boxes["cut"].astype(bool)).astype(np.int64).to_numpy())

@@ -12,8 +12,9 @@ A prompt is one user turn in the conversation format training uses
 (``<image>`` for one frame): :func:`build_prompt`.
 
 Answers: :func:`parse_stage` finds the growth-stage word of a ``stage_on_date`` answer;
-:func:`listing_details` reads the class label and the "partly outside the image" mark of each box of an
-``outline_fields`` answer (``"2 fields: grassland <box>; cultivated land <box> (partly outside the image)."``).
+:func:`listing_details` reads the class label and the "partly outside the image" mark of each item (a box or
+a polygon) of an ``outline_fields`` answer (``"2 fields: grassland <box>; cultivated land <polygon> (partly
+outside the image)."``).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from agrivlm.lape.tokens import Axis, LapeVocab, serialize_box, serialize_point, serialize_segment
-from agrivlm.pipeline.conversation import POLYGON_SEP, format_prompt, visual_placeholder
+from agrivlm.lape.tokens import POLYGON_SEP, Axis, LapeVocab, serialize_box, serialize_point, serialize_segment
+from agrivlm.pipeline.conversation import format_prompt, visual_placeholder
 from agrivlm.recipes.fields import CUT_MARK, NO_FIELDS_ANSWER, OUTLINE_FIELDS_QUESTIONS, parcel_name
 from agrivlm.recipes.growth import STAGE_ON_DATE_QUESTIONS
 from agrivlm.recipes.phenology import day_str
@@ -32,14 +33,19 @@ from agrivlm.recipes.schema import PLACEHOLDER, Turn, render_text
 from agrivlm.recipes.sources import UNKNOWN_CLASS
 from agrivlm.schema import GROWTH_STAGES
 
-#: The inference tasks: field boundaries (boxes), growth stage per field and date, a free question.
+#: The inference tasks: field boundaries (polygons or boxes, as the checkpoint was trained), growth stage per
+#: field and date, a free question.
 Task = Literal["fields", "growth", "ask"]
 TASKS: tuple[str, ...] = ("fields", "growth", "ask")
 
 #: One growth-stage word as a whole word (``green-up`` included, ``peaks`` or ``pre-peak`` not).
 _STAGE_RE = re.compile(r"(?<![\w-])(" + "|".join(re.escape(s) for s in GROWTH_STAGES) + r")(?![\w-])", re.I)
-#: A box as serialized by :func:`~agrivlm.lape.tokens.serialize_box` (whitespace between tokens allowed).
-_BOX_RE = re.compile(r"<WIDTH-\d+>\s*<HEIGHT-\d+>\s*<WIDTH-\d+>\s*<HEIGHT-\d+>")
+#: A point as serialized by :func:`~agrivlm.lape.tokens.serialize_point` (whitespace between tokens allowed).
+_POINT = r"<WIDTH-\d+>\s*<HEIGHT-\d+>"
+#: One item of a listing: a box (:func:`~agrivlm.lape.tokens.serialize_box`) or a chain of points joined by
+#: the polygon separator (:func:`~agrivlm.lape.tokens.serialize_polygon`; two chained points are a box too),
+#: the codec's grouping of :func:`~agrivlm.lape.tokens.group_positions` in text form.
+_ITEM_RE = re.compile(rf"{_POINT}\s*{_POINT}|{_POINT}(?:\s*{re.escape(POLYGON_SEP)}\s*{_POINT})+")
 
 
 def lape_formatters(vocab: LapeVocab) -> dict[str, Any]:
@@ -141,17 +147,17 @@ def says_no_fields(text: str) -> bool:
     return NO_FIELDS_ANSWER.lower().rstrip(".") in text.lower()
 
 
-def listing_details(text: str, n_boxes: int) -> list[tuple[str, bool]]:
-    """``(label, cut)`` of each box of an ``outline_fields`` answer, in order.
+def listing_details(text: str, n_items: int) -> list[tuple[str, bool]]:
+    """``(label, cut)`` of each item (box or polygon) of an ``outline_fields`` answer, in text order.
 
-    The label is the text between the previous ``:``/``;`` (or the start) and the box (``"grassland"``;
+    The label is the text between the previous ``:``/``;`` (or the start) and the item (``"grassland"``;
     ``"parcel"`` for an unknown class); ``cut`` is True when the recipes' mark ``"(partly outside the
-    image)"`` follows the box. When the text holds another number of boxes than ``n_boxes`` (the decoded
-    count) every box gets ``("", False)``.
+    image)"`` follows the item. When the text holds another number of items than ``n_items`` (the decoded
+    count of boxes and polygons) every item gets ``("", False)``.
     """
-    matches = list(_BOX_RE.finditer(text))
-    if len(matches) != n_boxes:
-        return [("", False)] * n_boxes
+    matches = list(_ITEM_RE.finditer(text))
+    if len(matches) != n_items:
+        return [("", False)] * n_items
     out = []
     prev_end = 0
     for m in matches:

@@ -13,6 +13,7 @@ from agrivlm.lape.embedding import (
 )
 from agrivlm.lape.tokens import (
     AXES,
+    POLYGON_SEP,
     Axis,
     LapeVocab,
     ParsedPositions,
@@ -23,15 +24,18 @@ from agrivlm.lape.tokens import (
     parse_positions,
     parse_token_ids,
     position_interp,
+    position_items,
     position_transfer,
     refine_position,
     serialize_box,
     serialize_point,
+    serialize_polygon,
     serialize_segment,
 )
 
 __all__ = [
     "AXES",
+    "POLYGON_SEP",
     "Axis",
     "LapeEmbeddings",
     "LapeVocab",
@@ -48,11 +52,13 @@ __all__ = [
     "parse_positions",
     "parse_token_ids",
     "position_interp",
+    "position_items",
     "position_transfer",
     "refine_position",
     "reparam",
     "serialize_box",
     "serialize_point",
+    "serialize_polygon",
     "serialize_segment",
     "smart_init_",
     "token_transfer",

@@ -18,7 +18,11 @@ Conventions (the same everywhere in agrivlm; coordinates as in :mod:`agrivlm.geo
   expectation decoding of :func:`refine_position` all use this one coordinate, so they invert each
   other exactly.
 * Serialization: a box ``(u1, v1, u2, v2)`` → ``<WIDTH-a><HEIGHT-b><WIDTH-c><HEIGHT-d>``; a point
-  ``(u, v)`` → ``<WIDTH-a><HEIGHT-b>``; a time segment ``(t1, t2)`` → ``<TEMP-a><TEMP-b>``.
+  ``(u, v)`` → ``<WIDTH-a><HEIGHT-b>``; a polygon (its exterior ring, not closed) → its points joined by
+  :data:`POLYGON_SEP` (``<WIDTH-a><HEIGHT-b>,<WIDTH-c><HEIGHT-d>,…``; written back to back, two points
+  would read as a box); a time segment ``(t1, t2)`` → ``<TEMP-a><TEMP-b>``.
+* Decoding a chain of points joined by :data:`POLYGON_SEP`: one point is a point, two are a box (its
+  corners), three or more a polygon. So one item of a listing is a box or a polygon, never ambiguous.
 
 Token strings are ``<HEIGHT-000>`` … (three digits, more when an axis has over 1000 tokens), plus per axis
 an ``-INPUT`` token (a placeholder whose embedding is interpolated at a continuous value given beside the
@@ -29,7 +33,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import overload
@@ -58,6 +62,9 @@ class Axis(str, Enum):
 AXES: tuple[Axis, ...] = (Axis.HEIGHT, Axis.WIDTH, Axis.TEMP)
 
 _TOKEN_RE = re.compile(r"<(HEIGHT|WIDTH|TEMP)-(\d+)>")
+
+#: Separator between the vertices of a serialized polygon (the only text allowed between two chained points).
+POLYGON_SEP = ","
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -274,13 +281,26 @@ def serialize_segment(segment: Sequence[float], vocab: LapeVocab | None = None) 
     return vocab.encode(Axis.TEMP, float(segment[0])) + vocab.encode(Axis.TEMP, float(segment[1]))
 
 
+def serialize_polygon(points: Sequence[Sequence[float]], vocab: LapeVocab | None = None) -> str:
+    """A normalized polygon ``[(u, v), ...]`` (≥ 3 points, ring not closed) → points joined by :data:`POLYGON_SEP`."""
+    vocab = vocab or LapeVocab()
+    if len(points) < 3:
+        raise ValueError(f"a polygon needs at least 3 points, got {len(points)}")
+    return POLYGON_SEP.join(serialize_point(p, vocab) for p in points)
+
+
 @dataclass(frozen=True)
 class PositionItem:
-    """One decoded position token: its axis, its normalized value, and whether it directly follows the previous one."""
+    """One decoded position token: its axis, its normalized value, and how it follows the previous one.
+
+    ``adjacent``: nothing but whitespace since the previous position token; ``chained``: only the polygon
+    separator (:data:`POLYGON_SEP`, whitespace around it allowed) since the previous one.
+    """
 
     axis: Axis
     value: float
     adjacent: bool = True
+    chained: bool = False
 
 
 @dataclass
@@ -294,6 +314,8 @@ class ParsedPositions:
     boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
     #: ``(u, v)`` per point.
     points: list[tuple[float, float]] = field(default_factory=list)
+    #: ``[(u, v), ...]`` (≥ 3 points, ring not closed, as written) per polygon.
+    polygons: list[list[tuple[float, float]]] = field(default_factory=list)
     #: ``(t1, t2)`` per time segment.
     segments: list[tuple[float, float]] = field(default_factory=list)
     #: Position tokens that fit no pattern (a lone ``TEMP``, a ``HEIGHT`` first, ...).
@@ -301,10 +323,12 @@ class ParsedPositions:
 
 
 def group_positions(items: Iterable[PositionItem]) -> ParsedPositions:
-    """Group a stream of position tokens into boxes, points and segments, left to right.
+    """Group a stream of position tokens into boxes, points, polygons and segments, left to right.
 
-    ``W H W H`` (each adjacent to the previous) is a box, else ``W H`` a point; ``T T`` is a segment.
-    Anything else is counted in ``unmatched`` and skipped.
+    ``W H W H`` (each adjacent to the previous) is a box. Else ``W H`` starts a chain of points, each next
+    ``W H`` *chained* to it (joined by :data:`POLYGON_SEP`): a chain of one point is a point, of two a box
+    (``(u1, v1, u2, v2)`` from its two corners), of three or more a polygon. ``T T`` is a segment. Anything
+    else is counted in ``unmatched`` and skipped.
     """
     seq = list(items)
     out = ParsedPositions()
@@ -321,8 +345,17 @@ def group_positions(items: Iterable[PositionItem]) -> ParsedPositions:
             out.boxes.append((seq[i].value, seq[i + 1].value, seq[i + 2].value, seq[i + 3].value))
             i += 4
         elif run((W, H)):
-            out.points.append((seq[i].value, seq[i + 1].value))
+            chain = [(seq[i].value, seq[i + 1].value)]
             i += 2
+            while run((W, H)) and seq[i].chained and not run((W, H, W, H)):
+                chain.append((seq[i].value, seq[i + 1].value))
+                i += 2
+            if len(chain) == 1:
+                out.points.append(chain[0])
+            elif len(chain) == 2:
+                out.boxes.append((chain[0][0], chain[0][1], chain[1][0], chain[1][1]))
+            else:
+                out.polygons.append(chain)
         elif run((T, T)):
             out.segments.append((seq[i].value, seq[i + 1].value))
             i += 2
@@ -333,9 +366,10 @@ def group_positions(items: Iterable[PositionItem]) -> ParsedPositions:
 
 
 def parse_positions(text: str, vocab: LapeVocab | None = None) -> ParsedPositions:
-    """Generated text → boxes, points and segments at their bins' centres.
+    """Generated text → boxes, points, polygons and segments at their bins' centres.
 
-    Tokens separated only by whitespace count as adjacent. Decode generated ids with
+    Tokens separated only by whitespace count as adjacent, by :data:`POLYGON_SEP` (and whitespace) as
+    chained. Decode generated ids with
     ``skip_special_tokens=False``: the position tokens are special tokens. For sub-bin precision use the
     model's ``decode_positions`` with the generation logits.
     """
@@ -344,8 +378,8 @@ def parse_positions(text: str, vocab: LapeVocab | None = None) -> ParsedPosition
     last_end: int | None = None
     for m in _TOKEN_RE.finditer(text):
         axis, index = vocab.parse_token(m.group(0))
-        adjacent = last_end is not None and text[last_end:m.start()].strip() == ""
-        items.append(PositionItem(axis, bin_centre(index, vocab.size(axis)), adjacent))
+        gap = None if last_end is None else text[last_end:m.start()].strip()
+        items.append(PositionItem(axis, bin_centre(index, vocab.size(axis)), gap == "", gap == POLYGON_SEP))
         last_end = m.end()
     return group_positions(items)
 
@@ -356,8 +390,9 @@ def parse_token_ids(
     vocab: LapeVocab | None = None,
     logits: npt.ArrayLike | None = None,
     window: int = 2,
+    separator_ids: Collection[int] = (),
 ) -> ParsedPositions:
-    """Generated token ids → boxes, points and segments, with sub-bin precision when ``logits`` are given.
+    """Generated token ids → boxes, points, polygons and segments, sub-bin precise when ``logits`` are given.
 
     Args:
         ids: ``(S,)`` generated ids; position tokens are ids ``[offset, offset + P)`` in :class:`LapeVocab`
@@ -368,18 +403,39 @@ def parse_token_ids(
             each position token's value becomes :func:`refine_position` of its axis's logits around it.
             Without logits, values are bin centres.
         window: bins on each side for :func:`refine_position`.
+        separator_ids: the ids of :data:`POLYGON_SEP` in the tokenizer (``tokenizer(POLYGON_SEP)``); a
+            position token after a run of only these ids is chained to the previous one (a polygon's next
+            vertex). Empty: no chains, so no polygons.
     """
     vocab = vocab or LapeVocab()
+    return group_positions(position_items(ids, offset, vocab, logits, window, separator_ids))
+
+
+def position_items(
+    ids: Sequence[int] | npt.ArrayLike,
+    offset: int,
+    vocab: LapeVocab,
+    logits: npt.ArrayLike | None = None,
+    window: int = 2,
+    separator_ids: Collection[int] = (),
+) -> list[PositionItem]:
+    """The position tokens of generated ids, in order, with their adjacency (see :func:`parse_token_ids`).
+
+    With ``logits=None`` each item's ``value`` is its bin centre.
+    """
     arr = np.asarray(ids, dtype=np.int64).ravel()
+    seps = frozenset(int(i) for i in separator_ids)
     lg = None if logits is None else np.asarray(logits, dtype=np.float64)
     if lg is not None and lg.shape[0] != arr.size:
         raise ValueError(f"{lg.shape[0]} logit rows for {arr.size} generated ids")
     items: list[PositionItem] = []
     prev_was_position = False
+    gap: list[int] = []  # text ids since the last position token
     for step, token_id in enumerate(arr):
         rel = int(token_id) - offset
         if not 0 <= rel < vocab.num_position_tokens:
             prev_was_position = False
+            gap.append(int(token_id))
             continue
         axis, index = vocab.locate(rel)
         n = vocab.size(axis)
@@ -388,6 +444,8 @@ def parse_token_ids(
         else:
             start = offset + vocab.axis_offset(axis)
             value = refine_position(lg[step, start:start + n], index, window)
-        items.append(PositionItem(axis, value, prev_was_position))
+        chained = bool(items) and bool(gap) and all(g in seps for g in gap)
+        items.append(PositionItem(axis, value, prev_was_position, chained))
         prev_was_position = True
-    return group_positions(items)
+        gap = []
+    return items

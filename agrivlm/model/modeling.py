@@ -593,14 +593,18 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         sequences: torch.Tensor,
         logits: Sequence[torch.Tensor] | torch.Tensor | None = None,
         window: int | None = None,
+        separator_ids: Sequence[int] = (),
     ) -> list[ParsedPositions]:
-        """Generated ids → boxes / points / segments per sample, with sub-bin precision from ``logits``.
+        """Generated ids → boxes / points / polygons / segments per sample, sub-bin precise from ``logits``.
 
         Args:
             sequences: ``(B, S)`` the *generated* ids (prompt removed).
             logits: the ``S`` per-step logits ``(B, V)`` of ``generate(..., output_logits=True,
                 return_dict_in_generate=True)`` (``out.logits``), or a ``(B, S, V)`` tensor; None → bin centres.
             window: bins on each side of the argmax for the expectation (default ``config.decode_window``).
+            separator_ids: the tokenizer's ids of :data:`~agrivlm.lape.tokens.POLYGON_SEP`
+                (``tokenizer(POLYGON_SEP, add_special_tokens=False)["input_ids"]``); without them points
+                joined by the separator stay points, not polygons.
         """
         window = self.config.decode_window if window is None else window
         stacked = None
@@ -611,7 +615,7 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         out = []
         for b in range(seqs.shape[0]):
             lg = None if stacked is None else np.asarray(stacked[b].numpy())
-            out.append(parse_token_ids(seqs[b], self._offset(), self.vocab, lg, window))
+            out.append(parse_token_ids(seqs[b], self._offset(), self.vocab, lg, window, separator_ids))
         return out
 
     def axis_of_token(self, token_id: int) -> tuple[Axis, int] | None:

@@ -20,13 +20,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from agrivlm.lape.tokens import POLYGON_SEP as _POLYGON_SEP
+
 #: Prefix of a user turn.
 USER = "USER: "
 #: Prefix of an assistant turn (and the end of every prompt).
 ASSISTANT = "ASSISTANT: "
-#: Separator between the vertices of a polygon answer (written back to back, four position tokens would read
-#: as a box; with the comma they read as points).
-POLYGON_SEP = ","
+#: Separator between the vertices of a polygon answer (the codec's, :data:`agrivlm.lape.tokens.POLYGON_SEP`):
+#: written back to back, four position tokens would read as a box; joined by it they read as a polygon.
+POLYGON_SEP = _POLYGON_SEP
 
 
 def answer_end_id(tokenizer: Any) -> int:

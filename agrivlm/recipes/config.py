@@ -266,6 +266,12 @@ class FieldBoundariesConfig(StrictModel):
     min_area_px: float = Field(default=4.0, ge=0.0)
     #: "Outline every …" is asked only when at most this many objects are in the chip.
     max_objects: int = Field(default=12, gt=0)
+    #: How the listings (``outline_fields``, ``outline_parcels``) answer each field: ``polygon`` (its
+    #: outline as ``outline_vertices`` LAPE points at most) or ``box``. Grounding answers
+    #: (``largest_of_class``, ``edge_fields``) and the questions' references stay boxes.
+    outline_as: Literal["polygon", "box"] = "polygon"
+    #: Vertices of a listed polygon at most (simplified until it fits, as ``trace_outline``).
+    outline_vertices: int = Field(default=8, ge=3)
     #: Polygon answers have at most this many vertices (simplified until they fit).
     max_vertices: int = Field(default=16, ge=3)
     #: Outlines are traced for parcels with at least this many pixels in the chip.

@@ -49,18 +49,42 @@ def norm_box(grid: GeoGrid, geom: shapely.Geometry) -> tuple[float, float, float
     return tuple(min(max(b, 0.0), 1.0) for b in box)  # type: ignore[return-value]
 
 
+def _drop_to(coords: npt.NDArray[np.float64], max_vertices: int) -> npt.NDArray[np.float64]:
+    """Visvalingam–Whyatt: drop the vertex of least triangle area with its neighbours until ``max_vertices`` remain.
+
+    ``coords``: ``(n, 2)`` an open ring. Returns ``(min(n, max_vertices), 2)``, vertices in their order.
+    """
+    keep = list(range(len(coords)))
+    while len(keep) > max_vertices:
+        pts = coords[keep]
+        prev, nxt = np.roll(pts, 1, axis=0), np.roll(pts, -1, axis=0)
+        area = 0.5 * np.abs((prev[:, 0] - pts[:, 0]) * (nxt[:, 1] - pts[:, 1])
+                            - (nxt[:, 0] - pts[:, 0]) * (prev[:, 1] - pts[:, 1]))
+        del keep[int(np.argmin(area))]
+    return coords[keep]
+
+
 def norm_ring(grid: GeoGrid, geom: shapely.Geometry, max_vertices: int, pixel_size: float) -> list[tuple[float, float]]:
     """The outline of a geometry's largest part as at most ``max_vertices`` normalized points.
 
-    The ring is simplified (Douglas–Peucker in the CRS, tolerance growing from a quarter pixel) until it
-    fits, then ordered clockwise as seen on the image (``v`` grows downwards), starting at the top-most,
-    then left-most vertex; it is not closed.
+    The ring is simplified in the CRS: Douglas–Peucker at a quarter pixel (drops collinear and sub-pixel
+    vertices), then, while it has too many, Visvalingam–Whyatt (the vertex spanning the least area goes
+    first), which keeps ``max_vertices`` and the most area; where that would make the ring cross itself,
+    Douglas–Peucker with a growing tolerance instead. It is then ordered clockwise as seen on the image
+    (``v`` grows downwards), starting at the top-most, then left-most vertex; it is not closed.
     """
     parts = list(getattr(geom, "geoms", [geom]))
     poly = max(parts, key=lambda g: g.area)
     ring = poly.exterior
     tol = 0.25 * pixel_size
     coords = np.asarray(ring.coords)[:-1]
+    if len(coords) > max_vertices:
+        simple = ring.simplify(tol, preserve_topology=False)
+        coords = np.asarray(simple.coords)[:-1] if simple.length > 0 else coords
+    if len(coords) > max_vertices:
+        dropped = _drop_to(coords, max_vertices)
+        if shapely.Polygon(dropped).is_valid:
+            coords = dropped
     while len(coords) > max_vertices:
         simple = ring.simplify(tol, preserve_topology=False)
         coords = np.asarray(simple.coords)[:-1] if simple.length > 0 else coords[:0]

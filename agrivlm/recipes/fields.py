@@ -1,8 +1,14 @@
-"""Field boundaries: outlines (boxes), traced polygons, the largest parcel of a class, counts, edge cuts.
+"""Field boundaries: outlines (polygons or boxes), traced polygons, the largest parcel of a class, counts, edge cuts.
 
-Parcels are clipped to the chip; a parcel the chip's edge cuts is answered with the box of its visible
-part and marked ``(partly outside the image)`` in outline answers and ``cut`` in ``meta``. Visible parts
-under ``min_area_px`` pixels are slivers: never asked about, counted in ``meta.n_slivers``.
+Parcels are clipped to the chip; a parcel the chip's edge cuts is answered with the outline (or box) of its
+visible part and marked ``(partly outside the image)`` in outline answers and ``cut`` in ``meta``. Visible
+parts under ``min_area_px`` pixels are slivers: never asked about, counted in ``meta.n_slivers``.
+
+The listings (``outline_fields``, ``outline_parcels``) answer each parcel as ``outline_as`` says: a polygon
+of at most ``outline_vertices`` points (:func:`~agrivlm.recipes.context.norm_ring`, the simplification of
+``trace_outline``; rendered as points joined by the codec's polygon separator) or a box. A parcel whose
+outline simplifies to fewer than 3 points is listed with its box, so a listing may mix both; the decoder
+tells them apart (two points: a box, three or more: a polygon).
 """
 
 from __future__ import annotations
@@ -28,13 +34,25 @@ _Q_PARCELS = (
     "Give a box for each parcel you can see.",
     "Where are the land-use parcels in this image?",
 )
+#: The listings' questions when they answer polygons (no "box" in the wording; the first ones are shared).
+_Q_FIELDS_POLYGON = (
+    _Q_FIELDS[0],
+    "Trace the boundary of each field.",
+    "Where are the fields in this image?",
+    "Find all agricultural fields and give their outlines.",
+)
+_Q_PARCELS_POLYGON = (
+    _Q_PARCELS[0],
+    "Trace the boundary of each parcel you can see.",
+    "Where are the land-use parcels in this image?",
+)
 _Q_LARGEST = ("Where is the largest {cls} parcel?", "Find the largest {cls} parcel in this image.")
 _Q_TRACE = ("Trace the boundary of the {name} at {{box:0}}.", "Give the outline of the {name} at {{box:0}} as points.")
 _Q_COUNT = ("How many fields are in this image?", "Count the fields in this image.")
 _Q_EDGE = ("Which fields are cut by the edge of the image?", "Which fields extend beyond the image?")
 
 #: Questions of the ``outline_fields`` task (``agrivlm infer --task fields`` asks the first, so inference
-#: prompts are worded exactly as the training records).
+#: prompts are worded exactly as the training records, whichever ``outline_as`` they were built with).
 OUTLINE_FIELDS_QUESTIONS: tuple[str, ...] = _Q_FIELDS
 #: The ``outline_fields`` answer of a chip without fields.
 NO_FIELDS_ANSWER = "There are no fields in this image."
@@ -48,13 +66,41 @@ def parcel_name(cls: str) -> str:
 
 
 def _listing(parcels: list[ParcelInChip], noun: str) -> str:
+    """``"2 fields: grassland {box:0}; forest {box:1} (partly outside the image)."``."""
+    return _listing_of(parcels, noun, [f"{{box:{i}}}" for i in range(len(parcels))])
+
+
+def _listing_of(parcels: list[ParcelInChip], noun: str, refs: list[str]) -> str:
     items = []
-    for i, p in enumerate(parcels):
+    for p, ref in zip(parcels, refs, strict=True):
         label = "parcel" if p.cls == UNKNOWN_CLASS else p.cls
-        items.append(f"{label} {{box:{i}}}" + (CUT_MARK if p.cut else ""))
+        items.append(f"{label} {ref}" + (CUT_MARK if p.cut else ""))
     body = items[0] if len(items) == 1 else "; ".join(items)
     n = len(parcels)
     return f"{n} {noun}{'s' if n != 1 else ''}: {body}."
+
+
+def outline_answer(chip: ChipContext, parcels: list[ParcelInChip], noun: str, cfg: FieldBoundariesConfig
+                   ) -> tuple[str, dict[str, list]]:
+    """A listing's answer text and its positions (``boxes=``/``polygons=`` of the turn), per ``cfg.outline_as``.
+
+    With ``polygon``, each parcel is its outline as at most ``cfg.outline_vertices`` normalized points
+    (clockwise on the image, not closed); a parcel whose outline has fewer than 3 points is its box.
+    """
+    if cfg.outline_as == "box":
+        return _listing(parcels, noun), {"boxes": [p.box for p in parcels]}
+    boxes: list[tuple[float, float, float, float]] = []
+    polygons: list[list[tuple[float, float]]] = []
+    refs = []
+    for p in parcels:
+        ring = norm_ring(chip.grid, p.geom, cfg.outline_vertices, chip.pixel_size)
+        if len(ring) >= 3:
+            refs.append(f"{{polygon:{len(polygons)}}}")
+            polygons.append(ring)
+        else:
+            refs.append(f"{{box:{len(boxes)}}}")
+            boxes.append(p.box)
+    return _listing_of(parcels, noun, refs), {"boxes": boxes, "polygons": polygons}
 
 
 def _meta(parcels: list[ParcelInChip], n_slivers: int) -> dict[str, object]:
@@ -81,19 +127,21 @@ def build_field_boundaries(state: BuildState, chip: ChipContext, cfg: FieldBound
     def rng(task: str, subject: str = "") -> np.random.Generator:
         return rng_for(state.seed, FAMILY, chip.chip_id, task, subject)
 
+    as_polygon = cfg.outline_as == "polygon"
     if "outline_fields" in cfg.tasks and len(fields) <= cfg.max_objects:
         r = rng("outline_fields")
-        answer = _listing(fields, "field") if fields else NO_FIELDS_ANSWER
+        answer, positions = outline_answer(chip, fields, "field", cfg) if fields else (NO_FIELDS_ANSWER, {})
         out.append(f.record(chip, frames, FAMILY, "outline_fields", "all", [
-            user(pick(r, _Q_FIELDS)),
-            assistant(answer, boxes=[p.box for p in fields]),
-        ], _meta(fields, n_slivers)))
+            user(pick(r, _Q_FIELDS_POLYGON if as_polygon else _Q_FIELDS)),
+            assistant(answer, **positions),
+        ], {**_meta(fields, n_slivers), "outline_as": cfg.outline_as}))
     if "outline_parcels" in cfg.tasks and visible and len(visible) <= cfg.max_objects:
         r = rng("outline_parcels")
+        answer, positions = outline_answer(chip, visible, "parcel", cfg)
         out.append(f.record(chip, frames, FAMILY, "outline_parcels", "all", [
-            user(pick(r, _Q_PARCELS)),
-            assistant(_listing(visible, "parcel"), boxes=[p.box for p in visible]),
-        ], _meta(visible, n_slivers)))
+            user(pick(r, _Q_PARCELS_POLYGON if as_polygon else _Q_PARCELS)),
+            assistant(answer, **positions),
+        ], {**_meta(visible, n_slivers), "outline_as": cfg.outline_as}))
     if "largest_of_class" in cfg.tasks:
         for cls in sorted({p.cls for p in visible if p.cls != UNKNOWN_CLASS}):
             ranked = sorted((p for p in visible if p.cls == cls), key=lambda p: -p.area_px)

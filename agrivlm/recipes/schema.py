@@ -122,6 +122,18 @@ class Turn(_Model):
                 raise ValueError(f"{name}[{missing[0]}] is never referenced by a {{{kind}:{missing[0]}}} placeholder")
         return self
 
+    def shapes(self) -> list[tuple[str, Box | list[Point]]]:
+        """The turn's boxes and polygons in the order the text names them: ``[("polygon", ring), ("box", b)]``.
+
+        (A listing's items, aligned with ``meta.field_ids``, whichever way each is drawn.)
+        """
+        out: list[tuple[str, Box | list[Point]]] = []
+        for match in PLACEHOLDER.finditer(self.text):
+            kind, k = match.group(1), int(match.group(2))
+            if kind in ("box", "polygon"):
+                out.append((kind, getattr(self, _KIND_FIELD[kind])[k]))
+        return out
+
     @property
     def has_positions(self) -> bool:
         """Whether the turn carries any box, point, polygon, time or segment."""

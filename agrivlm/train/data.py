@@ -18,7 +18,7 @@ One record (:class:`~agrivlm.recipes.schema.Record`) becomes one sample:
    record's ``times``/``segments`` use, so ``TEMP`` tokens in the text and the frames' temporal embeddings
    agree whichever frames were sampled.
 4. **Text.** The conversation is rendered with the LAPE codec (:func:`~agrivlm.lape.tokens.serialize_box`
-   etc.; polygon vertices separated by :data:`POLYGON_SEP` so they decode as points), and the continuous
+   etc.; polygon vertices separated by :data:`POLYGON_SEP` so they decode as a polygon), and the continuous
    value of every position token is kept, in text order, for the model's sub-bin soft targets
    (``position_values``). **Multi-turn** conversations are flattened: every turn but
    the last assistant turn goes into the prompt (:func:`agrivlm.pipeline.conversation.format_prompt`,
