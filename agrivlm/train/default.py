@@ -41,15 +41,17 @@ HELDOUT_SEED_START = 9000
 class DefaultTraining:
     """The recipe of the default checkpoint (recorded in ``default_training.json``)."""
 
-    scenes_per_region: int = 10
+    scenes_per_region: int = 20
     area_km2: float = 1.0
     start: str = "2021-01-01"
     end: str = "2021-12-31"
     model_config: str = "configs/model/small.yaml"
-    steps: dict[str, int] = field(default_factory=lambda: {"stage1": 150, "stage2": 300, "stage3": 3000})
+    steps: dict[str, int] = field(default_factory=lambda: {"stage1": 150, "stage2": 600, "stage3": 12000})
     batch_size: int = 8
+    #: Frames per sample in stages 2 and 3 (8 dates resolve a season's stages; 4 in stage 1, captions).
+    num_frames: int = 8
     lr: dict[str, float] = field(default_factory=lambda: {"stage1": 1e-3, "stage2": 1e-3, "stage3": 2e-3})
-    snapshot_every: int = 500
+    snapshot_every: int = 1500
     threads: int = 2
     seed: int = 0
 
@@ -146,6 +148,8 @@ def train(out: Path, roots: dict[str, Path], opts: DefaultTraining, echo: Callab
         }
         if stage == "stage1":
             over["model.config"] = str(root / opts.model_config)
+        else:
+            over["data.frames.num_frames"] = opts.num_frames
         else:
             assert prev is not None
             over["model.init_from"] = str(prev)
