@@ -149,9 +149,8 @@ def train(out: Path, roots: dict[str, Path], opts: DefaultTraining, echo: Callab
         if stage == "stage1":
             over["model.config"] = str(root / opts.model_config)
         else:
-            over["data.frames.num_frames"] = opts.num_frames
-        else:
             assert prev is not None
+            over["data.frames.num_frames"] = opts.num_frames
             over["model.init_from"] = str(prev)
             # a random-weight LLM has no language to protect: trained fully, so its text head learns to end
             # answers (with LoRA or frozen it keeps a random head and lists boxes to the token budget)
