@@ -120,7 +120,7 @@ def build_data(out: Path, scenes_dir: Path, opts: DefaultTraining, echo: Callabl
     for stage in ("stage1", "stage2", "stage3"):
         path = out / "recipes" / f"{stage}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        text = recipe_text(stage, f"{scenes_dir}/*", opts)
+        text = recipe_text(stage, f"{scenes_dir.resolve()}/*", opts)
         data = out / "data" / stage
         if not (data / "manifest.json").is_file() or not path.is_file() or path.read_text() != text:
             path.write_text(text)
