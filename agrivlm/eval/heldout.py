@@ -130,7 +130,9 @@ def temporal_features(stack: Stack, window: Window, n_periods: int = 6) -> npt.N
             f = np.nanmedian(values[sel], axis=0) if sel.any() else np.full(values.shape[1:], np.nan)
         feats.append(f)
     out = np.stack(feats).astype(np.float32)
-    fill = np.nanmean(out, axis=(1, 2), keepdims=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a period with no clear pixel at all: filled with 0
+        fill = np.nanmean(out, axis=(1, 2), keepdims=True)
     out = np.where(np.isfinite(out), out, np.nan_to_num(fill, nan=0.0))
     return out
 
@@ -153,7 +155,9 @@ def segmentation_baseline(stack: Stack, chips: gpd.GeoDataFrame, n_periods: int 
         win = Window(chip.col_off, chip.row_off, chip.size, chip.size)
         feats = temporal_features(stack, win, n_periods)
         img = np.moveaxis(feats, 0, -1)
-        labels = felzenszwalb(img, scale=scale, sigma=sigma, min_size=min_area_px, channel_axis=-1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "image with third dimension of 6": intended
+            labels = felzenszwalb(img, scale=scale, sigma=sigma, min_size=min_area_px, channel_axis=-1)
         transform = stack.transform * stack.transform.translation(chip.col_off, chip.row_off)
         for geom, value in shapes(labels.astype(np.int32), transform=transform):
             poly = shapely.geometry.shape(geom)
@@ -182,7 +186,7 @@ def stage_climatology(tables: Iterable[pd.DataFrame], classes: dict[str, str] | 
     if not frames:
         raise EvalError("no training stage table for the climatology")
     all_rows = pd.concat(frames, ignore_index=True)
-    all_rows["bin"] = (pd.to_datetime(all_rows["date"]).dt.dayofyear - 1) // bin_days
+    all_rows["bin"] = (pd.to_datetime(all_rows["date"]).dt.day_of_year - 1) // bin_days
     both = pd.concat([all_rows, all_rows.assign(**{"class": "any"})], ignore_index=True)
     mode = both.groupby(["class", "bin"])["stage"].agg(lambda s: s.value_counts().index[0]).reset_index()
     return mode
@@ -193,7 +197,7 @@ def predict_climatology(pairs: pd.DataFrame, climatology: pd.DataFrame, bin_days
     """Stages of ``pairs`` (``field_id, date``) by the climatology of their class (``"any"`` where unknown)."""
     out = pairs[["field_id", "date"]].copy()
     out["class"] = out["field_id"].map(classes or {}).fillna("any") if classes else "any"
-    out["bin"] = (pd.to_datetime(out["date"]).dt.dayofyear - 1) // bin_days
+    out["bin"] = (pd.to_datetime(out["date"]).dt.day_of_year - 1) // bin_days
     table = {(c, b): s for c, b, s in climatology[["class", "bin", "stage"]].itertuples(index=False)}
     out["stage"] = [table.get((c, b), table.get(("any", b), "dormant"))
                     for c, b in zip(out["class"], out["bin"], strict=True)]

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from agrivlm.default_checkpoint import resolve_model
 from agrivlm.explore.launch import launch, streamlit_command
 from agrivlm.explore.settings import ExploreSettings
 
@@ -26,7 +27,8 @@ def explore(
         help="True fields (e.g. a parcel register) and/or growth-stage CSVs (field_id, date, stage).")] = None,
     truth_id: Annotated[str | None, typer.Option(
         help="Id column of the true fields (default: the first unique of field_id, RABA_ID, index).")] = None,
-    model: Annotated[Path | None, typer.Option("--model", help="Trained checkpoint for the question box.")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", help="Trained checkpoint for the question box (`default`: the one shipped in the package).")] = None,
     tiles: Annotated[str | None, typer.Option(
         help="Basemap: an XYZ tile URL template or a style JSON URL (default: none, works offline).")] = None,
     band: Annotated[list[str] | None, typer.Option(
@@ -54,7 +56,8 @@ def explore(
         raise typer.BadParameter("give the stack to explore (--stack PATH), or --sample", param_hint="--stack")
     settings = ExploreSettings(
         stack=tuple(stacks), masks=tuple(mask_paths), predictions=tuple(str(p) for p in predictions or []),
-        truth=tuple(truths), truth_id=truth_id, model=str(model) if model is not None else None, tiles=tiles,
+        truth=tuple(truths), truth_id=truth_id, model=str(resolve_model(model)) if model is not None else None,
+        tiles=tiles,
         chip_size=chip_size, stride=stride, bands=tuple(band or []),
     )
     if print_command:
