@@ -36,6 +36,7 @@ from agrivlm.infer.outputs import detection_frame, suppress, write_outputs
 from agrivlm.infer.prompts import lape_formatters, listing_details
 from agrivlm.lape.tokens import POLYGON_SEP, Axis, LapeVocab, parse_positions, serialize_polygon
 from agrivlm.model.tokenizer import add_agrivlm_tokens, default_tokenizer
+from agrivlm.pipeline.frames import TimeAxis
 from agrivlm.recipes.build import build_recipe
 from agrivlm.recipes.fields import OUTLINE_FIELDS_QUESTIONS
 from agrivlm.recipes.schema import Record, read_records, render_text
@@ -232,7 +233,7 @@ def test_polygon_answers_become_polygon_features_in_the_gpkg_and_are_scored_as_p
             rec.meta["field_ids"])
         dates = np.array(rec.chip.frame_dates, dtype="datetime64[s]")
         question = Question(Visual(np.zeros((len(dates), 1, 32, 32), np.float32), np.linspace(0, 1, len(dates)),
-                                   dates), "Outline every field in this image.")
+                                   dates, TimeAxis.from_dates(dates)), "Outline every field in this image.")
         out = answer_record("fields", _grid(rec), question, answer, tokenizer.decode)
         assert not out["unparsed"] and out["degenerate"] == 0
         n_polygons += sum(f["kind"] == "polygon" for f in out["features"])

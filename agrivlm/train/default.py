@@ -106,7 +106,12 @@ def recipe_text(stage: str, scenes_glob: str, opts: DefaultTraining) -> str:
         "split": sample["split"],
         "phenology": {"min_pixels": 6},
         "tasks": base["tasks"],
-        "mixture": base.get("mixture"),
+        # as many training samples as the stage's steps draw (the shipped recipes draw 2,000, sized for the
+        # 1 km² sample: 60 scenes hold tens of thousands of records, and 2,000 were memorised within a few
+        # epochs; max_unique stops at what the smallest pool allows, about 4,000): small pools repeat
+        "mixture": {**base["mixture"], "samples": {"train": opts.steps[stage] * opts.batch_size,
+                                                   "val": "max_unique", "test": "max_unique"}}
+        if base.get("mixture") else None,
         "output": {"shard_size": 5000, "plot_parcels": 1},
     }
     return yaml.safe_dump(recipe, sort_keys=False)
@@ -153,8 +158,11 @@ def train(out: Path, roots: dict[str, Path], opts: DefaultTraining, echo: Callab
             over["data.frames.num_frames"] = opts.num_frames
             over["model.init_from"] = str(prev)
             # a random-weight LLM has no language to protect: trained fully, so its text head learns to end
-            # answers (with LoRA or frozen it keeps a random head and lists boxes to the token budget)
+            # answers (with LoRA or frozen it keeps a random head and lists boxes to the token budget); a
+            # random-weight vision encoder has no features to protect either: frozen, its random features
+            # cap how well fields can be located
             over["trainable.llm.mode"] = "full"
+            over["trainable.vision"] = stage == "stage3"
         if stage == "stage3":
             over["train.snapshot_every"] = opts.snapshot_every
         if (folder / "final" / "config.json").is_file():
