@@ -1,0 +1,63 @@
+"""`agrivlm train default` end to end at a toy size, its float16 install, and `--model default`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from agrivlm.default_checkpoint import DEFAULT_MODEL_DIR, resolve_model
+from agrivlm.errors import ConfigError
+from agrivlm.train.default import DefaultTraining, install, recipe_text, run_default
+
+
+def test_default_training_runs_end_to_end_and_installs_in_half_precision(tmp_path: Path,
+                                                                         one_torch_thread: None) -> None:
+    opts = DefaultTraining(scenes_per_region=1, steps={"stage1": 2, "stage2": 2, "stage3": 4}, snapshot_every=2,
+                           threads=1, num_frames=4)
+    final = run_default(tmp_path / "run", opts, echo=lambda _: None)
+    assert (final / "config.json").is_file() and (final / "README.md").is_file()
+    card = json.loads((final / "default_training.json").read_text())
+    assert card["options"]["scenes_per_region"] == 1 and card["seconds"] > 0
+    snaps = sorted(p.name for p in (final.parent / "snapshots").iterdir())
+    assert snaps == ["step-000002", "step-000004"]
+    info = json.loads((final / "stage_info.json").read_text())
+    assert info["stage"] == "stage3"
+    # the recipe trains on the sample's train blocks only: its test blocks stay unseen
+    manifest = json.loads((tmp_path / "run" / "data" / "stage3" / "manifest.json").read_text())
+    trained = {c for c in manifest["chips"]["by_split"]["train"] if c.startswith("sample/")}
+    tested = {c for c in manifest["chips"]["by_split"]["test"] if c.startswith("sample/")}
+    assert trained and tested and not trained & tested
+    # a second run finds everything done and trains nothing again
+    stamp = (final / "model.safetensors").stat().st_mtime_ns
+    run_default(tmp_path / "run", opts, echo=lambda _: None)
+    assert (final / "model.safetensors").stat().st_mtime_ns == stamp
+    # install: the same folder with float16 weights, which load and generate
+    target = install(final, tmp_path / "installed")
+    full, half = load_file(final / "model.safetensors"), load_file(target / "model.safetensors")
+    assert full.keys() == half.keys()
+    assert all(half[k].dtype == torch.float16 for k in half if full[k].is_floating_point())
+    assert (target / "model.safetensors").stat().st_size < 0.6 * (final / "model.safetensors").stat().st_size
+    from agrivlm.model import load_pretrained
+
+    model, _processor = load_pretrained(target)
+    assert model is not None
+
+
+def test_recipe_keeps_corn_belt_out_and_draws_steps_times_batch() -> None:
+    opts = DefaultTraining()
+    text = recipe_text("stage3", "/x/scenes/*", opts)
+    assert "corn_belt" not in text and "/x/scenes/*" in text
+    assert f"train: {opts.steps['stage3'] * opts.batch_size}" in text
+
+
+def test_model_default_names_the_shipped_checkpoint(tmp_path: Path) -> None:
+    assert resolve_model(tmp_path) == tmp_path
+    if (DEFAULT_MODEL_DIR / "config.json").is_file():
+        assert resolve_model("default") == DEFAULT_MODEL_DIR
+    else:
+        with pytest.raises(ConfigError, match="agrivlm train default"):
+            resolve_model("default")
