@@ -86,7 +86,8 @@ def _polygons(geom: Any) -> Any:
 
 def evaluate_chipwise(pred: gpd.GeoDataFrame, truth: gpd.GeoDataFrame, chips: gpd.GeoDataFrame,
                       truth_id: str = "field_id", min_area_px: float = 4.0, pixel_m: float = 10.0,
-                      pred_by_chip: bool = True, extent: str | Path | None = None) -> FieldEvaluation:
+                      pred_by_chip: bool = True, extent: str | Path | None = None,
+                      boxes: bool = False) -> FieldEvaluation:
     """Object scores summed over chips: truth clipped per chip vs each chip's own predictions clipped to it.
 
     Args:
@@ -99,6 +100,7 @@ def evaluate_chipwise(pred: gpd.GeoDataFrame, truth: gpd.GeoDataFrame, chips: gp
         pred_by_chip: each prediction belongs to the chip of its ``chip_id`` (False: to every chip it overlaps).
         extent: a GeoTIFF of the scene's grid, for the pixel-level scores (pixels outside the chips are
             no field in both layers, so they only add true negatives).
+        boxes: score the bounding boxes of both (a model trained to answer boxes; ``evaluate_fields(boxes=)``).
 
     """
     if pred_by_chip and "chip_id" not in pred.columns:
@@ -106,7 +108,8 @@ def evaluate_chipwise(pred: gpd.GeoDataFrame, truth: gpd.GeoDataFrame, chips: gp
     t = clip_to_chips(truth, chips, truth_id, min_area_m2=min_area_px * pixel_m**2)
     p = clip_to_chips(pred.assign(_pid=np.arange(len(pred))), chips, "_pid", by_chip=pred_by_chip)
     empty_pred = gpd.GeoDataFrame({"object_id": [], "geometry": []}, geometry="geometry", crs=chips.crs)
-    return evaluate_fields(p if len(p) else empty_pred, t, pred_id="object_id", truth_id="object_id", extent=extent)
+    return evaluate_fields(p if len(p) else empty_pred, t, pred_id="object_id", truth_id="object_id", extent=extent,
+                           boxes=boxes)
 
 
 def whole_chip_baseline(chips: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
