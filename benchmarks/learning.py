@@ -133,7 +133,7 @@ def evaluate_scene(model: Path, scene: EvalScene, out: Path, climatology: pd.Dat
     fields_out = out / f"{scene.name}_fields.gpkg"
     run_inference([str(scene.stack)], model, fields_out, task="fields",
                   masks=[str(scene.masks)] if scene.masks else None, overrides={"stride": size},
-                  batch_size=16, overwrite=True, progress=False, threads=threads)
+                  batch_size=16, overwrite=True, restart=True, progress=False, threads=threads)
     pred = gpd.read_file(fields_out)
     pred = pred[pred.chip_id.isin(chips.chip_id)]
     res: dict[str, Any] = {"chips": len(chips)}
@@ -153,7 +153,7 @@ def evaluate_scene(model: Path, scene: EvalScene, out: Path, climatology: pd.Dat
     run_inference([str(scene.stack)], model, growth_out, task="growth",
                   masks=[str(scene.masks)] if scene.masks else None, fields=fields_path, field_id="field_id",
                   field_class="class", overrides={"stride": size, "season_start": scene.season_start},
-                  batch_size=32, overwrite=True, progress=False, threads=threads)
+                  batch_size=32, overwrite=True, restart=True, progress=False, threads=threads)
     pred_st = pd.read_csv(growth_out.with_name(f"{growth_out.stem}_stages.csv"), dtype=str, keep_default_na=False)
     pred_st = pred_st.drop_duplicates(["field_id", "date"])
     truth = scene.stages.merge(pred_st[["field_id", "date"]], on=["field_id", "date"])
