@@ -223,9 +223,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
         axes[2].plot(steps, [c["stage_accuracy"] for c in curve], "s-", label="stage accuracy")
         axes[2].set_xlabel("training step")
         axes[2].legend()
-        ax2 = axes[2].twinx()
-        ax2.plot(steps, [c.get("green_up_median_days") for c in curve], "^--", color="gray", label="green-up days")
-        ax2.set_ylabel("median |green-up error| (days)")
+        days = [c.get("green_up_median_days") for c in curve]
+        if any(d is not None for d in days):  # a model that never says green-up has no green-up date
+            ax2 = axes[2].twinx()
+            ax2.plot(steps, [np.nan if d is None else d for d in days], "^--", color="gray", label="green-up days")
+            ax2.set_ylabel("median |green-up error| (days)")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
 
