@@ -28,8 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -49,6 +47,7 @@ from tqdm.auto import tqdm
 from agrivlm.errors import ConfigError
 from agrivlm.geo.chips import chip_id as make_chip_id
 from agrivlm.geo.chips import chip_windows
+from agrivlm.geo.index import atomic_dir
 from agrivlm.geo.stack import Stack, open_stack
 from agrivlm.recipes.config import RecipeConfig, SceneSplitConfig, load_recipe
 from agrivlm.recipes.context import ChipContext, ParcelInChip, RecordFactory, norm_box, select_frames
@@ -643,21 +642,8 @@ def build_recipe(
     for records in pools.values():
         records.sort(key=lambda r: r.sample_id)
     arranged, reports = arrange(preps, pools)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        manifest = write_outputs(preps, pools, arranged, reports, tmp, recipe_path)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return manifest
+    with atomic_dir(out_dir) as tmp:
+        return write_outputs(preps, pools, arranged, reports, tmp, recipe_path)
 
 
 __all__ = ["FAMILIES", "Prepared", "arrange", "build_pools", "build_recipe", "prepare", "prepare_all", "write_outputs"]

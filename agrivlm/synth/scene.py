@@ -23,8 +23,6 @@ import csv
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +42,7 @@ from rasterio.windows import Window
 from shapely import affinity
 
 from agrivlm.errors import SynthError
+from agrivlm.geo.index import atomic_dir
 from agrivlm.synth.landscape import Parcel, tessellate
 from agrivlm.synth.phenology import FieldSeasons, PhenologyParams, field_seasons, iso, to_day
 from agrivlm.synth.regions import LANDCOVER_CODES, REGIONS, Crop, Region
@@ -321,21 +320,8 @@ def write_scene(out: str | os.PathLike[str], spec: SceneSpec, *, overwrite: bool
         raise SynthError(f"{target}: already exists; pass --overwrite to replace it")
     if target.exists() and not target.is_dir():
         raise SynthError(f"{target}: exists and is not a folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        summary = _write(tmp, spec, progress)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "scene")
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return summary
+    with atomic_dir(target) as tmp:
+        return _write(tmp, spec, progress)
 
 
 def _write(root: Path, spec: SceneSpec, progress: Callable[[int, int], None] | None) -> dict[str, object]:
