@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from agrivlm.errors import SynthError
 from agrivlm.synth.regions import REGIONS
 from agrivlm.synth.scene import BAND_SETS, SceneSpec, write_scene
 
@@ -27,19 +26,18 @@ def synth(
     from tqdm import tqdm
 
     spec = SceneSpec(region=region, area_km2=area_km2, seed=seed, bands=bands, start=start, end=end)
-    spec.validate()
-    if out.exists() and not overwrite:
-        raise SynthError(f"{out}: already exists; pass --overwrite to replace it")
-    bar = tqdm(total=0, unit="window·date", disable=not progress, desc=f"synth {region} seed {seed}")
+    bars: list[tqdm] = []  # made at the first window, so a refused run prints only its error line
 
     def step(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
+        if not bars:
+            bars.append(tqdm(total=total, unit="window·date", disable=not progress, desc=f"synth {region} seed {seed}"))
+        bars[0].update(done - bars[0].n)
 
     try:
         summary = write_scene(out, spec, overwrite=overwrite, progress=step)
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     dates, names = summary["dates"], summary["band_names"]
     assert isinstance(dates, list) and isinstance(names, list)
     typer.echo(f"{out}: {len(dates)} dates {dates[0][:10]} → {dates[-1][:10]}, "

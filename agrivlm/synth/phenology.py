@@ -149,7 +149,7 @@ def cycle_truth(cycle: Cycle, params: PhenologyParams, sos_fraction: float = 0.2
     vmax = float(v[ipk])
     cycle.pos = float(grid[ipk])
     # the pre-rise level: the parameter, not the minimum (the bare soil before a winter crop's emergence)
-    base_l = min(cycle.base_left, float(v[: ipk + 1].min()) if not cycle.emergence else cycle.base_left)
+    base_l = cycle.base_left if cycle.emergence else min(cycle.base_left, float(v[: ipk + 1].min()))
     amp_l = vmax - base_l
     rising_days, rising = grid[: ipk + 1], v[: ipk + 1]
     if cycle.emergence:
@@ -204,9 +204,7 @@ class FieldSeasons:
             return "peak"
         if day < c.eos:
             return "senescence"
-        if c.harvest is not None and not c.is_cut and day < c.harvest + params.harvested_days:
-            return "harvested"
-        if c.is_cut:
+        if c.is_cut or (c.harvest is not None and day < c.harvest + params.harvested_days):
             return "harvested"
         return "dormant"
 

@@ -397,7 +397,8 @@ def _write_rasters(root: Path, spec: SceneSpec, grid: Grid, table: ParcelTable, 
     edge_dates = date_rng.uniform(size=n_t) < sensor.edge_nodata_share
     edge_angle = date_rng.uniform(0, 2 * np.pi, size=n_t)
     edge_cut = date_rng.uniform(0.55, 0.9, size=n_t)
-    clouds: dict[int, tuple[SmoothField, float]] = {}
+    # each date's cloud field and threshold, built once on the coarse grid (not again for every window)
+    clouds = [_cloud_field(spec, grid, t, cover) for t, cover in enumerate(covers)]
     profile = {
         "driver": "GTiff", "width": grid.width, "height": grid.height, "crs": grid.crs,
         "transform": grid.transform, "tiled": grid.width >= 256 and grid.height >= 256,
@@ -445,8 +446,7 @@ def _write_rasters(root: Path, spec: SceneSpec, grid: Grid, table: ParcelTable, 
                 fvk = np.clip(fv[cov_ids, t] * hfac, 0.0, 1.0)  # (h, w, K)
                 veg = (weights * fvk).sum(-1)
                 refl = veg[..., None] * VEGETATION + bg_sum - (fvk[..., None] * bg).sum(2)
-                refl, mask = _atmosphere(refl, t, win, covers[t], clouds, grid, spec, shift_px, haze_field,
-                                         float(haze_levels[t]))
+                refl, mask = _atmosphere(refl, win, clouds[t], spec, shift_px, haze_field, float(haze_levels[t]))
                 refl = refl + _noise(spec.seed, t, win, len(S2_BANDS), sensor.noise_sd)
                 nodata = np.zeros(mask.shape, dtype=bool)
                 if edge_dates[t]:
@@ -514,19 +514,22 @@ def _id_raster(win: _Window, fine: Affine, s: int, grid: Grid, spec: SceneSpec, 
     return ids
 
 
-def _atmosphere(refl: npt.NDArray[np.float32], t: int, win: _Window, cover: float,
-                clouds: dict[int, tuple[SmoothField, float]], grid: Grid, spec: SceneSpec,
-                shift_px: tuple[float, float], haze_field: SmoothField, haze_level: float
+def _cloud_field(spec: SceneSpec, grid: Grid, t: int, cover: float) -> tuple[SmoothField, float] | None:
+    """Date ``t``'s cloud field and the threshold that covers ``cover`` of the scene (None: a clear date)."""
+    if cover <= 0.005:
+        return None
+    fld = SmoothField(grid.width, grid.height, spec.pixel_m, spec.sensor.cloud_scale_m, _rng(spec.seed, 12, t))
+    return fld, fld.quantile(1.0 - cover)
+
+
+def _atmosphere(refl: npt.NDArray[np.float32], win: _Window, cloud: tuple[SmoothField, float] | None,
+                spec: SceneSpec, shift_px: tuple[float, float], haze_field: SmoothField, haze_level: float
                 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
     """Clouds, shadows and haze on one date's window; returns reflectance and the cloud/shadow mask."""
     sensor = spec.sensor
     mask = np.zeros(refl.shape[:2], dtype=np.uint8)
-    if cover > 0.005:
-        if t not in clouds:
-            clouds.clear()  # one date at a time per window pass is enough; rebuilt cheaply (coarse grid)
-            fld = SmoothField(grid.width, grid.height, spec.pixel_m, sensor.cloud_scale_m, _rng(spec.seed, 12, t))
-            clouds[t] = (fld, fld.quantile(1.0 - cover))
-        fld, thr = clouds[t]
+    if cloud is not None:
+        fld, thr = cloud
         f = fld.window(win.row0, win.col0, win.height, win.width)
         opacity = np.clip((f - thr) / sensor.cloud_edge, 0.0, 1.0)
         f_sh = fld.window(win.row0, win.col0, win.height, win.width, shift_px)
@@ -554,7 +557,7 @@ def _write_parcels(path: Path, spec: SceneSpec, grid: Grid, table: ParcelTable) 
             for c in in_period:
                 key = c.season.replace("-", "_")
                 row[f"crop_{key}"] = c.crop
-                row[f"sowing_{key}"] = iso(c.sow) if not c.pre_stage == "harvested" else ""
+                row[f"sowing_{key}"] = "" if c.pre_stage == "harvested" else iso(c.sow)  # a regrowth is not sown
                 row[f"harvest_{key}"] = iso(c.harvest) if c.harvest is not None else ""
                 season_cols.update((f"crop_{key}", f"sowing_{key}", f"harvest_{key}"))
         rows.append(row)
