@@ -48,6 +48,7 @@ from agrivlm.eval.heldout import (
 )
 from agrivlm.geo.stack import open_stack
 from agrivlm.infer.batch import run_inference
+from agrivlm.infer.config import load_input_config
 from agrivlm.synth import SceneSpec, write_scene
 
 FIELD_CLASSES = ("cultivated land", "grassland")
@@ -67,7 +68,7 @@ class EvalScene:
     chip_filter: set[str] | None = None  # only these chip ids (the real sample's test blocks)
 
 
-def synthetic_scene(work: Path, region: str, seed: int, quick: bool) -> EvalScene:
+def synthetic_scene(work: Path, region: str, seed: int) -> EvalScene:
     """A held-out synthetic scene (written once into ``work``)."""
     folder = work / "scenes" / f"{region}_{seed}"
     start, end = ("2021-08-01", "2022-07-31") if region == "mato_grosso" else ("2021-01-01", "2021-12-31")
@@ -123,8 +124,7 @@ def evaluate_scene(model: Path, scene: EvalScene, out: Path, climatology: pd.Dat
                    threads: int, seed: int = 0) -> dict[str, Any]:
     """Fields and growth of one scene: the model and the baselines, as rows of figures."""
     stack = open_stack(str(scene.stack), masks=str(scene.masks) if scene.masks else None)
-    inputs = json.loads(json.dumps(__import__("yaml").safe_load((model / "agrivlm_inputs.yaml").read_text())))
-    size = int(inputs["chip_size"])
+    size = load_input_config(model)[0].chip_size
     chips = chip_grid(stack, size, size)
     if scene.chip_filter is not None:
         chips = chips[chips.chip_id.isin(scene.chip_filter)]
@@ -171,7 +171,7 @@ def training_climatology(work: Path, regions: list[str], seeds: list[int]) -> pd
     tables = []
     for region in regions:
         for seed in seeds:
-            sc = synthetic_scene(work, region, seed, True)
+            sc = synthetic_scene(work, region, seed)
             t = sc.stages.merge(sc.parcels[["field_id", "class"]], on="field_id")
             tables.append(t)
     return stage_climatology(tables)
@@ -248,9 +248,9 @@ def main() -> None:
     n = 2 if args.quick else 4
     growth_fields = 12 if args.quick else 24
     sets: dict[str, list[EvalScene]] = {
-        "synthetic_heldout": [synthetic_scene(args.work, r, 9000 + s, args.quick)
+        "synthetic_heldout": [synthetic_scene(args.work, r, 9000 + s)
                               for r in ("central_europe", "pannonian") for s in range(n)],
-        "synthetic_left_out_region": [synthetic_scene(args.work, "corn_belt", 9000 + s, args.quick) for s in range(n)],
+        "synthetic_left_out_region": [synthetic_scene(args.work, "corn_belt", 9000 + s) for s in range(n)],
         "real_test_block": [real_test_scene(args.work)],
     }
     clim = training_climatology(args.work, ["central_europe", "pannonian", "mato_grosso"], [0, 1])

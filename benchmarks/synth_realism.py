@@ -38,17 +38,18 @@ KEYS = ("green_up", "peak", "senescence")
 CLASSES = ("cultivated land", "grassland", "forest")
 
 
-def _recipe(scene: Path, folder: Path, season_start: str) -> Path:
-    path = folder / f"{scene.name}.yaml"
+def _phenology_recipe(path: Path, stack: Path, masks: Path, parcels: Path, id_column: str, class_column: str,
+                      season_start: str = "01-01") -> Path:
+    """A growth-stages recipe over one stack, every chip in train: what ``prepare`` needs to run the phenology."""
     path.write_text(f"""
-name: realism_{scene.name}
+name: realism_{path.stem}
 seed: 0
 source:
-  stack: {scene / 'stack'}
-  masks: {scene / 'cloud_mask'}
-  parcels: {scene / 'parcels.gpkg'}
-  id_column: field_id
-  class_column: class
+  stack: {stack}
+  masks: {masks}
+  parcels: {parcels}
+  id_column: {id_column}
+  class_column: {class_column}
 chips: {{size: 32, stride: 32}}
 split: {{block_px: 1000, buffer_px: 0, fractions: {{train: 1.0, val: 0.0, test: 0.0}}, seed: 0}}
 phenology: {{classes: [cultivated land, grassland, forest], season_start: "{season_start}"}}
@@ -56,6 +57,11 @@ tasks:
   growth_stages: {{}}
 """)
     return path
+
+
+def _recipe(scene: Path, folder: Path, season_start: str) -> Path:
+    return _phenology_recipe(folder / f"{scene.name}.yaml", scene / "stack", scene / "cloud_mask",
+                             scene / "parcels.gpkg", "field_id", "class", season_start)
 
 
 def phenology_recovery(scenes: list[Path], work: Path) -> dict[str, object]:
@@ -114,22 +120,8 @@ def synth_vs_real(scene: Path, work: Path, png: Path) -> dict[str, object]:
 
     from agrivlm.sample import SAMPLE_ROOT
 
-    real_recipe = work / "real.yaml"
-    real_recipe.write_text(f"""
-name: realism_real
-seed: 0
-source:
-  stack: {SAMPLE_ROOT / 'ndvi'}
-  masks: {SAMPLE_ROOT / 'cloud_mask'}
-  parcels: {SAMPLE_ROOT / 'parcels.gpkg'}
-  id_column: index
-  class_column: LULC_NAME
-chips: {{size: 32, stride: 32}}
-split: {{block_px: 1000, buffer_px: 0, fractions: {{train: 1.0, val: 0.0, test: 0.0}}, seed: 0}}
-phenology: {{classes: [cultivated land, grassland, forest]}}
-tasks:
-  growth_stages: {{}}
-""")
+    real_recipe = _phenology_recipe(work / "real.yaml", SAMPLE_ROOT / "ndvi", SAMPLE_ROOT / "cloud_mask",
+                                    SAMPLE_ROOT / "parcels.gpkg", "index", "LULC_NAME")
     real = prepare(load_recipe(real_recipe), work, progress=False)
     syn = prepare(load_recipe(_recipe(scene, work, "01-01")), work, progress=False)
     fig, axes = plt.subplots(2, 4, figsize=(18, 8))

@@ -23,7 +23,7 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 from rasters import UTM33, UTM_TRANSFORM, write_raster
-from shapely.geometry import box
+from shapely.geometry import Polygon, box
 
 #: First acquisition, spacing and count: 2020-11-01 every 10 days → 2022-03-16.
 START = datetime(2020, 11, 1)
@@ -84,17 +84,29 @@ def dates() -> list[datetime]:
     return [START + timedelta(days=EVERY_DAYS * k, hours=10) for k in range(N_DATES)]
 
 
+def _field_ndvi(rng: np.random.Generator, when: datetime) -> np.ndarray:
+    """``(SIZE, SIZE)`` clear-sky NDVI on ``when``: a noisy background and every field's curve plus noise."""
+    doy = (when - datetime(2021, 1, 1)).total_seconds() / 86400.0
+    rows, cols = np.mgrid[0:SIZE, 0:SIZE]
+    ndvi = np.full((SIZE, SIZE), 0.1, dtype=np.float64) + rng.normal(0, 0.005, (SIZE, SIZE))
+    for f in FIELDS:
+        inside = (rows >= f.rows[0]) & (rows < f.rows[1]) & (cols >= f.cols[0]) & (cols < f.cols[1])
+        ndvi[inside] = f.ndvi(np.array([doy]))[0] + rng.normal(0, 0.01, int(inside.sum()))
+    return ndvi
+
+
+def _field_box(f: SynthField) -> Polygon:
+    """A field's rectangle in EPSG:32633."""
+    x0, y0 = UTM_TRANSFORM * (f.cols[0], f.rows[1])
+    x1, y1 = UTM_TRANSFORM * (f.cols[1], f.rows[0])
+    return box(x0, y0, x1, y1)
+
+
 def write_scene(root: Path, seed: int = 0, cloud_rate: float = 0.3) -> dict[str, Path]:
     """Write ``ndvi/``, ``masks/`` and ``parcels.geojson`` (EPSG:4326) under ``root``; return their paths."""
     rng = np.random.default_rng(seed)
-    day0 = datetime(2021, 1, 1)
-    rows, cols = np.mgrid[0:SIZE, 0:SIZE]
     for k, when in enumerate(dates()):
-        doy = (when - day0).total_seconds() / 86400.0
-        ndvi = np.full((SIZE, SIZE), 0.1, dtype=np.float64) + rng.normal(0, 0.005, (SIZE, SIZE))
-        for f in FIELDS:
-            inside = (rows >= f.rows[0]) & (rows < f.rows[1]) & (cols >= f.cols[0]) & (cols < f.cols[1])
-            ndvi[inside] = f.ndvi(np.array([doy]))[0] + rng.normal(0, 0.01, int(inside.sum()))
+        ndvi = _field_ndvi(rng, when)
         cloud = np.zeros((SIZE, SIZE), dtype=np.uint8)
         if k > 0 and rng.random() < cloud_rate:  # a cloud over a random half (or all) of the scene
             kind = int(rng.integers(3))
@@ -104,11 +116,7 @@ def write_scene(root: Path, seed: int = 0, cloud_rate: float = 0.3) -> dict[str,
         stamp = f"{when:%Y%m%dT%H%M%S}"
         write_raster(root / "ndvi" / f"S2_NDVI_{stamp}.tif", ndvi[None].astype(np.float32))
         write_raster(root / "masks" / f"S2_CLM_{stamp}.tif", cloud[None], nodata=255)
-    polys = []
-    for f in FIELDS:
-        x0, y0 = UTM_TRANSFORM * (f.cols[0], f.rows[1])
-        x1, y1 = UTM_TRANSFORM * (f.cols[1], f.rows[0])
-        polys.append(box(x0, y0, x1, y1).segmentize(10.0))
+    polys = [_field_box(f).segmentize(10.0) for f in FIELDS]
     parcels = gpd.GeoDataFrame(
         {"fid": [f.field_id for f in FIELDS], "landuse": [f.cls for f in FIELDS]}, geometry=polys, crs=UTM33
     ).to_crs(4326)
@@ -155,14 +163,8 @@ def write_synth_scene(
     """
     rng = np.random.default_rng(seed)
     shift = truth_shift or {}
-    day0 = datetime(2021, 1, 1)
-    rows, cols = np.mgrid[0:SIZE, 0:SIZE]
     for k, when in enumerate(dates()):
-        doy = (when - day0).total_seconds() / 86400.0
-        ndvi = np.full((SIZE, SIZE), 0.1, dtype=np.float64) + rng.normal(0, 0.005, (SIZE, SIZE))
-        for f in FIELDS:
-            inside = (rows >= f.rows[0]) & (rows < f.rows[1]) & (cols >= f.cols[0]) & (cols < f.cols[1])
-            ndvi[inside] = f.ndvi(np.array([doy]))[0] + rng.normal(0, 0.01, int(inside.sum()))
+        ndvi = _field_ndvi(rng, when)
         cloud = np.zeros((SIZE, SIZE), dtype=np.uint8)
         if k > 0 and rng.random() < cloud_rate:
             cloud[:, : SIZE // 2] = 1
@@ -180,9 +182,7 @@ def write_synth_scene(
         write_raster(root / "cloud_mask" / f"CLM_{stamp}.tif", cloud[None], nodata=255, tags=tags)
     polys, stage_rows, key_rows = [], [], []
     for f in FIELDS:
-        x0, y0 = UTM_TRANSFORM * (f.cols[0], f.rows[1])
-        x1, y1 = UTM_TRANSFORM * (f.cols[1], f.rows[0])
-        polys.append(box(x0, y0, x1, y1))
+        polys.append(_field_box(f))
         if f.amp < 0.3:
             continue
         d = shift.get(f.field_id, 0.0)

@@ -100,6 +100,13 @@ class LabelsConfig(StrictModel):
     derive: Literal["unlabelled_fields", "never"] = "unlabelled_fields"
 
 
+def _fractions_sum_to_one(value: dict[str, float]) -> dict[str, float]:
+    """Split fractions are non-negative and sum to 1 (scene splits and block splits alike)."""
+    if any(v < 0 for v in value.values()) or abs(sum(value.values()) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must be non-negative and sum to 1, got {value}")
+    return value
+
+
 class SceneSplitConfig(StrictModel):
     """Whole scenes dealt to splits: the scenes of a source entry, shuffled with ``seed``, by ``fractions``."""
 
@@ -109,12 +116,7 @@ class SceneSplitConfig(StrictModel):
     #: Seed of the scene → split draw.
     seed: int = 0
 
-    @field_validator("fractions")
-    @classmethod
-    def _sum_to_one(cls, value: dict[str, float]) -> dict[str, float]:
-        if any(v < 0 for v in value.values()) or abs(sum(value.values()) - 1.0) > 1e-6:
-            raise ValueError(f"split fractions must be non-negative and sum to 1, got {value}")
-        return value
+    _sum_to_one = field_validator("fractions")(_fractions_sum_to_one)
 
 
 #: Keys a ``synth:`` entry takes from the scene folder (setting them too is an error).
@@ -190,12 +192,7 @@ class SplitConfig(StrictModel):
     #: Seed of the block → split draw.
     seed: int = 0
 
-    @field_validator("fractions")
-    @classmethod
-    def _sum_to_one(cls, value: dict[str, float]) -> dict[str, float]:
-        if any(v < 0 for v in value.values()) or abs(sum(value.values()) - 1.0) > 1e-6:
-            raise ValueError(f"split fractions must be non-negative and sum to 1, got {value}")
-        return value
+    _sum_to_one = field_validator("fractions")(_fractions_sum_to_one)
 
 
 class PhenologyConfig(StrictModel):

@@ -206,7 +206,6 @@ def write_card(final: Path, opts: DefaultTraining, info: dict[str, Any]) -> None
 
 def install(final: Path, target: Path = DEFAULT_MODEL_DIR) -> Path:
     """Copy a final folder into the package as the default checkpoint, weights in float16."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     tmp = target.with_name(f".{target.name}.tmp")
@@ -217,7 +216,6 @@ def install(final: Path, target: Path = DEFAULT_MODEL_DIR) -> Path:
         tensors = load_file(weights)
         half = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
         save_file(half, weights, metadata={"format": "pt"})
-    del torch
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
