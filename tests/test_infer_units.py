@@ -27,7 +27,7 @@ from agrivlm.infer.prompts import (
 )
 from agrivlm.lape.tokens import Axis, LapeVocab, serialize_box, serialize_polygon
 from agrivlm.recipes.fields import OUTLINE_FIELDS_QUESTIONS
-from agrivlm.recipes.growth import STAGE_ON_DATE_QUESTIONS
+from agrivlm.recipes.growth import STAGE_AT_TIME_QUESTIONS
 
 VOCAB = LapeVocab()
 
@@ -119,11 +119,12 @@ def test_prompts_are_the_recipes_wording_rendered_with_the_codec() -> None:
     assert build_prompt(q.text, 8) == "USER: <video>\n" + OUTLINE_FIELDS_QUESTIONS[0] + "\nASSISTANT: "
     assert build_prompt(q.text, 1).startswith("USER: <image>\n")
     b = (0.1, 0.2, 0.4, 0.7)
-    s = stage_question(VOCAB, b, np.datetime64("2016-06-05T10:06:52"), "grassland")
-    expected = STAGE_ON_DATE_QUESTIONS[0].format(name="grassland parcel", date="2016-06-05")
-    assert s.text == expected.replace("{box:0}", serialize_box(b, VOCAB))
-    assert s.positions == b
-    assert "the parcel at" in stage_question(VOCAB, b, "2016-06-05", None).text
+    s = stage_question(VOCAB, b, 0.25, "grassland")
+    expected = STAGE_AT_TIME_QUESTIONS[0].format(name="grassland parcel")
+    assert s.text == expected.replace("{box:0}", serialize_box(b, VOCAB)).replace(
+        "{time:0}", VOCAB.encode(Axis.TEMP, 0.25))
+    assert s.positions == (*b, 0.25)
+    assert "the parcel at" in stage_question(VOCAB, b, 0.5, None).text
 
 
 def test_answer_parsing() -> None:

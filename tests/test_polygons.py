@@ -38,7 +38,7 @@ from agrivlm.lape.tokens import POLYGON_SEP, Axis, LapeVocab, parse_positions, s
 from agrivlm.model.tokenizer import add_agrivlm_tokens, default_tokenizer
 from agrivlm.pipeline.frames import TimeAxis
 from agrivlm.recipes.build import build_recipe
-from agrivlm.recipes.fields import OUTLINE_FIELDS_QUESTIONS
+from agrivlm.recipes.fields import FIELD_AT_POINT_QUESTIONS, NO_FIELD_AT_POINT, OUTLINE_FIELDS_QUESTIONS
 from agrivlm.recipes.schema import Record, read_records, render_text
 
 VOCAB = LapeVocab()
@@ -120,8 +120,8 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
                      geometry=list(PARCELS.values()), crs=UTM33).to_crs(4326).to_file(paths["parcels"])
     text = recipe_yaml(paths, name="poly")
     head = text[:text.index("tasks:")]
-    tasks = ("tasks:\n  field_boundaries: {tasks: [outline_fields, outline_parcels, largest_of_class], "
-             f"outline_vertices: {VERTICES}}}\n")
+    tasks = ("tasks:\n  field_boundaries: {tasks: [outline_fields, outline_parcels, largest_of_class, "
+             f"field_at_point], outline_vertices: {VERTICES}, point_prompts: 12}}\n")
     (root / "recipe.yaml").write_text(head + tasks)
     build_recipe(root / "recipe.yaml", root / "out", progress=False)
     records = [r for p in sorted((root / "out" / "shards").glob("*.jsonl")) for r in read_records(p)]
@@ -145,6 +145,8 @@ def test_listings_answer_polygons_that_fit_rotated_and_l_shaped_parcels(scene) -
         if rec.task == "largest_of_class":  # grounding answers stay boxes
             assert answer.boxes and not answer.polygons
             continue
+        if rec.task == "field_at_point":  # test_field_at_point_answers_the_field_under_the_point
+            continue
         assert rec.meta["outline_as"] == "polygon" and "box" not in rec.conversation[0].text  # asked for outlines
         shapes = answer.shapes()
         assert len(shapes) == len(rec.meta["field_ids"])
@@ -163,6 +165,35 @@ def test_listings_answer_polygons_that_fit_rotated_and_l_shaped_parcels(scene) -
                 box_ious.append(_iou(grid.norm_box_to_polygon((min(us), min(vs), max(us), max(vs))), truth))
             checked += 1
     assert checked >= 4 and box_ious and max(box_ious) < 0.5  # a box could not have matched the rotated field
+
+
+def test_field_at_point_answers_the_field_under_the_point(scene) -> None:
+    hits = misses = 0
+    for rec in scene["records"]:  # type: ignore[union-attr]
+        if rec.task != "field_at_point":
+            continue
+        grid = _grid(rec)
+        question, answer = rec.conversation
+        assert question.text in FIELD_AT_POINT_QUESTIONS and len(question.points) == 1
+        (u, v), = question.points
+        x, y = grid.norm_to_crs(u, v)
+        pt = shapely.Point(float(x), float(y))
+        under = [fid for fid, geom in PARCELS.items() if geom.contains(pt)]
+        # never on an edge: at least a pixel away from every parcel outline
+        assert all(g.exterior.distance(pt) >= 10.0 - 1e-6 for g in PARCELS.values())
+        if not under:
+            assert answer.text == NO_FIELD_AT_POINT and rec.meta["field_id"] is None
+            misses += 1
+            continue
+        assert rec.meta["field_id"] == under[0]
+        kind, value = answer.shapes()[0]
+        outline = grid.norm_polygon_to_crs(value) if kind == "polygon" else grid.norm_box_to_polygon(value)
+        assert outline.buffer(5.0).contains(pt)  # the answer's outline holds its point
+        truth = PARCELS[under[0]].intersection(grid.footprint())
+        if rec.meta["area_px"] >= 16:
+            assert _iou(outline, truth) >= 0.8, rec.sample_id
+        hits += 1
+    assert hits >= 5 and misses >= 5  # both answers occur: fields and the land between them
 
 
 def test_outline_as_box_keeps_the_box_listing(scene, tmp_path: Path) -> None:
@@ -264,6 +295,30 @@ def test_polygon_answers_become_polygon_features_in_the_gpkg_and_are_scored_as_p
     # had the fields been answered as boxes, the rotated one would be lost at IoU 0.5
     boxed = evaluate_fields(layer.assign(geometry=layer.envelope), scene["parcels"], iou_threshold=0.5)
     assert boxed.to_dict()["recall"] < 1.0
+
+
+def test_point_prompt_answers_keep_only_outlines_that_hold_their_point(scene, tokenizer) -> None:
+    offset = tokenizer.convert_tokens_to_ids(VOCAB.token(Axis.HEIGHT, 0))
+    recs = [r for r in scene["records"] if r.task == "field_at_point" and r.meta["field_id"]]  # type: ignore[union-attr]
+    rec = recs[0]
+    grid = _grid(rec)
+    text = render_text(rec.conversation[-1], **lape_formatters(VOCAB))
+    answer = _decoded(text, tokenizer, offset)
+    dates = np.array(rec.chip.frame_dates, dtype="datetime64[s]")
+    visual = Visual(np.zeros((len(dates), 1, 32, 32), np.float32), np.linspace(0, 1, len(dates)), dates,
+                    TimeAxis.from_dates(dates))
+    point = rec.conversation[0].points[0]
+    kept = answer_record("fields", grid, Question(visual, "q", meta={"point": list(point)}), answer, tokenizer.decode)
+    assert len(kept["features"]) == 1 and kept["off_point"] == 0 and kept["features"][0]["label"] == rec.meta["cls"]
+    # the same outline as the answer about a point far outside it is another field's: dropped
+    shapes = rec.conversation[-1].shapes()[0][1]
+    us = [p[0] for p in shapes] if len(shapes[0]) == 2 else [shapes[0], shapes[2]]
+    far = (0.02 if min(us) > 0.5 else 0.98, point[1])
+    dropped = answer_record("fields", grid, Question(visual, "q", meta={"point": list(far)}), answer, tokenizer.decode)
+    assert dropped["features"] == [] and dropped["off_point"] == 1
+    no = _decoded(NO_FIELD_AT_POINT, tokenizer, offset)
+    none = answer_record("fields", grid, Question(visual, "q", meta={"point": list(point)}), no, tokenizer.decode)
+    assert none["features"] == [] and not none["unparsed"]
 
 
 # -- the whole chain with a model: trained on outlines, `agrivlm infer` writes outlines, `agrivlm eval` scores them

@@ -63,12 +63,15 @@ log = logging.getLogger(__name__)
 
 #: Bumped when prompts or decoding change in a way that makes old journals' answers differ.
 #: 2: answers may list polygons (points chained by the polygon separator), journaled as ``kind="polygon"``.
-PIPELINE_VERSION = 2
+#: 3: point prompts (``fields_prompt: points``): many questions per chip, answers off their point dropped.
+PIPELINE_VERSION = 3
 
 #: Default ``--max-new-tokens`` per task: a listing of up to 12 fields as outlines of 8 vertices (3 tokens a
 #: vertex with its separator; with its label and cut mark an item takes up to 40 tokens on the sample, 34 on
 #: average), a stage word, a short answer.
 DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {"fields": 512, "growth": 8, "ask": 64}
+#: ``--task fields`` with point prompts: one item per answer (label, 8 vertices, cut mark: ≤ 40 tokens).
+POINT_PROMPT_MAX_NEW_TOKENS = 48
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,16 @@ def _score(value: float) -> float | None:
     return None if not np.isfinite(value) else float(value)
 
 
+def _holds_point(kind: str, value: Any, point: Sequence[float], tol: float) -> bool:
+    """Whether a box ``(u1, v1, u2, v2)`` or ring of normalized points holds ``point`` (within ``tol``)."""
+    if kind == "box":
+        shape = shapely.box(min(value[0], value[2]), min(value[1], value[3]), max(value[0], value[2]),
+                            max(value[1], value[3]))
+    else:
+        shape = shapely.make_valid(shapely.Polygon(value))
+    return bool(shape.distance(shapely.Point(point[0], point[1])) <= tol)
+
+
 def answer_record(task: Task, grid: GeoGrid, question: Question, answer: DecodedAnswer,
                   decode: Any) -> dict[str, Any]:
     """One answer as a journal record: its text, score, parse status and features (WKB hex, stack CRS).
@@ -252,6 +265,8 @@ def answer_record(task: Task, grid: GeoGrid, question: Question, answer: Decoded
             key=lambda item: item[0],
         )
         details = listing_details(answer.text, len(items))
+        point = question.meta.get("point") if task == "fields" else None
+        rec["off_point"] = 0
         for k, (_, kind, value, steps) in enumerate(items):
             if kind == "box":
                 u1, u2 = sorted((value[0], value[2]))
@@ -263,6 +278,9 @@ def answer_record(task: Task, grid: GeoGrid, question: Question, answer: Decoded
                 u1, v1, u2, v2 = min(us), min(vs), max(us), max(vs)
             if polygon is None:  # a box or ring without area
                 rec["degenerate"] += 1
+                continue
+            if point is not None and not _holds_point(kind, value, point, 1.5 / max(grid.width, 1)):
+                rec["off_point"] += 1  # a point prompt answered with another field's outline
                 continue
             label, cut = details[k]
             rec["features"].append({
@@ -699,6 +717,8 @@ def run_inference(
     config = apply_overrides(config, overrides)
     channels = channels_of(config)
     max_new = max_new_tokens if max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS[task]
+    if max_new_tokens is None and task == "fields" and config.fields_prompt == "points":
+        max_new = POINT_PROMPT_MAX_NEW_TOKENS
     if max_new < 1:
         raise InferError(f"--max-new-tokens must be ≥ 1, got {max_new}")
     layer = FieldLayer.read(fields, field_id, field_class) if fields is not None else None

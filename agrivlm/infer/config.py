@@ -74,6 +74,14 @@ class InputConfig(StrictModel):
     #: Growth: fields with fewer pixels (area) in a chip are not asked about there.
     min_field_px: Annotated[float, Field(ge=0)] = GrowthStagesConfig().min_field_px
     bands: BandConfig = Field(default_factory=BandConfig)
+    #: How ``--task fields`` asks: ``listing`` — one question per chip, "Outline every field in this image."
+    #: (the recipes' ``outline_fields``); ``points`` — "Outline the field at <point>." at the centres of a
+    #: ``point_grid`` × ``point_grid`` grid of the chip (the recipes' ``field_at_point``), each answer kept when
+    #: its outline holds its point, duplicates merged by NMS. Trainers write ``points`` when the model was
+    #: trained on ``field_at_point`` records.
+    fields_prompt: Literal["listing", "points"] = "listing"
+    #: Points per side of the ``points`` prompt grid.
+    point_grid: Annotated[int, Field(gt=0)] = 6
 
 
 def load_input_config(folder: str | os.PathLike[str]) -> tuple[InputConfig, bool]:

@@ -6,11 +6,12 @@ checkpoint's :class:`~agrivlm.infer.config.InputConfig` → bands with
 questions:
 
 * ``fields`` and ``ask``: frames over all the chip's dates, one question (the recipes' ``outline_fields``
-  question, or the user's);
+  question, or the user's); with the checkpoint's ``fields_prompt: points``, the recipes' ``field_at_point``
+  question at each point of a ``point_grid`` × ``point_grid`` grid (the point in the question's ``meta``);
 * ``growth``: per season (a calendar year from ``season_start``), frames within the season; per field of
   ``--fields`` with at least ``min_field_px`` pixels in the chip, the recipes' ``stage_on_date`` question about
-  the box of its visible part (:func:`agrivlm.recipes.context.norm_box`, as the records compute it) on each
-  frame's date.
+  the box of its visible part (:func:`agrivlm.recipes.context.norm_box`, as the records compute it) at each
+  frame's date, given as the frame's ``<TEMP>`` token.
 
 Frame times follow the one rule of :func:`agrivlm.pipeline.frames.frame_time_positions`, as in training:
 each frame's ``t`` is its date on the range of the dates the frames were drawn from (the chip's usable
@@ -39,7 +40,7 @@ from agrivlm.geo.coords import GeoGrid
 from agrivlm.infer.config import InputConfig
 from agrivlm.infer.errors import InferError
 from agrivlm.infer.generate import Question, Visual
-from agrivlm.infer.prompts import Task, build_prompt, fields_question, stage_question
+from agrivlm.infer.prompts import Task, build_prompt, field_at_point_question, fields_question, stage_question
 from agrivlm.lape.tokens import LapeVocab
 from agrivlm.pipeline.bands import BandStats, check_band_count, composite, get_preset, prepare_bands
 from agrivlm.pipeline.frames import Frames, sample_frames
@@ -239,6 +240,16 @@ class ChipPreparer:
             return self._growth(chip)
         frames = chip_frames(chip, self.config)
         visual = make_visual(frames, self.config)
+        if self.task == "fields" and self.config.fields_prompt == "points":
+            n = self.config.point_grid
+            questions = []
+            for v in (np.arange(n) + 0.5) / n:
+                for u in (np.arange(n) + 0.5) / n:
+                    point = (round(float(u), 6), round(float(v), 6))
+                    prompt = field_at_point_question(self.vocab, point)
+                    questions.append(Question(visual, build_prompt(prompt.text, len(frames)), prompt.positions,
+                                              {"point": list(point)}))
+            return ChipQuestions(questions)
         if self.task == "fields":
             prompt = self.fields_prompt
             return ChipQuestions([Question(visual, build_prompt(prompt.text, len(frames)), prompt.positions)])
@@ -264,8 +275,8 @@ class ChipPreparer:
                 continue
             visual = make_visual(frames, self.config)
             for field_id, cls, box in in_chip:
-                for when in frames.times:
-                    prompt = stage_question(self.vocab, box, when, cls or None)
+                for when, t in zip(frames.times, frames.t, strict=True):
+                    prompt = stage_question(self.vocab, box, float(t), cls or None)
                     meta: dict[str, Any] = {"field_id": field_id, "date": day_str(when), "season": label,
                                             "box": [float(b) for b in box]}
                     questions.append(Question(visual, build_prompt(prompt.text, len(frames)), prompt.positions, meta))

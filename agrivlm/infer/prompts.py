@@ -1,7 +1,7 @@
 r"""The questions ``agrivlm infer`` asks, worded and rendered exactly as the training records, and their answers.
 
 Wording: the questions are the recipes' own (:data:`agrivlm.recipes.fields.OUTLINE_FIELDS_QUESTIONS`,
-:data:`agrivlm.recipes.growth.STAGE_ON_DATE_QUESTIONS`), never re-typed here. Rendering: a question's
+:data:`agrivlm.recipes.growth.STAGE_AT_TIME_QUESTIONS`), never re-typed here. Rendering: a question's
 positions go through the recipes' :func:`~agrivlm.recipes.schema.render_text` with the LAPE codec as the
 formatters (:func:`lape_formatters`), the rendering the recipes prescribe for training; the continuous value
 of every position token is returned beside the text (:attr:`PromptText.positions`) for the processor's
@@ -26,9 +26,15 @@ from typing import Any, Literal
 
 from agrivlm.lape.tokens import POLYGON_SEP, Axis, LapeVocab, serialize_box, serialize_point, serialize_segment
 from agrivlm.pipeline.conversation import format_prompt, visual_placeholder
-from agrivlm.recipes.fields import CUT_MARK, NO_FIELDS_ANSWER, OUTLINE_FIELDS_QUESTIONS, parcel_name
-from agrivlm.recipes.growth import STAGE_ON_DATE_QUESTIONS
-from agrivlm.recipes.phenology import day_str
+from agrivlm.recipes.fields import (
+    CUT_MARK,
+    FIELD_AT_POINT_QUESTIONS,
+    NO_FIELD_AT_POINT,
+    NO_FIELDS_ANSWER,
+    OUTLINE_FIELDS_QUESTIONS,
+    parcel_name,
+)
+from agrivlm.recipes.growth import STAGE_AT_TIME_QUESTIONS
 from agrivlm.recipes.schema import PLACEHOLDER, Turn, render_text
 from agrivlm.recipes.sources import UNKNOWN_CLASS
 from agrivlm.schema import GROWTH_STAGES
@@ -121,19 +127,24 @@ def fields_question(vocab: LapeVocab) -> PromptText:
     return render_question(OUTLINE_FIELDS_QUESTIONS[0], vocab)
 
 
-def stage_question(vocab: LapeVocab, box: Sequence[float], date: object, field_class: str | None = None) -> PromptText:
-    """The ``growth`` task's question about the field at ``box`` on ``date`` (the recipes' ``stage_on_date``).
+def field_at_point_question(vocab: LapeVocab, point: Sequence[float]) -> PromptText:
+    """The ``fields`` task's point prompt: the recipes' first ``field_at_point`` question about ``(u, v)``."""
+    return render_question(FIELD_AT_POINT_QUESTIONS[0], vocab, points=[point])
+
+
+def stage_question(vocab: LapeVocab, box: Sequence[float], t: float, field_class: str | None = None) -> PromptText:
+    """The ``growth`` task's question about the field at ``box`` at time ``t`` (the recipes' ``stage_on_date``).
 
     Args:
         vocab: the model's LAPE vocabulary.
         box: the field's visible part in the chip, ``(u1, v1, u2, v2)`` normalized.
-        date: the acquisition time asked about (written as its calendar day).
+        t: the date asked about on the frames' time axis (``Frames.t`` of that frame), as a ``<TEMP>`` token.
         field_class: the field's land-use class (``"grassland"``); None → "parcel".
 
     """
     name = parcel_name(field_class or UNKNOWN_CLASS)
-    text = STAGE_ON_DATE_QUESTIONS[0].format(name=name, date=day_str(date))
-    return render_question(text, vocab, boxes=[box])
+    text = STAGE_AT_TIME_QUESTIONS[0].format(name=name)
+    return render_question(text, vocab, boxes=[box], times=[t])
 
 
 def parse_stage(text: str) -> str | None:
@@ -143,8 +154,9 @@ def parse_stage(text: str) -> str | None:
 
 
 def says_no_fields(text: str) -> bool:
-    """Whether an answer is the recipes' "no fields" answer."""
-    return NO_FIELDS_ANSWER.lower().rstrip(".") in text.lower()
+    """Whether an answer is one of the recipes' "no fields" answers (for a chip or for a point)."""
+    low = text.lower()
+    return any(a.lower().rstrip(".") in low for a in (NO_FIELDS_ANSWER, NO_FIELD_AT_POINT))
 
 
 def listing_details(text: str, n_items: int) -> list[tuple[str, bool]]:

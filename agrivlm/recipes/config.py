@@ -20,7 +20,8 @@ from agrivlm.recipes.schema import FAMILIES, SPLITS
 
 SplitName = Literal["train", "val", "test"]
 FieldTask = Literal[
-    "outline_fields", "outline_parcels", "largest_of_class", "trace_outline", "count_fields", "edge_fields"
+    "outline_fields", "outline_parcels", "largest_of_class", "trace_outline", "count_fields", "edge_fields",
+    "field_at_point",
 ]
 GrowthTask = Literal["green_up_date", "peak_date", "senescence_date", "season_segment", "stage_on_date"]
 GeneralTask = Literal["caption", "majority", "presence", "fraction", "locate_class", "point_class"]
@@ -275,6 +276,11 @@ class FieldBoundariesConfig(StrictModel):
     trace_min_area_px: float = Field(default=16.0, ge=0.0)
     #: "Largest … parcel" needs the largest to beat the second by this factor.
     unique_margin: float = Field(default=1.1, ge=1.0)
+    #: ``field_at_point``: points asked about per chip (each its own record), drawn uniformly over the chip.
+    point_prompts: int = Field(default=6, ge=0)
+    #: ``field_at_point``: points closer than this (pixels) to a parcel's edge are drawn again (mixed pixels
+    #: there make "which field?" ambiguous).
+    point_edge_px: float = Field(default=1.0, ge=0.0)
     tasks: list[FieldTask] = Field(default_factory=lambda: list(FIELD_TASKS))
 
 

@@ -4,6 +4,12 @@ Parcels are clipped to the chip; a parcel the chip's edge cuts is answered with 
 visible part and marked ``(partly outside the image)`` in outline answers and ``cut`` in ``meta``. Visible
 parts under ``min_area_px`` pixels are slivers: never asked about, counted in ``meta.n_slivers``.
 
+``field_at_point`` asks for the field under one point of the chip (``{point:0}``, drawn uniformly, never within
+``point_edge_px`` of a parcel edge): the answer is that field's outline as a listing item (``"grassland
+<polygon>."``, the cut mark after it when the chip's edge cuts it) or :data:`NO_FIELD_AT_POINT` on a road, a
+margin or a parcel of another class. It is the point prompt of ``agrivlm infer --task fields`` with
+``fields_prompt: points``: one short answer per point instead of one listing of every field of the chip.
+
 The listings (``outline_fields``, ``outline_parcels``) answer each parcel as ``outline_as`` says: a polygon
 of at most ``outline_vertices`` points (:func:`~agrivlm.recipes.context.norm_ring`, the simplification of
 ``trace_outline``; rendered as points joined by the codec's polygon separator) or a box. A parcel whose
@@ -14,6 +20,7 @@ tells them apart (two points: a box, three or more: a polygon).
 from __future__ import annotations
 
 import numpy as np
+import shapely
 
 from agrivlm.recipes.config import FieldBoundariesConfig
 from agrivlm.recipes.context import ChipContext, ParcelInChip, assistant, norm_ring, pick, rng_for, user
@@ -54,6 +61,14 @@ _Q_EDGE = ("Which fields are cut by the edge of the image?", "Which fields exten
 #: Questions of the ``outline_fields`` task (``agrivlm infer --task fields`` asks the first, so inference
 #: prompts are worded exactly as the training records, whichever ``outline_as`` they were built with).
 OUTLINE_FIELDS_QUESTIONS: tuple[str, ...] = _Q_FIELDS
+#: Questions of the ``field_at_point`` task (inference asks the first).
+FIELD_AT_POINT_QUESTIONS: tuple[str, ...] = (
+    "Outline the field at {point:0}.",
+    "Trace the boundary of the field at {point:0}.",
+    "Which field is at {point:0}? Give its outline.",
+)
+#: The ``field_at_point`` answer for a point outside every field.
+NO_FIELD_AT_POINT = "There is no field at this point."
 #: The ``outline_fields`` answer of a chip without fields.
 NO_FIELDS_ANSWER = "There are no fields in this image."
 #: Written after the box of a parcel the chip's edge cuts.
@@ -165,6 +180,8 @@ def build_field_boundaries(state: BuildState, chip: ChipContext, cfg: FieldBound
                 user(pick(r, _Q_TRACE).format(name=parcel_name(p.cls)), boxes=[p.box]),
                 assistant("{polygon:0}", polygons=[ring]),
             ], {**_meta([p], n_slivers), "n_vertices": len(ring)}))
+    if "field_at_point" in cfg.tasks:
+        out.extend(_field_at_point(state, chip, frames, fields, cfg))
     if "count_fields" in cfg.tasks:
         r = rng("count_fields")
         n = len(fields)
@@ -183,4 +200,43 @@ def build_field_boundaries(state: BuildState, chip: ChipContext, cfg: FieldBound
                 user(pick(r, _Q_EDGE)),
                 assistant(answer, boxes=[p.box for p in cut]),
             ], _meta(cut, n_slivers)))
+    return out
+
+
+def _field_at_point(state: BuildState, chip: ChipContext, frames: list[int], fields: list[ParcelInChip],
+                    cfg: FieldBoundariesConfig) -> list[Record]:
+    """``cfg.point_prompts`` records "Outline the field at <point>." of one chip (see the module docstring)."""
+    if cfg.point_prompts == 0:
+        return []
+    r = rng_for(state.seed, FAMILY, chip.chip_id, "field_at_point")
+    edges = shapely.union_all([p.geom.boundary for p in chip.parcels]) if chip.parcels else None
+    tol = cfg.point_edge_px * chip.pixel_size
+    field_rows = {p.row for p in fields}
+    out: list[Record] = []
+    for k in range(cfg.point_prompts):
+        for _ in range(50):  # redraw points on an edge or in a sliver
+            u, v = (float(x) for x in r.uniform(0.02, 0.98, 2))
+            x, y = chip.grid.norm_to_crs(u, v)
+            pt = shapely.Point(float(x), float(y))
+            if edges is not None and edges.distance(pt) < tol:
+                continue
+            under = next((p for p in chip.parcels if p.geom.contains(pt)), None)
+            if under is not None and under.area_px < cfg.min_area_px:
+                continue
+            break
+        else:
+            continue
+        hit = under if under is not None and under.row in field_rows else None
+        question = user(pick(r, FIELD_AT_POINT_QUESTIONS), points=[(round(u, 6), round(v, 6))])
+        meta: dict[str, object] = {"point": [u, v], "field_id": None if hit is None else hit.field_id}
+        ring = [] if hit is None else norm_ring(chip.grid, hit.geom, cfg.outline_vertices, chip.pixel_size)
+        if hit is None:
+            answer = assistant(NO_FIELD_AT_POINT)
+        else:
+            label = "parcel" if hit.cls == UNKNOWN_CLASS else hit.cls
+            cut = CUT_MARK if hit.cut else ""
+            answer = (assistant(f"{label} {{polygon:0}}{cut}.", polygons=[ring]) if len(ring) >= 3
+                      else assistant(f"{label} {{box:0}}{cut}.", boxes=[hit.box]))
+            meta.update(cls=hit.cls, cut=hit.cut, area_px=round(hit.area_px, 3))
+        out.append(state.factory.record(chip, frames, FAMILY, "field_at_point", f"p{k}", [question, answer], meta))
     return out

@@ -48,9 +48,13 @@ _Q_STAGE_DATE = (
     "What growth stage is the {name} at {{box:0}} in on {date}?",
     "On {date}, which growth stage is the {name} at {{box:0}} in?",
 )
-#: Questions of the ``stage_on_date`` task that name the date in words (``agrivlm infer --task growth`` asks
-#: the first, with the date as :func:`~agrivlm.recipes.phenology.day_str` writes it).
+#: Questions of the ``stage_on_date`` task that name the date in words (as
+#: :func:`~agrivlm.recipes.phenology.day_str` writes it).
 STAGE_ON_DATE_QUESTIONS: tuple[str, ...] = _Q_STAGE_DATE
+#: Questions of the ``stage_on_date`` task that give the date as a ``<TEMP>`` token on the frames' time axis;
+#: ``agrivlm infer --task growth`` asks the first: the token is the very embedding injected into the frame of
+#: that date, while a date in words would have to be matched to frames whose dates the model never sees.
+STAGE_AT_TIME_QUESTIONS: tuple[str, ...] = _Q_STAGE_TOKEN
 
 
 def _clear_dates(state: BuildState, row: int, frames: list[int]) -> list[int]:

@@ -46,7 +46,7 @@ class DefaultTraining:
     start: str = "2021-01-01"
     end: str = "2021-12-31"
     model_config: str = "configs/model/small.yaml"
-    steps: dict[str, int] = field(default_factory=lambda: {"stage1": 150, "stage2": 600, "stage3": 12000})
+    steps: dict[str, int] = field(default_factory=lambda: {"stage1": 150, "stage2": 600, "stage3": 6000})
     batch_size: int = 8
     #: Frames per sample in stages 2 and 3 (8 dates resolve a season's stages; 4 in stage 1, captions).
     num_frames: int = 8

@@ -230,7 +230,10 @@ def checkpoint_inputs(cfg: StageConfig, stats: BandStats | None, records: Sequen
         high=[float(x) for x in stats.high] if fixed and stats is not None else None,
         percentiles=norm.percentiles,
     )
-    return InputConfig(chip_size=size, stride=max(size // 2, 1), frames=frames, min_frames=n, bands=bands)
+    # a model trained on point prompts is asked for fields point by point (a listing it may never have seen)
+    points = any(sr.record.task == "field_at_point" for sr in records)
+    return InputConfig(chip_size=size, stride=max(size // 2, 1), frames=frames, min_frames=n, bands=bands,
+                       fields_prompt="points" if points else "listing")
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
