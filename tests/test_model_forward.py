@@ -93,6 +93,38 @@ def test_band_adapter_starts_as_identity_or_grey() -> None:
         torch.testing.assert_close(grey.band_adapter(x[:, :1]), x[:, :1].expand(2, 3, 5, 5))
 
 
+def _mean_token_cosine(model, frames: torch.Tensor) -> float:  # type: ignore[no-untyped-def]
+    n, t, c, h, w = frames.shape
+    with torch.no_grad():
+        feats = model.vision_tower(pixel_values=model.band_adapter(frames.reshape(n * t, c, h, w))).last_hidden_state
+        p = model.projector(feats).reshape(-1, model.config.text_config.hidden_size)
+    p = p / p.norm(dim=-1, keepdim=True)
+    return float((p @ p.T).mean())
+
+
+def test_projector_norm_keeps_visual_tokens_apart_and_survives_a_round_trip(tmp_path: Path) -> None:
+    from agrivlm.model.builders import load_pretrained
+
+    settings = load_model_settings(TINY_CONFIG)
+    frames = torch.rand(4, 4, 1, 32, 32)
+    plain, _ = build_model(settings)
+    normed, processor = build_model(settings.model_copy(update={"projector_norm": "batch"}))
+    # a random encoder's tokens share one direction; standardised features do not
+    assert _mean_token_cosine(plain, frames) > 0.8
+    normed.train()  # training standardises with the batch's statistics and updates the running ones
+    assert _mean_token_cosine(normed, frames) < 0.2
+    normed.eval()
+    normed.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    again, _ = load_pretrained(tmp_path)
+    assert again.config.projector_norm == "batch"
+    torch.testing.assert_close(again.projector.norm.running_mean, normed.projector.norm.running_mean)
+    with torch.no_grad():
+        x = torch.randn(3, 7, normed.config.vision_config.hidden_size)
+        torch.testing.assert_close(again.projector(x), normed.projector(x))
+    assert plain.projector.norm is None and AgriVLMConfig().projector_norm == "none"  # older checkpoints load as before
+
+
 def test_position_tokens_use_the_lape_tables_and_heads(tiny) -> None:
     model, proc = tiny
     cfg = model.config

@@ -136,6 +136,8 @@ class ModelSettings(StrictModel):
     lape: LapeSettings = Field(default_factory=LapeSettings)
     num_bands: int = Field(default=1, ge=1)
     projector_act: str = "gelu"
+    #: ``none`` | ``batch``: see ``AgriVLMConfig.projector_norm``.
+    projector_norm: Literal["none", "batch"] = "none"
     seed: int = 0
 
 
@@ -252,6 +254,7 @@ def build_model(
         text_config=text_config.to_dict(),
         num_bands=s.num_bands,
         projector_hidden_act=s.projector_act,
+        projector_norm=s.projector_norm,
         vision_feature_layer=s.vision.feature_layer,
         pool_stride=s.pooling.stride,
         pool_mode=s.pooling.mode,

@@ -143,16 +143,26 @@ class BandAdapter(nn.Conv2d):
 
 
 class Projector(nn.Module):
-    """2-layer MLP ``(…, Dv) → (…, D)``: Linear → activation → Linear (LLaVA-1.5's projector)."""
+    """2-layer MLP ``(…, Dv) → (…, D)``: Linear → activation → Linear (LLaVA-1.5's projector).
 
-    def __init__(self, vision_size: int, text_size: int, act: str = "gelu") -> None:
+    With ``norm="batch"`` the features are first standardised per channel over every visual token of the
+    batch (``BatchNorm1d`` without affine parameters; running statistics in eval mode), see
+    :attr:`~agrivlm.model.configuration.AgriVLMConfig.projector_norm`.
+    """
+
+    def __init__(self, vision_size: int, text_size: int, act: str = "gelu", norm: str = "none") -> None:
         super().__init__()
+        if norm not in ("none", "batch"):
+            raise ValueError(f"projector_norm must be none or batch, got {norm!r}")
+        self.norm = nn.BatchNorm1d(vision_size, affine=False) if norm == "batch" else None
         self.linear_1 = nn.Linear(vision_size, text_size)
         self.act = ACT2FN[act]
         self.linear_2 = nn.Linear(text_size, text_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(…, Dv)`` → ``(…, D)``."""
+        if self.norm is not None:
+            x = self.norm(x.reshape(-1, x.shape[-1])).reshape(x.shape)
         return self.linear_2(self.act(self.linear_1(x)))  # type: ignore[no-any-return]
 
 
@@ -193,7 +203,8 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         vcfg, tcfg = config.vision_config, config.text_config
         self.band_adapter = BandAdapter(config.num_bands, vcfg.num_channels)  # type: ignore[union-attr]
         self.vision_tower = AutoModel.from_config(vcfg)
-        self.projector = Projector(vcfg.hidden_size, tcfg.hidden_size, config.projector_hidden_act)  # type: ignore[union-attr]
+        self.projector = Projector(vcfg.hidden_size, tcfg.hidden_size, config.projector_hidden_act,  # type: ignore[union-attr]
+                                   getattr(config, "projector_norm", "none"))
         self.language_model = AutoModelForCausalLM.from_config(tcfg)
         self.lape: LapeEmbeddings | None = None
         if config.enable_lape:

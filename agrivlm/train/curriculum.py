@@ -96,7 +96,8 @@ def module_digests(model: nn.Module) -> dict[str, str]:
             t = sd[k].detach().cpu().contiguous()
             h.update(k.encode())
             h.update(str(t.dtype).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            # reshape: 0-d tensors too (BatchNorm's num_batches_tracked)
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         out[part] = h.hexdigest()
     return out
 
