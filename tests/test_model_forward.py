@@ -107,7 +107,8 @@ def test_projector_norm_keeps_visual_tokens_apart_and_survives_a_round_trip(tmp_
 
     settings = load_model_settings(TINY_CONFIG)
     frames = torch.rand(4, 4, 1, 32, 32)
-    plain, _ = build_model(settings)
+    assert settings.projector_norm == "batch"  # configs/model/tiny.yaml (and small.yaml) standardise
+    plain, _ = build_model(settings.model_copy(update={"projector_norm": "none"}))
     normed, processor = build_model(settings.model_copy(update={"projector_norm": "batch"}))
     # a random encoder's tokens share one direction; standardised features do not
     assert _mean_token_cosine(plain, frames) > 0.8

@@ -103,3 +103,58 @@ def test_tiny_model_learns_boxes_of_real_parcels(sample_root: Path) -> None:
     print(f"learned in {step} steps: loss {first_loss:.3f} → {last:.3f}, IoU {np.round(ious, 3).tolist()}")
     assert min(ious) >= 0.8, f"IoU per chip after {step} steps: {ious}"
     assert float(out.loss.detach()) < 0.5 * first_loss
+
+
+def _rectangle_images(rng: np.random.Generator, n: int) -> tuple[list[np.ndarray], list[tuple[float, ...]]]:
+    """Noisy 32-px frames, each with one brighter rectangle (a field) at a random place and size, and its box."""
+    images, boxes = [], []
+    for _ in range(n):
+        u1, v1 = rng.uniform(0.0, 0.6, 2)
+        w, h = rng.uniform(0.25, 0.4, 2)
+        b = (float(u1), float(v1), float(min(u1 + w, 1.0)), float(min(v1 + h, 1.0)))
+        im = rng.normal(0.3, 0.05, (1, 1, 32, 32)).astype(np.float32)
+        im[:, :, int(b[1] * 32):int(b[3] * 32), int(b[0] * 32):int(b[2] * 32)] += 0.4
+        images.append(np.clip(im, 0.0, 1.0))
+        boxes.append(b)
+    return images, boxes
+
+
+def test_tiny_model_finds_a_field_in_images_it_never_saw() -> None:
+    """Fresh images every step, scored on 64 others: the model must read the image, not remember answers.
+
+    This is the test that the vision path carries what the LM needs: with ``projector_norm: none`` (the first
+    default checkpoint's setting) the same run reached IoU > 0.5 on 6 % of the held-out images after 2,000 steps
+    (mean IoU 0.13); with ``batch`` (``configs/model/tiny.yaml``) on 59 % (mean IoU 0.54).
+    """
+    torch.manual_seed(0)
+    model, proc = build_model()
+    assert model.config.projector_norm == "batch"
+    rng = np.random.default_rng(0)
+    test_images, test_boxes = _rectangle_images(np.random.default_rng(123), 64)
+    prompt = "<image> Box of the field:"
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    mean_box = tuple(np.mean(_rectangle_images(np.random.default_rng(7), 512)[1], axis=0))
+    baseline = np.mean([iou(mean_box, b) for b in test_boxes])
+    ious: list[float] = []
+    for step in range(1, 2001):
+        images, boxes = _rectangle_images(rng, 8)
+        batch = proc([prompt] * 8, images=images, answers=[serialize_box(b) for b in boxes],
+                     positions=[list(b) for b in boxes])
+        model.train()
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step >= 1400 and step % 200 == 0:
+            model.eval()
+            prompts = proc([prompt] * len(test_images), images=test_images, padding_side="left")
+            with torch.no_grad():
+                res = model.generate(**prompts, max_new_tokens=6, output_logits=True, return_dict_in_generate=True)
+            decoded = model.decode_positions(res.sequences[:, prompts["input_ids"].shape[1]:], res.logits)
+            ious = [iou(p.boxes[0], b) if len(p.boxes) == 1 else 0.0 for p, b in zip(decoded, test_boxes, strict=True)]
+            if np.mean(np.array(ious) > 0.5) >= 0.5:
+                break
+    hit = float(np.mean(np.array(ious) > 0.5))
+    print(f"held-out after {step} steps: IoU > 0.5 on {hit:.2f}, mean IoU {np.mean(ious):.2f} "
+          f"(mean box {baseline:.2f})")
+    assert hit >= 0.3 and np.mean(ious) >= 2 * baseline, (hit, np.mean(ious), baseline)

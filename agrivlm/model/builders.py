@@ -137,7 +137,7 @@ class ModelSettings(StrictModel):
     num_bands: int = Field(default=1, ge=1)
     projector_act: str = "gelu"
     #: ``none`` | ``batch``: see ``AgriVLMConfig.projector_norm``.
-    projector_norm: Literal["none", "batch"] = "none"
+    projector_norm: Literal["none", "batch"] = "batch"
     seed: int = 0
 
 
