@@ -1,8 +1,9 @@
 """``agrivlm quickstart``: the whole system on one stack, from GeoTIFFs to a report with maps.
 
-ingest the stack → build the curriculum's instruction data (recipes) → train stage 1 → 2 → 3 of the
-model → ``infer`` fields and growth stages on the stack → ``eval`` against the parcels and the stages
-derived from the NDVI curves → ``report.html`` with the PNGs beside it.
+ingest the stack → build the curriculum's instruction data (recipes) → fine-tune the shipped default checkpoint
+(stage 3; ``start="scratch"``: train stage 1 → 2 → 3 of the tiny model or of ``--base-model``) → ``infer`` fields
+and growth stages on the stack → ``eval`` on the recipes' held-out test blocks only, beside the whole-chip,
+segmentation and day-of-year-climatology baselines on the same chips → ``report.html`` with the PNGs beside it.
 
 Every step writes into its own folder under ``--out`` and, last, a marker ``DIR/.quickstart/<step>.json``
 with what it made. A second run skips the steps whose marker exists (same options), resumes a training
@@ -10,9 +11,9 @@ stage from its newest checkpoint and an inference run from its journal, and redo
 Options that change the results (stack, parcels, steps, base model, seed) are recorded in
 ``DIR/quickstart.json``; a run with other options into the same folder is refused (``--fresh`` starts over).
 
-The embedded default is honest about its scale: a tiny model (a real SigLIP + Qwen2 with tiny dimensions,
-built from config, random weights) trained for minutes on 1 km² of one Sentinel-2 tile. The report shows
-the scores it really gets, which are those of such a model, not of agrivlm on real data with real weights.
+The embedded default is honest about its scale: a small model (a real SigLIP + Qwen2 with small dimensions,
+trained here from random weights on synthetic scenes, ``agrivlm train default``) fine-tuned for minutes on 1 km²
+of one Sentinel-2 tile. The report shows the scores it really gets on the blocks it was not trained on.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 STEPS: tuple[str, ...] = ("ingest", "recipes", "stage1", "stage2", "stage3", "infer", "eval", "report")
 #: Share of ``--steps`` each training stage gets (stage 3, the agricultural fine-tune, the most).
 STAGE_SHARE = {"stage1": 0.15, "stage2": 0.15, "stage3": 0.70}
+#: Chip size of the recipes, of ingest and of the held-out scoring grid.
+CHIP = 32
 #: Land-use classes the field-boundary recipes outline (and the evaluation counts as fields).
 FIELD_CLASSES = ("cultivated land", "grassland")
 
@@ -70,11 +73,28 @@ class QuickstartOptions:
     #: Band preset of the stack (``agrivlm.pipeline.bands.PRESETS``): ``ndvi`` for the sample.
     preset: str = "ndvi"
     #: Folder with ``vision/`` (SigLIP/CLIP) and ``llm/`` (Qwen2/Llama) checkpoints; None: tiny random model.
+    #: Given, the run trains stage 1 → 2 → 3 from it (``start`` must be ``scratch``).
     base_model: str | None = None
+    #: ``default``: fine-tune the checkpoint shipped in the package (stage 3 only, all of ``steps``);
+    #: ``scratch``: stage 1 → 2 → 3 of the tiny random model or of ``base_model``.
+    start: str = "default"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.start not in ("default", "scratch"):
+            raise ConfigError(f"start must be default or scratch, got {self.start!r}")
+        if self.start == "default" and self.base_model is not None:
+            raise ConfigError("--base-model trains stage 1 → 2 → 3 from its weights: pass --start scratch with it")
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The training stages this run trains."""
+        return ("stage3",) if self.start == "default" else ("stage1", "stage2", "stage3")
+
     def stage_steps(self) -> dict[str, int]:
-        """Steps of each stage (at least 1)."""
+        """Steps of each trained stage (at least 1)."""
+        if self.start == "default":
+            return {"stage3": max(1, self.steps)}
         return {s: max(1, round(self.steps * share)) for s, share in STAGE_SHARE.items()}
 
 
@@ -125,6 +145,16 @@ class Quickstart:
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
     def _check_options(self, fresh: bool) -> None:
+        if self.opts.start == "default":
+            from agrivlm.default_checkpoint import default_model_path
+            from agrivlm.infer.config import BandConfig, InputConfig, load_input_config
+            from agrivlm.infer.prepare import channels_of
+
+            wanted = channels_of(InputConfig(bands=BandConfig(preset=self.opts.preset)))
+            have = channels_of(load_input_config(default_model_path())[0])
+            if wanted != have:
+                raise ConfigError(f"--preset {self.opts.preset} gives {wanted} channel(s) per frame but the default "
+                                  f"checkpoint reads {have}: pass --start scratch to train a model for these bands")
         record = self.path("quickstart.json")
         mine = asdict(self.opts)
         if fresh and self.out.exists():
@@ -185,7 +215,7 @@ class Quickstart:
         from agrivlm.recipes.build import build_recipe
 
         counts = {}
-        for s in ("stage1", "stage2", "stage3"):
+        for s in self.opts.stages:
             manifest = build_recipe(self.recipe_file(s), self.path("data", s), seed=self.opts.seed,
                                     overwrite=True, progress=False)
             counts[s] = manifest.get("counts", {})
@@ -209,6 +239,19 @@ class Quickstart:
             base = Path(self.opts.base_model)
             over["model.overrides"] = {"vision": {"checkpoint": str(base / "vision")},
                                        "llm": {"checkpoint": str(base / "llm")}}
+        if stage == "stage3" and self.opts.start == "default":
+            from agrivlm.default_checkpoint import default_model_path
+            from agrivlm.infer.config import load_input_config
+
+            base = default_model_path()
+            inputs, _ = load_input_config(base)
+            over["model.init_from"] = str(base)
+            # the default's own inputs (frames per question) and what it trained: everything, from random weights
+            over["data.frames.num_frames"] = inputs.min_frames
+            over["trainable.llm.mode"] = "full"
+            over["trainable.vision"] = True
+            over["optim.lr"] = 1e-3
+            return over
         if stage != "stage1":
             over["model.init_from"] = str(self.final("stage1" if stage == "stage2" else "stage2"))
         if stage == "stage3" and not self.opts.base_model:
@@ -239,8 +282,10 @@ class Quickstart:
         model = self.final("stage3")
         masks = [self.masks] if self.masks else None
         preset = {"bands.preset": self.opts.preset}
+        # fields chip by chip without overlap: the held-out scores judge each chip's own answers
         fields = run_inference([self.stack], model, self.path("predictions", "fields.gpkg"), task="fields",
-                               masks=masks, overrides=preset, batch_size=32, overwrite=True, progress=self.progress)
+                               masks=masks, overrides={**preset, "stride": CHIP}, batch_size=36, overwrite=True,
+                               progress=self.progress)
         growth = run_inference([self.stack], model, self.path("predictions", "growth.gpkg"), task="growth",
                                masks=masks, overrides=preset, fields=self.path("data", "stage3", "tables",
                                                                                "parcels.gpkg"),
@@ -251,18 +296,38 @@ class Quickstart:
                 raise ConfigError(f"inference failed on {report.failed[0].name}: {report.failed[0].message}")
         return {"fields": fields.to_dict(), "growth": growth.to_dict()}
 
-    def step_eval(self) -> dict[str, Any]:
-        """Field boundaries against the parcels of the outlined classes; stages against the derived ones."""
-        import geopandas as gpd
+    def heldout_chips(self) -> Any:
+        """The 32-px chips (non-overlapping grid) of the recipes' test blocks: never trained on."""
+        from agrivlm.eval.heldout import chip_grid
+        from agrivlm.geo.stack import open_stack
 
-        from agrivlm.eval import (
-            evaluate_fields,
-            evaluate_growth,
-            key_dates_from_stages,
-            write_field_report,
-            write_growth_report,
+        manifest = json.loads(self.path("data", "stage3", "manifest.json").read_text())
+        test = set(manifest["chips"]["by_split"]["test"])
+        chips = chip_grid(open_stack(self.stack, masks=self.masks), CHIP, CHIP)
+        return chips[chips.chip_id.isin(test)].reset_index(drop=True)
+
+    def step_eval(self) -> dict[str, Any]:
+        """Scores on the held-out test blocks only, beside baselines on the same chips and fields.
+
+        Fields: each held-out chip's answers against the parcels of the outlined classes clipped to it
+        (:func:`agrivlm.eval.heldout.evaluate_chipwise`), beside the whole chip as one field and a Felzenszwalb
+        segmentation of the NDVI time series (needs scikit-image). Growth: the stages of the fields inside the
+        held-out chips on the dates the model was asked about, against the stages derived from their NDVI curves,
+        beside the day-of-year climatology of every other field of the stack on the same (field, date) pairs.
+        """
+        import geopandas as gpd
+        import pandas as pd
+
+        from agrivlm.errors import EvalError
+        from agrivlm.eval import evaluate_growth, key_dates_from_stages, write_field_report, write_growth_report
+        from agrivlm.eval.heldout import (
+            evaluate_chipwise,
+            predict_climatology,
+            segmentation_baseline,
+            stage_climatology,
+            whole_chip_baseline,
         )
-        from agrivlm.geo.stack import resolve_inputs
+        from agrivlm.geo.stack import open_stack, resolve_inputs
 
         tables = self.path("data", "stage3", "tables")
         parcels = gpd.read_file(tables / "parcels.gpkg", layer="parcels")
@@ -271,17 +336,55 @@ class Quickstart:
         truth_path.parent.mkdir(parents=True, exist_ok=True)
         truth.to_file(truth_path, layer="fields", driver="GPKG")
         extent = resolve_inputs(self.stack)[0]
-        fields = evaluate_fields(self.path("predictions", "fields.gpkg"), truth_path, extent=extent,
-                                 truth_id="field_id")
+        chips = self.heldout_chips()
+        chips.to_file(self.path("eval", "heldout_chips.gpkg"), driver="GPKG")
+        info: dict[str, Any] = {"truth_fields": str(truth_path), "extent": str(extent),
+                                "heldout_chips": chips.chip_id.tolist(), "fields": None, "growth": None,
+                                "baselines": {}}
+        if chips.empty:
+            return info
+        pred = gpd.read_file(self.path("predictions", "fields.gpkg"))
+        pred = pred[pred.chip_id.isin(chips.chip_id)]
+        fields = evaluate_chipwise(pred, truth, chips, truth_id="field_id", extent=extent)
         write_field_report(fields, self.path("eval", "fields"), overwrite=True)
-        pred_stages = self.path("predictions", "growth_stages.csv")
-        pred_keys = self.path("eval", "pred_key_dates.csv")
-        key_dates_from_stages(pred_stages).to_csv(pred_keys, index=False)
-        growth = evaluate_growth(pred_stages, tables / "growth_stages.csv", pred_key_dates=pred_keys,
-                                 truth_key_dates=tables / "key_dates.csv")
+        info["fields"] = fields.to_dict()
+        baselines = {"whole chip": evaluate_chipwise(whole_chip_baseline(chips), truth, chips, truth_id="field_id",
+                                                     extent=extent).to_dict()}
+        try:
+            seg = segmentation_baseline(open_stack(self.stack, masks=self.masks), chips)
+            baselines["segmentation"] = evaluate_chipwise(seg, truth, chips, truth_id="field_id",
+                                                          extent=extent).to_dict()
+        except EvalError as exc:
+            log.info("segmentation baseline left out: %s", exc)
+        info["baselines"]["fields"] = baselines
+        # growth: fields inside the held-out chips, against the climatology of all the other fields
+        inside = truth[truth.intersects(chips.union_all())]
+        held = set(inside["field_id"].astype(str))
+        ref = pd.read_csv(tables / "growth_stages.csv", dtype=str, keep_default_na=False)
+        pred_st = pd.read_csv(self.path("predictions", "growth_stages.csv"), dtype=str, keep_default_na=False)
+        pred_st = pred_st[pred_st.field_id.isin(held)].drop_duplicates(["field_id", "date"])
+        held_ref = ref[ref.field_id.isin(held)]
+        if pred_st.empty or held_ref.empty:
+            return info
+        classes = dict(zip(truth["field_id"].astype(str), truth["class"].astype(str), strict=True)) \
+            if "class" in truth else {}
+        clim = stage_climatology([ref[~ref.field_id.isin(held)]], classes=classes)
+        # the (field, date) pairs the model was asked about: the same pairs for the model and the baseline
+        asked = held_ref.merge(pred_st[["field_id", "date"]], on=["field_id", "date"])
+        pred_path, truth_st = self.path("eval", "heldout_stages.csv"), self.path("eval", "heldout_truth_stages.csv")
+        pred_st[["field_id", "date", "stage"]].to_csv(pred_path, index=False)
+        asked.to_csv(truth_st, index=False)
+        pred_keys, truth_keys = self.path("eval", "pred_key_dates.csv"), self.path("eval", "truth_key_dates.csv")
+        key_dates_from_stages(pred_path).to_csv(pred_keys, index=False)
+        key_dates_from_stages(truth_st).to_csv(truth_keys, index=False)
+        growth = evaluate_growth(pred_path, truth_st, pred_key_dates=pred_keys, truth_key_dates=truth_keys)
         write_growth_report(growth, self.path("eval", "growth"), overwrite=True)
-        return {"fields": fields.to_dict(), "growth": growth.to_dict(), "truth_fields": str(truth_path),
-                "extent": str(extent)}
+        info["growth"] = growth.to_dict()
+        calendar = predict_climatology(asked, clim, classes=classes)
+        info["baselines"]["growth"] = {"climatology": evaluate_growth(
+            calendar, asked, pred_key_dates=key_dates_from_stages(calendar),
+            truth_key_dates=key_dates_from_stages(asked)).to_dict()}
+        return info
 
     def step_report(self) -> dict[str, Any]:
         """``report.html`` and its PNGs."""
@@ -312,6 +415,10 @@ class Quickstart:
             overall = bar.add_task("quickstart", total=len(STEPS))
             say = bar.console.print if self.progress else self.echo
             for step in STEPS:
+                if step.startswith("stage") and step not in self.opts.stages:
+                    say(f"– train {step} (skipped: fine-tuning the default checkpoint, agrivlm train default)")
+                    bar.advance(overall)
+                    continue
                 bar.update(overall, description=f"quickstart: {labels[step]}")
                 if self.done(step) is not None and step != "report":
                     say(f"✓ {labels[step]} (done earlier, kept)")

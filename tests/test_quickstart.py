@@ -18,8 +18,10 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 from shapely.geometry import box
 
+from agrivlm.errors import ConfigError
+
 ROOT = Path(__file__).resolve().parents[1]
-CROP = Window(0, 0, 64, 64)  # the north-west 640 m × 640 m of the sample: 9 chips of 32 px, stride 16
+CROP = Window(0, 0, 100, 100)  # 1 km × 1 km of the sample: 36 chips of 32 px, stride 16; held-out test blocks
 
 
 def _crop(src: Path, dst: Path) -> None:
@@ -65,36 +67,44 @@ def run(tmp_path_factory: pytest.TempPathFactory, user_data: dict[str, Path]) ->
 
 
 def test_every_artifact(run: Path, user_data: dict[str, Path]) -> None:
+    from agrivlm.default_checkpoint import default_model_path
+
     # chip index of the ingested stack
     index = gpd.read_file(run / "ingest" / "chips.gpkg")
-    assert len(index) == 9 and json.loads((run / "ingest" / "summary.json").read_text())["n_dates"] == 68
-    # instruction records of the three stages
-    for stage in ("stage1", "stage2", "stage3"):
-        manifest = json.loads((run / "data" / stage / "manifest.json").read_text())
-        assert sum(split["train"] for split in manifest["counts"]["by_family"].values()) > 0
-        assert list((run / "data" / stage / "shards").glob("train-*.jsonl"))
-    # three checkpoints that load, each starting from the previous one
+    assert len(index) == 36 and json.loads((run / "ingest" / "summary.json").read_text())["n_dates"] == 68
+    # instruction records of stage 3 (the default checkpoint went through stages 1 and 2 already)
+    manifest = json.loads((run / "data" / "stage3" / "manifest.json").read_text())
+    assert sum(split["train"] for split in manifest["counts"]["by_family"].values()) > 0
+    assert not (run / "data" / "stage1").exists() and not (run / "train" / "stage1").exists()
+    # the fine-tuned checkpoint loads and starts from the shipped default
     from agrivlm.model import load_pretrained
 
-    for stage in ("stage1", "stage2", "stage3"):
-        final = run / "train" / stage / "final"
-        model, processor = load_pretrained(final)
-        assert model.config.enable_lape == (stage != "stage1") and processor is not None
-        info = json.loads((final / "stage_info.json").read_text())
-        if stage != "stage1":
-            previous = run / "train" / f"stage{int(stage[-1]) - 1}" / "final"
-            assert Path(info["init_source"]).resolve() == previous.resolve()
+    final = run / "train" / "stage3" / "final"
+    model, processor = load_pretrained(final)
+    assert model.config.enable_lape and processor is not None
+    info = json.loads((final / "stage_info.json").read_text())
+    assert Path(info["init_source"]).resolve() == default_model_path().resolve()
     # predictions inside the stack's bounds, in its CRS
     fields = gpd.read_file(run / "predictions" / "fields.gpkg")
     assert fields.crs.to_epsg() == 32633
     if len(fields):
         assert fields.geometry.within(user_data["bounds"].buffer(1e-6)).all()
     assert (run / "predictions" / "growth_stages.csv").is_file()
-    # evaluator summaries with the issue's keys
+    # scores on the held-out test blocks only, with the baselines on the same chips
+    ev = json.loads((run / ".quickstart" / "eval.json").read_text())
+    held = ev["heldout_chips"]
+    assert held and set(held) <= set(manifest["chips"]["by_split"]["test"])
+    train_chips = set(manifest["chips"]["by_split"]["train"])
+    assert not set(held) & train_chips
     summary = json.loads((run / "eval" / "fields" / "summary.json").read_text())
     assert {"precision", "recall", "f1", "map_50_95", "mean_iou", "pixel_iou"} <= set(summary)
+    assert summary == ev["fields"] and "whole chip" in ev["baselines"]["fields"]
+    whole = ev["baselines"]["fields"]["whole chip"]
+    assert whole["n_pred"] == len(held) and whole["n_truth"] == summary["n_truth"] > 0
     growth = json.loads((run / "eval" / "growth" / "summary.json").read_text())
     assert {"accuracy", "macro_f1", "temporal_iou", "key_dates"} <= set(growth)
+    clim = ev["baselines"]["growth"]["climatology"]
+    assert clim["n_pairs"] == growth["n_pairs"] > 0  # the same (field, date) pairs for model and baseline
     # PNGs that decode and an HTML report that references them (and nothing online)
     html = (run / "report.html").read_text()
     images = re.findall(r"<img src='([^']+)'", html)
@@ -104,7 +114,8 @@ def test_every_artifact(run: Path, user_data: dict[str, Path]) -> None:
             im.load()
             assert im.size[0] > 300 and np.asarray(im.convert("L")).std() > 1, name
     assert "agrivlm explore --stack" in html and "agrivlm train stage3" in html and "http" not in html
-    assert "tiny dimensions, random weights" in html and f"{summary['f1']:.3f}" in html
+    assert "shipped default checkpoint" in html and f"{len(held)} chips of 32 px" in html
+    assert f"{summary['f1']:.3f}" in html and f"{whole['f1']:.3f}" in html
 
 
 def test_second_run_resumes_instead_of_redoing(run: Path, user_data: dict[str, Path]) -> None:
@@ -112,7 +123,8 @@ def test_second_run_resumes_instead_of_redoing(run: Path, user_data: dict[str, P
     start = time.perf_counter()
     res = _run(run, user_data)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.count("done earlier, kept") == 7 and time.perf_counter() - start < 60
+    assert res.stdout.count("done earlier, kept") == 5 and time.perf_counter() - start < 60
+    assert res.stdout.count("skipped: fine-tuning the default checkpoint") == 2
     assert (run / "train" / "stage3" / "final" / "model.safetensors").stat().st_mtime_ns == stamp
     other = _run(run, user_data, "--seed", "1")
     assert other.returncode != 0 and "made by a quickstart with other options (seed)" in other.stderr
@@ -138,7 +150,10 @@ def test_base_model_folder_starts_stage1_from_its_weights(tmp_path: Path) -> Non
                                        num_attention_heads=4, num_key_value_heads=2))
     llm.save_pretrained(base / "llm")
     tok.save_pretrained(base / "llm")
-    qs = Quickstart(tmp_path / "out", QuickstartOptions(steps=10, base_model=str(base)), progress=False)
+    with pytest.raises(ConfigError, match="--start scratch"):
+        QuickstartOptions(base_model=str(base))
+    qs = Quickstart(tmp_path / "out", QuickstartOptions(steps=10, base_model=str(base), start="scratch"),
+                    progress=False)
     over = qs.stage_overrides("stage1")
     cfg = load_stage_config(ROOT / "configs" / "stage1.yaml", over)
     built = build_stage_model(cfg).model
@@ -148,5 +163,12 @@ def test_base_model_folder_starts_stage1_from_its_weights(tmp_path: Path) -> Non
     assert torch.equal(built.get_input_embeddings().weight[: len(tok)], llm.get_input_embeddings().weight[: len(tok)])
     # with real weights stage 3 keeps the config's LoRA; the tiny random LLM is trained fully instead
     assert "trainable.llm.mode" not in qs.stage_overrides("stage3")
-    assert Quickstart(tmp_path / "o2", QuickstartOptions(), progress=False).stage_overrides("stage3")[
-        "trainable.llm.mode"] == "full"
+    assert Quickstart(tmp_path / "o2", QuickstartOptions(start="scratch"), progress=False).stage_overrides(
+        "stage3")["trainable.llm.mode"] == "full"
+    # from the default: stage 3 alone, from the shipped checkpoint, with every step of --steps
+    from agrivlm.default_checkpoint import default_model_path
+
+    opts = QuickstartOptions(steps=10)
+    assert opts.stages == ("stage3",) and opts.stage_steps() == {"stage3": 10}
+    over = Quickstart(tmp_path / "o3", opts, progress=False).stage_overrides("stage3")
+    assert over["model.init_from"] == str(default_model_path()) and over["train.max_steps"] == 10
