@@ -142,6 +142,16 @@ def test_lora_merge_of_a_state_dict_equals_peft_merging_the_layers() -> None:
     assert not any("lora_" in k or "base_layer" in k for k in merged)
 
 
+def test_lora_dropout_reaches_the_adapters() -> None:
+    from peft.tuners.lora import LoraLayer
+
+    model, _ = build_model()
+    set_trainable(model, Trainables(llm=LLMTraining.model_validate({"mode": "lora", "lora": {"dropout": 0.5}})))
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert layers and all(isinstance(m.lora_dropout["default"], torch.nn.Dropout)
+                          and m.lora_dropout["default"].p == 0.5 for m in layers)
+
+
 def test_full_llm_training_opens_the_llm_and_nothing_else() -> None:
     model, _ = build_model()
     groups, scaling = set_trainable(model, Trainables(lape=False, band_adapter=False, llm=LLMTraining(mode="full")))

@@ -285,7 +285,9 @@ def inject_lora(model: AgriVLMForConditionalGeneration, llm: LLMTraining) -> flo
             f"trainable.llm.lora.target_modules: {unknown} are not linear layers of the LLM; it has {sorted(names)}"
         )
     config = LoraConfig(
-        r=llm.lora.r, lora_alpha=llm.lora.alpha,  # type: ignore[arg-type]  # peft types it int; floats work lora_dropout=llm.lora.dropout,
+        r=llm.lora.r,
+        lora_alpha=llm.lora.alpha,  # type: ignore[arg-type]  # peft types it int; floats work
+        lora_dropout=llm.lora.dropout,
         target_modules=list(llm.lora.target_modules), bias="none",
     )
     LoraModel(model.language_model, config, "default")  # injects into model.language_model in place
