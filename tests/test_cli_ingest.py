@@ -83,3 +83,13 @@ def test_bad_input_messages(tmp_path: Path, setup: str, message: str) -> None:
     assert res.returncode == 1
     assert message in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_version_and_short_help_on_every_level() -> None:
+    from agrivlm import __version__
+
+    res = agrivlm("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"agrivlm {__version__}"
+    for args in (["-h"], ["infer", "-h"], ["train", "default", "-h"], ["eval", "-h"]):
+        res = agrivlm(*args)
+        assert res.returncode == 0 and "Usage: " in res.stdout, (args, res.stderr[-500:])
