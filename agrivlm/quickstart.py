@@ -296,14 +296,13 @@ class Quickstart:
                 raise ConfigError(f"inference failed on {report.failed[0].name}: {report.failed[0].message}")
         return {"fields": fields.to_dict(), "growth": growth.to_dict()}
 
-    def heldout_chips(self) -> Any:
-        """The 32-px chips (non-overlapping grid) of the recipes' test blocks: never trained on."""
+    def heldout_chips(self, stack: Any) -> Any:
+        """The 32-px chips (non-overlapping grid) of the recipes' test blocks of ``stack``: never trained on."""
         from agrivlm.eval.heldout import chip_grid
-        from agrivlm.geo.stack import open_stack
 
         manifest = json.loads(self.path("data", "stage3", "manifest.json").read_text())
         test = set(manifest["chips"]["by_split"]["test"])
-        chips = chip_grid(open_stack(self.stack, masks=self.masks), CHIP, CHIP)
+        chips = chip_grid(stack, CHIP, CHIP)
         return chips[chips.chip_id.isin(test)].reset_index(drop=True)
 
     def step_eval(self) -> dict[str, Any]:
@@ -336,7 +335,8 @@ class Quickstart:
         truth_path.parent.mkdir(parents=True, exist_ok=True)
         truth.to_file(truth_path, layer="fields", driver="GPKG")
         extent = resolve_inputs(self.stack)[0]
-        chips = self.heldout_chips()
+        stack = open_stack(self.stack, masks=self.masks)
+        chips = self.heldout_chips(stack)
         chips.to_file(self.path("eval", "heldout_chips.gpkg"), driver="GPKG")
         info: dict[str, Any] = {"truth_fields": str(truth_path), "extent": str(extent),
                                 "heldout_chips": chips.chip_id.tolist(), "fields": None, "growth": None,
@@ -351,7 +351,7 @@ class Quickstart:
         baselines = {"whole chip": evaluate_chipwise(whole_chip_baseline(chips), truth, chips, truth_id="field_id",
                                                      extent=extent).to_dict()}
         try:
-            seg = segmentation_baseline(open_stack(self.stack, masks=self.masks), chips)
+            seg = segmentation_baseline(stack, chips)
             baselines["segmentation"] = evaluate_chipwise(seg, truth, chips, truth_id="field_id",
                                                           extent=extent).to_dict()
         except EvalError as exc:

@@ -227,6 +227,10 @@ class ChipPreparer:
         if task == "growth" and fields is None:
             raise InferError("--task growth needs --fields PATH: the field polygons whose stages to predict")
         self.fields_prompt = fields_question(vocab)
+        # the point grid's questions are the same for every chip: rendered once
+        centres = [round(float(c), 6) for c in (np.arange(config.point_grid) + 0.5) / config.point_grid]
+        self.point_prompts = [((u, v), field_at_point_question(vocab, (u, v))) for v in centres for u in centres] \
+            if task == "fields" and config.fields_prompt == "points" else []
 
     def prepare(self, chip: Chip) -> ChipQuestions:
         """The chip's questions.
@@ -240,16 +244,9 @@ class ChipPreparer:
             return self._growth(chip)
         frames = chip_frames(chip, self.config)
         visual = make_visual(frames, self.config)
-        if self.task == "fields" and self.config.fields_prompt == "points":
-            n = self.config.point_grid
-            questions = []
-            for v in (np.arange(n) + 0.5) / n:
-                for u in (np.arange(n) + 0.5) / n:
-                    point = (round(float(u), 6), round(float(v), 6))
-                    prompt = field_at_point_question(self.vocab, point)
-                    questions.append(Question(visual, build_prompt(prompt.text, len(frames)), prompt.positions,
-                                              {"point": list(point)}))
-            return ChipQuestions(questions)
+        if self.point_prompts:
+            return ChipQuestions([Question(visual, build_prompt(prompt.text, len(frames)), prompt.positions,
+                                           {"point": list(point)}) for point, prompt in self.point_prompts])
         if self.task == "fields":
             prompt = self.fields_prompt
             return ChipQuestions([Question(visual, build_prompt(prompt.text, len(frames)), prompt.positions)])

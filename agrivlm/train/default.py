@@ -208,17 +208,14 @@ def install(final: Path, target: Path = DEFAULT_MODEL_DIR) -> Path:
     """Copy a final folder into the package as the default checkpoint, weights in float16."""
     from safetensors.torch import load_file, save_file
 
-    tmp = target.with_name(f".{target.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(final, tmp)
-    for weights in tmp.glob("*.safetensors"):
-        tensors = load_file(weights)
-        half = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
-        save_file(half, weights, metadata={"format": "pt"})
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    from agrivlm.geo.index import atomic_dir
+
+    with atomic_dir(target) as tmp:
+        shutil.copytree(final, tmp, dirs_exist_ok=True)
+        for weights in tmp.glob("*.safetensors"):
+            tensors = load_file(weights)
+            half = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+            save_file(half, weights, metadata={"format": "pt"})
     return target
 
 
