@@ -276,6 +276,31 @@ def test_mixture_proportions_match_the_config(api_build) -> None:
             assert abs(counts[comp] / n - w) <= 0.02 and report.proportions[comp] == counts[comp] / n
 
 
+def test_a_mixture_component_can_hold_chosen_tasks_only(api_build) -> None:
+    """``tasks:`` on a component pools only those tasks of its families; a task of another family is refused."""
+    prep, pools, _, _ = api_build
+    comps = {
+        "asked": {"families": ["field_boundaries", "growth_stages"], "tasks": ["field_at_point", "stage_on_date"],
+                  "weight": 0.5},
+        "agricultural": {"families": ["field_boundaries", "growth_stages"], "weight": 0.5},
+    }
+    raw = prep.cfg.model_dump()
+    raw["mixture"] = {"components": comps, "samples": {"train": 1000, "val": "max_unique", "test": "max_unique"}}
+    cfg = type(prep.cfg).model_validate(raw)
+    arranged, reports = arrange(dataclasses.replace(prep, cfg=cfg), pools)
+    train = arranged["train"]
+    assert len(train) == 1000 and reports["train"].proportions == {"asked": 0.5, "agricultural": 0.5}
+    asked = Counter(r.task for r in train)
+    every = Counter(r.task for f in ("field_boundaries", "growth_stages") for r in pools[f] if r.split == "train")
+    share = (asked["field_at_point"] + asked["stage_on_date"]) / len(train)
+    base = (every["field_at_point"] + every["stage_on_date"]) / sum(every.values())
+    # half the samples from the asked pool, half from all: the asked tasks' share is 0.5 + 0.5 × their base share
+    assert abs(share - (0.5 + 0.5 * base)) <= 0.04, (share, base)
+    raw["mixture"]["components"]["asked"]["tasks"] = ["field_at_point", "caption"]
+    with pytest.raises(ValueError, match=r"mixture.components.asked.tasks: caption not a task of field_boundaries"):
+        type(prep.cfg).model_validate(raw)
+
+
 def test_outputs_tables_plots_and_manifest(api_build, sample_root: Path) -> None:
     _, _, out, _ = api_build
     manifest = json.loads((out / "manifest.json").read_text())

@@ -384,6 +384,7 @@ def arrange(
             recs = [
                 r for fam in comp.families for r in pools[fam]
                 if r.split == split and (not comp.text_only or not r.has_positions)
+                and (comp.tasks is None or r.task in comp.tasks)
             ]
             sub_pools, sub_weights = _component_pools(preps, recs, name)
             comp_pools.update(sub_pools)

@@ -33,6 +33,11 @@ FIELD_TASKS: tuple[FieldTask, ...] = get_args(FieldTask)
 GROWTH_TASKS: tuple[GrowthTask, ...] = get_args(GrowthTask)
 GENERAL_TASKS: tuple[GeneralTask, ...] = get_args(GeneralTask)
 SPATIAL_TASKS: tuple[SpatialTask, ...] = get_args(SpatialTask)
+#: The tasks of each family.
+FAMILY_TASKS: dict[str, tuple[str, ...]] = {
+    "field_boundaries": FIELD_TASKS, "growth_stages": GROWTH_TASKS, "general_rs": GENERAL_TASKS,
+    "spatial_reasoning": SPATIAL_TASKS,
+}
 
 
 def _default_fractions() -> dict[SplitName, float]:
@@ -347,6 +352,9 @@ class MixtureComponent(StrictModel):
     weight: float = Field(gt=0.0)
     #: Keep only records without positions (stage 1: alignment without LAPE).
     text_only: bool = False
+    #: Keep only these tasks of the families (None: every task). The default checkpoint gives the
+    #: questions ``agrivlm infer`` asks (``field_at_point``, ``stage_on_date``) a component of their own.
+    tasks: list[FieldTask | GrowthTask | GeneralTask | SpatialTask] | None = None
 
 
 class MixtureConfig(StrictModel):
@@ -425,6 +433,12 @@ class RecipeConfig(StrictModel):
                 for fam in comp.families:
                     if fam not in enabled:
                         raise ValueError(f"mixture.components.{name}: family {fam} is not enabled under tasks")
+                if comp.tasks is not None:
+                    known = {t for fam in comp.families for t in FAMILY_TASKS[fam]}
+                    bad = [t for t in comp.tasks if t not in known]
+                    if bad:
+                        raise ValueError(f"mixture.components.{name}.tasks: {', '.join(bad)} not a task of "
+                                         f"{', '.join(comp.families)}")
         for split in self.split.fractions:
             if split not in SPLITS:
                 raise ValueError(f"split.fractions: unknown split {split}")
