@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -99,9 +99,11 @@ def ingest(
     stride: Annotated[int | None, typer.Option(help="Step between chips in pixels (default: chip size).")] = None,
     masks: Annotated[list[str] | None, typer.Option("--masks", help="Per-date mask files (cloud = non-zero).")] = None,
     date: Annotated[list[str] | None, typer.Option("--date", help="FILE=YYYY-MM-DD, wins over tags/names.")] = None,
-    same_day: Annotated[str, typer.Option(help="Same-day acquisitions: keep | first | mosaic.")] = "keep",
-    edge: Annotated[str, typer.Option(help="Remainder at the raster edge: snap | drop.")] = "snap",
-    index_format: Annotated[str, typer.Option("--format", help="Chip index format: gpkg | parquet.")] = "gpkg",
+    same_day: Annotated[Literal["keep", "first", "mosaic"], typer.Option(
+        help="Same-day acquisitions: keep | first | mosaic.")] = "keep",
+    edge: Annotated[Literal["snap", "drop"], typer.Option(help="Remainder at the raster edge: snap | drop.")] = "snap",
+    index_format: Annotated[Literal["gpkg", "parquet"], typer.Option(
+        "--format", help="Chip index format: gpkg | parquet.")] = "gpkg",
     validate: Annotated[bool, typer.Option(help="Read every block of every file before writing anything.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -148,7 +150,7 @@ def quickstart(
     base_model: Annotated[str | None, typer.Option(
         help="Folder with vision/ (SigLIP/CLIP) and llm/ (Qwen2/Llama) checkpoints to train stage 1 → 2 → 3 "
              "from (implies --start scratch).")] = None,
-    start: Annotated[str | None, typer.Option(
+    start: Annotated[Literal["default", "scratch"] | None, typer.Option(
         help="default: fine-tune the shipped default checkpoint (stage 3); scratch: stage 1 → 2 → 3 of the tiny "
              "random model or of --base-model. Default: default, or scratch with --base-model.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of data and training.")] = 0,

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
 from agrivlm.default_checkpoint import resolve_model
+
+#: The choices of --task and --dtype (usage errors, exit 2); the same as agrivlm.infer.prompts.TASKS and
+#: agrivlm.infer.generate.DTYPES (a test keeps them equal; spelled out here so the CLI starts without torch).
+TaskChoice = Literal["fields", "growth", "ask"]
+DtypeChoice = Literal["float32", "bfloat16", "float16"]
 
 
 def infer(
@@ -17,8 +22,8 @@ def infer(
         "--model", "-m", help="Checkpoint folder (save_pretrained of model and processor), or `default` for "
         "the checkpoint shipped in the package.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Predictions: .gpkg or .geojson (journal, report beside).")],
-    task: Annotated[str, typer.Option(help="fields (boxes of fields) | growth (stage per field and date) | ask.")] = (
-        "fields"),
+    task: Annotated[TaskChoice, typer.Option(
+        help="fields (outlines of fields) | growth (stage per field and date) | ask.")] = "fields",
     masks: Annotated[list[str] | None, typer.Option(
         "--masks", help="Per-date cloud masks of each stack (cloud = non-zero), one --masks per INPUT.")] = None,
     question: Annotated[str | None, typer.Option(help="--task ask: the question asked about every chip.")] = None,
@@ -29,7 +34,7 @@ def infer(
     field_class: Annotated[str | None, typer.Option(
         help="Land-use class column of --fields, used in the questions (\"the grassland parcel at …\").")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="Model dtype: float32 | bfloat16 | float16.")] = "float32",
+    dtype: Annotated[DtypeChoice, typer.Option(help="Model dtype: float32 | bfloat16 | float16.")] = "float32",
     batch_size: Annotated[int, typer.Option(help="Questions per generation batch (chips are batched together).")] = 8,
     max_new_tokens: Annotated[int | None, typer.Option(
         help="Most tokens per answer (default: fields 512 — 12 outlines of 8 vertices —, growth 8, ask 64).")] = None,
