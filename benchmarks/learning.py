@@ -40,6 +40,7 @@ from agrivlm.eval.boundaries import FieldEvaluation
 from agrivlm.eval.growth import evaluate_growth, key_dates_from_stages
 from agrivlm.eval.heldout import (
     chip_grid,
+    constant_stack,
     evaluate_chipwise,
     predict_climatology,
     segmentation_baseline,
@@ -137,8 +138,17 @@ def evaluate_scene(model: Path, scene: EvalScene, out: Path, climatology: pd.Dat
     pred = gpd.read_file(fields_out)
     pred = pred[pred.chip_id.isin(chips.chip_id)]
     res: dict[str, Any] = {"chips": len(chips)}
+    # the control: the same model on the stack with every pixel one value (what it says without looking)
+    blind_out = out / f"{scene.name}_fields_constant.gpkg"
+    blind_stack = constant_stack(scene.stack, out / f"{scene.name}_constant_stack")
+    run_inference([str(blind_stack)], model, blind_out, task="fields",
+                  masks=[str(scene.masks)] if scene.masks else None, overrides={"stride": size},
+                  batch_size=16, overwrite=True, restart=True, progress=False, threads=threads)
+    blind = gpd.read_file(blind_out)
+    blind = blind[blind.chip_id.isin(chips.chip_id)]
     res["fields"] = {
         "model": _field_row(evaluate_chipwise(pred, scene.parcels, chips, extent=extent)),
+        "model_constant_frames": _field_row(evaluate_chipwise(blind, scene.parcels, chips, extent=extent)),
         "whole_chip": _field_row(evaluate_chipwise(whole_chip_baseline(chips), scene.parcels, chips, extent=extent)),
         "segmentation": _field_row(evaluate_chipwise(segmentation_baseline(stack, chips), scene.parcels, chips,
                                                      extent=extent)),
@@ -204,10 +214,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     sets = list(result["sets"])
     curve = result.get("learning_curve") or []
     fig, axes = plt.subplots(1, 3 if curve else 2, figsize=(16 if curve else 11, 4))
-    width = 0.25
-    for k, who in enumerate(("model", "whole_chip", "segmentation")):
+    methods = [m for m in ("model", "model_constant_frames", "whole_chip", "segmentation")
+               if all(m in result["sets"][s]["fields"] for s in sets)]
+    width = 0.8 / len(methods)
+    for k, who in enumerate(methods):
         vals = [result["sets"][s]["fields"][who]["f1"] for s in sets]
-        axes[0].bar(np.arange(len(sets)) + (k - 1) * width, vals, width, label=who)
+        axes[0].bar(np.arange(len(sets)) + (k - (len(methods) - 1) / 2) * width, vals, width, label=who)
     axes[0].set_xticks(range(len(sets)), sets, fontsize=8)
     axes[0].set_ylabel("object F1 @ IoU 0.5 (held out)")
     axes[0].legend()
@@ -262,7 +274,8 @@ def main() -> None:
             rows.append(evaluate_scene(model, sc, args.work / "pred" / name, clim, growth_fields, args.threads))
         result["sets"][name] = merge_rows(rows)
         f, g = result["sets"][name]["fields"], result["sets"][name]["growth"]
-        print(f"  F1@0.5 model {f['model']['f1']:.3f} | whole chip {f['whole_chip']['f1']:.3f} | segmentation "
+        print(f"  F1@0.5 model {f['model']['f1']:.3f} | on constant frames {f['model_constant_frames']['f1']:.3f} "
+              f"| whole chip {f['whole_chip']['f1']:.3f} | segmentation "
               f"{f['segmentation']['f1']:.3f};  stage acc model {g['model']['stage_accuracy']:.3f} | climatology "
               f"{g['climatology']['stage_accuracy']:.3f};  green-up median days model "
               f"{g['model']['green_up_median_days']} | climatology {g['climatology']['green_up_median_days']}")

@@ -10,6 +10,9 @@ object, so a prediction can only match the truth of its own chip.
 Baselines, scored the same way:
 
 * :func:`whole_chip_baseline` — each chip answered as one field (what an untrained model tends to say);
+* the model itself on :func:`constant_stack` — the stack with every valid pixel set to one value: what it
+  answers from the prompt alone (a typical field around a point prompt). A model that found fields in the
+  pixels beats it; one that learned only the shape of an average answer does not;
 * :func:`segmentation_baseline` — unsupervised: Felzenszwalb's graph segmentation (scikit-image) of each
   chip's per-pixel temporal NDVI features (clear-sky medians over ``n_periods`` periods of the season),
   segments of at least ``min_area_px`` pixels vectorised to polygons;
@@ -115,6 +118,37 @@ def evaluate_chipwise(pred: gpd.GeoDataFrame, truth: gpd.GeoDataFrame, chips: gp
 def whole_chip_baseline(chips: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     """Each chip answered as one field covering it."""
     return chips[["chip_id", "geometry"]].copy()
+
+
+def constant_stack(stack_dir: str | Path, out: str | Path) -> Path:
+    """A copy of a folder of GeoTIFFs (one per date) with every valid pixel set to their median.
+
+    Same grid, dates, tags, nodata and file names: the model sees the same chips and dates with nothing
+    in them. Used as a control: the model's score on it is what it answers without looking.
+    """
+    import rasterio
+
+    src_dir, dst = Path(stack_dir), Path(out)
+    files = sorted(src_dir.glob("*.tif"))
+    if not files:
+        raise EvalError(f"{src_dir}: no .tif files to copy")
+    dst.mkdir(parents=True, exist_ok=True)
+    values = []
+    for f in files:
+        with rasterio.open(f) as src:
+            data, nodata = src.read(), src.nodata
+        values.append(data[np.isfinite(data) & (data != nodata)] if nodata is not None else data[np.isfinite(data)])
+    median = float(np.median(np.concatenate(values)))
+    for f in files:
+        with rasterio.open(f) as src:
+            profile, data, tags, desc = src.profile, src.read(), src.tags(), src.descriptions
+        valid = np.isfinite(data) & (data != src.nodata) if src.nodata is not None else np.isfinite(data)
+        data[valid] = median
+        with rasterio.open(dst / f.name, "w", **profile) as out_file:
+            out_file.write(data)
+            out_file.update_tags(**tags)
+            out_file.descriptions = desc
+    return dst
 
 
 def temporal_features(stack: Stack, window: Window, n_periods: int = 6) -> npt.NDArray[np.float32]:
