@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
@@ -78,14 +79,35 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _silence(ctx: typer.Context) -> None:
+    """``-q``: standard output and error discarded while the command runs (progress bars, tables, summaries).
+
+    The log handler (made before, on the real standard error) still shows errors, and agrivlm's own errors
+    are printed by :func:`main` once the command has ended, as their one line.
+    """
+    saved = sys.stdout, sys.stderr
+    sink = open(os.devnull, "w")  # noqa: SIM115 (closed when the command ends)
+    sys.stdout = sys.stderr = sink
+
+    def restore() -> None:
+        sys.stdout, sys.stderr = saved
+        sink.close()
+
+    ctx.call_on_close(restore)
+
+
 @app.callback()
 def _root(
+    ctx: typer.Context,
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output.")] = 0,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="Only errors: no progress bars, tables or summaries.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
     _logging(verbose, quiet)
+    if quiet:
+        _silence(ctx)
 
 
 app.add_typer(eval_app, name="eval")

@@ -1,4 +1,4 @@
-"""Options with a fixed set of values are choices: a wrong value is a usage error (exit 2) naming the option."""
+"""CLI conventions: fixed-value options are choices (a wrong value is a usage error, exit 2); -q is quiet."""
 
 from __future__ import annotations
 
@@ -39,3 +39,23 @@ def test_a_wrong_choice_is_a_usage_error(tmp_path: Path, args: list[str], option
     assert res.exit_code == 2, res.output
     assert f"Invalid value for '{option}'" in res.output
     assert not any(tmp_path.iterdir()), "nothing is written on a usage error"
+
+
+def test_quiet_prints_nothing_but_errors(tmp_path: Path) -> None:
+    """``-q``: no progress bar, no summary; an error is still its one line on standard error."""
+    import subprocess
+    import sys
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "agrivlm.cli", *args], capture_output=True, text=True,
+                              timeout=120)
+
+    loud = run("synth", "--out", str(tmp_path / "a"), "--area-km2", "0.05")
+    assert loud.returncode == 0 and "dates" in loud.stdout and "%" in loud.stderr
+    quiet = run("-q", "synth", "--out", str(tmp_path / "b"), "--area-km2", "0.05")
+    assert quiet.returncode == 0 and (quiet.stdout, quiet.stderr) == ("", "")
+    assert (tmp_path / "b" / "scene.json").is_file()
+    failed = run("-q", "synth", "--out", str(tmp_path / "b"), "--area-km2", "0.05")
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert failed.stderr.strip().splitlines() == [f"error: {tmp_path / 'b'}: already exists; pass --overwrite to "
+                                                  "replace it"]
