@@ -135,3 +135,20 @@ def test_eval_growth_cli_and_a_clear_error(tmp_path: Path) -> None:
                   "--out", str(tmp_path / "g2"))
     assert bad.returncode == 1 and "bad.csv: unknown stage word(s) ['ripe']" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "g2" / "summary.json").exists()
+
+
+def test_eval_fields_refuses_layers_that_do_not_meet(tmp_path: Path, sample_root: Path) -> None:
+    """Predictions 100 km from the truth (here: UTM numbers labelled another zone) are a CRS mistake, not zeros."""
+    truth = gpd.read_file(sample_root / "parcels.gpkg")
+    truth.set_geometry(truth.geometry.translate(100_000.0, 0.0)).to_file(tmp_path / "shifted.gpkg")
+    res = agrivlm("eval", "fields", "--pred", str(tmp_path / "shifted.gpkg"), "--truth",
+                  str(sample_root / "parcels.gpkg"), "--out", str(tmp_path / "e"))
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 1 and len(lines) == 1, res.stderr
+    assert "shifted.gpkg" in lines[0] and "parcels.gpkg" in lines[0] and "do not overlap: 97.6 km apart" in lines[0]
+    assert not (tmp_path / "e").exists()
+    # the same layer a little off still scores (a model's miss is a result)
+    truth.set_geometry(truth.geometry.translate(300.0, 0.0)).to_file(tmp_path / "near.gpkg")
+    ok = agrivlm("eval", "fields", "--pred", str(tmp_path / "near.gpkg"), "--truth",
+                 str(sample_root / "parcels.gpkg"), "--out", str(tmp_path / "e2"))
+    assert ok.returncode == 0, ok.stderr

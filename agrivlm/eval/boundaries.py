@@ -446,6 +446,29 @@ DEFINITIONS: dict[str, str] = {
 }
 
 
+def check_layers_meet(truth: Layer, pred: Layer) -> None:
+    """Refuse layers that lie apart by more than their own size: a wrong CRS label, not a model's miss.
+
+    Scoring them would give zeros that look like a model's result; both layers are in the metric CRS here.
+
+    Raises:
+        EvalError: naming both sources, their CRSs as read and the gap.
+
+    """
+    if not len(truth.geoms) or not len(pred.geoms):
+        return
+    t = shapely.total_bounds(truth.geoms)
+    p = shapely.total_bounds(pred.geoms)
+    gap = float(np.hypot(max(t[0] - p[2], p[0] - t[2], 0.0), max(t[1] - p[3], p[1] - t[3], 0.0)))
+    size = max(float(np.hypot(t[2] - t[0], t[3] - t[1])), float(np.hypot(p[2] - p[0], p[3] - p[1])), 1.0)
+    if gap > size:
+        raise EvalError(
+            f"{pred.source} ({pred.source_crs}) and {truth.source} ({truth.source_crs}) do not overlap: "
+            f"{gap / 1000:.1f} km apart, more than either layer's extent; check that each file's CRS is the one "
+            "its coordinates are in"
+        )
+
+
 def evaluate_fields(
     pred: str | Path | gpd.GeoDataFrame,
     truth: str | Path | gpd.GeoDataFrame,
@@ -481,6 +504,7 @@ def evaluate_fields(
     t_layer = prepare_layer(truth_frame, truth_src, "truth", crs, truth_id, boxes)
     p_layer = prepare_layer(pred_frame, pred_src, "prediction", crs, pred_id, boxes)
 
+    check_layers_meet(t_layer, p_layer)
     ti, pj, iou = pairwise_iou(t_layer.geoms, p_layer.geoms)
     n_t, n_p = len(t_layer.geoms), len(p_layer.geoms)
     per_t = []
