@@ -361,3 +361,17 @@ def test_bad_recipes_and_existing_outputs_are_clear_errors(tmp_path: Path, cli_b
                    "weight: 0.5}\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: mixture.components: .*weights must sum to 1"):
         load_recipe(bad)
+
+
+def test_parcels_that_miss_the_stack_are_refused(tmp_path: Path, sample_root: Path) -> None:
+    """Parcels 100 km off (a wrong CRS label) or an empty layer would make every answer 'no fields': refused."""
+    parcels = gpd.read_file(sample_root / "parcels.gpkg")
+    parcels.set_geometry(parcels.geometry.translate(0.0, 100_000.0)).to_file(tmp_path / "off.gpkg")
+    parcels.iloc[:0].to_file(tmp_path / "none.gpkg")
+    for name, msg in (("off.gpkg", r"off.gpkg: has 88 parcels, none on the stack \(parcels \(.*check the layer's CRS"),
+                      ("none.gpkg", r"none.gpkg: holds no parcels")):
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(f"extends: {RECIPES / 'field_boundaries.yaml'}\nsource:\n  parcels: {tmp_path / name}\n")
+        with pytest.raises(ConfigError, match=msg):
+            build_recipe(recipe, tmp_path / f"out_{name}", progress=False)
+        assert not (tmp_path / f"out_{name}").exists()

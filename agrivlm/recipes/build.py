@@ -194,6 +194,10 @@ def source_chip_id(origin: ResolvedSource | None, window: Window) -> str:
     return f"{origin.name}/{cid}" if origin is not None and origin.name is not None else cid
 
 
+def _bounds(b: Any) -> str:
+    return "(" + ", ".join(f"{float(v):.0f}" for v in b) + ")"
+
+
 def prepare(cfg: RecipeConfig, base_dir: Path, progress: bool = True, origin: ResolvedSource | None = None) -> Prepared:
     """Open a source, cut and split the chip grid, scan the stack, derive phenology, clip parcels.
 
@@ -216,6 +220,12 @@ def prepare(cfg: RecipeConfig, base_dir: Path, progress: bool = True, origin: Re
         src.parcels, base_dir, stack.crs, layer=src.parcel_layer, id_column=src.id_column,
         class_column=src.class_column, class_names=src.class_names,
     )
+    footprint = stack.grid.footprint()
+    if not len(parcels) or not parcels.intersects(footprint).any():
+        what = "holds no parcels" if not len(parcels) else (
+            f"has {len(parcels)} parcels, none on the stack (parcels {_bounds(parcels.total_bounds)}, stack "
+            f"{_bounds(footprint.bounds)} in {stack.crs}); check the layer's CRS")
+        raise ConfigError(f"{src.parcels}: {what}: every answer would be 'no fields'")
     t, _, h, w = stack.shape
     windows = chip_windows(h, w, cfg.chips.size, cfg.chips.stride, cfg.chips.edge)
     if origin.split is not None:
