@@ -89,6 +89,14 @@ def test_cli_refuses_resume_without_checkpoint_and_clobbering_a_run(tmp_path: Pa
     assert "--resume to continue it or --overwrite" in str(result.exception)
     result = CliRunner().invoke(app, ["train", "stage1", "--config", str(cfg), "--set", "stage=stage3"])
     assert isinstance(result.exception, ConfigError) and "configures stage3, but stage1" in str(result.exception)
+    # --overwrite with an input that is not there: refused before the previous run is touched
+    (tmp_path / "run" / "final").mkdir()
+    (tmp_path / "run" / "final" / "model.safetensors").write_bytes(b"previous")
+    result = CliRunner().invoke(app, ["train", "stage1", "--config", str(cfg), "--overwrite",
+                                      "--set", f"data.roots=[{tmp_path / 'nowhere'}]"])
+    assert result.exit_code != 0 and "nowhere" in str(result.exception)
+    assert (tmp_path / "run" / "final" / "model.safetensors").read_bytes() == b"previous"
+    assert (tmp_path / "run" / "logs").is_dir()
 
 
 # -- learning rates ----------------------------------------------------------------------------------------

@@ -240,20 +240,27 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _prepare_output(out: Path, resume: bool, overwrite: bool, is_main: bool) -> None:
-    has_run = (out / "checkpoints").exists() or (out / "final").exists() or (out / "logs").exists()
-    if resume:
-        return
-    if has_run and not overwrite:
+def _has_run(out: Path) -> bool:
+    return (out / "checkpoints").exists() or (out / "final").exists() or (out / "logs").exists()
+
+
+def _check_output(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start over a previous run without ``overwrite`` (nothing is removed here)."""
+    if not resume and _has_run(out) and not overwrite:
         raise ConfigError(
             f"{out}: already holds a run (checkpoints/, logs/ or final/); pass --resume to continue it or "
             "--overwrite to start over"
         )
-    if has_run and is_main:
-        for name in ("checkpoints", "final", "final.partial", "logs"):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
+
+
+def _clear_previous(out: Path, resume: bool, is_main: bool) -> None:
+    """``overwrite``: remove the previous run, once the new one's model and data have loaded."""
+    if resume or not is_main or not _has_run(out):
+        return
+    for name in ("checkpoints", "final", "final.partial", "logs"):
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
 
 
 def run_stage(
@@ -352,8 +359,7 @@ class _Run:
                 f"{ckpt_root}: no complete checkpoint to resume from; run without --resume to start the stage"
             )
         acc = self._accelerator()
-        _prepare_output(out, self.resume, self.overwrite, acc.is_main_process)
-        acc.wait_for_everyone()
+        _check_output(out, self.resume, self.overwrite)
         out.mkdir(parents=True, exist_ok=True)
         set_seed(cfg.train.seed)
 
@@ -365,6 +371,10 @@ class _Run:
         val_records, _ = select_records(read_split(cfg.data.roots, "val"), cfg.data, cfg.train.seed, False)
         stats = _band_stats(cfg, sm, train_records, stacks)
         self.inputs = checkpoint_inputs(cfg, stats, train_records)
+        # --overwrite removes the previous run only now: a missing data root, model config or init_from
+        # raised above and left it as it was
+        _clear_previous(out, self.resume, acc.is_main_process)
+        acc.wait_for_everyone()
         vocab = processor.vocab
         frames, norm, seed = cfg.data.frames, cfg.data.normalize, cfg.train.seed
         train_ds = RecordDataset(train_records, frames, norm, vocab, seed, stats, stacks=stacks)
