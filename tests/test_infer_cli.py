@@ -227,6 +227,11 @@ def test_a_bad_stack_is_named_and_skipped_the_others_go_on(ckpt: Path, sample_ro
     report = json.loads((tmp_path / "pred_report.json").read_text())
     assert report["chips_processed"] == 0 and report["chips_resumed"] == 9
     assert gpd.read_file(out).equals(pred)
+    # --restart on stacks that all fail: an error, and the good output of before stays as it was
+    before = out.read_bytes()
+    with pytest.raises(InferError, match=rf"no stack could be read \(.*\); {re.escape(str(out))} left as it was"):
+        infer(nocrs, damaged, "--model", ckpt, "--out", out, "--stride", "64", "--restart")
+    assert out.read_bytes() == before
     with pytest.raises(InferError, match="2 --masks for 1 INPUTS"):
         infer(*args[:1], "--model", ckpt, "--out", tmp_path / "x.gpkg", "--masks", "a", "--masks", "b")
 

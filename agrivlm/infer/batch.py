@@ -776,6 +776,11 @@ def run_inference(
         finally:
             bar.close()
         report.seconds = time.perf_counter() - loop_start
+        if stacks and not any(o.ok for o in report.stacks):
+            # nothing was read: an existing output (a previous run's, even with --restart/--overwrite) stays
+            failed = "; ".join(f"{o.name}: {o.message}" for o in report.stacks)
+            kept = f"{out} left as it was" if out.exists() else "nothing written"
+            raise InferError(f"no stack could be read ({failed}); {kept}")
         keys, names = [s.key for s in stacks], [s.name for s in stacks]
         if task == "growth":
             stages = stage_table(journal, keys, names)
