@@ -223,9 +223,15 @@ tasks:
         assert truth[(m["field_id"], m["date"][:10])] == m["stage"] == r["conversation"][-1]["text"]
 
 
+def test_unknown_region_or_band_set_is_refused_by_the_library() -> None:
+    """The CLI refuses them as choices (usage error, tests/test_cli_choices.py); the library names them too."""
+    with pytest.raises(SynthError, match="unknown region 'atlantis'"):
+        SceneSpec(region="atlantis").validate()
+    with pytest.raises(SynthError, match="unknown band set 'rgb'"):
+        SceneSpec(bands="rgb").validate()
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--region", "atlantis"], "unknown region 'atlantis'"),
-    (["--bands", "rgb"], "unknown band set 'rgb'"),
     (["--area-km2", "0"], "--area-km2 must be > 0"),
     (["--area-km2", "-3"], "--area-km2 must be > 0"),
     (["--start", "2022-05-01", "--end", "2022-01-01"], "is not after --start"),
