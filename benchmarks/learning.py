@@ -131,21 +131,19 @@ def evaluate_scene(model: Path, scene: EvalScene, out: Path, climatology: pd.Dat
         chips = chips[chips.chip_id.isin(scene.chip_filter)]
     extent = sorted(Path(scene.stack).glob("*.tif"))[0]
     out.mkdir(parents=True, exist_ok=True)
-    fields_out = out / f"{scene.name}_fields.gpkg"
-    run_inference([str(scene.stack)], model, fields_out, task="fields",
-                  masks=[str(scene.masks)] if scene.masks else None, overrides={"stride": size},
-                  batch_size=16, overwrite=True, restart=True, progress=False, threads=threads)
-    pred = gpd.read_file(fields_out)
-    pred = pred[pred.chip_id.isin(chips.chip_id)]
-    res: dict[str, Any] = {"chips": len(chips)}
+    masks = [str(scene.masks)] if scene.masks else None
+
+    def fields_of(stack_dir: Path, path: Path) -> gpd.GeoDataFrame:
+        run_inference([str(stack_dir)], model, path, task="fields", masks=masks, overrides={"stride": size},
+                      batch_size=16, overwrite=True, restart=True, progress=False, threads=threads)
+        found = gpd.read_file(path)
+        return found[found.chip_id.isin(chips.chip_id)]
+
+    pred = fields_of(scene.stack, out / f"{scene.name}_fields.gpkg")
     # the control: the same model on the stack with every pixel one value (what it says without looking)
-    blind_out = out / f"{scene.name}_fields_constant.gpkg"
-    blind_stack = constant_stack(scene.stack, out / f"{scene.name}_constant_stack")
-    run_inference([str(blind_stack)], model, blind_out, task="fields",
-                  masks=[str(scene.masks)] if scene.masks else None, overrides={"stride": size},
-                  batch_size=16, overwrite=True, restart=True, progress=False, threads=threads)
-    blind = gpd.read_file(blind_out)
-    blind = blind[blind.chip_id.isin(chips.chip_id)]
+    blind = fields_of(constant_stack(scene.stack, out / f"{scene.name}_constant_stack"),
+                      out / f"{scene.name}_fields_constant.gpkg")
+    res: dict[str, Any] = {"chips": len(chips)}
     res["fields"] = {
         "model": _field_row(evaluate_chipwise(pred, scene.parcels, chips, extent=extent)),
         "model_constant_frames": _field_row(evaluate_chipwise(blind, scene.parcels, chips, extent=extent)),
@@ -161,8 +159,8 @@ def evaluate_scene(model: Path, scene: EvalScene, out: Path, climatology: pd.Dat
     pick.to_file(fields_path, driver="GPKG")
     growth_out = out / f"{scene.name}_growth.gpkg"
     run_inference([str(scene.stack)], model, growth_out, task="growth",
-                  masks=[str(scene.masks)] if scene.masks else None, fields=fields_path, field_id="field_id",
-                  field_class="class", overrides={"stride": size, "season_start": scene.season_start},
+                  masks=masks, fields=fields_path, field_id="field_id", field_class="class",
+                  overrides={"stride": size, "season_start": scene.season_start},
                   batch_size=32, overwrite=True, restart=True, progress=False, threads=threads)
     pred_st = pd.read_csv(growth_out.with_name(f"{growth_out.stem}_stages.csv"), dtype=str, keep_default_na=False)
     pred_st = pred_st.drop_duplicates(["field_id", "date"])

@@ -133,17 +133,20 @@ def constant_stack(stack_dir: str | Path, out: str | Path) -> Path:
     if not files:
         raise EvalError(f"{src_dir}: no .tif files to copy")
     dst.mkdir(parents=True, exist_ok=True)
+
+    def valid(data: npt.NDArray[Any], nodata: float | None) -> npt.NDArray[np.bool_]:
+        return np.isfinite(data) & (data != nodata) if nodata is not None else np.isfinite(data)
+
     values = []
-    for f in files:
+    for f in files:  # first pass: the median of every valid value of every date
         with rasterio.open(f) as src:
-            data, nodata = src.read(), src.nodata
-        values.append(data[np.isfinite(data) & (data != nodata)] if nodata is not None else data[np.isfinite(data)])
+            data = src.read()
+            values.append(data[valid(data, src.nodata)])
     median = float(np.median(np.concatenate(values)))
     for f in files:
         with rasterio.open(f) as src:
             profile, data, tags, desc = src.profile, src.read(), src.tags(), src.descriptions
-        valid = np.isfinite(data) & (data != src.nodata) if src.nodata is not None else np.isfinite(data)
-        data[valid] = median
+        data[valid(data, src.nodata)] = median
         with rasterio.open(dst / f.name, "w", **profile) as out_file:
             out_file.write(data)
             out_file.update_tags(**tags)
