@@ -29,3 +29,7 @@ class PipelineError(AgriVLMError):
 
 class SynthError(AgriVLMError):
     """A synthetic scene cannot be generated: unknown region or band set, bad dates or area, existing output."""
+
+
+class TrainError(AgriVLMError):
+    """Training cannot go on: a non-finite loss or weight (names the step and the parameter)."""

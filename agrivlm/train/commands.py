@@ -18,6 +18,11 @@ ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Stage YAML (con
 ResumeOpt = Annotated[
     bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in the output folder.")
 ]
+AllowChangedOpt = Annotated[
+    bool,
+    typer.Option("--allow-changed-settings", help="With --resume: go on although the optimiser, schedule or batch "
+                 "settings differ from the run's (recorded in logs/settings_changes.jsonl)."),
+]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Start over in an output folder that holds a run.")]
 SetOpt = Annotated[
     list[str] | None,
@@ -25,30 +30,35 @@ SetOpt = Annotated[
 ]
 
 
-def _run(stage: str, config: Path, resume: bool, overwrite: bool, overrides: list[str] | None) -> None:
+def _run(stage: str, config: Path, resume: bool, overwrite: bool, overrides: list[str] | None,
+         allow_changed: bool = False) -> None:
     from agrivlm.train.config import parse_overrides
     from agrivlm.train.trainer import run_stage
 
-    final = run_stage(config, parse_overrides(overrides), stage=stage, resume=resume, overwrite=overwrite)
+    final = run_stage(config, parse_overrides(overrides), stage=stage, resume=resume, overwrite=overwrite,
+                      allow_changed_settings=allow_changed)
     typer.echo(f"{stage}: final model in {final}")
 
 
 @train_app.command("stage1")
-def stage1(config: ConfigOpt, resume: ResumeOpt = False, overwrite: OverwriteOpt = False, set_: SetOpt = None) -> None:
+def stage1(config: ConfigOpt, resume: ResumeOpt = False, overwrite: OverwriteOpt = False, set_: SetOpt = None,
+           allow_changed_settings: AllowChangedOpt = False) -> None:
     """Vision–language alignment: LAPE off, projector and band adapter trained, vision encoder and LLM frozen."""
-    _run("stage1", config, resume, overwrite, set_)
+    _run("stage1", config, resume, overwrite, set_, allow_changed_settings)
 
 
 @train_app.command("stage2")
-def stage2(config: ConfigOpt, resume: ResumeOpt = False, overwrite: OverwriteOpt = False, set_: SetOpt = None) -> None:
+def stage2(config: ConfigOpt, resume: ResumeOpt = False, overwrite: OverwriteOpt = False, set_: SetOpt = None,
+           allow_changed_settings: AllowChangedOpt = False) -> None:
     """LAPE warm-up from stage 1: LAPE on (smart init), own LR group with warm-up, weighted position losses."""
-    _run("stage2", config, resume, overwrite, set_)
+    _run("stage2", config, resume, overwrite, set_, allow_changed_settings)
 
 
 @train_app.command("stage3")
-def stage3(config: ConfigOpt, resume: ResumeOpt = False, overwrite: OverwriteOpt = False, set_: SetOpt = None) -> None:
+def stage3(config: ConfigOpt, resume: ResumeOpt = False, overwrite: OverwriteOpt = False, set_: SetOpt = None,
+           allow_changed_settings: AllowChangedOpt = False) -> None:
     """Agricultural fine-tune from stage 2: LAPE on, the LLM through LoRA or fully."""
-    _run("stage3", config, resume, overwrite, set_)
+    _run("stage3", config, resume, overwrite, set_, allow_changed_settings)
 
 
 @train_app.command("default")

@@ -21,6 +21,15 @@ from ``(seed, rank, step)`` at every optimizer step (dropout), so nothing depend
 step. Checkpoints missing RNG or custom state are refused (``load_checkpoint``). The learning rates are a
 pure function of the step (:mod:`agrivlm.train.schedule`), set on the param groups before each step.
 A run killed at any moment and resumed with ``resume=True`` ends with bit-identical weights on CPU.
+
+**Nothing silently wrong.** Resume verifies the checkpoint files against the SHA-256 recorded at save and
+falls back, with a warning, to the newest intact checkpoint
+(:func:`~agrivlm.train.checkpoint.latest_intact_checkpoint`). The run's optimiser, schedule and batch settings
+(:func:`run_settings`) are kept in ``<output_dir>/run_settings.json``; a resume with other values is refused
+(a :class:`ConfigError` naming each ``old → new``) unless ``allow_changed_settings`` is set, which records the
+change in ``logs/settings_changes.jsonl``. A NaN or infinite loss, or a weight that is not finite (at the start,
+after loading a checkpoint, after an update), stops the run with a :class:`TrainError` naming the step and the
+first such parameter; what was already written (checkpoints, logs) stays.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +51,19 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from agrivlm.config import parse_config
-from agrivlm.errors import ConfigError
+from agrivlm.errors import ConfigError, TrainError
 from agrivlm.infer.config import BandConfig, InputConfig, default_frames, save_input_config
 from agrivlm.model.modeling import AgriVLMForConditionalGeneration
 from agrivlm.model.reconstruction import FrozenTeacher, NextFramePredictor, visual_hidden_states
 from agrivlm.pipeline.bands import BandStats
 from agrivlm.pipeline.frames import FrameSamplingConfig
-from agrivlm.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from agrivlm.train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    latest_intact_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from agrivlm.train.config import StageConfig, load_stage_config, resolve
 from agrivlm.train.curriculum import STAGE_INFO, StageModel, build_stage_model, merge_lora_state_dict
 from agrivlm.train.data import (
@@ -71,6 +87,10 @@ log = logging.getLogger(__name__)
 LOSS_KEYS = ("loss", "main_loss", "text_loss", "position_loss", "autoregressive_loss")
 #: Distinct "epoch" of the per-step dropout seeds (data epochs are small numbers).
 _STEP_SEED_STREAM = 1 << 30
+#: The optimiser, schedule and batch settings the run goes on with (:func:`run_settings`), beside ``stage_info.json``.
+SETTINGS_FILE = "run_settings.json"
+#: Settings changes allowed on resume, one JSON line each (step, time, ``{key: {"old", "new"}}``), in ``logs/``.
+SETTINGS_CHANGES = "settings_changes.jsonl"
 
 
 @dataclass
@@ -236,6 +256,98 @@ def checkpoint_inputs(cfg: StageConfig, stats: BandStats | None, records: Sequen
                        fields_prompt="points" if points else "listing")
 
 
+def run_settings(cfg: StageConfig, num_processes: int) -> dict[str, Any]:
+    """The settings a resume must keep, by dotted key (``{"optim.lr": 0.001, "train.batch_size": 8, ...}``).
+
+    The optimizer and every ``optim`` key, the batch (``train.batch_size``, ``train.grad_accum``, the number of
+    processes), the LAPE group's LR factors and, when the schedule decays, its length ``train.max_steps``.
+    """
+    settings: dict[str, Any] = {"optimizer": "AdamW"}
+    settings.update({f"optim.{k}": v for k, v in cfg.optim.model_dump(mode="json").items()})
+    settings.update({"train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
+                     "processes": num_processes})
+    if cfg.lape is not None:
+        settings["lape.lape_lr_multiplier"] = cfg.lape.lape_lr_multiplier
+        settings["lape.lape_warmup_steps"] = cfg.lape.lape_warmup_steps
+    if cfg.optim.schedule != "constant":
+        settings["train.max_steps"] = cfg.train.max_steps
+    return settings
+
+
+def started_settings(out: Path) -> dict[str, Any] | None:
+    """The settings the run in ``out`` goes on with (:func:`run_settings`), or None when nothing says.
+
+    From ``run_settings.json`` or, for a run from before it, its ``stage_info.json``.
+
+    Raises:
+        ConfigError: ``run_settings.json`` is unreadable.
+    """
+    path = out / SETTINGS_FILE
+    if path.is_file():
+        try:
+            return dict(json.loads(path.read_text())["settings"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path}: unreadable ({exc}); remove it to resume without checking the settings") from exc
+    try:
+        info = json.loads((out / STAGE_INFO).read_text())
+        return run_settings(StageConfig.model_validate(info["config"]), int(info["num_processes"]))
+    except (OSError, ValueError, KeyError, TypeError):  # none, or from another version (ValidationError: ValueError)
+        return None
+
+
+def settings_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{key: (old, new)}`` of every setting that differs, keys sorted (a key on one side only: None on the other)."""
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    """``"optim.lr 0.01 → 0.02, train.batch_size 8 → 4"`` (an absent value reads ``unset``)."""
+    def show(v: Any) -> str:
+        return "unset" if v is None else str(v)
+
+    return ", ".join(f"{k} {show(a)} → {show(b)}" for k, (a, b) in changes.items())
+
+
+def first_nonfinite(named: Sequence[tuple[str, torch.Tensor]]) -> str | None:
+    """The first tensor of ``named`` holding NaN or ±inf, as ``"name (n NaN, m inf of N values)"``; None if none.
+
+    One device sync for the whole list; the counts only for the tensor named.
+    """
+    if not named:
+        return None
+    device = named[0][1].device
+    ok = torch.stack([torch.isfinite(t.detach()).all().to(device) for _, t in named])
+    if bool(ok.all()):
+        return None
+    name, t = named[int((~ok).nonzero()[0, 0])]
+    t = t.detach()
+    return f"{name} ({int(torch.isnan(t).sum())} NaN, {int(torch.isinf(t).sum())} inf of {t.numel()} values)"
+
+
+def _largest(named: Sequence[tuple[str, torch.Tensor]]) -> str:
+    """``"largest |value| 1e+30 in name"`` over finite tensors (a diverged learning rate shows here)."""
+    sizes = [(float(t.detach().abs().max()), n) for n, t in named if t.numel()]
+    value, name = max(sizes) if sizes else (0.0, "-")
+    return f"largest |value| {value:.3g} in {name}"
+
+
+def _kept(ckpt_root: Path) -> str:
+    """What a stopped run leaves to resume from, for its error message."""
+    last = latest_checkpoint(ckpt_root)
+    return f"checkpoints up to {last} are kept" if last else "no checkpoint was written yet"
+
+
+def _check_start_weights(cfg: StageConfig, sm: StageModel) -> None:
+    """Refuse starting weights that are not finite, naming the parameter as its source folder names it."""
+    named = [(n.replace(".base_layer.", "."), p) for n, p in sm.model.named_parameters()]
+    culprit = first_nonfinite(named)
+    if culprit is None:
+        return
+    fix = ("retrain the stage that wrote it or point model.init_from at another folder" if cfg.stage != "stage1"
+           else "check the checkpoints the model YAML points at")
+    raise TrainError(f"{sm.init_source}: parameter {culprit} is not finite before training; {fix}")
+
+
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -270,6 +382,7 @@ def run_stage(
     stage: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    allow_changed_settings: bool = False,
 ) -> Path:
     """Run one curriculum stage; returns its final folder (``<output_dir>/final``, the next stage's ``init_from``).
 
@@ -280,10 +393,14 @@ def run_stage(
         resume: continue from the newest complete checkpoint under ``<output_dir>/checkpoints`` (an error
             when there is none).
         overwrite: start over in an ``output_dir`` that already holds a run.
+        allow_changed_settings: let ``resume`` go on with optimiser, schedule or batch settings other than the
+            run's (:func:`run_settings`); the change is recorded in ``logs/settings_changes.jsonl``.
 
     Raises:
-        ConfigError: bad config, a stage rule broken, an output folder in the way.
-        CheckpointError: ``resume`` without a usable checkpoint.
+        ConfigError: bad config, a stage rule broken, an output folder in the way, a resume with changed
+            settings (without ``allow_changed_settings``).
+        CheckpointError: ``resume`` without an intact checkpoint.
+        TrainError: a loss or weight that is not finite (names the step and the parameter).
     """
     if isinstance(config, StageConfig):
         cfg = config
@@ -299,7 +416,7 @@ def run_stage(
     if cfg.train.torch_threads is not None:
         torch.set_num_threads(cfg.train.torch_threads)
     try:
-        return _Run(cfg, resume, overwrite).run()
+        return _Run(cfg, resume, overwrite, allow_changed_settings).run()
     finally:
         torch.set_num_threads(threads)
 
@@ -318,8 +435,9 @@ def _nest(overrides: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
 class _Run:
     """One stage run (state shared by the steps of :func:`run_stage`)."""
 
-    def __init__(self, cfg: StageConfig, resume: bool, overwrite: bool) -> None:
+    def __init__(self, cfg: StageConfig, resume: bool, overwrite: bool, allow_changed_settings: bool = False) -> None:
         self.cfg, self.resume, self.overwrite = cfg, resume, overwrite
+        self.allow_changed_settings = allow_changed_settings
         self.out = resolve(cfg.output_dir)
 
     # -- setup ---------------------------------------------------------------------------------------
@@ -358,12 +476,15 @@ class _Run:
             raise CheckpointError(
                 f"{ckpt_root}: no complete checkpoint to resume from; run without --resume to start the stage"
             )
+        found = latest_intact_checkpoint(ckpt_root) if self.resume else None  # warns about and skips corrupt ones
         acc = self._accelerator()
+        changes = self._check_settings(acc.num_processes) if self.resume else {}
         _check_output(out, self.resume, self.overwrite)
         out.mkdir(parents=True, exist_ok=True)
         set_seed(cfg.train.seed)
 
         sm = build_stage_model(cfg)
+        _check_start_weights(cfg, sm)
         model, processor = sm.model, sm.processor
         lape_on = bool(model.config.enable_lape)
         stacks = StackCache()
@@ -413,12 +534,14 @@ class _Run:
         state = TrainState()
         acc.register_for_checkpointing(state)
 
-        if self.resume:
-            found = latest_checkpoint(ckpt_root)
-            assert found is not None
-            step = load_checkpoint(acc, found, num_custom=1)
+        if found is not None:
+            step = load_checkpoint(acc, found, num_custom=1, verify=False)  # verified by latest_intact_checkpoint
             if step != state.step:
                 raise CheckpointError(f"{found}: marker says step {step} but the trainer state says {state.step}")
+            culprit = first_nonfinite(list(acc.unwrap_model(module).named_parameters()))
+            if culprit is not None:
+                raise TrainError(f"{found}: parameter {culprit} is not finite; move this checkpoint out of "
+                                 f"{ckpt_root} to resume from an older one")
             log.info("resumed from %s (step %d, epoch %d, offset %d)", found, state.step, state.epoch, state.offset)
         info = {
             "stage": cfg.stage,
@@ -436,6 +559,7 @@ class _Run:
         }
         if acc.is_main_process:
             _write_json(out / STAGE_INFO, info)
+            self._write_settings(acc.num_processes, state.step, changes)
             if stats is not None:
                 _write_json(out / "band_stats.json", stats.to_dict())
         metrics = None
@@ -466,6 +590,7 @@ class _Run:
         cfg = self.cfg
         t = cfg.train
         params = [p for p in module.parameters() if p.requires_grad]
+        trainable = [(n, p) for n, p in acc.unwrap_model(module).named_parameters() if p.requires_grad]
         show = t.progress and acc.is_main_process
         bar = tqdm(total=t.max_steps, initial=state.step, desc=cfg.stage, disable=not show, dynamic_ncols=True)
         if state.step == 0 and t.eval_every >= 0 and val_ds is not None:
@@ -491,6 +616,7 @@ class _Run:
                 batch = _to_device(batch, acc.device)
                 with acc.accumulate(module):
                     losses = module(batch)
+                    self._stop_if_nonfinite(acc, module, losses, state.step + 1, ids, ckpt_root)
                     acc.backward(losses["loss"])
                     if acc.sync_gradients and cfg.optim.max_grad_norm > 0:
                         acc.clip_grad_norm_(params, cfg.optim.max_grad_norm)
@@ -505,6 +631,12 @@ class _Run:
                 if not acc.sync_gradients:
                     continue
                 # one optimizer step done
+                culprit = first_nonfinite(trainable)
+                if culprit is not None:
+                    raise TrainError(
+                        f"optimizer step {state.step + 1}: parameter {culprit} is not finite after the update "
+                        f"(the loss was finite); {_kept(ckpt_root)}; lower optim.lr or optim.max_grad_norm, then resume"
+                    )
                 reduced = {k: v / acc_n for k, v in acc_sums.items()}
                 if acc.num_processes > 1:
                     keys = sorted(reduced)
@@ -546,6 +678,67 @@ class _Run:
                 state.epoch += 1
                 state.offset = 0
         bar.close()
+
+    def _stop_if_nonfinite(self, acc: Any, module: nn.Module, losses: dict[str, torch.Tensor], step: int,
+                           ids: list[str], ckpt_root: Path) -> None:
+        """Raise :class:`TrainError` before the update when a micro-batch's loss is NaN or ±inf on any process.
+
+        Every process checks the flag reduced over all of them, so all stop together; the message names the
+        optimizer step (1-based, as the logs and checkpoints count), the losses, the first samples, and the first
+        parameter that is not finite or, when all are, the largest weight (a learning rate that blew up).
+        """
+        local = not bool(torch.isfinite(losses["loss"].detach()))
+        flag = torch.tensor(float(local), device=acc.device)
+        if acc.num_processes > 1:
+            flag = acc.reduce(flag, "sum")
+        if not bool(flag > 0):
+            return
+        named = list(acc.unwrap_model(module).named_parameters())
+        culprit = first_nonfinite(named)
+        weights = f"parameter {culprit} is not finite" if culprit else f"every parameter is finite ({_largest(named)})"
+        if local:
+            shown = ", ".join(f"{k} {float(v.detach()):g}" for k, v in losses.items())
+            where = f"({shown}) on samples {', '.join(ids[:3])}{', …' if len(ids) > 3 else ''}"
+        else:
+            where = f"on another process than {acc.process_index}"
+        raise TrainError(
+            f"optimizer step {step} of {self.cfg.train.max_steps}: the loss is not finite {where}; {weights}; stopped "
+            f"before the update, {_kept(ckpt_root)}; lower optim.lr (now {self.cfg.optim.lr:g}) or check these "
+            "samples, then resume"
+        )
+
+    # -- settings a resume must keep -----------------------------------------------------------------
+    def _check_settings(self, num_processes: int) -> dict[str, tuple[Any, Any]]:
+        """The optimiser, schedule and batch settings changed since the run's start: an error unless allowed."""
+        old = started_settings(self.out)
+        if old is None:
+            log.warning("%s: no %s (a run from an older agrivlm); its optimiser and batch settings are not checked",
+                        self.out, SETTINGS_FILE)
+            return {}
+        changes = settings_changes(old, run_settings(self.cfg, num_processes))
+        if changes and not self.allow_changed_settings:
+            raise ConfigError(
+                f"{self.out}: --resume with changed settings: {describe_changes(changes)} (the run's are in "
+                f"{SETTINGS_FILE}); set them back, pass --allow-changed-settings (run_stage(..., "
+                f"allow_changed_settings=True)) to go on with the new ones, or start over with --overwrite"
+            )
+        if changes:
+            log.warning("%s: resuming with changed settings: %s (allowed; recorded in logs/%s)",
+                        self.out, describe_changes(changes), SETTINGS_CHANGES)
+        return changes
+
+    def _write_settings(self, num_processes: int, step: int, changes: dict[str, tuple[Any, Any]]) -> None:
+        """``run_settings.json`` at a run's start (or a resumed run's first without one), and an allowed change."""
+        path = self.out / SETTINGS_FILE
+        if self.resume and path.is_file() and not changes:
+            return
+        if changes:
+            record = {"step": step, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      "changes": {k: {"old": a, "new": b} for k, (a, b) in changes.items()}}
+            (self.out / "logs").mkdir(parents=True, exist_ok=True)
+            with (self.out / "logs" / SETTINGS_CHANGES).open("a") as fh:
+                fh.write(json.dumps(record, sort_keys=True) + "\n")
+        _write_json(path, {"settings": run_settings(self.cfg, num_processes), "from_step": step})
 
     @torch.no_grad()
     def _evaluate(self, acc: Any, module: nn.Module, ds: RecordDataset, collate: Collator) -> dict[str, float]:
@@ -630,4 +823,6 @@ def read_seen(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["CurriculumModule", "TrainState", "read_seen", "run_stage", "set_learning_rates"]
+__all__ = [
+    "CurriculumModule", "TrainState", "first_nonfinite", "read_seen", "run_settings", "run_stage", "set_learning_rates",
+]
