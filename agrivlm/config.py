@@ -7,6 +7,7 @@ turns pydantic's validation error into a :class:`~agrivlm.errors.ConfigError` li
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,6 +59,23 @@ def read_yaml_mapping(path: Path, missing: str = "no such config file") -> dict[
         raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def read_json_mapping(path: Path) -> dict[str, Any] | None:
+    """The top-level object of a JSON file (a checkpoint's ``config.json``, …), or None when there is no file.
+
+    Raises:
+        ConfigError: invalid JSON, a top level that is not an object (naming the file).
+    """
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc}); write it again (e.g. save_pretrained)") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be an object of keys, not {type(data).__name__}")
     return data
 
 

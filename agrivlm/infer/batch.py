@@ -713,7 +713,8 @@ def run_inference(
         raise InferError("the same stack is given twice in INPUTS")
     config, found = load_input_config(model_dir)
     if not found:
-        log.warning("%s has no agrivlm_inputs.yaml; using the recipes' default chips, frames and bands", model_dir)
+        log.warning("%s has no agrivlm_inputs.yaml and its processor no inputs; using the recipes' default chips, "
+                    "frames and bands", model_dir)
     config = apply_overrides(config, overrides)
     channels = channels_of(config)
     max_new = max_new_tokens if max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS[task]

@@ -2,10 +2,13 @@
 
 A model only answers well on inputs like those it was trained on, so the chip size, the frame selection and
 the band normalisation travel with the checkpoint in ``CKPT_DIR/agrivlm_inputs.yaml`` (:class:`InputConfig`,
-strict: unknown keys are errors). A trainer writes it with :func:`save_input_config`; ``agrivlm infer`` reads
-it with :func:`load_input_config` and lets flags override single values. Without the file the defaults below
-apply; they are the recipes' defaults (``agrivlm.recipes.config``), i.e. the inputs the training records
-describe:
+strict: unknown keys are errors). The same settings live in the processor's ``processor_config.json``
+(``inputs``, :meth:`~agrivlm.pipeline.processor.AgriVLMProcessor.set_checkpoint_inputs`), the source the file is
+written from, so a ``save_pretrained`` → ``from_pretrained`` → ``save_pretrained`` round trip keeps them. A
+trainer writes both (``agrivlm.train.final.save_final``); ``agrivlm infer`` reads them with
+:func:`load_input_config` (the file first, else the processor's) and lets flags override single values. Without
+either the defaults below apply; they are the recipes' defaults (``agrivlm.recipes.config``), i.e. the inputs the
+training records describe:
 
 * chips of 32 px, stride 16, the last row/column snapped to the raster's edge;
 * frames: the chip's dates that are more than 60 % clear (data, no cloud; cloudy pixels become no data),
@@ -27,7 +30,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import Field
 
-from agrivlm.config import StrictModel, load_config
+from agrivlm.config import StrictModel, load_config, parse_config
 from agrivlm.pipeline.frames import FrameSamplingConfig
 from agrivlm.recipes.config import ChipConfig, GrowthStagesConfig, PhenologyConfig
 
@@ -85,16 +88,26 @@ class InputConfig(StrictModel):
 
 
 def load_input_config(folder: str | os.PathLike[str]) -> tuple[InputConfig, bool]:
-    """``(config, found)``: the checkpoint's :data:`INPUT_CONFIG_FILE`, or the defaults when it has none.
+    """``(config, found)``: the checkpoint's input settings, or the defaults (``found`` False) when it has none.
+
+    From its :data:`INPUT_CONFIG_FILE`, else the ``inputs`` its ``processor_config.json`` carries.
 
     Raises:
-        ConfigError: the file exists but has an unknown key or a bad value (naming the file and key).
+        ConfigError: the file or the processor's ``inputs`` have an unknown key or a bad value (naming the file
+            and key).
 
     """
+    from transformers.utils import PROCESSOR_NAME
+
+    from agrivlm.pipeline.processor import saved_processor_config  # transformers: loaded only when needed
+
     path = Path(folder) / INPUT_CONFIG_FILE
-    if not path.is_file():
+    if path.is_file():
+        return load_config(InputConfig, path), True
+    saved = saved_processor_config(folder)
+    if saved is None or saved.get("inputs") is None:
         return InputConfig(), False
-    return load_config(InputConfig, path), True
+    return parse_config(InputConfig, saved["inputs"], f"{Path(folder) / PROCESSOR_NAME}: inputs"), True
 
 
 def save_input_config(config: InputConfig, folder: str | os.PathLike[str]) -> Path:

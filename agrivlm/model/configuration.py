@@ -1,5 +1,10 @@
 """``AgriVLMConfig``: vision encoder + projector + pooling + LAPE + causal LM, as one HF config.
 
+Saved with ``save_pretrained``, the config carries an ``auto_map`` (and the folder a small re-export module,
+:mod:`agrivlm.remote_code`), so ``AutoConfig.from_pretrained(path, trust_remote_code=True)`` works without
+``import agrivlm``; after the import ``AutoConfig`` finds it by ``model_type`` alone. It also carries
+``stage_info``, how the curriculum made the weights, so no re-save loses it.
+
 Sub-configs are real transformers configs (``vision_config``: SigLIP or CLIP vision; ``text_config``:
 any causal LM, e.g. Qwen2 or Llama), so a real checkpoint's configs drop in unchanged. The token ids
 (``image_token_id``, …, ``position_token_offset``) come from the tokenizer prepared by
@@ -8,13 +13,18 @@ any causal LM, e.g. Qwen2 or Llama), so a real checkpoint's configs drop in unch
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, ClassVar
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import CONFIG_NAME
 
+from agrivlm.config import read_json_mapping
 from agrivlm.errors import ConfigError
 from agrivlm.pipeline.pooling import POOL_MODES
+from agrivlm.remote_code import CONFIG_AUTO_MAP, write_remote_code
 
 #: Vision sub-config model types the model knows how to read a patch grid from.
 VISION_MODEL_TYPES: tuple[str, ...] = ("siglip_vision_model", "clip_vision_model")
@@ -112,6 +122,9 @@ class AgriVLMConfig(PreTrainedConfig):
     #: Id of ``<HEIGHT-000>``: position tokens are ids ``[offset, offset + 2·spatial + temporal)``.
     position_token_offset: int | None = None
     tie_word_embeddings: bool = False
+    #: How the curriculum made these weights (stage, init folder and digests, stage config, data, steps); the
+    #: ``stage_info.json`` beside a final folder's weights is written from it. None: not made by ``agrivlm train``.
+    stage_info: dict[str, Any] | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         for old, new in RENAMED_KEYS.items():  # a config.json saved before the rename
@@ -125,8 +138,20 @@ class AgriVLMConfig(PreTrainedConfig):
                     f"keep only {new}"
                 )
             setattr(self, new, value)
+        kwargs.pop("auto_map", None)  # always the current one, below (an old folder's may point elsewhere)
         super().__post_init__(**kwargs)
+        #: The Auto classes of ``trust_remote_code=True`` loading (:data:`agrivlm.remote_code.CONFIG_AUTO_MAP`).
+        self.auto_map = dict(CONFIG_AUTO_MAP)
         self.validate_values()
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], push_to_hub: bool = False, **kwargs: Any) -> None:
+        """``config.json`` (with its ``auto_map``) and the re-export module the ``auto_map`` names."""
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        write_remote_code(save_directory)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: Any = "AutoConfig") -> None:
+        """Nothing to do: the ``auto_map`` is set on every config (transformers' version would copy this module)."""
 
     def validate_values(self) -> None:
         """Check every value; :class:`ConfigError` naming the key and what is allowed."""
@@ -163,6 +188,15 @@ class AgriVLMConfig(PreTrainedConfig):
         """Size of the logits: the LLM's rows, plus the LAPE heads' rows when LAPE is on."""
         base = int(self.text_config.vocab_size)  # type: ignore[union-attr]
         return base + self.num_position_tokens if self.enable_lape else base
+
+
+def saved_model_config(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The ``config.json`` of a checkpoint folder as a dict (nothing built from it), or None without one.
+
+    Raises:
+        ConfigError: the file is not a JSON object (naming it).
+    """
+    return read_json_mapping(Path(folder) / CONFIG_NAME)
 
 
 AutoConfig.register("agrivlm", AgriVLMConfig)

@@ -180,6 +180,14 @@ class AgriVLMPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class: Any = "AutoModel") -> None:
+        """Nothing to do: the config's ``auto_map`` names the installed class.
+
+        transformers' version would make every later ``save_pretrained`` copy this module into the folder: a second
+        class, which the next load would use.
+        """
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, BandAdapter):
@@ -637,4 +645,7 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         return None
 
 
+# LLaVA-family models load with AutoModelForImageTextToText; AutoModelForCausalLM too, as for Gemma 3 (a prompt
+# without pixel_values is plain text generation). No AutoModel: there is no head-less base model class to give.
 AutoModelForImageTextToText.register(AgriVLMConfig, AgriVLMForConditionalGeneration)
+AutoModelForCausalLM.register(AgriVLMConfig, AgriVLMForConditionalGeneration)

@@ -8,7 +8,9 @@ model answers after the last ``ASSISTANT:``::
     ASSISTANT: <answer>
 
 A model only answers well on prompts like those it was trained on, so training and ``agrivlm infer`` /
-the explorer build their prompts with :func:`format_prompt` and nothing else.
+the explorer build their prompts with :func:`format_prompt` and nothing else. :data:`CHAT_TEMPLATE`, the
+processor's and tokenizer's chat template, writes the same strings from transformers' messages
+(``processor.apply_chat_template(messages, add_generation_prompt=True)``), built from the constants below.
 
 An answer ends with the tokenizer's end-of-sequence token, :func:`answer_end_id`: the processor appends it
 to every supervised answer (so the model learns to stop when the answer is complete) and generation stops
@@ -17,6 +19,7 @@ on it (``generation_config.eos_token_id``); both take it from here.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,6 +56,38 @@ def visual_placeholder(num_frames: int) -> str:
     return "<image>" if num_frames == 1 else "<video>"
 
 
+def _chat_template() -> str:
+    """The Jinja text of :data:`CHAT_TEMPLATE`.
+
+    Its literals come from :data:`USER`, :data:`ASSISTANT` and :func:`visual_placeholder`, so it cannot drift from
+    :func:`format_prompt`.
+    """
+
+    def lit(text: str) -> str:
+        return json.dumps(text)  # a JSON string is a Jinja string literal with the same escapes
+
+    role_error = lit("agrivlm conversations have user and assistant turns only (the model was trained without "
+                     "others); got a turn of role ")
+    return (
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'user' -%}{{ " + lit(USER) + " }}"
+        "{%- elif message['role'] == 'assistant' -%}{{ " + lit(ASSISTANT) + " }}"
+        "{%- else -%}{{ raise_exception(" + role_error + " ~ message['role']) }}"
+        "{%- endif -%}"
+        "{%- if message['content'] is string -%}{{ message['content'] }}"
+        "{%- else -%}{%- for item in message['content'] -%}"
+        "{%- if item['type'] == 'image' -%}{{ " + lit(visual_placeholder(1) + "\n") + " }}"
+        "{%- elif item['type'] == 'video' -%}{{ " + lit(visual_placeholder(2) + "\n") + " }}"
+        "{%- elif item['type'] == 'text' -%}{{ item['text'] }}"
+        "{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{%- if message['role'] == 'assistant' and loop.last -%}{{ eos_token }}"
+        "{%- else -%}{{ " + lit("\n") + " }}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ " + lit(ASSISTANT) + " }}{%- endif -%}"
+    )
+
+
 def format_prompt(turns: Sequence[tuple[str, str]], visual_token: str = "<video>") -> str:
     r"""The flattened prompt of a conversation whose answer (the last assistant turn) is left out.
 
@@ -66,3 +101,14 @@ def format_prompt(turns: Sequence[tuple[str, str]], visual_token: str = "<video>
         else:
             parts.append(ASSISTANT + text + "\n")
     return "".join(parts) + ASSISTANT
+
+
+#: The chat template of the processor and its tokenizer: transformers' messages → the strings of
+#: :func:`format_prompt`. A user turn is ``USER: `` then its content items in order (an ``image`` item writes
+#: ``<image>`` and a newline, a ``video`` item ``<video>`` and a newline, a ``text`` item its text; a string
+#: content is the text) and a newline; an assistant turn is ``ASSISTANT: `` and its text, then a newline, or the
+#: eos token when it is the last turn (the answer as training supervises it, :func:`answer_end_id`);
+#: ``add_generation_prompt`` appends ``ASSISTANT: ``. A system (or any other) turn is an error: training has none.
+#: ``[{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "q"}]}]`` with
+#: ``add_generation_prompt=True`` gives ``format_prompt([("user", "q")])`` = ``"USER: <video>\nq\nASSISTANT: "``.
+CHAT_TEMPLATE = _chat_template()

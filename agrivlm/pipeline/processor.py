@@ -28,8 +28,11 @@ Two entries:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import json
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import numpy as np
@@ -38,18 +41,20 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from rasterio.windows import Window
 from transformers import BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
+from transformers.utils import PROCESSOR_NAME
 
-from agrivlm.config import StrictModel, parse_config
-from agrivlm.errors import PipelineError
+from agrivlm.config import StrictModel, parse_config, read_json_mapping
+from agrivlm.errors import ConfigError, PipelineError
 from agrivlm.geo.chips import Chip
 from agrivlm.geo.coords import FloatArray, GeoGrid, TimeAxis
 from agrivlm.lape.embedding import default_frame_times
 from agrivlm.lape.tokens import LapeVocab
 from agrivlm.pipeline.anyres import Tile, anyres_tiles, cell_centres, token_positions
 from agrivlm.pipeline.bands import COMPOSITES, PRESETS, BandStats, available_composites, fill_nodata, prepare_bands
-from agrivlm.pipeline.conversation import answer_end_id
+from agrivlm.pipeline.conversation import CHAT_TEMPLATE, answer_end_id
 from agrivlm.pipeline.frames import Frames, FrameSamplingConfig, ResizeMode, rescale_grid, resize_frames, sample_frames
 from agrivlm.pipeline.pooling import POOL_MODES, PoolMode, pooled_grid
+from agrivlm.remote_code import PROCESSOR_AUTO_MAP, write_remote_code
 
 if TYPE_CHECKING:  # the model package imports this module; import its tokenizer lazily
     from agrivlm.model.tokenizer import TokenLayout
@@ -208,6 +213,33 @@ class ChipInputConfig(StrictModel):
         return self
 
 
+def chip_config_with_inputs(config: ChipInputConfig, inputs: Mapping[str, Any]) -> ChipInputConfig:
+    """``config`` with the frame sampling and band scaling of a checkpoint's input settings.
+
+    ``inputs`` is :class:`agrivlm.infer.config.InputConfig` as JSON (``agrivlm_inputs.yaml``, what ``agrivlm infer``
+    reads): its ``frames`` become ``sampling`` and its ``bands`` become ``bands`` (None when they name no preset),
+    so :meth:`AgriVLMProcessor.from_chips` picks and scales a chip's frames as ``agrivlm infer`` does. The other
+    keys (tiles, scales, resizing, fill value) stay as they are.
+
+    Raises:
+        ConfigError: ``frames`` or ``bands`` that are not valid settings (naming the key).
+    """
+    update: dict[str, Any] = {}
+    if inputs.get("frames") is not None:
+        update["sampling"] = parse_config(FrameSamplingConfig, dict(inputs["frames"]), "processor inputs.frames")
+    bands = dict(inputs.get("bands") or {})
+    update["bands"] = None
+    if bands.get("preset") is not None:
+        keep = {k: bands[k] for k in ("preset", "composite", "percentiles", "low", "high") if k in bands}
+        update["bands"] = parse_config(BandsConfig, keep, "processor inputs.bands")
+    return ChipInputConfig.model_validate({**config.model_dump(), **update})
+
+
+def _json_copy(data: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A plain-JSON deep copy (tuples become lists, as they are once saved), or None."""
+    return None if data is None else dict(json.loads(json.dumps(dict(data))))
+
+
 # -- chip inputs: what comes back ---------------------------------------------------------------------
 
 
@@ -323,8 +355,16 @@ class _PreparedChip:
 class AgriVLMProcessor(ProcessorMixin):
     """Tokenizer + visual-token expansion + pixel stacking for :class:`~agrivlm.model.AgriVLMForConditionalGeneration`.
 
-    Saved and loaded with ``save_pretrained`` / ``from_pretrained`` (``processor_config.json`` plus the
-    tokenizer files), including ``pool_mode`` and the chip settings (``chip_config``).
+    Saved and loaded with ``save_pretrained`` / ``from_pretrained`` (``processor_config.json``, the tokenizer
+    files and ``chat_template.jinja``), including ``pool_mode``, the chip settings (``chip_config``) and what a
+    trained checkpoint needs to be used: its input settings (``inputs``, the source of ``agrivlm_inputs.yaml``)
+    and the band statistics of its training data (``band_stats``), so no save/load/save round trip loses them.
+    ``processor_config.json`` carries an ``auto_map`` and the folder a re-export module
+    (:mod:`agrivlm.remote_code`): ``AutoProcessor.from_pretrained(path, trust_remote_code=True)`` works without
+    ``import agrivlm``.
+
+    The chat template (:data:`~agrivlm.pipeline.conversation.CHAT_TEMPLATE`, also set on the tokenizer) writes
+    the conversation format of training: ``processor.apply_chat_template(messages, add_generation_prompt=True)``.
     """
 
     def __init__(
@@ -338,6 +378,8 @@ class AgriVLMProcessor(ProcessorMixin):
         chat_template: str | None = None,
         pool_mode: str = "average",
         chip_config: dict[str, Any] | ChipInputConfig | None = None,
+        inputs: dict[str, Any] | None = None,
+        band_stats: dict[str, Any] | None = None,
     ) -> None:
         #: Vision encoder patch size in px.
         self.patch_size = patch_size
@@ -353,9 +395,69 @@ class AgriVLMProcessor(ProcessorMixin):
         self.pool_mode = pool_mode
         cfg = chip_config if isinstance(chip_config, ChipInputConfig) else parse_config(
             ChipInputConfig, chip_config or {}, "processor chip_config")
-        #: Default settings of :meth:`from_chips`, JSON-ready (saved in ``processor_config.json``).
+        #: Default settings of :meth:`from_chips`, JSON-ready (saved in ``processor_config.json``); with
+        #: :attr:`inputs`, its ``sampling`` and ``bands`` are theirs (:func:`chip_config_with_inputs`).
         self.chip_config: dict[str, Any] = cfg.model_dump(mode="json")
-        super().__init__(tokenizer, chat_template=chat_template)
+        #: The checkpoint's input settings, :class:`agrivlm.infer.config.InputConfig` as JSON (chip grid, frames,
+        #: bands, prompts), or None; ``agrivlm infer`` reads them when the folder has no ``agrivlm_inputs.yaml``.
+        self.inputs: dict[str, Any] | None = None
+        #: :meth:`BandStats.to_dict` of the training data's band normalisation (carried from stage to stage), or None.
+        self.band_stats: dict[str, Any] | None = None
+        self.set_checkpoint_inputs(inputs, band_stats)
+        if inputs is not None and chip_config is not None and self.chip_settings != cfg:
+            raise ConfigError(
+                "processor chip_config: its sampling/bands disagree with inputs.frames/inputs.bands (the "
+                "checkpoint's input settings, which they follow); remove chip_config.sampling and chip_config.bands "
+                "or make them agree"
+            )
+        super().__init__(tokenizer, chat_template=chat_template if chat_template is not None else CHAT_TEMPLATE)
+        if tokenizer is not None:  # tokenizer.apply_chat_template gives the same strings
+            tokenizer.chat_template = self.chat_template
+        #: The ``auto_map`` of ``processor_config.json`` (:data:`agrivlm.remote_code.PROCESSOR_AUTO_MAP`).
+        self.auto_map = dict(PROCESSOR_AUTO_MAP)
+
+    def set_checkpoint_inputs(
+        self, inputs: Mapping[str, Any] | None, band_stats: BandStats | Mapping[str, Any] | None
+    ) -> None:
+        """Carry a trained checkpoint's input settings and band statistics (saved in ``processor_config.json``).
+
+        Args:
+            inputs: :class:`agrivlm.infer.config.InputConfig` as JSON (``model_dump(mode="json")``), or None; its
+                ``frames`` and ``bands`` become :attr:`chip_config`'s ``sampling`` and ``bands``.
+            band_stats: the training data's band normalisation, or None.
+
+        Raises:
+            ConfigError: band statistics without ``low``/``high`` or with values that are not numbers, or
+                ``inputs`` whose frames or bands are not valid settings.
+        """
+        stats = band_stats.to_dict() if isinstance(band_stats, BandStats) else _json_copy(band_stats)
+        if stats is not None:
+            try:
+                BandStats.from_dict(stats)
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                raise ConfigError(f"processor band_stats: {stats} are not band statistics ({exc!r}); give "
+                                  "{'low': [...], 'high': [...], 'percentiles': [lo, hi]} (BandStats.to_dict)") from exc
+        if inputs is not None:
+            self.chip_config = chip_config_with_inputs(self.chip_settings, inputs).model_dump(mode="json")
+        self.inputs = _json_copy(inputs)
+        self.band_stats = stats
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], push_to_hub: bool = False, **kwargs: Any) -> Any:
+        """Save as transformers does, plus the re-export module the ``auto_map`` names.
+
+        transformers writes ``processor_config.json`` (with the ``auto_map``), the tokenizer files and
+        ``chat_template.jinja``.
+        """
+        out = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        write_remote_code(save_directory)
+        return out
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: Any = "AutoProcessor") -> None:
+        """Nothing to do: :attr:`auto_map` names the installed class.
+
+        transformers' version would make every later ``save_pretrained`` copy this module into the folder.
+        """
 
     @property
     def chip_settings(self) -> ChipInputConfig:
@@ -804,6 +906,15 @@ class AgriVLMProcessor(ProcessorMixin):
     def decode(self, *args: Any, **kwargs: Any) -> str:
         """``tokenizer.decode``; keep ``skip_special_tokens=False`` to see position tokens."""
         return self.tokenizer.decode(*args, **kwargs)  # type: ignore[no-any-return]
+
+
+def saved_processor_config(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The ``processor_config.json`` of a checkpoint folder as a dict (tokenizer not loaded), or None without one.
+
+    Raises:
+        ConfigError: the file is not a JSON object (naming it).
+    """
+    return read_json_mapping(Path(folder) / PROCESSOR_NAME)
 
 
 def _register_auto_processor() -> None:

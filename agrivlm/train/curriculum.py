@@ -38,13 +38,19 @@ from agrivlm.model.builders import (
     load_model_settings,
     load_pretrained,
 )
+from agrivlm.model.configuration import saved_model_config
 from agrivlm.model.modeling import AgriVLMForConditionalGeneration
+from agrivlm.pipeline.processor import saved_processor_config
 from agrivlm.train.config import STAGES, LapeTrainConfig, LLMTraining, StageConfig, Trainables, resolve
 
 log = logging.getLogger(__name__)
 
-#: Written into every run folder and final folder: which stage, from what, with which settings.
+#: Written into every run folder and final folder: which stage, from what, with which settings (a final folder's
+#: ``config.json`` carries the same as ``stage_info``, :mod:`agrivlm.train.final`).
 STAGE_INFO = "stage_info.json"
+#: The training data's band normalisation (:meth:`BandStats.to_dict`), reused by the next stage (a final folder's
+#: ``processor_config.json`` carries the same as ``band_stats``).
+BAND_STATS = "band_stats.json"
 #: Top-level parts of the model whose weights are fingerprinted (:func:`module_digests`).
 PARTS: tuple[str, ...] = ("band_adapter", "vision_tower", "projector", "language_model", "lape")
 #: Prefix of LoRA parameter names (peft).
@@ -103,9 +109,19 @@ def module_digests(model: nn.Module) -> dict[str, str]:
 
 
 def read_stage_info(folder: str | Path) -> dict[str, Any] | None:
-    """The ``stage_info.json`` of a run or final folder, or None."""
+    """The ``stage_info.json`` of a run or final folder, else the ``stage_info`` of its ``config.json``, or None."""
     path = Path(folder) / STAGE_INFO
-    return json.loads(path.read_text()) if path.is_file() else None  # type: ignore[no-any-return]
+    if path.is_file():
+        return json.loads(path.read_text())  # type: ignore[no-any-return]
+    return (saved_model_config(folder) or {}).get("stage_info")
+
+
+def read_band_stats(folder: str | Path) -> dict[str, Any] | None:
+    """The ``band_stats.json`` of a final folder, else the ``band_stats`` of its ``processor_config.json``, or None."""
+    path = Path(folder) / BAND_STATS
+    if path.is_file():
+        return json.loads(path.read_text())  # type: ignore[no-any-return]
+    return (saved_processor_config(folder) or {}).get("band_stats")
 
 
 def enable_lape(
@@ -160,7 +176,7 @@ class StageModel:
     init_digests: dict[str, str]
     #: Where the weights came from.
     init_source: str
-    #: ``band_stats.json`` of the init folder (dataset normalisation carried across stages), if any.
+    #: The init folder's band statistics (:func:`read_band_stats`: dataset normalisation carried across stages).
     band_stats: dict[str, Any] | None = None
     #: LoRA scaling ``alpha / r`` when the LLM trains through LoRA.
     lora_scaling: float | None = None
@@ -197,6 +213,11 @@ def build_stage_model(cfg: StageConfig) -> StageModel:
         if info is None:
             log.warning("%s has no %s: not checked to be a %s model", folder, STAGE_INFO, prev)
         model, processor = load_pretrained(folder)
+        stats = read_band_stats(folder)
+        # what the init folder's configs say about its own weights and inputs is not yet true of this stage's:
+        # the final save (agrivlm.train.final.save_final) sets them anew
+        model.config.stage_info = None
+        processor.set_checkpoint_inputs(None, None)
         llm_pretrained = info.get("llm_pretrained") if info is not None else None
         lape = cfg.lape or LapeTrainConfig()
         if not model.config.enable_lape:
@@ -209,8 +230,6 @@ def build_stage_model(cfg: StageConfig) -> StageModel:
                     raise ConfigError(f"lape.{key}: {getattr(lape, key)} but {folder} has {getattr(model.config, key)}")
         model.config.spatial_loss_weight = lape.spatial_loss_weight
         model.config.temporal_loss_weight = lape.temporal_loss_weight
-        stats_path = folder / "band_stats.json"
-        stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
         source = str(folder)
     digests = module_digests(model)
     sm = StageModel(model=model, processor=processor, init_digests=digests, init_source=source, band_stats=stats,
