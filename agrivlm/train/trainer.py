@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from agrivlm.config import parse_config
 from agrivlm.errors import ConfigError, TrainError
-from agrivlm.infer.config import BandConfig, InputConfig, default_frames, save_input_config
+from agrivlm.infer.config import BandConfig, InputConfig, default_frames
 from agrivlm.model.modeling import AgriVLMForConditionalGeneration
 from agrivlm.model.reconstruction import FrozenTeacher, NextFramePredictor, visual_hidden_states
 from agrivlm.pipeline.bands import BandStats
@@ -77,6 +77,7 @@ from agrivlm.train.data import (
     read_split,
     select_records,
 )
+from agrivlm.train.final import save_final
 from agrivlm.train.logs import TrainLog, plot_losses
 from agrivlm.train.sampler import ResumableSampler, sample_seed, seeded_generator
 from agrivlm.train.schedule import base_lr_factor, lape_lr_factor
@@ -778,12 +779,7 @@ class _Run:
             if partial.exists():
                 shutil.rmtree(partial)
             partial.parent.mkdir(parents=True, exist_ok=True)
-            plain.save_pretrained(partial)
-            sm.processor.save_pretrained(partial)
-            if stats is not None:
-                _write_json(partial / "band_stats.json", stats.to_dict())
-            save_input_config(self.inputs, partial)
-            _write_json(partial / STAGE_INFO, info)
+            save_final(partial, plain, sm.processor, self.inputs, stats, info)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(partial, final)
