@@ -11,13 +11,13 @@ from safetensors.torch import load_file
 
 from agrivlm.default_checkpoint import DEFAULT_MODEL_DIR, resolve_model
 from agrivlm.errors import ConfigError
-from agrivlm.train.default import DefaultTraining, install, recipe_text, run_default
+from agrivlm.train.default import DefaultTraining, install, phases, recipe_text, run_default
 
 
 def test_default_training_runs_end_to_end_and_installs_in_half_precision(tmp_path: Path,
                                                                          one_torch_thread: None) -> None:
-    opts = DefaultTraining(scenes_per_region=1, steps={"stage1": 2, "stage2": 2, "stage3": 4}, snapshot_every=2,
-                           threads=1, num_frames=4)
+    opts = DefaultTraining(scenes_per_region=1, steps={"stage1": 2, "stage2": 2, "stage3_focus": 2, "stage3": 4},
+                           snapshot_every=2, threads=1, num_frames=4)
     final = run_default(tmp_path / "run", opts, echo=lambda _: None)
     assert (final / "config.json").is_file() and (final / "README.md").is_file()
     card = json.loads((final / "default_training.json").read_text())
@@ -26,6 +26,11 @@ def test_default_training_runs_end_to_end_and_installs_in_half_precision(tmp_pat
     assert snaps == ["step-000002", "step-000004"]
     info = json.loads((final / "stage_info.json").read_text())
     assert info["stage"] == "stage3"
+    # stage 3 opens with the focus phase (growth-stage questions alone) and goes on from its weights
+    focus = tmp_path / "run" / "train" / "stage3_focus" / "final"
+    assert Path(info["config"]["model"]["init_from"]) == focus
+    focus_data = json.loads((tmp_path / "run" / "data" / "stage3_focus" / "manifest.json").read_text())
+    assert set(focus_data["counts"]["by_task"]) == {"growth_stages/stage_on_date"}
     # the recipe trains on the sample's train blocks only: its test blocks stay unseen
     manifest = json.loads((tmp_path / "run" / "data" / "stage3" / "manifest.json").read_text())
     trained = {c for c in manifest["chips"]["by_split"]["train"] if c.startswith("sample/")}
@@ -52,6 +57,13 @@ def test_recipe_keeps_corn_belt_out_and_draws_steps_times_batch() -> None:
     text = recipe_text("stage3", "/x/scenes/*", opts)
     assert "corn_belt" not in text and "/x/scenes/*" in text
     assert f"train: {opts.steps['stage3'] * opts.batch_size}" in text
+
+
+def test_phases_skip_an_unset_focus_and_refuse_a_missing_stage() -> None:
+    assert phases(DefaultTraining()) == ["stage1", "stage2", "stage3_focus", "stage3"]
+    assert phases(DefaultTraining(steps={"stage1": 1, "stage2": 1, "stage3": 1})) == ["stage1", "stage2", "stage3"]
+    with pytest.raises(ConfigError, match="stage2 needs steps"):
+        phases(DefaultTraining(steps={"stage1": 1, "stage3": 1}))
 
 
 def test_model_default_names_the_shipped_checkpoint(tmp_path: Path) -> None:
