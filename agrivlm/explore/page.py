@@ -157,7 +157,7 @@ def field_labels(frame: gpd.GeoDataFrame) -> pd.Series:
     """A short label per field: the first label-like column, or task and score for predictions."""
     for column in LABEL_COLUMNS:
         if column in frame.columns:
-            return frame[column].fillna("").astype(str)
+            return frame[column].astype(object).fillna("").astype(str)  # a category column has no "" category
     if {"task", "score"} <= set(frame.columns):
         score = pd.to_numeric(frame["score"], errors="coerce").round(2).astype(str)
         return frame["task"].astype(str) + " · score " + score

@@ -636,7 +636,8 @@ def run_inference(
     Args:
         inputs: one stack per item (a folder, a glob or a file of GeoTIFFs, one file per date).
         model_dir: checkpoint folder (``save_pretrained`` of model and processor; ``agrivlm_inputs.yaml``).
-        out: ``.gpkg`` or ``.geojson``; beside it ``<name>.journal.jsonl``, ``<stem>_report.json`` and, for
+        out: ``.gpkg``, ``.parquet`` (GeoParquet 1.1), ``.fgb`` or ``.geojson`` (RFC 7946, EPSG:4326; see
+            :mod:`agrivlm.infer.outputs`); beside it ``<name>.journal.jsonl``, ``<stem>_report.json`` and, for
             growth, ``<stem>_stages.csv``.
         task: ``fields``, ``growth`` or ``ask``.
         masks: per-date mask files of each stack (one item per input), or None.
@@ -676,6 +677,7 @@ def run_inference(
     """
     from agrivlm.infer.config import load_input_config
     from agrivlm.infer.outputs import (
+        check_format,
         detection_frame,
         growth_frame,
         journal_path,
@@ -691,8 +693,7 @@ def run_inference(
     if task not in TASKS:
         raise InferError(f"--task {task!r}: use one of {', '.join(TASKS)}")
     out = Path(out)
-    if out.suffix.lower() not in (".gpkg", ".geojson"):
-        raise InferError(f"{out}: the output must be a .gpkg or .geojson file")
+    check_format(out)
     if not inputs:
         raise InferError("no INPUTS: give one or more stacks (folders, globs or files of GeoTIFFs)")
     if masks and len(masks) != len(inputs):

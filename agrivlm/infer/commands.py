@@ -8,11 +8,20 @@ from typing import Annotated, Any, Literal
 import typer
 
 from agrivlm.default_checkpoint import resolve_model
+from agrivlm.schema import prediction_format_problem
 
 #: The choices of --task and --dtype (usage errors, exit 2); the same as agrivlm.infer.prompts.TASKS and
 #: agrivlm.infer.generate.DTYPES (a test keeps them equal; spelled out here so the CLI starts without torch).
 TaskChoice = Literal["fields", "growth", "ask"]
 DtypeChoice = Literal["float32", "bfloat16", "float16"]
+
+
+def _out_format(value: Path) -> Path:
+    """``--out``: a usage error (exit 2) unless its suffix is one of :data:`agrivlm.schema.PREDICTION_FORMATS`."""
+    problem = prediction_format_problem(value)
+    if problem is not None:
+        raise typer.BadParameter(problem)
+    return value
 
 
 def infer(
@@ -21,7 +30,10 @@ def infer(
     model: Annotated[str, typer.Option(
         "--model", "-m", help="Checkpoint folder (save_pretrained of model and processor), or `default` for "
         "the checkpoint shipped in the package.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Predictions: .gpkg or .geojson (journal, report beside).")],
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", callback=_out_format,
+        help="Predictions: .gpkg | .parquet (GeoParquet 1.1) | .fgb (FlatGeobuf) | .geojson (RFC 7946, reprojected "
+             "to EPSG:4326); journal and report beside.")],
     task: Annotated[TaskChoice, typer.Option(
         help="fields (outlines of fields) | growth (stage per field and date) | ask.")] = "fields",
     masks: Annotated[list[str] | None, typer.Option(

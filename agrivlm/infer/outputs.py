@@ -1,6 +1,23 @@
-"""The journal → the run's outputs, written atomically (``agrivlm.geo.index.write_frame``).
+"""The journal → the run's outputs, written atomically (``agrivlm.geo.index.atomic_path``).
 
-``--out predictions.gpkg`` (or ``.geojson``) gets one layer:
+Each file is written to a temporary file beside it, then renamed onto it.
+
+``--out`` names one layer; its suffix picks the format (:data:`agrivlm.schema.PREDICTION_FORMATS`):
+
+* ``.gpkg``: a GeoPackage layer named after the task (:data:`LAYERS`);
+* ``.parquet``: GeoParquet 1.1 (``geo`` metadata with the CRS as PROJJSON, and a ``bbox`` covering column);
+* ``.fgb``: FlatGeobuf with its spatial index (features come back in the index's order, not the run's);
+* ``.geojson``: RFC 7946 — reprojected to EPSG:4326 lon/lat, no ``crs`` member, and a warning naming the CRS it
+  was reprojected from. The other formats keep the output CRS (the first stack's).
+
+The columns are typed in every format (:data:`COLUMN_TYPES`): scores and box corners are floats, ``cut`` a
+boolean, ``n_dates`` an integer, dates datetimes (midnight of the day; GeoPackage, FlatGeobuf and GeoJSON have
+no date-only type pyogrio writes), and ``task``, ``label``, ``shape``, ``kind`` and ``last_stage`` categories
+(GeoParquet keeps them as dictionary columns; the OGR formats as strings). Three columns stay JSON because they
+hold a variable number of items that GeoPackage, FlatGeobuf and GeoJSON have no column type for: ``stages`` and
+``tokens`` of the growth layer (``{date: …}``) and ``dates`` / ``segments`` of the answers layer.
+
+The layers:
 
 * ``fields`` (``--task fields``): one polygon per detected field, in the output CRS (the first stack's CRS;
   features of stacks in another CRS are reprojected to it): the field's outline where the answer gives a
@@ -9,13 +26,15 @@
   (``chip_id``, ``task``, ``score`` — the geometric mean of the item's position tokens' probabilities —,
   ``tokens`` — the item's position tokens as written), ``label`` (the class the answer names, e.g.
   ``grassland``), ``cut`` (the answer marks the field "partly outside the image"), ``stack`` (the INPUT),
-  ``answer`` (the chip's whole answer), ``box`` (``[u1, v1, u2, v2]`` in the chip, JSON: the box, or the
-  polygon's bounding box) and ``shape`` (``box`` or ``polygon``). Detections of overlapping chips are merged
-  by :func:`agrivlm.infer.nms.nms` (polygon IoU in map units; fields the chip shows whole rank before cut
-  ones, then by score).
+  ``answer`` (the chip's whole answer), ``box_u1, box_v1, box_u2, box_v2`` (the box, or the polygon's
+  bounding box, normalized to [0, 1] of the chip's width and height; a point is ``u, v, u, v``) and ``shape``
+  (``box`` or ``polygon``). Detections of overlapping chips are merged by :func:`agrivlm.infer.nms.nms`
+  (polygon IoU in map units; fields the chip shows whole rank before cut ones, then by score).
 * ``growth`` (``--task growth``): one polygon per field of ``--fields`` with at least one predicted stage:
   ``field_id``, ``chip_id`` (the chips asked, comma-joined), ``task``, ``score`` (mean of its stage answers'
-  scores), ``tokens`` (``{date: raw answer}`` JSON), ``stages`` (``{date: stage}`` JSON), ``n_dates``, ``stack``.
+  scores), ``tokens`` (``{date: raw answer}`` JSON), ``stages`` (``{date: stage}`` JSON), ``n_dates``,
+  ``first_date`` and ``last_date`` (the first and last day with a stage), ``last_stage`` (the stage on
+  ``last_date``, an ordered category of :data:`agrivlm.schema.GROWTH_STAGES`), ``stack``.
   Beside it, ``<stem>_stages.csv``: the growth-stage table of :data:`agrivlm.schema.STAGE_COLUMNS`
   (``field_id, date, stage``; plus ``score, chip_id, season, stack, answer``), one row per field and day — where
   overlapping chips (or two acquisitions on one day) answered, the answer with the highest score wins.
@@ -23,12 +42,14 @@
 * ``answers`` (``--task ask``): per answer, one polygon per box or polygon and one point per point (``kind``:
   ``box``, ``polygon``, ``point``), or — for
   an answer without positions — the chip's footprint (``kind = chip``); plus ``answer``, ``dates`` and
-  ``segments`` (decoded ``TEMP`` positions as ISO days, JSON).
+  ``segments`` (decoded ``TEMP`` positions as ISO days, JSON), ``first_date`` and ``last_date`` (the earliest
+  and latest of them; empty without any).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,11 +61,14 @@ import pandas as pd
 import shapely
 from rasterio.crs import CRS
 
-from agrivlm.geo.index import atomic_path, write_frame
+from agrivlm.geo.index import atomic_path
+from agrivlm.infer.errors import InferError
 from agrivlm.infer.journal import Journal
 from agrivlm.infer.nms import nms
 from agrivlm.infer.prepare import FieldLayer
-from agrivlm.schema import FIELD_PREDICTION_COLUMNS, STAGE_COLUMNS
+from agrivlm.schema import FIELD_PREDICTION_COLUMNS, GROWTH_STAGES, STAGE_COLUMNS, prediction_format_problem
+
+log = logging.getLogger(__name__)
 
 #: Journaled feature kinds that are field shapes (NMS-merged; the ``shape`` column of the ``fields`` layer).
 SHAPES: tuple[str, ...] = ("box", "polygon")
@@ -52,11 +76,24 @@ SHAPES: tuple[str, ...] = ("box", "polygon")
 #: GeoPackage layer of each task.
 LAYERS = {"fields": "fields", "growth": "growth", "ask": "answers"}
 
+#: The item's box (or the polygon's bounding box) in the chip: ``(u1, v1, u2, v2)``, normalized to [0, 1] of
+#: the chip's width and height.
+BOX_COLUMNS: tuple[str, ...] = ("box_u1", "box_v1", "box_u2", "box_v2")
+
 #: Columns of the ``fields`` / ``answers`` layers (plus geometry).
-DETECTION_COLUMNS: tuple[str, ...] = ("field_id", *FIELD_PREDICTION_COLUMNS, "label", "cut", "stack", "answer", "box",
-                                      "shape")
-ASK_COLUMNS: tuple[str, ...] = (*DETECTION_COLUMNS, "kind", "dates", "segments")
-GROWTH_COLUMNS: tuple[str, ...] = ("field_id", *FIELD_PREDICTION_COLUMNS, "stages", "n_dates", "stack")
+DETECTION_COLUMNS: tuple[str, ...] = ("field_id", *FIELD_PREDICTION_COLUMNS, "label", "cut", "stack", "answer",
+                                      *BOX_COLUMNS, "shape")
+ASK_COLUMNS: tuple[str, ...] = (*DETECTION_COLUMNS, "kind", "dates", "segments", "first_date", "last_date")
+GROWTH_COLUMNS: tuple[str, ...] = ("field_id", *FIELD_PREDICTION_COLUMNS, "stages", "n_dates", "first_date",
+                                   "last_date", "last_stage", "stack")
+
+#: The type of every layer column that is not text (the others are strings); dates are datetimes at midnight.
+COLUMN_TYPES: dict[str, Any] = {
+    "score": "float64", **dict.fromkeys(BOX_COLUMNS, "float64"), "cut": "bool", "n_dates": "int64",
+    "first_date": "datetime64[ms]", "last_date": "datetime64[ms]",
+    "task": "category", "label": "category", "shape": "category", "kind": "category",
+    "last_stage": pd.CategoricalDtype(list(GROWTH_STAGES), ordered=True),
+}
 STAGE_TABLE_COLUMNS: tuple[str, ...] = (*STAGE_COLUMNS, "score", "chip_id", "season", "stack", "answer")
 
 
@@ -88,9 +125,27 @@ def _nan(v: Any) -> float:
     return math.nan if v is None else float(v)
 
 
+def typed(frame: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
+    """``frame`` with its columns cast to :data:`COLUMN_TYPES` (columns not named there are left as they are)."""
+    casts = {c: t for c, t in COLUMN_TYPES.items() if c in frame.columns}
+    return frame.astype(casts) if casts else frame
+
+
 def _empty(columns: Sequence[str], crs: CRS | None) -> gpd.GeoDataFrame:
-    data = {c: pd.Series([], dtype=float if c == "score" else (bool if c == "cut" else object)) for c in columns}
+    data = {c: pd.Series([], dtype=COLUMN_TYPES.get(c, object)) for c in columns}
     return gpd.GeoDataFrame(data, geometry=gpd.GeoSeries([], crs=None if crs is None else crs.to_wkt()))
+
+
+def _box_columns(box: Sequence[float]) -> dict[str, float]:
+    """The box columns of a journaled ``box``: ``[u1, v1, u2, v2]``, or a point's ``[u, v]`` as ``u, v, u, v``."""
+    corners = list(box) * 2 if len(box) == 2 else list(box)
+    return dict(zip(BOX_COLUMNS, map(float, corners), strict=True))
+
+
+def _date_range(days: Sequence[str], segments: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """``first_date`` / ``last_date``: the earliest and latest ISO day of an answer (None without any)."""
+    every = sorted([*days, *(d for seg in segments for d in seg)])
+    return {"first_date": every[0] if every else None, "last_date": every[-1] if every else None}
 
 
 def _to_crs(frame: gpd.GeoDataFrame, crs: CRS) -> gpd.GeoDataFrame:
@@ -122,12 +177,13 @@ def detection_frame(journal: Journal, keys: Sequence[str], names: Sequence[str],
                     row = {
                         "field_id": f"{i}:{fid}" if prefix else fid, "chip_id": cid, "task": task,
                         "score": _nan(feat["score"]), "tokens": feat["tokens"], "label": feat["label"],
-                        "cut": bool(feat["cut"]), "stack": name, "answer": ans["text"], "box": json.dumps(feat["box"]),
+                        "cut": bool(feat["cut"]), "stack": name, "answer": ans["text"], **_box_columns(feat["box"]),
                         "shape": feat["kind"] if feat["kind"] in SHAPES else "",
                     }
                     if task == "ask":
-                        row.update(kind=feat["kind"], dates=json.dumps(ans.get("dates", [])),
-                                   segments=json.dumps(ans.get("segments", [])))
+                        days, segments = ans.get("dates", []), ans.get("segments", [])
+                        row.update(kind=feat["kind"], dates=json.dumps(days), segments=json.dumps(segments),
+                                   **_date_range(days, segments))
                     rows.append(row)
                     geoms.append(feat["geometry"])
                     k += 1
@@ -139,7 +195,7 @@ def detection_frame(journal: Journal, keys: Sequence[str], names: Sequence[str],
         return _empty(columns, crs)
     out = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry",
                            crs=frames[0].crs if crs is None else crs.to_wkt())
-    return out[[*columns, "geometry"]]
+    return typed(out[[*columns, "geometry"]])
 
 
 def suppress(frame: gpd.GeoDataFrame, iou_threshold: float, min_score: float = 0.0) -> gpd.GeoDataFrame:
@@ -156,7 +212,7 @@ def suppress(frame: gpd.GeoDataFrame, iou_threshold: float, min_score: float = 0
                priority=(~boxes["cut"].astype(bool)).astype(np.int64).to_numpy())
     kept = boxes.iloc[keep]
     out = pd.concat([kept, frame[~is_box]]).sort_index()
-    return gpd.GeoDataFrame(out, geometry="geometry", crs=frame.crs).reset_index(drop=True)
+    return typed(gpd.GeoDataFrame(out, geometry="geometry", crs=frame.crs).reset_index(drop=True))
 
 
 def stage_table(journal: Journal, keys: Sequence[str], names: Sequence[str]) -> pd.DataFrame:
@@ -198,17 +254,66 @@ def growth_frame(stages: pd.DataFrame, fields: FieldLayer | None, crs: CRS | Non
             "score": float(group["score"].mean()), "tokens": json.dumps(dict(zip(group["date"], group["answer"],
                                                                                  strict=True))),
             "stages": json.dumps(dict(zip(group["date"], group["stage"], strict=True))), "n_dates": len(group),
-            "stack": ",".join(sorted(set(group["stack"]))),
+            "first_date": group["date"].iloc[0], "last_date": group["date"].iloc[-1],
+            "last_stage": group["stage"].iloc[-1], "stack": ",".join(sorted(set(group["stack"]))),
         })
         geoms.append(geom_of[str(fid)])
     frame = gpd.GeoDataFrame(rows, geometry=gpd.GeoSeries(geoms, crs=crs.to_wkt()))
-    return frame[[*GROWTH_COLUMNS, "geometry"]]
+    return typed(frame[[*GROWTH_COLUMNS, "geometry"]])
+
+
+def check_format(out: Path) -> None:
+    """Raise :class:`InferError` unless ``out``'s suffix is one of :data:`agrivlm.schema.PREDICTION_FORMATS`."""
+    problem = prediction_format_problem(out)
+    if problem is not None:
+        raise InferError(problem)
+
+
+def rfc7946(frame: gpd.GeoDataFrame, out: Path) -> gpd.GeoDataFrame:
+    """``frame`` in EPSG:4326 lon/lat for RFC 7946 GeoJSON, with a warning naming the CRS it was in.
+
+    An empty frame without a CRS is labelled EPSG:4326 as it is; features without a CRS cannot be reprojected
+    (:class:`InferError`).
+    """
+    if frame.crs is None:
+        if len(frame):
+            raise InferError(f"{out}: the features have no CRS, so they cannot be written as RFC 7946 GeoJSON "
+                             "(EPSG:4326); write a .gpkg instead")
+        return frame.set_crs("EPSG:4326")
+    epsg = frame.crs.to_epsg()
+    if epsg == 4326:
+        return frame
+    name = f"{frame.crs.name}" if epsg is None else f"EPSG:{epsg} ({frame.crs.name})"
+    log.warning("%s: GeoJSON is RFC 7946 lon/lat, so the features were reprojected from the stack's CRS %s "
+                "to EPSG:4326 (use .gpkg, .parquet or .fgb to keep it)", out, name)
+    return frame.to_crs("EPSG:4326")
+
+
+def write_layer(frame: gpd.GeoDataFrame, out: Path, layer: str) -> None:
+    """Write ``frame`` to ``out`` atomically in the format of its suffix (see the module docstring).
+
+    ``layer`` names the GeoPackage layer. Raises :class:`InferError` for a suffix that is not a format.
+    """
+    check_format(out)
+    suffix = out.suffix.lower()
+    frame = typed(frame)
+    if suffix == ".geojson":
+        frame = rfc7946(frame, out)
+    with atomic_path(out) as tmp:
+        if suffix == ".parquet":
+            frame.to_parquet(tmp, schema_version="1.1.0", write_covering_bbox=True)
+        elif suffix == ".fgb":
+            frame.to_file(tmp, driver="FlatGeobuf", engine="pyogrio")
+        elif suffix == ".geojson":
+            frame.to_file(tmp, driver="GeoJSON", engine="pyogrio", RFC7946="YES")
+        else:
+            frame.to_file(tmp, driver="GPKG", engine="pyogrio", layer=layer)
 
 
 def write_outputs(out: Path, task: str, frame: gpd.GeoDataFrame, stages: pd.DataFrame | None) -> dict[str, str]:
     """Write the layer (and the stage table) atomically; returns ``{what: path}``."""
     written = {"layer": str(out)}
-    write_frame(frame, out, layer=LAYERS[task])
+    write_layer(frame, out, LAYERS[task])
     if stages is not None:
         target = stages_path(out)
         with atomic_path(target) as tmp:
