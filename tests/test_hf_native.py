@@ -8,6 +8,8 @@ after ``import agrivlm.model`` or, never importing agrivlm, with ``trust_remote_
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -20,7 +22,15 @@ import pytest
 import torch
 from infer_model import INPUTS
 from train_helpers import curriculum_recipe
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, BatchFeature
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    BatchFeature,
+    GenerationConfig,
+    TextStreamer,
+)
 from typer.testing import CliRunner
 
 from agrivlm.cli import app
@@ -29,19 +39,22 @@ from agrivlm.infer.config import INPUT_CONFIG_FILE, load_input_config
 from agrivlm.lape.tokens import POLYGON_SEP, Axis, LapeVocab, serialize_box, serialize_point, serialize_segment
 from agrivlm.model import AgriVLMConfig, AgriVLMForConditionalGeneration, AgriVLMProcessor, build_model, load_pretrained
 from agrivlm.pipeline.bands import BandStats
-from agrivlm.pipeline.conversation import format_prompt
+from agrivlm.pipeline.conversation import answer_end_id, format_prompt
 from agrivlm.recipes.families import builders
 from agrivlm.recipes.schema import Record, Turn, render_conversation
 from agrivlm.remote_code import CONFIG_AUTO_MAP, PROCESSOR_AUTO_MAP, REMOTE_CODE_FILE
+from agrivlm.train.card import MODEL_CARD
 from agrivlm.train.config import LLMTraining, LoraSettings, Trainables
 from agrivlm.train.curriculum import BAND_STATS, STAGE_INFO, read_band_stats, read_stage_info, set_trainable
 from agrivlm.train.data import read_split, render_record
-from agrivlm.train.final import save_final, write_side_files
+from agrivlm.train.final import save_final, write_model_card, write_side_files
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 #: The side files of a final folder, all written from its HF configs.
 SIDE_FILES = (STAGE_INFO, INPUT_CONFIG_FILE, BAND_STATS)
+#: Those and the model card: what a ``save_pretrained`` round trip drops and the configs write again.
+FROM_CONFIGS = (*SIDE_FILES, MODEL_CARD)
 STATS = BandStats(np.array([-0.2]), np.array([1.0]), (2.0, 98.0))
 INFO = {"stage": "stage3", "init_source": "runs/stage2/final", "llm_pretrained": False, "steps": 7,
         "config": {"train": {"max_steps": 7}}, "final_metrics": {"loss": 1.25}}
@@ -77,7 +90,7 @@ def _essentials(folder: Path) -> dict[str, Any]:
     """
     config = json.loads((folder / "config.json").read_text())
     return {
-        "files": sorted(p.name for p in folder.iterdir() if p.name not in SIDE_FILES),
+        "files": sorted(p.name for p in folder.iterdir() if p.name not in FROM_CONFIGS),
         "weights": (folder / "model.safetensors").read_bytes(),
         "config": {k: config[k] for k in ("auto_map", "stage_info", "model_type", "architectures")},
         "processor_config.json": (folder / "processor_config.json").read_bytes(),
@@ -114,6 +127,28 @@ def test_as_a_causal_lm_a_text_only_prompt_generates(final: Path) -> None:
     batch = proc(prompt)
     out = model.generate(**batch, max_new_tokens=3, min_new_tokens=3)
     assert out.shape == (1, batch["input_ids"].shape[1] + 3)
+
+
+def test_generation_follows_the_saved_generation_config_and_streams(final: Path) -> None:
+    config = GenerationConfig.from_pretrained(final)
+    model = AutoModelForImageTextToText.from_pretrained(final).eval()
+    proc = AutoProcessor.from_pretrained(final)
+    end = answer_end_id(proc.tokenizer)
+    assert (config.do_sample, config.max_new_tokens, config.eos_token_id) == (False, 32, end)
+    assert model.generation_config.eos_token_id == end and model.generation_config.do_sample is False
+    batch = _batch(proc)
+    n = batch["input_ids"].shape[1]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        ids = model.generate(**batch, streamer=TextStreamer(proc.tokenizer, skip_prompt=True))
+    new = ids[0, n:]
+    assert 1 <= len(new) <= 32 and (len(new) == 32 or int(new[-1]) == end)  # max_new_tokens, or stopped at the end
+    assert not set(new.tolist()) & set(config.suppress_tokens)  # never a placeholder or a LAPE control token
+    assert printed.getvalue() == proc.tokenizer.decode(new) + "\n"  # the streamer printed the answer as generated
+    assert torch.equal(model.generate(**batch), ids)  # greedy: the same again
+    # the saved eos ends an answer: made the likeliest first token, it is the only one generated
+    forced = model.generate(**batch, sequence_bias=[[[end], 100.0]])
+    assert forced[0, n:].tolist() == [end]
 
 
 #: Run in a fresh interpreter: load the folder through the Auto classes (after ``import agrivlm.model``, or with
@@ -205,7 +240,8 @@ def test_a_triple_round_trip_keeps_outputs_and_everything_infer_needs(final: Pat
     assert read_band_stats(folder) == read_band_stats(final) == STATS.to_dict()
     # and the side files come back from them, byte for byte
     assert sorted(p.name for p in write_side_files(folder)) == sorted(SIDE_FILES)
-    assert all((folder / name).read_bytes() == (final / name).read_bytes() for name in SIDE_FILES)
+    assert write_model_card(folder) == folder / MODEL_CARD
+    assert all((folder / name).read_bytes() == (final / name).read_bytes() for name in FROM_CONFIGS)
     for name in SIDE_FILES:
         (folder / name).unlink()
     # `agrivlm infer` on the re-saved folder: the band preset and the chips come from the processor's config
@@ -238,7 +274,7 @@ def test_a_folder_saved_without_agrivlm_train_has_no_side_files_and_the_defaults
     model, proc = build_model()
     model.save_pretrained(tmp_path)
     proc.save_pretrained(tmp_path)
-    assert write_side_files(tmp_path) == []
+    assert write_side_files(tmp_path) == [] and write_model_card(tmp_path) is None
     assert load_input_config(tmp_path)[1] is False
     assert read_stage_info(tmp_path) is None and read_band_stats(tmp_path) is None
     (tmp_path / "processor_config.json").write_text("[1, 2]")

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file
 from train_helpers import ROOT, curriculum_recipe, stage_yaml
 
@@ -24,11 +25,11 @@ from agrivlm.train.config import LapeTrainConfig, load_stage_config
 from agrivlm.train.curriculum import (
     enable_lape,
     frozen_head_warning,
-    merge_lora_state_dict,
     module_digests,
     read_stage_info,
 )
 from agrivlm.train.data import Collator, RecordDataset, read_split, select_records
+from agrivlm.train.lora import ADAPTER_DIR
 from agrivlm.train.schedule import base_lr_factor, lape_lr_factor
 from agrivlm.train.trainer import read_seen, run_stage
 
@@ -171,10 +172,13 @@ def test_stage3_starts_from_stage2_and_trains_the_llm_through_lora(curriculum: d
         trained = key.split(".", 1)[0] in ("projector", "band_adapter", "lape")
         assert torch.equal(start[plain], value) != trained, key  # the LLM's own weights stay frozen under LoRA
     final = _sd(s3)
-    merged = merge_lora_state_dict(model_sd, 16.0 / 4)
+    # the final weights are peft's merge of stage 2 + the adapter saved beside them, bit for bit
+    base, _ = load_pretrained(s2)  # a fresh copy: peft merges into its weights in place
+    merged = PeftModel.from_pretrained(base, str(s3 / ADAPTER_DIR)).merge_and_unload().state_dict()
     assert final.keys() == start.keys() == merged.keys()
+    assert all(torch.equal(final[k], merged[k]) for k in final)
     q = "language_model.model.layers.0.self_attn.q_proj.weight"
-    assert torch.equal(final[q], merged[q]) and not torch.equal(final[q], start[q])
+    assert not torch.equal(final[q], start[q])
     model, proc = load_pretrained(s3)  # the final folder is a plain AgriVLM that runs
     records, _ = select_records(read_split([curriculum["data"]], "val"), _data_cfg(s3), 0, False)
     ds = RecordDataset(records[:2], _data_cfg(s3).frames, _data_cfg(s3).normalize, proc.vocab, 0,

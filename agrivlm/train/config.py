@@ -26,6 +26,8 @@ from agrivlm.errors import ConfigError
 from agrivlm.recipes.config import FamilyName
 
 Stage = Literal["stage1", "stage2", "stage3"]
+#: Experiment trackers of accelerate (``Accelerator(log_with=...)``) that ``train.report_to`` may name.
+Tracker = Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"]
 #: The stages, in curriculum order.
 STAGES: tuple[Stage, ...] = ("stage1", "stage2", "stage3")
 
@@ -39,6 +41,10 @@ class ModelSource(StrictModel):
     overrides: dict[str, Any] = Field(default_factory=dict)
     #: Stages 2 and 3: the previous stage's final folder (``<output_dir>/final``).
     init_from: str | None = None
+    #: Stages 2 and 3: a peft adapter folder (a LoRA stage's ``<output_dir>/final/adapter``, or any
+    #: ``PeftModel.save_pretrained`` output for the ``init_from`` model) merged into ``init_from``'s weights before
+    #: the stage starts (``--set model.adapter=PATH``).
+    adapter: str | None = None
 
 
 class LapeTrainConfig(StrictModel):
@@ -94,7 +100,8 @@ class LoraSettings(StrictModel):
 class LLMTraining(StrictModel):
     """How the LLM is trained."""
 
-    #: ``frozen``, ``lora`` (adapters trained, merged into the weights of the final folder) or ``full``.
+    #: ``frozen``, ``lora`` (adapters trained, merged into the weights of the final folder by peft and saved beside
+    #: them in peft's format, ``final/adapter``) or ``full``.
     mode: Literal["frozen", "lora", "full"] = "frozen"
     lora: LoraSettings = Field(default_factory=LoraSettings)
 
@@ -274,6 +281,11 @@ class RunConfig(StrictModel):
     snapshot_every: int = Field(default=0, ge=0)
     #: Log every this many optimizer steps.
     log_every: int = Field(default=1, ge=1)
+    #: Experiment trackers the logged metrics also go to, through accelerate (``Accelerator(log_with=...)``), e.g.
+    #: ``[tensorboard]`` (``pip install 'agrivlm[track]'``: events under ``<output_dir>/logs/agrivlm``) or
+    #: ``[wandb]``; the run's config is their hyperparameters. Empty: none (``logs/metrics.{jsonl,csv}`` and
+    #: ``loss_curves.png`` are always written).
+    report_to: list[Tracker] = Field(default_factory=list)
     #: Evaluate on the val split every this many steps (0: only at the start and the end; -1: never).
     eval_every: int = Field(default=0, ge=-1)
     #: Val micro-batches per evaluation.

@@ -10,7 +10,11 @@ After the LAPE initialisation report:
   the LAPE tables). LAPE trains in its own optimizer group (``lape_lr_multiplier``, ``lape_warmup_steps``);
   ``spatial_loss_weight`` / ``temporal_loss_weight`` weight the position-token losses.
 * **stage3 — agricultural fine-tune.** Starts from stage 2's final folder (LAPE on); the LLM trains
-  through LoRA (peft; merged into the weights of the final folder) or fully, by config.
+  through LoRA (peft; merged into the weights of the final folder by peft's ``merge_and_unload``, the adapter
+  saved beside them in ``final/adapter``, :mod:`agrivlm.train.lora`) or fully, by config.
+
+Stages 2 and 3 may start from ``model.init_from`` plus a peft adapter (``model.adapter``: merged into the
+starting weights, :func:`apply_adapter`).
 
 Rules that define a stage are checked (:func:`check_stage_rules`) and broken ones are
 :class:`~agrivlm.errors.ConfigError` naming the key; the rest (which parts train) is configuration.
@@ -41,7 +45,9 @@ from agrivlm.model.builders import (
 from agrivlm.model.configuration import saved_model_config
 from agrivlm.model.modeling import AgriVLMForConditionalGeneration
 from agrivlm.pipeline.processor import saved_processor_config
-from agrivlm.train.config import STAGES, LapeTrainConfig, LLMTraining, StageConfig, Trainables, resolve
+from agrivlm.train.checkpoint import CheckpointError
+from agrivlm.train.config import STAGES, LapeTrainConfig, LoraSettings, StageConfig, Trainables, resolve
+from agrivlm.train.lora import LLM, LORA_MARK, adapter_model, apply_adapter, inject_lora, split_lora_state
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +59,6 @@ STAGE_INFO = "stage_info.json"
 BAND_STATS = "band_stats.json"
 #: Top-level parts of the model whose weights are fingerprinted (:func:`module_digests`).
 PARTS: tuple[str, ...] = ("band_adapter", "vision_tower", "projector", "language_model", "lape")
-#: Prefix of LoRA parameter names (peft).
-LORA_MARK = "lora_"
 
 
 def previous_stage(stage: str) -> str | None:
@@ -76,6 +80,9 @@ def check_stage_rules(cfg: StageConfig, source: str = "config") -> None:
             )
         if cfg.model.init_from is not None:
             raise ConfigError(f"{source}: model.init_from: stage1 builds its model from model.config; remove init_from")
+        if cfg.model.adapter is not None:
+            raise ConfigError(f"{source}: model.adapter: stage1 builds its model from model.config; an adapter goes on "
+                              "a stage 2 or 3 model.init_from")
     else:
         if cfg.model.init_from is None:
             prev = previous_stage(cfg.stage)
@@ -91,8 +98,12 @@ def check_stage_rules(cfg: StageConfig, source: str = "config") -> None:
 
 def module_digests(model: nn.Module) -> dict[str, str]:
     """SHA-256 of the weights of each part in :data:`PARTS` (names and bytes, sorted by name); absent parts left out."""
+    return state_digests(model.state_dict())
+
+
+def state_digests(sd: dict[str, torch.Tensor]) -> dict[str, str]:
+    """:func:`module_digests` of a state dict (parameters and buffers by their names in the model)."""
     out: dict[str, str] = {}
-    sd = model.state_dict()
     for part in PARTS:
         keys = sorted(k for k in sd if k.split(".", 1)[0] == part)
         if not keys:
@@ -180,6 +191,8 @@ class StageModel:
     band_stats: dict[str, Any] | None = None
     #: LoRA scaling ``alpha / r`` when the LLM trains through LoRA.
     lora_scaling: float | None = None
+    #: The peft adapter merged into the ``init_from`` weights at the start (``model.adapter``), or None.
+    init_adapter: str | None = None
     #: Whether the LLM's weights came from a checkpoint (``llm.checkpoint`` of stage 1's model YAML), carried in
     #: ``stage_info.json`` from stage to stage; None when the init folder does not say.
     llm_pretrained: bool | None = None
@@ -231,9 +244,13 @@ def build_stage_model(cfg: StageConfig) -> StageModel:
         model.config.spatial_loss_weight = lape.spatial_loss_weight
         model.config.temporal_loss_weight = lape.temporal_loss_weight
         source = str(folder)
+    adapter = None
+    if cfg.model.adapter is not None:
+        adapter = str(resolve(cfg.model.adapter))
+        model = apply_adapter(model, adapter, source)
     digests = module_digests(model)
     sm = StageModel(model=model, processor=processor, init_digests=digests, init_source=source, band_stats=stats,
-                    llm_pretrained=llm_pretrained)
+                    llm_pretrained=llm_pretrained, init_adapter=adapter)
     sm.groups, sm.lora_scaling = set_trainable(model, cfg.trainable)
     warning = frozen_head_warning(cfg, llm_pretrained)
     if warning:
@@ -265,7 +282,7 @@ def set_trainable(
     """
     for p in model.parameters():
         p.requires_grad_(False)
-    scaling = inject_lora(model, trainable.llm) if trainable.llm.mode == "lora" else None
+    scaling = inject_lora(model, trainable.llm.lora) if trainable.llm.mode == "lora" else None
     parts: list[nn.Module] = []
     if trainable.projector:
         parts.append(model.projector)
@@ -292,44 +309,45 @@ def set_trainable(
     return {"main": main, "lape": lape_params}, scaling
 
 
-def inject_lora(model: AgriVLMForConditionalGeneration, llm: LLMTraining) -> float:
-    """Add LoRA adapters to the LLM's ``target_modules`` in place (peft ``LoraModel``); returns ``alpha / r``."""
-    from peft import LoraConfig
-    from peft.tuners.lora import LoraModel
+def changed_parts(state: dict[str, torch.Tensor], init_digests: dict[str, str]) -> list[str]:
+    """The parts of :data:`PARTS` other than the LLM whose weights or buffers differ from the start's.
 
-    names = {n.rsplit(".", 1)[-1] for n, m in model.language_model.named_modules() if isinstance(m, nn.Linear)}
-    unknown = sorted(set(llm.lora.target_modules) - names)
-    if unknown:
-        raise ConfigError(
-            f"trainable.llm.lora.target_modules: {unknown} are not linear layers of the LLM; it has {sorted(names)}"
-        )
-    config = LoraConfig(
-        r=llm.lora.r,
-        lora_alpha=llm.lora.alpha,  # type: ignore[arg-type]  # peft types it int; floats work
-        lora_dropout=llm.lora.dropout,
-        target_modules=list(llm.lora.target_modules), bias="none",
-    )
-    LoraModel(model.language_model, config, "default")  # injects into model.language_model in place
-    return llm.lora.alpha / llm.lora.r
+    Args:
+        state: the plain model's state after training (LoRA split off, :func:`~agrivlm.train.lora.split_lora_state`).
+        init_digests: :attr:`StageModel.init_digests`.
 
-
-def merge_lora_state_dict(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """A LoRA-injected state dict → the plain model's: ``W + scaling · B @ A`` under the base layer's own names.
-
-    ``….q_proj.base_layer.weight`` + ``….q_proj.lora_A.default.weight`` (r, in) + ``….q_proj.lora_B.default.weight``
-    (out, r) → ``….q_proj.weight``; ``base_layer.bias`` → ``bias``; every LoRA tensor dropped.
+    The LLM's own weights are frozen under LoRA; when they differ all the same (a DeepSpeed bf16 copy of the
+    model rounds them) a warning says that base + adapter gives the saved weights only up to that difference.
     """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if LORA_MARK in key:
-            continue
-        if ".base_layer." in key:
-            prefix, leaf = key.split(".base_layer.", 1)
-            if leaf == "weight":
-                a = state[f"{prefix}.lora_A.default.weight"].float()
-                b = state[f"{prefix}.lora_B.default.weight"].float()
-                value = (value.float() + scaling * (b @ a)).to(value.dtype)
-            out[f"{prefix}.{leaf}"] = value
-        else:
-            out[key] = value
-    return out
+    now = state_digests(state)
+    if LLM in init_digests and now.get(LLM) != init_digests[LLM]:
+        log.warning("the LLM's own weights differ from the stage's start (frozen under LoRA; rounded by a bf16 copy of "
+                    "the model?): its base + adapter reproduces the saved weights only up to that difference")
+    return [part for part in PARTS if part != LLM and part in now and now[part] != init_digests.get(part)]
+
+
+def final_model(sm: StageModel, state: dict[str, torch.Tensor], lora: LoraSettings) -> Any:
+    """The model a stage saves (:func:`agrivlm.train.final.save_final`), from its trained state dict.
+
+    Args:
+        sm: the stage's model (its config, generation settings, starting digests and source).
+        state: the trained weights under the model's own names (LoRA injected or not).
+        lora: the LoRA settings training used (``trainable.llm.lora``).
+
+    Returns:
+        A plain :class:`AgriVLMForConditionalGeneration` with the trained weights or, when ``state`` holds LoRA
+        tensors, peft's model of it (:func:`~agrivlm.train.lora.adapter_model`: the LoRA layers plus, saved whole,
+        the parts this stage changed; the adapter's base is ``sm.init_source``).
+
+    Raises:
+        CheckpointError: the weights do not fit the model (names the missing and unexpected keys).
+    """
+    base, lora_state = split_lora_state(state)
+    plain = type(sm.model)(sm.model.config)
+    missing, unexpected = plain.load_state_dict(base, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"final weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    plain.generation_config = sm.model.generation_config
+    if not lora_state:
+        return plain
+    return adapter_model(plain, lora_state, lora, changed_parts(base, sm.init_digests), sm.init_source)

@@ -1,22 +1,102 @@
-"""Training logs: every logged step to JSONL and CSV (and TensorBoard when installed); loss curves to PNG."""
+"""Training logs: every logged step to JSONL and CSV, and to accelerate's experiment trackers; loss curves to PNG.
+
+The trackers (``train.report_to``: TensorBoard, Weights & Biases, MLflow, ...) are accelerate's
+(``Accelerator(log_with=...)``, ``init_trackers``, ``log``): :func:`check_trackers` refuses one whose package is
+not installed, :func:`tracker_config` is the run's config as their hyperparameters, and :class:`TrainLog` sends
+every row it writes to them as well.
+"""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 
+from agrivlm.errors import ConfigError
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+#: For each tracker of ``train.report_to``: the modules that provide it (any one will do) and how to install it.
+TRACKER_PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "pip install 'agrivlm[track]' (or pip install tensorboard)"),
+    "wandb": (("wandb",), "pip install wandb"),
+    "mlflow": (("mlflow",), "pip install mlflow"),
+    "comet_ml": (("comet_ml",), "pip install comet-ml"),
+    "aim": (("aim",), "pip install aim"),
+    "clearml": (("clearml",), "pip install clearml"),
+    "dvclive": (("dvclive",), "pip install dvclive"),
+    "swanlab": (("swanlab",), "pip install swanlab"),
+    "trackio": (("trackio",), "pip install trackio"),
+}
+#: The project name the trackers get (``init_trackers``): TensorBoard writes under ``<output_dir>/logs/agrivlm``.
+TRACKER_PROJECT = "agrivlm"
+
+#: Sends one logged row to the trackers: ``(metrics, step)``.
+RowSink = Callable[[dict[str, float], int], None]
+
+
+def check_trackers(names: Sequence[str]) -> list[str]:
+    """The trackers of ``train.report_to``, each once, in order; a :class:`ConfigError` for one not installed.
+
+    accelerate itself would leave a tracker whose package is missing out without a word (a debug log line).
+
+    Raises:
+        ConfigError: naming the tracker, its package and the command that installs it.
+    """
+    from accelerate.tracking import get_available_trackers
+
+    usable = {str(t) for t in get_available_trackers()}
+    out = list(dict.fromkeys(names))
+    for name in out:
+        if name not in TRACKER_PACKAGES:
+            raise ConfigError(f"train.report_to: unknown tracker {name!r}; use one of {', '.join(TRACKER_PACKAGES)}")
+        modules, install = TRACKER_PACKAGES[name]
+        if not any(_importable(m) for m in modules) or name not in usable:
+            raise ConfigError(
+                f"train.report_to: {name} needs the {modules[0]} package, which is not installed; {install}, "
+                f"or remove {name} from train.report_to"
+            )
+    return out
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing; a module without a spec
+        return False
+
+
+def tracker_config(config: dict[str, Any]) -> dict[str, bool | int | float | str]:
+    """A nested config (``StageConfig.model_dump(mode="json")``) as tracker hyperparameters.
+
+    Dotted keys (``optim.lr``), values kept when ``bool``/``int``/``float``/``str``, anything else (lists, None,
+    empty sections) as its JSON text: what every tracker accepts (TensorBoard's ``add_hparams`` takes no nested or
+    list values).
+    """
+    out: dict[str, bool | int | float | str] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update({f"{key}.{k}": v for k, v in tracker_config(value).items()})
+        elif isinstance(value, (bool, int, float, str)):
+            out[key] = value
+        else:
+            out[key] = json.dumps(value, sort_keys=True)
+    return out
+
 
 class TrainLog:
-    """Append-only metrics log of one run (survives resume: rows past the resumed step are dropped)."""
+    """Append-only metrics log of one run (survives resume: rows past the resumed step are dropped).
 
-    def __init__(self, out_dir: str | Path, resume_step: int | None = None) -> None:
+    Every row also goes to ``sink`` when one is given (the trainer's: accelerate's trackers, ``Accelerator.log``).
+    """
+
+    def __init__(self, out_dir: str | Path, resume_step: int | None = None, sink: RowSink | None = None) -> None:
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = self.dir / "metrics.jsonl"
@@ -25,22 +105,15 @@ class TrainLog:
             self.jsonl.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
         elif resume_step is None and self.jsonl.exists():
             self.jsonl.unlink()
-        self._tb: Any = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
-        except ImportError:
-            self._tb = None
+        self.sink = sink
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Record the metrics of one optimizer step."""
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         with self.jsonl.open("a") as fh:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
-        if self._tb is not None:
-            for key, value in metrics.items():
-                self._tb.add_scalar(key, value, step)
+        if self.sink is not None:
+            self.sink({k: float(v) for k, v in metrics.items()}, step)
 
     def read(self) -> list[dict[str, Any]]:
         """All rows logged so far."""
@@ -49,15 +122,13 @@ class TrainLog:
         return [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
 
     def close(self) -> None:
-        """Write ``metrics.csv`` and flush TensorBoard."""
+        """Write ``metrics.csv``."""
         rows = self.read()
         keys = sorted({k for r in rows for k in r} - {"step"})
         with (self.dir / "metrics.csv").open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=["step", *keys])
             writer.writeheader()
             writer.writerows(rows)
-        if self._tb is not None:
-            self._tb.close()
 
 
 def plot_losses(runs: dict[str, list[dict[str, Any]]], path: str | Path, keys: tuple[str, ...] = ()) -> Path:

@@ -6,10 +6,13 @@
 * ``checkpoints/step_NNNNNNN/`` — ``accelerator.save_state`` every ``train.save_every`` steps and at the
   end (model, optimizer, RNG states and the trainer's :class:`TrainState`), crash-safe
   (:mod:`agrivlm.train.checkpoint`);
-* ``logs/metrics.{jsonl,csv}`` (+ TensorBoard when installed), ``logs/samples.jsonl`` (the sample ids of
-  every optimizer step) and ``logs/loss_curves.png``;
-* ``final/`` — ``save_pretrained`` of the model (LoRA merged) and the processor, ``band_stats.json`` and
-  ``stage_info.json``; the next stage's ``model.init_from``.
+* ``logs/metrics.{jsonl,csv}`` (and accelerate's experiment trackers of ``train.report_to``: TensorBoard under
+  ``logs/agrivlm``, wandb, ...), ``logs/samples.jsonl`` (the sample ids of every optimizer step) and
+  ``logs/loss_curves.png``;
+* ``final/`` — ``save_pretrained`` of the model and the processor (:func:`~agrivlm.train.final.save_final`: the
+  stage info and input settings in their configs, ``band_stats.json``, ``stage_info.json``, a model card
+  ``README.md``); with LoRA, the model merged by peft and the adapter in ``final/adapter``
+  (:mod:`agrivlm.train.lora`); the next stage's ``model.init_from``.
 
 **Exact resume.** accelerate owns devices, mixed precision, gradient accumulation and checkpoints, but the
 DataLoader is *not* passed through ``accelerator.prepare``: :class:`~agrivlm.train.sampler.ResumableSampler`
@@ -65,7 +68,7 @@ from agrivlm.train.checkpoint import (
     save_checkpoint,
 )
 from agrivlm.train.config import StageConfig, load_stage_config, resolve
-from agrivlm.train.curriculum import STAGE_INFO, StageModel, build_stage_model, merge_lora_state_dict
+from agrivlm.train.curriculum import STAGE_INFO, StageModel, build_stage_model, final_model
 from agrivlm.train.data import (
     Collator,
     EpochIndexSampler,
@@ -77,8 +80,8 @@ from agrivlm.train.data import (
     read_split,
     select_records,
 )
-from agrivlm.train.final import save_final
-from agrivlm.train.logs import TrainLog, plot_losses
+from agrivlm.train.final import data_sources, save_final
+from agrivlm.train.logs import TRACKER_PROJECT, TrainLog, check_trackers, plot_losses, tracker_config
 from agrivlm.train.sampler import ResumableSampler, sample_seed, seeded_generator
 from agrivlm.train.schedule import base_lr_factor, lape_lr_factor
 
@@ -452,10 +455,13 @@ class _Run:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         # torchrun on a machine without GPUs: accelerate needs cpu=True to see the other processes (gloo)
         cpu = world > 1 and not torch.cuda.is_available()
+        trackers = check_trackers(self.cfg.train.report_to)
         acc = Accelerator(
             mixed_precision=_mixed_precision(self.cfg.train.mixed_precision),
             gradient_accumulation_steps=self.cfg.train.grad_accum,
             cpu=cpu,
+            log_with=trackers or None,
+            project_dir=str(self.out / "logs"),
         )
         if acc.num_processes != world:
             raise ConfigError(
@@ -547,6 +553,7 @@ class _Run:
         info = {
             "stage": cfg.stage,
             "init_source": sm.init_source,
+            "init_adapter": sm.init_adapter,
             "init_digests": sm.init_digests,
             "lape": lape_on,
             "llm_pretrained": sm.llm_pretrained,
@@ -557,6 +564,8 @@ class _Run:
             "mixed_precision": str(acc.mixed_precision),
             "trainable_parameters": {k: int(sum(p.numel() for p in v)) for k, v in sm.groups.items()},
             "predictor_parameters": int(sum(p.numel() for p in predictor.parameters())) if predictor else 0,
+            "data_sources": data_sources(cfg.data.roots),
+            "started_at": self._started_at(),
         }
         if acc.is_main_process:
             _write_json(out / STAGE_INFO, info)
@@ -564,21 +573,40 @@ class _Run:
             if stats is not None:
                 _write_json(out / "band_stats.json", stats.to_dict())
         metrics = None
+        if cfg.train.report_to:  # after _clear_previous: the trackers write into logs/
+            acc.init_trackers(TRACKER_PROJECT, config=tracker_config(cfg.model_dump(mode="json")),
+                              init_kwargs={"wandb": {"name": f"{out.name} {cfg.stage}"}})
         if acc.is_main_process:
-            metrics = TrainLog(out / "logs", resume_step=state.step if self.resume else None)
+            sink = (lambda row, step: acc.log(row, step=step)) if cfg.train.report_to else None
+            metrics = TrainLog(out / "logs", resume_step=state.step if self.resume else None, sink=sink)
         seen = _SeenLog(out / "logs" / "samples.jsonl", state.step if self.resume else None, acc.is_main_process)
         self._snapshot = (sm, stats, info)
         try:
             self._loop(acc, module, optimizer, loader, sampler, val_ds, collate, state, metrics, seen, ckpt_root)
             last = metrics.read()[-1] if metrics is not None and metrics.read() else {}
-            result = self._save_final(acc, module, sm, stats, {**info, "steps": state.step, "final_metrics": last})
+            finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            result = self._save_final(acc, module, sm, stats,
+                                      {**info, "steps": state.step, "final_metrics": last, "finished_at": finished})
         finally:
             stacks.close()
             if metrics is not None:
                 metrics.close()
                 plot_losses({cfg.stage: metrics.read()}, out / "logs" / "loss_curves.png")
+            # the trackers' own end (what Accelerator.end_training does first), without its destroying the process
+            # group: a process may train several stages (the quickstart, agrivlm train default)
+            for tracker in acc.trackers:
+                tracker.finish()
         acc.wait_for_everyone()
         return result
+
+    def _started_at(self) -> str:
+        """When the stage started (UTC, ISO 8601): now, or a resumed run's first start from its ``stage_info.json``."""
+        if self.resume:
+            try:
+                return str(json.loads((self.out / STAGE_INFO).read_text())["started_at"])
+            except (OSError, ValueError, KeyError, TypeError):  # a run from before started_at was recorded
+                pass
+        return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     # -- loop ----------------------------------------------------------------------------------------
     def _loop(
@@ -769,17 +797,11 @@ class _Run:
         state = acc.get_state_dict(module)  # gathered (FSDP/DeepSpeed) on the main process
         if acc.is_main_process:
             model_sd = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-            if sm.lora_scaling is not None:
-                model_sd = merge_lora_state_dict(model_sd, sm.lora_scaling)
-            plain = type(sm.model)(sm.model.config)
-            missing, unexpected = plain.load_state_dict(model_sd, strict=False)
-            if missing or unexpected:
-                raise CheckpointError(f"final weights do not fit the model: missing {missing}, unexpected {unexpected}")
-            plain.generation_config = sm.model.generation_config
+            model = final_model(sm, model_sd, self.cfg.trainable.llm.lora)  # with LoRA: peft's, merged by save_final
             if partial.exists():
                 shutil.rmtree(partial)
             partial.parent.mkdir(parents=True, exist_ok=True)
-            save_final(partial, plain, sm.processor, self.inputs, stats, info)
+            save_final(partial, model, sm.processor, self.inputs, stats, info)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(partial, final)
