@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from agrivlm.errors import ConfigError
+from agrivlm.resources import package_file, recipe, stage_config
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +43,6 @@ STAGE_SHARE = {"stage1": 0.15, "stage2": 0.15, "stage3": 0.70}
 CHIP = 32
 #: Land-use classes the field-boundary recipes outline (and the evaluation counts as fields).
 FIELD_CLASSES = ("cultivated land", "grassland")
-
-
-def repo_root() -> Path:
-    """The checkout holding ``configs/`` and ``data_recipes/`` (the package's parent folder)."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "configs" / "stage1.yaml").is_file() or not (root / "data_recipes" / "stage1.yaml").is_file():
-        raise ConfigError(
-            f"{root}: no configs/ and data_recipes/ beside the package; the quickstart runs from a clone of the "
-            "repository installed with `pip install -e .`"
-        )
-    return root
 
 
 @dataclass(frozen=True)
@@ -107,7 +97,6 @@ class Quickstart:
         self.opts = options
         self.progress = progress
         self.echo = echo
-        self.root = repo_root()
         self.state = self.out / ".quickstart"
         self.timings: dict[str, float] = {}
 
@@ -194,8 +183,8 @@ class Quickstart:
                 "dates": summary["n_dates"]}
 
     def recipe_file(self, stage: str) -> Path:
-        """The recipe of a stage's data: the repository's, or one over it pointing at the user's data."""
-        base = self.root / "data_recipes" / f"{stage}.yaml"
+        """The recipe of a stage's data: the shipped one, or one over it pointing at the user's data."""
+        base = recipe(stage)
         if self.opts.stack is None and self.opts.parcels is None:
             return base
         source: dict[str, Any] = {
@@ -235,6 +224,10 @@ class Quickstart:
             "train.torch_threads": 1,
             "train.progress": self.progress,
         }
+        if stage == "stage1":
+            # the stage-1 config names its model YAML relative to a checkout's root: the packaged file instead
+            shipped = yaml.safe_load(stage_config("stage1").read_text())["model"]["config"]
+            over["model.config"] = str(package_file(shipped))
         if stage == "stage1" and self.opts.base_model:
             base = Path(self.opts.base_model)
             over["model.overrides"] = {"vision": {"checkpoint": str(base / "vision")},
@@ -265,7 +258,7 @@ class Quickstart:
         from agrivlm.train.checkpoint import latest_checkpoint
         from agrivlm.train.trainer import run_stage
 
-        config = self.root / "configs" / f"{stage}.yaml"
+        config = stage_config(stage)
         resume = latest_checkpoint(self.path("train", stage, "checkpoints")) is not None
         overwrite = not resume and self.path("train", stage).exists()
         final = run_stage(config, self.stage_overrides(stage), stage=stage, resume=resume, overwrite=overwrite)

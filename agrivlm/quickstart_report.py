@@ -21,6 +21,7 @@ from agrivlm.report import (
     plot_stage_curves,
     write_report,
 )
+from agrivlm.resources import stage_config
 from agrivlm.train.logs import plot_losses
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ def commands(qs: Quickstart) -> list[str]:
                      f"--seed {qs.opts.seed}")
     for s in qs.opts.stages:
         sets = " ".join(f"--set {_q(f'{k}={json.dumps(v)}')}" for k, v in qs.stage_overrides(s).items())
-        lines.append(f"agrivlm train {s} --config {_q(qs.root / 'configs' / f'{s}.yaml')} {sets}")
+        lines.append(f"agrivlm train {s} --config {_q(stage_config(s))} {sets}")
     model = out / "train" / "stage3" / "final"
     lines += [
         f"agrivlm infer {_q(qs.stack)}{masks} --model {_q(model)} --preset {qs.opts.preset} --task fields "

@@ -86,12 +86,12 @@ def synthetic_scene(work: Path, region: str, seed: int) -> EvalScene:
 def real_test_scene(work: Path) -> EvalScene:
     """The embedded sample's test blocks, with the recipes' derived stages."""
     from agrivlm.recipes.build import build_recipe
+    from agrivlm.resources import recipe
     from agrivlm.sample import SAMPLE_ROOT
 
-    root = Path(__file__).resolve().parents[1]
     out = work / "real_growth"
     if not (out / "manifest.json").is_file():
-        build_recipe(root / "data_recipes" / "growth_stages.yaml", out, overwrite=True, progress=False)
+        build_recipe(recipe("growth_stages"), out, overwrite=True, progress=False)
     manifest = json.loads((out / "manifest.json").read_text())
     test_chips = set(manifest["chips"]["by_split"]["test"])
     parcels = gpd.read_file(out / "tables" / "parcels.gpkg", layer="parcels")

@@ -33,6 +33,7 @@ from agrivlm.recipes.config import load_recipe
 from agrivlm.recipes.context import norm_box, norm_ring
 from agrivlm.recipes.fields import OUTLINE_FIELDS_QUESTIONS
 from agrivlm.recipes.phenology import stage_table
+from agrivlm.resources import recipes_dir
 from agrivlm.sample import SAMPLE_ROOT
 
 #: The checkpoint's input settings: 32-px chips (stride 32), 2 clear frames, NDVI with a fixed range.
@@ -47,7 +48,7 @@ STEPS = 100
 POLYGON_STEPS = 400
 #: Growth-stage questions (about real fields, answered with the recipes' derived stages) mixed into training.
 GROWTH_QUESTIONS = 8
-RECIPES = Path(__file__).resolve().parents[1] / "data_recipes"
+RECIPES = recipes_dir()
 
 
 @lru_cache(maxsize=1)

@@ -1,8 +1,7 @@
-"""configs/accelerate/*.yaml are what `accelerate launch --config_file` reads: every key known, env as intended."""
+"""agrivlm/configs/accelerate/*.yaml are what `accelerate launch --config_file` reads: every key known, env as
+intended (in a clone also as configs/accelerate/, the link at the root)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 from accelerate.commands.config.config_args import ClusterConfig
@@ -10,7 +9,9 @@ from accelerate.commands.launch import _validate_launch_command, launch_command_
 from accelerate.utils import DistributedType
 from accelerate.utils.launch import prepare_multi_gpu_env
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+from agrivlm.resources import configs_dir
+
+CONFIGS = configs_dir() / "accelerate"
 
 
 @pytest.mark.parametrize(

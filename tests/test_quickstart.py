@@ -137,6 +137,7 @@ def test_base_model_folder_starts_stage1_from_its_weights(tmp_path: Path) -> Non
 
     from agrivlm.model.tokenizer import default_tokenizer
     from agrivlm.quickstart import Quickstart, QuickstartOptions
+    from agrivlm.resources import stage_config
     from agrivlm.train.config import load_stage_config
     from agrivlm.train.curriculum import build_stage_model
 
@@ -155,7 +156,7 @@ def test_base_model_folder_starts_stage1_from_its_weights(tmp_path: Path) -> Non
     qs = Quickstart(tmp_path / "out", QuickstartOptions(steps=10, base_model=str(base), start="scratch"),
                     progress=False)
     over = qs.stage_overrides("stage1")
-    cfg = load_stage_config(ROOT / "configs" / "stage1.yaml", over)
+    cfg = load_stage_config(stage_config("stage1"), over)
     built = build_stage_model(cfg).model
     saved = SiglipVisionModel.from_pretrained(base / "vision").state_dict()
     mine = built.vision_tower.state_dict()

@@ -27,11 +27,12 @@ from agrivlm.recipes.config import load_recipe
 from agrivlm.recipes.mixture import mix
 from agrivlm.recipes.phenology import key_date_table, stage_table
 from agrivlm.recipes.schema import Record, dump_record, read_records, write_records
+from agrivlm.resources import recipes_dir
 from agrivlm.sample import sample_parcels
 from agrivlm.schema import GROWTH_STAGES, KEY_DATE_COLUMNS, STAGE_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ROOT / "data_recipes"
+RECIPES = recipes_dir()
 STAGE2 = RECIPES / "stage2.yaml"
 SPLITS = ("train", "val", "test")
 #: Tokens per spatial axis used for the token round-trip check (agrivlm's default: 150).

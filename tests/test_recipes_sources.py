@@ -21,10 +21,11 @@ from agrivlm.recipes.build import build_recipe
 from agrivlm.recipes.config import RecipeConfig, load_recipe
 from agrivlm.recipes.schema import FAMILIES, Record, read_records
 from agrivlm.recipes.sources import resolve_sources
+from agrivlm.resources import recipes_dir
 from agrivlm.train.data import read_split
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ROOT / "data_recipes"
+RECIPES = recipes_dir()
 SPLITS = ("train", "val", "test")
 #: Field A's truth is moved 45 days later than its NDVI season in scene s1 (derived stages would differ).
 SHIFT = {"A": 45.0}

@@ -10,10 +10,11 @@ import yaml
 from typer.testing import CliRunner
 
 from agrivlm.cli import app
+from agrivlm.resources import configs_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "tests" / "recipes" / "curriculum_tiny.yaml"
-CONFIGS = ROOT / "configs"
+CONFIGS = configs_dir()
 
 
 def curriculum_recipe(factory: pytest.TempPathFactory) -> Path:

@@ -1,6 +1,6 @@
 """Build an AgriVLM: the tiny embedded default from config, or real local checkpoints, with its processor.
 
-``configs/model/tiny.yaml`` → :class:`ModelSettings` → :func:`build_model` →
+``agrivlm/configs/model/tiny.yaml`` → :class:`ModelSettings` → :func:`build_model` →
 ``(AgriVLMForConditionalGeneration, AgriVLMProcessor)``. Each part comes either from a small config
 (nothing downloaded) or from a local folder:
 
@@ -49,9 +49,10 @@ from agrivlm.model.modeling import AgriVLMForConditionalGeneration
 from agrivlm.model.tokenizer import add_agrivlm_tokens, default_tokenizer
 from agrivlm.pipeline.conversation import answer_end_id
 from agrivlm.pipeline.pooling import PoolMode
+from agrivlm.resources import configs_dir
 
-#: The tiny default config shipped with the repository.
-TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "model" / "tiny.yaml"
+#: The tiny default config shipped in the package (``agrivlm/configs/model/tiny.yaml``).
+TINY_CONFIG = configs_dir() / "model" / "tiny.yaml"
 
 
 class VisionSettings(StrictModel):
@@ -224,7 +225,7 @@ def build_model(
     """Build the model and its processor (seeded: the same settings give the same weights).
 
     Args:
-        settings: :class:`ModelSettings`, a YAML path, or None for ``configs/model/tiny.yaml``.
+        settings: :class:`ModelSettings`, a YAML path, or None for ``agrivlm/configs/model/tiny.yaml``.
 
     Returns:
         ``(model, processor)``; ``processor`` is an :class:`~agrivlm.pipeline.processor.AgriVLMProcessor`.

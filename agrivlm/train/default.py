@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from agrivlm import resources
 from agrivlm.default_checkpoint import DEFAULT_MODEL_DIR
 from agrivlm.errors import ConfigError
 
@@ -73,13 +74,6 @@ class DefaultTraining:
     seed: int = 0
 
 
-def _repo_root() -> Path:
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "configs" / "stage1.yaml").is_file():
-        raise ConfigError(f"{root}: no configs/ beside the package; `agrivlm train default` runs from a clone")
-    return root
-
-
 def phases(opts: DefaultTraining) -> list[str]:
     """The phases of :data:`PHASES` that ``opts`` gives steps (stages 1-3 always; ``stage3_focus`` when > 0)."""
     for stage in ("stage1", "stage2", "stage3"):
@@ -112,9 +106,8 @@ def make_scenes(out: Path, opts: DefaultTraining, echo: Callable[[str], None]) -
 
 def recipe_text(stage: str, scenes_glob: str, opts: DefaultTraining) -> str:
     """The recipe of one stage over the scenes and the sample's train blocks (YAML text)."""
-    root = _repo_root()
-    base = yaml.safe_load((root / "data_recipes" / f"synthetic_{stage}.yaml").read_text())
-    sample = yaml.safe_load((root / "data_recipes" / "sample_base.yaml").read_text())
+    base = yaml.safe_load(resources.recipe(f"synthetic_{stage}").read_text())
+    sample = yaml.safe_load(resources.recipe("sample_base").read_text())
     src = dict(sample["source"])  # sample: specs resolve inside the package wherever the recipe lies
     # the sample keeps its geographic blocks (the recipe's split: below): its test blocks are never trained on
     src.update(name="sample", weight=0.2)
@@ -165,7 +158,6 @@ def train(out: Path, roots: dict[str, Path], opts: DefaultTraining, echo: Callab
     from agrivlm.train.checkpoint import latest_checkpoint
     from agrivlm.train.trainer import run_stage
 
-    root = _repo_root()
     prev: Path | None = None
     for stage in phases(opts):
         folder = out / "train" / stage
@@ -177,7 +169,7 @@ def train(out: Path, roots: dict[str, Path], opts: DefaultTraining, echo: Callab
             "train.progress": False, "optim.lr": opts.lr.get(stage, opts.lr[PHASES[stage]]),
         }
         if stage == "stage1":
-            over["model.config"] = str(root / opts.model_config)
+            over["model.config"] = str(resources.package_file(opts.model_config))  # a path inside the package
         else:
             assert prev is not None
             over["data.frames.num_frames"] = opts.num_frames
@@ -196,7 +188,7 @@ def train(out: Path, roots: dict[str, Path], opts: DefaultTraining, echo: Callab
             continue
         resume = latest_checkpoint(folder / "checkpoints") is not None
         t0 = time.perf_counter()
-        prev = run_stage(root / "configs" / f"{PHASES[stage]}.yaml", over, stage=PHASES[stage], resume=resume,
+        prev = run_stage(resources.stage_config(PHASES[stage]), over, stage=PHASES[stage], resume=resume,
                          overwrite=not resume and folder.exists())
         echo(f"{stage}: {n} steps in {time.perf_counter() - t0:.0f} s → {prev}")
     assert prev is not None
