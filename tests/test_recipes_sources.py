@@ -204,15 +204,20 @@ def test_shipped_mixed_recipe_mixes_the_sample_and_s2_scenes_by_weight(
     assert any(r.family == "growth_stages" and r.meta["source"] == "derived" for r in recs if _scene_of(r) == "sample")
 
 
-@pytest.mark.parametrize("stage", ["synthetic_stage1", "synthetic_stage2", "synthetic_stage3"])
+@pytest.mark.parametrize("stage", ["synthetic_stage1", "synthetic_stage2", "synthetic_stage3",
+                                   "synthetic_stage3_focus"])
 def test_shipped_synthetic_stage_recipes_build(tmp_path: Path, stage: str) -> None:
     _scenes(tmp_path, 3)
     recipes = _shipped(tmp_path, f"{stage}.yaml", "synthetic_base.yaml")
     m = build_recipe(recipes / f"{stage}.yaml", tmp_path / "out", progress=False)
     cfg = load_recipe(recipes / f"{stage}.yaml")
-    assert m["mixture"]["train"]["total"] == cfg.mixture.samples["train"]
     assert all(m["counts"]["records"][s] > 0 for s in SPLITS)
     assert sorted(m["split"]["scenes"].values()) == sorted(SPLITS)
+    if stage == "synthetic_stage3_focus":  # the growth-stage questions alone, every record kept
+        assert cfg.mixture is None
+        assert {(r.family, r.task) for r in _records(tmp_path / "out")} == {("growth_stages", "stage_on_date")}
+        return
+    assert m["mixture"]["train"]["total"] == cfg.mixture.samples["train"]
     if stage == "synthetic_stage1":
         assert not any(r.has_positions for r in _records(tmp_path / "out"))
     else:

@@ -66,7 +66,7 @@ def default(
     out: Annotated[Path, typer.Option("--out", "-o", help="Working folder: scenes/, recipes/, data/, train/.")] = Path(
         "runs/default"),
     scenes_per_region: Annotated[int, typer.Option(help="Synthetic scenes per training region.")] = 20,
-    stage3_steps: Annotated[int, typer.Option(help="Optimizer steps of stage 3 (stages 1 and 2 are short).")] = 6000,
+    stage3_steps: Annotated[int, typer.Option(help="Optimizer steps of stage 3 (stages 1 and 2 are short).")] = 4500,
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
     install: Annotated[bool, typer.Option(help="Copy the result into the package as the default checkpoint.")] = False,
 ) -> None:
