@@ -17,8 +17,10 @@ import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import geopandas as gpd
+import numpy as np
 import pandas as pd
 import torch
 
@@ -28,6 +30,7 @@ from agrivlm.infer.generate import Question
 from agrivlm.infer.prepare import ChipPreparer, FieldLayer
 from agrivlm.lape.tokens import LapeVocab, serialize_box, serialize_polygon
 from agrivlm.model import build_model
+from agrivlm.pipeline.bands import BandStats
 from agrivlm.recipes.build import prepare
 from agrivlm.recipes.config import load_recipe
 from agrivlm.recipes.context import norm_box, norm_ring
@@ -49,6 +52,22 @@ POLYGON_STEPS = 400
 #: Growth-stage questions (about real fields, answered with the recipes' derived stages) mixed into training.
 GROWTH_QUESTIONS = 8
 RECIPES = recipes_dir()
+#: Band statistics of the saved test folders (NDVI, the fixed range of ``INPUTS``).
+STATS = BandStats(np.array([-0.2]), np.array([1.0]), (2.0, 98.0))
+
+
+def save_moved_tiny(folder: Path, info: dict[str, Any]) -> Path:
+    """A tiny model whose weights are moved off their init (so a load that silently re-initialises shows),
+    saved into ``folder`` with ``agrivlm.train.final.save_final`` as a trained stage's ``final/`` would be."""
+    from agrivlm.train.final import save_final
+
+    model, proc = build_model()
+    with torch.no_grad():
+        model.band_adapter.weight.mul_(1.5)
+        width = model.lape.width_input.weight  # type: ignore[union-attr]
+        width.add_(torch.randn_like(width))
+    save_final(folder, model, proc, INPUTS, STATS, info)
+    return folder
 
 
 @lru_cache(maxsize=1)

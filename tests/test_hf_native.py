@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from infer_model import INPUTS
+from infer_model import INPUTS, STATS, save_moved_tiny
 from train_helpers import curriculum_recipe
 from transformers import (
     AutoConfig,
@@ -38,7 +38,6 @@ from agrivlm.errors import ConfigError
 from agrivlm.infer.config import INPUT_CONFIG_FILE, load_input_config
 from agrivlm.lape.tokens import POLYGON_SEP, Axis, LapeVocab, serialize_box, serialize_point, serialize_segment
 from agrivlm.model import AgriVLMConfig, AgriVLMForConditionalGeneration, AgriVLMProcessor, build_model, load_pretrained
-from agrivlm.pipeline.bands import BandStats
 from agrivlm.pipeline.conversation import answer_end_id, format_prompt
 from agrivlm.recipes.families import builders
 from agrivlm.recipes.schema import Record, Turn, render_conversation
@@ -47,7 +46,7 @@ from agrivlm.train.card import MODEL_CARD
 from agrivlm.train.config import LLMTraining, LoraSettings, Trainables
 from agrivlm.train.curriculum import BAND_STATS, STAGE_INFO, read_band_stats, read_stage_info, set_trainable
 from agrivlm.train.data import read_split, render_record
-from agrivlm.train.final import save_final, write_model_card, write_side_files
+from agrivlm.train.final import write_model_card, write_side_files
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -55,7 +54,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SIDE_FILES = (STAGE_INFO, INPUT_CONFIG_FILE, BAND_STATS)
 #: Those and the model card: what a ``save_pretrained`` round trip drops and the configs write again.
 FROM_CONFIGS = (*SIDE_FILES, MODEL_CARD)
-STATS = BandStats(np.array([-0.2]), np.array([1.0]), (2.0, 98.0))
 INFO = {"stage": "stage3", "init_source": "runs/stage2/final", "llm_pretrained": False, "steps": 7,
         "config": {"train": {"max_steps": 7}}, "final_metrics": {"loss": 1.25}}
 
@@ -74,13 +72,8 @@ def _logits(model: AgriVLMForConditionalGeneration, proc: AgriVLMProcessor) -> t
 @pytest.fixture(scope="module")
 def final(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A stage's final folder of the tiny model (weights moved off their init), as the trainer writes it."""
-    model, proc = build_model()
-    with torch.no_grad():
-        model.band_adapter.weight.mul_(1.5)
-        model.lape.width_input.weight.add_(torch.randn_like(model.lape.width_input.weight))  # type: ignore[union-attr]
     folder = tmp_path_factory.mktemp("hf") / "final"
-    save_final(folder, model, proc, INPUTS, STATS, {**INFO, "path": folder})  # a Path: stored as its text
-    return folder
+    return save_moved_tiny(folder, {**INFO, "path": folder})  # a Path: stored as its text
 
 
 def _essentials(folder: Path) -> dict[str, Any]:

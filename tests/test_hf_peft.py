@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from infer_model import INPUTS
+from infer_model import INPUTS, STATS, save_moved_tiny
 from peft import PeftModel
 from safetensors.torch import load_file
 from train_helpers import curriculum_recipe, stage_yaml
@@ -26,7 +26,6 @@ from agrivlm.config import parse_config
 from agrivlm.errors import ConfigError
 from agrivlm.model import AgriVLMForConditionalGeneration, AgriVLMProcessor, build_model, load_pretrained
 from agrivlm.model.builders import TINY_CONFIG, load_model_settings
-from agrivlm.pipeline.bands import BandStats
 from agrivlm.pipeline.conversation import answer_end_id
 from agrivlm.train.card import MODEL_CARD
 from agrivlm.train.config import StageConfig
@@ -38,7 +37,6 @@ from agrivlm.train.trainer import run_stage
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-STATS = BandStats(np.array([-0.2]), np.array([1.0]), (2.0, 98.0))
 LORA = {"r": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "down_proj"]}
 
 
@@ -68,13 +66,8 @@ def _same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A stage-2 final folder of the tiny model (LAPE on), weights moved off their init."""
-    model, proc = build_model()
-    with torch.no_grad():
-        model.band_adapter.weight.mul_(1.5)
-        model.lape.width_input.weight.add_(torch.randn_like(model.lape.width_input.weight))  # type: ignore[union-attr]
     folder = tmp_path_factory.mktemp("peft") / "stage2_final"
-    save_final(folder, model, proc, INPUTS, STATS, {"stage": "stage2", "init_source": "tiny", "llm_pretrained": False})
-    return folder
+    return save_moved_tiny(folder, {"stage": "stage2", "init_source": "tiny", "llm_pretrained": False})
 
 
 @pytest.fixture(scope="module")
