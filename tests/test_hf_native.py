@@ -321,6 +321,32 @@ def test_the_chat_template_writes_the_training_prompts_of_every_task_family(
 # -- LoRA -----------------------------------------------------------------------------------------------------------
 
 
+def test_videos_with_dates_numpy_returns_and_a_tokenized_chat_template(final: Path) -> None:
+    """The processor takes videos (LLaVA-NeXT-Video's argument) with their dates, returns numpy on request, and
+    ``apply_chat_template(tokenize=True)`` gives the same batch as the processor on the rendered prompt."""
+    proc = AgriVLMProcessor.from_pretrained(final)
+    video = np.random.default_rng(1).normal(size=(3, 1, 32, 32)).astype(np.float32)
+    dates = ["2021-03-01", "2021-05-01", "2021-09-01"]  # t on their own range: 0, 61/184, 1
+    prompt = format_prompt([("user", "Outline every field in this image.")], "<video>")
+    by_dates = proc([prompt], videos=[video], video_dates=[dates])
+    np.testing.assert_allclose(by_dates["frame_times"].numpy(), [[0.0, 61 / 184, 1.0]], atol=1e-6)
+    by_times = proc([prompt], images=[video], frame_times=[[0.0, 61 / 184, 1.0]])
+    assert torch.equal(by_dates["input_ids"], by_times["input_ids"])
+    as_np = proc([prompt], videos=[video], video_dates=[dates], return_tensors="np")
+    assert all(isinstance(v, np.ndarray) for v in as_np.values())
+    np.testing.assert_array_equal(as_np["input_ids"], by_dates["input_ids"].numpy())
+    messages = [{"role": "user", "content": [{"type": "video", "video": video},
+                                             {"type": "text", "text": "Outline every field in this image."}]}]
+    out = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                   processor_kwargs={"video_dates": [dates]})
+    assert torch.equal(out["input_ids"], by_dates["input_ids"])
+    assert torch.equal(out["pixel_values"], by_dates["pixel_values"])
+    with pytest.raises(ValueError, match="images= or as videos="):
+        proc([prompt], images=[video], videos=[video])
+    with pytest.raises(ValueError, match="1 bands|num_bands=1"):
+        proc([prompt], videos=[np.zeros((3, 4, 32, 32), np.float32)])
+
+
 def test_every_lora_key_reaches_peft() -> None:
     from peft.tuners.lora import LoraLayer
 

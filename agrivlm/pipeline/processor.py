@@ -52,7 +52,15 @@ from agrivlm.lape.tokens import LapeVocab
 from agrivlm.pipeline.anyres import Tile, anyres_tiles, cell_centres, token_positions
 from agrivlm.pipeline.bands import COMPOSITES, PRESETS, BandStats, available_composites, fill_nodata, prepare_bands
 from agrivlm.pipeline.conversation import CHAT_TEMPLATE, answer_end_id
-from agrivlm.pipeline.frames import Frames, FrameSamplingConfig, ResizeMode, rescale_grid, resize_frames, sample_frames
+from agrivlm.pipeline.frames import (
+    Frames,
+    FrameSamplingConfig,
+    ResizeMode,
+    frame_time_positions,
+    rescale_grid,
+    resize_frames,
+    sample_frames,
+)
 from agrivlm.pipeline.pooling import POOL_MODES, PoolMode, pooled_grid
 from agrivlm.remote_code import PROCESSOR_AUTO_MAP, write_remote_code
 
@@ -489,7 +497,10 @@ class AgriVLMProcessor(ProcessorMixin):
         positions: Sequence[Sequence[float] | None] | None = None,
         padding_side: str = "right",
         add_eos: bool = True,
-        return_tensors: str = "pt",
+        return_tensors: str | None = "pt",
+        videos: Any = None,
+        video_dates: Sequence[Sequence[Any]] | None = None,
+        audio: Any = None,
     ) -> BatchFeature:
         """Build a batch.
 
@@ -507,13 +518,36 @@ class AgriVLMProcessor(ProcessorMixin):
                 ``position_values`` for sub-bin soft targets and interpolated input embeddings.
             padding_side: ``"right"`` for training, ``"left"`` for batched generation.
             add_eos: end each answer with the eos token.
-            return_tensors: only ``"pt"``.
+            return_tensors: ``"pt"`` (torch tensors) or ``"np"`` (numpy arrays).
+            videos: the visual items as videos (LLaVA-NeXT-Video's argument): each ``(T, C, H, W)``, the same
+                as ``images``; give one of the two.
+            video_dates: optional acquisition dates of each item's frames (anything ``numpy.datetime64``
+                reads, ``(T,)`` per item, ascending): their ``frame_times`` on the item's own date range, the
+                rule of training and ``agrivlm infer`` (:func:`~agrivlm.pipeline.frames.frame_time_positions`);
+                not together with ``frame_times``.
+            audio: not taken (``apply_chat_template(tokenize=True)`` passes it; anything but None is an error).
+
+        ``images`` and ``videos`` may also come grouped per sample (a list of per-sample lists, as
+        ``apply_chat_template(..., tokenize=True)`` passes the videos of the messages): they are read in order.
 
         Returns:
             ``BatchFeature`` with ``input_ids (B, L)``, ``attention_mask (B, L)``, and when given
             ``pixel_values (N, T, C, H, W)`` float32 and ``frame_times (N, T)``, ``labels (B, L)``
             (``-100`` off the answers), ``position_values (B, L)`` (NaN off the LAPE tokens).
         """
+        if audio is not None:
+            raise ValueError("agrivlm models take no audio")
+        if videos is not None:
+            if images is not None:
+                raise ValueError("give the visual items as images= or as videos=, not both")
+            images = videos
+        if isinstance(images, (list, tuple)) and images and all(isinstance(x, (list, tuple)) for x in images):
+            images = [item for group in images for item in group]  # grouped per sample → reading order
+        return_tensors = return_tensors or "pt"
+        if video_dates is not None:
+            if frame_times is not None:
+                raise ValueError("give frame_times= or video_dates=, not both")
+            frame_times = [frame_time_positions(d, np.arange(len(d)))[1].tolist() for d in video_dates]
         texts, answer_list, prompt_ids = self._prepare_text(text, answers, padding_side, return_tensors)
         layout = self.layout
         placeholder_ids = {layout.image_token_id, layout.video_token_id}
@@ -530,14 +564,16 @@ class AgriVLMProcessor(ProcessorMixin):
             expand, frames = [per_item] * n, [t] * n
         data.update(self._encode_text(texts, prompt_ids, answer_list, positions, expand, frames, "item",
                                       padding_side, add_eos))
+        if return_tensors == "np":
+            data = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in data.items()}
         return BatchFeature(data=data)
 
     # -- text ------------------------------------------------------------------------------------------
     def _prepare_text(
         self, text: str | Sequence[str], answers: str | Sequence[str] | None, padding_side: str, return_tensors: str
     ) -> tuple[list[str], list[str] | None, list[list[int]]]:
-        if return_tensors != "pt":
-            raise ValueError(f"return_tensors must be 'pt', got {return_tensors!r}")
+        if return_tensors not in ("pt", "np"):
+            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         texts = [text] if isinstance(text, str) else list(text)
