@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -25,6 +26,15 @@ from tqdm.auto import tqdm
 from agrivlm.errors import IngestError
 from agrivlm.geo.chips import Chip, ChipStream
 from agrivlm.geo.coords import GeoGrid
+
+#: Prefix of the hidden folder :func:`atomic_unit` builds its files in.
+UNIT_TMP = ".unit.tmp-"
+#: Prefix of that folder once complete (the commit point): its files are moved into place, by this run or,
+#: after a kill, by the next :func:`recover_folder`.
+UNIT_COMMIT = ".unit.commit-"
+#: Hidden temporaries of :func:`atomic_path` (``mkstemp``: ``.<stem>.XXXXXXXX<suffix>``) and the GeoPackage
+#: (SQLite) side files of one (``-journal``, ``-wal``, ``-shm``).
+_ATOMIC_TMP = re.compile(r"^\.[^/]+\.[A-Za-z0-9_]{8}\.[A-Za-z0-9]+(-journal|-wal|-shm)?$")
 
 #: Index formats by file suffix.
 INDEX_DRIVERS = {".gpkg": "GPKG", ".parquet": "parquet", ".geojson": "GeoJSON"}
@@ -70,20 +80,115 @@ def atomic_dir(target: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def atomic_unit(folder: Path) -> Iterator[Path]:
+    """Yield a hidden temporary folder inside ``folder``; its files replace those of the same names as one unit.
+
+    The caller writes every file of the unit (e.g. ``chips.gpkg`` and ``summary.json``) into the yielded
+    folder. When the block succeeds the folder is renamed ``.unit.commit-XXXX`` — the commit point — and its
+    files are then moved into ``folder``. A failure or a kill before the commit point leaves ``folder`` as it
+    was (the temporary is removed, or found by the next :func:`recover_folder`); a kill after it is completed
+    by the next :func:`recover_folder`, so the files never stay a mix of two runs.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=UNIT_TMP, dir=folder))
+    try:
+        yield tmp
+        commit = folder / (UNIT_COMMIT + tmp.name[len(UNIT_TMP):])
+        os.replace(tmp, commit)
+        _fsync_dir(folder)
+        _install_unit(commit, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _install_unit(commit: Path, folder: Path) -> None:
+    """Move the files of a committed unit into ``folder`` (``summary.json``-like files last), then drop it."""
+    for path in sorted(commit.iterdir(), key=lambda p: (p.suffix == ".json", p.name)):
+        _install_file(path, folder / path.name)
+    _fsync_dir(folder)
+    commit.rmdir()
+
+
+def _install_file(source: Path, target: Path) -> None:
+    """Rename one file of a committed unit onto its target."""
+    os.replace(source, target)
+
+
+def recover_folder(folder: Path, before: float) -> list[str]:
+    """Finish or remove what killed runs left in ``folder``; return the names of what was found.
+
+    Committed units (``.unit.commit-*``) are completed, oldest first. Unfinished units (``.unit.tmp-*``) and
+    :func:`atomic_path` temporaries (``.chips.XXXXXXXX.gpkg`` and its ``-journal``, ``.summary.XXXXXXXX.json``,
+    …) last changed before ``before`` (seconds since the epoch: the current run's start, so a concurrent run's
+    temporaries are left alone) are removed.
+    """
+    if not folder.is_dir():
+        return []
+    found = []
+    entries = sorted(folder.iterdir(), key=lambda p: p.lstat().st_mtime_ns)
+    for path in entries:
+        if path.name.startswith(UNIT_COMMIT) and path.is_dir():
+            _install_unit(path, folder)
+            found.append(path.name)
+    for path in entries:
+        if not path.exists() or path.lstat().st_mtime >= before:
+            continue
+        if path.name.startswith(UNIT_TMP) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            found.append(path.name)
+        elif _ATOMIC_TMP.match(path.name) and path.is_file():
+            path.unlink()
+            found.append(path.name)
+    return found
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (renames) to disk where the platform allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_frame(frame: gpd.GeoDataFrame, target: Path, layer: str | None = None) -> None:
     """Write a GeoDataFrame atomically; the format follows the suffix (see :data:`INDEX_DRIVERS`).
 
     ``layer`` names the GeoPackage layer (default: the target's stem).
     """
+    check_index_format(target)
+    with atomic_path(target) as tmp:
+        write_frame_to(frame, tmp, layer or target.stem)
+
+
+def check_index_format(target: Path) -> str:
+    """The driver of an index path (see :data:`INDEX_DRIVERS`).
+
+    Raises:
+        IngestError: an unknown suffix.
+
+    """
     driver = INDEX_DRIVERS.get(target.suffix.lower())
     if driver is None:
         raise IngestError(f"{target}: unknown output format; use one of {', '.join(INDEX_DRIVERS)}")
-    with atomic_path(target) as tmp:
-        if driver == "parquet":
-            frame.to_parquet(tmp)
-        else:
-            kwargs = {"layer": layer or target.stem} if driver == "GPKG" else {}
-            frame.to_file(tmp, driver=driver, **kwargs)
+    return driver
+
+
+def write_frame_to(frame: gpd.GeoDataFrame, path: Path, layer: str) -> None:
+    """Write a GeoDataFrame straight to ``path`` (not atomically: for a file inside :func:`atomic_unit`)."""
+    driver = check_index_format(path)
+    if driver == "parquet":
+        frame.to_parquet(path)
+    else:
+        kwargs = {"layer": layer} if driver == "GPKG" else {}
+        frame.to_file(path, driver=driver, **kwargs)
 
 
 def chip_row(chip: Chip) -> dict[str, object]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,9 +15,18 @@ from tqdm.auto import tqdm
 
 from agrivlm.errors import IngestError
 from agrivlm.geo.chips import ChipStream, Edge
-from agrivlm.geo.index import atomic_path, build_chip_index, rows_frame, write_frame
+from agrivlm.geo.index import (
+    atomic_unit,
+    build_chip_index,
+    check_index_format,
+    recover_folder,
+    rows_frame,
+    write_frame_to,
+)
 from agrivlm.geo.stack import Inputs, SameDay, open_stack
 from agrivlm.geo.validate import validate_files
+
+log = logging.getLogger(__name__)
 
 
 def ingest(
@@ -38,7 +49,10 @@ def ingest(
     """Ingest a stack and write ``OUT/chips.<format>`` and ``OUT/summary.json``; return the summary.
 
     Nothing is written until the stack has opened, every file has been validated (``validate``)
-    and every chip has been read; both outputs are then replaced atomically.
+    and every chip has been read; both outputs are then written into a hidden folder in ``OUT`` and replaced
+    together as one unit (:func:`~agrivlm.geo.index.atomic_unit`). A run first finishes or removes what a
+    killed run left in ``OUT`` (:func:`~agrivlm.geo.index.recover_folder`), and refuses only a complete
+    earlier result (a summary with its index) without ``overwrite``.
 
     With ``scheduler`` (a running dask.distributed scheduler's address) or ``workers`` (a
     ``LocalCluster`` of that many processes here), validation and chip reading run as tasks on the
@@ -48,13 +62,12 @@ def ingest(
         IngestError: bad inputs (naming the file), or outputs that exist without ``overwrite``.
 
     """
+    started = time.time()
     out = Path(out_dir)
     index_path = out / f"chips.{index_format.lstrip('.')}"
     summary_path = out / "summary.json"
-    if not overwrite:
-        for p in (index_path, summary_path):
-            if p.exists():
-                raise IngestError(f"{p}: already exists; pass --overwrite to replace it")
+    check_index_format(index_path)
+    _check_out(out, index_path, summary_path, overwrite, started)
     stack = open_stack(inputs, masks=masks, dates=dates, same_day=same_day)
     mask_files = [m.path for step in stack.steps for m in step.masks if m is not None]
     stream = ChipStream(stack, chip_size=chip_size, stride=stride, edge=edge)
@@ -75,10 +88,48 @@ def ingest(
         "skipped_chip_ids": sorted(stream.skipped_ids),  # ids sort in row-major order
         "index": str(index_path),
     }
-    write_frame(frame, index_path)
-    with atomic_path(summary_path) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+    with atomic_unit(out) as unit:
+        write_frame_to(frame, unit / index_path.name, index_path.stem)
+        write_summary(unit / summary_path.name, summary)
     return summary
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    """Write ``summary.json`` (inside the unit's temporary folder)."""
+    path.write_text(json.dumps(summary, indent=2))
+
+
+def _check_out(out: Path, index_path: Path, summary_path: Path, overwrite: bool, started: float) -> None:
+    """Clean up after killed runs in ``out``, then refuse a complete earlier result unless ``overwrite``.
+
+    Raises:
+        IngestError: ``out`` is not a folder, or it holds a summary and its index and ``overwrite`` is off.
+
+    """
+    if out.exists() and not out.is_dir():
+        raise IngestError(f"{out}: not a folder; pass --out with a folder for the chip index and summary.json")
+    try:
+        found = recover_folder(out, before=started)
+    except OSError as exc:
+        raise IngestError(f"{out}: cannot clean up after an earlier run ({exc.strerror or exc})") from exc
+    if found:
+        log.warning("%s: finished or removed what an interrupted run left: %s", out, ", ".join(found))
+    if overwrite:
+        return
+    if summary_path.is_file() and (index_path.exists() or _summary_index(summary_path).exists()):
+        raise IngestError(f"{summary_path}: already exists; pass --overwrite to replace it")
+    for p in (index_path, summary_path):
+        if p.exists():
+            log.warning("%s: left by an interrupted run (no complete index and summary beside it); replacing it", p)
+
+
+def _summary_index(summary_path: Path) -> Path:
+    """The index a ``summary.json`` names, in its folder (a path that does not exist when unreadable)."""
+    try:
+        name = Path(str(json.loads(summary_path.read_text()).get("index") or "")).name
+    except (OSError, ValueError, AttributeError):
+        name = ""
+    return summary_path.parent / name if name else summary_path.with_suffix(".none")
 
 
 def _distributed_index(

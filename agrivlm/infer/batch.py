@@ -51,6 +51,7 @@ from agrivlm.geo.stack import open_stack
 from agrivlm.geo.validate import validate_files
 from agrivlm.infer.config import InputConfig
 from agrivlm.infer.errors import InferError
+from agrivlm.infer.fingerprint import describe_stack_change, stack_fingerprint, weights_fingerprint
 from agrivlm.infer.generate import DecodedAnswer, Predictor, Question
 from agrivlm.infer.journal import Journal
 from agrivlm.infer.prepare import ChipPreparer, FieldLayer, channels_of, check_stack_bands
@@ -175,13 +176,16 @@ def _file_stamp(path: Path) -> list[Any]:
 
 
 def model_fingerprint(folder: Path) -> dict[str, Any]:
-    """The checkpoint's identity: its path, the hash of its config, and the size and time of its weights."""
+    """The checkpoint's identity: its path, the hash of its config, and ``[name, size, sha256]`` of its weights.
+
+    The weights are hashed (once per run), so weights rewritten in place are told apart even with the same
+    size, and a copy with new file times is still the same checkpoint.
+    """
     config = folder / "config.json"
-    weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
     return {
         "path": str(folder.resolve()),
         "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None,
-        "weights": [_file_stamp(p) for p in weights],
+        "weights": weights_fingerprint(folder),
     }
 
 
@@ -495,9 +499,13 @@ def infer_stack(
             preparer.fields = preparer.fields.to_crs(stack.crs)
     except AgriVLMError as exc:
         return StackOutcome(name=stack_input.name, ok=False, message=str(exc))
+    fingerprint = stack_fingerprint(stack)
+    previous = journal.stack_info(key)
+    if previous is not None:  # checked before the run (check_journaled_stacks); again, as it is read now
+        _refuse_changed(stack_input, journal, previous, fingerprint)
     journal.append({"type": "stack", "stack": key, "name": stack_input.name, "crs": stack.crs.to_wkt(),
                     "bounds": list(stack.grid.bounds), "chips_total": outcome.chips_total,
-                    "dates": [str(stack.times[0]), str(stack.times[-1])]})
+                    "dates": [str(stack.times[0]), str(stack.times[-1])], "fingerprint": fingerprint})
     done = journal.done_chips(key)
     outcome.resumed = len(done)
     all_groups = stream.groups()
@@ -519,6 +527,38 @@ def infer_stack(
     journal.append({"type": "stack_done", "stack": key, "chips_total": outcome.chips_total,
                     "chips_skipped": outcome.skipped})
     return outcome
+
+
+def check_journaled_stacks(journal: Journal, stacks: Sequence[StackInput]) -> None:
+    """Refuse a resume when a stack the journal has answers of is no longer the stack it was.
+
+    Each journaled stack is opened (headers only) and its :func:`~agrivlm.infer.fingerprint.stack_fingerprint`
+    compared with the journal's.
+
+    Raises:
+        InferError: a journaled stack changed or cannot be opened any more (saying what, and ``--restart``).
+
+    """
+    for s in stacks:
+        info = journal.stack_info(s.key)
+        if info is None:
+            continue
+        try:
+            stack = open_stack(s.name, masks=s.masks)
+        except AgriVLMError as exc:
+            raise InferError(f"stack {s.name}: the journal {journal.path} has answers of it, but it cannot be opened "
+                             f"now ({exc}); pass --restart to start over") from exc
+        _refuse_changed(s, journal, info, stack_fingerprint(stack))
+
+
+def _refuse_changed(stack_input: StackInput, journal: Journal, info: dict[str, Any],
+                    fingerprint: dict[str, Any]) -> None:
+    """Raise :class:`InferError` when ``fingerprint`` differs from the journaled stack record ``info``."""
+    old = info.get("fingerprint")
+    change = "the journal holds no fingerprint of it" if old is None else describe_stack_change(old, fingerprint)
+    if change is not None:
+        raise InferError(f"stack {stack_input.name}: {change} since the journal {journal.path} was written; its "
+                         "answers are of the stack as it was: pass --restart to start over")
 
 
 def _run_local(stream: ChipStream, key: str, groups: Sequence[ChipGroup], done: set[str], segments: dict[int, int],
@@ -762,6 +802,7 @@ def run_inference(
             cluster = ClusterRun(client, spec, on_task_done)
             report.workers = len(client.scheduler_info()["workers"])
         journal = scope.enter_context(Journal.open(journal_file, settings, restart=restart))
+        check_journaled_stacks(journal, stacks)
         if journal.resumed_entries:
             log.info("%s: resuming (%d journaled chip(s))", journal_file, sum(1 for _ in journal.chips()))
         bar = tqdm(total=0, desc=f"infer {task}", unit="chip", disable=not progress, dynamic_ncols=True)

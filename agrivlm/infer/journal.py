@@ -3,7 +3,8 @@
 Line 1 is the header: the settings that decide the answers (model, task, inputs, chip grid, frames,
 bands, generation). Then, in the order they happen:
 
-* ``{"type": "stack", "stack": KEY, ...}`` when a stack opened (its CRS, bounds, chip count);
+* ``{"type": "stack", "stack": KEY, ...}`` when a stack opened (its CRS, bounds, chip count and content
+  fingerprint, :mod:`agrivlm.infer.fingerprint`: a resume refuses a stack that changed since);
 * ``{"type": "chips", "stack": KEY, "chips": [...]}`` a finished batch: one record per chip, with its
   answers and features (geometry as WKB hex, so a reload gives the same bytes), or a skipped chip with the
   reason;
@@ -27,7 +28,8 @@ from typing import Any
 from agrivlm.infer.errors import InferError
 
 #: Version of the journal layout; a journal of another version is refused.
-JOURNAL_VERSION = 1
+#: 2: ``stack`` records carry a content fingerprint of the stack, the header the sha256 of the weights.
+JOURNAL_VERSION = 2
 
 
 def _dumps(entry: dict[str, Any]) -> str:
@@ -37,6 +39,18 @@ def _dumps(entry: dict[str, Any]) -> str:
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     keys = sorted(set(old) | set(new))
     return [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def _weights_change(old: Any, new: Any) -> str | None:
+    """"model weights changed (…)" when only the weights of the same checkpoint folder differ, else None."""
+    if not isinstance(old, dict) or not isinstance(new, dict) or old.get("path") != new.get("path"):
+        return None
+    if old.get("weights") == new.get("weights"):
+        return None
+    before = {w[0]: w for w in old.get("weights") or []}
+    after = {w[0]: w for w in new.get("weights") or []}
+    names = sorted(n for n in before.keys() | after.keys() if before.get(n) != after.get(n))
+    return f"model weights changed ({', '.join(names)})"
 
 
 class Journal:
@@ -84,9 +98,20 @@ class Journal:
         if not lines:
             raise InferError(f"{path}: empty journal (no header); delete it or pass --restart")
         header = lines[0]
+        if header.get("type") == "header" and header.get("version") == 1:
+            # Refused, not resumed with a warning: a version-1 journal cannot show that its answers are of the
+            # stacks and weights given now, and resuming such a journal blindly is exactly how stale answers got
+            # into outputs with exit status 0; starting over costs only time.
+            raise InferError(f"{path}: the journal predates content fingerprints of stacks and weights, so its "
+                             "answers cannot be checked against the inputs; pass --restart to start over")
         if header.get("type") != "header" or header.get("version") != JOURNAL_VERSION:
             raise InferError(f"{path}: not an agrivlm infer journal of version {JOURNAL_VERSION}; pass --restart")
-        diff = _differences(header.get("settings", {}), settings)
+        old_settings = header.get("settings", {})
+        weights = _weights_change(old_settings.get("model"), settings.get("model"))
+        if weights is not None:
+            raise InferError(f"{path}: {weights} since the journal was written; its answers are of the old weights: "
+                             "pass --restart to start over, or write to another --out")
+        diff = _differences(old_settings, settings)
         if diff:
             raise InferError(
                 f"{path}: journal of a run with other settings ({'; '.join(diff[:4])}"
