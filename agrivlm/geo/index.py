@@ -96,7 +96,7 @@ def atomic_unit(folder: Path) -> Iterator[Path]:
         yield tmp
         commit = folder / (UNIT_COMMIT + tmp.name[len(UNIT_TMP):])
         os.replace(tmp, commit)
-        _fsync_dir(folder)
+        fsync_dir(folder)
         _install_unit(commit, folder)
     finally:
         if tmp.exists():
@@ -107,7 +107,7 @@ def _install_unit(commit: Path, folder: Path) -> None:
     """Move the files of a committed unit into ``folder`` (``summary.json``-like files last), then drop it."""
     for path in sorted(commit.iterdir(), key=lambda p: (p.suffix == ".json", p.name)):
         _install_file(path, folder / path.name)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     commit.rmdir()
 
 
@@ -144,8 +144,8 @@ def recover_folder(folder: Path, before: float) -> list[str]:
     return found
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Flush a folder's entries (renames) to disk where the platform allows it."""
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (renames) to disk where the platform allows it (not every platform opens folders)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from agrivlm.geo.index import fsync_dir
 from agrivlm.infer.errors import InferError
 
 #: Version of the journal layout; a journal of another version is refused.
@@ -92,7 +93,7 @@ class Journal:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             return cls(path, settings, [])
         lines = list(_read_lines(path))
         if not lines:
@@ -200,14 +201,3 @@ def _truncate(path: Path, size: int) -> None:
         os.fsync(fh.fileno())
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not every platform opens folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
