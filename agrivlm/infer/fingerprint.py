@@ -9,12 +9,12 @@ in a few words what differs, for the one-line refusal.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from agrivlm.geo.stack import SourceInfo, Stack
+from agrivlm.recipes.sources import sha256_file
 
 #: Weights files of a checkpoint folder, by suffix.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
@@ -22,19 +22,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 _SHOWN = 3
 
 
-def file_sha256(path: Path, block: int = 1 << 20) -> str:
-    """The sha256 (hex) of a file, read in blocks of ``block`` bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def weights_fingerprint(folder: Path) -> list[list[Any]]:
     """``[[name, size in bytes, sha256], …]`` of the checkpoint's weights files, sorted by name."""
     weights = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
-    return [[p.name, p.stat().st_size, file_sha256(p)] for p in weights]
+    return [[p.name, p.stat().st_size, sha256_file(p)] for p in weights]
 
 
 def _file_entry(info: SourceInfo, date: str) -> list[Any]:

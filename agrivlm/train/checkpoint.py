@@ -13,7 +13,6 @@ unverified.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from agrivlm.errors import AgriVLMError
+from agrivlm.recipes.sources import sha256_file
 
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
 MARKER = "COMPLETE"
 #: Bytes read at a time while hashing a checkpoint file.
-_CHUNK = 1 << 20
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +87,8 @@ def file_digests(folder: str | Path) -> dict[str, dict[str, Any]]:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         name = path.relative_to(folder).as_posix()
         if name != MARKER:
-            out[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            out[name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     return out
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_marker(path: str | Path) -> dict[str, Any]:
@@ -147,7 +138,7 @@ def verify_checkpoint(path: str | Path) -> bool:
         if size != want["bytes"]:
             what = "truncated" if size < want["bytes"] else "grown"
             raise CheckpointError(f"{target}: {what} ({size} bytes, {want['bytes']} when the checkpoint was saved)")
-        if _sha256(target) != want["sha256"]:
+        if sha256_file(target) != want["sha256"]:
             raise CheckpointError(f"{target}: corrupt (its SHA-256 differs from the one recorded at save)")
     return True
 
