@@ -158,16 +158,6 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_frame(frame: gpd.GeoDataFrame, target: Path, layer: str | None = None) -> None:
-    """Write a GeoDataFrame atomically; the format follows the suffix (see :data:`INDEX_DRIVERS`).
-
-    ``layer`` names the GeoPackage layer (default: the target's stem).
-    """
-    check_index_format(target)
-    with atomic_path(target) as tmp:
-        write_frame_to(frame, tmp, layer or target.stem)
-
-
 def check_index_format(target: Path) -> str:
     """The driver of an index path (see :data:`INDEX_DRIVERS`).
 
@@ -182,7 +172,10 @@ def check_index_format(target: Path) -> str:
 
 
 def write_frame_to(frame: gpd.GeoDataFrame, path: Path, layer: str) -> None:
-    """Write a GeoDataFrame straight to ``path`` (not atomically: for a file inside :func:`atomic_unit`)."""
+    """Write a GeoDataFrame straight to ``path``; the format follows the suffix (see :data:`INDEX_DRIVERS`).
+
+    Not atomic by itself: the chip index is written inside :func:`atomic_unit` with its summary.
+    """
     driver = check_index_format(path)
     if driver == "parquet":
         frame.to_parquet(path)
@@ -244,7 +237,7 @@ def rows_frame(rows: list[dict[str, object]], crs: Any) -> gpd.GeoDataFrame:
 
 
 def read_chip_index(path: str | Path) -> gpd.GeoDataFrame:
-    """Read an index written by :func:`write_frame` (GPKG, GeoParquet or GeoJSON)."""
+    """Read an index written by :func:`write_frame_to` (GPKG, GeoParquet or GeoJSON)."""
     path = Path(path)
     if not path.exists():
         raise IngestError(f"{path}: no such chip index; run `agrivlm ingest` first")
