@@ -39,11 +39,12 @@ TRAIN_REGIONS: tuple[str, ...] = ("central_europe", "pannonian", "mato_grosso")
 #: Seeds of evaluation scenes start here; training seeds stay below.
 HELDOUT_SEED_START = 9000
 #: The training phases in order, each with its stage config (``configs/<stage>.yaml``). ``stage3_focus`` is the
-#: start of stage 3 on the growth-stage questions alone: a model whose stage 3 mixed them with the field outlines
-#: from the start answered "dormant" to every held-out stage question (stage accuracy 0.31, climatology 0.56),
-#: and 1,000 more steps of mostly stage questions from there did not move it (teacher-forced first-token
-#: accuracy 0.30 on held-out records), while 1,500 steps of stage questions alone from stage 2 reached 0.56-0.57
-#: on held-out scenes (0.55 teacher-forced). A phase with 0 steps is skipped.
+#: start of stage 3 on the growth-stage questions alone: a stage 3 that mixed them with the field outlines from
+#: the start scored held-out stage accuracy 0.31 (climatology 0.56), and 1,000 more steps of mostly stage
+#: questions from there did not help (that model answered "dormant" to every stage question, on training and
+#: held-out scenes; teacher-forced first-token accuracy 0.30 on the fine-tune's validation records), while
+#: 1,500 steps of stage questions alone from stage 2 reached 0.56-0.57 on held-out scenes (0.55 teacher-forced
+#: on the same validation records). A phase with 0 steps is skipped.
 PHASES: dict[str, str] = {"stage1": "stage1", "stage2": "stage2", "stage3_focus": "stage3", "stage3": "stage3"}
 
 
