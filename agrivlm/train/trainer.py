@@ -80,7 +80,7 @@ from agrivlm.train.data import (
     read_split,
     select_records,
 )
-from agrivlm.train.final import data_sources, save_final
+from agrivlm.train.final import data_sources, save_final, write_json
 from agrivlm.train.logs import TRACKER_PROJECT, TrainLog, check_trackers, plot_losses, tracker_config
 from agrivlm.train.sampler import ResumableSampler, sample_seed, seeded_generator
 from agrivlm.train.schedule import base_lr_factor, lape_lr_factor
@@ -207,12 +207,6 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: StageConfig, step:
         group["lr"] = lape_lr if group.get("name") == "lape" else base
         out[f"lr_{group.get('name', 'main')}"] = float(group["lr"])
     return out
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
 
 
 def _band_stats(cfg: StageConfig, sm: StageModel, records: list[SourceRecord], stacks: StackCache) -> BandStats | None:
@@ -568,10 +562,10 @@ class _Run:
             "started_at": self._started_at(),
         }
         if acc.is_main_process:
-            _write_json(out / STAGE_INFO, info)
+            write_json(out / STAGE_INFO, info)
             self._write_settings(acc.num_processes, state.step, changes)
             if stats is not None:
-                _write_json(out / "band_stats.json", stats.to_dict())
+                write_json(out / "band_stats.json", stats.to_dict())
         metrics = None
         if cfg.train.report_to:  # after _clear_previous: the trackers write into logs/
             acc.init_trackers(TRACKER_PROJECT, config=tracker_config(cfg.model_dump(mode="json")),
@@ -767,7 +761,7 @@ class _Run:
             (self.out / "logs").mkdir(parents=True, exist_ok=True)
             with (self.out / "logs" / SETTINGS_CHANGES).open("a") as fh:
                 fh.write(json.dumps(record, sort_keys=True) + "\n")
-        _write_json(path, {"settings": run_settings(self.cfg, num_processes), "from_step": step})
+        write_json(path, {"settings": run_settings(self.cfg, num_processes), "from_step": step})
 
     @torch.no_grad()
     def _evaluate(self, acc: Any, module: nn.Module, ds: RecordDataset, collate: Collator) -> dict[str, float]:
