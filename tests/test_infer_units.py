@@ -22,12 +22,15 @@ from agrivlm.infer.prompts import (
     fields_question,
     listing_details,
     parse_stage,
+    parse_timeline,
     says_no_fields,
     stage_question,
+    stages_at,
+    timeline_question,
 )
-from agrivlm.lape.tokens import Axis, LapeVocab, serialize_box, serialize_polygon
+from agrivlm.lape.tokens import Axis, LapeVocab, serialize_box, serialize_polygon, serialize_segment
 from agrivlm.recipes.fields import OUTLINE_FIELDS_QUESTIONS
-from agrivlm.recipes.growth import STAGE_AT_TIME_QUESTIONS
+from agrivlm.recipes.growth import STAGE_AT_TIME_QUESTIONS, STAGE_TIMELINE_QUESTIONS
 
 VOCAB = LapeVocab()
 
@@ -139,6 +142,24 @@ def test_answer_parsing() -> None:
     ring = serialize_polygon([(0.1, 0.1), (0.3, 0.1), (0.2, 0.3)])
     mixed = f"3 fields: forest {ring} (partly outside the image); grassland {b1}; parcel {ring}."
     assert listing_details(mixed, 3) == [("forest", True), ("grassland", False), ("parcel", False)]
+
+
+def test_timeline_answers_become_a_stage_on_every_date() -> None:
+    seg = lambda a, b: serialize_segment((a, b), VOCAB)  # noqa: E731
+    text = f"dormant {seg(0.0, 0.2)}; green-up {seg(0.3, 0.4)}; peak {seg(0.5, 0.6)}; dormant {seg(0.9, 1.0)}."
+    segments = [(0.0, 0.2), (0.3, 0.4), (0.5, 0.6), (0.9, 1.0)]
+    spans = parse_timeline(text, segments)
+    assert spans == [("dormant", 0.0, 0.2), ("green-up", 0.3, 0.4), ("peak", 0.5, 0.6), ("dormant", 0.9, 1.0)]
+    # inside a span its stage; in a gap the nearer span (0.24 is nearer 0.2 than 0.3); outside, the end spans
+    assert stages_at(spans, [0.1, 0.24, 0.26, 0.55, 0.7, 0.8, 1.2, -0.1]) == [
+        "dormant", "dormant", "green-up", "peak", "peak", "dormant", "dormant", "dormant"]
+    assert parse_timeline(text, segments[:3]) is None, "a segment no stage word names"
+    assert parse_timeline("peak.", []) is None and parse_timeline(f"peaks {seg(0.1, 0.2)}", [(0.1, 0.2)]) is None
+    q = timeline_question(VOCAB, (0.1, 0.2, 0.4, 0.7), "grassland")
+    assert q.text == STAGE_TIMELINE_QUESTIONS[0].format(name="grassland parcel").replace(
+        "{box:0}", serialize_box((0.1, 0.2, 0.4, 0.7), VOCAB)) and q.positions == (0.1, 0.2, 0.4, 0.7)
+    with pytest.raises(ValueError):
+        stages_at([], [0.5])
 
 
 def test_decode_answer_gives_boxes_times_and_the_steps_of_each() -> None:

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from agrivlm.errors import ConfigError
 from agrivlm.geo.coords import TimeAxis
+from agrivlm.infer.prompts import parse_timeline, stages_at
 from agrivlm.recipes.build import build_recipe
 from agrivlm.recipes.commands import recipe_app
 from agrivlm.recipes.scan import IndexSpec
@@ -117,6 +118,42 @@ def test_labels_win_in_the_tables_and_the_stage_answers(scene) -> None:
             assert rec.conversation[-1].text == expected.stage.item()
             if (rec.meta["field_id"], rec.meta["date"]) == ("D", "2021-05-30"):
                 assert rec.meta["source"] == "label"
+
+
+def test_stage_timeline_spans_give_back_the_stage_of_every_frame(scene) -> None:
+    """A stage_timeline answer's spans, read back by inference's rule, give each frame's stage in the table."""
+    out = scene["out"]
+    stages = pd.read_csv(out / "tables" / "growth_stages.csv", dtype=str)
+    truth = {(r.field_id, r.date): r.stage for r in stages.itertuples()}
+    checked = 0
+    fields_seen = set()
+    for rec in _records(out):
+        if rec.task != "stage_timeline":
+            continue
+        answer = rec.conversation[-1]
+        assert answer.text.endswith(".") and answer.text.count("{segment:") == len(answer.segments) >= 1
+        spans = parse_timeline(_render(answer), answer.segments)
+        assert spans is not None and [s for s, _, _ in spans] == rec.meta["stages"]
+        # consecutive spans name different stages and follow each other in time
+        assert all(a[0] != b[0] and a[2] < b[1] for a, b in zip(spans, spans[1:], strict=False))
+        axis = TimeAxis.from_dates(np.array(rec.chip.frame_dates, dtype="datetime64[s]"))
+        dates = [str(np.datetime64(d, "D")) for d in rec.chip.frame_dates]
+        got = stages_at(spans, axis.to_norm(np.array(rec.chip.frame_dates, dtype="datetime64[s]")))
+        for d, stage in zip(dates, got, strict=True):
+            if (rec.meta["field_id"], d) in truth:
+                assert stage == truth[(rec.meta["field_id"], d)], (rec.sample_id, d)
+                checked += 1
+        fields_seen.add(rec.meta["field_id"])
+    assert checked >= 30 and {"A", "B"} <= fields_seen
+
+
+def _render(turn) -> str:
+    """A turn's text with its segments as LAPE tokens (the codec's rendering)."""
+    from agrivlm.infer.prompts import lape_formatters
+    from agrivlm.lape.tokens import LapeVocab
+    from agrivlm.recipes.schema import render_text
+
+    return render_text(turn, **lape_formatters(LapeVocab()))
 
 
 def test_post_season_stage_and_land_cover_from_parcel_classes(scene) -> None:

@@ -55,7 +55,7 @@ from agrivlm.infer.fingerprint import describe_stack_change, stack_fingerprint, 
 from agrivlm.infer.generate import DecodedAnswer, Predictor, Question
 from agrivlm.infer.journal import Journal
 from agrivlm.infer.prepare import ChipPreparer, FieldLayer, channels_of, check_stack_bands
-from agrivlm.infer.prompts import Task, listing_details, parse_stage, says_no_fields
+from agrivlm.infer.prompts import Task, listing_details, parse_stage, parse_timeline, says_no_fields, stages_at
 
 if TYPE_CHECKING:
     from agrivlm.infer.distributed import ClusterRun
@@ -65,7 +65,8 @@ log = logging.getLogger(__name__)
 #: Bumped when prompts or decoding change in a way that makes old journals' answers differ.
 #: 2: answers may list polygons (points chained by the polygon separator), journaled as ``kind="polygon"``.
 #: 3: point prompts (``fields_prompt: points``): many questions per chip, answers off their point dropped.
-PIPELINE_VERSION = 3
+#: 4: growth as a timeline (``growth_prompt: timeline``): one question per field and season, stage spans.
+PIPELINE_VERSION = 4
 
 #: Default ``--max-new-tokens`` per task: a listing of up to 12 fields as outlines of 8 vertices (3 tokens a
 #: vertex with its separator; with its label and cut mark an item takes up to 40 tokens on the sample, 34 on
@@ -73,6 +74,9 @@ PIPELINE_VERSION = 3
 DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {"fields": 512, "growth": 8, "ask": 64}
 #: ``--task fields`` with point prompts: one item per answer (label, 8 vertices, cut mark: ≤ 40 tokens).
 POINT_PROMPT_MAX_NEW_TOKENS = 48
+#: ``--task growth`` as a timeline: up to 20 spans (a grassland mown five times lists 16) of a stage word, two
+#: ``TEMP`` tokens and a separator.
+TIMELINE_MAX_NEW_TOKENS = 128
 
 
 @dataclass(frozen=True)
@@ -310,6 +314,12 @@ def answer_record(task: Task, grid: GeoGrid, question: Question, answer: Decoded
             rec["unparsed"] = False
         else:
             rec["unparsed"] = not pos.boxes and not pos.polygons and not says_no_fields(answer.text)
+    elif "dates" in question.meta:  # growth_prompt: timeline
+        spans = parse_timeline(answer.text, pos.segments)
+        rec["spans"] = [[stage, day(a), day(b)] for stage, a, b in spans] if spans else []
+        rec["stages"] = dict(zip(question.meta["dates"], stages_at(spans, question.meta["t"]), strict=True)) \
+            if spans else {}
+        rec["unparsed"] = spans is None
     else:
         stage = parse_stage(answer.text)
         rec["stage"] = stage
@@ -761,6 +771,8 @@ def run_inference(
     max_new = max_new_tokens if max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS[task]
     if max_new_tokens is None and task == "fields" and config.fields_prompt == "points":
         max_new = POINT_PROMPT_MAX_NEW_TOKENS
+    if max_new_tokens is None and task == "growth" and config.growth_prompt == "timeline":
+        max_new = TIMELINE_MAX_NEW_TOKENS
     if max_new < 1:
         raise InferError(f"--max-new-tokens must be ≥ 1, got {max_new}")
     layer = FieldLayer.read(fields, field_id, field_class) if fields is not None else None

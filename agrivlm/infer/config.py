@@ -31,6 +31,7 @@ import yaml
 from pydantic import Field
 
 from agrivlm.config import StrictModel, load_config, parse_config
+from agrivlm.pipeline.focus import GrowthFocus
 from agrivlm.pipeline.frames import FrameSamplingConfig
 from agrivlm.recipes.config import ChipConfig, GrowthStagesConfig, PhenologyConfig
 
@@ -83,6 +84,15 @@ class InputConfig(StrictModel):
     #: its outline holds its point, duplicates merged by NMS. Trainers write ``points`` when the model was
     #: trained on ``field_at_point`` records.
     fields_prompt: Literal["listing", "points"] = "listing"
+    #: How ``--task growth`` asks: ``dates`` — "What growth stage is the field at <box> in at <TEMP>?" for every
+    #: frame (the recipes' ``stage_on_date``); ``timeline`` — one question per field and season, "Give the growth
+    #: stages of the field at <box> over time.", answered as ``<TEMP>`` spans (the recipes' ``stage_timeline``)
+    #: and decoded to the stage on every date of the season. Trainers write ``timeline`` when the model was
+    #: trained on ``stage_timeline`` records.
+    growth_prompt: Literal["dates", "timeline"] = "dates"
+    #: ``box``: a growth question sees only the pixels inside its field's box, as the model was trained
+    #: (``data.growth_focus``, :mod:`agrivlm.pipeline.focus`); ``none``: the whole chip.
+    growth_focus: GrowthFocus = "none"
     #: Points per side of the ``points`` prompt grid.
     point_grid: Annotated[int, Field(gt=0)] = 6
 

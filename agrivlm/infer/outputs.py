@@ -223,13 +223,15 @@ def stage_table(journal: Journal, keys: Sequence[str], names: Sequence[str]) -> 
         chips = sorted((r for r in journal.chips(key) if r["status"] == "ok"), key=lambda r: int(r["index"]))
         for rec in chips:
             for ans in rec["answers"]:
-                if ans.get("stage") is None:
-                    continue
                 meta = ans["meta"]
-                rows.append({"field_id": str(meta["field_id"]), "date": meta["date"], "stage": ans["stage"],
-                             "score": _nan(ans["score"]), "chip_id": rec["chip_id"], "season": meta.get("season", ""),
-                             "stack": name, "answer": ans["text"], "_order": order})
-                order += 1
+                # a timeline answer gives the stage on every date of its season, a per-date answer one
+                per_date = ans.get("stages") or ({meta["date"]: ans["stage"]} if ans.get("stage") else {})
+                for date, stage in per_date.items():
+                    rows.append({"field_id": str(meta["field_id"]), "date": date, "stage": stage,
+                                 "score": _nan(ans["score"]), "chip_id": rec["chip_id"],
+                                 "season": meta.get("season", ""), "stack": name, "answer": ans["text"],
+                                 "_order": order})
+                    order += 1
     if not rows:
         return pd.DataFrame({c: pd.Series([], dtype=float if c == "score" else object) for c in STAGE_TABLE_COLUMNS})
     table = pd.DataFrame(rows)

@@ -40,9 +40,17 @@ from agrivlm.geo.coords import GeoGrid
 from agrivlm.infer.config import InputConfig
 from agrivlm.infer.errors import InferError
 from agrivlm.infer.generate import Question, Visual
-from agrivlm.infer.prompts import Task, build_prompt, field_at_point_question, fields_question, stage_question
+from agrivlm.infer.prompts import (
+    Task,
+    build_prompt,
+    field_at_point_question,
+    fields_question,
+    stage_question,
+    timeline_question,
+)
 from agrivlm.lape.tokens import LapeVocab
 from agrivlm.pipeline.bands import BandStats, check_band_count, composite, get_preset, prepare_bands
+from agrivlm.pipeline.focus import focus_on_box
 from agrivlm.pipeline.frames import Frames, sample_frames
 from agrivlm.recipes.context import norm_box
 from agrivlm.recipes.phenology import day_str, season_windows, to_days
@@ -270,8 +278,27 @@ class ChipPreparer:
             except PipelineError as exc:
                 notes.append(f"season {label}: {exc}")
                 continue
-            visual = make_visual(frames, self.config)
+            whole = make_visual(frames, self.config)
+
+            def visual_of(box: tuple[float, float, float, float], whole: Visual = whole) -> Visual:
+                if self.config.growth_focus != "box":
+                    return whole
+                return dataclasses.replace(whole, pixels=focus_on_box(whole.pixels, box))
+
+            if self.config.growth_prompt == "timeline":
+                # one question per field and season; its spans give the stage on every date of the season
+                season_dates = chip.times[keep]
+                ts = [round(float(t), 6) for t in frames.time_axis.to_norm(season_dates)]
+                dates = [day_str(w) for w in season_dates]
+                for field_id, cls, box in in_chip:
+                    prompt = timeline_question(self.vocab, box, cls or None)
+                    info = {"field_id": field_id, "season": label, "box": [float(b) for b in box],
+                            "dates": dates, "t": ts}
+                    questions.append(Question(visual_of(box), build_prompt(prompt.text, len(frames)), prompt.positions,
+                                              info))
+                continue
             for field_id, cls, box in in_chip:
+                visual = visual_of(box)
                 for when, t in zip(frames.times, frames.t, strict=True):
                     prompt = stage_question(self.vocab, box, float(t), cls or None)
                     meta: dict[str, Any] = {"field_id": field_id, "date": day_str(when), "season": label,

@@ -11,7 +11,8 @@ A prompt is one user turn in the conversation format training uses
 (:func:`agrivlm.pipeline.conversation.format_prompt`): ``"USER: <video>\nQUESTION\nASSISTANT: "``
 (``<image>`` for one frame): :func:`build_prompt`.
 
-Answers: :func:`parse_stage` finds the growth-stage word of a ``stage_on_date`` answer;
+Answers: :func:`parse_stage` finds the growth-stage word of a ``stage_on_date`` answer, :func:`parse_timeline`
+the stage spans of a ``stage_timeline`` answer and :func:`stages_at` the stage on any date from them;
 :func:`listing_details` reads the class label and the "partly outside the image" mark of each item (a box or
 a polygon) of an ``outline_fields`` answer (``"2 fields: grassland <box>; cultivated land <polygon> (partly
 outside the image)."``).
@@ -34,7 +35,7 @@ from agrivlm.recipes.fields import (
     OUTLINE_FIELDS_QUESTIONS,
     parcel_name,
 )
-from agrivlm.recipes.growth import STAGE_AT_TIME_QUESTIONS
+from agrivlm.recipes.growth import STAGE_AT_TIME_QUESTIONS, STAGE_TIMELINE_QUESTIONS
 from agrivlm.recipes.schema import PLACEHOLDER, Turn, render_text
 from agrivlm.recipes.sources import UNKNOWN_CLASS
 from agrivlm.schema import GROWTH_STAGES
@@ -145,6 +146,48 @@ def stage_question(vocab: LapeVocab, box: Sequence[float], t: float, field_class
     name = parcel_name(field_class or UNKNOWN_CLASS)
     text = STAGE_AT_TIME_QUESTIONS[0].format(name=name)
     return render_question(text, vocab, boxes=[box], times=[t])
+
+
+def timeline_question(vocab: LapeVocab, box: Sequence[float], field_class: str | None = None) -> PromptText:
+    """The ``growth`` task's question when the checkpoint's ``growth_prompt`` is ``timeline``.
+
+    Every stage of the field at ``box`` over the season, answered as ``<TEMP>`` spans (the recipes' first
+    ``stage_timeline`` question).
+    """
+    name = parcel_name(field_class or UNKNOWN_CLASS)
+    return render_question(STAGE_TIMELINE_QUESTIONS[0].format(name=name), vocab, boxes=[box])
+
+
+#: A stage word followed by a segment (two ``TEMP`` tokens) in a ``stage_timeline`` answer.
+_SPAN_RE = re.compile(_STAGE_RE.pattern + r"\s*(<TEMP-\d+>)\s*(<TEMP-\d+>)", re.I)
+
+
+def parse_timeline(text: str, segments: Sequence[Sequence[float]]) -> list[tuple[str, float, float]] | None:
+    """``(stage, t1, t2)`` of each span of a ``stage_timeline`` answer, in text order.
+
+    ``segments`` are the decoded ``(t1, t2)`` of the answer's segments in text order (sub-bin refined, from
+    :func:`~agrivlm.infer.generate.decode_answer`); each must follow a stage word. None when the answer holds no
+    span, or segments that no stage word names (the answer is then unparsed).
+    """
+    words = [m.group(1).lower() for m in _SPAN_RE.finditer(text)]
+    if not words or len(words) != len(segments):
+        return None
+    return [(w, float(min(s)), float(max(s))) for w, s in zip(words, segments, strict=True)]
+
+
+def stages_at(spans: Sequence[tuple[str, float, float]], ts: Sequence[float]) -> list[str]:
+    """The stage at each time ``t`` of a timeline: the span holding ``t``, else the nearest span.
+
+    Between two spans the nearer one wins (the boundary is half-way across the gap); where spans overlap, the
+    one whose centre is nearest. ``spans`` must not be empty.
+    """
+    if not spans:
+        raise ValueError("stages_at needs at least one span")
+    out = []
+    for t in ts:
+        best = min(spans, key=lambda s: (max(s[1] - t, 0.0, t - s[2]), abs((s[1] + s[2]) / 2 - t)))
+        out.append(best[0])
+    return out
 
 
 def parse_stage(text: str) -> str | None:

@@ -23,7 +23,8 @@ FieldTask = Literal[
     "outline_fields", "outline_parcels", "largest_of_class", "trace_outline", "count_fields", "edge_fields",
     "field_at_point",
 ]
-GrowthTask = Literal["green_up_date", "peak_date", "senescence_date", "season_segment", "stage_on_date"]
+GrowthTask = Literal["green_up_date", "peak_date", "senescence_date", "season_segment", "stage_on_date",
+                     "stage_timeline"]
 GeneralTask = Literal["caption", "majority", "presence", "fraction", "locate_class", "point_class"]
 SpatialTask = Literal["left_right", "above_below", "nearest", "largest", "adjacent"]
 FamilyName = Literal["field_boundaries", "growth_stages", "general_rs", "spatial_reasoning"]
@@ -297,7 +298,10 @@ class GrowthStagesConfig(StrictModel):
     #: Stage questions per field, chip and season (dates drawn among frames where the field is clear).
     stage_questions: int = Field(default=2, ge=0)
     labels: LabelsConfig | None = None
-    tasks: list[GrowthTask] = Field(default_factory=lambda: list(GROWTH_TASKS))
+    #: Default: every task but ``stage_timeline``, which is asked for by name (a model trained on both stage
+    #: tasks is asked the way it saw more often, see ``agrivlm.train.trainer``).
+    tasks: list[GrowthTask] = Field(default_factory=lambda: list[GrowthTask](
+        t for t in GROWTH_TASKS if t != "stage_timeline"))
 
 
 class GeneralRSConfig(StrictModel):

@@ -1,4 +1,7 @@
-"""Growth stages: key dates (TEMP positions), the growing season (a segment) and the stage on a date.
+"""Growth stages: key dates (TEMP positions), the growing season, the stage on a date, the stage timeline.
+
+The growing season is a segment; the stage timeline gives every stage of the season as ``<TEMP>`` spans in one
+answer.
 
 Every question points to its field by the box of the field's visible part in the chip. A record's
 frames are the chip's clear dates within one season, so ``t`` runs over that season's frames; a key
@@ -48,6 +51,15 @@ _Q_STAGE_DATE = (
     "What growth stage is the {name} at {{box:0}} in on {date}?",
     "On {date}, which growth stage is the {name} at {{box:0}} in?",
 )
+_Q_TIMELINE = (
+    "Give the growth stages of the {name} at {{box:0}} over time.",
+    "Which growth stages did the {name} at {{box:0}} go through, and when?",
+)
+#: Questions of the ``stage_timeline`` task; ``agrivlm infer --task growth`` asks the first when the checkpoint's
+#: ``growth_prompt`` is ``timeline``.
+STAGE_TIMELINE_QUESTIONS: tuple[str, ...] = _Q_TIMELINE
+#: Between two stage spans of a ``stage_timeline`` answer (``"dormant <TEMP-000><TEMP-011>; green-up …"``).
+TIMELINE_SEP = "; "
 #: Questions of the ``stage_on_date`` task that name the date in words (as
 #: :func:`~agrivlm.recipes.phenology.day_str` writes it).
 STAGE_ON_DATE_QUESTIONS: tuple[str, ...] = _Q_STAGE_DATE
@@ -62,6 +74,48 @@ def _clear_dates(state: BuildState, row: int, frames: list[int]) -> list[int]:
     px = max(int(state.scan.parcel_px[row]), 1)
     frac = state.scan.parcel_clear[:, row] / px
     return [i for i in frames if frac[i] >= state.phenology.min_clear_fraction]
+
+
+def stage_runs(stages: list[tuple[float, str]]) -> list[tuple[str, float, float]]:
+    """``(stage, t_first, t_last)`` of each run of one stage over time-sorted ``(t, stage)`` pairs.
+
+    A stage that comes back (dormant before and after the season, a second crop) gives one run each time.
+    """
+    runs: list[tuple[str, float, float]] = []
+    for t, stage in sorted(stages):
+        if runs and runs[-1][0] == stage:
+            runs[-1] = (stage, runs[-1][1], t)
+        else:
+            runs.append((stage, t, t))
+    return runs
+
+
+def _timeline_record(state: BuildState, chip: ChipContext, p: ParcelInChip, season: str, frames: list[int],
+                     base_meta: dict[str, object]) -> Record | None:
+    """The ``stage_timeline`` record: every stage of the season as a ``<TEMP>`` span, in time order.
+
+    Stages are those of the record's frames (the chip's clear dates of the season), whether or not the field
+    itself is clear on them (a stage does not depend on the sky); a run of one stage spans its first to its
+    last frame.
+    """
+    f = state.factory
+    pairs = []
+    sources = set()
+    for i in frames:
+        stage, source = state.truth.stage(p.field_id, f.times[i])
+        t = f.norm_time(frames, f.times[i])
+        if stage is not None and t is not None:
+            pairs.append((t, stage))
+            sources.add(source)
+    runs = stage_runs(pairs)
+    if not runs:
+        return None
+    r = rng_for(state.seed, FAMILY, chip.chip_id, "stage_timeline", p.field_id, season)
+    answer = TIMELINE_SEP.join(f"{stage} {{segment:{k}}}" for k, (stage, _, _) in enumerate(runs)) + "."
+    return f.record(chip, frames, FAMILY, "stage_timeline", f"{p.field_id}:{season}", [
+        user(pick(r, _Q_TIMELINE).format(name=parcel_name(p.cls)), boxes=[p.box]),
+        assistant(answer, segments=[(a, b) for _, a, b in runs]),
+    ], {**base_meta, "stages": [stage for stage, _, _ in runs], "dates": len(pairs), "source": sources.pop()})
 
 
 def _field_records(
@@ -99,6 +153,10 @@ def _field_records(
                 user(pick(r, _Q_SEGMENT).format(name=name), boxes=[p.box]),
                 assistant("From {segment:0}.", segments=[(t1, t2)]),
             ], {**base_meta, "start": iso_day(derived.sos), "end": iso_day(derived.eos), "source": "derived"}))
+    if "stage_timeline" in cfg.tasks:
+        rec = _timeline_record(state, chip, p, season, frames, base_meta)
+        if rec is not None:
+            out.append(rec)
     if "stage_on_date" in cfg.tasks and cfg.stage_questions > 0:
         cands = []
         for i in _clear_dates(state, p.row, frames):

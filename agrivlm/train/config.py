@@ -23,6 +23,7 @@ from pydantic import Field, model_validator
 
 from agrivlm.config import StrictModel, load_config
 from agrivlm.errors import ConfigError
+from agrivlm.pipeline.focus import GrowthFocus
 from agrivlm.recipes.config import FamilyName
 
 Stage = Literal["stage1", "stage2", "stage3"]
@@ -205,6 +206,10 @@ class DataConfig(StrictModel):
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
     #: DataLoader worker processes (0: load in the training process).
     num_workers: int = Field(default=0, ge=0)
+    #: ``box``: growth-stage questions see only the pixels inside their field's box (the first box of the
+    #: question), the rest is no data; saved with the checkpoint so ``agrivlm infer`` does the same
+    #: (:mod:`agrivlm.pipeline.focus`). ``none``: they see the whole chip.
+    growth_focus: GrowthFocus = "none"
 
     @model_validator(mode="after")
     def _weights(self) -> DataConfig:

@@ -11,7 +11,8 @@ One record (:class:`~agrivlm.recipes.schema.Record`) becomes one sample:
    ``fast_slow`` from :mod:`agrivlm.pipeline.frames`).
 2. **Normalisation** (:mod:`agrivlm.pipeline.bands`): ``dataset`` — one per-band 2–98 % percentile range
    over the training chips (:func:`dataset_band_stats`); ``chip`` — the sample's own frames; ``fixed``.
-   No data stays NaN; the processor turns it into 0.
+   No data stays NaN; the processor turns it into 0. With ``data.growth_focus: box`` a growth-stage question's
+   pixels outside its field's box become no data (:mod:`agrivlm.pipeline.focus`).
 3. **Time.** Each frame's ``t`` is its date on the range of the record's frames, the dates the sample's
    frames are drawn from (:func:`~agrivlm.pipeline.frames.frame_time_positions`, the rule ``agrivlm infer``
    follows too: there the chip's usable dates, which are the record's frame dates); it is the axis the
@@ -49,6 +50,7 @@ from agrivlm.geo.stack import Stack, open_stack
 from agrivlm.lape.tokens import Axis, LapeVocab, serialize_box, serialize_point, serialize_segment
 from agrivlm.pipeline.bands import BandStats, normalize, robust_stats, to_reflectance
 from agrivlm.pipeline.conversation import POLYGON_SEP, format_prompt, visual_placeholder
+from agrivlm.pipeline.focus import GrowthFocus, focus_on_box
 from agrivlm.pipeline.frames import FrameSamplingConfig, frame_time_positions, select_indices, uniform_indices
 from agrivlm.recipes.mixture import mix
 from agrivlm.recipes.schema import Record, Turn, iter_records, render_text
@@ -346,6 +348,7 @@ class RecordDataset(Dataset[Sample]):
         stats: BandStats | None = None,
         train: bool = True,
         stacks: StackCache | None = None,
+        growth_focus: GrowthFocus = "none",
     ) -> None:
         if not records:
             raise ConfigError("no records left to train on; check data.roots, data.text_only, data.families, "
@@ -353,6 +356,7 @@ class RecordDataset(Dataset[Sample]):
         self.records = list(records)
         self.frames, self.norm, self.vocab, self.seed = frames, normalize_cfg, vocab, seed
         self.stats = stats
+        self.growth_focus = growth_focus
         self.train = train
         self.stacks = stacks if stacks is not None else StackCache()
         if normalize_cfg.mode != "chip" and stats is None:
@@ -374,6 +378,8 @@ class RecordDataset(Dataset[Sample]):
         stats = self.stats if self.norm.mode != "chip" else robust_stats(pixels, self.norm.percentiles, rec.sample_id)
         assert stats is not None
         pixels = normalize(pixels, stats)
+        if self.growth_focus == "box" and rec.family == "growth_stages" and rec.conversation[0].boxes:
+            pixels = focus_on_box(pixels, rec.conversation[0].boxes[0])
         _, times = frame_time_positions(np.asarray(rec.chip.frame_dates, dtype="datetime64[s]"), idx)
         token = visual_placeholder(len(idx))
         prompt, answer, positions = render_record(rec, self.vocab, token)

@@ -73,6 +73,8 @@ class DefaultTraining:
     lr: dict[str, float] = field(default_factory=lambda: {"stage1": 1e-3, "stage2": 1e-3, "stage3_focus": 1e-3,
                                                           "stage3": 1e-3})
     snapshot_every: int = 1500
+    #: ``data.growth_focus`` of the stage-3 phases (growth questions see only their field's box).
+    growth_focus: str = "none"
     threads: int = 2
     seed: int = 0
 
@@ -183,6 +185,8 @@ def train(out: Path, roots: dict[str, Path], opts: DefaultTraining, echo: Callab
             # cap how well fields can be located
             over["trainable.llm.mode"] = "full"
             over["trainable.vision"] = PHASES[stage] == "stage3"
+        if PHASES[stage] == "stage3":
+            over["data.growth_focus"] = opts.growth_focus
         if stage == "stage3":
             over["train.snapshot_every"] = opts.snapshot_every
         if (folder / "final" / "config.json").is_file():

@@ -42,6 +42,7 @@ import logging
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -250,8 +251,12 @@ def checkpoint_inputs(cfg: StageConfig, stats: BandStats | None, records: Sequen
     )
     # a model trained on point prompts is asked for fields point by point (a listing it may never have seen)
     points = any(sr.record.task == "field_at_point" for sr in records)
+    # and for growth stages by one timeline per field and season when it learned them more than date by date
+    tasks = Counter(sr.record.task for sr in records)
+    timeline = tasks["stage_timeline"] > tasks["stage_on_date"]
     return InputConfig(chip_size=size, stride=max(size // 2, 1), frames=frames, min_frames=n, bands=bands,
-                       fields_prompt="points" if points else "listing")
+                       fields_prompt="points" if points else "listing",
+                       growth_prompt="timeline" if timeline else "dates", growth_focus=cfg.data.growth_focus)
 
 
 def run_settings(cfg: StageConfig, num_processes: int) -> dict[str, Any]:
@@ -499,8 +504,10 @@ class _Run:
         acc.wait_for_everyone()
         vocab = processor.vocab
         frames, norm, seed = cfg.data.frames, cfg.data.normalize, cfg.train.seed
-        train_ds = RecordDataset(train_records, frames, norm, vocab, seed, stats, stacks=stacks)
-        val_ds = RecordDataset(val_records, frames, norm, vocab, seed, stats, False, stacks) if val_records else None
+        focus = cfg.data.growth_focus
+        train_ds = RecordDataset(train_records, frames, norm, vocab, seed, stats, stacks=stacks, growth_focus=focus)
+        val_ds = RecordDataset(val_records, frames, norm, vocab, seed, stats, False, stacks,
+                               growth_focus=focus) if val_records else None
         collate = Collator(processor, lape_on)
         sampler = ResumableSampler(
             len(train_ds), cfg.train.seed, shuffle=True, num_replicas=acc.num_processes, rank=acc.process_index
