@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from agrivlm.train.default import DefaultTraining
+
 train_app = typer.Typer(
     name="train",
     help="Three-stage curriculum on accelerate: stage1 alignment → stage2 LAPE warm-up → stage3 agricultural "
@@ -61,12 +63,19 @@ def stage3(config: ConfigOpt, resume: ResumeOpt = False, overwrite: OverwriteOpt
     _run("stage3", config, resume, overwrite, set_, allow_changed_settings)
 
 
+#: The recipe of the shipped default checkpoint: the command's defaults are its options, so the README's
+#: ``agrivlm train default`` remakes it (a CLI default of 20 scenes per region once disagreed with the 60 it used).
+_DEFAULTS = DefaultTraining()
+
+
 @train_app.command("default")
 def default(
     out: Annotated[Path, typer.Option("--out", "-o", help="Working folder: scenes/, recipes/, data/, train/.")] = Path(
         "runs/default"),
-    scenes_per_region: Annotated[int, typer.Option(help="Synthetic scenes per training region.")] = 20,
-    stage3_steps: Annotated[int, typer.Option(help="Optimizer steps of stage 3 (stages 1 and 2 are short).")] = 4500,
+    scenes_per_region: Annotated[int, typer.Option(
+        help="Synthetic scenes per training region.")] = _DEFAULTS.scenes_per_region,
+    stage3_steps: Annotated[int, typer.Option(
+        help="Optimizer steps of stage 3 (stages 1 and 2 are short).")] = _DEFAULTS.steps["stage3"],
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
     install: Annotated[bool, typer.Option(help="Copy the result into the package as the default checkpoint.")] = False,
 ) -> None:
@@ -74,9 +83,9 @@ def default(
 
     Resumes what a killed run left (scenes, recipes, a stage's newest checkpoint). See agrivlm/train/default.py.
     """
-    from agrivlm.train.default import DefaultTraining, run_default
+    from agrivlm.train.default import run_default
 
-    base = DefaultTraining()
+    base = _DEFAULTS
     opts = DefaultTraining(scenes_per_region=scenes_per_region, threads=threads,
                            steps={**base.steps, "stage3": stage3_steps})
     final = run_default(out, opts, do_install=install, echo=typer.echo)
