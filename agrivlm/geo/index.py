@@ -8,10 +8,12 @@ older index stays intact until the new one is complete.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +29,8 @@ from agrivlm.errors import IngestError
 from agrivlm.geo.chips import Chip, ChipStream
 from agrivlm.geo.coords import GeoGrid
 
+log = logging.getLogger(__name__)
+
 #: Prefix of the hidden folder :func:`atomic_unit` builds its files in.
 UNIT_TMP = ".unit.tmp-"
 #: Prefix of that folder once complete (the commit point): its files are moved into place, by this run or,
@@ -38,6 +42,44 @@ _ATOMIC_TMP = re.compile(r"^\.[^/]+\.[A-Za-z0-9_]{8}\.[A-Za-z0-9]+(-journal|-wal
 
 #: Index formats by file suffix.
 INDEX_DRIVERS = {".gpkg": "GPKG", ".parquet": "parquet", ".geojson": "GeoJSON"}
+
+
+def remove_stale_temporaries(target: Path, before: float) -> list[str]:
+    """Remove what killed runs left beside ``target``; return the names of what was found.
+
+    :func:`atomic_path` temporaries of ``target`` (``.<stem>.XXXXXXXX<suffix>`` and their GeoPackage side
+    files) and :func:`atomic_dir` folders (``.<name>.tmp-*``) last changed before ``before`` (seconds since the
+    epoch) are removed; a previous ``target`` moved aside by :func:`atomic_dir` (``.<name>.old-*``) is put back
+    when ``target`` itself is gone (a kill between the two renames), else removed. Only ``target``'s own
+    temporaries are touched, never other hidden files of the folder.
+    """
+    folder = target.parent
+    if not folder.is_dir():
+        return []
+    own = re.compile(rf"^\.{re.escape(target.stem)}\.[A-Za-z0-9_]{{8}}{re.escape(target.suffix)}(-journal|-wal|-shm)?$")
+    found = []
+    for path in sorted(folder.iterdir()):
+        name = path.name
+        try:
+            if path.lstat().st_mtime >= before:
+                continue
+        except FileNotFoundError:
+            continue
+        if name.startswith(f".{target.name}.old-") and path.is_dir():
+            kept = path / target.name
+            if kept.exists() and not target.exists():
+                os.replace(kept, target)
+            shutil.rmtree(path, ignore_errors=True)
+            found.append(name)
+        elif name.startswith(f".{target.name}.tmp-") and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            found.append(name)
+        elif own.match(name) and path.is_file():
+            path.unlink()
+            found.append(name)
+    if found:
+        fsync_dir(folder)
+    return found
 
 
 @contextmanager
@@ -62,9 +104,13 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
     The folder is ``.<name>.tmp-XXXX``; a previous ``target`` is moved aside first and removed after; a failed
     block removes the folder. A run killed inside the block leaves ``target`` as it was (absent, or the
-    previous complete one).
+    previous complete one); what it left beside it is cleaned up (or put back) when the next one starts
+    (:func:`remove_stale_temporaries`).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
+    gone = remove_stale_temporaries(target, time.time())
+    if gone:
+        log.warning("%s: removed what an interrupted run left beside it: %s", target, ", ".join(gone))
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp

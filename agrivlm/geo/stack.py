@@ -554,6 +554,8 @@ class Stack:
             "warped_files": [str(p) for p in self.warped_files],
             "dropped_same_day": [str(s.path) for s in self.dropped],
             "has_masks": self.has_masks,
+            "unmasked_dates": [f"{st.time:%Y-%m-%d}" for st in self.steps if self.has_masks
+                               and any(m is None for m in st.masks)],
             "date_sources": sorted({s.date_source for step in self.steps for s in step.sources}),
         }
 
@@ -833,8 +835,42 @@ def open_stack(
         dtype=ref_info.dtype,
     )
     if stack.warped_files:
+        _check_on_grid(stack)
         log.info("%d file(s) are not on the reference grid and are warped to it", len(stack.warped_files))
+    if masks is not None:
+        bare = [s for step in stack.steps for s, m in zip(step.sources, step.masks, strict=True) if m is None]
+        if bare:  # a date without its mask is read unmasked: say so, never quietly
+            log.warning("masks cover %d of %d dates; %d date(s) are used without a mask (first: %s, %s)",
+                        len(stack.files) - len(bare), len(stack.files), len(bare), f"{bare[0].time:%Y-%m-%d}",
+                        bare[0].path.name)
     return stack
+
+
+def _check_on_grid(stack: Stack) -> None:
+    """Refuse a data file whose extent does not meet the stack's grid (it would be warped to no data only).
+
+    Raises:
+        IngestError: naming the file, its bounds in the stack's CRS and the grid's bounds.
+
+    """
+    from rasterio.warp import transform_bounds
+
+    gx0, gy0, gx1, gy1 = stack.grid.bounds
+    for step in stack.steps:
+        for src in step.sources:
+            if _same_grid(src, stack.grid):
+                continue
+            try:
+                x0, y0, x1, y1 = transform_bounds(src.crs, stack.crs, *src.grid.bounds)
+            except Exception as exc:  # noqa: BLE001 — rasterio raises several types for impossible transforms
+                raise IngestError(f"{src.path}: its extent cannot be put in the stack's CRS "
+                                  f"({stack.crs.to_string()}): {exc}") from exc
+            if x1 <= gx0 or x0 >= gx1 or y1 <= gy0 or y0 >= gy1:
+                raise IngestError(
+                    f"{src.path}: its extent ({x0:.0f}, {y0:.0f}, {x1:.0f}, {y1:.0f} in {stack.crs.to_string()}) "
+                    f"does not meet the stack's grid ({gx0:.0f}, {gy0:.0f}, {gx1:.0f}, {gy1:.0f}): it would be "
+                    "all no data; check its CRS, or leave it out (a file of another area)"
+                )
 
 
 def _with_nodata(info: SourceInfo, nodata: float) -> SourceInfo:

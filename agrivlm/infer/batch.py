@@ -734,6 +734,7 @@ def run_inference(
         output_crs,
         report_path,
         stage_table,
+        stages_path,
         suppress,
         write_outputs,
     )
@@ -757,6 +758,13 @@ def run_inference(
         raise InferError(f"{model_dir}: not a checkpoint folder (no config.json); pass --model with a folder saved by "
                          "save_pretrained")
     journal_file = journal_path(out)
+    from agrivlm.geo.index import remove_stale_temporaries
+
+    # what a killed run left beside the outputs (their hidden temporaries) goes before anything is written
+    for target in (out, stages_path(out), report_path(out)):
+        gone = remove_stale_temporaries(target, time.time())
+        if gone:
+            log.warning("%s: removed what an interrupted run left beside it: %s", target, ", ".join(gone))
     if out.exists() and not journal_file.exists() and not overwrite and not restart:
         raise InferError(f"{out}: already exists; pass --overwrite to replace it")
     stacks = [StackInput(name, masks[i] if masks else None) for i, name in enumerate(inputs)]
