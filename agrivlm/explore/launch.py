@@ -9,6 +9,9 @@ developer menu (rerun, clear cache, deploy) is hidden, and no file watcher or st
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -58,10 +61,50 @@ def streamlit_command(settings: ExploreSettings, host: str = "127.0.0.1", port: 
     return argv + ["--", *settings.to_argv()]
 
 
-def launch(settings: ExploreSettings, host: str = "127.0.0.1", port: int = 8501) -> int:
-    """Run the app in the foreground until Ctrl-C; returns Streamlit's exit code."""
-    command = streamlit_command(settings, host=host, port=port)
+#: Signals the launcher passes on to the server before it exits itself.
+FORWARDED_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+#: Seconds the server gets to stop after a forwarded signal before it is killed.
+STOP_GRACE_S = 10.0
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the server gets SIGTERM when the launcher dies, even by ``kill -9`` (``PR_SET_PDEATHSIG``)."""
     try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:
-        return 130
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def launch(settings: ExploreSettings, host: str = "127.0.0.1", port: int = 8501) -> int:
+    """Run the app in the foreground until Ctrl-C or a signal; returns Streamlit's exit code.
+
+    The server never outlives the launcher: SIGTERM, SIGHUP and SIGINT are passed on to it (then it is killed
+    after :data:`STOP_GRACE_S` seconds), and on Linux it gets SIGTERM when the launcher dies by any means.
+    """
+    command = streamlit_command(settings, host=host, port=port)
+    proc = subprocess.Popen(command, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    received: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        received.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+    try:
+        while True:
+            try:
+                code = proc.wait(timeout=STOP_GRACE_S if received else None)
+                break
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:  # an exception in the launcher itself: the server goes with it
+            proc.kill()
+            proc.wait()
+    if received:
+        return 130 if received[0] == signal.SIGINT else 128 + received[0]
+    return code
