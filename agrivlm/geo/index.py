@@ -44,6 +44,23 @@ _ATOMIC_TMP = re.compile(r"^\.[^/]+\.[A-Za-z0-9_]{8}\.[A-Za-z0-9]+(-journal|-wal
 INDEX_DRIVERS = {".gpkg": "GPKG", ".parquet": "parquet", ".geojson": "GeoJSON"}
 
 
+def ensure_writable_dir(folder: Path, error: type[Exception], what: str = "output folder") -> None:
+    """Create ``folder`` if needed and check that files can be written in it, before any work is done.
+
+    Raises:
+        error: one line naming the folder and why it cannot be written (an impossible path, no permission, a
+            file in the way, a read-only file system).
+
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise error(f"{folder}: cannot write the {what} there ({reason}); choose another --out") from exc
+
+
 def remove_stale_temporaries(target: Path, before: float) -> list[str]:
     """Remove what killed runs left beside ``target``; return the names of what was found.
 

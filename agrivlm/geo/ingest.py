@@ -19,6 +19,7 @@ from agrivlm.geo.index import (
     atomic_unit,
     build_chip_index,
     check_index_format,
+    ensure_writable_dir,
     recover_folder,
     rows_frame,
     write_frame_to,
@@ -68,6 +69,7 @@ def ingest(
     summary_path = out / "summary.json"
     check_index_format(index_path)
     _check_out(out, index_path, summary_path, overwrite, started)
+    ensure_writable_dir(out, IngestError)
     stack = open_stack(inputs, masks=masks, dates=dates, same_day=same_day)
     mask_files = [m.path for step in stack.steps for m in step.masks if m is not None]
     stream = ChipStream(stack, chip_size=chip_size, stride=stride, edge=edge)

@@ -758,8 +758,9 @@ def run_inference(
         raise InferError(f"{model_dir}: not a checkpoint folder (no config.json); pass --model with a folder saved by "
                          "save_pretrained")
     journal_file = journal_path(out)
-    from agrivlm.geo.index import remove_stale_temporaries
+    from agrivlm.geo.index import ensure_writable_dir, remove_stale_temporaries
 
+    ensure_writable_dir(out.parent, InferError)
     # what a killed run left beside the outputs (their hidden temporaries) goes before anything is written
     for target in (out, stages_path(out), report_path(out)):
         gone = remove_stale_temporaries(target, time.time())

@@ -345,7 +345,48 @@ def load_pretrained(folder: str | os.PathLike[str]) -> tuple[AgriVLMForCondition
     p = Path(folder)
     if not (p / "config.json").is_file():
         raise ConfigError(f"{folder}: no config.json; save the model with model.save_pretrained(folder)")
-    model = AgriVLMForConditionalGeneration.from_pretrained(p, local_files_only=True)
-    processor = AgriVLMProcessor.from_pretrained(p, local_files_only=True)
+    check_saved_files(p)
+    try:
+        model = AgriVLMForConditionalGeneration.from_pretrained(p, local_files_only=True)
+        processor = AgriVLMProcessor.from_pretrained(p, local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{folder}: cannot load the checkpoint ({first}); save it again with save_pretrained "
+                          "or use an intact copy") from exc
     model.eval()
     return model, processor
+
+
+def check_saved_files(folder: Path) -> None:
+    """The files of a saved checkpoint that its loading needs, each readable (named in the error when not).
+
+    ``config.json`` parses as JSON; every ``*.safetensors`` has an intact header covering the file (a truncated
+    or overwritten file fails here, named, instead of deep inside ``from_pretrained``); a tokenizer saved with
+    ``tokenizer_config.json`` still has its ``tokenizer.json``.
+
+    Raises:
+        ConfigError: naming the file and what is wrong with it.
+
+    """
+    import json
+
+    from safetensors import safe_open
+
+    config = folder / "config.json"
+    try:
+        json.loads(config.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{config}: not a readable JSON config ({exc}); restore it from the saved "
+                          "checkpoint") from exc
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights and not any(folder.glob("pytorch_model*.bin")):
+        raise ConfigError(f"{folder}: no weights (model.safetensors); save the model with save_pretrained")
+    for path in weights:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as exc:  # noqa: BLE001 — safetensors raises its own SafetensorError and OSError
+            raise ConfigError(f"{path}: unreadable weights ({str(exc).splitlines()[0]}); the file is truncated "
+                              "or corrupt: use an intact copy") from exc
+    if (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():
+        raise ConfigError(f"{folder / 'tokenizer.json'}: missing; the checkpoint's tokenizer cannot load without it")
