@@ -857,7 +857,9 @@ def run_inference(
             report.features_before_nms = len(frame)
             frame = suppress(frame, nms_iou, min_score)
             report.features = len(frame)
-        report.outputs = write_outputs(out, task, frame, stages)
+        # the GeoPackage's last_change: the newest acquisition of the stacks, not the clock (same answers, same bytes)
+        last = [str(info["dates"][-1])[:10] for k in keys if (info := journal.stack_info(k)) and info.get("dates")]
+        report.outputs = write_outputs(out, task, frame, stages, max(last) if last else None)
         report.outputs["journal"] = str(journal_file)
     report.outputs["report"] = str(report_path(out))
     from agrivlm.geo.index import atomic_path

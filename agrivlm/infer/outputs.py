@@ -291,31 +291,43 @@ def rfc7946(frame: gpd.GeoDataFrame, out: Path) -> gpd.GeoDataFrame:
     return frame.to_crs("EPSG:4326")
 
 
-def write_layer(frame: gpd.GeoDataFrame, out: Path, layer: str) -> None:
+def write_layer(frame: gpd.GeoDataFrame, out: Path, layer: str, stamp: str | None = None) -> None:
     """Write ``frame`` to ``out`` atomically in the format of its suffix (see the module docstring).
 
-    ``layer`` names the GeoPackage layer. Raises :class:`InferError` for a suffix that is not a format.
+    ``layer`` names the layer (the GeoPackage table, the GeoJSON and FlatGeobuf ``name``, never the temporary
+    file's name). ``stamp`` (``YYYY-MM-DD``) is the GeoPackage's ``last_change`` instead of the time of writing,
+    so the same answers give the same bytes (a killed and resumed run, a rerun). Raises :class:`InferError` for a
+    suffix that is not a format.
     """
+    import pyogrio
+
     check_format(out)
     suffix = out.suffix.lower()
     frame = typed(frame)
     if suffix == ".geojson":
         frame = rfc7946(frame, out)
-    with atomic_path(out) as tmp:
-        if suffix == ".parquet":
-            frame.to_parquet(tmp, schema_version="1.1.0", write_covering_bbox=True)
-        elif suffix == ".fgb":
-            frame.to_file(tmp, driver="FlatGeobuf", engine="pyogrio")
-        elif suffix == ".geojson":
-            frame.to_file(tmp, driver="GeoJSON", engine="pyogrio", RFC7946="YES")
-        else:
-            frame.to_file(tmp, driver="GPKG", engine="pyogrio", layer=layer)
+    if stamp is not None:
+        pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": f"{stamp}T00:00:00.000Z"})
+    try:
+        with atomic_path(out) as tmp:
+            if suffix == ".parquet":
+                frame.to_parquet(tmp, schema_version="1.1.0", write_covering_bbox=True)
+            elif suffix == ".fgb":
+                frame.to_file(tmp, driver="FlatGeobuf", engine="pyogrio", layer=layer)
+            elif suffix == ".geojson":
+                frame.to_file(tmp, driver="GeoJSON", engine="pyogrio", RFC7946="YES", layer=layer)
+            else:
+                frame.to_file(tmp, driver="GPKG", engine="pyogrio", layer=layer)
+    finally:
+        if stamp is not None:
+            pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": None})
 
 
-def write_outputs(out: Path, task: str, frame: gpd.GeoDataFrame, stages: pd.DataFrame | None) -> dict[str, str]:
-    """Write the layer (and the stage table) atomically; returns ``{what: path}``."""
+def write_outputs(out: Path, task: str, frame: gpd.GeoDataFrame, stages: pd.DataFrame | None,
+                  stamp: str | None = None) -> dict[str, str]:
+    """Write the layer (and the stage table) atomically; returns ``{what: path}`` (``stamp``: :func:`write_layer`)."""
     written = {"layer": str(out)}
-    write_layer(frame, out, LAYERS[task])
+    write_layer(frame, out, LAYERS[task], stamp)
     if stages is not None:
         target = stages_path(out)
         with atomic_path(target) as tmp:
