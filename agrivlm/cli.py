@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from agrivlm.cli_options import JsonFlag, print_json
 from agrivlm.errors import AgriVLMError
 from agrivlm.eval.commands import app as eval_app
 from agrivlm.recipes.commands import recipe_app
@@ -22,7 +23,7 @@ app = typer.Typer(
     help="Satellite GeoTIFF stacks → fields and crop growth stages with a LAPE vision-language model.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -129,6 +130,7 @@ def ingest(
     validate: Annotated[bool, typer.Option(help="Read every block of every file before writing anything.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    as_json: JsonFlag = False,
     workers: Annotated[
         int | None, typer.Option(help="Run on a dask LocalCluster of N worker processes on this machine.")
     ] = None,
@@ -151,11 +153,14 @@ def ingest(
         index_format=index_format,
         validate=validate,
         overwrite=overwrite,
-        progress=progress,
+        progress=progress and not as_json,
         workers=workers,
         scheduler=scheduler,
     )
-    print_summary(summary)
+    if as_json:
+        print_json(summary)
+    else:
+        print_summary(summary)
 
 
 @app.command()

@@ -13,6 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from agrivlm.cli_options import JsonFlag, print_json
+
 app = typer.Typer(
     name="eval",
     help="Score predictions against truth: field boundaries (IoU matching) and growth stages.",
@@ -39,6 +41,7 @@ def fields(
     pred_id: Annotated[str | None, typer.Option(help="Id column of predictions (default: field_id/id/row).")] = None,
     truth_id: Annotated[str | None, typer.Option(help="Id column of the truth (default: field_id/id/row).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing report.")] = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """Field boundaries: Hungarian IoU matching, precision/recall/F1 at IoU > 0.5, map_50_95, mean IoU, pixel IoU."""
     from agrivlm.eval.common import FIELD_REPORT_FILES, check_outputs
@@ -50,6 +53,9 @@ def fields(
         pred, truth, iou_threshold=iou_threshold, boxes=boxes, extent=extent, pred_id=pred_id, truth_id=truth_id
     )
     write_field_report(result, out, overwrite=overwrite)
+    if as_json:
+        print_json({**result.to_dict(), "report": str(out)})
+        return
     table = Table(title=f"fields: {result.n_pred} predicted vs {result.n_truth} true ({result.metric_crs})")
     table.add_column("metric", style="bold")
     table.add_column("value", justify="right")
@@ -82,6 +88,7 @@ def growth(
         Path | None, typer.Option(help="True key dates (field_id, season, green_up, peak, senescence).")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing report.")] = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """Growth stages: accuracy, macro-F1, confusion matrix, temporal IoU of stage segments, key-date errors."""
     from agrivlm.eval.common import GROWTH_REPORT_FILES, check_outputs
@@ -91,6 +98,9 @@ def growth(
 
     result = evaluate_growth(pred, truth, pred_key_dates=pred_key_dates, truth_key_dates=truth_key_dates)
     write_growth_report(result, out, overwrite=overwrite)
+    if as_json:
+        print_json({**result.to_dict(), "report": str(out)})
+        return
     console = Console()
     if result.stages is not None:
         s = result.stages

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
+from agrivlm.cli_options import JsonFlag, print_json
 from agrivlm.default_checkpoint import resolve_model
 from agrivlm.schema import prediction_format_problem
 
@@ -77,6 +78,7 @@ def infer(
         help="Chips per task (reading order); a batch never spans two tasks, so one process and a cluster give "
              "the same answers.")] = 64,
     progress: Annotated[bool, typer.Option(help="Show a progress bar (chips/s).")] = True,
+    as_json: JsonFlag = False,
 ) -> None:
     """Run a checkpoint over stacks: chips → batched generation → fields / growth stages in map coordinates.
 
@@ -98,10 +100,13 @@ def infer(
         inputs, resolve_model(model), out, task=task, masks=masks, question=question, fields=fields,  # type: ignore[arg-type]
         field_id=field_id, field_class=field_class, batch_size=batch_size, max_new_tokens=max_new_tokens,
         device=device, dtype=dtype, overrides=overrides, validate=validate, nms_iou=nms_iou, min_score=min_score,
-        restart=restart, overwrite=overwrite, progress=progress, chips_per_task=chips_per_task, workers=workers,
-        scheduler=scheduler, threads=threads if on_cluster else None,
+        restart=restart, overwrite=overwrite, progress=progress and not as_json, chips_per_task=chips_per_task,
+        workers=workers, scheduler=scheduler, threads=threads if on_cluster else None,
     )
-    print_report(report)
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        print_report(report)
     if report.failed:
         for s in report.failed:
             typer.echo(f"error: stack {s.name} failed: {s.message}", err=True)
