@@ -327,6 +327,28 @@ def answer_record(task: Task, grid: GeoGrid, question: Question, answer: Decoded
     return rec
 
 
+def _write_rasters(out: Path, task: str, frame: Any, stages: Any, journal: Journal, keys: Sequence[str],
+                   names: Sequence[str]) -> dict[str, str]:
+    """``--raster``: one COG per stack that was read (see :mod:`agrivlm.infer.rasters`); ``{what: path}``."""
+    from agrivlm.infer.rasters import raster_path, write_extent_raster, write_stage_raster
+
+    written = {}
+    for k, (key, name) in enumerate(zip(keys, names, strict=True)):
+        info = journal.stack_info(key)
+        if info is None or "fingerprint" not in info:
+            continue
+        which = None if len(keys) == 1 else k
+        if task == "fields":
+            mine = frame[frame["stack"] == name] if "stack" in frame and len(frame) else frame
+            path = write_extent_raster(mine, info, raster_path(out, "extent", which))
+            written["raster" if which is None else f"raster_{k}"] = str(path)
+        else:
+            mine = stages[stages["stack"] == name] if len(stages) else stages
+            path = write_stage_raster(mine, frame, info, raster_path(out, "stages", which))
+            written["raster" if which is None else f"raster_{k}"] = str(path)
+    return written
+
+
 # -- the chip loop ------------------------------------------------------------------------------------
 _END = object()
 
@@ -680,6 +702,7 @@ def run_inference(
     scheduler: str | None = None,
     threads: int | None = None,
     on_task_done: Callable[[int, int], None] | None = None,
+    raster: bool = False,
 ) -> RunReport:
     """Run a checkpoint over stacks and write the predictions (``agrivlm infer``; see the module docstring).
 
@@ -709,6 +732,8 @@ def run_inference(
         predictor: an already loaded model (its device and dtype are used as they are; not with a cluster).
         chips_per_task: chips of the grid per task (reading order); a batch never spans two tasks, so the same
             value gives the same answers on one process and on a cluster.
+        raster: also write COGs on each stack's grid (:mod:`agrivlm.infer.rasters`): the field-score raster
+            (fields) or a stage map per date (growth).
         workers: run on a ``LocalCluster`` of this many single-threaded worker processes.
         scheduler: run on the dask.distributed scheduler at this address (``tcp://host:8786``); every worker
             must see the stacks and the checkpoint at the same paths and have agrivlm installed.
@@ -751,6 +776,8 @@ def run_inference(
         raise InferError(f"{len(masks)} --masks for {len(inputs)} INPUTS: give one --masks per input, in order")
     if batch_size < 1:
         raise InferError(f"--batch-size must be ≥ 1, got {batch_size}")
+    if raster and task == "ask":
+        raise InferError("--raster writes field extents (--task fields) or stage maps (--task growth), not answers")
     if not 0.0 <= nms_iou <= 1.0:
         raise InferError(f"--nms-iou must be in [0, 1], got {nms_iou}")
     model_dir = Path(model_dir)
@@ -860,6 +887,8 @@ def run_inference(
         # the GeoPackage's last_change: the newest acquisition of the stacks, not the clock (same answers, same bytes)
         last = [str(info["dates"][-1])[:10] for k in keys if (info := journal.stack_info(k)) and info.get("dates")]
         report.outputs = write_outputs(out, task, frame, stages, max(last) if last else None)
+        if raster:
+            report.outputs.update(_write_rasters(out, task, frame, stages, journal, keys, names))
         report.outputs["journal"] = str(journal_file)
     report.outputs["report"] = str(report_path(out))
     from agrivlm.geo.index import atomic_path

@@ -79,6 +79,9 @@ def infer(
              "the same answers.")] = 64,
     progress: Annotated[bool, typer.Option(help="Show a progress bar (chips/s).")] = True,
     as_json: JsonFlag = False,
+    raster: Annotated[bool, typer.Option(
+        "--raster", help="Also write COGs on each stack's grid: <stem>_extent.tif (fields: the best field score "
+        "per pixel) or <stem>_stages.tif (growth: one band per date, stage codes 1-5).")] = False,
 ) -> None:
     """Run a checkpoint over stacks: chips → batched generation → fields / growth stages in map coordinates.
 
@@ -101,7 +104,7 @@ def infer(
         field_id=field_id, field_class=field_class, batch_size=batch_size, max_new_tokens=max_new_tokens,
         device=device, dtype=dtype, overrides=overrides, validate=validate, nms_iou=nms_iou, min_score=min_score,
         restart=restart, overwrite=overwrite, progress=progress and not as_json, chips_per_task=chips_per_task,
-        workers=workers, scheduler=scheduler, threads=threads if on_cluster else None,
+        workers=workers, scheduler=scheduler, threads=threads if on_cluster else None, raster=raster,
     )
     if as_json:
         print_json(report.to_dict())
