@@ -3,7 +3,7 @@
 The records come from a recipe over the synthetic recipe scene (real GeoTIFFs, analytic NDVI curves). Each
 record's answer is rendered with LAPE tokens, tokenized, decoded by :func:`~agrivlm.infer.generate.decode_answer`
 (sub-bin values from peaked LAPE logits), turned into a journal record by ``agrivlm infer``'s
-:func:`~agrivlm.infer.batch.answer_record` with the question the inference preparer builds for a timeline
+:func:`~agrivlm.infer.runner.answer_record` with the question the inference preparer builds for a timeline
 checkpoint, and read back by the stage table writer: the per-date stages must be the recipe's truth table.
 """
 
@@ -20,11 +20,11 @@ from rasterio.crs import CRS
 from recipes_synth import recipe_yaml, write_scene
 
 from agrivlm.geo.coords import GeoGrid, TimeAxis
-from agrivlm.infer.batch import answer_record
 from agrivlm.infer.generate import DecodedAnswer, Predictor, Question, Visual, decode_answer
 from agrivlm.infer.journal import Journal
 from agrivlm.infer.outputs import stage_table
 from agrivlm.infer.prompts import lape_formatters
+from agrivlm.infer.runner import answer_record
 from agrivlm.lape.tokens import Axis, LapeVocab
 from agrivlm.model.tokenizer import add_agrivlm_tokens, default_tokenizer
 from agrivlm.pipeline.focus import box_pixels, focus_on_box

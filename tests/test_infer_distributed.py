@@ -21,11 +21,12 @@ from agrivlm.cli import app
 from agrivlm.geo import ChipStream, open_stack
 from agrivlm.geo.chips import ChipGroup, chip_id
 from agrivlm.geo.distributed import dask_client
-from agrivlm.infer.batch import chip_segments, count_journal, run_inference
+from agrivlm.infer.batch import count_journal, run_inference
 from agrivlm.infer.distributed import task_groups
 from agrivlm.infer.errors import InferError
 from agrivlm.infer.journal import Journal
 from agrivlm.infer.outputs import journal_path
+from agrivlm.infer.runner import chip_segments
 
 runner = CliRunner()
 

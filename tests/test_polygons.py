@@ -28,12 +28,12 @@ from shapely.geometry import Polygon, box
 
 from agrivlm.eval.boundaries import evaluate_fields
 from agrivlm.geo.coords import GeoGrid
-from agrivlm.infer.batch import answer_record
 from agrivlm.infer.generate import DecodedAnswer, Predictor, Question, Visual, decode_answer
 from agrivlm.infer.journal import Journal
 from agrivlm.infer.nms import nms
 from agrivlm.infer.outputs import detection_frame, suppress, write_outputs
 from agrivlm.infer.prompts import lape_formatters, listing_details
+from agrivlm.infer.runner import answer_record
 from agrivlm.lape.tokens import POLYGON_SEP, Axis, LapeVocab, parse_positions, serialize_polygon
 from agrivlm.model.tokenizer import add_agrivlm_tokens, default_tokenizer
 from agrivlm.pipeline.frames import TimeAxis

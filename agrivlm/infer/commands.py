@@ -117,7 +117,7 @@ def infer(
 
 
 def print_report(report: Any) -> None:
-    """A summary table of a :class:`~agrivlm.infer.batch.RunReport`."""
+    """A summary table of a :class:`~agrivlm.infer.runner.RunReport`."""
     from rich.console import Console
     from rich.table import Table
 

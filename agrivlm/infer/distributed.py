@@ -1,12 +1,12 @@
 """``agrivlm infer`` beyond one process: a stack's chip grid as tasks on a dask.distributed cluster.
 
 The grid's chips, in reading order, are cut into tasks of ``chips_per_task`` chips
-(:func:`agrivlm.infer.batch.chip_segments`: the cut depends on the grid only). A task carries the
+(:func:`agrivlm.infer.runner.chip_segments`: the cut depends on the grid only). A task carries the
 :class:`~agrivlm.geo.stack.Stack` (paths, dates, grid: a few hundred bytes per file), the block-aligned
 groups of its chips, the ids of its chips already journaled and a :class:`WorkerSpec` (checkpoint path,
 device, dtype, task, input settings, batch size). The worker loads the checkpoint once per process
 (:func:`worker_predictor`), reads its own windows, prepares and generates exactly as the single-process loop
-does (the same reader thread and batching, :func:`agrivlm.infer.batch.run_batches`) and sends back only the
+does (the same reader thread and batching, :func:`agrivlm.infer.runner.run_batches`) and sends back only the
 chips' journal records. No raster data and no weights go through the scheduler or the client.
 
 The client journals each task's batches as they arrive, one fsynced line per batch, so the resume journal
@@ -81,7 +81,7 @@ class InferTaskResult:
 
 def checkpoint_identity(folder: Path) -> dict[str, Any]:
     """The parts of a checkpoint's fingerprint that must agree across machines: config hash, weight sizes."""
-    from agrivlm.infer.batch import model_fingerprint
+    from agrivlm.infer.runner import model_fingerprint
 
     fp = model_fingerprint(folder)
     return {"config_sha256": fp["config_sha256"], "weights": [[w[0], w[1]] for w in fp["weights"]]}
@@ -135,8 +135,8 @@ def worker_predictor(spec: WorkerSpec) -> Predictor:
 def infer_task(spec: WorkerSpec, stack: Stack, groups: Sequence[ChipGroup], done: frozenset[str],
                fields: Any = None) -> InferTaskResult:
     """Run on a worker: answer the questions about ``groups``' chips (except ``done``) as one task."""
-    from agrivlm.infer.batch import _Producer, run_batches
     from agrivlm.infer.prepare import ChipPreparer
+    from agrivlm.infer.runner import Producer, run_batches
 
     if spec.threads:
         import torch
@@ -145,7 +145,7 @@ def infer_task(spec: WorkerSpec, stack: Stack, groups: Sequence[ChipGroup], done
     predictor = worker_predictor(spec)
     preparer = ChipPreparer(spec.config, spec.task, predictor.vocab, spec.question, fields)  # type: ignore[arg-type]
     stream = ChipStream(stack, chip_size=spec.config.chip_size, stride=spec.config.stride, edge=spec.config.edge)
-    producer = _Producer(stream, groups, done, preparer, predictor, spec.batch_size)
+    producer = Producer(stream, groups, done, preparer, predictor, spec.batch_size)
     out = InferTaskResult(host=socket.gethostname())
     producer.start()
     try:
@@ -208,7 +208,7 @@ class ClusterRun:
         """Answer every chip of ``stream`` not in ``done`` on the workers; journal each batch as it arrives."""
         from distributed import KilledWorker, as_completed
 
-        from agrivlm.infer.batch import tally
+        from agrivlm.infer.runner import tally
 
         tasks = task_groups(groups, segments, done)
         if not tasks:
