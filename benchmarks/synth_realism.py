@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from agrivlm.geo.dates import to_days
 from agrivlm.recipes.build import prepare
 from agrivlm.recipes.config import load_recipe
-from agrivlm.recipes.phenology import to_days
 from agrivlm.synth import SceneSpec, write_scene
 
 KEYS = ("green_up", "peak", "senescence")

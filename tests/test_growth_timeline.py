@@ -20,6 +20,7 @@ from rasterio.crs import CRS
 from recipes_synth import recipe_yaml, write_scene
 
 from agrivlm.geo.coords import GeoGrid, TimeAxis
+from agrivlm.geo.dates import day_str
 from agrivlm.infer.generate import DecodedAnswer, Predictor, Question, Visual, decode_answer
 from agrivlm.infer.journal import Journal
 from agrivlm.infer.outputs import stage_table
@@ -29,7 +30,6 @@ from agrivlm.lape.tokens import Axis, LapeVocab
 from agrivlm.model.tokenizer import add_agrivlm_tokens, default_tokenizer
 from agrivlm.pipeline.focus import box_pixels, focus_on_box
 from agrivlm.recipes.build import build_recipe
-from agrivlm.recipes.phenology import day_str
 from agrivlm.recipes.schema import read_records, render_text
 
 VOCAB = LapeVocab()

@@ -22,6 +22,7 @@ from agrivlm.recipes.schema import read_records
 LABELS = """
   growth_stages:
     stage_questions: 3
+    tasks: [green_up_date, peak_date, senescence_date, season_segment, stage_on_date, stage_timeline]
     labels:
       stages: stage_labels.csv
       key_dates: key_date_labels.csv

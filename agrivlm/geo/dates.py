@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
 import rasterio
 
 from agrivlm.errors import IngestError
@@ -160,3 +162,29 @@ def resolve_date(
         f"{path}: no acquisition date in its tags ({', '.join(DATE_TAGS)}) or its name "
         "(YYYY-MM-DD, YYYYMMDD, YYYYDDD); rename it or pass a date mapping (--date FILE=YYYY-MM-DD)"
     )
+
+
+# -- float days and calendar days (the recipes', inference's and evaluation's one rule) ---------------------
+_EPOCH = np.datetime64("1970-01-01T00:00:00", "s")
+
+
+def to_days(times: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """Times (``datetime64`` or ISO strings) → float days since 1970-01-01."""
+    arr = np.asarray(times, dtype="datetime64[s]")
+    return (arr - _EPOCH).astype(np.float64) / 86400.0
+
+
+def from_days(days: npt.ArrayLike) -> npt.NDArray[np.datetime64]:
+    """Float days since 1970-01-01 → ``datetime64[s]`` (rounded to the second)."""
+    secs = np.rint(np.asarray(days, dtype=np.float64) * 86400.0).astype(np.int64)
+    return _EPOCH + secs.astype("timedelta64[s]")
+
+
+def day_str(when: object) -> str:
+    """A time (``datetime64``, ``datetime`` or ISO string) → its calendar day ``YYYY-MM-DD``."""
+    return str(np.asarray(when, dtype="datetime64[s]").astype("datetime64[D]"))
+
+
+def iso_day(day: float) -> str:
+    """A float day → ``YYYY-MM-DD``."""
+    return str(from_days(day).astype("datetime64[D]"))

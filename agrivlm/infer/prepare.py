@@ -37,6 +37,7 @@ from rasterio.crs import CRS
 from agrivlm.errors import PipelineError
 from agrivlm.geo.chips import Chip
 from agrivlm.geo.coords import GeoGrid
+from agrivlm.geo.dates import day_str, to_days
 from agrivlm.infer.config import InputConfig
 from agrivlm.infer.errors import InferError
 from agrivlm.infer.generate import Question, Visual
@@ -53,7 +54,7 @@ from agrivlm.pipeline.bands import BandStats, check_band_count, composite, get_p
 from agrivlm.pipeline.focus import focus_on_box
 from agrivlm.pipeline.frames import Frames, sample_frames
 from agrivlm.recipes.context import norm_box
-from agrivlm.recipes.phenology import day_str, season_windows, to_days
+from agrivlm.recipes.phenology import season_windows
 
 log = logging.getLogger(__name__)
 

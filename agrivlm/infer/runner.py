@@ -115,6 +115,7 @@ class RunReport:
 
 
 def file_stamp(path: Path) -> list[Any]:
+    """``[name, size, mtime_ns]`` of a file (what a journal records of an input it does not hash)."""
     st = path.stat()
     return [path.name, st.st_size, st.st_mtime_ns]
 

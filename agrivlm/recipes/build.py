@@ -51,7 +51,7 @@ from agrivlm.geo.index import atomic_dir
 from agrivlm.geo.stack import Stack, open_stack
 from agrivlm.recipes.config import RecipeConfig, SceneSplitConfig, load_recipe
 from agrivlm.recipes.context import ChipContext, ParcelInChip, RecordFactory, norm_box, select_frames
-from agrivlm.recipes.families import BuildState, builders
+from agrivlm.recipes.families import builders
 from agrivlm.recipes.mixture import MixReport, max_unique, mix
 from agrivlm.recipes.phenology import (
     FieldPhenology,
@@ -80,6 +80,7 @@ from agrivlm.recipes.sources import (
     sha256_file,
 )
 from agrivlm.recipes.splits import SplitAssignment, assign_splits
+from agrivlm.recipes.state import BuildState
 
 log = logging.getLogger(__name__)
 

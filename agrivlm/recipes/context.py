@@ -18,7 +18,7 @@ import shapely
 from rasterio.windows import Window
 
 from agrivlm.geo.coords import GeoGrid, TimeAxis
-from agrivlm.recipes.phenology import from_days
+from agrivlm.geo.dates import from_days
 from agrivlm.recipes.schema import ChipRef, Record, StackRef, Turn
 from agrivlm.recipes.schema import Window as WindowModel
 

@@ -24,9 +24,9 @@ import shapely
 
 from agrivlm.recipes.config import FieldBoundariesConfig
 from agrivlm.recipes.context import ChipContext, ParcelInChip, assistant, norm_ring, pick, rng_for, user
-from agrivlm.recipes.families import BuildState
 from agrivlm.recipes.schema import Record
 from agrivlm.recipes.sources import UNKNOWN_CLASS
+from agrivlm.recipes.state import BuildState
 
 FAMILY = "field_boundaries"
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from agrivlm.geo.dates import day_str, iso_day
 from agrivlm.recipes.config import GrowthStagesConfig
 from agrivlm.recipes.context import ChipContext, ParcelInChip, assistant, pick, rng_for, user
-from agrivlm.recipes.families import BuildState
 from agrivlm.recipes.fields import parcel_name
-from agrivlm.recipes.phenology import day_str, iso_day
 from agrivlm.recipes.schema import Record
+from agrivlm.recipes.state import BuildState
 
 FAMILY = "growth_stages"
 

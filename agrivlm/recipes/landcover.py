@@ -12,8 +12,8 @@ from scipy import ndimage
 
 from agrivlm.recipes.config import GeneralRSConfig
 from agrivlm.recipes.context import ChipContext, assistant, pick, rng_for, user
-from agrivlm.recipes.families import BuildState
 from agrivlm.recipes.schema import Record
+from agrivlm.recipes.state import BuildState
 
 FAMILY = "general_rs"
 

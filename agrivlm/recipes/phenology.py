@@ -39,6 +39,7 @@ import pandas as pd
 from scipy.signal import savgol_filter
 
 from agrivlm.errors import ConfigError, IngestError
+from agrivlm.geo.dates import day_str, from_days, iso_day, to_days
 from agrivlm.recipes.config import LabelsConfig, PhenologyConfig
 from agrivlm.recipes.scan import StackScan
 from agrivlm.recipes.sources import resolve_spec
@@ -47,35 +48,10 @@ from agrivlm.schema import GROWTH_STAGES, KEY_DATE_COLUMNS, STAGE_COLUMNS
 FloatArray = npt.NDArray[np.float64]
 
 _DAY = np.timedelta64(86400, "s")
-_EPOCH = np.datetime64("1970-01-01T00:00:00", "s")
-
-
-def to_days(times: npt.ArrayLike) -> FloatArray:
-    """Times (``datetime64`` or ISO strings) → float days since 1970-01-01."""
-    arr = np.asarray(times, dtype="datetime64[s]")
-    return (arr - _EPOCH).astype(np.float64) / 86400.0
-
-
-def from_days(days: npt.ArrayLike) -> npt.NDArray[np.datetime64]:
-    """Float days since 1970-01-01 → ``datetime64[s]`` (rounded to the second)."""
-    secs = np.rint(np.asarray(days, dtype=np.float64) * 86400.0).astype(np.int64)
-    return _EPOCH + secs.astype("timedelta64[s]")
-
-
 def season_of(label: str) -> str:
     """The season window of a key-date label: ``2021-2`` (a second cycle) → ``2021``; ``2021`` → ``2021``."""
     base, _, k = label.rpartition("-")
     return base if base and k.isdigit() else label
-
-
-def day_str(when: object) -> str:
-    """A time (``datetime64``, ``datetime`` or ISO string) → its calendar day ``YYYY-MM-DD``."""
-    return str(np.asarray(when, dtype="datetime64[s]").astype("datetime64[D]"))
-
-
-def iso_day(day: float) -> str:
-    """A float day → ``YYYY-MM-DD``."""
-    return str(from_days(day).astype("datetime64[D]"))
 
 
 # -- pure curve math ---------------------------------------------------------------------------------------

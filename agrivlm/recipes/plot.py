@@ -16,7 +16,8 @@ from matplotlib.patches import Rectangle as MplRectangle  # noqa: E402
 from rasterio.windows import Window  # noqa: E402
 
 from agrivlm.geo.coords import GeoGrid  # noqa: E402
-from agrivlm.recipes.phenology import FieldPhenology, from_days, to_days  # noqa: E402
+from agrivlm.geo.dates import from_days, to_days  # noqa: E402
+from agrivlm.recipes.phenology import FieldPhenology  # noqa: E402
 
 #: Stage colours (background bands).
 STAGE_COLORS = {

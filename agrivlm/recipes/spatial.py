@@ -14,9 +14,9 @@ import numpy as np
 
 from agrivlm.recipes.config import SpatialReasoningConfig
 from agrivlm.recipes.context import ChipContext, ParcelInChip, assistant, pick, rng_for, user
-from agrivlm.recipes.families import BuildState
 from agrivlm.recipes.fields import parcel_name
 from agrivlm.recipes.schema import Record
+from agrivlm.recipes.state import BuildState
 
 FAMILY = "spatial_reasoning"
 

@@ -25,7 +25,7 @@ from agrivlm.resources import stage_config
 from agrivlm.train.logs import plot_losses
 
 if TYPE_CHECKING:
-    from agrivlm.quickstart import Quickstart
+    from agrivlm.quickstart.run import Quickstart
 
 
 def _metrics(final: Path) -> list[dict[str, Any]]:

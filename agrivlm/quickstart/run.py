@@ -381,7 +381,7 @@ class Quickstart:
 
     def step_report(self) -> dict[str, Any]:
         """``report.html`` and its PNGs."""
-        from agrivlm.quickstart_report import write_quickstart_report
+        from agrivlm.quickstart.report import write_quickstart_report
 
         path = write_quickstart_report(self)
         return {"report": str(path)}

@@ -1,0 +1,9 @@
+"""``agrivlm quickstart``: the main job on the embedded sample (or your stack), and its HTML report.
+
+:mod:`agrivlm.quickstart.run` runs the steps (ingest → recipe → fine-tune → infer → eval → report);
+:mod:`agrivlm.quickstart.report` writes ``report.html`` from what they left.
+"""
+
+from agrivlm.quickstart.run import Quickstart, QuickstartOptions
+
+__all__ = ["Quickstart", "QuickstartOptions"]
