@@ -57,6 +57,13 @@ def test_ingest_infer_and_eval_print_one_json_object(tmp_path: Path) -> None:
 
 
 def test_shell_completion_is_offered() -> None:
+    """The completion protocol of the installed console script (what ``--install-completion`` hooks into a shell)."""
+    import os
+
     script = Path(sys.executable).with_name("agrivlm")  # the console script pip installed beside python
-    res = subprocess.run([str(script), "--show-completion", "bash"], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0 and "_AGRIVLM_COMPLETE" in res.stdout and "complete " in res.stdout, res.stdout
+    env = {**os.environ, "_AGRIVLM_COMPLETE": "source_bash"}
+    res = subprocess.run([str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0 and "_agrivlm_completion" in res.stdout, res.stderr
+    env = {**os.environ, "_AGRIVLM_COMPLETE": "complete_bash", "COMP_WORDS": "agrivlm inf", "COMP_CWORD": "1"}
+    res = subprocess.run([str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0 and res.stdout.split() == ["infer"], (res.stdout, res.stderr)
