@@ -153,3 +153,23 @@ def test_training_samples_and_inference_questions_see_the_same_field_pixels(buil
     q0 = next(q for q in plain.prepare(chip).questions if q.meta["field_id"] == rec.meta["field_id"])
     np.testing.assert_array_equal(pix[..., r0:r1, c0:c1], q0.visual.pixels[..., r0:r1, c0:c1])
     assert np.isfinite(q0.visual.pixels[..., :, c1:]).any() or np.isfinite(q0.visual.pixels[..., :, :c0]).any()
+
+
+def test_training_renders_a_timeline_question_as_infer_asks_it(built: Path) -> None:
+    from agrivlm.infer.prompts import build_prompt, timeline_question
+    from agrivlm.train.data import render_record
+
+    compared = 0
+    for p in sorted((built / "shards").glob("*.jsonl")):
+        for rec in read_records(p):
+            if rec.task != "stage_timeline":
+                continue
+            asked = timeline_question(VOCAB, rec.conversation[0].boxes[0], str(rec.meta.get("class")))
+            prompt, answer, positions = render_record(rec, VOCAB, "<video>")
+            if asked.text not in prompt:
+                continue  # the recipes' other phrasing
+            assert build_prompt(asked.text, 4) == prompt
+            assert list(asked.positions) == pytest.approx(positions[: len(asked.positions)])
+            assert answer.count("<TEMP-") == 2 * len(rec.conversation[-1].segments)
+            compared += 1
+    assert compared > 0

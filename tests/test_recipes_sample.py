@@ -118,7 +118,8 @@ def _box_bounds(t: Affine, w: int, h: int, box: tuple[float, ...]) -> tuple[floa
 #: Tasks whose boxes, across all turns in order, are the parcels of meta.field_ids (or meta.field_id).
 BOXED = {
     "field_boundaries": {"outline_fields", "outline_parcels", "largest_of_class", "trace_outline", "edge_fields"},
-    "growth_stages": {"green_up_date", "peak_date", "senescence_date", "season_segment", "stage_on_date"},
+    "growth_stages": {"green_up_date", "peak_date", "senescence_date", "season_segment", "stage_on_date",
+                      "stage_timeline"},
     "spatial_reasoning": {"left_right", "above_below", "nearest", "largest", "adjacent"},
 }
 

@@ -215,7 +215,7 @@ def test_shipped_synthetic_stage_recipes_build(tmp_path: Path, stage: str) -> No
     assert sorted(m["split"]["scenes"].values()) == sorted(SPLITS)
     if stage == "synthetic_stage3_focus":  # the growth-stage questions alone, every record kept
         assert cfg.mixture is None
-        assert {(r.family, r.task) for r in _records(tmp_path / "out")} == {("growth_stages", "stage_on_date")}
+        assert {(r.family, r.task) for r in _records(tmp_path / "out")} == {("growth_stages", "stage_timeline")}
         return
     assert m["mixture"]["train"]["total"] == cfg.mixture.samples["train"]
     if stage == "synthetic_stage1":

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from agrivlm.default_checkpoint import DEFAULT_MODEL_DIR, resolve_model
@@ -30,7 +31,10 @@ def test_default_training_runs_end_to_end_and_installs_in_half_precision(tmp_pat
     focus = tmp_path / "run" / "train" / "stage3_focus" / "final"
     assert Path(info["config"]["model"]["init_from"]) == focus
     focus_data = json.loads((tmp_path / "run" / "data" / "stage3_focus" / "manifest.json").read_text())
-    assert set(focus_data["counts"]["by_task"]) == {"growth_stages/stage_on_date"}
+    assert set(focus_data["counts"]["by_task"]) == {"growth_stages/stage_timeline"}
+    # the checkpoint asks growth as a timeline, each question seeing its field's box only, as it was trained
+    inputs = yaml.safe_load((final / "agrivlm_inputs.yaml").read_text())
+    assert (inputs["growth_prompt"], inputs["growth_focus"]) == ("timeline", "box")
     # the recipe trains on the sample's train blocks only: its test blocks stay unseen
     manifest = json.loads((tmp_path / "run" / "data" / "stage3" / "manifest.json").read_text())
     trained = {c for c in manifest["chips"]["by_split"]["train"] if c.startswith("sample/")}

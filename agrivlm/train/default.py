@@ -39,7 +39,9 @@ TRAIN_REGIONS: tuple[str, ...] = ("central_europe", "pannonian", "mato_grosso")
 #: Seeds of evaluation scenes start here; training seeds stay below.
 HELDOUT_SEED_START = 9000
 #: The training phases in order, each with its stage config (``configs/<stage>.yaml``). ``stage3_focus`` is the
-#: start of stage 3 on the growth-stage questions alone: a stage 3 that mixed them with the field outlines from
+#: start of stage 3 on the growth-stage questions alone (today the stage timeline, ``stage_timeline``, with
+#: ``data.growth_focus: box``; the figures below are of the date-by-date questions it replaced): a stage 3
+#: that mixed them with the field outlines from
 #: the start scored held-out stage accuracy 0.31 (climatology 0.56), and 1,000 more steps of mostly stage
 #: questions from there did not help (that model answered "dormant" to every stage question, on training and
 #: held-out scenes; teacher-forced first-token accuracy 0.30 on the fine-tune's validation records), while
@@ -74,7 +76,7 @@ class DefaultTraining:
                                                           "stage3": 1e-3})
     snapshot_every: int = 1500
     #: ``data.growth_focus`` of the stage-3 phases (growth questions see only their field's box).
-    growth_focus: str = "none"
+    growth_focus: str = "box"
     threads: int = 2
     seed: int = 0
 
