@@ -9,19 +9,19 @@ checkpoint, and read back by the stage table writer: the per-date stages must be
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from affine import Affine
+from decoded import decoded_answer
 from rasterio.crs import CRS
 from recipes_synth import recipe_yaml, write_scene
 
 from agrivlm.geo.coords import GeoGrid, TimeAxis
 from agrivlm.geo.dates import day_str
-from agrivlm.infer.generate import DecodedAnswer, Predictor, Question, Visual, decode_answer
+from agrivlm.infer.generate import Question, Visual
 from agrivlm.infer.journal import Journal
 from agrivlm.infer.outputs import stage_table
 from agrivlm.infer.prompts import lape_formatters
@@ -46,17 +46,6 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "out"
 
 
-def _decoded(text: str, tokenizer, offset: int) -> DecodedAnswer:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    logits = np.full((len(ids), VOCAB.num_position_tokens), -30.0)
-    for s, t in enumerate(ids):
-        if 0 <= t - offset < VOCAB.num_position_tokens:
-            logits[s, t - offset] = 10.0
-    logprobs = [math.log(0.9)] * len(ids)
-    pos, times, bs, ps, ss, gs = decode_answer(ids, logprobs, logits, offset, VOCAB, 2,
-                                               Predictor._separator_ids(tokenizer))
-    return DecodedAnswer(text=tokenizer.decode(ids), ids=ids, finished=True, score=0.9, positions=pos, times=times,
-                         box_steps=bs, point_steps=ps, segment_steps=ss, logprobs=logprobs, polygon_steps=gs)
 
 
 def test_timeline_answers_decode_to_the_truth_stage_of_every_date(built: Path, tmp_path: Path) -> None:
@@ -76,7 +65,7 @@ def test_timeline_answers_decode_to_the_truth_stage_of_every_date(built: Path, t
                 "dates": [day_str(d) for d in dates], "t": [round(float(t), 6) for t in axis.to_norm(dates)]}
         question = Question(Visual(np.zeros((len(dates), 1, 32, 32), np.float32), axis.to_norm(dates), dates, axis),
                             "q", meta=meta)
-        answer = _decoded(render_text(rec.conversation[-1], **lape_formatters(VOCAB)), tok, offset)
+        answer = decoded_answer(render_text(rec.conversation[-1], **lape_formatters(VOCAB)), tok, offset)
         grid = GeoGrid(Affine(*rec.chip.transform), CRS.from_user_input(rec.chip.crs), rec.chip.window.width,
                        rec.chip.window.height)
         out = answer_record("growth", grid, question, answer, tok.decode)

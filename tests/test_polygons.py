@@ -17,6 +17,7 @@ import pyogrio
 import pytest
 import shapely
 from affine import Affine
+from decoded import decoded_answer
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from rasterio.crs import CRS
@@ -28,7 +29,7 @@ from shapely.geometry import Polygon, box
 
 from agrivlm.eval.boundaries import evaluate_fields
 from agrivlm.geo.coords import GeoGrid
-from agrivlm.infer.generate import DecodedAnswer, Predictor, Question, Visual, decode_answer
+from agrivlm.infer.generate import Question, Visual
 from agrivlm.infer.journal import Journal
 from agrivlm.infer.nms import nms
 from agrivlm.infer.outputs import detection_frame, suppress, write_outputs
@@ -235,18 +236,6 @@ def tokenizer():
     return tok
 
 
-def _decoded(text: str, tokenizer, offset: int) -> DecodedAnswer:
-    """The answer a model writes when it writes ``text``: its ids, and LAPE logits peaked at each position token."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    logits = np.full((len(ids), VOCAB.num_position_tokens), -30.0)
-    for s, t in enumerate(ids):
-        if 0 <= t - offset < VOCAB.num_position_tokens:
-            logits[s, t - offset] = 10.0
-    logprobs = [math.log(0.9)] * len(ids)
-    pos, times, bs, ps, ss, gs = decode_answer(ids, logprobs, logits, offset, VOCAB, 2,
-                                               Predictor._separator_ids(tokenizer))
-    return DecodedAnswer(text=tokenizer.decode(ids), ids=ids, finished=True, score=0.9, positions=pos, times=times,
-                         box_steps=bs, point_steps=ps, segment_steps=ss, logprobs=logprobs, polygon_steps=gs)
 
 
 def test_polygon_answers_become_polygon_features_in_the_gpkg_and_are_scored_as_polygons(
@@ -258,7 +247,7 @@ def test_polygon_answers_become_polygon_features_in_the_gpkg_and_are_scored_as_p
     chips, n_polygons = [], 0
     for index, rec in enumerate(listings):
         text = render_text(rec.conversation[-1], **lape_formatters(VOCAB))
-        answer = _decoded(text, tokenizer, offset)
+        answer = decoded_answer(text, tokenizer, offset)
         assert len(answer.positions.polygons) == len(rec.conversation[-1].polygons)
         assert len(listing_details(answer.text, len(answer.positions.polygons) + len(answer.positions.boxes))) == len(
             rec.meta["field_ids"])
@@ -303,7 +292,7 @@ def test_point_prompt_answers_keep_only_outlines_that_hold_their_point(scene, to
     rec = recs[0]
     grid = _grid(rec)
     text = render_text(rec.conversation[-1], **lape_formatters(VOCAB))
-    answer = _decoded(text, tokenizer, offset)
+    answer = decoded_answer(text, tokenizer, offset)
     dates = np.array(rec.chip.frame_dates, dtype="datetime64[s]")
     visual = Visual(np.zeros((len(dates), 1, 32, 32), np.float32), np.linspace(0, 1, len(dates)), dates,
                     TimeAxis.from_dates(dates))
@@ -316,7 +305,7 @@ def test_point_prompt_answers_keep_only_outlines_that_hold_their_point(scene, to
     far = (0.02 if min(us) > 0.5 else 0.98, point[1])
     dropped = answer_record("fields", grid, Question(visual, "q", meta={"point": list(far)}), answer, tokenizer.decode)
     assert dropped["features"] == [] and dropped["off_point"] == 1
-    no = _decoded(NO_FIELD_AT_POINT, tokenizer, offset)
+    no = decoded_answer(NO_FIELD_AT_POINT, tokenizer, offset)
     none = answer_record("fields", grid, Question(visual, "q", meta={"point": list(point)}), no, tokenizer.decode)
     assert none["features"] == [] and not none["unparsed"]
 
