@@ -45,13 +45,21 @@ INDEX_DRIVERS = {".gpkg": "GPKG", ".parquet": "parquet", ".geojson": "GeoJSON"}
 
 
 def ensure_writable_dir(folder: Path, error: type[Exception], what: str = "output folder") -> None:
-    """Create ``folder`` if needed and check that files can be written in it, before any work is done.
+    """Check, before any work is done, that files can be written in ``folder``; leave nothing behind.
+
+    The missing part of the path is created, a temporary file written in it, and what was created removed
+    again, so a run that then fails on its inputs leaves no empty folder.
 
     Raises:
-        error: one line naming the folder and why it cannot be written (an impossible path, no permission, a
-            file in the way, a read-only file system).
+        error: one line naming the folder and why it cannot be written (an impossible path, a file in the way,
+            no permission, a read-only file system).
 
     """
+    created = []
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        created.append(probe)
+        probe = probe.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
@@ -59,6 +67,12 @@ def ensure_writable_dir(folder: Path, error: type[Exception], what: str = "outpu
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise error(f"{folder}: cannot write the {what} there ({reason}); choose another --out") from exc
+    finally:
+        for path in created:  # deepest first
+            try:
+                path.rmdir()
+            except OSError:
+                break
 
 
 def remove_stale_temporaries(target: Path, before: float) -> list[str]:
