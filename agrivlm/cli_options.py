@@ -8,7 +8,6 @@ standard error as their one line, with exit status 1.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from typing import Annotated, Any
 
@@ -19,18 +18,13 @@ JsonFlag = Annotated[bool, typer.Option(
     "--json", help="Print the summary as one JSON object on standard output (no table, no progress bar).")]
 
 
-def _clean(value: Any) -> Any:
-    """NaN/inf → null (JSON has neither), recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    return value
-
-
 def print_json(summary: dict[str, Any]) -> None:
-    """``summary`` as one line of strict JSON on standard output (NaN → null, other values through ``str``)."""
-    sys.stdout.write(json.dumps(_clean(summary), default=str, allow_nan=False) + "\n")
+    """``summary`` as one line of strict JSON on standard output.
+
+    Values go through ``agrivlm.eval.common.json_safe`` (NaN → null, numpy scalars → Python), the rest through
+    ``str``.
+    """
+    from agrivlm.eval.common import json_safe
+
+    sys.stdout.write(json.dumps(json_safe(summary), default=str, allow_nan=False) + "\n")
     sys.stdout.flush()

@@ -82,7 +82,7 @@ def remove_stale_temporaries(target: Path, before: float) -> list[str]:
     files) and :func:`atomic_dir` folders (``.<name>.tmp-*``) last changed before ``before`` (seconds since the
     epoch) are removed; a previous ``target`` moved aside by :func:`atomic_dir` (``.<name>.old-*``) is put back
     when ``target`` itself is gone (a kill between the two renames), else removed. Only ``target``'s own
-    temporaries are touched, never other hidden files of the folder.
+    temporaries are touched, never other hidden files of the folder. What was found is logged as a warning.
     """
     folder = target.parent
     if not folder.is_dir():
@@ -110,6 +110,7 @@ def remove_stale_temporaries(target: Path, before: float) -> list[str]:
             found.append(name)
     if found:
         fsync_dir(folder)
+        log.warning("%s: removed what an interrupted run left beside it: %s", target, ", ".join(found))
     return found
 
 
@@ -139,9 +140,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     (:func:`remove_stale_temporaries`).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    gone = remove_stale_temporaries(target, time.time())
-    if gone:
-        log.warning("%s: removed what an interrupted run left beside it: %s", target, ", ".join(gone))
+    remove_stale_temporaries(target, time.time())
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp

@@ -256,6 +256,13 @@ class Stack:
         return any(m is not None for step in self.steps for m in step.masks)
 
     @property
+    def unmasked_steps(self) -> list[TimeStep]:
+        """Dates read (at least partly) without a mask although the stack has masks (empty without any)."""
+        if not self.has_masks:
+            return []
+        return [step for step in self.steps if any(m is None for m in step.masks)]
+
+    @property
     def files(self) -> list[Path]:
         """All data files used, in time order."""
         return [s.path for step in self.steps for s in step.sources]
@@ -554,8 +561,7 @@ class Stack:
             "warped_files": [str(p) for p in self.warped_files],
             "dropped_same_day": [str(s.path) for s in self.dropped],
             "has_masks": self.has_masks,
-            "unmasked_dates": [f"{st.time:%Y-%m-%d}" for st in self.steps if self.has_masks
-                               and any(m is None for m in st.masks)],
+            "unmasked_dates": [f"{st.time:%Y-%m-%d}" for st in self.unmasked_steps],
             "date_sources": sorted({s.date_source for step in self.steps for s in step.sources}),
         }
 
@@ -837,12 +843,11 @@ def open_stack(
     if stack.warped_files:
         _check_on_grid(stack)
         log.info("%d file(s) are not on the reference grid and are warped to it", len(stack.warped_files))
-    if masks is not None:
-        bare = [s for step in stack.steps for s, m in zip(step.sources, step.masks, strict=True) if m is None]
-        if bare:  # a date without its mask is read unmasked: say so, never quietly
-            log.warning("masks cover %d of %d dates; %d date(s) are used without a mask (first: %s, %s)",
-                        len(stack.files) - len(bare), len(stack.files), len(bare), f"{bare[0].time:%Y-%m-%d}",
-                        bare[0].path.name)
+    bare = stack.unmasked_steps
+    if bare:  # a date without its mask is read unmasked: say so, never quietly
+        log.warning("masks cover %d of %d dates; %d date(s) are used without a mask (first: %s, %s)",
+                    len(stack.steps) - len(bare), len(stack.steps), len(bare), f"{bare[0].time:%Y-%m-%d}",
+                    bare[0].sources[0].path.name)
     return stack
 
 

@@ -140,11 +140,10 @@ def _write_rasters(out: Path, task: str, frame: Any, stages: Any, journal: Journ
         if task == "fields":
             mine = frame[frame["stack"] == name] if "stack" in frame and len(frame) else frame
             path = write_extent_raster(mine, info, raster_path(out, "extent", which))
-            written["raster" if which is None else f"raster_{k}"] = str(path)
         else:
             mine = stages[stages["stack"] == name] if len(stages) else stages
             path = write_stage_raster(mine, frame, info, raster_path(out, "stages", which))
-            written["raster" if which is None else f"raster_{k}"] = str(path)
+        written["raster" if which is None else f"raster_{k}"] = str(path)
     return written
 
 
@@ -407,9 +406,7 @@ def run_inference(
     ensure_writable_dir(out.parent, InferError)
     # what a killed run left beside the outputs (their hidden temporaries) goes before anything is written
     for target in (out, stages_path(out), report_path(out)):
-        gone = remove_stale_temporaries(target, time.time())
-        if gone:
-            log.warning("%s: removed what an interrupted run left beside it: %s", target, ", ".join(gone))
+        remove_stale_temporaries(target, time.time())
     if out.exists() and not journal_file.exists() and not overwrite and not restart:
         raise InferError(f"{out}: already exists; pass --overwrite to replace it")
     stacks = [StackInput(name, masks[i] if masks else None) for i, name in enumerate(inputs)]
