@@ -97,7 +97,7 @@ def checkpoint_summary(folder: str | Path) -> tuple[int, LapeVocab]:
     from agrivlm.model import AgriVLMConfig
 
     config = AgriVLMConfig.from_pretrained(folder, local_files_only=True)
-    if not config.enable_lape:
+    if not config.answers_positions:
         raise InferError(f"{folder}: the model has LAPE off (stage-1 checkpoint); it cannot answer with positions")
     return int(config.num_bands), LapeVocab(config.num_spatial_tokens, config.num_temporal_tokens)
 

@@ -272,7 +272,7 @@ class Predictor:
         if dtype not in DTYPES:
             raise InferError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
         model, processor = load_pretrained(folder)
-        if model.lape is None:
+        if not model.config.answers_positions:
             raise InferError(f"{folder}: the model has LAPE off (stage-1 checkpoint); it cannot answer with positions")
         return cls(model, processor, resolve_device(device), DTYPES[dtype], max_new_tokens)
 

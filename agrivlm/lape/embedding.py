@@ -270,6 +270,20 @@ def smart_init_(
         head.copy_(torch.normal(o_mean, std_ratio * o_std, size=head.shape, generator=generator).to(head))
 
 
+@torch.no_grad()
+def random_init_(lape: LapeEmbeddings, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+    """Draw the LAPE tables and heads from ``Normal(0, std)``, as an LLM draws new vocabulary rows.
+
+    The ablation of :func:`smart_init_` (``lape.init: random``): the same shapes, no statistics of the LLM.
+    """
+    if std <= 0:
+        raise ValueError(f"std must be > 0, got {std}")
+    for axis in AXES:
+        for output in (False, True):
+            raw = lape._raw(axis, output=output)
+            raw.copy_(torch.normal(0.0, std, size=raw.shape, generator=generator).to(raw))
+
+
 def _number_rows(weight: torch.Tensor, ids_per_bin: Sequence[Sequence[int]]) -> torch.Tensor:
     rows = []
     for ids in ids_per_bin:

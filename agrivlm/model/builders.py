@@ -42,7 +42,7 @@ from transformers import (
 
 from agrivlm.config import StrictModel, load_config
 from agrivlm.errors import ConfigError
-from agrivlm.lape.embedding import number_text_init_, smart_init_
+from agrivlm.lape.embedding import number_text_init_, random_init_, smart_init_
 from agrivlm.lape.tokens import LapeVocab
 from agrivlm.model.configuration import RENAMED_KEYS, AgriVLMConfig
 from agrivlm.model.modeling import AgriVLMForConditionalGeneration
@@ -112,7 +112,7 @@ class LapeSettings(StrictModel):
     spatial_loss_weight: float = Field(default=1.0, gt=0)
     #: Loss weight of temporal position tokens.
     temporal_loss_weight: float = Field(default=1.0, gt=0)
-    init: Literal["llm_stats", "number_text"] = "llm_stats"
+    init: Literal["llm_stats", "number_text", "random"] = "llm_stats"
     init_std_ratio: float = Field(default=0.1, gt=0)
     decode_window: int = Field(default=2, ge=0)
 
@@ -307,7 +307,11 @@ def init_lape(model: AgriVLMForConditionalGeneration, tokenizer: PreTrainedToken
     inp = cast(torch.Tensor, model.get_input_embeddings().weight)
     out_layer = model.get_output_embeddings()
     out = None if out_layer is None else cast(torch.Tensor, out_layer.weight)
-    if model.config.lape_init == "number_text":
+    if model.config.lape_init == "random":
+        # the ablation of the smart init: as a new vocabulary row is drawn (HF's _init_weights)
+        std = float(getattr(model.config.text_config, "initializer_range", 0.02))
+        random_init_(model.lape, std, gen)
+    elif model.config.lape_init == "number_text":
 
         def encode(text: str) -> list[int]:
             return list(tokenizer(text, add_special_tokens=False)["input_ids"])

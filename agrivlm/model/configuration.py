@@ -28,8 +28,8 @@ from agrivlm.remote_code import CONFIG_AUTO_MAP, write_remote_code
 
 #: Vision sub-config model types the model knows how to read a patch grid from.
 VISION_MODEL_TYPES: tuple[str, ...] = ("siglip_vision_model", "clip_vision_model")
-#: LAPE initialisations: statistics of the LLM's embeddings, or the embeddings of the bin numbers' text.
-LAPE_INITS: tuple[str, ...] = ("llm_stats", "number_text")
+#: LAPE initialisations: statistics of the LLM's embeddings, the embeddings of the bin numbers' text, or random.
+LAPE_INITS: tuple[str, ...] = ("llm_stats", "number_text", "random")
 
 #: Keys renamed since checkpoints were first saved: a ``config.json`` with the old key still loads (its value
 #: goes to the new key). ``spatial_pos_weight``/``temporal_pos_weight`` named the injection scales, which
@@ -105,7 +105,7 @@ class AgriVLMConfig(PreTrainedConfig):
     spatial_loss_weight: float = 1.0
     #: Loss weight of temporal position tokens.
     temporal_loss_weight: float = 1.0
-    #: LAPE initialisation used by the builders: ``llm_stats`` or ``number_text``.
+    #: LAPE initialisation used by the builders: ``llm_stats``, ``number_text`` or ``random``.
     lape_init: str = "llm_stats"
     #: std of the LAPE init as a fraction of the LLM embeddings' std.
     lape_init_std_ratio: float = 0.1
@@ -188,6 +188,16 @@ class AgriVLMConfig(PreTrainedConfig):
         """Size of the logits: the LLM's rows, plus the LAPE heads' rows when LAPE is on."""
         base = int(self.text_config.vocab_size)  # type: ignore[union-attr]
         return base + self.num_position_tokens if self.enable_lape else base
+
+    @property
+    def answers_positions(self) -> bool:
+        """Whether the model was trained to answer with position tokens.
+
+        LAPE on, or LAPE off in a stage 2 or 3 (``lape.enabled: false``, the ablation: the position tokens are
+        rows of the LLM's vocabulary); not a stage-1 model, which never saw a position.
+        """
+        stage = (self.stage_info or {}).get("stage") if isinstance(self.stage_info, dict) else None
+        return bool(self.enable_lape) or stage in ("stage2", "stage3")
 
 
 def saved_model_config(folder: str | os.PathLike[str]) -> dict[str, Any] | None:

@@ -37,8 +37,10 @@ class ModelSource(StrictModel):
     """Where the stage's model comes from."""
 
     #: Stage 1: model YAML to build from (``configs/model/tiny.yaml``, or one pointing at local checkpoints).
+    #: Stages 2 and 3 may give it instead of ``init_from``: the model is built there, LAPE switched on per the
+    #: ``lape`` section, the stages before skipped (the curriculum ablation: stage 3 alone).
     config: str | None = None
-    #: Dotted overrides of that YAML, e.g. ``{"llm.num_layers": 4}`` (stage 1 only).
+    #: Dotted overrides of that YAML, e.g. ``{"llm.num_layers": 4}``.
     overrides: dict[str, Any] = Field(default_factory=dict)
     #: Stages 2 and 3: the previous stage's final folder (``<output_dir>/final``).
     init_from: str | None = None
@@ -51,6 +53,13 @@ class ModelSource(StrictModel):
 class LapeTrainConfig(StrictModel):
     """LAPE in stages 2 and 3 (the LAPE initialisation report's flags)."""
 
+    #: LAPE on (the position tokens get their own tables, heads and injection into the visual features) or off
+    #: (an ablation: stages 2 and 3 keep stage 1's model, whose position tokens are ordinary rows of the LLM's
+    #: vocabulary and LM head, read by the same decoder). Stage 3 keeps what its ``init_from`` has.
+    enabled: bool = True
+    #: The NTP reparameterisation of the LAPE tables (``agrivlm.lape.embedding``); set where LAPE is switched on
+    #: (stage 2, or a stage built from ``model.config``), a later stage keeps its ``init_from``'s.
+    ntp: bool = True
     #: Position tokens per spatial axis; must match the tokenizer of the stage-1 model.
     num_spatial_tokens: int = Field(default=150, ge=2)
     #: Temporal position tokens; must match the tokenizer of the stage-1 model.
@@ -66,8 +75,9 @@ class LapeTrainConfig(StrictModel):
     #: Loss weight of temporal (TEMP) position tokens; the report's ``temporal_pos_weight``.
     temporal_loss_weight: float = Field(default=1.0, gt=0)
     #: Initialisation when LAPE is switched on: ``llm_stats`` (smart init: Normal(mean, ratio·std) of the
-    #: LLM embeddings) or ``number_text``.
-    init: Literal["llm_stats", "number_text"] = "llm_stats"
+    #: LLM embeddings), ``number_text`` or ``random`` (Normal(0, the LLM's ``initializer_range``), as new
+    #: vocabulary rows are drawn: the ablation of the smart init).
+    init: Literal["llm_stats", "number_text", "random"] = "llm_stats"
     #: std of the smart init as a fraction of the LLM embeddings' std.
     init_std_ratio: float = Field(default=0.1, gt=0)
 

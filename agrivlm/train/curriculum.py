@@ -84,16 +84,17 @@ def check_stage_rules(cfg: StageConfig, source: str = "config") -> None:
             raise ConfigError(f"{source}: model.adapter: stage1 builds its model from model.config; an adapter goes on "
                               "a stage 2 or 3 model.init_from")
     else:
-        if cfg.model.init_from is None:
+        if (cfg.model.init_from is None) == (cfg.model.config is None):
             prev = previous_stage(cfg.stage)
             raise ConfigError(
                 f"{source}: model.init_from: {cfg.stage} starts from the {prev} model; set it to {prev}'s "
-                "<output_dir>/final"
+                "<output_dir>/final (or, to skip the stages before, model.config and not init_from)"
             )
-        if cfg.model.config is not None or cfg.model.overrides:
-            raise ConfigError(
-                f"{source}: model.config/overrides: only stage1 builds a model; {cfg.stage} loads init_from"
-            )
+        if cfg.model.overrides and cfg.model.config is None:
+            raise ConfigError(f"{source}: model.overrides: they change model.config, which {cfg.stage} does not set "
+                              "(it loads init_from)")
+        if cfg.model.config is not None and cfg.model.adapter is not None:
+            raise ConfigError(f"{source}: model.adapter: goes on an init_from model, not one built from model.config")
 
 
 def module_digests(model: nn.Module) -> dict[str, str]:
@@ -158,6 +159,7 @@ def enable_lape(
         raise ConfigError("the stage-1 model has no position_token_offset; build it with agrivlm.model.builders")
     new_cfg = copy.deepcopy(cfg)
     new_cfg.enable_lape = True
+    new_cfg.lape_ntp = lape.ntp
     new_cfg.lape_init = lape.init
     new_cfg.lape_init_std_ratio = lape.init_std_ratio
     new_cfg.text_config.vocab_size = offset  # type: ignore[union-attr]
@@ -175,6 +177,26 @@ def enable_lape(
     init_lape(new, tokenizer, seed=seed)
     new.generation_config = generation_config_for(new, tokenizer)
     return new
+
+
+def _lape_for_stage(model: AgriVLMForConditionalGeneration, processor: Any, lape: LapeTrainConfig,
+                    cfg: StageConfig, folder: Path) -> AgriVLMForConditionalGeneration:
+    """The ``init_from`` model with LAPE as the stage's ``lape`` section says (switched on in stage 2)."""
+    if not model.config.enable_lape:
+        if not lape.enabled:  # the LAPE-off ablation: position tokens stay plain vocabulary
+            return model
+        if cfg.stage == "stage3":
+            raise ConfigError(f"model.init_from: {folder} has LAPE off; stage3 starts from a stage2 model (or "
+                              "keeps LAPE off with lape.enabled: false, when that stage 2 was trained so)")
+        return enable_lape(model, processor.tokenizer, lape, cfg.train.seed)
+    if not lape.enabled:
+        raise ConfigError(f"lape.enabled: false, but {folder} has LAPE on; LAPE is left off from stage 2 on")
+    for key in ("num_spatial_tokens", "num_temporal_tokens"):
+        if getattr(lape, key) != getattr(model.config, key):
+            raise ConfigError(f"lape.{key}: {getattr(lape, key)} but {folder} has {getattr(model.config, key)}")
+    if cfg.stage == "stage2" and lape.ntp != model.config.lape_ntp:
+        raise ConfigError(f"lape.ntp: {lape.ntp} but {folder} has LAPE on with ntp {model.config.lape_ntp}")
+    return model
 
 
 @dataclass
@@ -203,9 +225,15 @@ def build_stage_model(cfg: StageConfig) -> StageModel:
     """Build or load the stage's model per the curriculum, freeze it, and open the trainable parts."""
     check_stage_rules(cfg)
     stats = None
-    if cfg.stage == "stage1":
+    lape = cfg.lape or LapeTrainConfig()
+    if cfg.stage == "stage1" or cfg.model.config is not None:
+        # stage 1 builds with LAPE off; a stage 2 or 3 built here (the curriculum skipped) with the lape section's
         path = resolve(cfg.model.config) if cfg.model.config else TINY_CONFIG
-        settings = load_model_settings(path, {**cfg.model.overrides, "lape.enabled": False})
+        lape_keys: dict[str, Any] = {"lape.enabled": False} if cfg.stage == "stage1" else {
+            "lape.enabled": lape.enabled, "lape.ntp": lape.ntp, "lape.init": lape.init,
+            "lape.init_std_ratio": lape.init_std_ratio, "lape.num_spatial_tokens": lape.num_spatial_tokens,
+            "lape.num_temporal_tokens": lape.num_temporal_tokens, "seed": cfg.train.seed}
+        settings = load_model_settings(path, {**cfg.model.overrides, **lape_keys})
         model, processor = build_model(settings)
         source = str(path)
         llm_pretrained: bool | None = settings.llm.checkpoint is not None
@@ -232,18 +260,11 @@ def build_stage_model(cfg: StageConfig) -> StageModel:
         model.config.stage_info = None
         processor.set_checkpoint_inputs(None, None)
         llm_pretrained = info.get("llm_pretrained") if info is not None else None
-        lape = cfg.lape or LapeTrainConfig()
-        if not model.config.enable_lape:
-            if cfg.stage == "stage3":
-                raise ConfigError(f"model.init_from: {folder} has LAPE off; stage3 starts from a stage2 model")
-            model = enable_lape(model, processor.tokenizer, lape, cfg.train.seed)
-        else:
-            for key in ("num_spatial_tokens", "num_temporal_tokens"):
-                if getattr(lape, key) != getattr(model.config, key):
-                    raise ConfigError(f"lape.{key}: {getattr(lape, key)} but {folder} has {getattr(model.config, key)}")
+        model = _lape_for_stage(model, processor, lape, cfg, folder)
+        source = str(folder)
+    if cfg.stage != "stage1":
         model.config.spatial_loss_weight = lape.spatial_loss_weight
         model.config.temporal_loss_weight = lape.temporal_loss_weight
-        source = str(folder)
     adapter = None
     if cfg.model.adapter is not None:
         adapter = str(resolve(cfg.model.adapter))
