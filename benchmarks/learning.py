@@ -69,12 +69,13 @@ class EvalScene:
     chip_filter: set[str] | None = None  # only these chip ids (the real sample's test blocks)
 
 
-def synthetic_scene(work: Path, region: str, seed: int) -> EvalScene:
+def synthetic_scene(work: Path, region: str, seed: int, area_km2: float = 1.0) -> EvalScene:
     """A held-out synthetic scene (written once into ``work``)."""
-    folder = work / "scenes" / f"{region}_{seed}"
+    folder = work / "scenes" / (f"{region}_{seed}" if area_km2 == 1.0 else f"{region}_{seed}_{area_km2:g}km2")
     start, end = ("2021-08-01", "2022-07-31") if region == "mato_grosso" else ("2021-01-01", "2021-12-31")
     if not (folder / "scene.json").is_file():
-        write_scene(folder, SceneSpec(region=region, area_km2=1.0, seed=seed, start=start, end=end), overwrite=True)
+        write_scene(folder, SceneSpec(region=region, area_km2=area_km2, seed=seed, start=start, end=end),
+                    overwrite=True)
     parcels = gpd.read_file(folder / "parcels.gpkg")
     parcels = parcels[parcels["class"].isin(FIELD_CLASSES)][["field_id", "class", "geometry"]]
     stages = pd.read_csv(folder / "truth" / "stages.csv", dtype=str, keep_default_na=False)
@@ -122,8 +123,9 @@ def _growth_row(pred: pd.DataFrame, truth: pd.DataFrame, season_start: str) -> d
 
 
 def evaluate_scene(model: Path, scene: EvalScene, out: Path, climatology: pd.DataFrame, growth_fields: int,
-                   threads: int, seed: int = 0, tasks: tuple[str, ...] = ("fields", "growth")) -> dict[str, Any]:
-    """Fields and growth of one scene (``tasks``): the model and the baselines, as rows of figures."""
+                   threads: int, seed: int = 0, tasks: tuple[str, ...] = ("fields", "growth"),
+                   controls: bool = True) -> dict[str, Any]:
+    """Fields and growth of one scene (``tasks``): the model and the baselines (``controls``), as rows of figures."""
     stack = open_stack(str(scene.stack), masks=str(scene.masks) if scene.masks else None)
     size = load_input_config(model)[0].chip_size
     chips = chip_grid(stack, size, size)
@@ -141,15 +143,17 @@ def evaluate_scene(model: Path, scene: EvalScene, out: Path, climatology: pd.Dat
 
     res: dict[str, Any] = {"chips": len(chips)}
     if "fields" in tasks:
-        res["fields"] = _fields_rows(scene, chips, extent, stack, out, fields_of)
+        res["fields"] = _fields_rows(scene, chips, extent, stack, out, fields_of, controls)
     if "growth" in tasks:
         res["growth"] = _growth_rows(model, scene, chips, out, climatology, growth_fields, threads, masks, size, seed)
     return res
 
 
 def _fields_rows(scene: EvalScene, chips: gpd.GeoDataFrame, extent: Path, stack: Any, out: Path,
-                 fields_of: Any) -> dict[str, Any]:
+                 fields_of: Any, controls: bool = True) -> dict[str, Any]:
     pred = fields_of(scene.stack, out / f"{scene.name}_fields.gpkg")
+    if not controls:
+        return {"model": _field_row(evaluate_chipwise(pred, scene.parcels, chips, extent=extent))}
     # the control: the same model on the stack with every pixel one value (what it says without looking)
     blind = fields_of(constant_stack(scene.stack, out / f"{scene.name}_constant_stack"),
                       out / f"{scene.name}_fields_constant.gpkg")
@@ -186,12 +190,12 @@ def _growth_rows(model: Path, scene: EvalScene, chips: gpd.GeoDataFrame, out: Pa
     }
 
 
-def training_climatology(work: Path, regions: list[str], seeds: list[int]) -> pd.DataFrame:
+def training_climatology(work: Path, regions: list[str], seeds: list[int], area_km2: float = 1.0) -> pd.DataFrame:
     """The stage climatology of training-like scenes (the same generator, training seeds)."""
     tables = []
     for region in regions:
         for seed in seeds:
-            sc = synthetic_scene(work, region, seed)
+            sc = synthetic_scene(work, region, seed, area_km2)
             t = sc.stages.merge(sc.parcels[["field_id", "class"]], on="field_id")
             tables.append(t)
     return stage_climatology(tables)

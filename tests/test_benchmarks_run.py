@@ -55,3 +55,30 @@ def test_infer_benchmark_runs_small(tmp_path: Path) -> None:
         assert 0 < row["model_share"] < 1 and 0 <= row["waiting_share"] < 1 and row["io_share"] > 0
     assert rows["batch 1, cache on"]["speedup"] == 1.0 and "x_cache_off" in rows["batch 4, cache on"]
     assert "x no cache" in res.stdout and (tmp_path / "infer.png").stat().st_size > 0
+
+
+def test_ablation_benchmark_runs_tiny(tmp_path: Path) -> None:
+    # the shipped recipe and the curriculum ablation (stage 3 alone, from the model YAML), 2 seeds each, a few
+    # steps of the tiny model: every phase through `agrivlm train`, scored by benchmarks/learning.py's code
+    res = subprocess.run(
+        [sys.executable, "benchmarks/ablations.py", "--tiny", "--variants", "stage3_alone", "--seeds", "2",
+         "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "ablations.json").read_text())
+    assert list(report["variants"]) == ["shipped", "stage3_alone"] and report["seeds"] == [0, 1]
+    shipped, alone = report["variants"]["shipped"], report["variants"]["stage3_alone"]
+    for v in (shipped, alone):
+        assert len(v["per_seed"]) == 2
+        assert v["summary"]["val_position_loss"]["n"] == 2 and v["summary"]["val_position_loss"]["sd"] is not None
+        assert v["summary"]["step_time_s"]["mean"] > 0 and v["summary"]["peak_mem_mib"]["mean"] > 0
+    # stage 3 alone trained one phase with the steps of the phases it skipped; the shipped recipe three
+    runs = sorted(p.name.split("-")[0] for p in (tmp_path / "work" / "tiny" / "train" / "seed0").iterdir()
+                  if p.is_dir())
+    assert runs == ["stage1", "stage2", "stage3", "stage3"]
+    logs = {p.name: p for p in (tmp_path / "work" / "tiny" / "train" / "seed0").iterdir() if p.is_dir()}
+    steps = sorted(json.loads(line)["step"] for name, p in logs.items() if name.startswith("stage3")
+                   for line in (p / "logs" / "metrics.jsonl").read_text().splitlines()[-1:])
+    assert steps == [2, 6]
+    assert "| shipped |" in res.stdout and (tmp_path / "out" / "ablations.png").stat().st_size > 0

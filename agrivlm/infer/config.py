@@ -31,6 +31,7 @@ import yaml
 from pydantic import Field
 
 from agrivlm.config import StrictModel, load_config, parse_config
+from agrivlm.lape.tokens import QuestionPositions
 from agrivlm.pipeline.focus import GrowthFocus
 from agrivlm.pipeline.frames import FrameSamplingConfig
 from agrivlm.recipes.config import ChipConfig, GrowthStagesConfig, PhenologyConfig
@@ -93,6 +94,10 @@ class InputConfig(StrictModel):
     #: ``box``: a growth question sees only the pixels inside its field's box, as the model was trained
     #: (``data.growth_focus``, :mod:`agrivlm.pipeline.focus`); ``none``: the whole chip.
     growth_focus: GrowthFocus = "none"
+    #: How a question's positions (the point of ``points``, the field's box of ``growth``) are written: ``bins`` —
+    #: position tokens; ``input`` — ``-INPUT`` placeholders carrying the exact values
+    #: (:data:`~agrivlm.lape.tokens.QuestionPositions`). Trainers write the ``data.question_positions`` they used.
+    question_positions: QuestionPositions = "bins"
     #: Points per side of the ``points`` prompt grid.
     point_grid: Annotated[int, Field(gt=0)] = 6
 

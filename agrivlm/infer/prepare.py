@@ -238,7 +238,9 @@ class ChipPreparer:
         self.fields_prompt = fields_question(vocab)
         # the point grid's questions are the same for every chip: rendered once
         centres = [round(float(c), 6) for c in (np.arange(config.point_grid) + 0.5) / config.point_grid]
-        self.point_prompts = [((u, v), field_at_point_question(vocab, (u, v))) for v in centres for u in centres] \
+        given = config.question_positions
+        self.point_prompts = [((u, v), field_at_point_question(vocab, (u, v), given)) for v in centres
+                              for u in centres] \
             if task == "fields" and config.fields_prompt == "points" else []
 
     def prepare(self, chip: Chip) -> ChipQuestions:
@@ -292,7 +294,7 @@ class ChipPreparer:
                 ts = [round(float(t), 6) for t in frames.time_axis.to_norm(season_dates)]
                 dates = [day_str(w) for w in season_dates]
                 for field_id, cls, box in in_chip:
-                    prompt = timeline_question(self.vocab, box, cls or None)
+                    prompt = timeline_question(self.vocab, box, cls or None, self.config.question_positions)
                     info = {"field_id": field_id, "season": label, "box": [float(b) for b in box],
                             "dates": dates, "t": ts}
                     questions.append(Question(visual_of(box), build_prompt(prompt.text, len(frames)), prompt.positions,
@@ -301,7 +303,8 @@ class ChipPreparer:
             for field_id, cls, box in in_chip:
                 visual = visual_of(box)
                 for when, t in zip(frames.times, frames.t, strict=True):
-                    prompt = stage_question(self.vocab, box, float(t), cls or None)
+                    prompt = stage_question(self.vocab, box, float(t), cls or None,
+                                            self.config.question_positions)
                     meta: dict[str, Any] = {"field_id": field_id, "date": day_str(when), "season": label,
                                             "box": [float(b) for b in box]}
                     questions.append(Question(visual, build_prompt(prompt.text, len(frames)), prompt.positions, meta))

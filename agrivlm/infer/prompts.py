@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from agrivlm.lape.tokens import POLYGON_SEP, Axis, LapeVocab, serialize_box, serialize_point, serialize_segment
+from agrivlm.lape.tokens import POLYGON_SEP, LapeVocab, QuestionPositions, position_formatters
 from agrivlm.pipeline.conversation import format_prompt, visual_placeholder
 from agrivlm.recipes.fields import (
     CUT_MARK,
@@ -55,15 +55,9 @@ _POINT = r"<WIDTH-\d+>\s*<HEIGHT-\d+>"
 _ITEM_RE = re.compile(rf"{_POINT}\s*{_POINT}|{_POINT}(?:\s*{re.escape(POLYGON_SEP)}\s*{_POINT})+")
 
 
-def lape_formatters(vocab: LapeVocab) -> dict[str, Any]:
+def lape_formatters(vocab: LapeVocab, positions_as: QuestionPositions = "bins") -> dict[str, Any]:
     """The LAPE codec as :func:`~agrivlm.recipes.schema.render_text` formatters (box → 4 tokens, time → 1)."""
-    return {
-        "fmt_box": lambda b: serialize_box(b, vocab),
-        "fmt_point": lambda p: serialize_point(p, vocab),
-        "fmt_segment": lambda s: serialize_segment(s, vocab),
-        "fmt_time": lambda t: vocab.encode(Axis.TEMP, float(t)),
-        "polygon_sep": POLYGON_SEP,
-    }
+    return {**position_formatters(vocab, positions_as), "polygon_sep": POLYGON_SEP}
 
 
 @dataclass(frozen=True)
@@ -88,11 +82,14 @@ def render_question(
     points: Sequence[Sequence[float]] = (),
     times: Sequence[float] = (),
     segments: Sequence[Sequence[float]] = (),
+    positions_as: QuestionPositions = "bins",
 ) -> PromptText:
     """Render a question with ``{box:K}``-style placeholders as the recipes do, and collect the token values.
 
     Values are normalized (``u``, ``v`` fractions of the chip, ``t`` of the frames' date range) and rounded
     as records round them (:class:`~agrivlm.recipes.schema.Turn` validates and rounds to 6 decimals).
+    ``positions_as``: bins or ``-INPUT`` placeholders (:data:`~agrivlm.lape.tokens.QuestionPositions`), as the
+    checkpoint was trained (its ``question_positions``).
 
     Raises:
         pydantic.ValidationError: a value outside [0, 1], or placeholders and positions that do not match.
@@ -101,7 +98,7 @@ def render_question(
     turn = Turn.model_validate({"role": "user", "text": text, "boxes": [list(b) for b in boxes],
                                 "points": [list(p) for p in points], "times": list(times),
                                 "segments": [list(s) for s in segments]})
-    rendered = render_text(turn, **lape_formatters(vocab))
+    rendered = render_text(turn, **lape_formatters(vocab, positions_as))
     values: list[float] = []
     for match in PLACEHOLDER.finditer(turn.text):
         kind, k = match.group(1), int(match.group(2))
@@ -128,12 +125,14 @@ def fields_question(vocab: LapeVocab) -> PromptText:
     return render_question(OUTLINE_FIELDS_QUESTIONS[0], vocab)
 
 
-def field_at_point_question(vocab: LapeVocab, point: Sequence[float]) -> PromptText:
+def field_at_point_question(vocab: LapeVocab, point: Sequence[float],
+                            positions_as: QuestionPositions = "bins") -> PromptText:
     """The ``fields`` task's point prompt: the recipes' first ``field_at_point`` question about ``(u, v)``."""
-    return render_question(FIELD_AT_POINT_QUESTIONS[0], vocab, points=[point])
+    return render_question(FIELD_AT_POINT_QUESTIONS[0], vocab, points=[point], positions_as=positions_as)
 
 
-def stage_question(vocab: LapeVocab, box: Sequence[float], t: float, field_class: str | None = None) -> PromptText:
+def stage_question(vocab: LapeVocab, box: Sequence[float], t: float, field_class: str | None = None,
+                   positions_as: QuestionPositions = "bins") -> PromptText:
     """The ``growth`` task's question about the field at ``box`` at time ``t`` (the recipes' ``stage_on_date``).
 
     Args:
@@ -141,21 +140,24 @@ def stage_question(vocab: LapeVocab, box: Sequence[float], t: float, field_class
         box: the field's visible part in the chip, ``(u1, v1, u2, v2)`` normalized.
         t: the date asked about on the frames' time axis (``Frames.t`` of that frame), as a ``<TEMP>`` token.
         field_class: the field's land-use class (``"grassland"``); None → "parcel".
+        positions_as: the box and time as bins or ``-INPUT`` placeholders (the checkpoint's ``question_positions``).
 
     """
     name = parcel_name(field_class or UNKNOWN_CLASS)
     text = STAGE_AT_TIME_QUESTIONS[0].format(name=name)
-    return render_question(text, vocab, boxes=[box], times=[t])
+    return render_question(text, vocab, boxes=[box], times=[t], positions_as=positions_as)
 
 
-def timeline_question(vocab: LapeVocab, box: Sequence[float], field_class: str | None = None) -> PromptText:
+def timeline_question(vocab: LapeVocab, box: Sequence[float], field_class: str | None = None,
+                      positions_as: QuestionPositions = "bins") -> PromptText:
     """The ``growth`` task's question when the checkpoint's ``growth_prompt`` is ``timeline``.
 
     Every stage of the field at ``box`` over the season, answered as ``<TEMP>`` spans (the recipes' first
     ``stage_timeline`` question).
     """
     name = parcel_name(field_class or UNKNOWN_CLASS)
-    return render_question(STAGE_TIMELINE_QUESTIONS[0].format(name=name), vocab, boxes=[box])
+    return render_question(STAGE_TIMELINE_QUESTIONS[0].format(name=name), vocab, boxes=[box],
+                           positions_as=positions_as)
 
 
 #: A stage word followed by a segment (two ``TEMP`` tokens) in a ``stage_timeline`` answer.

@@ -36,7 +36,7 @@ import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import overload
+from typing import Any, Literal, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -279,6 +279,37 @@ def serialize_segment(segment: Sequence[float], vocab: LapeVocab | None = None) 
     if len(segment) != 2:
         raise ValueError(f"a segment is (t1, t2), got {len(segment)} values")
     return vocab.encode(Axis.TEMP, float(segment[0])) + vocab.encode(Axis.TEMP, float(segment[1]))
+
+
+#: How the positions a question *gives* are written (positions an answer gives are always bins):
+#: ``bins`` — position tokens, ``<WIDTH-012>`` (the value rounded to its bin);
+#: ``input`` — ``-INPUT`` placeholders, ``<WIDTH-INPUT>``, each carrying its exact continuous value beside the text
+#: (the processor's ``positions=``; the model embeds it by interpolating the LAPE table), LLaVA-ST's layout.
+QuestionPositions = Literal["bins", "input"]
+
+
+def position_formatters(vocab: LapeVocab, mode: QuestionPositions = "bins") -> dict[str, Any]:
+    """``fmt_box``/``fmt_point``/``fmt_segment``/``fmt_time`` of :func:`agrivlm.recipes.schema.render_text`.
+
+    The values behind the tokens, in text order, are the same in both modes (a box: ``u1, v1, u2, v2``).
+    """
+    if mode == "bins":
+        return {"fmt_box": lambda b: serialize_box(b, vocab), "fmt_point": lambda p: serialize_point(p, vocab),
+                "fmt_segment": lambda s: serialize_segment(s, vocab),
+                "fmt_time": lambda t: vocab.encode(Axis.TEMP, float(t))}
+    if mode != "input":
+        raise ValueError(f"question positions {mode!r}: use bins or input")
+    w, h, t = (LapeVocab.input_token(a) for a in (Axis.WIDTH, Axis.HEIGHT, Axis.TEMP))
+
+    def sized(n: int, what: str, text: str) -> Any:
+        def fmt(values: Sequence[float]) -> str:
+            if len(values) != n:
+                raise ValueError(f"a {what} has {n} values, got {len(values)}")
+            return text
+        return fmt
+
+    return {"fmt_box": sized(4, "box", w + h + w + h), "fmt_point": sized(2, "point", w + h),
+            "fmt_segment": sized(2, "segment", t + t), "fmt_time": lambda _t: t}
 
 
 def serialize_polygon(points: Sequence[Sequence[float]], vocab: LapeVocab | None = None) -> str:

@@ -23,6 +23,7 @@ from pydantic import Field, model_validator
 
 from agrivlm.config import StrictModel, load_config
 from agrivlm.errors import ConfigError
+from agrivlm.lape.tokens import QuestionPositions
 from agrivlm.pipeline.focus import GrowthFocus
 from agrivlm.recipes.config import FamilyName
 
@@ -220,6 +221,10 @@ class DataConfig(StrictModel):
     #: question), the rest is no data; saved with the checkpoint so ``agrivlm infer`` does the same
     #: (:mod:`agrivlm.pipeline.focus`). ``none``: they see the whole chip.
     growth_focus: GrowthFocus = "none"
+    #: How the positions a question gives (a field's box, a point) are written: ``bins`` (position tokens, as the
+    #: answers) or ``input`` (``-INPUT`` placeholders carrying the exact value, LLaVA-ST's layout; needs LAPE on).
+    #: Saved with the checkpoint so ``agrivlm infer`` asks the same way.
+    question_positions: QuestionPositions = "bins"
 
     @model_validator(mode="after")
     def _weights(self) -> DataConfig:

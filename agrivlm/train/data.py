@@ -21,7 +21,8 @@ One record (:class:`~agrivlm.recipes.schema.Record`) becomes one sample:
 4. **Text.** The conversation is rendered with the LAPE codec (:func:`~agrivlm.lape.tokens.serialize_box`
    etc.; polygon vertices separated by :data:`POLYGON_SEP` so they decode as a polygon), and the continuous
    value of every position token is kept, in text order, for the model's sub-bin soft targets
-   (``position_values``). **Multi-turn** conversations are flattened: every turn but
+   (``position_values``); with ``data.question_positions: input`` the positions a question gives are
+   ``-INPUT`` placeholders carrying those values instead. **Multi-turn** conversations are flattened: every turn but
    the last assistant turn goes into the prompt (:func:`agrivlm.pipeline.conversation.format_prompt`,
    a plain ``USER:``/``ASSISTANT:`` template with the visual placeholder in the first user turn); only the
    last assistant turn is supervised. (Every record the recipes make today has one user and one assistant turn.)
@@ -47,7 +48,7 @@ from torch.utils.data import Dataset, Sampler
 
 from agrivlm.errors import ConfigError, PipelineError, RecordError
 from agrivlm.geo.stack import Stack, open_stack
-from agrivlm.lape.tokens import Axis, LapeVocab, serialize_box, serialize_point, serialize_segment
+from agrivlm.lape.tokens import LapeVocab, QuestionPositions, position_formatters
 from agrivlm.pipeline.bands import BandStats, normalize, robust_stats, to_reflectance
 from agrivlm.pipeline.conversation import POLYGON_SEP, format_prompt, visual_placeholder
 from agrivlm.pipeline.focus import GrowthFocus, focus_on_box
@@ -181,33 +182,45 @@ def choose_frames(
 
 @dataclass
 class _Collector:
-    """LAPE formatters that remember each position token's continuous value, in text order."""
+    """LAPE formatters that remember each position token's continuous value, in text order.
+
+    ``mode`` (set per turn): bins, or ``-INPUT`` placeholders (:func:`~agrivlm.lape.tokens.position_formatters`).
+    """
 
     vocab: LapeVocab
     values: list[float] = field(default_factory=list)
+    mode: QuestionPositions = "bins"
+
+    def _fmt(self, kind: str, v: Any) -> str:
+        return str(position_formatters(self.vocab, self.mode)[kind](v))
 
     def box(self, b: Sequence[float]) -> str:
         self.values.extend(float(x) for x in b)  # WIDTH u1, HEIGHT v1, WIDTH u2, HEIGHT v2
-        return serialize_box(b, self.vocab)
+        return self._fmt("fmt_box", b)
 
     def point(self, p: Sequence[float]) -> str:
         self.values.extend(float(x) for x in p)
-        return serialize_point(p, self.vocab)
+        return self._fmt("fmt_point", p)
 
     def segment(self, s: Sequence[float]) -> str:
         self.values.extend(float(x) for x in s)
-        return serialize_segment(s, self.vocab)
+        return self._fmt("fmt_segment", s)
 
     def time(self, t: float) -> str:
         self.values.append(float(t))
-        return self.vocab.encode(Axis.TEMP, float(t))
+        return self._fmt("fmt_time", t)
 
 
-def render_record(record: Record, vocab: LapeVocab, visual_token: str = "<video>") -> tuple[str, str, list[float]]:
-    """``(prompt, answer, position values in text order)`` of a record, positions as LAPE tokens."""
+def render_record(record: Record, vocab: LapeVocab, visual_token: str = "<video>",
+                  question_positions: QuestionPositions = "bins") -> tuple[str, str, list[float]]:
+    """``(prompt, answer, position values in text order)`` of a record, positions as LAPE tokens.
+
+    ``question_positions``: how the user turns' positions are written (answers always as bins).
+    """
     coll = _Collector(vocab)
     rendered: list[tuple[str, str]] = []
     for turn in record.conversation:
+        coll.mode = question_positions if turn.role == "user" else "bins"
         rendered.append((turn.role, _render_turn(turn, coll)))
     *context, (role, answer) = rendered
     if role != "assistant":
@@ -349,6 +362,7 @@ class RecordDataset(Dataset[Sample]):
         train: bool = True,
         stacks: StackCache | None = None,
         growth_focus: GrowthFocus = "none",
+        question_positions: QuestionPositions = "bins",
     ) -> None:
         if not records:
             raise ConfigError("no records left to train on; check data.roots, data.text_only, data.families, "
@@ -357,6 +371,7 @@ class RecordDataset(Dataset[Sample]):
         self.frames, self.norm, self.vocab, self.seed = frames, normalize_cfg, vocab, seed
         self.stats = stats
         self.growth_focus = growth_focus
+        self.question_positions = question_positions
         self.train = train
         self.stacks = stacks if stacks is not None else StackCache()
         if normalize_cfg.mode != "chip" and stats is None:
@@ -382,7 +397,7 @@ class RecordDataset(Dataset[Sample]):
             pixels = focus_on_box(pixels, rec.conversation[0].boxes[0])
         _, times = frame_time_positions(np.asarray(rec.chip.frame_dates, dtype="datetime64[s]"), idx)
         token = visual_placeholder(len(idx))
-        prompt, answer, positions = render_record(rec, self.vocab, token)
+        prompt, answer, positions = render_record(rec, self.vocab, token, self.question_positions)
         return Sample(rec.sample_id, prompt, answer, positions, pixels, times, is_fast)
 
 

@@ -160,6 +160,37 @@ def build_data(out: Path, scenes_dir: Path, opts: DefaultTraining, echo: Callabl
     return roots
 
 
+def phase_overrides(stage: str, opts: DefaultTraining, data: Path, folder: Path, prev: Path | None) -> dict[str, Any]:
+    """The ``--set`` keys of one phase (over ``configs/<PHASES[stage]>.yaml``): data, steps, model source.
+
+    ``prev``: the previous phase's final folder; None after stage 1 means the stages before were skipped, so this
+    one builds its model from the model YAML (``benchmarks/ablations.py``'s curriculum ablation).
+    """
+    n = opts.steps[stage]
+    over: dict[str, Any] = {
+        "output_dir": str(folder), "data.roots": [str(data)], "train.max_steps": n,
+        "train.batch_size": opts.batch_size, "train.save_every": max(n // 6, 1),
+        "train.eval_every": max(n // 4, 1), "train.seed": opts.seed, "train.torch_threads": opts.threads,
+        "train.progress": False, "optim.lr": opts.lr.get(stage, opts.lr[PHASES[stage]]),
+    }
+    if stage == "stage1" or prev is None:
+        over["model.config"] = str(resources.package_file(opts.model_config))  # a path inside the package
+    if stage != "stage1":
+        over["data.frames.num_frames"] = opts.num_frames
+        over["model.init_from"] = None if prev is None else str(prev)
+        # a random-weight LLM has no language to protect: trained fully, so its text head learns to end
+        # answers (with LoRA or frozen it keeps a random head and lists boxes to the token budget); a
+        # random-weight vision encoder has no features to protect either: frozen, its random features
+        # cap how well fields can be located
+        over["trainable.llm.mode"] = "full"
+        over["trainable.vision"] = PHASES[stage] == "stage3"
+    if PHASES[stage] == "stage3":
+        over["data.growth_focus"] = opts.growth_focus
+    if stage == "stage3":
+        over["train.snapshot_every"] = opts.snapshot_every
+    return over
+
+
 def train(out: Path, roots: dict[str, Path], opts: DefaultTraining, echo: Callable[[str], None]) -> Path:
     """Stage 1 → 2 → 3 (each resumed when a checkpoint of it exists, skipped when finished)."""
     from agrivlm.train.checkpoint import latest_checkpoint
@@ -169,28 +200,7 @@ def train(out: Path, roots: dict[str, Path], opts: DefaultTraining, echo: Callab
     for stage in phases(opts):
         folder = out / "train" / stage
         n = opts.steps[stage]
-        over: dict[str, Any] = {
-            "output_dir": str(folder), "data.roots": [str(roots[stage])], "train.max_steps": n,
-            "train.batch_size": opts.batch_size, "train.save_every": max(n // 6, 1),
-            "train.eval_every": max(n // 4, 1), "train.seed": opts.seed, "train.torch_threads": opts.threads,
-            "train.progress": False, "optim.lr": opts.lr.get(stage, opts.lr[PHASES[stage]]),
-        }
-        if stage == "stage1":
-            over["model.config"] = str(resources.package_file(opts.model_config))  # a path inside the package
-        else:
-            assert prev is not None
-            over["data.frames.num_frames"] = opts.num_frames
-            over["model.init_from"] = str(prev)
-            # a random-weight LLM has no language to protect: trained fully, so its text head learns to end
-            # answers (with LoRA or frozen it keeps a random head and lists boxes to the token budget); a
-            # random-weight vision encoder has no features to protect either: frozen, its random features
-            # cap how well fields can be located
-            over["trainable.llm.mode"] = "full"
-            over["trainable.vision"] = PHASES[stage] == "stage3"
-        if PHASES[stage] == "stage3":
-            over["data.growth_focus"] = opts.growth_focus
-        if stage == "stage3":
-            over["train.snapshot_every"] = opts.snapshot_every
+        over = phase_overrides(stage, opts, roots[stage], folder, prev)
         if (folder / "final" / "config.json").is_file():
             prev = folder / "final"
             echo(f"{stage}: already trained")

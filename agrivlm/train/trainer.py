@@ -256,7 +256,8 @@ def checkpoint_inputs(cfg: StageConfig, stats: BandStats | None, records: Sequen
     timeline = tasks["stage_timeline"] > tasks["stage_on_date"]
     return InputConfig(chip_size=size, stride=max(size // 2, 1), frames=frames, min_frames=n, bands=bands,
                        fields_prompt="points" if points else "listing",
-                       growth_prompt="timeline" if timeline else "dates", growth_focus=cfg.data.growth_focus)
+                       growth_prompt="timeline" if timeline else "dates", growth_focus=cfg.data.growth_focus,
+                       question_positions=cfg.data.question_positions)
 
 
 def run_settings(cfg: StageConfig, num_processes: int) -> dict[str, Any]:
@@ -504,10 +505,14 @@ class _Run:
         acc.wait_for_everyone()
         vocab = processor.vocab
         frames, norm, seed = cfg.data.frames, cfg.data.normalize, cfg.train.seed
-        focus = cfg.data.growth_focus
-        train_ds = RecordDataset(train_records, frames, norm, vocab, seed, stats, stacks=stacks, growth_focus=focus)
+        focus, given = cfg.data.growth_focus, cfg.data.question_positions
+        if given == "input" and not lape_on:
+            raise ConfigError("data.question_positions: input needs LAPE on (the -INPUT placeholders take their "
+                              "value from the LAPE tables); use bins with lape.enabled: false")
+        train_ds = RecordDataset(train_records, frames, norm, vocab, seed, stats, stacks=stacks, growth_focus=focus,
+                                 question_positions=given)
         val_ds = RecordDataset(val_records, frames, norm, vocab, seed, stats, False, stacks,
-                               growth_focus=focus) if val_records else None
+                               growth_focus=focus, question_positions=given) if val_records else None
         collate = Collator(processor, lape_on)
         sampler = ResumableSampler(
             len(train_ds), cfg.train.seed, shuffle=True, num_replicas=acc.num_processes, rank=acc.process_index
