@@ -72,6 +72,10 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("fast_slow", "fast/slow frames (4 slow over the series + 4 most recent) instead of 8 random",
             {p: {"data.frames.sampler": "fast_slow", "data.frames.num_fast": 4, "data.frames.num_slow": 4,
                  "data.frames.slow_stride": 2} for p in S2_ON}),
+    Variant("anyres", "AnyRes: a 16-px thumbnail + 2 x 2 tiles of 16 px per chip (data.anyres) in stages 2-3",
+            {p: {"data.anyres": {"tile_size": 16, "max_tiles": 4}} for p in S2_ON}),
+    Variant("multi_scale", "multi-scale frames: the chip and a half-size copy (data.scales: [1.0, 0.5]) in stages 2-3",
+            {p: {"data.scales": [1.0, 0.5]} for p in S2_ON}),
     Variant("max_pool", "2-D max pooling of the patch grid instead of average (pooling.mode: max)",
             {"stage1": {"model.overrides": {"pooling.mode": "max"}}}),
     Variant("input_positions", "positions a question gives as -INPUT placeholders with exact values "

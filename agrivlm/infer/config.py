@@ -34,6 +34,7 @@ from agrivlm.config import StrictModel, load_config, parse_config
 from agrivlm.lape.tokens import QuestionPositions
 from agrivlm.pipeline.focus import GrowthFocus
 from agrivlm.pipeline.frames import FrameSamplingConfig
+from agrivlm.pipeline.processor import AnyResConfig
 from agrivlm.recipes.config import ChipConfig, GrowthStagesConfig, PhenologyConfig
 
 #: The file beside a checkpoint's weights that says how its inputs are made.
@@ -98,6 +99,12 @@ class InputConfig(StrictModel):
     #: position tokens; ``input`` — ``-INPUT`` placeholders carrying the exact values
     #: (:data:`~agrivlm.lape.tokens.QuestionPositions`). Trainers write the ``data.question_positions`` they used.
     question_positions: QuestionPositions = "bins"
+    #: AnyRes: each question's frames become a thumbnail plus tiles of ``tile_size`` px
+    #: (:meth:`~agrivlm.pipeline.processor.AgriVLMProcessor.from_frames`), as the model was trained
+    #: (``data.anyres``); None: one item.
+    anyres: AnyResConfig | None = None
+    #: Multi-scale: one item per scale factor (``data.scales``); None: one scale.
+    scales: list[Annotated[float, Field(gt=0)]] | None = None
     #: Points per side of the ``points`` prompt grid.
     point_grid: Annotated[int, Field(gt=0)] = 6
 

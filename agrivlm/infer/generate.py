@@ -233,9 +233,12 @@ class Predictor:
     """
 
     def __init__(self, model: Any, processor: Any, device: torch.device, dtype: torch.dtype = torch.float32,
-                 max_new_tokens: int = 128) -> None:
+                 max_new_tokens: int = 128, layout: Any = None) -> None:
         self.model = model.to(device=device, dtype=dtype).eval()
         self.processor = processor
+        #: AnyRes / multi-scale items of every question's frames, as the checkpoint was trained (its saved
+        #: ``anyres`` / ``scales``, :func:`~agrivlm.pipeline.processor.item_layout`); None: one item per question.
+        self.layout = layout
         self.device = device
         self.dtype = dtype
         self.max_new_tokens = max_new_tokens
@@ -271,10 +274,15 @@ class Predictor:
 
         if dtype not in DTYPES:
             raise InferError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        from agrivlm.infer.config import load_input_config
+        from agrivlm.pipeline.processor import item_layout
+
         model, processor = load_pretrained(folder)
         if not model.config.answers_positions:
             raise InferError(f"{folder}: the model has LAPE off (stage-1 checkpoint); it cannot answer with positions")
-        return cls(model, processor, resolve_device(device), DTYPES[dtype], max_new_tokens)
+        inputs = load_input_config(folder)[0]
+        return cls(model, processor, resolve_device(device), DTYPES[dtype], max_new_tokens,
+                   item_layout(inputs.anyres, inputs.scales))
 
     @staticmethod
     def _separator_ids(processor: Any) -> tuple[int, ...]:
@@ -304,13 +312,16 @@ class Predictor:
                 part = idx[k:k + batch_size]
                 qs = [questions[i] for i in part]
                 with self._tok_lock:
-                    batch = self.processor(
-                        [q.prompt for q in qs],
-                        images=[q.visual.pixels for q in qs],
-                        frame_times=[q.visual.frame_times for q in qs],
-                        positions=[list(q.positions) if q.positions else None for q in qs],
-                        padding_side="left",
-                    )
+                    prompts = [q.prompt for q in qs]
+                    pixels = [q.visual.pixels for q in qs]
+                    times = [q.visual.frame_times for q in qs]
+                    given = [list(q.positions) if q.positions else None for q in qs]
+                    if self.layout is not None:  # tiles or scales, as the checkpoint was trained
+                        batch = self.processor.from_frames(prompts, pixels, self.layout, frame_times=times,
+                                                           positions=given, padding_side="left")
+                    else:
+                        batch = self.processor(prompts, images=pixels, frame_times=times, positions=given,
+                                               padding_side="left")
                 out.append((part, batch))
         return out
 

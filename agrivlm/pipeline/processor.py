@@ -38,7 +38,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 import numpy as np
 import numpy.typing as npt
 import torch
+from affine import Affine
 from pydantic import Field, field_validator, model_validator
+from rasterio.crs import CRS
 from rasterio.windows import Window
 from transformers import BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
 from transformers.utils import PROCESSOR_NAME
@@ -221,6 +223,16 @@ class ChipInputConfig(StrictModel):
         return self
 
 
+def item_layout(anyres: AnyResConfig | None, scales: Sequence[float] | None) -> ChipInputConfig | None:
+    """The layout of :meth:`AgriVLMProcessor.from_frames` for training's / a checkpoint's ``anyres`` and ``scales``.
+
+    None when both are None (one item per frame stack, :meth:`AgriVLMProcessor.__call__`).
+    """
+    if anyres is None and scales is None:
+        return None
+    return ChipInputConfig(anyres=anyres, scales=None if scales is None else [float(x) for x in scales])
+
+
 def chip_config_with_inputs(config: ChipInputConfig, inputs: Mapping[str, Any]) -> ChipInputConfig:
     """``config`` with the frame sampling and band scaling of a checkpoint's input settings.
 
@@ -252,6 +264,11 @@ def _json_copy(data: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
 
 ItemKind = Literal["chip", "scale", "thumbnail", "tile"]
+
+
+#: A nominal CRS for the pixel frame of frames given without geography (:meth:`AgriVLMProcessor.from_frames`):
+#: only the affine pixel ↔ (u, v) arithmetic is used, never a reprojection.
+_PIXEL_CRS = CRS.from_epsg(3857)
 
 
 @dataclass(frozen=True)
@@ -793,18 +810,8 @@ class AgriVLMProcessor(ProcessorMixin):
             raise PipelineError(f"the chips give {sorted(bands_out)} channels but the model takes "
                                 f"num_bands={self.num_bands}; set bands.preset/composite (or the model's num_bands)")
 
-        pixels = [px for p in prepared for px in p.pixels]
-        sizes = [(int(px.shape[-2]), int(px.shape[-1])) for px in pixels]
-        max_h, max_w = max(h for h, _ in sizes), max(w for _, w in sizes)
-        pv = torch.zeros((len(pixels), t, self.num_bands, max_h, max_w), dtype=torch.float32)
-        for k, px in enumerate(pixels):
-            pv[k, :, :, : px.shape[-2], : px.shape[-1]] = px
-        item_pos = [pos for p in prepared for pos in p.positions]
-        p_max = max(pos.shape[0] for pos in item_pos)
-        pp = torch.full((len(pixels), p_max, 2), float("nan"), dtype=torch.float32)
-        for k, pos in enumerate(item_pos):
-            pp[k, : pos.shape[0]] = torch.from_numpy(pos.astype(np.float32))
-
+        data = self._item_tensors([px for p in prepared for px in p.pixels],
+                                  [pos for p in prepared for pos in p.positions], t)
         geos: list[ChipGeography] = []
         items: list[VisualItem] = []
         frame_rows: list[FloatArray] = []
@@ -821,16 +828,84 @@ class AgriVLMProcessor(ProcessorMixin):
                 frame_indices=fr.indices, frame_t=ft, items=tuple(range(first, len(items))),
                 grid_shape=prep.grid_shape, stats=prep.stats))
 
-        data: dict[str, Any] = {
-            "pixel_values": pv,
-            "frame_times": torch.from_numpy(np.stack(frame_rows).astype(np.float32)),
-            "patch_positions": pp,
-        }
-        if len(set(sizes)) > 1:
-            data["image_sizes"] = torch.tensor(sizes, dtype=torch.long)
+        data["frame_times"] = torch.from_numpy(np.stack(frame_rows).astype(np.float32))
         data.update(self._encode_text(texts, prompt_ids, answer_list, positions, expand, [t] * len(chip_list),
                                       "chip", padding_side, add_eos))
         return ChipBatch(batch=BatchFeature(data=data), chips=tuple(geos), items=tuple(items))
+
+    def _item_tensors(self, pixels: Sequence[torch.Tensor], positions: Sequence[FloatArray], t: int
+                      ) -> dict[str, Any]:
+        """The items' ``pixel_values``, ``patch_positions`` and (sizes differing) ``image_sizes``.
+
+        Pixels are zero-padded to the largest item, positions NaN past each item's tokens.
+        """
+        sizes = [(int(px.shape[-2]), int(px.shape[-1])) for px in pixels]
+        max_h, max_w = max(h for h, _ in sizes), max(w for _, w in sizes)
+        pv = torch.zeros((len(pixels), t, self.num_bands, max_h, max_w), dtype=torch.float32)
+        for k, px in enumerate(pixels):
+            pv[k, :, :, : px.shape[-2], : px.shape[-1]] = px
+        p_max = max(pos.shape[0] for pos in positions)
+        pp = torch.full((len(pixels), p_max, 2), float("nan"), dtype=torch.float32)
+        for k, pos in enumerate(positions):
+            pp[k, : pos.shape[0]] = torch.from_numpy(pos.astype(np.float32))
+        data: dict[str, Any] = {"pixel_values": pv, "patch_positions": pp}
+        if len(set(sizes)) > 1:
+            data["image_sizes"] = torch.tensor(sizes, dtype=torch.long)
+        return data
+
+    def from_frames(
+        self,
+        text: str | Sequence[str],
+        frames: Sequence[Any],
+        layout: ChipInputConfig,
+        *,
+        answers: str | Sequence[str] | None = None,
+        frame_times: Sequence[Sequence[float] | None] | None = None,
+        positions: Sequence[Sequence[float] | None] | None = None,
+        padding_side: str = "right",
+        add_eos: bool = True,
+    ) -> BatchFeature:
+        """:meth:`__call__` with each placeholder's frames cut into ``layout``'s items (AnyRes or multi-scale).
+
+        What training (``data.anyres`` / ``data.scales``) and ``agrivlm infer`` (the checkpoint's saved
+        ``anyres`` / ``scales``) feed the model: ``frames`` are one ``(T, C, H, W)`` array per placeholder, already
+        scaled (NaN = no data), as ``images`` of :meth:`__call__`; each becomes the thumbnail and tiles of
+        ``layout.anyres`` or one item per ``layout.scales`` factor (:meth:`layout_items`), its placeholder
+        expanded to all their tokens, with ``patch_positions`` (every token's ``(u, v)`` on the frames) and
+        ``image_sizes`` when items differ in size — the layout :meth:`from_chips` gives a chip.
+
+        Raises:
+            ValueError: a frame count or band count that differs between items, or too few/many frames arrays.
+            PipelineError: a size that is not a multiple of the patch size.
+        """
+        texts, answer_list, prompt_ids = self._prepare_text(text, answers, padding_side, "pt")
+        layout_ids = self.layout
+        n_items = sum(sum(i in (layout_ids.image_token_id, layout_ids.video_token_id) for i in ids)
+                      for ids in prompt_ids)
+        if len(frames) != n_items:
+            raise ValueError(f"{len(frames)} frame stacks for {n_items} <image>/<video> placeholders")
+        stacks = [torch.from_numpy(_as_item(x, i)) for i, x in enumerate(frames)]
+        if len({tuple(x.shape[:2]) for x in stacks}) > 1:
+            raise ValueError("the frame stacks of one batch must share frames and bands")
+        t, c = int(stacks[0].shape[0]), int(stacks[0].shape[1])
+        if c != self.num_bands:
+            raise ValueError(f"visual items have {c} bands but the model takes num_bands={self.num_bands}")
+        times = self._frame_times(frame_times, len(stacks), t)
+        pixels, pos, rows, expand = [], [], [], []
+        for k, x in enumerate(stacks):
+            h, w = int(x.shape[-2]), int(x.shape[-1])
+            # the frames' own pixel frame: the items' (u, v) are fractions of it, as a record's positions are
+            grid = GeoGrid(Affine.identity(), _PIXEL_CRS, w, h)
+            px, pp, items, _ = self.layout_items(x, grid, layout, f"visual item {k}")
+            pixels += px
+            pos += pp
+            rows += [times[k]] * len(px)
+            expand.append(t * sum(it.num_tokens_per_frame for it in items))
+        data = self._item_tensors(pixels, pos, t)
+        data["frame_times"] = torch.stack(rows)
+        data.update(self._encode_text(texts, prompt_ids, answer_list, positions, expand, [t] * len(stacks), "item",
+                                      padding_side, add_eos))
+        return BatchFeature(data=data)
 
     def _chip_config(
         self,
@@ -886,8 +961,22 @@ class AgriVLMProcessor(ProcessorMixin):
                                          times=frames.times, stats=cfg.bands.stats(),
                                          percentiles=cfg.bands.percentiles, source=f"chip {chip.chip_id}")
         x = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
-        grid = chip.grid
-        whole = Window(0, 0, chip.grid.width, chip.grid.height)
+        filled, out_pos, out_items, grid_shape = self.layout_items(x, chip.grid, cfg, f"chip {chip.chip_id}")
+        return _PreparedChip(filled, out_pos, out_items, frames, grid_shape, used)
+
+    def layout_items(self, x: torch.Tensor, chip_grid: GeoGrid, cfg: ChipInputConfig, name: str = "item"
+                     ) -> tuple[list[torch.Tensor], list[FloatArray], list[VisualItem], tuple[int, int] | None]:
+        """Frames ``(T, C, H, W)`` on ``chip_grid`` → the visual items of ``cfg``'s layout, no data filled.
+
+        Plain: the frames (resized to ``cfg.size``); ``anyres``: thumbnail + tiles; ``scales``: one item per
+        scale. Returns per item its pixels ``(T, C, h, w)``, its tokens' chip ``(u, v)`` ``(h'·w', 2)``, its
+        :class:`VisualItem` (``chip`` 0), and the AnyRes tile grid ``(rows, cols)`` (None otherwise).
+
+        Raises:
+            PipelineError: a size that is not a multiple of the patch size (naming ``name``).
+        """
+        grid = chip_grid
+        whole = Window(0, 0, chip_grid.width, chip_grid.height)
         p, stride = self.patch_size, self.pool_stride
         mode = cast(PoolMode, self.pool_mode)
         if cfg.size is not None:
@@ -902,7 +991,7 @@ class AgriVLMProcessor(ProcessorMixin):
             try:
                 return visual_token_grid(h, w, p, stride)
             except ValueError as exc:
-                raise PipelineError(f"chip {chip.chip_id}: {what}: {exc}") from None
+                raise PipelineError(f"{name}: {what}: {exc}") from None
 
         if cfg.anyres is not None:
             size = cfg.anyres.tile_size
@@ -916,24 +1005,24 @@ class AgriVLMProcessor(ProcessorMixin):
                 out_px.append(tiles.pixels[k])
                 out_pos.append(np.stack([u, v], axis=1))
                 out_items.append(VisualItem(chip=0, kind="thumbnail" if tile.is_thumbnail else "tile", grid=tile.grid,
-                                            chip_grid=chip.grid, window=tile.window, token_grid=token_grid, tile=tile))
+                                            chip_grid=chip_grid, window=tile.window, token_grid=token_grid, tile=tile))
         elif cfg.scales is not None:
             h0, w0 = int(x.shape[-2]), int(x.shape[-1])
             for s in cfg.scales:
                 h, w = (max(p, int(np.floor(side * s / p + 0.5)) * p) for side in (h0, w0))
                 out_px.append(resize_frames(x, (h, w), cfg.resize_mode))
                 out_pos.append(visual_token_centres(h, w, p, stride, mode))
-                out_items.append(VisualItem(chip=0, kind="scale", grid=rescale_grid(grid, h, w), chip_grid=chip.grid,
+                out_items.append(VisualItem(chip=0, kind="scale", grid=rescale_grid(grid, h, w), chip_grid=chip_grid,
                                             window=whole, token_grid=grid_of(h, w, f"scale {s}"), scale=float(s)))
         else:
             h, w = int(x.shape[-2]), int(x.shape[-1])
             token_grid = grid_of(h, w, "set chip_config.size, scales or anyres to resize it")
             out_px.append(x)
             out_pos.append(visual_token_centres(h, w, p, stride, mode))
-            out_items.append(VisualItem(chip=0, kind="chip", grid=grid, chip_grid=chip.grid, window=whole,
+            out_items.append(VisualItem(chip=0, kind="chip", grid=grid, chip_grid=chip_grid, window=whole,
                                         token_grid=token_grid))
         filled = [torch.from_numpy(fill_nodata(px.numpy(), cfg.fill_value)[0]) for px in out_px]
-        return _PreparedChip(filled, out_pos, out_items, frames, grid_shape, used)
+        return filled, out_pos, out_items, grid_shape
 
     def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
         """``tokenizer.batch_decode``; keep ``skip_special_tokens=False`` to see position tokens."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -25,6 +25,7 @@ from agrivlm.config import StrictModel, load_config
 from agrivlm.errors import ConfigError
 from agrivlm.lape.tokens import QuestionPositions
 from agrivlm.pipeline.focus import GrowthFocus
+from agrivlm.pipeline.processor import AnyResConfig
 from agrivlm.recipes.config import FamilyName
 
 Stage = Literal["stage1", "stage2", "stage3"]
@@ -225,6 +226,21 @@ class DataConfig(StrictModel):
     #: answers) or ``input`` (``-INPUT`` placeholders carrying the exact value, LLaVA-ST's layout; needs LAPE on).
     #: Saved with the checkpoint so ``agrivlm infer`` asks the same way.
     question_positions: QuestionPositions = "bins"
+    #: AnyRes: every sample's frames become a thumbnail plus tiles of ``anyres.tile_size`` px, each token carrying
+    #: its (u, v) on the chip (:meth:`~agrivlm.pipeline.processor.AgriVLMProcessor.from_frames`); saved with the
+    #: checkpoint so ``agrivlm infer`` cuts the same. None: one item per sample.
+    anyres: AnyResConfig | None = None
+    #: Multi-scale: one item per scale factor, e.g. ``[1.0, 0.5]`` (the chip and a half-size copy); not with
+    #: ``anyres``. None: one scale.
+    scales: list[Annotated[float, Field(gt=0)]] | None = None
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> DataConfig:
+        if self.anyres is not None and self.scales is not None:
+            raise ValueError("use either anyres or scales, not both")
+        if self.scales is not None and not self.scales:
+            raise ValueError("scales needs at least one factor (or null for one scale)")
+        return self
 
     @model_validator(mode="after")
     def _weights(self) -> DataConfig:
@@ -337,6 +353,9 @@ class StageConfig(StrictModel):
         rec, frames = self.reconstruction, self.data.frames
         if rec.enabled and frames.frames_per_sample < 2:
             raise ValueError("reconstruction needs at least 2 frames per sample (data.frames)")
+        if rec.enabled and (self.data.anyres is not None or self.data.scales is not None):
+            raise ValueError("reconstruction predicts one item's next frame; it does not take data.anyres or "
+                             "data.scales (several items per sample)")
         if rec.enabled and rec.fast_slow and (frames.sampler != "fast_slow" or frames.merge != "interleave"):
             raise ValueError(
                 "reconstruction.fast_slow needs data.frames.sampler: fast_slow with merge: interleave "

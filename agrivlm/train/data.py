@@ -53,6 +53,7 @@ from agrivlm.pipeline.bands import BandStats, normalize, robust_stats, to_reflec
 from agrivlm.pipeline.conversation import POLYGON_SEP, format_prompt, visual_placeholder
 from agrivlm.pipeline.focus import GrowthFocus, focus_on_box
 from agrivlm.pipeline.frames import FrameSamplingConfig, frame_time_positions, select_indices, uniform_indices
+from agrivlm.pipeline.processor import ChipInputConfig
 from agrivlm.recipes.mixture import mix
 from agrivlm.recipes.schema import Record, Turn, iter_records, render_text
 from agrivlm.recipes.sources import resolve_spec
@@ -419,19 +420,24 @@ class EpochIndexSampler(Sampler[tuple[int, int]]):
 class Collator:
     """Samples → the processor's batch, plus ``sample_ids`` (list) and ``is_fast`` ``(B, T)``."""
 
-    def __init__(self, processor: Any, lape: bool) -> None:
+    def __init__(self, processor: Any, lape: bool, layout: ChipInputConfig | None = None) -> None:
         self.processor = processor
         self.lape = lape
+        #: AnyRes / multi-scale items per sample (``data.anyres`` / ``data.scales``), None: one item.
+        self.layout = layout
 
     def __call__(self, samples: Sequence[Sample]) -> dict[str, Any]:
         """One micro-batch."""
-        batch = self.processor(
-            text=[s.prompt for s in samples],
-            images=[s.pixels for s in samples],
-            answers=[s.answer for s in samples],
-            frame_times=[s.frame_times for s in samples],
-            positions=[s.positions for s in samples] if self.lape else None,
-        )
+        text = [s.prompt for s in samples]
+        pixels = [s.pixels for s in samples]
+        answers = [s.answer for s in samples]
+        times = [s.frame_times for s in samples]
+        given = [s.positions for s in samples] if self.lape else None
+        if self.layout is not None:
+            batch = self.processor.from_frames(text, pixels, self.layout, answers=answers, frame_times=times,
+                                               positions=given)
+        else:
+            batch = self.processor(text=text, images=pixels, answers=answers, frame_times=times, positions=given)
         out: dict[str, Any] = dict(batch)
         out["sample_ids"] = [s.sample_id for s in samples]
         out["is_fast"] = torch.from_numpy(np.stack([s.is_fast for s in samples]))

@@ -61,6 +61,7 @@ from agrivlm.model.modeling import AgriVLMForConditionalGeneration
 from agrivlm.model.reconstruction import FrozenTeacher, NextFramePredictor, visual_hidden_states
 from agrivlm.pipeline.bands import BandStats
 from agrivlm.pipeline.frames import FrameSamplingConfig
+from agrivlm.pipeline.processor import item_layout
 from agrivlm.train.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -257,7 +258,8 @@ def checkpoint_inputs(cfg: StageConfig, stats: BandStats | None, records: Sequen
     return InputConfig(chip_size=size, stride=max(size // 2, 1), frames=frames, min_frames=n, bands=bands,
                        fields_prompt="points" if points else "listing",
                        growth_prompt="timeline" if timeline else "dates", growth_focus=cfg.data.growth_focus,
-                       question_positions=cfg.data.question_positions)
+                       question_positions=cfg.data.question_positions, anyres=cfg.data.anyres,
+                       scales=cfg.data.scales)
 
 
 def run_settings(cfg: StageConfig, num_processes: int) -> dict[str, Any]:
@@ -513,7 +515,7 @@ class _Run:
                                  question_positions=given)
         val_ds = RecordDataset(val_records, frames, norm, vocab, seed, stats, False, stacks,
                                growth_focus=focus, question_positions=given) if val_records else None
-        collate = Collator(processor, lape_on)
+        collate = Collator(processor, lape_on, item_layout(cfg.data.anyres, cfg.data.scales))
         sampler = ResumableSampler(
             len(train_ds), cfg.train.seed, shuffle=True, num_replicas=acc.num_processes, rank=acc.process_index
         )
