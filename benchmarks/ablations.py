@@ -93,7 +93,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
              "eval_scenes": 2, "growth_fields": 24, "area": 1.0, "eval_regions": ("central_europe", "pannonian")},
     "tiny": {"scenes": 1, "steps": {"stage1": 2, "stage2": 2, "stage3_focus": 0, "stage3": 2},
              "eval_scenes": 1, "growth_fields": 2, "area": 0.15, "model": "configs/model/tiny.yaml",
-             "eval_regions": ("pannonian",)},
+             "eval_regions": ("pannonian",), "real_block": False, "max_new_tokens": 8},
 }
 #: Figures of the table: (key, label, better when higher).
 METRICS: tuple[tuple[str, str, bool], ...] = (
@@ -184,12 +184,12 @@ def training_figures(runs: list[Path]) -> dict[str, Any]:
 
 
 def score(model: Path, sets: dict[str, list[learning.EvalScene]], work: Path, clim: Any, growth_fields: int,
-          threads: int) -> tuple[dict[str, Any], dict[str, Any]]:
+          threads: int, max_new_tokens: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(figures, merged rows per set)`` of one model on the held-out sets."""
     merged = {}
     for name, scenes in sets.items():
-        rows = [learning.evaluate_scene(model, sc, work / name, clim, growth_fields, threads, controls=False)
-                for sc in scenes]
+        rows = [learning.evaluate_scene(model, sc, work / name, clim, growth_fields, threads, controls=False,
+                                        max_new_tokens=max_new_tokens) for sc in scenes]
         merged[name] = learning.merge_rows(rows)
     g = merged["synthetic_heldout"]["growth"]["model"]
     def finite(x: Any) -> Any:  # a set without any answered pair scores NaN: no figure
@@ -200,7 +200,8 @@ def score(model: Path, sets: dict[str, list[learning.EvalScene]], work: Path, cl
         "f1_left_out": finite(merged["synthetic_left_out_region"]["fields"]["model"]["f1"]),
         "stage_heldout": finite(g["stage_accuracy"]),
         "stage_left_out": finite(merged["synthetic_left_out_region"]["growth"]["model"]["stage_accuracy"]),
-        "stage_real": finite(merged["real_test_block"]["growth"]["model"]["stage_accuracy"]),
+        "stage_real": finite(merged["real_test_block"]["growth"]["model"]["stage_accuracy"])
+        if "real_test_block" in merged else None,
         "green_up_days": finite(g["green_up_median_days"]),
         "peak_days": finite(g["peak_median_days"]),
         "senescence_days": finite(g["senescence_median_days"]),
@@ -209,11 +210,12 @@ def score(model: Path, sets: dict[str, list[learning.EvalScene]], work: Path, cl
 
 
 def baselines(sets: dict[str, list[learning.EvalScene]], work: Path, clim: Any, model: Path,
-              growth_fields: int, threads: int) -> dict[str, Any]:
+              growth_fields: int, threads: int, max_new_tokens: int | None = None) -> dict[str, Any]:
     """The whole-chip and segmentation F1 and the climatology's stage accuracy on the same sets."""
     out: dict[str, Any] = {}
     for name, scenes in sets.items():
-        rows = [learning.evaluate_scene(model, sc, work / name, clim, growth_fields, threads) for sc in scenes]
+        rows = [learning.evaluate_scene(model, sc, work / name, clim, growth_fields, threads,
+                                        max_new_tokens=max_new_tokens) for sc in scenes]
         m = learning.merge_rows(rows)
         out[name] = {"whole_chip_f1": m["fields"]["whole_chip"]["f1"],
                      "segmentation_f1": m["fields"]["segmentation"]["f1"],
@@ -312,8 +314,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               for r in b["eval_regions"] for s in range(n)],
         "synthetic_left_out_region": [learning.synthetic_scene(args.work, "corn_belt", 9000 + s, b["area"])
                                       for s in range(n)],
-        "real_test_block": [learning.real_test_scene(args.work)],
     }
+    if b.get("real_block", True):
+        sets["real_test_block"] = [learning.real_test_scene(args.work)]
     clim = training_climatology(work / "scenes")
     threads = max(1, args.threads // args.jobs)
     seeds = list(range(args.seeds))
@@ -329,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             final, runs = train_variant(BY_NAME[name], seed, opts, roots, work, threads, print)
             with eval_lock:  # one evaluation at a time (the other seed's training goes on)
                     figures, merged = score(final, sets, work / "pred" / f"{name}_seed{seed}", clim,
-                                        b["growth_fields"], threads)
+                                        b["growth_fields"], threads, b.get("max_new_tokens"))
             row = {**figures, **training_figures(runs), "sets": merged}
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps(row, indent=1) + "\n")
@@ -343,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "budget": budget_name, "budget_settings": {**b, "batch_size": opts.batch_size}, "seeds": seeds,
         "baselines": baselines(sets, work / "pred" / "baselines", clim, shipped_final, b["growth_fields"],
-                               args.threads),
+                               args.threads, b.get("max_new_tokens")),
         "variants": {name: {"what": BY_NAME[name].what,
                             "summary": summarise([{k: v for k, v in s[name].items() if k != "sets"}
                                                   for s in per_seed]),

@@ -124,7 +124,7 @@ def _growth_row(pred: pd.DataFrame, truth: pd.DataFrame, season_start: str) -> d
 
 def evaluate_scene(model: Path, scene: EvalScene, out: Path, climatology: pd.DataFrame, growth_fields: int,
                    threads: int, seed: int = 0, tasks: tuple[str, ...] = ("fields", "growth"),
-                   controls: bool = True) -> dict[str, Any]:
+                   controls: bool = True, max_new_tokens: int | None = None) -> dict[str, Any]:
     """Fields and growth of one scene (``tasks``): the model and the baselines (``controls``), as rows of figures."""
     stack = open_stack(str(scene.stack), masks=str(scene.masks) if scene.masks else None)
     size = load_input_config(model)[0].chip_size
@@ -137,7 +137,8 @@ def evaluate_scene(model: Path, scene: EvalScene, out: Path, climatology: pd.Dat
 
     def fields_of(stack_dir: Path, path: Path) -> gpd.GeoDataFrame:
         run_inference([str(stack_dir)], model, path, task="fields", masks=masks, overrides={"stride": size},
-                      batch_size=16, overwrite=True, restart=True, progress=False, threads=threads)
+                      batch_size=16, overwrite=True, restart=True, progress=False, threads=threads,
+                      max_new_tokens=max_new_tokens)
         found = gpd.read_file(path)
         return found[found.chip_id.isin(chips.chip_id)]
 
@@ -145,7 +146,8 @@ def evaluate_scene(model: Path, scene: EvalScene, out: Path, climatology: pd.Dat
     if "fields" in tasks:
         res["fields"] = _fields_rows(scene, chips, extent, stack, out, fields_of, controls)
     if "growth" in tasks:
-        res["growth"] = _growth_rows(model, scene, chips, out, climatology, growth_fields, threads, masks, size, seed)
+        res["growth"] = _growth_rows(model, scene, chips, out, climatology, growth_fields, threads, masks, size, seed,
+                                     max_new_tokens)
     return res
 
 
@@ -167,7 +169,8 @@ def _fields_rows(scene: EvalScene, chips: gpd.GeoDataFrame, extent: Path, stack:
 
 
 def _growth_rows(model: Path, scene: EvalScene, chips: gpd.GeoDataFrame, out: Path, climatology: pd.DataFrame,
-                 growth_fields: int, threads: int, masks: list[str] | None, size: int, seed: int) -> dict[str, Any]:
+                 growth_fields: int, threads: int, masks: list[str] | None, size: int, seed: int,
+                 max_new_tokens: int | None = None) -> dict[str, Any]:
     # growth: a fixed sample of fields that lie in the evaluated chips
     inside = scene.parcels[scene.parcels.intersects(chips.union_all())]
     rng = np.random.default_rng(seed)
@@ -178,7 +181,8 @@ def _growth_rows(model: Path, scene: EvalScene, chips: gpd.GeoDataFrame, out: Pa
     run_inference([str(scene.stack)], model, growth_out, task="growth",
                   masks=masks, fields=fields_path, field_id="field_id", field_class="class",
                   overrides={"stride": size, "season_start": scene.season_start},
-                  batch_size=32, overwrite=True, restart=True, progress=False, threads=threads)
+                  batch_size=32, overwrite=True, restart=True, progress=False, threads=threads,
+                  max_new_tokens=max_new_tokens)
     pred_st = pd.read_csv(growth_out.with_name(f"{growth_out.stem}_stages.csv"), dtype=str, keep_default_na=False)
     pred_st = pred_st.drop_duplicates(["field_id", "date"])
     truth = scene.stages.merge(pred_st[["field_id", "date"]], on=["field_id", "date"])

@@ -182,6 +182,23 @@ def test_predictor_is_causal_over_frames_and_within_its_window() -> None:
         assert not torch.allclose(a[:, 2:4], b[:, 2:4])
 
 
+def test_multiscale_reconstruction_loss_averages_the_mse_of_each_pooled_grid() -> None:
+    torch.manual_seed(0)
+    teacher, hidden = torch.randn(2, 3, 16, 8), torch.randn(2, 3, 16, 12)
+    one = NextFramePredictor(8, 12, embedding_dim=16, num_layers=1, num_heads=2, pool_strides=(1,))
+    both = NextFramePredictor(8, 12, embedding_dim=16, num_layers=1, num_heads=2, pool_strides=(1, 2))
+    both.load_state_dict(one.state_dict())
+    a, b = one.loss(teacher, hidden, (4, 4)), both.loss(teacher, hidden, (4, 4))
+    torch.testing.assert_close(a.prediction, b.prediction)
+    flat = (4, 16, 8)  # N · (T − 1) frames predicted
+    coarse = torch.nn.functional.mse_loss(pool_2d(b.prediction.reshape(flat), (4, 4), 2),
+                                          pool_2d(b.target.reshape(flat), (4, 4), 2))
+    torch.testing.assert_close(b.loss, (a.loss + coarse) / 2)
+    assert float(coarse) < float(a.loss)  # averaging 2 x 2 cells cancels part of the per-token error
+    with pytest.raises(ValueError, match="pool_strides"):
+        NextFramePredictor(8, 12, embedding_dim=16, num_heads=2, pool_strides=(0,))
+
+
 def test_reconstruction_gradient_reaches_the_llm_states_and_fast_slow_masks_per_item() -> None:
     torch.manual_seed(0)
     pred = NextFramePredictor(8, 16, embedding_dim=16, num_layers=1, num_heads=2, num_hist=3)

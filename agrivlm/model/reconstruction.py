@@ -144,9 +144,15 @@ class NextFramePredictor(nn.Module):
         num_heads: int = 8,
         num_hist: int = 3,
         normalize_targets: bool = True,
+        pool_strides: Sequence[int] = (1,),
     ) -> None:
         super().__init__()
         self.embedding_dim, self.num_hist, self.normalize_targets = embedding_dim, num_hist, normalize_targets
+        if not pool_strides or any(int(s) < 1 for s in pool_strides):
+            raise ValueError(f"pool_strides must be ≥ 1 each, got {list(pool_strides)}")
+        #: Multi-scale pooling of the loss (the notes' ``enable_multiscale_pooling``): the MSE is averaged over
+        #: the token grid average-pooled by each stride (1: the grid itself), so coarse structure counts too.
+        self.pool_strides = tuple(int(s) for s in pool_strides)
         self.visual_in = nn.Linear(vision_dim, embedding_dim)
         self.hidden_in = nn.Linear(llm_dim, embedding_dim)
         layer = nn.TransformerEncoderLayer(
@@ -208,12 +214,21 @@ class NextFramePredictor(nn.Module):
         grid: tuple[int, int],
         is_fast: torch.Tensor | None = None,
     ) -> ReconstructionOutput:
-        """MSE between the predictions and the teacher features of frames ``1 … T−1``."""
+        """MSE between the predictions and the teacher features of frames ``1 … T−1``.
+
+        With several ``pool_strides``: the mean of the MSEs of both, average-pooled on the ``grid`` by each stride.
+        """
         pred = self.forward(teacher, hidden, grid, is_fast)
         target = teacher[:, 1:].to(pred.dtype)
         if self.normalize_targets:
             target = F.layer_norm(target, target.shape[-1:])
-        return ReconstructionOutput(F.mse_loss(pred.float(), target.float()), pred, target)
+        n, t1, p, d = pred.shape
+        losses = []
+        for stride in self.pool_strides:
+            a = pool_2d(pred.float().reshape(n * t1, p, d), grid, stride)
+            b = pool_2d(target.float().reshape(n * t1, p, d), grid, stride)
+            losses.append(F.mse_loss(a, b))
+        return ReconstructionOutput(torch.stack(losses).mean(), pred, target)
 
 
 def visual_hidden_states(

@@ -270,6 +270,9 @@ class ReconstructionConfig(StrictModel):
     fast_slow: bool = False
     #: Layer-normalise the teacher features before the MSE (as MAE's normalised pixel loss).
     normalize_targets: bool = True
+    #: Multi-scale pooling of the loss (the notes' ``enable_multiscale_pooling``): the MSE averaged over the token
+    #: grid average-pooled by each stride, e.g. ``[1, 2]``; ``[1]``: the grid alone.
+    pool_strides: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1], min_length=1)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ReconstructionConfig:

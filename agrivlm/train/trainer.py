@@ -535,6 +535,7 @@ class _Run:
             predictor = NextFramePredictor(
                 int(vcfg.hidden_size), int(tcfg.hidden_size),
                 rec.embedding_dim, rec.num_layers, rec.num_heads, rec.num_hist, rec.normalize_targets,
+                rec.pool_strides,
             )
         module = CurriculumModule(model, predictor, teacher, rec.loss_weight, rec.fast_slow)
         main = sm.groups["main"] + (list(predictor.parameters()) if predictor is not None else [])
