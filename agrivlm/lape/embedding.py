@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from agrivlm.lape.tokens import AXES, Axis, LapeVocab
+from agrivlm.lape.tokens import AXES, DEFAULT_NUM_SPATIAL, DEFAULT_NUM_TEMPORAL, Axis, LapeVocab
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -141,7 +141,8 @@ class LapeEmbeddings(nn.Module):
     ``{height,width,temporal}_output.weight`` ``(N, D)`` (``nn.Linear(D, N)`` without bias).
     """
 
-    def __init__(self, hidden_size: int, num_spatial: int = 150, num_temporal: int = 50, ntp: bool = True) -> None:
+    def __init__(self, hidden_size: int, num_spatial: int = DEFAULT_NUM_SPATIAL,
+                 num_temporal: int = DEFAULT_NUM_TEMPORAL, ntp: bool = True) -> None:
         super().__init__()
         self.vocab = LapeVocab(num_spatial, num_temporal)
         self.hidden_size = hidden_size

@@ -43,7 +43,7 @@ from transformers import (
 from agrivlm.config import StrictModel, load_config
 from agrivlm.errors import ConfigError
 from agrivlm.lape.embedding import number_text_init_, random_init_, smart_init_
-from agrivlm.lape.tokens import LapeVocab
+from agrivlm.lape.tokens import DEFAULT_NUM_SPATIAL, DEFAULT_NUM_TEMPORAL, LapeVocab
 from agrivlm.model.configuration import RENAMED_KEYS, AgriVLMConfig
 from agrivlm.model.modeling import AgriVLMForConditionalGeneration
 from agrivlm.model.tokenizer import add_agrivlm_tokens, default_tokenizer
@@ -101,8 +101,8 @@ class LapeSettings(StrictModel):
     """LAPE switches and hyper-parameters (see :class:`~agrivlm.model.configuration.AgriVLMConfig`)."""
 
     enabled: bool = True
-    num_spatial_tokens: int = Field(default=150, ge=2)
-    num_temporal_tokens: int = Field(default=50, ge=2)
+    num_spatial_tokens: int = Field(default=DEFAULT_NUM_SPATIAL, ge=2)
+    num_temporal_tokens: int = Field(default=DEFAULT_NUM_TEMPORAL, ge=2)
     ntp: bool = True
     #: Scale of the height + width LAPE embeddings added to the visual features.
     spatial_injection_scale: float = 1.0

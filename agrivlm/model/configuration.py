@@ -23,6 +23,7 @@ from transformers.utils import CONFIG_NAME
 
 from agrivlm.config import read_json_mapping
 from agrivlm.errors import ConfigError
+from agrivlm.lape.tokens import DEFAULT_NUM_SPATIAL, DEFAULT_NUM_TEMPORAL
 from agrivlm.pipeline.pooling import POOL_MODES
 from agrivlm.remote_code import CONFIG_AUTO_MAP, write_remote_code
 
@@ -92,9 +93,9 @@ class AgriVLMConfig(PreTrainedConfig):
     #: LAPE on: separate position tables/heads, NTP, injection, soft targets. Off: position tokens are plain vocabulary.
     enable_lape: bool = True
     #: Position tokens per spatial axis.
-    num_spatial_tokens: int = 150
+    num_spatial_tokens: int = DEFAULT_NUM_SPATIAL
     #: Temporal position tokens.
-    num_temporal_tokens: int = 50
+    num_temporal_tokens: int = DEFAULT_NUM_TEMPORAL
     #: Neighbouring token propagation on the LAPE tables and heads.
     lape_ntp: bool = True
     #: Scale of the height + width LAPE embeddings added to the visual features (formerly ``spatial_pos_weight``).

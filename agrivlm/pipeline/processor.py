@@ -50,7 +50,7 @@ from agrivlm.errors import ConfigError, PipelineError
 from agrivlm.geo.chips import Chip
 from agrivlm.geo.coords import FloatArray, GeoGrid, TimeAxis
 from agrivlm.lape.embedding import default_frame_times
-from agrivlm.lape.tokens import LapeVocab
+from agrivlm.lape.tokens import DEFAULT_NUM_SPATIAL, DEFAULT_NUM_TEMPORAL, LapeVocab
 from agrivlm.pipeline.anyres import Tile, anyres_tiles, cell_centres, token_positions
 from agrivlm.pipeline.bands import COMPOSITES, PRESETS, BandStats, available_composites, fill_nodata, prepare_bands
 from agrivlm.pipeline.conversation import CHAT_TEMPLATE, answer_end_id
@@ -398,8 +398,8 @@ class AgriVLMProcessor(ProcessorMixin):
         patch_size: int = 4,
         pool_stride: int = 2,
         num_bands: int = 1,
-        num_spatial_tokens: int = 150,
-        num_temporal_tokens: int = 50,
+        num_spatial_tokens: int = DEFAULT_NUM_SPATIAL,
+        num_temporal_tokens: int = DEFAULT_NUM_TEMPORAL,
         chat_template: str | None = None,
         pool_mode: str = "average",
         chip_config: dict[str, Any] | ChipInputConfig | None = None,

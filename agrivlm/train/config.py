@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 
 from agrivlm.config import StrictModel, load_config
 from agrivlm.errors import ConfigError
-from agrivlm.lape.tokens import QuestionPositions
+from agrivlm.lape.tokens import DEFAULT_NUM_SPATIAL, DEFAULT_NUM_TEMPORAL, QuestionPositions
 from agrivlm.pipeline.focus import GrowthFocus
 from agrivlm.pipeline.processor import AnyResConfig
 from agrivlm.recipes.config import FamilyName
@@ -63,9 +63,9 @@ class LapeTrainConfig(StrictModel):
     #: (stage 2, or a stage built from ``model.config``), a later stage keeps its ``init_from``'s.
     ntp: bool = True
     #: Position tokens per spatial axis; must match the tokenizer of the stage-1 model.
-    num_spatial_tokens: int = Field(default=150, ge=2)
+    num_spatial_tokens: int = Field(default=DEFAULT_NUM_SPATIAL, ge=2)
     #: Temporal position tokens; must match the tokenizer of the stage-1 model.
-    num_temporal_tokens: int = Field(default=50, ge=2)
+    num_temporal_tokens: int = Field(default=DEFAULT_NUM_TEMPORAL, ge=2)
     #: LR of the LAPE parameter group as a multiple of the base LR (after its warmup).
     lape_lr_multiplier: float = Field(default=0.5, gt=0)
     #: Optimizer steps of the LAPE warm-up (the report's §4.2): the factor ramps linearly from 0 to 0.1, then is
