@@ -8,9 +8,10 @@ region, the sample's test blocks) by the same infer and eval code. Variants shar
 (a stage-3-only switch trains on the shipped stage 2 of its seed).
 
 Per variant and seed: held-out field F1@0.5, stage accuracy, median key-date errors, the final validation
-position-token loss (teacher-forced, on the recipes' validation scenes), median step time of the last phase and
-peak memory (the training process's, ``peak_mem_mib`` of its log); per variant the mean and spread (sample
-standard deviation) over seeds. Writes ``ablations.json`` and ``ablations.png`` into ``--out``; a killed run
+position-token loss (teacher-forced, on the recipes' validation scenes); per variant the mean and spread (sample
+standard deviation) over seeds, and the median step time and peak memory (``peak_mem_mib`` of the training log)
+of its last phase, measured after all training, one variant at a time with nothing else running. Writes
+``ablations.json`` and ``ablations.png`` into ``--out``; a killed run
 resumes (finished phases and scores are kept in ``--work``).
 
 The budget is far below the shipped checkpoint's (``--quick``: 840 steps of 8 samples, 8 scenes per region,
@@ -88,12 +89,14 @@ BY_NAME = {v.name: v for v in VARIANTS}
 #: The budgets: ``quick`` (about an hour on 2 cores for every variant and 2 seeds), ``full`` and ``tiny`` (the test).
 BUDGETS: dict[str, dict[str, Any]] = {
     "quick": {"scenes": 8, "steps": {"stage1": 40, "stage2": 150, "stage3_focus": 250, "stage3": 400},
-              "eval_scenes": 1, "growth_fields": 12, "area": 1.0, "eval_regions": ("central_europe", "pannonian")},
+              "eval_scenes": 1, "growth_fields": 12, "area": 1.0, "eval_regions": ("central_europe", "pannonian"),
+              "timing_steps": 30},
     "full": {"scenes": 20, "steps": {"stage1": 100, "stage2": 400, "stage3_focus": 750, "stage3": 1500},
-             "eval_scenes": 2, "growth_fields": 24, "area": 1.0, "eval_regions": ("central_europe", "pannonian")},
+             "eval_scenes": 2, "growth_fields": 24, "area": 1.0, "eval_regions": ("central_europe", "pannonian"),
+             "timing_steps": 50},
     "tiny": {"scenes": 1, "steps": {"stage1": 2, "stage2": 2, "stage3_focus": 0, "stage3": 2},
              "eval_scenes": 1, "growth_fields": 2, "area": 0.15, "model": "configs/model/tiny.yaml",
-             "eval_regions": ("pannonian",), "real_block": False, "max_new_tokens": 8},
+             "eval_regions": ("pannonian",), "real_block": False, "max_new_tokens": 8, "timing_steps": 5},
 }
 #: Figures of the table: (key, label, better when higher).
 METRICS: tuple[tuple[str, str, bool], ...] = (
@@ -105,6 +108,7 @@ METRICS: tuple[tuple[str, str, bool], ...] = (
     ("green_up_days", "green-up median days", False),
     ("peak_days", "peak median days", False),
     ("val_position_loss", "val position loss", False),
+    ("val_loss", "val loss", False),
     ("step_time_s", "step s", False),
     ("peak_mem_mib", "peak MiB", False),
 )
@@ -155,32 +159,55 @@ def train_variant(variant: Variant, seed: int, opts: DefaultTraining, roots: dic
         runs.append(folder)
         if not (folder / "final" / "config.json").is_file():
             t0 = time.perf_counter()
-            cmd = [sys.executable, "-m", "agrivlm.cli", "train", PHASES[phase], "--config",
-                   str(resources.stage_config(PHASES[phase])), "--overwrite", *_set_args(over)]
-            log = folder.parent / f"{folder.name}.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            with log.open("w") as fh:
-                rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=False).returncode
-            if rc != 0:
-                raise RuntimeError(f"{variant.name} seed {seed} {phase}: agrivlm train failed (rc {rc}); see {log}")
+            _run_train(phase, over, folder.parent / f"{folder.name}.log", f"{variant.name} seed {seed}")
             echo(f"  {variant.name} seed {seed}: {phase} {steps} steps in {time.perf_counter() - t0:.0f} s")
         prev = folder / "final"
     assert prev is not None
     return prev, runs
 
 
+def _metrics(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
 def training_figures(runs: list[Path]) -> dict[str, Any]:
-    """Final validation losses, median step time of the last phase and the peak memory over the phases."""
-    rows_last = [json.loads(line) for line in (runs[-1] / "logs" / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in rows_last if "eval_position_loss" in r]
-    times = [r["step_time_s"] for r in rows_last if "step_time_s" in r]
-    peak = 0.0
-    for run in runs:
-        for line in (run / "logs" / "metrics.jsonl").read_text().splitlines():
-            peak = max(peak, float(json.loads(line).get("peak_mem_mib", 0.0)))
-    return {"val_position_loss": round(evals[-1]["eval_position_loss"], 4) if evals else None,
-            "val_loss": round(evals[-1]["eval_loss"], 4) if evals else None,
-            "step_time_s": round(float(np.median(times)), 4) if times else None, "peak_mem_mib": peak}
+    """Final validation losses of the last phase (teacher-forced, the recipes' validation scenes)."""
+    evals = [r for r in _metrics(runs[-1]) if "eval_loss" in r]
+    last = evals[-1] if evals else {}
+    pos = last.get("eval_position_loss")  # none with LAPE off: its position tokens are plain vocabulary
+    return {"val_position_loss": None if pos is None else round(pos, 4),
+            "val_loss": round(last["eval_loss"], 4) if "eval_loss" in last else None}
+
+
+def time_variant(variant: Variant, opts: DefaultTraining, roots: dict[str, Path], work: Path, threads: int,
+                 steps: int) -> dict[str, Any]:
+    """Step time and peak memory of the variant's last phase, measured alone (nothing else training).
+
+    ``steps`` steps of that phase from its seed-0 starting model, every thread of ``threads``; the median step time
+    leaves out the first 3 steps (warm-up).
+    """
+    _, runs = train_variant(variant, 0, opts, roots, work, threads, print)
+    phase = phase_plan(variant, opts)[-1][0]
+    folder = work / "timing" / variant.name
+    over = phase_overrides(phase, replace(opts, seed=0, threads=threads, steps={**opts.steps, phase: steps}),
+                           roots[phase], folder, runs[-2] / "final" if len(runs) > 1 else None)
+    over.update({"train.snapshot_every": 0, "train.save_every": 0, "train.eval_every": -1,
+                 **variant.changes.get(phase, {})})
+    _run_train(phase, over, folder.parent / f"{folder.name}.log", f"{variant.name} timing")
+    rows = _metrics(folder)
+    times = [r["step_time_s"] for r in rows if "step_time_s" in r and r.get("step", 0) > 3]
+    return {"step_time_s": round(float(np.median(times)), 4) if times else None,
+            "peak_mem_mib": max(float(r.get("peak_mem_mib", 0.0)) for r in rows)}
+
+
+def _run_train(phase: str, over: dict[str, Any], log: Path, what: str) -> None:
+    cmd = [sys.executable, "-m", "agrivlm.cli", "train", PHASES[phase], "--config",
+           str(resources.stage_config(PHASES[phase])), "--overwrite", *_set_args(over)]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as fh:
+        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=False).returncode
+    if rc != 0:
+        raise RuntimeError(f"{what} {phase}: agrivlm train failed (rc {rc}); see {log}")
 
 
 def score(model: Path, sets: dict[str, list[learning.EvalScene]], work: Path, clim: Any, growth_fields: int,
@@ -246,8 +273,10 @@ def table(result: dict[str, Any]) -> str:
             s = v["summary"].get(key)
             if s is None:
                 cells.append("–")
-            elif key == "peak_mem_mib":
+            elif key == "peak_mem_mib":  # measured once per variant (alone): no spread
                 cells.append(f"{s['mean']:.0f}")
+            elif key == "step_time_s":
+                cells.append(f"{s['mean']:.3f}")
             else:
                 sd = f" ± {s['sd']:.3g}" if s.get("sd") is not None else ""
                 cells.append(f"{s['mean']:.3g}{sd}")
@@ -325,23 +354,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def chain(seed: int) -> dict[str, dict[str, Any]]:
         out = {}
         for name in names:
+            final, runs = train_variant(BY_NAME[name], seed, opts, roots, work, threads, print)  # kept if trained
             cache = work / "scores" / f"{name}_seed{seed}.json"
             if cache.is_file():
-                out[name] = json.loads(cache.read_text())
-                continue
-            final, runs = train_variant(BY_NAME[name], seed, opts, roots, work, threads, print)
-            with eval_lock:  # one evaluation at a time (the other seed's training goes on)
+                scores = json.loads(cache.read_text())
+            else:
+                with eval_lock:  # one evaluation at a time (the other seed's training goes on)
                     figures, merged = score(final, sets, work / "pred" / f"{name}_seed{seed}", clim,
-                                        b["growth_fields"], threads, b.get("max_new_tokens"))
-            row = {**figures, **training_figures(runs), "sets": merged}
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps(row, indent=1) + "\n")
-            print(f"{name} seed {seed}: " + ", ".join(f"{k} {row.get(k)}" for k, _, _ in METRICS), flush=True)
+                                            b["growth_fields"], threads, b.get("max_new_tokens"))
+                scores = {**figures, "sets": merged}
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                cache.write_text(json.dumps(scores, indent=1) + "\n")
+            row = {**scores, **training_figures(runs)}
+            print(f"{name} seed {seed}: " + ", ".join(f"{k} {row.get(k)}" for k, _, _ in METRICS[:-2]), flush=True)
             out[name] = row
         return out
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         per_seed = list(pool.map(chain, seeds))
+    # step time and memory alone, one variant after another: the training runs above shared the cores
+    timing = {name: time_variant(BY_NAME[name], opts, roots, work, args.threads, b["timing_steps"])
+              for name in names}
+    for name in names:
+        t = timing[name]
+        print(f"{name}: {t['step_time_s']} s/step, peak {t['peak_mem_mib']:.0f} MiB", flush=True)
+        for s in per_seed:
+            s[name].update(timing[name])
     shipped_final = train_variant(BY_NAME["shipped"], 0, opts, roots, work, threads, print)[0]
     result: dict[str, Any] = {
         "budget": budget_name, "budget_settings": {**b, "batch_size": opts.batch_size}, "seeds": seeds,
