@@ -105,3 +105,27 @@ def test_reconstruction_does_not_take_a_layout(stage1: tuple[Path, Path, Path]) 
                                                        "reconstruction.enabled": True, **LAYOUTS["anyres"]})
     with pytest.raises(ConfigError, match="reconstruction"):
         load_stage_config(path)
+
+
+def test_fast_slow_changes_the_frame_layout_and_travels_to_infer(stage1: tuple[Path, Path, Path]) -> None:
+    from agrivlm.train.trainer import checkpoint_inputs
+
+    data, tmp, s1 = stage1
+    frames = {"data.frames.sampler": "fast_slow", "data.frames.num_fast": 2, "data.frames.num_slow": 2,
+              "data.frames.slow_stride": 2, "data.frames.merge": "concat"}
+    cfg = load_stage_config(stage_yaml("stage2", tmp / "s2_fs.yaml", {**_common(data, tmp / "s2_fs"),
+                                                                      "model.init_from": str(s1), **frames}))
+    _, processor = load_pretrained(s1)
+    records, _ = select_records(read_split(cfg.data.roots, "train"), cfg.data, 0, True)
+    ds = RecordDataset(records[:2], cfg.data.frames, cfg.data.normalize.model_copy(update={"mode": "chip"}),
+                       processor.vocab, 0)
+    sample = ds[0]
+    n = len(records[0].record.chip.frame_dates)
+    assert sample.is_fast.tolist() == [False, False, True, True]  # concat: the slow frames, then the fast ones
+    assert sample.pixels.shape[0] == 4 and sample.frame_times[-1] == 1.0  # the newest date is the last fast frame
+    assert n > 4
+    batch = Collator(processor, True)([ds[0], ds[1]])
+    assert batch["is_fast"].tolist() == [[False, False, True, True]] * 2
+    saved = checkpoint_inputs(cfg, None, records).frames
+    assert (saved.sampler, saved.num_fast, saved.num_slow, saved.slow_stride, saved.merge) == (
+        "fast_slow", 2, 2, 2, "concat")
