@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from agrivlm.config import StrictModel, load_config, parse_config
 from agrivlm.lape.tokens import QuestionPositions
 from agrivlm.pipeline.focus import GrowthFocus
 from agrivlm.pipeline.frames import FrameSamplingConfig
-from agrivlm.pipeline.processor import AnyResConfig
+from agrivlm.pipeline.processor import AnyResConfig, ScaleFactors, check_item_layout
 from agrivlm.recipes.config import ChipConfig, GrowthStagesConfig, PhenologyConfig
 
 #: The file beside a checkpoint's weights that says how its inputs are made.
@@ -104,9 +104,14 @@ class InputConfig(StrictModel):
     #: (``data.anyres``); None: one item.
     anyres: AnyResConfig | None = None
     #: Multi-scale: one item per scale factor (``data.scales``); None: one scale.
-    scales: list[Annotated[float, Field(gt=0)]] | None = None
+    scales: ScaleFactors | None = None
     #: Points per side of the ``points`` prompt grid.
     point_grid: Annotated[int, Field(gt=0)] = 6
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> InputConfig:
+        check_item_layout(self.anyres, self.scales)
+        return self
 
 
 def load_input_config(folder: str | os.PathLike[str]) -> tuple[InputConfig, bool]:

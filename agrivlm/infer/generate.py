@@ -316,12 +316,9 @@ class Predictor:
                     pixels = [q.visual.pixels for q in qs]
                     times = [q.visual.frame_times for q in qs]
                     given = [list(q.positions) if q.positions else None for q in qs]
-                    if self.layout is not None:  # tiles or scales, as the checkpoint was trained
-                        batch = self.processor.from_frames(prompts, pixels, self.layout, frame_times=times,
-                                                           positions=given, padding_side="left")
-                    else:
-                        batch = self.processor(prompts, images=pixels, frame_times=times, positions=given,
-                                               padding_side="left")
+                    # tiles or scales when the checkpoint was trained so, else one item per question
+                    batch = self.processor.from_frames(prompts, pixels, self.layout, frame_times=times,
+                                                       positions=given, padding_side="left")
                 out.append((part, batch))
         return out
 

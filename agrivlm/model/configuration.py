@@ -197,7 +197,7 @@ class AgriVLMConfig(PreTrainedConfig):
         LAPE on, or LAPE off in a stage 2 or 3 (``lape.enabled: false``, the ablation: the position tokens are
         rows of the LLM's vocabulary); not a stage-1 model, which never saw a position.
         """
-        stage = (self.stage_info or {}).get("stage") if isinstance(self.stage_info, dict) else None
+        stage = self.stage_info.get("stage") if isinstance(self.stage_info, dict) else None
         return bool(self.enable_lape) or stage in ("stage2", "stage3")
 
 

@@ -170,6 +170,10 @@ class BandsConfig(StrictModel):
                          self.percentiles)
 
 
+#: Multi-scale factors of a chip, e.g. ``[1.0, 0.5]`` (chip settings, stage configs, saved inputs).
+ScaleFactors = list[Annotated[float, Field(gt=0)]]
+
+
 class AnyResConfig(StrictModel):
     """AnyRes tiling of :meth:`AgriVLMProcessor.from_chips` (:func:`~agrivlm.pipeline.anyres.anyres_tiles`)."""
 
@@ -204,7 +208,7 @@ class ChipInputConfig(StrictModel):
     anyres: AnyResConfig | None = None
     #: Multi-scale: scale factors, e.g. ``[1.0, 0.75, 0.5]``; each scale's side is rounded to a multiple of
     #: the patch size (at least one patch). None: one scale, the chip's own size.
-    scales: list[Annotated[float, Field(gt=0)]] | None = None
+    scales: ScaleFactors | None = None
     #: Plain and multi-scale: resize each chip to ``size × size`` px first (the geography follows exactly).
     size: Annotated[int, Field(ge=1)] | None = None
     #: Interpolation of every resize (NaN-aware, :func:`~agrivlm.pipeline.frames.resize_frames`).
@@ -214,13 +218,22 @@ class ChipInputConfig(StrictModel):
 
     @model_validator(mode="after")
     def _one_layout(self) -> ChipInputConfig:
-        if self.anyres is not None and self.scales is not None:
-            raise ValueError("use either anyres or scales, not both")
+        check_item_layout(self.anyres, self.scales)
         if self.anyres is not None and self.size is not None:
             raise ValueError("size resizes plain and multi-scale chips; AnyRes tiles are anyres.tile_size px")
-        if self.scales is not None and not self.scales:
-            raise ValueError("scales needs at least one factor (or null for one scale)")
         return self
+
+
+def check_item_layout(anyres: AnyResConfig | None, scales: Sequence[float] | None) -> None:
+    """The rule of every ``anyres`` / ``scales`` pair (chip settings, stage configs, saved inputs).
+
+    Raises:
+        ValueError: both are set, or ``scales`` is empty.
+    """
+    if anyres is not None and scales is not None:
+        raise ValueError("use either anyres or scales, not both")
+    if scales is not None and not scales:
+        raise ValueError("scales needs at least one factor (or null for one scale)")
 
 
 def item_layout(anyres: AnyResConfig | None, scales: Sequence[float] | None) -> ChipInputConfig | None:
@@ -857,7 +870,7 @@ class AgriVLMProcessor(ProcessorMixin):
         self,
         text: str | Sequence[str],
         frames: Sequence[Any],
-        layout: ChipInputConfig,
+        layout: ChipInputConfig | None,
         *,
         answers: str | Sequence[str] | None = None,
         frame_times: Sequence[Sequence[float] | None] | None = None,
@@ -866,6 +879,8 @@ class AgriVLMProcessor(ProcessorMixin):
         add_eos: bool = True,
     ) -> BatchFeature:
         """:meth:`__call__` with each placeholder's frames cut into ``layout``'s items (AnyRes or multi-scale).
+
+        ``layout`` None (:func:`item_layout` of no tiles and no scales): :meth:`__call__` itself, one item each.
 
         What training (``data.anyres`` / ``data.scales``) and ``agrivlm infer`` (the checkpoint's saved
         ``anyres`` / ``scales``) feed the model: ``frames`` are one ``(T, C, H, W)`` array per placeholder, already
@@ -878,6 +893,9 @@ class AgriVLMProcessor(ProcessorMixin):
             ValueError: a frame count or band count that differs between items, or too few/many frames arrays.
             PipelineError: a size that is not a multiple of the patch size.
         """
+        if layout is None:
+            return self(text, images=frames, answers=answers, frame_times=frame_times, positions=positions,
+                        padding_side=padding_side, add_eos=add_eos)
         texts, answer_list, prompt_ids = self._prepare_text(text, answers, padding_side, "pt")
         layout_ids = self.layout
         n_items = sum(sum(i in (layout_ids.image_token_id, layout_ids.video_token_id) for i in ids)

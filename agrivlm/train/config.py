@@ -25,7 +25,7 @@ from agrivlm.config import StrictModel, load_config
 from agrivlm.errors import ConfigError
 from agrivlm.lape.tokens import DEFAULT_NUM_SPATIAL, DEFAULT_NUM_TEMPORAL, QuestionPositions
 from agrivlm.pipeline.focus import GrowthFocus
-from agrivlm.pipeline.processor import AnyResConfig
+from agrivlm.pipeline.processor import AnyResConfig, ScaleFactors, check_item_layout
 from agrivlm.recipes.config import FamilyName
 
 Stage = Literal["stage1", "stage2", "stage3"]
@@ -232,14 +232,11 @@ class DataConfig(StrictModel):
     anyres: AnyResConfig | None = None
     #: Multi-scale: one item per scale factor, e.g. ``[1.0, 0.5]`` (the chip and a half-size copy); not with
     #: ``anyres``. None: one scale.
-    scales: list[Annotated[float, Field(gt=0)]] | None = None
+    scales: ScaleFactors | None = None
 
     @model_validator(mode="after")
     def _one_layout(self) -> DataConfig:
-        if self.anyres is not None and self.scales is not None:
-            raise ValueError("use either anyres or scales, not both")
-        if self.scales is not None and not self.scales:
-            raise ValueError("scales needs at least one factor (or null for one scale)")
+        check_item_layout(self.anyres, self.scales)
         return self
 
     @model_validator(mode="after")

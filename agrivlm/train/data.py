@@ -38,7 +38,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -192,8 +192,12 @@ class _Collector:
     values: list[float] = field(default_factory=list)
     mode: QuestionPositions = "bins"
 
+    def __post_init__(self) -> None:
+        # both modes' formatters once per record, not once per position
+        self._formatters = {m: position_formatters(self.vocab, m) for m in get_args(QuestionPositions)}
+
     def _fmt(self, kind: str, v: Any) -> str:
-        return str(position_formatters(self.vocab, self.mode)[kind](v))
+        return str(self._formatters[self.mode][kind](v))
 
     def box(self, b: Sequence[float]) -> str:
         self.values.extend(float(x) for x in b)  # WIDTH u1, HEIGHT v1, WIDTH u2, HEIGHT v2
@@ -433,11 +437,8 @@ class Collator:
         answers = [s.answer for s in samples]
         times = [s.frame_times for s in samples]
         given = [s.positions for s in samples] if self.lape else None
-        if self.layout is not None:
-            batch = self.processor.from_frames(text, pixels, self.layout, answers=answers, frame_times=times,
-                                               positions=given)
-        else:
-            batch = self.processor(text=text, images=pixels, answers=answers, frame_times=times, positions=given)
+        batch = self.processor.from_frames(text, pixels, self.layout, answers=answers, frame_times=times,
+                                           positions=given)
         out: dict[str, Any] = dict(batch)
         out["sample_ids"] = [s.sample_id for s in samples]
         out["is_fast"] = torch.from_numpy(np.stack([s.is_fast for s in samples]))
