@@ -116,15 +116,8 @@ METRICS: tuple[tuple[str, str, bool], ...] = (
 
 def training_climatology(scenes: Path) -> Any:
     """The day-of-year stage climatology of the training scenes (the baseline of the stage figures)."""
-    import geopandas as gpd
-    import pandas as pd
-
-    tables = []
-    for folder in sorted(p for p in scenes.iterdir() if (p / "scene.json").is_file()):
-        parcels = gpd.read_file(folder / "parcels.gpkg")[["field_id", "class"]]
-        stages = pd.read_csv(folder / "truth" / "stages.csv", dtype=str, keep_default_na=False)
-        tables.append(stages.merge(parcels[parcels["class"].isin(learning.FIELD_CLASSES)], on="field_id"))
-    return learning.stage_climatology(tables)
+    folders = sorted(p for p in scenes.iterdir() if (p / "scene.json").is_file())
+    return learning.climatology_of([learning.read_scene(f, f.name) for f in folders])
 
 
 def phase_plan(variant: Variant, opts: DefaultTraining) -> list[tuple[str, int]]:
@@ -213,12 +206,9 @@ def _run_train(phase: str, over: dict[str, Any], log: Path, what: str) -> None:
 def score(model: Path, sets: dict[str, list[learning.EvalScene]], work: Path, clim: Any, growth_fields: int,
           threads: int, max_new_tokens: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(figures, merged rows per set)`` of one model on the held-out sets."""
-    merged = {}
-    for name, scenes in sets.items():
-        rows = [learning.evaluate_scene(model, sc, work / name, clim, growth_fields, threads, controls=False,
-                                        max_new_tokens=max_new_tokens) for sc in scenes]
-        merged[name] = learning.merge_rows(rows)
+    merged = evaluate_sets(model, sets, work, clim, growth_fields, threads, max_new_tokens, controls=False)
     g = merged["synthetic_heldout"]["growth"]["model"]
+
     def finite(x: Any) -> Any:  # a set without any answered pair scores NaN: no figure
         return x if isinstance(x, (int, float)) and np.isfinite(x) else None
 
@@ -239,16 +229,21 @@ def score(model: Path, sets: dict[str, list[learning.EvalScene]], work: Path, cl
 def baselines(sets: dict[str, list[learning.EvalScene]], work: Path, clim: Any, model: Path,
               growth_fields: int, threads: int, max_new_tokens: int | None = None) -> dict[str, Any]:
     """The whole-chip and segmentation F1 and the climatology's stage accuracy on the same sets."""
-    out: dict[str, Any] = {}
-    for name, scenes in sets.items():
-        rows = [learning.evaluate_scene(model, sc, work / name, clim, growth_fields, threads,
-                                        max_new_tokens=max_new_tokens) for sc in scenes]
-        m = learning.merge_rows(rows)
-        out[name] = {"whole_chip_f1": m["fields"]["whole_chip"]["f1"],
-                     "segmentation_f1": m["fields"]["segmentation"]["f1"],
-                     "climatology_stage_accuracy": m["growth"]["climatology"]["stage_accuracy"],
-                     "climatology_green_up_days": m["growth"]["climatology"]["green_up_median_days"]}
-    return out
+    merged = evaluate_sets(model, sets, work, clim, growth_fields, threads, max_new_tokens, controls=True)
+    return {name: {"whole_chip_f1": m["fields"]["whole_chip"]["f1"],
+                   "segmentation_f1": m["fields"]["segmentation"]["f1"],
+                   "climatology_stage_accuracy": m["growth"]["climatology"]["stage_accuracy"],
+                   "climatology_green_up_days": m["growth"]["climatology"]["green_up_median_days"]}
+            for name, m in merged.items()}
+
+
+def evaluate_sets(model: Path, sets: dict[str, list[learning.EvalScene]], work: Path, clim: Any, growth_fields: int,
+                  threads: int, max_new_tokens: int | None, controls: bool) -> dict[str, Any]:
+    """``learning.evaluate_scene`` on every scene of every set, merged per set (``learning.merge_rows``)."""
+    return {name: learning.merge_rows([learning.evaluate_scene(model, sc, work / name, clim, growth_fields, threads,
+                                                               controls=controls, max_new_tokens=max_new_tokens)
+                                       for sc in scenes])
+            for name, scenes in sets.items()}
 
 
 def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:

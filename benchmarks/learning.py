@@ -76,12 +76,16 @@ def synthetic_scene(work: Path, region: str, seed: int, area_km2: float = 1.0) -
     if not (folder / "scene.json").is_file():
         write_scene(folder, SceneSpec(region=region, area_km2=area_km2, seed=seed, start=start, end=end),
                     overwrite=True)
+    return read_scene(folder, f"{region}_{seed}")
+
+
+def read_scene(folder: Path, name: str) -> EvalScene:
+    """An ``agrivlm synth`` scene folder with its truth: the field-class parcels and the stage table."""
     parcels = gpd.read_file(folder / "parcels.gpkg")
     parcels = parcels[parcels["class"].isin(FIELD_CLASSES)][["field_id", "class", "geometry"]]
     stages = pd.read_csv(folder / "truth" / "stages.csv", dtype=str, keep_default_na=False)
     meta = json.loads((folder / "scene.json").read_text())
-    return EvalScene(f"{region}_{seed}", folder / "stack", folder / "cloud_mask", parcels, stages,
-                     meta["season_start"])
+    return EvalScene(name, folder / "stack", folder / "cloud_mask", parcels, stages, meta["season_start"])
 
 
 def real_test_scene(work: Path) -> EvalScene:
@@ -196,13 +200,12 @@ def _growth_rows(model: Path, scene: EvalScene, chips: gpd.GeoDataFrame, out: Pa
 
 def training_climatology(work: Path, regions: list[str], seeds: list[int], area_km2: float = 1.0) -> pd.DataFrame:
     """The stage climatology of training-like scenes (the same generator, training seeds)."""
-    tables = []
-    for region in regions:
-        for seed in seeds:
-            sc = synthetic_scene(work, region, seed, area_km2)
-            t = sc.stages.merge(sc.parcels[["field_id", "class"]], on="field_id")
-            tables.append(t)
-    return stage_climatology(tables)
+    return climatology_of([synthetic_scene(work, region, seed, area_km2) for region in regions for seed in seeds])
+
+
+def climatology_of(scenes: list[EvalScene]) -> pd.DataFrame:
+    """The day-of-year stage climatology (per field class) of the scenes' truth stage tables."""
+    return stage_climatology([sc.stages.merge(sc.parcels[["field_id", "class"]], on="field_id") for sc in scenes])
 
 
 def merge_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
