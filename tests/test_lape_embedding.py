@@ -15,6 +15,7 @@ from agrivlm.lape.embedding import (
     number_text_init_,
     reparam,
     smart_init_,
+    smooth_init_,
     token_transfer,
 )
 from agrivlm.lape.tokens import Axis, bin_centre
@@ -148,6 +149,39 @@ def test_smart_init_statistics() -> None:
     assert torch.equal(lape.width_output.weight, lape.width_input.weight)
     with pytest.raises(ValueError, match="std_ratio"):
         smart_init_(lape, llm_in, std_ratio=0.0)
+
+
+def test_smooth_init_statistics_and_neighbours() -> None:
+    g = torch.Generator().manual_seed(1)
+    llm_in = 0.3 + 0.05 * torch.randn(3000, 64, generator=g)
+    llm_out = -0.1 + 0.2 * torch.randn(3000, 64, generator=g)
+    lape = LapeEmbeddings(hidden_size=64)
+    smooth_init_(lape, llm_in, llm_out, std_ratio=0.1, generator=torch.Generator().manual_seed(0))
+    table = lape.width_input.weight.detach()
+    head = lape.height_output.weight.detach()
+    # the smart init's scale: mean and std of the LLM's embeddings (input for tables, output for heads)
+    assert float(table.mean()) == pytest.approx(float(llm_in.mean()), abs=3e-3)
+    assert float(table.std()) == pytest.approx(0.1 * float(llm_in.std()), rel=0.25)
+    assert float(head.mean()) == pytest.approx(float(llm_out.mean()), abs=1e-2)
+    assert float(head.std()) == pytest.approx(0.1 * float(llm_out.std()), rel=0.25)
+
+    def cos_at(w: torch.Tensor, k: int) -> float:
+        c = w - w.mean()
+        return float(F.cosine_similarity(c[:-k], c[k:]).mean())
+
+    # neighbours alike, far bins not: the similarity falls with distance (smart init: ~0 at every distance)
+    assert cos_at(table, 1) > 0.9 > cos_at(table, 5) > cos_at(table, 40) and abs(cos_at(table, 40)) < 0.2
+    smart_init_(lape, llm_in, llm_out, std_ratio=0.1, generator=torch.Generator().manual_seed(0))
+    assert abs(cos_at(lape.width_input.weight.detach(), 1)) < 0.1
+    # a point's row is most like the visual tokens injected around it: token_transfer at nearby positions
+    smooth_init_(lape, llm_in, llm_in, std_ratio=0.1, generator=torch.Generator().manual_seed(0))
+    tab = lape.width_input.weight.detach() - lape.width_input.weight.detach().mean()
+    cells = token_transfer(tab, torch.tensor([0.125, 0.375, 0.625, 0.875]))
+    point = token_transfer(tab, torch.tensor([0.36]))
+    assert int(F.cosine_similarity(cells, point).argmax()) == 1
+    assert torch.equal(lape.width_output.weight, lape.width_input.weight)  # tied LLM: heads copy the tables
+    with pytest.raises(ValueError, match="std_ratio"):
+        smooth_init_(lape, llm_in, std_ratio=0.0)
 
 
 def test_number_text_init_uses_the_digit_embeddings() -> None:

@@ -10,6 +10,8 @@ from agrivlm.lape.embedding import (
     random_init_,
     reparam,
     smart_init_,
+    smooth_init_,
+    smooth_rows,
     token_transfer,
 )
 from agrivlm.lape.tokens import (
@@ -63,5 +65,7 @@ __all__ = [
     "serialize_polygon",
     "serialize_segment",
     "smart_init_",
+    "smooth_init_",
+    "smooth_rows",
     "token_transfer",
 ]

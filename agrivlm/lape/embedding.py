@@ -16,6 +16,7 @@ All positions are normalized values in ``[0, 1]`` with bin-centre semantics (tok
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
@@ -269,6 +270,62 @@ def smart_init_(
     for axis in AXES:
         head = lape._raw(axis, output=True)
         head.copy_(torch.normal(o_mean, std_ratio * o_std, size=head.shape, generator=generator).to(head))
+
+
+def smooth_rows(n: int, dim: int, generator: torch.Generator | None = None, min_cycles: float = 0.25,
+                max_cycles: float | None = None) -> torch.Tensor:
+    """``(n, dim)`` rows of unit variance per entry that vary smoothly with the bin index (random Fourier features).
+
+    Column ``d`` is ``√2 · cos(2π f_d (i + 0.5) / n + φ_d)``, frequencies ``f_d`` log-uniform in
+    ``[min_cycles, max_cycles]`` cycles over the axis (default ``max_cycles = n / 8``: a period of at least 8 bins)
+    and phases uniform. The cosine similarity of two rows then depends on their distance alone and falls from
+    1 at distance 0 over a few bins (the kernel ``mean_d cos(2π f_d Δ / n)``), so a position is like its
+    neighbours from the first step, as NTP's gradient spreading only makes them over training.
+    """
+    top = max_cycles if max_cycles is not None else max(n / 8.0, min_cycles * 2)
+    u = torch.rand(dim, generator=generator, dtype=torch.float64)
+    freq = torch.exp(math.log(min_cycles) + u * (math.log(top) - math.log(min_cycles)))
+    phase = torch.rand(dim, generator=generator, dtype=torch.float64) * 2 * math.pi
+    centres = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    return (math.sqrt(2.0) * torch.cos(2 * math.pi * centres[:, None] * freq[None, :] + phase[None, :])).float()
+
+
+@torch.no_grad()
+def smooth_init_(
+    lape: LapeEmbeddings,
+    input_embeddings: torch.Tensor,
+    output_embeddings: torch.Tensor | None = None,
+    std_ratio: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> None:
+    """The smart init's statistics with rows that vary smoothly along each axis (``lape.init: smooth``).
+
+    Each table is ``mean + std_ratio · std · smooth_rows(N, D)`` with the scalar mean and std of the LLM's
+    input embeddings, as :func:`smart_init_`, but neighbouring bins start alike (:func:`smooth_rows`) instead
+    of independent. That matters twice: a point or box a question gives (an input row) starts like the
+    visual tokens injected near it (the same table, :func:`token_transfer` at the cell centres), so attention
+    can find the field under a point from the first step; and a head whose rows are smooth scores the
+    neighbours of its argmax high, as the position loss rewards. Heads use the LLM's output statistics
+    (a copy of the table when the LLM is tied), each axis its own draw.
+    """
+    if std_ratio <= 0:
+        raise ValueError(f"std_ratio must be > 0, got {std_ratio}")
+    src = input_embeddings.detach().float()
+    mean, std = float(src.mean()), float(src.std())
+    tied = output_embeddings is None or _same_storage(input_embeddings, output_embeddings)
+    if not tied:
+        assert output_embeddings is not None
+        out = output_embeddings.detach().float()
+        o_mean, o_std = float(out.mean()), float(out.std())
+    for axis in AXES:
+        table = lape._raw(axis, output=False)
+        n, dim = table.shape
+        table.copy_((mean + std_ratio * std * smooth_rows(n, dim, generator)).to(table))
+        head = lape._raw(axis, output=True)
+        if tied:
+            head.copy_(table)
+        else:
+            head.copy_((o_mean + std_ratio * o_std * smooth_rows(n, dim, generator)).to(head))
 
 
 @torch.no_grad()

@@ -42,7 +42,7 @@ from transformers import (
 
 from agrivlm.config import StrictModel, load_config
 from agrivlm.errors import ConfigError
-from agrivlm.lape.embedding import number_text_init_, random_init_, smart_init_
+from agrivlm.lape.embedding import number_text_init_, random_init_, smart_init_, smooth_init_
 from agrivlm.lape.tokens import DEFAULT_NUM_SPATIAL, DEFAULT_NUM_TEMPORAL, LapeVocab
 from agrivlm.model.configuration import RENAMED_KEYS, AgriVLMConfig
 from agrivlm.model.modeling import AgriVLMForConditionalGeneration
@@ -317,6 +317,8 @@ def init_lape(model: AgriVLMForConditionalGeneration, tokenizer: PreTrainedToken
             return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
         number_text_init_(model.lape, inp, encode, out, model.config.lape_init_std_ratio, gen)
+    elif model.config.lape_init == "smooth":
+        smooth_init_(model.lape, inp, out, model.config.lape_init_std_ratio, gen)
     else:
         smart_init_(model.lape, inp, out, model.config.lape_init_std_ratio, gen)
 

@@ -30,7 +30,7 @@ from agrivlm.remote_code import CONFIG_AUTO_MAP, write_remote_code
 #: Vision sub-config model types the model knows how to read a patch grid from.
 VISION_MODEL_TYPES: tuple[str, ...] = ("siglip_vision_model", "clip_vision_model")
 #: LAPE initialisations: statistics of the LLM's embeddings, the embeddings of the bin numbers' text, or random.
-LAPE_INITS: tuple[str, ...] = ("llm_stats", "number_text", "random")
+LAPE_INITS: tuple[str, ...] = ("llm_stats", "smooth", "number_text", "random")
 
 #: Keys renamed since checkpoints were first saved: a ``config.json`` with the old key still loads (its value
 #: goes to the new key). ``spatial_pos_weight``/``temporal_pos_weight`` named the injection scales, which
@@ -106,7 +106,7 @@ class AgriVLMConfig(PreTrainedConfig):
     spatial_loss_weight: float = 1.0
     #: Loss weight of temporal position tokens.
     temporal_loss_weight: float = 1.0
-    #: LAPE initialisation used by the builders: ``llm_stats``, ``number_text`` or ``random``.
+    #: LAPE initialisation used by the builders: ``llm_stats``, ``smooth``, ``number_text`` or ``random``.
     lape_init: str = "llm_stats"
     #: std of the LAPE init as a fraction of the LLM embeddings' std.
     lape_init_std_ratio: float = 0.1

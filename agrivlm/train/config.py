@@ -79,7 +79,7 @@ class LapeTrainConfig(StrictModel):
     #: Initialisation when LAPE is switched on: ``llm_stats`` (smart init: Normal(mean, ratio·std) of the
     #: LLM embeddings), ``number_text`` or ``random`` (Normal(0, the LLM's ``initializer_range``), as new
     #: vocabulary rows are drawn: the ablation of the smart init).
-    init: Literal["llm_stats", "number_text", "random"] = "llm_stats"
+    init: Literal["llm_stats", "smooth", "number_text", "random"] = "llm_stats"
     #: std of the smart init as a fraction of the LLM embeddings' std.
     init_std_ratio: float = Field(default=0.1, gt=0)
 
