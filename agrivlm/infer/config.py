@@ -32,7 +32,7 @@ from pydantic import Field, model_validator
 
 from agrivlm.config import StrictModel, load_config, parse_config
 from agrivlm.lape.tokens import QuestionPositions
-from agrivlm.pipeline.focus import GrowthFocus
+from agrivlm.pipeline.focus import GrowthFocus, PointMarker
 from agrivlm.pipeline.frames import FrameSamplingConfig
 from agrivlm.pipeline.processor import AnyResConfig, ScaleFactors, check_item_layout
 from agrivlm.recipes.config import ChipConfig, GrowthStagesConfig, PhenologyConfig
@@ -95,6 +95,9 @@ class InputConfig(StrictModel):
     #: ``box``: a growth question sees only the pixels inside its field's box, as the model was trained
     #: (``data.growth_focus``, :mod:`agrivlm.pipeline.focus`); ``none``: the whole chip.
     growth_focus: GrowthFocus = "none"
+    #: ``square``: each point prompt's point is drawn into its frames, as the model was trained
+    #: (``data.point_marker``, :func:`~agrivlm.pipeline.focus.mark_point`); ``none``: in the words only.
+    point_marker: PointMarker = "none"
     #: How a question's positions (the point of ``points``, the field's box of ``growth``) are written: ``bins`` —
     #: position tokens; ``input`` — ``-INPUT`` placeholders carrying the exact values
     #: (:data:`~agrivlm.lape.tokens.QuestionPositions`). Trainers write the ``data.question_positions`` they used.

@@ -51,7 +51,7 @@ from agrivlm.infer.prompts import (
 )
 from agrivlm.lape.tokens import LapeVocab
 from agrivlm.pipeline.bands import BandStats, check_band_count, composite, get_preset, prepare_bands
-from agrivlm.pipeline.focus import focus_on_box
+from agrivlm.pipeline.focus import focus_on_box, mark_point
 from agrivlm.pipeline.frames import Frames, sample_frames
 from agrivlm.recipes.context import norm_box
 from agrivlm.recipes.phenology import season_windows
@@ -256,8 +256,11 @@ class ChipPreparer:
         frames = chip_frames(chip, self.config)
         visual = make_visual(frames, self.config)
         if self.point_prompts:
-            return ChipQuestions([Question(visual, build_prompt(prompt.text, len(frames)), prompt.positions,
-                                           {"point": list(point)}) for point, prompt in self.point_prompts])
+            marked = self.config.point_marker == "square"
+            return ChipQuestions([
+                Question(dataclasses.replace(visual, pixels=mark_point(visual.pixels, point)) if marked else visual,
+                         build_prompt(prompt.text, len(frames)), prompt.positions, {"point": list(point)})
+                for point, prompt in self.point_prompts])
         if self.task == "fields":
             prompt = self.fields_prompt
             return ChipQuestions([Question(visual, build_prompt(prompt.text, len(frames)), prompt.positions)])

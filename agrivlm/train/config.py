@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 from agrivlm.config import StrictModel, load_config
 from agrivlm.errors import ConfigError
 from agrivlm.lape.tokens import DEFAULT_NUM_SPATIAL, DEFAULT_NUM_TEMPORAL, QuestionPositions
-from agrivlm.pipeline.focus import GrowthFocus
+from agrivlm.pipeline.focus import GrowthFocus, PointMarker
 from agrivlm.pipeline.processor import AnyResConfig, ScaleFactors, check_item_layout
 from agrivlm.recipes.config import FamilyName
 
@@ -222,6 +222,10 @@ class DataConfig(StrictModel):
     #: question), the rest is no data; saved with the checkpoint so ``agrivlm infer`` does the same
     #: (:mod:`agrivlm.pipeline.focus`). ``none``: they see the whole chip.
     growth_focus: GrowthFocus = "none"
+    #: ``square``: the point a question gives (the first) is also drawn into its frames, a 3 × 3 px square shifted
+    #: out of the value range (:func:`~agrivlm.pipeline.focus.mark_point`); saved with the checkpoint so
+    #: ``agrivlm infer`` marks its point prompts the same. ``none``: the point is in the words only.
+    point_marker: PointMarker = "none"
     #: How the positions a question gives (a field's box, a point) are written: ``bins`` (position tokens, as the
     #: answers) or ``input`` (``-INPUT`` placeholders carrying the exact value, LLaVA-ST's layout; needs LAPE on).
     #: Saved with the checkpoint so ``agrivlm infer`` asks the same way.

@@ -12,7 +12,8 @@ One record (:class:`~agrivlm.recipes.schema.Record`) becomes one sample:
 2. **Normalisation** (:mod:`agrivlm.pipeline.bands`): ``dataset`` — one per-band 2–98 % percentile range
    over the training chips (:func:`dataset_band_stats`); ``chip`` — the sample's own frames; ``fixed``.
    No data stays NaN; the processor turns it into 0. With ``data.growth_focus: box`` a growth-stage question's
-   pixels outside its field's box become no data (:mod:`agrivlm.pipeline.focus`).
+   pixels outside its field's box become no data; with ``data.point_marker: square`` a question's point is drawn
+   into its frames (:mod:`agrivlm.pipeline.focus`).
 3. **Time.** Each frame's ``t`` is its date on the range of the record's frames, the dates the sample's
    frames are drawn from (:func:`~agrivlm.pipeline.frames.frame_time_positions`, the rule ``agrivlm infer``
    follows too: there the chip's usable dates, which are the record's frame dates); it is the axis the
@@ -51,7 +52,7 @@ from agrivlm.geo.stack import Stack, open_stack
 from agrivlm.lape.tokens import LapeVocab, QuestionPositions, position_formatters
 from agrivlm.pipeline.bands import BandStats, normalize, robust_stats, to_reflectance
 from agrivlm.pipeline.conversation import POLYGON_SEP, format_prompt, visual_placeholder
-from agrivlm.pipeline.focus import GrowthFocus, focus_on_box
+from agrivlm.pipeline.focus import GrowthFocus, PointMarker, focus_on_box, mark_point
 from agrivlm.pipeline.frames import FrameSamplingConfig, frame_time_positions, select_indices, uniform_indices
 from agrivlm.pipeline.processor import ChipInputConfig
 from agrivlm.recipes.mixture import mix
@@ -368,6 +369,7 @@ class RecordDataset(Dataset[Sample]):
         stacks: StackCache | None = None,
         growth_focus: GrowthFocus = "none",
         question_positions: QuestionPositions = "bins",
+        point_marker: PointMarker = "none",
     ) -> None:
         if not records:
             raise ConfigError("no records left to train on; check data.roots, data.text_only, data.families, "
@@ -377,6 +379,7 @@ class RecordDataset(Dataset[Sample]):
         self.stats = stats
         self.growth_focus = growth_focus
         self.question_positions = question_positions
+        self.point_marker = point_marker
         self.train = train
         self.stacks = stacks if stacks is not None else StackCache()
         if normalize_cfg.mode != "chip" and stats is None:
@@ -400,6 +403,8 @@ class RecordDataset(Dataset[Sample]):
         pixels = normalize(pixels, stats)
         if self.growth_focus == "box" and rec.family == "growth_stages" and rec.conversation[0].boxes:
             pixels = focus_on_box(pixels, rec.conversation[0].boxes[0])
+        if self.point_marker == "square" and rec.conversation[0].points:
+            pixels = mark_point(pixels, rec.conversation[0].points[0])
         _, times = frame_time_positions(np.asarray(rec.chip.frame_dates, dtype="datetime64[s]"), idx)
         token = visual_placeholder(len(idx))
         prompt, answer, positions = render_record(rec, self.vocab, token, self.question_positions)

@@ -258,8 +258,8 @@ def checkpoint_inputs(cfg: StageConfig, stats: BandStats | None, records: Sequen
     return InputConfig(chip_size=size, stride=max(size // 2, 1), frames=frames, min_frames=n, bands=bands,
                        fields_prompt="points" if points else "listing",
                        growth_prompt="timeline" if timeline else "dates", growth_focus=cfg.data.growth_focus,
-                       question_positions=cfg.data.question_positions, anyres=cfg.data.anyres,
-                       scales=cfg.data.scales)
+                       point_marker=cfg.data.point_marker, question_positions=cfg.data.question_positions,
+                       anyres=cfg.data.anyres, scales=cfg.data.scales)
 
 
 def run_settings(cfg: StageConfig, num_processes: int) -> dict[str, Any]:
@@ -507,14 +507,15 @@ class _Run:
         acc.wait_for_everyone()
         vocab = processor.vocab
         frames, norm, seed = cfg.data.frames, cfg.data.normalize, cfg.train.seed
-        focus, given = cfg.data.growth_focus, cfg.data.question_positions
+        focus, given, marker = cfg.data.growth_focus, cfg.data.question_positions, cfg.data.point_marker
         if given == "input" and not lape_on:
             raise ConfigError("data.question_positions: input needs LAPE on (the -INPUT placeholders take their "
                               "value from the LAPE tables); use bins with lape.enabled: false")
         train_ds = RecordDataset(train_records, frames, norm, vocab, seed, stats, stacks=stacks, growth_focus=focus,
-                                 question_positions=given)
+                                 question_positions=given, point_marker=marker)
         val_ds = RecordDataset(val_records, frames, norm, vocab, seed, stats, False, stacks,
-                               growth_focus=focus, question_positions=given) if val_records else None
+                               growth_focus=focus, question_positions=given,
+                               point_marker=marker) if val_records else None
         collate = Collator(processor, lape_on, item_layout(cfg.data.anyres, cfg.data.scales))
         sampler = ResumableSampler(
             len(train_ds), cfg.train.seed, shuffle=True, num_replicas=acc.num_processes, rank=acc.process_index
