@@ -66,6 +66,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("ntp_off", "LAPE without the NTP reparameterisation (lape.ntp: false)", {"stage2": {"lape.ntp": False}}),
     Variant("random_init", "LAPE tables drawn at random instead of from the LLM's statistics (lape.init: random)",
             {"stage2": {"lape.init": "random"}}),
+    Variant("smooth_init", "LAPE tables with the LLM's statistics, rows smooth along each axis (lape.init: smooth)",
+            {"stage2": {"lape.init": "smooth"}}),
     Variant("stage3_alone", "no curriculum: stage 3 alone from the model YAML, all steps in stage 3",
             skip=("stage1", "stage2")),
     Variant("reconstruction", "next-frame reconstruction loss on (reconstruction.enabled, weight 0.1) in stages 2-3",
@@ -81,6 +83,8 @@ VARIANTS: tuple[Variant, ...] = (
             {"stage1": {"model.overrides": {"pooling.mode": "max"}}}),
     Variant("input_positions", "positions a question gives as -INPUT placeholders with exact values "
             "(data.question_positions: input)", {p: {"data.question_positions": "input"} for p in S2_ON}),
+    Variant("point_marker", "a point question's point drawn into its frames (data.point_marker: square) in stage 3",
+            {p: {"data.point_marker": "square"} for p in S3}),
     Variant("no_growth_focus", "growth questions see the whole chip, not their field's box (data.growth_focus: none)",
             {p: {"data.growth_focus": "none"} for p in S3}),
 )

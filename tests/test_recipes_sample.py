@@ -334,7 +334,8 @@ def test_every_recipe_file_builds_on_the_sample(api_build) -> None:
     files = sorted(p for p in RECIPES.glob("*.yaml") if not p.name.endswith("_base.yaml"))
     assert [p.stem for p in files] == ["field_boundaries", "general_rs", "growth_stages", "spatial_reasoning",
                                        "stage1", "stage2", "stage3", "synthetic_mixed", "synthetic_stage1",
-                                       "synthetic_stage2", "synthetic_stage3", "synthetic_stage3_focus"]
+                                       "synthetic_stage2", "synthetic_stage3", "synthetic_stage3_fields",
+                                       "synthetic_stage3_focus"]
     # the synthetic ones read scene folders (built in tests/test_recipes_sources.py); here the sample's
     for path in (p for p in files if not p.stem.startswith("synthetic_")):
         cfg = load_recipe(path)

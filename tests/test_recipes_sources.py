@@ -205,7 +205,7 @@ def test_shipped_mixed_recipe_mixes_the_sample_and_s2_scenes_by_weight(
 
 
 @pytest.mark.parametrize("stage", ["synthetic_stage1", "synthetic_stage2", "synthetic_stage3",
-                                   "synthetic_stage3_focus"])
+                                   "synthetic_stage3_focus", "synthetic_stage3_fields"])
 def test_shipped_synthetic_stage_recipes_build(tmp_path: Path, stage: str) -> None:
     _scenes(tmp_path, 3)
     recipes = _shipped(tmp_path, f"{stage}.yaml", "synthetic_base.yaml")
@@ -218,6 +218,10 @@ def test_shipped_synthetic_stage_recipes_build(tmp_path: Path, stage: str) -> No
         assert {(r.family, r.task) for r in _records(tmp_path / "out")} == {("growth_stages", "stage_timeline")}
         return
     assert m["mixture"]["train"]["total"] == cfg.mixture.samples["train"]
+    if stage == "synthetic_stage3_fields":  # the point questions, the growth-stage timeline replayed
+        assert {(r.family, r.task) for r in _records(tmp_path / "out")} == {
+            ("field_boundaries", "field_at_point"), ("growth_stages", "stage_timeline")}
+        return
     if stage == "synthetic_stage1":
         assert not any(r.has_positions for r in _records(tmp_path / "out"))
     else:

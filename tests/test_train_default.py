@@ -17,24 +17,32 @@ from agrivlm.train.default import DefaultTraining, install, phases, recipe_text,
 
 def test_default_training_runs_end_to_end_and_installs_in_half_precision(tmp_path: Path,
                                                                          one_torch_thread: None) -> None:
-    opts = DefaultTraining(scenes_per_region=1, steps={"stage1": 2, "stage2": 2, "stage3_focus": 2, "stage3": 4},
+    opts = DefaultTraining(scenes_per_region=1, steps={"stage1": 2, "stage2": 2, "stage3_focus": 2, "stage3": 4,
+                                                       "stage3_fields": 2},
                            snapshot_every=2, threads=1, num_frames=4)
     final = run_default(tmp_path / "run", opts, echo=lambda _: None)
     assert (final / "config.json").is_file() and (final / "README.md").is_file()
     card = json.loads((final / "default_training.json").read_text())
     assert card["options"]["scenes_per_region"] == 1 and card["seconds"] > 0
-    snaps = sorted(p.name for p in (final.parent / "snapshots").iterdir())
+    assert final == tmp_path / "run" / "train" / "stage3_fields" / "final"
+    snaps = sorted(p.name for p in (tmp_path / "run" / "train" / "stage3" / "snapshots").iterdir())
     assert snaps == ["step-000002", "step-000004"]
+    # stage 3 closes with the fields phase (the point questions, the timeline replayed) from the mixture's weights
     info = json.loads((final / "stage_info.json").read_text())
     assert info["stage"] == "stage3"
+    assert Path(info["config"]["model"]["init_from"]) == tmp_path / "run" / "train" / "stage3" / "final"
+    fields_data = json.loads((tmp_path / "run" / "data" / "stage3_fields" / "manifest.json").read_text())
+    assert set(fields_data["counts"]["by_task"]) == {"field_boundaries/field_at_point", "growth_stages/stage_timeline"}
     # stage 3 opens with the focus phase (growth-stage questions alone) and goes on from its weights
+    mixture = json.loads((tmp_path / "run" / "train" / "stage3" / "final" / "stage_info.json").read_text())
     focus = tmp_path / "run" / "train" / "stage3_focus" / "final"
-    assert Path(info["config"]["model"]["init_from"]) == focus
+    assert Path(mixture["config"]["model"]["init_from"]) == focus
     focus_data = json.loads((tmp_path / "run" / "data" / "stage3_focus" / "manifest.json").read_text())
     assert set(focus_data["counts"]["by_task"]) == {"growth_stages/stage_timeline"}
     # the checkpoint asks growth as a timeline, each question seeing its field's box only, as it was trained
     inputs = yaml.safe_load((final / "agrivlm_inputs.yaml").read_text())
     assert (inputs["growth_prompt"], inputs["growth_focus"]) == ("timeline", "box")
+    assert (inputs["fields_prompt"], inputs["point_marker"]) == ("points", "none")
     # the recipe trains on the sample's train blocks only: its test blocks stay unseen
     manifest = json.loads((tmp_path / "run" / "data" / "stage3" / "manifest.json").read_text())
     trained = {c for c in manifest["chips"]["by_split"]["train"] if c.startswith("sample/")}
@@ -64,7 +72,7 @@ def test_recipe_keeps_corn_belt_out_and_draws_steps_times_batch() -> None:
 
 
 def test_phases_skip_an_unset_focus_and_refuse_a_missing_stage() -> None:
-    assert phases(DefaultTraining()) == ["stage1", "stage2", "stage3_focus", "stage3"]
+    assert phases(DefaultTraining()) == ["stage1", "stage2", "stage3_focus", "stage3", "stage3_fields"]
     assert phases(DefaultTraining(steps={"stage1": 1, "stage2": 1, "stage3": 1})) == ["stage1", "stage2", "stage3"]
     with pytest.raises(ConfigError, match="stage2 needs steps"):
         phases(DefaultTraining(steps={"stage1": 1, "stage3": 1}))

@@ -47,7 +47,8 @@ HELDOUT_SEED_START = 9000
 #: held-out scenes; teacher-forced first-token accuracy 0.30 on the fine-tune's validation records), while
 #: 1,500 steps of stage questions alone from stage 2 reached 0.56-0.57 on held-out scenes (0.55 teacher-forced
 #: on the same validation records). A phase with 0 steps is skipped.
-PHASES: dict[str, str] = {"stage1": "stage1", "stage2": "stage2", "stage3_focus": "stage3", "stage3": "stage3"}
+PHASES: dict[str, str] = {"stage1": "stage1", "stage2": "stage2", "stage3_focus": "stage3", "stage3": "stage3",
+                          "stage3_fields": "stage3"}
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class DefaultTraining:
     # stage 3 of 4,500 steps (after the 1,500-step focus phase) made the shipped checkpoint: the whole command
     # in about 35 minutes on 2 CPU cores beside other work
     steps: dict[str, int] = field(default_factory=lambda: {"stage1": 150, "stage2": 600, "stage3_focus": 1500,
-                                                           "stage3": 4500})
+                                                           "stage3": 4500, "stage3_fields": 5000})
     batch_size: int = 8
     #: Frames per sample in stages 2 and 3 (8 dates resolve a season's stages; 4 in stage 1, captions).
     num_frames: int = 8
@@ -77,6 +78,8 @@ class DefaultTraining:
     snapshot_every: int = 1500
     #: ``data.growth_focus`` of the stage-3 phases (growth questions see only their field's box).
     growth_focus: str = "box"
+    #: ``data.point_marker`` of the stage-3 phases (``square``: a point question's point drawn into its frames).
+    point_marker: str = "none"
     threads: int = 2
     seed: int = 0
 
@@ -186,7 +189,8 @@ def phase_overrides(stage: str, opts: DefaultTraining, data: Path, folder: Path,
         over["trainable.vision"] = PHASES[stage] == "stage3"
     if PHASES[stage] == "stage3":
         over["data.growth_focus"] = opts.growth_focus
-    if stage == "stage3":
+        over["data.point_marker"] = opts.point_marker
+    if stage in ("stage3", "stage3_fields"):
         over["train.snapshot_every"] = opts.snapshot_every
     return over
 
