@@ -24,6 +24,9 @@ def test_default_training_runs_end_to_end_and_installs_in_half_precision(tmp_pat
     assert (final / "config.json").is_file() and (final / "README.md").is_file()
     card = json.loads((final / "default_training.json").read_text())
     assert card["options"]["scenes_per_region"] == 1 and card["seconds"] > 0
+    # the step time of every phase, read from its log, so a resumed run still tells what the checkpoint cost
+    assert set(card["phase_step_seconds"]) == {"stage1", "stage2", "stage3_focus", "stage3", "stage3_fields"}
+    assert card["step_seconds"] == pytest.approx(sum(card["phase_step_seconds"].values()), abs=0.2) > 0
     assert final == tmp_path / "run" / "train" / "stage3_fields" / "final"
     snaps = sorted(p.name for p in (tmp_path / "run" / "train" / "stage3" / "snapshots").iterdir())
     assert snaps == ["step-000002", "step-000004"]
@@ -72,7 +75,9 @@ def test_recipe_keeps_corn_belt_out_and_draws_steps_times_batch() -> None:
 
 
 def test_phases_skip_an_unset_focus_and_refuse_a_missing_stage() -> None:
-    assert phases(DefaultTraining()) == ["stage1", "stage2", "stage3_focus", "stage3", "stage3_fields"]
+    assert phases(DefaultTraining()) == ["stage1", "stage2", "stage3_focus", "stage3"]  # the fields phase is off
+    with_fields = DefaultTraining(steps={**DefaultTraining().steps, "stage3_fields": 10})
+    assert phases(with_fields) == ["stage1", "stage2", "stage3_focus", "stage3", "stage3_fields"]
     assert phases(DefaultTraining(steps={"stage1": 1, "stage2": 1, "stage3": 1})) == ["stage1", "stage2", "stage3"]
     with pytest.raises(ConfigError, match="stage2 needs steps"):
         phases(DefaultTraining(steps={"stage1": 1, "stage3": 1}))

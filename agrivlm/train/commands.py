@@ -76,6 +76,10 @@ def default(
         help="Synthetic scenes per training region.")] = _DEFAULTS.scenes_per_region,
     stage3_steps: Annotated[int, typer.Option(
         help="Optimizer steps of stage 3 (stages 1 and 2 are short).")] = _DEFAULTS.steps["stage3"],
+    fields_steps: Annotated[int, typer.Option(
+        help="Steps of a closing fields phase (the field at a point, the growth timeline replayed; 0: none). "
+             "5,000 doubled held-out field F1 but lost stage accuracy: see data_recipes/synthetic_stage3_fields.yaml."
+    )] = _DEFAULTS.steps["stage3_fields"],
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
     install: Annotated[bool, typer.Option(help="Copy the result into the package as the default checkpoint.")] = False,
 ) -> None:
@@ -87,6 +91,6 @@ def default(
 
     base = _DEFAULTS
     opts = DefaultTraining(scenes_per_region=scenes_per_region, threads=threads,
-                           steps={**base.steps, "stage3": stage3_steps})
+                           steps={**base.steps, "stage3": stage3_steps, "stage3_fields": fields_steps})
     final = run_default(out, opts, do_install=install, echo=typer.echo)
     typer.echo(f"default checkpoint: {final}")
