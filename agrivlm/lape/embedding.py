@@ -19,12 +19,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
 from agrivlm.lape.tokens import AXES, DEFAULT_NUM_SPATIAL, DEFAULT_NUM_TEMPORAL, Axis, LapeVocab
+
+#: How the LAPE tables and heads start: ``llm_stats`` (:func:`smart_init_`), ``smooth`` (:func:`smooth_init_`),
+#: ``number_text`` (:func:`number_text_init_`) or ``random`` (:func:`random_init_`, the smart init's ablation).
+LapeInit = Literal["llm_stats", "smooth", "number_text", "random"]
+LAPE_INITS: tuple[str, ...] = get_args(LapeInit)
 
 
 # ---------------------------------------------------------------------------------------------------

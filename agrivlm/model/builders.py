@@ -42,7 +42,7 @@ from transformers import (
 
 from agrivlm.config import StrictModel, load_config
 from agrivlm.errors import ConfigError
-from agrivlm.lape.embedding import number_text_init_, random_init_, smart_init_, smooth_init_
+from agrivlm.lape.embedding import LapeInit, number_text_init_, random_init_, smart_init_, smooth_init_
 from agrivlm.lape.tokens import DEFAULT_NUM_SPATIAL, DEFAULT_NUM_TEMPORAL, LapeVocab
 from agrivlm.model.configuration import RENAMED_KEYS, AgriVLMConfig
 from agrivlm.model.modeling import AgriVLMForConditionalGeneration
@@ -112,7 +112,7 @@ class LapeSettings(StrictModel):
     spatial_loss_weight: float = Field(default=1.0, gt=0)
     #: Loss weight of temporal position tokens.
     temporal_loss_weight: float = Field(default=1.0, gt=0)
-    init: Literal["llm_stats", "number_text", "random"] = "llm_stats"
+    init: LapeInit = "llm_stats"
     init_std_ratio: float = Field(default=0.1, gt=0)
     decode_window: int = Field(default=2, ge=0)
 

@@ -23,14 +23,13 @@ from transformers.utils import CONFIG_NAME
 
 from agrivlm.config import read_json_mapping
 from agrivlm.errors import ConfigError
+from agrivlm.lape.embedding import LAPE_INITS
 from agrivlm.lape.tokens import DEFAULT_NUM_SPATIAL, DEFAULT_NUM_TEMPORAL
 from agrivlm.pipeline.pooling import POOL_MODES
 from agrivlm.remote_code import CONFIG_AUTO_MAP, write_remote_code
 
 #: Vision sub-config model types the model knows how to read a patch grid from.
 VISION_MODEL_TYPES: tuple[str, ...] = ("siglip_vision_model", "clip_vision_model")
-#: LAPE initialisations: statistics of the LLM's embeddings, the embeddings of the bin numbers' text, or random.
-LAPE_INITS: tuple[str, ...] = ("llm_stats", "smooth", "number_text", "random")
 
 #: Keys renamed since checkpoints were first saved: a ``config.json`` with the old key still loads (its value
 #: goes to the new key). ``spatial_pos_weight``/``temporal_pos_weight`` named the injection scales, which

@@ -23,6 +23,7 @@ from pydantic import Field, model_validator
 
 from agrivlm.config import StrictModel, load_config
 from agrivlm.errors import ConfigError
+from agrivlm.lape.embedding import LapeInit
 from agrivlm.lape.tokens import DEFAULT_NUM_SPATIAL, DEFAULT_NUM_TEMPORAL, QuestionPositions
 from agrivlm.pipeline.focus import GrowthFocus, PointMarker
 from agrivlm.pipeline.processor import AnyResConfig, ScaleFactors, check_item_layout
@@ -77,9 +78,10 @@ class LapeTrainConfig(StrictModel):
     #: Loss weight of temporal (TEMP) position tokens; the report's ``temporal_pos_weight``.
     temporal_loss_weight: float = Field(default=1.0, gt=0)
     #: Initialisation when LAPE is switched on: ``llm_stats`` (smart init: Normal(mean, ratio·std) of the
-    #: LLM embeddings), ``number_text`` or ``random`` (Normal(0, the LLM's ``initializer_range``), as new
-    #: vocabulary rows are drawn: the ablation of the smart init).
-    init: Literal["llm_stats", "smooth", "number_text", "random"] = "llm_stats"
+    #: LLM embeddings), ``smooth`` (the same statistics, rows smooth along each axis), ``number_text`` or
+    #: ``random`` (Normal(0, the LLM's ``initializer_range``), as new vocabulary rows are drawn: the ablation of
+    #: the smart init).
+    init: LapeInit = "llm_stats"
     #: std of the smart init as a fraction of the LLM embeddings' std.
     init_std_ratio: float = Field(default=0.1, gt=0)
 
