@@ -131,10 +131,14 @@ def test_inject_adds_interpolated_positions_for_images_and_frames() -> None:
         lape.inject(torch.zeros(1, 2, 12, 6), rows, cols, torch.zeros(1, 3))
 
 
-def test_smart_init_statistics() -> None:
+def _llm_embeddings() -> tuple[torch.Tensor, torch.Tensor]:
+    """An LLM's input and output embeddings with different means and spreads."""
     g = torch.Generator().manual_seed(1)
-    llm_in = 0.3 + 0.05 * torch.randn(3000, 64, generator=g)
-    llm_out = -0.1 + 0.2 * torch.randn(3000, 64, generator=g)
+    return 0.3 + 0.05 * torch.randn(3000, 64, generator=g), -0.1 + 0.2 * torch.randn(3000, 64, generator=g)
+
+
+def test_smart_init_statistics() -> None:
+    llm_in, llm_out = _llm_embeddings()
     lape = LapeEmbeddings(hidden_size=64)
     smart_init_(lape, llm_in, llm_out, std_ratio=0.1, generator=torch.Generator().manual_seed(0))
     tables = torch.cat([lape.height_input.weight, lape.width_input.weight, lape.temporal_input.weight]).detach()
@@ -152,9 +156,7 @@ def test_smart_init_statistics() -> None:
 
 
 def test_smooth_init_statistics_and_neighbours() -> None:
-    g = torch.Generator().manual_seed(1)
-    llm_in = 0.3 + 0.05 * torch.randn(3000, 64, generator=g)
-    llm_out = -0.1 + 0.2 * torch.randn(3000, 64, generator=g)
+    llm_in, llm_out = _llm_embeddings()
     lape = LapeEmbeddings(hidden_size=64)
     smooth_init_(lape, llm_in, llm_out, std_ratio=0.1, generator=torch.Generator().manual_seed(0))
     table = lape.width_input.weight.detach()

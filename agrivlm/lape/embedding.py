@@ -257,6 +257,21 @@ def smart_init_(
     output to its input embeddings (or ``output_embeddings`` is None) each head starts as a copy of its
     input table, as a tied LLM would have it. ``mean`` and ``std`` are scalars over the whole matrix.
     """
+    _stats_init_(lape, input_embeddings, output_embeddings, std_ratio,
+                 lambda shape, mean, std: torch.normal(mean, std, size=shape, generator=generator))
+
+
+#: Rows of a LAPE table or head from the embeddings' scalar statistics: ``(shape, mean, std) → tensor``.
+_Draw = Callable[[torch.Size, float, float], torch.Tensor]
+
+
+def _stats_init_(lape: LapeEmbeddings, input_embeddings: torch.Tensor, output_embeddings: torch.Tensor | None,
+                 std_ratio: float, draw: _Draw) -> None:
+    """Tables from ``draw`` at the input embeddings' mean and ``std_ratio`` × std; heads from the output ones'.
+
+    Tables of every axis first, then heads (copies of the tables when the LLM is tied or ``output_embeddings`` is
+    None): the order in which :func:`smart_init_` has always drawn them.
+    """
     if std_ratio <= 0:
         raise ValueError(f"std_ratio must be > 0, got {std_ratio}")
     src = input_embeddings.detach().float()
@@ -264,7 +279,7 @@ def smart_init_(
     tied = output_embeddings is None or _same_storage(input_embeddings, output_embeddings)
     for axis in AXES:
         table = lape._raw(axis, output=False)
-        table.copy_(torch.normal(mean, std_ratio * std, size=table.shape, generator=generator).to(table))
+        table.copy_(draw(table.shape, mean, std_ratio * std).to(table))
     if tied:
         for axis in AXES:
             lape._raw(axis, output=True).copy_(lape._raw(axis, output=False))
@@ -274,7 +289,7 @@ def smart_init_(
     o_mean, o_std = float(out.mean()), float(out.std())
     for axis in AXES:
         head = lape._raw(axis, output=True)
-        head.copy_(torch.normal(o_mean, std_ratio * o_std, size=head.shape, generator=generator).to(head))
+        head.copy_(draw(head.shape, o_mean, std_ratio * o_std).to(head))
 
 
 def smooth_rows(n: int, dim: int, generator: torch.Generator | None = None, min_cycles: float = 0.25,
@@ -311,26 +326,10 @@ def smooth_init_(
     visual tokens injected near it (the same table, :func:`token_transfer` at the cell centres), so attention
     can find the field under a point from the first step; and a head whose rows are smooth scores the
     neighbours of its argmax high, as the position loss rewards. Heads use the LLM's output statistics
-    (a copy of the table when the LLM is tied), each axis its own draw.
+    (a copy of the table when the LLM is tied), each table and head its own draw.
     """
-    if std_ratio <= 0:
-        raise ValueError(f"std_ratio must be > 0, got {std_ratio}")
-    src = input_embeddings.detach().float()
-    mean, std = float(src.mean()), float(src.std())
-    tied = output_embeddings is None or _same_storage(input_embeddings, output_embeddings)
-    if not tied:
-        assert output_embeddings is not None
-        out = output_embeddings.detach().float()
-        o_mean, o_std = float(out.mean()), float(out.std())
-    for axis in AXES:
-        table = lape._raw(axis, output=False)
-        n, dim = table.shape
-        table.copy_((mean + std_ratio * std * smooth_rows(n, dim, generator)).to(table))
-        head = lape._raw(axis, output=True)
-        if tied:
-            head.copy_(table)
-        else:
-            head.copy_((o_mean + std_ratio * o_std * smooth_rows(n, dim, generator)).to(head))
+    _stats_init_(lape, input_embeddings, output_embeddings, std_ratio,
+                 lambda shape, mean, std: mean + std * smooth_rows(shape[0], shape[1], generator))
 
 
 @torch.no_grad()
