@@ -78,7 +78,8 @@ def default(
         help="Optimizer steps of stage 3 (stages 1 and 2 are short).")] = _DEFAULTS.steps["stage3"],
     fields_steps: Annotated[int, typer.Option(
         help="Steps of a closing fields phase (the field at a point, the growth timeline replayed; 0: none). "
-             "5,000 doubled held-out field F1 but lost stage accuracy: see data_recipes/synthetic_stage3_fields.yaml."
+             "5,000 raised held-out field F1 but lost stage accuracy on the real block: see "
+             "data_recipes/synthetic_stage3_fields.yaml."
     )] = _DEFAULTS.steps["stage3_fields"],
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
     install: Annotated[bool, typer.Option(help="Copy the result into the package as the default checkpoint.")] = False,

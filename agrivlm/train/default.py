@@ -67,9 +67,10 @@ class DefaultTraining:
     # stage 3 of 4,500 steps (after the 1,500-step focus phase) made the shipped checkpoint: the whole command
     # in about 35 minutes on 2 CPU cores beside other work
     # stage3_fields (the closing fields phase, data_recipes/synthetic_stage3_fields.yaml) is off: 5,000 steps of it
-    # after this recipe nearly doubled held-out field F1@0.5 (0.040 → 0.077 trained regions, 0.239 → 0.296 left-out
-    # region) but lost growth stages (stage accuracy 0.603 → 0.567 left-out region, 0.759 → 0.636 real block;
-    # benchmarks/results/learning_fields_candidate.json), so it did not replace the shipped checkpoint
+    # after this recipe raised held-out field F1@0.5 (0.040 → 0.055 trained regions, 0.239 → 0.325 left-out region)
+    # and the trained regions' stage accuracy (0.572 → 0.591) but lost it on the real block (0.759 → 0.667;
+    # benchmarks/results/learning_fields_candidate_05.json; with fields 0.7 / timeline 0.3: F1 0.077, stages lost
+    # off the trained regions), so it did not replace the shipped checkpoint
     steps: dict[str, int] = field(default_factory=lambda: {"stage1": 150, "stage2": 600, "stage3_focus": 1500,
                                                            "stage3": 4500, "stage3_fields": 0})
     batch_size: int = 8
