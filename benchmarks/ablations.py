@@ -41,6 +41,7 @@ import learning  # noqa: E402  (the held-out sets and scoring of benchmarks/lear
 
 from agrivlm import resources  # noqa: E402
 from agrivlm.train.default import PHASES, DefaultTraining, build_data, make_scenes, phase_overrides  # noqa: E402
+from agrivlm.train.logs import read_metrics  # noqa: E402
 
 S2_ON = ("stage2", "stage3_focus", "stage3")
 S3 = ("stage3_focus", "stage3")
@@ -163,13 +164,9 @@ def train_variant(variant: Variant, seed: int, opts: DefaultTraining, roots: dic
     return prev, runs
 
 
-def _metrics(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
-
-
 def training_figures(runs: list[Path]) -> dict[str, Any]:
     """Final validation losses of the last phase (teacher-forced, the recipes' validation scenes)."""
-    evals = [r for r in _metrics(runs[-1]) if "eval_loss" in r]
+    evals = [r for r in read_metrics(runs[-1]) if "eval_loss" in r]
     last = evals[-1] if evals else {}
     pos = last.get("eval_position_loss")  # none with LAPE off: its position tokens are plain vocabulary
     return {"val_position_loss": None if pos is None else round(pos, 4),
@@ -191,7 +188,7 @@ def time_variant(variant: Variant, opts: DefaultTraining, roots: dict[str, Path]
     over.update({"train.snapshot_every": 0, "train.save_every": 0, "train.eval_every": -1,
                  **variant.changes.get(phase, {})})
     _run_train(phase, over, folder.parent / f"{folder.name}.log", f"{variant.name} timing")
-    rows = _metrics(folder)
+    rows = read_metrics(folder)
     times = [r["step_time_s"] for r in rows if "step_time_s" in r and r.get("step", 0) > 3]
     return {"step_time_s": round(float(np.median(times)), 4) if times else None,
             "peak_mem_mib": max(float(r.get("peak_mem_mib", 0.0)) for r in rows)}

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from agrivlm.train.logs import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 #: Model-YAML overrides of each size (the tiny one is configs/model/tiny.yaml as shipped).
 SIZES: dict[str, dict[str, object]] = {
@@ -71,7 +73,7 @@ def measure(size: str, data: Path, work: Path, args: argparse.Namespace) -> dict
         cli("train", "stage2", "--config", "configs/stage2.yaml", "--overwrite",
             *sets({**common, "output_dir": str(run), "model.init_from": str(s1 / "final"),
                    "train.max_steps": args.warmup + args.steps, "reconstruction.enabled": recon}))
-        rows = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+        rows = read_metrics(run)
         rows = [r for r in rows if "loss" in r][args.warmup:]
         info = json.loads((run / "final" / "stage_info.json").read_text())
         out["recon" if recon else "plain"] = {

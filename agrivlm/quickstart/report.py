@@ -22,15 +22,10 @@ from agrivlm.report import (
     write_report,
 )
 from agrivlm.resources import stage_config
-from agrivlm.train.logs import plot_losses
+from agrivlm.train.logs import plot_losses, read_metrics
 
 if TYPE_CHECKING:
     from agrivlm.quickstart.run import Quickstart
-
-
-def _metrics(final: Path) -> list[dict[str, Any]]:
-    path = final.parent / "logs" / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _num_parameters(final: Path) -> int:
@@ -120,7 +115,7 @@ def write_quickstart_report(qs: Quickstart) -> Path:
     area_km2 = (maxx - minx) * (maxy - miny) / 1e6
 
     plot_stack_overview(stack, out / "stack_dates.png")
-    plot_losses({s: _metrics(f) for s, f in finals.items()}, out / "loss_curves.png")
+    plot_losses({s: read_metrics(f.parent) for s, f in finals.items()}, out / "loss_curves.png")
     truth = gpd.read_file(out / "eval" / "truth_fields.gpkg")
     pred = gpd.read_file(out / "predictions" / "fields.gpkg")
     frame = _field_frame(stack)

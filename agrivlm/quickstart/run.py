@@ -256,13 +256,14 @@ class Quickstart:
     def run_training(self, stage: str) -> dict[str, Any]:
         """Train one stage, resuming from its newest checkpoint when an earlier run was cut short."""
         from agrivlm.train.checkpoint import latest_checkpoint
+        from agrivlm.train.logs import read_metrics
         from agrivlm.train.trainer import run_stage
 
         config = stage_config(stage)
         resume = latest_checkpoint(self.path("train", stage, "checkpoints")) is not None
         overwrite = not resume and self.path("train", stage).exists()
         final = run_stage(config, self.stage_overrides(stage), stage=stage, resume=resume, overwrite=overwrite)
-        rows = [json.loads(line) for line in (final.parent / "logs" / "metrics.jsonl").read_text().splitlines()]
+        rows = read_metrics(final.parent)
         losses = [r["loss"] for r in rows if "loss" in r]
         evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
         return {"final": str(final), "steps": len(losses), "first_loss": losses[0] if losses else None,

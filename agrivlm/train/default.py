@@ -229,14 +229,11 @@ def step_seconds(folder: Path) -> float:
     A phase trained by an earlier run (skipped by this one) still counts, so the card tells what the whole
     checkpoint cost, not only what this run resumed.
     """
-    log = folder / "logs" / "metrics.jsonl"
-    if not log.is_file():
+    from agrivlm.train.logs import read_metrics
+
+    if not (folder / "logs" / "metrics.jsonl").is_file():
         return 0.0
-    total = 0.0
-    for line in log.read_text().splitlines():
-        row = json.loads(line) if line.strip() else {}
-        total += float(row.get("step_time_s", 0.0) or 0.0)
-    return round(total, 1)
+    return round(sum(float(row.get("step_time_s") or 0.0) for row in read_metrics(folder)), 1)
 
 
 def write_card(final: Path, opts: DefaultTraining, info: dict[str, Any]) -> None:

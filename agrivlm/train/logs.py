@@ -90,6 +90,19 @@ def tracker_config(config: dict[str, Any]) -> dict[str, bool | int | float | str
     return out
 
 
+def _rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_metrics(run: str | Path) -> list[dict[str, Any]]:
+    """Every row of a training run's ``logs/metrics.jsonl`` (``run``: the stage's output folder).
+
+    Raises:
+        FileNotFoundError: the run has no metrics log.
+    """
+    return _rows(Path(run) / "logs" / "metrics.jsonl")
+
+
 class TrainLog:
     """Append-only metrics log of one run (survives resume: rows past the resumed step are dropped).
 
@@ -117,9 +130,7 @@ class TrainLog:
 
     def read(self) -> list[dict[str, Any]]:
         """All rows logged so far."""
-        if not self.jsonl.exists():
-            return []
-        return [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+        return _rows(self.jsonl) if self.jsonl.exists() else []
 
     def close(self) -> None:
         """Write ``metrics.csv``."""
