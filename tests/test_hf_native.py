@@ -38,7 +38,7 @@ from agrivlm.errors import ConfigError
 from agrivlm.infer.config import INPUT_CONFIG_FILE, load_input_config
 from agrivlm.lape.tokens import POLYGON_SEP, Axis, LapeVocab, serialize_box, serialize_point, serialize_segment
 from agrivlm.model import AgriVLMConfig, AgriVLMForConditionalGeneration, AgriVLMProcessor, build_model, load_pretrained
-from agrivlm.pipeline.conversation import answer_end_id, format_prompt
+from agrivlm.pipeline.conversation import answer_end_id, answer_segments, answer_text, format_prompt
 from agrivlm.recipes.families import builders
 from agrivlm.recipes.schema import Record, Turn, render_conversation
 from agrivlm.remote_code import CONFIG_AUTO_MAP, PROCESSOR_AUTO_MAP, REMOTE_CODE_FILE
@@ -298,7 +298,7 @@ def test_the_chat_template_writes_the_training_prompts_of_every_task_family(
     records = [sr.record for sr in read_split([curriculum_recipe(tmp_path_factory)], "train")]
     by_task = {(r.family, r.task): r for r in records}  # one record of every task
     assert {family for family, _ in by_task} == set(builders())
-    # the recipes ask one question per record; a multi-turn one (as test_train_data builds) has history in its prompt
+    # the recipes ask one question per record here; a multi-turn one is supervised on every answer
     base = by_task["growth_stages", "green_up_date"]
     extra = [Turn(role="assistant", text="Let me look."), Turn(role="user", text="And when exactly?")]
     multi = base.model_copy(update={"conversation": [base.conversation[0], *extra, base.conversation[1]]})
@@ -309,11 +309,15 @@ def test_the_chat_template_writes_the_training_prompts_of_every_task_family(
         for visual, token in (("video", "<video>"), ("image", "<image>")):
             prompt, answer, _ = render_record(record, vocab, token)
             messages = _messages(_lape_turns(record, vocab), visual)
+            # asking for the last answer: the prompt and every earlier segment (answers ended by eos)
+            before_last = prompt + "".join(text + (eos if supervised else "")
+                                           for text, supervised in answer_segments(answer)[:-1])
             asked = proc.apply_chat_template(messages[:-1], add_generation_prompt=True)
-            assert asked == prompt, record.sample_id
+            assert asked == before_last, record.sample_id
             by_tokenizer = proc.tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
-            assert by_tokenizer == prompt
-            assert proc.apply_chat_template(messages) == prompt + answer + eos  # the answer as training supervises it
+            assert by_tokenizer == before_last
+            # the answer as training supervises it (a multi-turn record: every answer, each ended by eos)
+            assert proc.apply_chat_template(messages) == prompt + answer_text(answer, eos)
     with pytest.raises(Exception, match="user and assistant turns only"):
         proc.apply_chat_template([{"role": "system", "content": "You are helpful."}, *messages])
 

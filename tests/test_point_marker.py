@@ -13,6 +13,7 @@ import pytest
 from rasterio.windows import Window
 from train_helpers import curriculum_recipe
 
+from agrivlm.errors import ConfigError
 from agrivlm.geo import ChipStream
 from agrivlm.infer.config import BandConfig, InputConfig
 from agrivlm.infer.prepare import ChipPreparer
@@ -64,6 +65,12 @@ def test_training_marks_the_point_of_point_questions_only(records: list[SourceRe
     np.testing.assert_array_equal(b.pixels, mark_point(a.pixels, point_rec.record.conversation[0].points[0]))
     assert a.prompt == b.prompt and a.answer == b.answer  # the words stay as they are
     np.testing.assert_array_equal(plain[(0, 1)].pixels, marked[(0, 1)].pixels)  # no point, no marker
+    # a conversation about several points (points_per_record > 1) cannot mark them all in one set of frames
+    question, answer = point_rec.record.conversation
+    several = SourceRecord(point_rec.record.model_copy(update={"conversation": [question, answer] * 2}),
+                           point_rec.same_day)
+    with pytest.raises(ConfigError, match=r"point_marker: square .* asks about several points"):
+        RecordDataset([point_rec, several], frames, norm, VOCAB, 0, stats, False, stacks, point_marker="square")
 
 
 def test_infer_marks_each_point_prompt_of_a_marked_checkpoint(records: list[SourceRecord]) -> None:

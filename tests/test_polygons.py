@@ -41,6 +41,7 @@ from agrivlm.pipeline.frames import TimeAxis
 from agrivlm.recipes.build import build_recipe
 from agrivlm.recipes.fields import FIELD_AT_POINT_QUESTIONS, NO_FIELD_AT_POINT, OUTLINE_FIELDS_QUESTIONS
 from agrivlm.recipes.schema import Record, read_records, render_text
+from agrivlm.train.data import render_record
 
 VOCAB = LapeVocab()
 N = VOCAB.num_spatial
@@ -195,6 +196,39 @@ def test_field_at_point_answers_the_field_under_the_point(scene) -> None:
             assert _iou(outline, truth) >= 0.8, rec.sample_id
         hits += 1
     assert hits >= 5 and misses >= 5  # both answers occur: fields and the land between them
+
+
+def test_points_per_record_asks_the_same_points_in_one_conversation(scene, tmp_path: Path) -> None:
+    """``points_per_record: 5``: a chip's 12 point questions in conversations of 5, 5 and 2 turns, the same
+    questions and answers as one record each, rendered with every answer supervised."""
+    root: Path = scene["root"]  # type: ignore[assignment]
+    text = (root / "recipe.yaml").read_text().replace("point_prompts: 12", "point_prompts: 12, points_per_record: 5")
+    (tmp_path / "recipe.yaml").write_text(text)
+    build_recipe(tmp_path / "recipe.yaml", tmp_path / "out", progress=False)
+    grouped = [r for p in sorted((tmp_path / "out" / "shards").glob("*.jsonl")) for r in read_records(p)
+               if r.task == "field_at_point"]
+    single = [r for r in scene["records"] if r.task == "field_at_point"]  # type: ignore[union-attr]
+    by_chip: dict[str, list[Record]] = {}
+    for r in single:
+        by_chip.setdefault(r.chip.chip_id, []).append(r)
+    assert grouped and {r.chip.chip_id for r in grouped} == set(by_chip)
+    for rec in grouped:
+        turns = rec.conversation
+        assert [t.role for t in turns] == ["user", "assistant"] * (len(turns) // 2) and 2 <= len(turns) <= 10
+        assert len(rec.meta["field_ids"]) == len(rec.meta["point_u"]) == len(turns) // 2
+    def first_point(r: Record) -> int:  # subject "p7" or "p5-9"
+        return int(r.sample_id.rsplit("p", 1)[1].split("-")[0])
+
+    for chip_id, recs in by_chip.items():
+        mine = sorted((r for r in grouped if r.chip.chip_id == chip_id), key=first_point)
+        recs = sorted(recs, key=first_point)
+        assert [t for r in mine for t in r.conversation] == [t for r in recs for t in r.conversation]
+        assert [f for r in mine for f in r.meta["field_ids"]] == [r.meta["field_id"] or "" for r in recs]
+    prompt, answer, values = render_record(grouped[0], VOCAB)
+    assert isinstance(answer, list) and len(answer) == len(grouped[0].conversation) - 1
+    assert prompt.count("USER: ") == 1 and all(a.startswith("USER: ") for a in answer[1::2])
+    assert len(values) == sum(2 * len(t.points) + 4 * len(t.boxes) + 2 * sum(map(len, t.polygons))
+                              for t in grouped[0].conversation)
 
 
 def test_outline_as_box_keeps_the_box_listing(scene, tmp_path: Path) -> None:

@@ -107,7 +107,7 @@ def test_positions_become_lape_tokens_with_their_exact_values(records: list[Sour
     assert len(vals) == 4 + 2 * len(ring) and len(traced) == 1 and len(traced[0]) == len(ring)
 
 
-def test_batches_carry_position_values_and_multi_turn_supervises_the_last_answer(
+def test_batches_carry_position_values_and_multi_turn_supervises_every_answer(
     records: list[SourceRecord], stacks: StackCache
 ) -> None:
     _, proc = build_model()
@@ -118,16 +118,26 @@ def test_batches_carry_position_values_and_multi_turn_supervises_the_last_answer
     ds = RecordDataset([base, multi], FramesConfig(sampler="uniform", num_frames=4), NormalizeConfig(mode="chip"),
                        proc.vocab, 0, train=False, stacks=stacks)
     samples = [ds[(0, 0)], ds[(0, 1)]]
-    assert "ASSISTANT: Let me look.\nUSER: And when exactly?\nASSISTANT: " in samples[1].prompt
+    assert samples[1].prompt == samples[0].prompt  # the first question; the rest follows the first answer
+    assert samples[1].answer == ["Let me look.", "USER: And when exactly?\nASSISTANT: ", samples[0].answer]
     batch = Collator(proc, lape=True)(samples)
     assert batch["sample_ids"] == [base.record.sample_id] * 2 and batch["is_fast"].shape == (2, 4)
     pv = batch["position_values"]
+    tok, eos = proc.tokenizer, proc.tokenizer.eos_token_id
     for b, s in enumerate(samples):
         got = pv[b][~pv[b].isnan()].tolist()
         assert np.allclose(got, s.positions, atol=1e-6)
-        supervised = batch["labels"][b][batch["labels"][b] != -100]
-        answer_ids = proc.tokenizer(s.answer, add_special_tokens=False)["input_ids"] + [proc.tokenizer.eos_token_id]
-        assert supervised.tolist() == answer_ids  # only the last assistant turn
+    labels, ids = batch["labels"], batch["input_ids"]
+    single = tok(samples[0].answer, add_special_tokens=False)["input_ids"] + [eos]
+    assert labels[0][labels[0] != -100].tolist() == single  # one answer
+    # every answer supervised, each ended by eos; the second question read, not supervised
+    first = tok("Let me look.", add_special_tokens=False)["input_ids"] + [eos]
+    question = tok("USER: And when exactly?\nASSISTANT: ", add_special_tokens=False)["input_ids"]
+    assert labels[1][labels[1] != -100].tolist() == first + single
+    n_prompt = int((labels[1] == -100).long().cumsum(0)[labels[1] != -100][0])  # tokens before the first answer
+    tail = ids[1][n_prompt:n_prompt + len(first) + len(question) + len(single)].tolist()
+    assert tail == first + question + single
+    assert (labels[1][n_prompt + len(first):n_prompt + len(first) + len(question)] == -100).all()
 
 
 def test_selection_filters_and_mixes_by_family(records: list[SourceRecord]) -> None:

@@ -237,5 +237,7 @@ def test_frozen_teacher_is_a_frozen_copy_that_pools_like_the_model() -> None:
 
 def test_multi_turn_prompts_are_flattened_with_the_visual_placeholder_first() -> None:
     turns = [("user", "q1"), ("assistant", "a1"), ("user", "q2")]
-    assert build_prompt(turns) == "USER: <video>\nq1\nASSISTANT: a1\nUSER: q2\nASSISTANT: "
+    assert build_prompt(turns, eos="</s>") == "USER: <video>\nq1\nASSISTANT: a1</s>USER: q2\nASSISTANT: "
     assert build_prompt([("user", "q")], "<image>") == "USER: <image>\nq\nASSISTANT: "
+    with pytest.raises(ValueError, match="needs eos"):  # an earlier answer ends with the tokenizer's eos
+        build_prompt(turns)

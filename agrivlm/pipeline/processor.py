@@ -53,7 +53,7 @@ from agrivlm.lape.embedding import default_frame_times
 from agrivlm.lape.tokens import DEFAULT_NUM_SPATIAL, DEFAULT_NUM_TEMPORAL, LapeVocab
 from agrivlm.pipeline.anyres import Tile, anyres_tiles, cell_centres, token_positions
 from agrivlm.pipeline.bands import COMPOSITES, PRESETS, BandStats, available_composites, fill_nodata, prepare_bands
-from agrivlm.pipeline.conversation import CHAT_TEMPLATE, answer_end_id
+from agrivlm.pipeline.conversation import CHAT_TEMPLATE, Answer, answer_end_id, answer_segments
 from agrivlm.pipeline.frames import (
     Frames,
     FrameSamplingConfig,
@@ -522,7 +522,7 @@ class AgriVLMProcessor(ProcessorMixin):
         self,
         text: str | Sequence[str],
         images: Any = None,
-        answers: str | Sequence[str] | None = None,
+        answers: str | Sequence[Answer] | None = None,
         frame_times: Sequence[Sequence[float] | None] | None = None,
         positions: Sequence[Sequence[float] | None] | None = None,
         padding_side: str = "right",
@@ -540,7 +540,10 @@ class AgriVLMProcessor(ProcessorMixin):
                 ``(C, H, W)`` / ``(T, C, H, W)``, or one array ``(N, T, C, H, W)``. All items share
                 ``T, C, H, W``. Floats; NaN (no data) becomes 0.
             answers: optional answers, one per sample, appended to the prompts (plus eos when
-                ``add_eos``); only their tokens are supervised in ``labels``.
+                ``add_eos``); only their tokens are supervised in ``labels``. A sample's answer may be a
+                multi-turn conversation's segments (:data:`~agrivlm.pipeline.conversation.Answer`:
+                ``[answer_1, continuation_2, answer_2, …]``): every answer supervised and ended by eos, the
+                continuations (the next user turns) appended unsupervised.
             frame_times: optional normalized time ``t`` of each frame, one sequence (or None) per item;
                 default :func:`~agrivlm.lape.embedding.default_frame_times`.
             positions: optional continuous values of the LAPE tokens (position bins and ``-INPUT`` /
@@ -600,14 +603,14 @@ class AgriVLMProcessor(ProcessorMixin):
 
     # -- text ------------------------------------------------------------------------------------------
     def _prepare_text(
-        self, text: str | Sequence[str], answers: str | Sequence[str] | None, padding_side: str, return_tensors: str
-    ) -> tuple[list[str], list[str] | None, list[list[int]]]:
+        self, text: str | Sequence[str], answers: str | Sequence[Answer] | None, padding_side: str, return_tensors: str
+    ) -> tuple[list[str], list[Answer] | None, list[list[int]]]:
         if return_tensors not in ("pt", "np"):
             raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         texts = [text] if isinstance(text, str) else list(text)
-        answer_list: list[str] | None = None
+        answer_list: list[Answer] | None = None
         if answers is not None:
             answer_list = [answers] if isinstance(answers, str) else list(answers)
             if len(answer_list) != len(texts):
@@ -619,7 +622,7 @@ class AgriVLMProcessor(ProcessorMixin):
         self,
         texts: list[str],
         prompt_ids: list[list[int]],
-        answer_list: list[str] | None,
+        answer_list: list[Answer] | None,
         positions: Sequence[Sequence[float] | None] | None,
         expand: list[int],
         frames: list[int],
@@ -647,13 +650,14 @@ class AgriVLMProcessor(ProcessorMixin):
                     seq.append(i)
             lab = [IGNORE_INDEX] * len(seq)
             if answer_list is not None:
-                ans = list(tok(answer_list[b], add_special_tokens=False)["input_ids"])
-                if any(i in placeholder_ids for i in ans):
-                    raise ValueError(f"sample {b}: an answer cannot hold <image>/<video>")
-                if add_eos:
-                    ans.append(answer_end_id(tok))  # the token generation stops on
-                seq.extend(ans)
-                lab.extend(ans)
+                for text, supervised in answer_segments(answer_list[b]):
+                    ans = list(tok(text, add_special_tokens=False)["input_ids"])
+                    if any(i in placeholder_ids for i in ans):
+                        raise ValueError(f"sample {b}: an answer cannot hold <image>/<video>")
+                    if supervised and add_eos:
+                        ans.append(answer_end_id(tok))  # the token generation stops on
+                    seq.extend(ans)
+                    lab.extend(ans if supervised else [IGNORE_INDEX] * len(ans))
             sequences.append(seq)
             labels.append(lab)
 
@@ -742,7 +746,7 @@ class AgriVLMProcessor(ProcessorMixin):
         self,
         chips: Chip | Sequence[Chip],
         prompts: str | Sequence[str],
-        answers: str | Sequence[str] | None = None,
+        answers: str | Sequence[Answer] | None = None,
         *,
         config: ChipInputConfig | None = None,
         sampling: FrameSamplingConfig | None = None,
@@ -872,7 +876,7 @@ class AgriVLMProcessor(ProcessorMixin):
         frames: Sequence[Any],
         layout: ChipInputConfig | None,
         *,
-        answers: str | Sequence[str] | None = None,
+        answers: str | Sequence[Answer] | None = None,
         frame_times: Sequence[Sequence[float] | None] | None = None,
         positions: Sequence[Sequence[float] | None] | None = None,
         padding_side: str = "right",

@@ -284,6 +284,9 @@ class FieldBoundariesConfig(StrictModel):
     unique_margin: float = Field(default=1.1, ge=1.0)
     #: ``field_at_point``: points asked about per chip (each its own record), drawn uniformly over the chip.
     point_prompts: int = Field(default=6, ge=0)
+    #: ``field_at_point``: points asked in one conversation (one record, every answer supervised); 1: one record
+    #: per point.
+    points_per_record: int = Field(default=1, ge=1)
     #: ``field_at_point``: points closer than this (pixels) to a parcel's edge are drawn again (mixed pixels
     #: there make "which field?" ambiguous).
     point_edge_px: float = Field(default=1.0, ge=0.0)

@@ -8,7 +8,10 @@ parts under ``min_area_px`` pixels are slivers: never asked about, counted in ``
 ``point_edge_px`` of a parcel edge): the answer is that field's outline as a listing item (``"grassland
 <polygon>."``, the cut mark after it when the chip's edge cuts it) or :data:`NO_FIELD_AT_POINT` on a road, a
 margin or a parcel of another class. It is the point prompt of ``agrivlm infer --task fields`` with
-``fields_prompt: points``: one short answer per point instead of one listing of every field of the chip.
+``fields_prompt: points``: one short answer per point instead of one listing of every field of the chip. With
+``points_per_record`` > 1, that many of a chip's points are asked in one conversation (one question and answer
+after another, every answer supervised in training): the chip's frames are read and encoded once for them all;
+``meta`` then holds ``point_u``, ``point_v`` and ``field_ids`` per point (``""``: no field there).
 
 The listings (``outline_fields``, ``outline_parcels``) answer each parcel as ``outline_as`` says: a polygon
 of at most ``outline_vertices`` points (:func:`~agrivlm.recipes.context.norm_ring`, the simplification of
@@ -24,7 +27,7 @@ import shapely
 
 from agrivlm.recipes.config import FieldBoundariesConfig
 from agrivlm.recipes.context import ChipContext, ParcelInChip, assistant, norm_ring, pick, rng_for, user
-from agrivlm.recipes.schema import Record
+from agrivlm.recipes.schema import Record, Turn
 from agrivlm.recipes.sources import UNKNOWN_CLASS
 from agrivlm.recipes.state import BuildState
 
@@ -212,7 +215,7 @@ def _field_at_point(state: BuildState, chip: ChipContext, frames: list[int], fie
     edges = shapely.union_all([p.geom.boundary for p in chip.parcels]) if chip.parcels else None
     tol = cfg.point_edge_px * chip.pixel_size
     field_rows = {p.row for p in fields}
-    out: list[Record] = []
+    asked: list[tuple[int, list[Turn], dict[str, object]]] = []  # (k, [question, answer], meta) per point
     for k in range(cfg.point_prompts):
         for _ in range(50):  # redraw points on an edge or in a sliver
             u, v = (float(x) for x in r.uniform(0.02, 0.98, 2))
@@ -238,5 +241,24 @@ def _field_at_point(state: BuildState, chip: ChipContext, frames: list[int], fie
             answer = (assistant(f"{label} {{polygon:0}}{cut}.", polygons=[ring]) if len(ring) >= 3
                       else assistant(f"{label} {{box:0}}{cut}.", boxes=[hit.box]))
             meta.update(cls=hit.cls, cut=hit.cut, area_px=round(hit.area_px, 3))
-        out.append(state.factory.record(chip, frames, FAMILY, "field_at_point", f"p{k}", [question, answer], meta))
+        asked.append((k, [question, answer], meta))
+    out: list[Record] = []
+    n = cfg.points_per_record
+    for i in range(0, len(asked), n):
+        group = asked[i:i + n]
+        if n == 1:
+            k, turns, meta = group[0]
+            out.append(state.factory.record(chip, frames, FAMILY, "field_at_point", f"p{k}", turns, meta))
+            continue
+        # several points of the chip in one conversation, every answer supervised (more answers per image)
+        ks = [k for k, _, _ in group]
+        subject = f"p{ks[0]}" if len(ks) == 1 else f"p{ks[0]}-{ks[-1]}"
+        metas = [m for _, _, m in group]
+        columns: dict[str, object] = {
+            "point_u": [float(m["point"][0]) for m in metas],  # type: ignore[index]
+            "point_v": [float(m["point"][1]) for m in metas],  # type: ignore[index]
+            "field_ids": [str(m["field_id"] or "") for m in metas],  # "": no field at that point
+        }
+        out.append(state.factory.record(chip, frames, FAMILY, "field_at_point", subject,
+                                        [t for _, turns, _ in group for t in turns], columns))
     return out

@@ -23,10 +23,11 @@ One record (:class:`~agrivlm.recipes.schema.Record`) becomes one sample:
    etc.; polygon vertices separated by :data:`POLYGON_SEP` so they decode as a polygon), and the continuous
    value of every position token is kept, in text order, for the model's sub-bin soft targets
    (``position_values``); with ``data.question_positions: input`` the positions a question gives are
-   ``-INPUT`` placeholders carrying those values instead. **Multi-turn** conversations are flattened: every turn but
-   the last assistant turn goes into the prompt (:func:`agrivlm.pipeline.conversation.format_prompt`,
-   a plain ``USER:``/``ASSISTANT:`` template with the visual placeholder in the first user turn); only the
-   last assistant turn is supervised. (Every record the recipes make today has one user and one assistant turn.)
+   ``-INPUT`` placeholders carrying those values instead. **Multi-turn** conversations (``field_at_point`` with
+   ``points_per_record`` > 1) are supervised on every assistant turn: the prompt is the first user turn
+   (:func:`agrivlm.pipeline.conversation.format_prompt`, a plain ``USER:``/``ASSISTANT:`` template with the visual
+   placeholder), the answer its segments (:data:`~agrivlm.pipeline.conversation.Answer`), each answer ended by
+   eos, the next questions read unsupervised.
 
 Batches: :class:`Collator` calls :class:`~agrivlm.pipeline.processor.AgriVLMProcessor` (unchanged) on
 the samples of a micro-batch and adds ``sample_ids`` and ``is_fast``.
@@ -51,7 +52,7 @@ from agrivlm.errors import ConfigError, PipelineError, RecordError
 from agrivlm.geo.stack import Stack, open_stack
 from agrivlm.lape.tokens import LapeVocab, QuestionPositions, position_formatters
 from agrivlm.pipeline.bands import BandStats, normalize, robust_stats, to_reflectance
-from agrivlm.pipeline.conversation import POLYGON_SEP, format_prompt, visual_placeholder
+from agrivlm.pipeline.conversation import POLYGON_SEP, Answer, continuation, format_prompt, visual_placeholder
 from agrivlm.pipeline.focus import GrowthFocus, PointMarker, focus_on_box, mark_point
 from agrivlm.pipeline.frames import FrameSamplingConfig, frame_time_positions, select_indices, uniform_indices
 from agrivlm.pipeline.processor import ChipInputConfig
@@ -218,8 +219,11 @@ class _Collector:
 
 
 def render_record(record: Record, vocab: LapeVocab, visual_token: str = "<video>",
-                  question_positions: QuestionPositions = "bins") -> tuple[str, str, list[float]]:
+                  question_positions: QuestionPositions = "bins") -> tuple[str, Answer, list[float]]:
     """``(prompt, answer, position values in text order)`` of a record, positions as LAPE tokens.
+
+    The prompt is the first user turn; the answer the one assistant turn, or for a multi-turn record the
+    segments ``[answer_1, continuation(question_2), answer_2, …]`` (every answer supervised).
 
     ``question_positions``: how the user turns' positions are written (answers always as bins).
     """
@@ -228,10 +232,16 @@ def render_record(record: Record, vocab: LapeVocab, visual_token: str = "<video>
     for turn in record.conversation:
         coll.mode = question_positions if turn.role == "user" else "bins"
         rendered.append((turn.role, _render_turn(turn, coll)))
-    *context, (role, answer) = rendered
-    if role != "assistant":
-        raise RecordError(f"record {record.sample_id}: the last turn must be the assistant's answer")
-    return format_prompt(context, visual_token), answer, coll.values
+    roles = [role for role, _ in rendered]
+    if len(roles) < 2 or roles != ["user", "assistant"] * (len(roles) // 2):
+        raise RecordError(f"record {record.sample_id}: turns must alternate user, assistant, … and end with the "
+                          f"assistant's answer; got {roles}")
+    prompt = format_prompt(rendered[:1], visual_token)
+    if len(rendered) == 2:
+        return prompt, rendered[1][1], coll.values
+    # every answer supervised, each next question read (agrivlm.pipeline.conversation's multi-turn rule)
+    segments = [text if role == "assistant" else continuation(text) for role, text in rendered[1:]]
+    return prompt, segments, coll.values
 
 
 def _render_turn(turn: Turn, coll: _Collector) -> str:
@@ -338,7 +348,7 @@ class Sample:
     Attributes:
         sample_id: the record's id.
         prompt: flattened prompt with one ``<video>``/``<image>`` placeholder.
-        answer: the supervised answer.
+        answer: the supervised answer (or a multi-turn record's segments, every answer supervised).
         positions: continuous value of each position token of prompt + answer, in text order.
         pixels: ``(T, C, H, W)`` float32 normalised to [0, 1], NaN = no data.
         frame_times: ``(T,)`` normalised ``t`` of each frame on the range of the record's frame dates.
@@ -347,7 +357,7 @@ class Sample:
 
     sample_id: str
     prompt: str
-    answer: str
+    answer: Answer
     positions: list[float]
     pixels: npt.NDArray[np.float32]
     frame_times: npt.NDArray[np.float64]
@@ -384,6 +394,13 @@ class RecordDataset(Dataset[Sample]):
         self.stacks = stacks if stacks is not None else StackCache()
         if normalize_cfg.mode != "chip" and stats is None:
             raise ValueError("dataset/fixed normalisation needs stats")
+        if point_marker != "none":
+            several = next((sr.record.sample_id for sr in self.records
+                            if sum(bool(t.points) for t in sr.record.conversation if t.role == "user") > 1), None)
+            if several is not None:
+                raise ConfigError(f"data.point_marker: {point_marker} draws one point into a sample's frames, but "
+                                  f"record {several} asks about several points (a recipe's points_per_record > 1); "
+                                  "use one or the other")
 
     def __len__(self) -> int:
         return len(self.records)
