@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from agrivlm.cli_options import JsonFlag, print_json
+from agrivlm.cli_options import AssetsOpt, JsonFlag, MaskAssetsOpt, MaskValuesOpt, print_json, split_list
 from agrivlm.errors import AgriVLMError
 from agrivlm.eval.commands import app as eval_app
 from agrivlm.recipes.commands import recipe_app
@@ -116,7 +116,9 @@ app.add_typer(eval_app, name="eval")
 
 @app.command()
 def ingest(
-    inputs: Annotated[list[str], typer.Argument(help="GeoTIFFs: folder(s), glob(s) or files, one file per date.")],
+    inputs: Annotated[list[str], typer.Argument(
+        help="GeoTIFFs: folder(s), glob(s) or files, one file per date; remote files (https://, s3://, gs://, "
+        "/vsicurl/…); or a STAC JSON (Item, ItemCollection, catalogue) with --assets.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the chip index and summary.json.")],
     chip_size: Annotated[int, typer.Option(help="Chip size in pixels.")] = 64,
     stride: Annotated[int | None, typer.Option(help="Step between chips in pixels (default: chip size).")] = None,
@@ -131,6 +133,9 @@ def ingest(
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     as_json: JsonFlag = False,
+    assets: AssetsOpt = None,
+    mask_assets: MaskAssetsOpt = None,
+    mask_values: MaskValuesOpt = None,
     workers: Annotated[
         int | None, typer.Option(help="Run on a dask LocalCluster of N worker processes on this machine.")
     ] = None,
@@ -156,6 +161,9 @@ def ingest(
         progress=progress and not as_json,
         workers=workers,
         scheduler=scheduler,
+        assets=split_list(assets, "--assets"),
+        mask_assets=split_list(mask_assets, "--mask-assets"),
+        mask_values=split_list(mask_values, "--mask-values", int),
     )
     if as_json:
         print_json(summary)

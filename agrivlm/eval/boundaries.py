@@ -53,6 +53,7 @@ from agrivlm.errors import EvalError
 from agrivlm.eval.common import FIELD_REPORT_FILES, check_outputs, json_safe, ratio, write_json
 from agrivlm.geo.coords import GeoGrid
 from agrivlm.geo.index import atomic_path
+from agrivlm.geo.remote import RasterPath, raster_path
 
 #: IoU thresholds of ``map_50_95`` / ``f1_50_95``: 0.50, 0.55, …, 0.95 (COCO's grid).
 THRESHOLDS: tuple[float, ...] = tuple(round(0.50 + 0.05 * k, 2) for k in range(10))
@@ -349,10 +350,10 @@ def prepare_layer(
     )
 
 
-def read_extent(path: str | Path) -> tuple[GeoGrid, npt.NDArray[np.bool_]]:
-    """The pixel grid of a GeoTIFF and its valid-pixel mask ``(H, W)`` (GDAL dataset mask > 0)."""
-    path = Path(path)
-    if not path.exists():
+def read_extent(path: str | RasterPath) -> tuple[GeoGrid, npt.NDArray[np.bool_]]:
+    """The pixel grid of a GeoTIFF (local or remote) and its valid-pixel mask ``(H, W)`` (GDAL dataset mask > 0)."""
+    path = raster_path(path)
+    if isinstance(path, Path) and not path.exists():
         raise EvalError(f"{path}: no such extent raster; pass a GeoTIFF whose grid defines the pixels (--extent)")
     try:
         with rasterio.open(path) as ds:
@@ -475,7 +476,7 @@ def evaluate_fields(
     *,
     iou_threshold: float = 0.5,
     boxes: bool = False,
-    extent: str | Path | None = None,
+    extent: str | RasterPath | None = None,
     pred_id: str | None = None,
     truth_id: str | None = None,
     thresholds: Sequence[float] = THRESHOLDS,

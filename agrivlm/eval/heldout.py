@@ -38,6 +38,7 @@ from rasterio.windows import Window
 from agrivlm.errors import EvalError
 from agrivlm.eval.boundaries import FieldEvaluation, evaluate_fields
 from agrivlm.geo.chips import chip_id, chip_windows
+from agrivlm.geo.remote import RasterPath
 from agrivlm.geo.stack import Stack
 
 
@@ -89,7 +90,7 @@ def _polygons(geom: Any) -> Any:
 
 def evaluate_chipwise(pred: gpd.GeoDataFrame, truth: gpd.GeoDataFrame, chips: gpd.GeoDataFrame,
                       truth_id: str = "field_id", min_area_px: float = 4.0, pixel_m: float = 10.0,
-                      pred_by_chip: bool = True, extent: str | Path | None = None,
+                      pred_by_chip: bool = True, extent: str | RasterPath | None = None,
                       boxes: bool = False) -> FieldEvaluation:
     """Object scores summed over chips: truth clipped per chip vs each chip's own predictions clipped to it.
 

@@ -26,6 +26,7 @@ import numpy.typing as npt
 import rasterio
 
 from agrivlm.errors import IngestError
+from agrivlm.geo.remote import RasterPath, raster_path
 
 #: Dataset-level tags read for a date, in order; the first that parses wins.
 DATE_TAGS: tuple[str, ...] = (
@@ -59,8 +60,8 @@ _DOY = re.compile(r"(?<!\d)(\d{4})(\d{3})(?!\d)")
 class DatedFile:
     """A raster file with its acquisition time and where that time came from."""
 
-    #: Path of the GeoTIFF.
-    path: Path
+    #: Path of the GeoTIFF (local, or a remote address: :mod:`agrivlm.geo.remote`).
+    path: RasterPath
     #: Acquisition time (naive, UTC).
     time: datetime
     #: "mapping", "tag:<NAME>" or "name".
@@ -116,7 +117,7 @@ def date_from_tags(tags: Mapping[str, str]) -> tuple[datetime, str] | None:
     return None
 
 
-def _lookup(mapping: Mapping[str, object], path: Path) -> object | None:
+def _lookup(mapping: Mapping[str, object], path: RasterPath) -> object | None:
     for key in (str(path), path.name, path.stem, str(path.resolve())):
         if key in mapping:
             return mapping[key]
@@ -124,7 +125,7 @@ def _lookup(mapping: Mapping[str, object], path: Path) -> object | None:
 
 
 def resolve_date(
-    path: str | Path, mapping: Mapping[str, object] | None = None, tags: Mapping[str, str] | None = None
+    path: str | RasterPath, mapping: Mapping[str, object] | None = None, tags: Mapping[str, str] | None = None
 ) -> DatedFile:
     """Acquisition time of one GeoTIFF (precedence in the module docstring).
 
@@ -134,7 +135,7 @@ def resolve_date(
         IngestError: when no source gives a date, or the mapping's value is not a date.
 
     """
-    path = Path(path)
+    path = raster_path(path)
     if mapping:
         given = _lookup(mapping, path)
         if given is not None:

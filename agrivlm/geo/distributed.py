@@ -24,11 +24,11 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from agrivlm.errors import IngestError
 from agrivlm.geo.chips import ChipGroup, ChipStream, Edge
+from agrivlm.geo.remote import RasterPath
 from agrivlm.geo.stack import Stack
 from agrivlm.geo.validate import validate_files
 
@@ -194,9 +194,9 @@ def _validate_one(path: str) -> int:
     return validate_files([path], progress=False)
 
 
-def validate_distributed(client: Any, paths: Sequence[Path]) -> int:
+def validate_distributed(client: Any, paths: Sequence[RasterPath]) -> int:
     """Validate every file on the workers (a task per file); the first damaged file raises its IngestError."""
-    futures = client.map(_validate_one, [str(p) for p in paths], pure=False)
+    futures = client.map(_validate_one, [str(p) for p in paths], pure=False)  # a remote address as given
     try:
         return int(sum(client.gather(futures)))
     except BaseException:

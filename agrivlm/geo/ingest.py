@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from agrivlm.geo.index import (
     rows_frame,
     write_frame_to,
 )
+from agrivlm.geo.remote import RasterPath
 from agrivlm.geo.stack import Inputs, SameDay, open_stack
 from agrivlm.geo.validate import validate_files
 
@@ -46,6 +47,9 @@ def ingest(
     progress: bool = True,
     workers: int | None = None,
     scheduler: str | None = None,
+    assets: Sequence[str] | None = None,
+    mask_assets: Sequence[str] | None = None,
+    mask_values: Iterable[int] | None = None,
 ) -> dict[str, Any]:
     """Ingest a stack and write ``OUT/chips.<format>`` and ``OUT/summary.json``; return the summary.
 
@@ -59,6 +63,8 @@ def ingest(
     ``LocalCluster`` of that many processes here), validation and chip reading run as tasks on the
     cluster (:mod:`agrivlm.geo.distributed`); the outputs are the same as in one process.
 
+    ``inputs`` may be remote files or a STAC JSON (``assets``, ``mask_assets``: :func:`~agrivlm.geo.open_stack`).
+
     Raises:
         IngestError: bad inputs (naming the file), or outputs that exist without ``overwrite``.
 
@@ -70,7 +76,8 @@ def ingest(
     check_index_format(index_path)
     _check_out(out, index_path, summary_path, overwrite, started)
     ensure_writable_dir(out, IngestError)
-    stack = open_stack(inputs, masks=masks, dates=dates, same_day=same_day)
+    stack = open_stack(inputs, masks=masks, dates=dates, same_day=same_day, assets=assets, mask_assets=mask_assets,
+                       mask_values=mask_values)
     mask_files = [m.path for step in stack.steps for m in step.masks if m is not None]
     stream = ChipStream(stack, chip_size=chip_size, stride=stride, edge=edge)
     if workers is not None or scheduler is not None:
@@ -135,7 +142,7 @@ def _summary_index(summary_path: Path) -> Path:
 
 
 def _distributed_index(
-    stream: ChipStream, files: list[Path], validate: bool, progress: bool, workers: int | None,
+    stream: ChipStream, files: list[RasterPath], validate: bool, progress: bool, workers: int | None,
     scheduler: str | None,
 ) -> gpd.GeoDataFrame:
     """Validation and the chip index on a dask cluster (see :mod:`agrivlm.geo.distributed`)."""

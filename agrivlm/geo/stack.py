@@ -49,6 +49,8 @@ from rasterio.windows import Window
 from agrivlm.errors import IngestError
 from agrivlm.geo.coords import GeoGrid, TimeAxis
 from agrivlm.geo.dates import DatedFile, resolve_date
+from agrivlm.geo.remote import RasterPath, RemotePath, is_remote
+from agrivlm.geo.stac import is_stac, stac_rasters
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +78,34 @@ def gdal_cache_cap(nbytes: int | None) -> Iterator[None]:
         yield
 
 
-def resolve_inputs(inputs: Inputs, what: str = "inputs") -> list[Path]:
+def resolve_inputs(inputs: Inputs, what: str = "inputs", assets: Sequence[str] | None = None) -> list[RasterPath]:
     """Expand a folder, a glob pattern, a file, or a list of any of these into GeoTIFF paths.
 
+    A remote address (``https://…``, ``s3://…``, ``/vsicurl/…``: :mod:`agrivlm.geo.remote`) is one file, kept
+    as a :class:`~agrivlm.geo.remote.RemotePath` (opening it tells whether it is there). A STAC JSON (``.json``,
+    local or a URL: :mod:`agrivlm.geo.stac`) is one raster per item, its ``assets`` as bands.
+
     Raises:
-        IngestError: when a path does not exist or nothing matches.
+        IngestError: when a path does not exist or nothing matches, or a remote address is a pattern or
+            has a scheme GDAL cannot read.
 
     """
     items: Sequence[str | os.PathLike[str]] = [inputs] if isinstance(inputs, str | os.PathLike) else inputs
-    paths: list[Path] = []
+    paths: list[RasterPath] = []
     for item in items:
+        if is_stac(item):
+            paths.extend(stac_rasters(str(item), assets))
+            continue
+        if is_remote(item):
+            address = str(item)
+            if any(ch in address.split("?", 1)[0] for ch in "*?["):
+                raise IngestError(f"{address}: a remote folder cannot be listed nor a remote pattern expanded; give "
+                                  "the files one by one, or a STAC catalogue of them (--stac)")
+            try:
+                paths.append(RemotePath(address))
+            except ValueError as exc:
+                raise IngestError(str(exc)) from exc
+            continue
         text = os.fspath(item)
         path = Path(text)
         if path.is_dir():
@@ -111,7 +131,7 @@ def resolve_inputs(inputs: Inputs, what: str = "inputs") -> list[Path]:
 class SourceInfo:
     """What the stack needs to know about one file, read from its header once."""
 
-    path: Path
+    path: RasterPath
     time: datetime
     date_source: str
     crs: CRS
@@ -135,7 +155,7 @@ class SourceInfo:
         return GeoGrid(self.transform, self.crs, self.width, self.height)
 
 
-def _inspect(dated: DatedFile | Path, dates: Mapping[str, object] | None = None) -> SourceInfo:
+def _inspect(dated: DatedFile | RasterPath, dates: Mapping[str, object] | None = None) -> SourceInfo:
     """Open a file once: its date (when given a bare path: mapping, then its tags, then its name) and header."""
     path = dated.path if isinstance(dated, DatedFile) else dated
     try:
@@ -263,12 +283,12 @@ class Stack:
         return [step for step in self.steps if any(m is None for m in step.masks)]
 
     @property
-    def files(self) -> list[Path]:
+    def files(self) -> list[RasterPath]:
         """All data files used, in time order."""
         return [s.path for step in self.steps for s in step.sources]
 
     @property
-    def warped_files(self) -> list[Path]:
+    def warped_files(self) -> list[RasterPath]:
         """Data files that are not on the reference grid and are warped to it."""
         return [s.path for step in self.steps for s in step.sources if not _same_grid(s, self.grid)]
 
@@ -319,7 +339,7 @@ class Stack:
         for ex in exits:
             ex.close()
 
-    def _thread_handles(self) -> dict[Path, DatasetReader | WarpedVRT] | None:
+    def _thread_handles(self) -> dict[RasterPath, DatasetReader | WarpedVRT] | None:
         """The calling thread's handle cache for the current session, or None when the stack is closed."""
         if self._depth == 0:
             return None
@@ -331,11 +351,11 @@ class Stack:
                     return None
                 self._exits.append(exit_stack)
             local.handles, local.exit, local.session = {}, exit_stack, self._session
-        handles: dict[Path, DatasetReader | WarpedVRT] = local.handles
+        handles: dict[RasterPath, DatasetReader | WarpedVRT] = local.handles
         return handles
 
     def _handle(
-        self, handles: dict[Path, DatasetReader | WarpedVRT], info: SourceInfo, kind: str
+        self, handles: dict[RasterPath, DatasetReader | WarpedVRT], info: SourceInfo, kind: str
     ) -> DatasetReader | WarpedVRT:
         ds = handles.get(info.path)
         if ds is None:
@@ -775,6 +795,8 @@ def open_stack(
     same_day: SameDay = "keep",
     resampling: Resampling | str = Resampling.bilinear,
     mask_values: Iterable[int] | None = None,
+    assets: Sequence[str] | None = None,
+    mask_assets: Sequence[str] | None = None,
 ) -> Stack:
     """Open GeoTIFFs of one area (one file per date, any band count) as a co-registered stack.
 
@@ -791,6 +813,9 @@ def open_stack(
             ``"mosaic"`` merges them (first valid pixel in time order wins).
         resampling: resampling for data files not on the reference grid.
         mask_values: mask-file values meaning "masked" (default: any non-zero value and the mask's nodata).
+        assets: with a STAC JSON as ``inputs``, the assets that are the bands, in order (``["B04", "B08"]``;
+            default: the items' one raster data asset); see :mod:`agrivlm.geo.stac`.
+        mask_assets: the same for a STAC JSON as ``masks`` (``["SCL"]``, with ``mask_values``).
 
     Raises:
         IngestError: naming the file, for: no inputs, unreadable file, no CRS, no date,
@@ -799,7 +824,7 @@ def open_stack(
     """
     if same_day not in ("keep", "first", "mosaic"):
         raise IngestError(f"same_day must be 'keep', 'first' or 'mosaic', not {same_day!r}")
-    paths = resolve_inputs(inputs)
+    paths = resolve_inputs(inputs, assets=assets)
     infos = sorted((_inspect(p, dates) for p in paths), key=lambda i: (i.time, str(i.path)))
     if nodata is not None:
         infos = [i if i.nodata is not None else _with_nodata(i, nodata) for i in infos]
@@ -826,7 +851,7 @@ def open_stack(
 
     steps, dropped = _group_same_day(infos, same_day)
     if masks is not None:
-        mask_paths = resolve_inputs(masks, what="mask files")
+        mask_paths = resolve_inputs(masks, what="mask files", assets=mask_assets)
         mask_infos = [_inspect(p, dates) for p in mask_paths]
         _match_masks(steps, mask_infos)
 

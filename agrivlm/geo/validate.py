@@ -7,22 +7,22 @@ with ``RasterioIOError`` chained from GDAL's error. ``validate_files`` finds tha
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 import rasterio
 from tqdm.auto import tqdm
 
 from agrivlm.errors import IngestError
+from agrivlm.geo.remote import RasterPath, raster_path
 from agrivlm.geo.stack import gdal_cache_cap
 
 
-def validate_file(path: str | Path) -> int:
+def validate_file(path: str | RasterPath) -> int:
     """Decode every block of every band of one raster; return the number of blocks read.
 
     Memory stays at one block. Raises:
         IngestError: naming the file and the first damaged block (block row/col and pixel window).
     """
-    path = Path(path)
+    path = raster_path(path)  # a remote file is read whole (every block), as a local one
     try:
         ds = rasterio.open(path)
     except rasterio.errors.RasterioIOError as exc:
@@ -47,7 +47,7 @@ def validate_file(path: str | Path) -> int:
 VALIDATE_CACHE_BYTES = 16 * 2**20
 
 
-def validate_files(paths: Iterable[str | Path], progress: bool = True) -> int:
+def validate_files(paths: Iterable[str | RasterPath], progress: bool = True) -> int:
     """Validate several rasters (see :func:`validate_file`); return the total number of blocks read."""
     items = list(paths)
     with gdal_cache_cap(VALIDATE_CACHE_BYTES):

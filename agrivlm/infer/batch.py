@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 
 from agrivlm.errors import AgriVLMError
 from agrivlm.geo.chips import ChipGroup, ChipStream, chip_id
-from agrivlm.geo.stack import open_stack
+from agrivlm.geo.remote import is_remote
+from agrivlm.geo.stack import Stack, open_stack
 from agrivlm.geo.validate import validate_files
 from agrivlm.infer.config import InputConfig
 from agrivlm.infer.errors import InferError
@@ -87,17 +88,32 @@ TIMELINE_MAX_NEW_TOKENS = 128
 
 @dataclass(frozen=True)
 class StackInput:
-    """One stack to run on: the INPUT as given (a folder, a glob or a file) and its masks."""
+    """One stack to run on: the INPUT as given (a folder, a glob, a file, remote files or a STAC JSON), its masks."""
 
     #: The INPUT as given on the command line (shown in messages and the ``stack`` column).
     name: str
     #: Per-date mask files (a folder, glob or file), or None.
     masks: str | None = None
+    #: A STAC INPUT's assets that are the bands (None: the items' one raster asset).
+    assets: tuple[str, ...] | None = None
+    #: STAC masks' asset, and the mask values meaning masked (None: any non-zero value).
+    mask_assets: tuple[str, ...] | None = None
+    mask_values: tuple[int, ...] | None = None
 
     @property
     def key(self) -> str:
-        """The stack's identity in the journal: the absolute path (or glob) of the INPUT."""
-        return os.path.abspath(self.name)
+        """The stack's identity in the journal: the absolute path (or glob) of the INPUT, a remote one as given."""
+        return input_key(self.name)
+
+    def open(self) -> Stack:
+        """The stack (:func:`~agrivlm.geo.stack.open_stack` with the STAC and mask settings)."""
+        return open_stack(self.name, masks=self.masks, assets=self.assets, mask_assets=self.mask_assets,
+                          mask_values=self.mask_values)
+
+
+def input_key(text: str) -> str:
+    """A local INPUT's absolute path, a remote one (URL, ``/vsi…/``) as given."""
+    return text if is_remote(text) else os.path.abspath(text)
 
 
 # -- the settings a journal belongs to ------------------------------------------------------------------
@@ -113,7 +129,9 @@ def run_settings(
         "model": model_fingerprint(model_dir),
         "task": task,
         "question": question,
-        "stacks": [[s.key, os.path.abspath(s.masks) if s.masks else None] for s in stacks],
+        "stacks": [[s.key, input_key(s.masks) if s.masks else None]
+                   + ([list(s.assets or []), list(s.mask_assets or []), list(s.mask_values or [])]
+                      if s.assets or s.mask_assets or s.mask_values else []) for s in stacks],
         "inputs": config.model_dump(mode="json"),
         "max_new_tokens": max_new_tokens,
         "dtype": dtype,
@@ -168,7 +186,7 @@ def infer_stack(
         log.info("stack %s: every chip is in the journal", stack_input.name)
         return outcome
     try:
-        stack = open_stack(stack_input.name, masks=stack_input.masks)
+        stack = stack_input.open()
         check_stack_bands(config, len(stack.band_names), f"stack {stack_input.name}")
         if validate:
             masks = [m.path for step in stack.steps for m in step.masks if m is not None]
@@ -227,7 +245,7 @@ def check_journaled_stacks(journal: Journal, stacks: Sequence[StackInput]) -> No
         if info is None:
             continue
         try:
-            stack = open_stack(s.name, masks=s.masks)
+            stack = s.open()
         except AgriVLMError as exc:
             raise InferError(f"stack {s.name}: the journal {journal.path} has answers of it, but it cannot be opened "
                              f"now ({exc}); pass --restart to start over") from exc
@@ -319,11 +337,15 @@ def run_inference(
     threads: int | None = None,
     on_task_done: Callable[[int, int], None] | None = None,
     raster: bool = False,
+    assets: Sequence[str] | None = None,
+    mask_assets: Sequence[str] | None = None,
+    mask_values: Sequence[int] | None = None,
 ) -> RunReport:
     """Run a checkpoint over stacks and write the predictions (``agrivlm infer``; see the module docstring).
 
     Args:
-        inputs: one stack per item (a folder, a glob or a file of GeoTIFFs, one file per date).
+        inputs: one stack per item (a folder, a glob or a file of GeoTIFFs, one file per date; remote files;
+            a STAC JSON: :mod:`agrivlm.geo.stac`).
         model_dir: checkpoint folder (``save_pretrained`` of model and processor; ``agrivlm_inputs.yaml``).
         out: ``.gpkg``, ``.parquet`` (GeoParquet 1.1), ``.fgb`` or ``.geojson`` (RFC 7946, EPSG:4326; see
             :mod:`agrivlm.infer.outputs`); beside it ``<name>.journal.jsonl``, ``<stem>_report.json`` and, for
@@ -356,6 +378,9 @@ def run_inference(
         threads: torch threads of each worker (default: the workers' own setting; 1 on a ``LocalCluster``).
         on_task_done: on a cluster, called as ``on_task_done(done, total)`` after each task's chips are
             journaled (tests use it to kill a worker mid-run).
+        assets: STAC inputs: the assets that are the bands, in order (every stack's).
+        mask_assets: STAC masks: their asset.
+        mask_values: the mask values that mean masked (default: any non-zero value).
 
     Returns:
         The run's :class:`RunReport` (also written as ``<stem>_report.json``). ``report.failed`` lists
@@ -409,7 +434,9 @@ def run_inference(
         remove_stale_temporaries(target, time.time())
     if out.exists() and not journal_file.exists() and not overwrite and not restart:
         raise InferError(f"{out}: already exists; pass --overwrite to replace it")
-    stacks = [StackInput(name, masks[i] if masks else None) for i, name in enumerate(inputs)]
+    stacks = [StackInput(name, masks[i] if masks else None, tuple(assets) if assets else None,
+                         tuple(mask_assets) if mask_assets else None, tuple(mask_values) if mask_values else None)
+              for i, name in enumerate(inputs)]
     if len({s.key for s in stacks}) != len(stacks):
         raise InferError("the same stack is given twice in INPUTS")
     config, found = load_input_config(model_dir)

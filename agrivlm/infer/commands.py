@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from agrivlm.cli_options import JsonFlag, print_json
+from agrivlm.cli_options import AssetsOpt, JsonFlag, MaskAssetsOpt, MaskValuesOpt, print_json, split_list
 from agrivlm.default_checkpoint import resolve_model
 from agrivlm.schema import prediction_format_problem
 
@@ -27,7 +27,8 @@ def _out_format(value: Path) -> Path:
 
 def infer(
     inputs: Annotated[list[str], typer.Argument(
-        help="Stacks: each INPUT is one stack (a folder, a glob or a file of GeoTIFFs, one file per date).")],
+        help="Stacks: each INPUT is one stack (a folder, a glob or a file of GeoTIFFs, one file per date; a remote "
+        "file: https://, s3://, gs://, /vsicurl/…; a STAC JSON with --assets).")],
     model: Annotated[str, typer.Option(
         "--model", "-m", help="Checkpoint folder (save_pretrained of model and processor), or `default` for "
         "the checkpoint shipped in the package.")],
@@ -79,6 +80,9 @@ def infer(
              "the same answers.")] = 64,
     progress: Annotated[bool, typer.Option(help="Show a progress bar (chips/s).")] = True,
     as_json: JsonFlag = False,
+    assets: AssetsOpt = None,
+    mask_assets: MaskAssetsOpt = None,
+    mask_values: MaskValuesOpt = None,
     raster: Annotated[bool, typer.Option(
         "--raster", help="Also write COGs on each stack's grid: <stem>_extent.tif (fields: the best field score "
         "per pixel) or <stem>_stages.tif (growth: one band per date, stage codes 1-5).")] = False,
@@ -105,6 +109,8 @@ def infer(
         device=device, dtype=dtype, overrides=overrides, validate=validate, nms_iou=nms_iou, min_score=min_score,
         restart=restart, overwrite=overwrite, progress=progress and not as_json, chips_per_task=chips_per_task,
         workers=workers, scheduler=scheduler, threads=threads if on_cluster else None, raster=raster,
+        assets=split_list(assets, "--assets"), mask_assets=split_list(mask_assets, "--mask-assets"),
+        mask_values=split_list(mask_values, "--mask-values", int),
     )
     if as_json:
         print_json(report.to_dict())

@@ -40,6 +40,7 @@ from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from agrivlm.geo.chips import ChipGroup, ChipStream, chip_id
+from agrivlm.geo.remote import RasterPath
 from agrivlm.geo.stack import Stack
 from agrivlm.infer.config import InputConfig
 from agrivlm.infer.errors import InferError
@@ -196,7 +197,7 @@ class ClusterRun:
         self.spec = spec if spec.fingerprint else replace(spec, fingerprint=checkpoint_identity(Path(spec.model_dir)))
         self.on_task_done = on_task_done
 
-    def validate(self, files: Sequence[Path]) -> int:
+    def validate(self, files: Sequence[RasterPath]) -> int:
         """Read every block of ``files`` on the workers (a task per file)."""
         from agrivlm.geo.distributed import validate_distributed
 

@@ -9,10 +9,13 @@ in a few words what differs, for the one-line refusal.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from agrivlm.geo.remote import RemotePath, remote_stamp
+from agrivlm.geo.stac import StacRaster
 from agrivlm.geo.stack import SourceInfo, Stack
 from agrivlm.recipes.sources import sha256_file
 
@@ -29,7 +32,20 @@ def weights_fingerprint(folder: Path) -> list[list[Any]]:
 
 
 def _file_entry(info: SourceInfo, date: str) -> list[Any]:
-    """``[absolute path, size in bytes, mtime_ns, date]`` of one file of the stack."""
+    """``[absolute path, size in bytes, mtime_ns, date]`` of one file of the stack.
+
+    A remote file has no mtime: its entry is ``[address, size, "<ETag or Last-Modified> | <header>", date]``
+    (:func:`~agrivlm.geo.remote.remote_stamp`; the header: grid, bands, data type), so a file replaced under
+    the same address is caught when the server's stamp or the header changes. A STAC item's raster:
+    ``[catalogue#item[assets], None, "vrt <digest of its VRT> | <header>", date]``.
+    """
+    header = f"{info.crs.to_string()} {list(info.transform)[:6]} {info.height}x{info.width}x{info.count} {info.dtype}"
+    if isinstance(info.path, RemotePath):
+        size, etag, modified = remote_stamp(info.path)
+        return [str(info.path), size, f"{etag or modified or ''} | {header}", date]
+    if isinstance(info.path, StacRaster):  # its VRT names every asset's href, grid and band
+        digest = hashlib.sha256(info.path.vrt.encode()).hexdigest()[:16]
+        return [str(info.path), None, f"vrt {digest} | {header}", date]
     st = info.path.stat()
     return [str(info.path.resolve()), st.st_size, st.st_mtime_ns, date]
 
