@@ -22,6 +22,9 @@ def test_settings_round_trip() -> None:
         bands=("red=B04", "nir=8"), title="My farm",
     )
     assert ExploreSettings.from_argv(settings.to_argv()) == settings
+    stac = ExploreSettings(stack=("https://cat.example/search.json",), masks=("https://cat.example/search.json",),
+                           assets=("B04", "B08"), mask_assets=("SCL",))
+    assert ExploreSettings.from_argv(stac.to_argv()) == stac
     assert ExploreSettings.from_argv(ExploreSettings(stack=("s",)).to_argv()) == ExploreSettings(stack=("s",))
     assert settings.band_map() == {"red": "B04", "nir": "8"}
     with pytest.raises(ExploreError, match="no stack given"):

@@ -160,6 +160,38 @@ def test_stac_mistakes_are_one_clear_line(tmp_path: Path) -> None:
         open_stack(www / "B04.json", assets=["B04"])
 
 
+def _sample_catalogue(sample_root: Path, url: str, path: Path, n: int | None = None) -> Path:
+    """An ItemCollection of the embedded sample's dates on the server at ``url``: assets ndvi and clouds."""
+    from agrivlm.geo.dates import date_from_name
+
+    feats = []
+    for f in sorted((sample_root / "ndvi").glob("*.tif"))[:n]:
+        when = date_from_name(f.name)
+        mask = f.name.replace("S2_NDVI_", "S2_CLM_")
+        assert when is not None and (sample_root / "cloud_mask" / mask).is_file()
+        feats.append(stac_item(f.stem, f"{when:%Y-%m-%dT%H:%M:%S}Z",
+                               {"ndvi": f"{url}/ndvi/{f.name}", "clouds": f"{url}/cloud_mask/{mask}"}))
+    path.write_text(json.dumps(item_collection(feats)))
+    return path
+
+
+def test_the_explorer_draws_a_stac_stack_served_over_http(monkeypatch: pytest.MonkeyPatch, sample_root: Path,
+                                                          tmp_path: Path) -> None:
+    from test_explore_app import deck_layers, run_app
+
+    with serve(sample_root) as srv:
+        catalogue = _sample_catalogue(sample_root, srv.url, tmp_path / "items.json", n=6)
+        at = run_app(monkeypatch, "--stack", catalogue, "--asset", "ndvi", "--masks", catalogue,
+                     "--mask-asset", "clouds", "--truth", sample_root / "parcels.gpkg")
+        assert not at.error, [e.value for e in at.error]
+        assert "stack-overlay" in deck_layers(at)
+        date = at.sidebar.select_slider(key="date")
+        assert len(date.options) == 6 and at.caption[0].value.startswith("2015-07-11 10:00 · NDVI")
+        date.set_value(2).run()  # the third item: its date and its clouds (the items' second asset)
+        local = open_stack(sample_root / "ndvi", masks=sample_root / "cloud_mask")
+        assert at.caption[0].value.startswith(f"{local.steps[2].time:%Y-%m-%d %H:%M} · NDVI"), at.caption[0].value
+
+
 def test_infer_on_a_stac_catalogue_served_over_http_equals_infer_on_the_local_files(
     fields_run: tuple[Path, list[str]], sample_root: Path, tmp_path: Path
 ) -> None:
@@ -170,21 +202,11 @@ def test_infer_on_a_stac_catalogue_served_over_http_equals_infer_on_the_local_fi
     from typer.testing import CliRunner
 
     from agrivlm.cli import app
-    from agrivlm.geo.dates import date_from_name
 
     out_local, args = fields_run
     model = args[args.index("--model") + 1]
-    ndvi = sorted((sample_root / "ndvi").glob("*.tif"))
     with serve(sample_root) as srv:
-        feats = []
-        for f in ndvi:
-            when = date_from_name(f.name)
-            mask = f.name.replace("S2_NDVI_", "S2_CLM_")
-            assert when is not None and (sample_root / "cloud_mask" / mask).is_file()
-            feats.append(stac_item(f.stem, f"{when:%Y-%m-%dT%H:%M:%S}Z",
-                                   {"ndvi": f"{srv.url}/ndvi/{f.name}", "clouds": f"{srv.url}/cloud_mask/{mask}"}))
-        catalogue = tmp_path / "sample_items.json"
-        catalogue.write_text(json.dumps(item_collection(feats)))
+        catalogue = _sample_catalogue(sample_root, srv.url, tmp_path / "sample_items.json")
         out = tmp_path / "stac_pred.gpkg"
         threads = torch.get_num_threads()
         try:

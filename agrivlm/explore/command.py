@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from agrivlm.cli_options import AssetsOpt, MaskAssetsOpt, split_list
 from agrivlm.default_checkpoint import resolve_model
 from agrivlm.explore.launch import launch, streamlit_command
 from agrivlm.explore.settings import ExploreSettings
@@ -16,7 +17,8 @@ _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 def explore(
     stack: Annotated[list[str] | None, typer.Option(
-        "--stack", help="Stack GeoTIFFs: folder, glob or files (repeatable).")] = None,
+        "--stack", help="Stack GeoTIFFs: folder, glob or files (repeatable); remote files (https://, s3://, "
+        "/vsicurl/…) or a STAC JSON with --assets.")] = None,
     masks: Annotated[list[str] | None, typer.Option(
         "--masks", help="Per-date cloud masks (cloud = non-zero), matched to the stack by date.")] = None,
     predictions: Annotated[list[Path] | None, typer.Option(
@@ -40,6 +42,8 @@ def explore(
     host: Annotated[str, typer.Option(
         help="Address to listen on; anything but 127.0.0.1 exposes the app to other machines.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8501,
+    assets: AssetsOpt = None,
+    mask_assets: MaskAssetsOpt = None,
     print_command: Annotated[bool, typer.Option(
         "--print-command", help="Print the streamlit command line and exit.")] = False,
 ) -> None:
@@ -59,6 +63,8 @@ def explore(
         truth=tuple(truths), truth_id=truth_id, model=str(resolve_model(model)) if model is not None else None,
         tiles=tiles,
         chip_size=chip_size, stride=stride, bands=tuple(band or []),
+        assets=tuple(split_list(assets, "--assets") or ()),
+        mask_assets=tuple(split_list(mask_assets, "--mask-assets") or ()),
     )
     if print_command:
         typer.echo(" ".join(streamlit_command(settings, host=host, port=port)))

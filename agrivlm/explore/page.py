@@ -65,8 +65,10 @@ LABEL_COLUMNS: tuple[str, ...] = ("label", "crop", "crop_name", "LULC_NAME", "cl
 
 # -- loading (cached: the page re-runs on every click) -------------------------------------------------
 @st.cache_resource(show_spinner="Opening the stack…")
-def _stack(inputs: tuple[str, ...], masks: tuple[str, ...]) -> Stack:
-    return open_stack(list(inputs), masks=list(masks) or None)
+def _stack(inputs: tuple[str, ...], masks: tuple[str, ...], assets: tuple[str, ...] = (),
+           mask_assets: tuple[str, ...] = ()) -> Stack:
+    return open_stack(list(inputs), masks=list(masks) or None, assets=list(assets) or None,
+                      mask_assets=list(mask_assets) or None)
 
 
 @st.cache_data(show_spinner="Rendering the date…", max_entries=64)
@@ -111,7 +113,7 @@ class Inputs:
 
 def load_inputs(settings: ExploreSettings) -> Inputs:
     """Open the stack (an error stops the page) and read the optional layers and tables (errors are listed)."""
-    stack = _stack(settings.stack, settings.masks)
+    stack = _stack(settings.stack, settings.masks, settings.assets, settings.mask_assets)
     inputs = Inputs(stack=stack)
     sources = (("predicted", settings.predictions, "--predictions"), ("true", settings.truth, "--truth"))
     for kind, paths, option in sources:

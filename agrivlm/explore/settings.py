@@ -19,10 +19,13 @@ from agrivlm.explore.errors import ExploreError
 class ExploreSettings:
     """The explorer's inputs and options (paths as given; they are checked when the page loads them)."""
 
-    #: GeoTIFFs of the stack: folders, globs or files (as for ``agrivlm ingest``).
+    #: GeoTIFFs of the stack: folders, globs or files, remote files or a STAC JSON (as for ``agrivlm ingest``).
     stack: tuple[str, ...]
     #: Per-date cloud/no-data mask files (folders, globs or files), matched to the stack by date.
     masks: tuple[str, ...] = ()
+    #: A STAC stack's assets that are the bands, and a STAC mask's asset (``agrivlm ingest --assets``).
+    assets: tuple[str, ...] = ()
+    mask_assets: tuple[str, ...] = ()
     #: Predicted field layers (GPKG/GeoJSON… with chip_id, task, score, tokens) and growth-stage CSVs.
     predictions: tuple[str, ...] = ()
     #: True field layers (e.g. a parcel register) and growth-stage CSVs.
@@ -55,7 +58,8 @@ class ExploreSettings:
         """The script arguments that :meth:`from_argv` parses back into these settings."""
         argv: list[str] = []
         for flag, values in (("--stack", self.stack), ("--masks", self.masks), ("--predictions", self.predictions),
-                             ("--truth", self.truth), ("--band", self.bands)):
+                             ("--truth", self.truth), ("--band", self.bands), ("--asset", self.assets),
+                             ("--mask-asset", self.mask_assets)):
             for value in values:
                 argv += [flag, value]
         for flag, one in (("--truth-id", self.truth_id), ("--model", self.model), ("--tiles", self.tiles)):
@@ -80,6 +84,8 @@ class ExploreSettings:
         parser.add_argument("--predictions", action="append", default=[])
         parser.add_argument("--truth", action="append", default=[])
         parser.add_argument("--band", action="append", default=[])
+        parser.add_argument("--asset", action="append", default=[])
+        parser.add_argument("--mask-asset", action="append", default=[])
         parser.add_argument("--truth-id")
         parser.add_argument("--model")
         parser.add_argument("--tiles")
@@ -92,7 +98,7 @@ class ExploreSettings:
         return cls(
             stack=tuple(ns.stack), masks=tuple(ns.masks), predictions=tuple(ns.predictions), truth=tuple(ns.truth),
             truth_id=ns.truth_id, model=ns.model, tiles=ns.tiles, chip_size=ns.chip_size, stride=ns.stride,
-            bands=tuple(ns.band), title=ns.title,
+            bands=tuple(ns.band), title=ns.title, assets=tuple(ns.asset), mask_assets=tuple(ns.mask_asset),
         )
 
 
