@@ -13,10 +13,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import geopandas as gpd
-from geopandas.testing import assert_geodataframe_equal
 import numpy as np
 import pytest
 from affine import Affine
+from geopandas.testing import assert_geodataframe_equal
 from http_helpers import item_collection, serve, stac_item
 from rasterio.windows import Window
 from rasters import smooth_field, write_raster
