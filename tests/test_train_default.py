@@ -73,6 +73,10 @@ def test_recipe_keeps_corn_belt_out_and_draws_steps_times_batch() -> None:
     text = recipe_text("stage3", "/x/scenes/*", opts)
     assert "corn_belt" not in text and "/x/scenes/*" in text
     assert f"train: {opts.steps['stage3'] * opts.batch_size}" in text
+    # points_per_record reaches the field_at_point task of the recipes that ask it, and only those
+    grouped = DefaultTraining(points_per_record=6)
+    assert "points_per_record: 6" in recipe_text("stage3", "/x/scenes/*", grouped)
+    assert "points_per_record" not in text and "points_per_record" not in recipe_text("stage2", "/x/*", grouped)
 
 
 def test_phases_skip_an_unset_focus_and_refuse_a_missing_stage() -> None:

@@ -81,6 +81,9 @@ def default(
              "5,000 raised held-out field F1 but lost stage accuracy on the real block: see "
              "data_recipes/synthetic_stage3_fields.yaml."
     )] = _DEFAULTS.steps["stage3_fields"],
+    points_per_record: Annotated[int, typer.Option(
+        help="Point questions per conversation in stage 3's field_at_point records (every answer supervised).",
+        min=1)] = _DEFAULTS.points_per_record,
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
     install: Annotated[bool, typer.Option(help="Copy the result into the package as the default checkpoint.")] = False,
 ) -> None:
@@ -91,7 +94,7 @@ def default(
     from agrivlm.train.default import run_default
 
     base = _DEFAULTS
-    opts = DefaultTraining(scenes_per_region=scenes_per_region, threads=threads,
+    opts = DefaultTraining(scenes_per_region=scenes_per_region, threads=threads, points_per_record=points_per_record,
                            steps={**base.steps, "stage3": stage3_steps, "stage3_fields": fields_steps})
     final = run_default(out, opts, do_install=install, echo=typer.echo)
     typer.echo(f"default checkpoint: {final}")

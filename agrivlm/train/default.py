@@ -85,6 +85,9 @@ class DefaultTraining:
     growth_focus: str = "box"
     #: ``data.point_marker`` of the stage-3 phases (``square``: a point question's point drawn into its frames).
     point_marker: str = "none"
+    #: ``field_at_point`` questions per conversation in the stage-3 recipes (every answer supervised; 1: one
+    #: record per point).
+    points_per_record: int = 1
     threads: int = 2
     seed: int = 0
 
@@ -138,7 +141,7 @@ def recipe_text(stage: str, scenes_glob: str, opts: DefaultTraining) -> str:
         "chips": {**sample["chips"], "stride": 16},
         "split": sample["split"],
         "phenology": {"min_pixels": 6},
-        "tasks": base["tasks"],
+        "tasks": _with_points_per_record(base["tasks"], opts.points_per_record if PHASES[stage] == "stage3" else 1),
         # as many training samples as the stage's steps draw (the shipped recipes draw 2,000, sized for the
         # 1 km² sample: 60 scenes hold tens of thousands of records, and 2,000 were memorised within a few
         # epochs; max_unique stops at what the smallest pool allows, about 4,000): small pools repeat
@@ -148,6 +151,14 @@ def recipe_text(stage: str, scenes_glob: str, opts: DefaultTraining) -> str:
         "output": {"shard_size": 5000, "plot_parcels": 1},
     }
     return yaml.safe_dump(recipe, sort_keys=False)
+
+
+def _with_points_per_record(tasks: dict[str, Any], n: int) -> dict[str, Any]:
+    """A recipe's tasks with ``field_at_point`` asked ``n`` points per conversation (unchanged for 1)."""
+    fields = tasks.get("field_boundaries")
+    if n == 1 or fields is None:
+        return tasks
+    return {**tasks, "field_boundaries": {**fields, "points_per_record": n}}
 
 
 def build_data(out: Path, scenes_dir: Path, opts: DefaultTraining, echo: Callable[[str], None]) -> dict[str, Path]:
