@@ -30,6 +30,22 @@ def sample_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel of the checkout, built offline (``wheel_helpers.build_wheel``)."""
+    from wheel_helpers import build_wheel
+
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+@pytest.fixture(scope="session")
+def installed_copy(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel installed (non-editable) into an empty folder: its ``site`` folder."""
+    from wheel_helpers import install_wheel
+
+    return install_wheel(wheel, tmp_path_factory.mktemp("installed") / "site")
+
+
+@pytest.fixture(scope="session")
 def infer_ckpt() -> Path:
     """The tiny checkpoint trained on the sample's parcels (``infer_model.trained_checkpoint``)."""
     from infer_model import trained_checkpoint

@@ -1,28 +1,24 @@
 """A non-editable install carries the stage configs and data recipes, and finds them through the package API.
 
-The wheel is built offline from a copy of the checkout (``pip wheel --no-build-isolation --no-index``),
-installed with ``pip install --target`` into an empty folder, and imported from there by a fresh interpreter
-whose current directory is outside the repository: ``agrivlm.resources`` must find every shipped YAML inside
-that installed copy, and the stage configs, model YAMLs and recipes (with their ``extends:`` chains) must load.
+The wheel is built offline from a copy of the checkout (``pip wheel --no-build-isolation --no-index``) and
+installed with ``pip install --target`` into an empty folder (``wheel_helpers``; conftest's ``wheel`` and
+``installed_copy`` fixtures, shared with the quickstart test, which runs the main job from that installed copy).
+A fresh interpreter whose current directory is outside the repository imports it: ``agrivlm.resources`` must find
+every shipped YAML inside that installed copy, and the stage configs, model YAMLs and recipes (with their
+``extends:`` chains) must load.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
-import pytest
+from wheel_helpers import installed_env
 
 from agrivlm.resources import configs_dir, recipes_dir
-
-ROOT = Path(__file__).resolve().parents[1]
-#: Top-level names of the checkout that a build does not need (or that a build writes).
-NOT_COPIED = {".git", ".venv", "runs", "build", "dist", ".pytest_cache", ".mypy_cache", ".ruff_cache", "__pycache__"}
 
 #: Run by the installed copy, from an empty folder: prints what it found as JSON.
 PROBE = """
@@ -55,27 +51,6 @@ except Exception as exc:
 """
 
 
-def _copy_checkout(dst: Path) -> Path:
-    def ignore(folder: str, names: list[str]) -> set[str]:
-        top = Path(folder) == ROOT
-        return {n for n in names if (top and n in NOT_COPIED) or n == "__pycache__" or n.endswith(".egg-info")}
-
-    shutil.copytree(ROOT, dst, symlinks=True, ignore=ignore)
-    return dst
-
-
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The wheel of the checkout, built offline with the venv's setuptools."""
-    tmp = tmp_path_factory.mktemp("wheel")
-    src = _copy_checkout(tmp / "src")
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                          "-q", str(src), "-w", str(tmp / "dist")], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    (found,) = (tmp / "dist").glob("agrivlm-*.whl")
-    return found
-
-
 def _shipped(folder: Path) -> set[str]:
     return {f"agrivlm/{p.relative_to(folder.parent).as_posix()}" for p in folder.rglob("*.yaml")}
 
@@ -96,15 +71,12 @@ def test_the_wheel_carries_configs_recipes_license_and_py_typed(wheel: Path) -> 
     assert not any(n.startswith(("configs/", "data_recipes/")) for n in names)  # no copies outside the package
 
 
-def test_an_installed_copy_finds_its_configs_and_recipes_from_anywhere(wheel: Path, tmp_path: Path) -> None:
-    site = tmp_path / "site"
-    res = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target",
-                          str(site), str(wheel)], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+def test_an_installed_copy_finds_its_configs_and_recipes_from_anywhere(installed_copy: Path, tmp_path: Path) -> None:
+    site = installed_copy
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     res = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=600, cwd=elsewhere,
-                         env={**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"})
+                         env=installed_env(site))
     assert res.returncode == 0, res.stderr[-3000:]
     found = json.loads(res.stdout.strip().splitlines()[-1])
     package = site / "agrivlm"

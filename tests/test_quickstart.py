@@ -1,4 +1,8 @@
-"""The main job end to end: `agrivlm quickstart` on a cropped copy of the real sample, every artifact checked."""
+"""The main job end to end: `agrivlm quickstart` on a cropped copy of the real sample, every artifact checked.
+
+It runs as a user who installed the wheel runs it: the installed (non-editable) copy of the package
+(conftest's ``installed_copy``), from a folder outside the repository.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +21,10 @@ from PIL import Image
 from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 from shapely.geometry import box
+from wheel_helpers import installed_env
 
 from agrivlm.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
 CROP = Window(0, 0, 100, 100)  # 1 km × 1 km of the sample: 36 chips of 32 px, stride 16; held-out test blocks
 
 
@@ -51,23 +55,32 @@ def user_data(tmp_path_factory: pytest.TempPathFactory, sample_root: Path) -> di
             "bounds": footprint}
 
 
-def _run(out: Path, data: dict[str, Path], *extra: str) -> subprocess.CompletedProcess[str]:
+@pytest.fixture(scope="module")
+def site(installed_copy: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The installed copy, checked to be what a process run from outside the repository imports."""
+    res = subprocess.run([sys.executable, "-c", "import agrivlm; print(agrivlm.__file__)"], capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path_factory.mktemp("elsewhere"),
+                         env=installed_env(installed_copy))
+    assert res.returncode == 0 and Path(res.stdout.strip()) == installed_copy / "agrivlm" / "__init__.py", res
+    return installed_copy
+
+
+def _run(out: Path, data: dict[str, Path], site: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     args = [sys.executable, "-m", "agrivlm.cli", "quickstart", "--out", str(out), "--steps", "14",
             "--stack", str(data["stack"]), "--masks", str(data["masks"]), "--parcels", str(data["parcels"]),
             "--parcel-id", "parcel_no", "--parcel-class", "LULC_NAME", "--no-progress", *extra]
-    return subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    return subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=out.parent, env=installed_env(site))
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory, user_data: dict[str, Path]) -> Path:
+def run(tmp_path_factory: pytest.TempPathFactory, user_data: dict[str, Path], site: Path) -> Path:
     out = tmp_path_factory.mktemp("qs") / "run"
-    res = _run(out, user_data)
+    res = _run(out, user_data, site)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return out
 
 
-def test_every_artifact(run: Path, user_data: dict[str, Path]) -> None:
-    from agrivlm.default_checkpoint import default_model_path
+def test_every_artifact(run: Path, user_data: dict[str, Path], site: Path) -> None:
 
     # chip index of the ingested stack
     index = gpd.read_file(run / "ingest" / "chips.gpkg")
@@ -83,7 +96,8 @@ def test_every_artifact(run: Path, user_data: dict[str, Path]) -> None:
     model, processor = load_pretrained(final)
     assert model.config.enable_lape and processor is not None
     info = json.loads((final / "stage_info.json").read_text())
-    assert Path(info["init_source"]).resolve() == default_model_path().resolve()
+    # the default checkpoint the installed copy carries (not the checkout's)
+    assert Path(info["init_source"]).resolve() == (site / "agrivlm" / "default_model").resolve()
     # predictions inside the stack's bounds, in its CRS
     fields = gpd.read_file(run / "predictions" / "fields.gpkg")
     assert fields.crs.to_epsg() == 32633
@@ -118,15 +132,15 @@ def test_every_artifact(run: Path, user_data: dict[str, Path]) -> None:
     assert f"{summary['f1']:.3f}" in html and f"{whole['f1']:.3f}" in html
 
 
-def test_second_run_resumes_instead_of_redoing(run: Path, user_data: dict[str, Path]) -> None:
+def test_second_run_resumes_instead_of_redoing(run: Path, user_data: dict[str, Path], site: Path) -> None:
     stamp = (run / "train" / "stage3" / "final" / "model.safetensors").stat().st_mtime_ns
     start = time.perf_counter()
-    res = _run(run, user_data)
+    res = _run(run, user_data, site)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.count("done earlier, kept") == 5 and time.perf_counter() - start < 60
     assert res.stdout.count("skipped: fine-tuning the default checkpoint") == 2
     assert (run / "train" / "stage3" / "final" / "model.safetensors").stat().st_mtime_ns == stamp
-    other = _run(run, user_data, "--seed", "1")
+    other = _run(run, user_data, site, "--seed", "1")
     assert other.returncode != 0 and "made by a quickstart with other options (seed)" in other.stderr
 
 
