@@ -221,3 +221,53 @@ def test_infer_on_a_stac_catalogue_served_over_http_equals_infer_on_the_local_fi
     assert b.chip_id.tolist() == a.chip_id.tolist() and b.geometry.geom_equals(a.geometry).all()
     np.testing.assert_array_equal(b.score.to_numpy(), a.score.to_numpy())
     assert b.crs == a.crs
+
+
+def test_a_recipe_on_a_stac_catalogue_over_http_writes_the_records_of_the_local_files(tmp_path: Path) -> None:
+    """The synthetic recipe scene as STAC items (NDVI and cloud mask assets) on the server: the same records as the
+    local recipe (conversations, chips, frames) but for the stack reference, and training reads the same pixels."""
+    from recipes_synth import recipe_yaml, write_scene
+
+    from agrivlm.geo.dates import date_from_name
+    from agrivlm.lape.tokens import LapeVocab
+    from agrivlm.recipes.build import build_recipe
+    from agrivlm.recipes.schema import read_records
+    from agrivlm.train.config import FramesConfig, NormalizeConfig
+    from agrivlm.train.data import RecordDataset, SourceRecord, StackCache
+
+    paths = write_scene(tmp_path / "www")
+    (tmp_path / "local.yaml").write_text(recipe_yaml(paths, name="r"))
+    build_recipe(tmp_path / "local.yaml", tmp_path / "local", progress=False)
+    with serve(tmp_path / "www") as srv:
+        feats = []
+        for f in sorted(paths["ndvi"].glob("*.tif")):
+            when = date_from_name(f.name)
+            assert when is not None
+            feats.append(stac_item(f.stem, f"{when:%Y-%m-%dT%H:%M:%S}Z", {
+                "ndvi": f"{srv.url}/ndvi/{f.name}", "clm": f"{srv.url}/masks/{f.name.replace('NDVI', 'CLM')}"}))
+        catalogue = tmp_path / "items.json"
+        catalogue.write_text(json.dumps(item_collection(feats)))
+        text = recipe_yaml({**paths, "ndvi": catalogue, "masks": catalogue}, name="r").replace(
+            "  parcels:", "  assets: [ndvi]\n  mask_assets: [clm]\n  parcels:")
+        (tmp_path / "stac.yaml").write_text(text)
+        build_recipe(tmp_path / "stac.yaml", tmp_path / "stac", progress=False)
+        local = [r for p in sorted((tmp_path / "local" / "shards").glob("*.jsonl")) for r in read_records(p)]
+        remote = [r for p in sorted((tmp_path / "stac" / "shards").glob("*.jsonl")) for r in read_records(p)]
+        assert len(remote) == len(local) > 50
+        for a, b in zip(local, remote, strict=True):
+            assert (a.sample_id, a.conversation, a.chip, a.meta) == (b.sample_id, b.conversation, b.chip, b.meta)
+        ref = remote[0].stack
+        assert ref.data == str(catalogue) and ref.assets == ["ndvi"] and ref.mask_assets == ["clm"]
+        assert all(name.endswith(".vrt") for name in ref.frame_files)  # the items, by id
+        # training reads the record's frames from the server: the local record's pixels
+        frames, norm = FramesConfig(sampler="uniform", num_frames=4), NormalizeConfig(mode="chip")
+        vocab, stacks = LapeVocab(), StackCache()
+        pick = [k for k, r in enumerate(local) if r.task == "field_at_point"][:2] + [3]
+        for k in pick:
+            x = RecordDataset([SourceRecord(local[k], "keep")], frames, norm, vocab, 0, train=False,
+                              stacks=stacks)[0]
+            y = RecordDataset([SourceRecord(remote[k], "keep")], frames, norm, vocab, 0, train=False,
+                              stacks=stacks)[0]
+            np.testing.assert_array_equal(x.pixels, y.pixels)
+            assert (x.prompt, x.answer) == (y.prompt, y.answer)
+        stacks.close()

@@ -25,6 +25,7 @@ each source under ``tables/NAME/`` and ``plots/NAME/``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -48,6 +49,7 @@ from agrivlm.errors import ConfigError
 from agrivlm.geo.chips import chip_id as make_chip_id
 from agrivlm.geo.chips import chip_windows
 from agrivlm.geo.index import atomic_dir
+from agrivlm.geo.remote import RasterPath, RemotePath, remote_stamp
 from agrivlm.geo.stack import Stack, open_stack
 from agrivlm.recipes.config import RecipeConfig, SceneSplitConfig, load_recipe
 from agrivlm.recipes.context import ChipContext, ParcelInChip, RecordFactory, norm_box, select_frames
@@ -110,6 +112,11 @@ class Prepared:
         if self.origin is not None:
             return self.origin
         return resolve_sources(self.cfg, self.base_dir)[0]
+
+
+def _frame_file(path: RasterPath, root: Path) -> str:
+    """A frame's file as records name it: relative to the spec's folder, a remote file or STAC item by its name."""
+    return os.path.relpath(path, root) if isinstance(path, Path) else path.name
 
 
 def _spec_root(resolved: str) -> Path:
@@ -215,6 +222,9 @@ def prepare(cfg: RecipeConfig, base_dir: Path, progress: bool = True, origin: Re
         resolve_spec(src.stack, base_dir),
         masks=resolve_spec(src.masks, base_dir) if src.masks else None,
         same_day=src.same_day,
+        assets=src.assets,
+        mask_assets=src.mask_assets,
+        mask_values=src.mask_values,
     )
     index = IndexSpec.from_config(stack.band_names, src.band, src.normalized_difference)
     parcels, counts = load_parcels(
@@ -254,14 +264,17 @@ def prepare(cfg: RecipeConfig, base_dir: Path, progress: bool = True, origin: Re
         seed=cfg.seed,
         data_spec=portable_spec(src.stack, base_dir),
         mask_spec=portable_spec(src.masks, base_dir) if src.masks else None,
-        step_files=["+".join(os.path.relpath(s.path, data_root) for s in step.sources) for step in stack.steps],
+        step_files=["+".join(_frame_file(s.path, data_root) for s in step.sources) for step in stack.steps],
         step_masks=[
-            os.path.relpath(step.masks[0].path, mask_root) if step.masks[0] is not None and mask_root else None
+            _frame_file(step.masks[0].path, mask_root) if step.masks[0] is not None and mask_root else None
             for step in stack.steps
         ],
         times=stack.times,
         crs=_crs_text(stack.crs),
         band_names=list(stack.band_names),
+        assets=src.assets,
+        mask_assets=src.mask_assets,
+        mask_values=src.mask_values,
     )
     state = BuildState(
         seed=cfg.seed, factory=factory, scan=scan, truth=truth, phenology=phen, days=days,
@@ -409,12 +422,24 @@ def arrange(
     return out, reports
 
 
+def _digest(path: RasterPath) -> str:
+    """A local file's sha256, a remote file's server stamp, a STAC item's VRT digest.
+
+    A remote COG is not read whole for a digest (reading parts is its point); a STAC item's VRT names its
+    assets' addresses, grids and bands.
+    """
+    if isinstance(path, Path):
+        return sha256_file(path)
+    if isinstance(path, RemotePath):
+        size, etag, modified = remote_stamp(path)
+        return f"remote size={size} etag={etag} modified={modified}"
+    return "stac vrt " + hashlib.sha256(path.vrt.encode()).hexdigest()
+
+
 def _sources_manifest(prep: Prepared) -> dict[str, Any]:
     src, base = prep.source.source, prep.base_dir
-    stack_files = {str(p.name): sha256_file(p) for p in prep.stack.files}
-    mask_files = {
-        str(m.path.name): sha256_file(m.path) for step in prep.stack.steps for m in step.masks if m is not None
-    }
+    stack_files = {str(p.name): _digest(p) for p in prep.stack.files}
+    mask_files = {str(m.path.name): _digest(m.path) for step in prep.stack.steps for m in step.masks if m is not None}
     out: dict[str, Any] = {
         "stack": {"spec": src.stack, "path": resolve_spec(src.stack, base), "files": stack_files},
         "masks": {"spec": src.masks, "path": resolve_spec(src.masks, base), "files": mask_files} if src.masks else None,

@@ -63,10 +63,16 @@ class ClassRasterConfig(StrictModel):
 class SourceConfig(StrictModel):
     """Where the rasters, polygons and labels come from."""
 
-    #: Stack: folder, glob or file of GeoTIFFs, one per date (``sample:ndvi`` = the embedded sample).
+    #: Stack: folder, glob or file of GeoTIFFs, one per date (``sample:ndvi`` = the embedded sample), remote files
+    #: (``https://…``, ``s3://…``), or a STAC JSON (with ``assets``; :mod:`agrivlm.geo.stac`).
     stack: str
     #: Per-date cloud/no-data masks (non-zero = masked), matched to the stack by date.
     masks: str | None = None
+    #: A STAC stack's assets that are the bands, in order (default: the items' one raster asset).
+    assets: list[str] | None = None
+    #: A STAC mask's asset (e.g. ``[SCL]``), and the mask values that mean masked (default: any non-zero value).
+    mask_assets: list[str] | None = None
+    mask_values: list[int] | None = None
     #: Band holding the vegetation index: 1-based number or band name. Ignored with ``normalized_difference``.
     band: int | str = 1
     #: Compute the index as ``(a − b) / (a + b)`` from two bands (1-based numbers or names), e.g. ``[nir, red]``.

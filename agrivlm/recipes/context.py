@@ -190,6 +190,10 @@ class RecordFactory:
     times: npt.NDArray[np.datetime64]
     crs: str
     band_names: list[str]
+    #: A STAC stack's assets, its masks' assets and mask values (:class:`~agrivlm.recipes.schema.StackRef`).
+    assets: list[str] | None = None
+    mask_assets: list[str] | None = None
+    mask_values: list[int] | None = None
 
     def time_axis(self, frames: Sequence[int]) -> TimeAxis:
         """The record's time axis: its frame dates → t ∈ [0, 1]."""
@@ -226,6 +230,9 @@ class RecordFactory:
                 frame_files=[self.step_files[i] for i in frames],
                 frame_mask_files=[self.step_masks[i] for i in frames] if has_masks else [],
                 bands=self.band_names,
+                assets=self.assets,
+                mask_assets=self.mask_assets,
+                mask_values=self.mask_values,
             ),
             chip=ChipRef(
                 chip_id=chip.chip_id,

@@ -166,6 +166,19 @@ class StackRef(_Model):
     frame_mask_files: list[str | None] = Field(default_factory=list)
     #: Names of the stack's bands, in file order.
     bands: list[str] = Field(default_factory=list)
+    #: A STAC stack's assets (the bands) and its masks' assets and mask values; left out of records otherwise.
+    assets: list[str] | None = None
+    mask_assets: list[str] | None = None
+    mask_values: list[int] | None = None
+
+    def open(self, same_day: str = "keep") -> Any:  # noqa: ANN401 — agrivlm.geo.stack.Stack (lazy import)
+        """The stack these specs name (:func:`~agrivlm.geo.stack.open_stack`, specs resolved)."""
+        from agrivlm.geo.stack import open_stack
+        from agrivlm.recipes.sources import resolve_spec
+
+        return open_stack(resolve_spec(self.data), masks=resolve_spec(self.masks) if self.masks else None,
+                          same_day=same_day, assets=self.assets, mask_assets=self.mask_assets,  # type: ignore[arg-type]
+                          mask_values=self.mask_values)
 
 
 class ChipRef(_Model):
@@ -244,6 +257,9 @@ def dump_record(record: Record) -> str:
                 del turn[name]
     if not data["stack"]["frame_mask_files"]:
         del data["stack"]["frame_mask_files"]
+    for key in ("assets", "mask_assets", "mask_values"):
+        if data["stack"][key] is None:
+            del data["stack"][key]
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 

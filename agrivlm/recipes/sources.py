@@ -22,6 +22,7 @@ from rasterio.windows import Window
 
 from agrivlm.errors import ConfigError, IngestError
 from agrivlm.geo.coords import GeoGrid
+from agrivlm.geo.remote import is_remote
 from agrivlm.recipes.config import (
     ClassRasterConfig,
     LabelsConfig,
@@ -58,6 +59,8 @@ def resolve_spec(spec: str, base_dir: str | os.PathLike[str] | None = None) -> s
             have = ", ".join(sorted(p.name for p in SAMPLE_ROOT.iterdir() if not p.name.startswith(".")))
             raise ConfigError(f"{spec}: not in the embedded sample ({SAMPLE_ROOT}); it has: {have}")
         return str(path)
+    if is_remote(spec):  # a URL or /vsi…/ path: as written
+        return spec
     path = Path(os.path.expanduser(spec))
     if not path.is_absolute() and base_dir is not None:
         path = Path(base_dir) / path
@@ -66,7 +69,7 @@ def resolve_spec(spec: str, base_dir: str | os.PathLike[str] | None = None) -> s
 
 def portable_spec(spec: str, base_dir: str | os.PathLike[str] | None = None) -> str:
     """The spec written into records: ``sample:`` specs as they are, anything else as an absolute path."""
-    if spec.startswith(SAMPLE_SCHEME):
+    if spec.startswith(SAMPLE_SCHEME) or is_remote(spec):
         return spec
     return str(Path(resolve_spec(spec, base_dir)).resolve())
 

@@ -49,7 +49,7 @@ from rasterio.windows import Window
 from torch.utils.data import Dataset, Sampler
 
 from agrivlm.errors import ConfigError, PipelineError, RecordError
-from agrivlm.geo.stack import Stack, open_stack
+from agrivlm.geo.stack import Stack
 from agrivlm.lape.tokens import LapeVocab, QuestionPositions, position_formatters
 from agrivlm.pipeline.bands import BandStats, normalize, robust_stats, to_reflectance
 from agrivlm.pipeline.conversation import POLYGON_SEP, Answer, continuation, format_prompt, visual_placeholder
@@ -58,7 +58,6 @@ from agrivlm.pipeline.frames import FrameSamplingConfig, frame_time_positions, s
 from agrivlm.pipeline.processor import ChipInputConfig
 from agrivlm.recipes.mixture import mix
 from agrivlm.recipes.schema import Record, Turn, iter_records, render_text
-from agrivlm.recipes.sources import resolve_spec
 from agrivlm.train.config import DataConfig, FramesConfig, NormalizeConfig, resolve
 from agrivlm.train.sampler import ResumableSampler, sample_seed
 
@@ -255,15 +254,16 @@ class StackCache:
     """Stacks of the records, opened once per process (per data spec, mask spec and same-day rule) and kept open."""
 
     def __init__(self) -> None:
-        self._stacks: dict[tuple[str, str | None, str], Stack] = {}
+        self._stacks: dict[tuple[Any, ...], Stack] = {}
 
     def get(self, record: Record, same_day: str) -> Stack:
         """The record's stack (files kept open until :meth:`close`)."""
-        key = (record.stack.data, record.stack.masks, same_day)
+        ref = record.stack
+        key = (ref.data, ref.masks, same_day, tuple(ref.assets or ()), tuple(ref.mask_assets or ()),
+               tuple(ref.mask_values or ()))
         stack = self._stacks.get(key)
         if stack is None:
-            masks = resolve_spec(record.stack.masks) if record.stack.masks else None
-            stack = open_stack(resolve_spec(record.stack.data), masks=masks, same_day=same_day)  # type: ignore[arg-type]
+            stack = ref.open(same_day)
             stack.open()
             self._stacks[key] = stack
         return stack
@@ -295,7 +295,7 @@ def read_record_frames(
             f"record {record.sample_id}: frame index {max(idx)} but the stack {record.stack.data} has "
             f"{len(stack.steps)} dates; rebuild the recipe"
         )
-    have = ["+".join(Path(s.path).name for s in stack.steps[i].sources) for i in idx]
+    have = ["+".join(s.path.name for s in stack.steps[i].sources) for i in idx]
     want = ["+".join(Path(f).name for f in name.split("+")) for name in record.stack.frame_files]
     if have != want:
         bad = next(k for k, (a, b) in enumerate(zip(have, want, strict=True)) if a != b)
