@@ -176,8 +176,11 @@ def quickstart(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("runs/quickstart"),
     steps: Annotated[int, typer.Option(
         help="Optimizer steps: of stage 3 from the default, or over the 3 stages from scratch (15/15/70 %).")] = 1000,
-    stack: Annotated[str | None, typer.Option(help="Your GeoTIFF stack (folder/glob); default: the sample.")] = None,
+    stack: Annotated[str | None, typer.Option(
+        help="Your GeoTIFF stack (folder/glob, or a STAC JSON with --assets); default: the sample.")] = None,
     masks: Annotated[str | None, typer.Option(help="Per-date cloud masks of --stack.")] = None,
+    assets: AssetsOpt = None,
+    mask_assets: MaskAssetsOpt = None,
     parcels: Annotated[str | None, typer.Option(help="Your parcel layer (any CRS); default: the sample's.")] = None,
     parcel_id: Annotated[str | None, typer.Option(help="Unique id column of --parcels.")] = None,
     parcel_class: Annotated[str | None, typer.Option(help="Land-use class column of --parcels.")] = None,
@@ -205,7 +208,9 @@ def quickstart(
         raise typer.BadParameter(f"--start must be default or scratch, got {start!r}")
     if base_model is not None and not all((Path(base_model) / d).is_dir() for d in ("vision", "llm")):
         raise typer.BadParameter(f"{base_model}: needs the subfolders vision/ and llm/ (local HF checkpoints)")
-    options = QuickstartOptions(steps=steps, stack=stack, masks=masks, parcels=parcels, parcel_id=parcel_id,
+    given = {k: tuple(v) for k, v in (("assets", split_list(assets, "--assets")),
+                                        ("mask_assets", split_list(mask_assets, "--mask-assets"))) if v}
+    options = QuickstartOptions(steps=steps, stack=stack, masks=masks, parcels=parcels, parcel_id=parcel_id, **given,
                                 parcel_class=parcel_class, preset=preset, base_model=base_model,
                                 start=start or ("scratch" if base_model else "default"), seed=seed)
     report = Quickstart(out, options, progress=progress, echo=typer.echo).run(fresh=fresh)

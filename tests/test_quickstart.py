@@ -15,6 +15,7 @@ from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pytest
 import rasterio
 from PIL import Image
@@ -81,7 +82,6 @@ def run(tmp_path_factory: pytest.TempPathFactory, user_data: dict[str, Path], si
 
 
 def test_every_artifact(run: Path, user_data: dict[str, Path], site: Path) -> None:
-
     # chip index of the ingested stack
     index = gpd.read_file(run / "ingest" / "chips.gpkg")
     assert len(index) == 36 and json.loads((run / "ingest" / "summary.json").read_text())["n_dates"] == 68
@@ -142,6 +142,46 @@ def test_second_run_resumes_instead_of_redoing(run: Path, user_data: dict[str, P
     assert (run / "train" / "stage3" / "final" / "model.safetensors").stat().st_mtime_ns == stamp
     other = _run(run, user_data, site, "--seed", "1")
     assert other.returncode != 0 and "made by a quickstart with other options (seed)" in other.stderr
+
+
+def test_the_same_run_from_a_stac_catalogue_served_over_http(run: Path, user_data: dict[str, Path], site: Path,
+                                                              tmp_path: Path) -> None:
+    """The user's stack as STAC items on an HTTP server (NDVI and cloud-mask assets): the same records, model,
+    predictions and held-out scores as the run on the local files."""
+    from http_helpers import item_collection, serve, stac_item
+
+    from agrivlm.geo.dates import date_from_name
+
+    root = user_data["stack"].parent
+    with serve(root) as srv:
+        feats = []
+        for f in sorted(user_data["stack"].glob("*.tif")):
+            when = date_from_name(f.name)
+            assert when is not None
+            feats.append(stac_item(f.stem, f"{when:%Y-%m-%dT%H:%M:%S}Z", {
+                "ndvi": f"{srv.url}/ndvi/{f.name}", "clouds": f"{srv.url}/cloud_mask/{f.name.replace('NDVI', 'CLM')}"}))
+        catalogue = tmp_path / "items.json"
+        catalogue.write_text(json.dumps(item_collection(feats)))
+        out = tmp_path / "stac_run"
+        res = _run(out, {**user_data, "stack": catalogue, "masks": catalogue}, site, "--assets", "ndvi",
+                   "--mask-assets", "clouds")
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    a, b = gpd.read_file(run / "predictions" / "fields.gpkg"), gpd.read_file(out / "predictions" / "fields.gpkg")
+    assert len(a) == len(b) and b.geometry.geom_equals(a.geometry).all()
+    np.testing.assert_array_equal(a.score.to_numpy(), b.score.to_numpy())
+    sa = pd.read_csv(run / "predictions" / "growth_stages.csv", dtype=str, keep_default_na=False)
+    sb = pd.read_csv(out / "predictions" / "growth_stages.csv", dtype=str, keep_default_na=False)
+    assert len(sa) > 10 and set(sb["stack"]) == {str(catalogue)}  # the stack column names the input as given
+    pd.testing.assert_frame_equal(sa.drop(columns="stack"), sb.drop(columns="stack"))
+    ev_a = json.loads((run / ".quickstart" / "eval.json").read_text())
+    ev_b = json.loads((out / ".quickstart" / "eval.json").read_text())
+    for ev in (ev_a, ev_b):  # the extent raster is named by its input (a file, an item); sources are the run's files
+        ev["fields"]["pixel"].pop("extent")
+        ev["growth"].pop("sources")
+    assert ev_b["fields"] == ev_a["fields"] and ev_b["growth"] == ev_a["growth"]
+    assert ev_b["fields"]["n_truth"] > 0 and ev_b["growth"]["accuracy"] is not None
+    html = (out / "report.html").read_text()
+    assert "--assets ndvi --mask-assets clouds" in html  # the commands that redo it name the assets
 
 
 def test_base_model_folder_starts_stage1_from_its_weights(tmp_path: Path) -> None:

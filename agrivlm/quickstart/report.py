@@ -48,10 +48,19 @@ def _q(path: Path | str) -> str:
     return shlex.quote(str(path))
 
 
+def _stack_args(qs: Quickstart) -> str:
+    """`` --masks M --assets A --mask-assets B`` as the run used them."""
+    masks = f" --masks {_q(qs.masks)}" if qs.masks else ""
+    for flag, values in (("--assets", qs.opts.assets), ("--mask-assets", qs.opts.mask_assets)):
+        if values:
+            masks += f" {flag} {_q(','.join(values))}"
+    return masks
+
+
 def commands(qs: Quickstart) -> list[str]:
     """The commands that redo each step by hand (the same steps, the same settings)."""
     out = qs.out
-    masks = f" --masks {_q(qs.masks)}" if qs.masks else ""
+    masks = _stack_args(qs)
     lines = [f"agrivlm ingest {_q(qs.stack)}{masks} --out {_q(out / 'ingest')} --chip-size 32 --stride 16"]
     for s in qs.opts.stages:
         lines.append(f"agrivlm recipe build --recipe {_q(qs.recipe_file(s))} --out {_q(out / 'data' / s)} "
@@ -80,7 +89,7 @@ def commands(qs: Quickstart) -> list[str]:
 def explore_command(qs: Quickstart) -> str:
     """The command that opens the field explorer on this run's outputs."""
     out = qs.out
-    masks = f" --masks {_q(qs.masks)}" if qs.masks else ""
+    masks = _stack_args(qs)
     return (f"agrivlm explore --stack {_q(qs.stack)}{masks} --truth {_q(out / 'eval' / 'truth_fields.gpkg')} "
             f"--truth {_q(out / 'data' / 'stage3' / 'tables' / 'growth_stages.csv')} "
             f"--predictions {_q(out / 'predictions' / 'fields.gpkg')} "
@@ -100,7 +109,7 @@ def _field_frame(stack: Any) -> int:
 def write_quickstart_report(qs: Quickstart) -> Path:
     """Draw the figures beside ``report.html`` and write it; returns its path."""
     out = qs.out
-    stack = open_stack(qs.stack, masks=qs.masks)
+    stack = open_stack(qs.stack, masks=qs.masks, **qs.stack_options)
     ingest = json.loads((out / "ingest" / "summary.json").read_text())
     evals = qs.done("eval") or {}
     fields_scores, growth_scores = evals.get("fields") or {}, evals.get("growth") or {}

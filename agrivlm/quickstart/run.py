@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from agrivlm.errors import ConfigError
+from agrivlm.geo.remote import is_remote
 from agrivlm.resources import package_file, recipe, stage_config
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,13 @@ class QuickstartOptions:
 
     #: Optimizer steps over the three stages (split by :data:`STAGE_SHARE`).
     steps: int = 1000
-    #: GeoTIFF stack (folder/glob); None: the embedded sample.
+    #: GeoTIFF stack (folder/glob, a remote file, a STAC JSON); None: the embedded sample.
     stack: str | None = None
     #: Per-date cloud masks of the stack (None: the sample's, or none for a user stack).
     masks: str | None = None
+    #: A STAC stack's assets that are the bands, and its masks' asset (``agrivlm ingest --assets``).
+    assets: tuple[str, ...] | None = None
+    mask_assets: tuple[str, ...] | None = None
     #: Parcel layer (any CRS); None: the sample's.
     parcels: str | None = None
     #: Parcel id and class columns of a user layer.
@@ -88,6 +92,13 @@ class QuickstartOptions:
         return {s: max(1, round(self.steps * share)) for s, share in STAGE_SHARE.items()}
 
 
+def _absolute(spec: str) -> str:
+    """A local folder/file as an absolute path; a glob or a remote address as given."""
+    if is_remote(spec) or any(c in spec for c in "*?["):
+        return spec
+    return str(Path(spec).resolve())
+
+
 class Quickstart:
     """One quickstart run into ``out`` (see the module docstring)."""
 
@@ -107,6 +118,12 @@ class Quickstart:
         from agrivlm.sample import sample_ndvi_dir
 
         return self.opts.stack or str(sample_ndvi_dir())
+
+    @property
+    def stack_options(self) -> dict[str, Any]:
+        """The STAC settings of the stack, as ``open_stack``/``ingest``/``run_inference`` keywords."""
+        return {"assets": list(self.opts.assets) if self.opts.assets else None,
+                "mask_assets": list(self.opts.mask_assets) if self.opts.mask_assets else None}
 
     @property
     def masks(self) -> str | None:
@@ -145,15 +162,17 @@ class Quickstart:
                 raise ConfigError(f"--preset {self.opts.preset} gives {wanted} channel(s) per frame but the default "
                                   f"checkpoint reads {have}: pass --start scratch to train a model for these bands")
         record = self.path("quickstart.json")
-        mine = asdict(self.opts)
+        mine = json.loads(json.dumps(asdict(self.opts)))  # as the record reads back (tuples as lists)
         if fresh and self.out.exists():
             for child in ("ingest", "data", "recipes", "train", "predictions", "eval", ".quickstart"):
                 if self.path(child).exists():
                     shutil.rmtree(self.path(child))
         if record.is_file() and not fresh:
-            theirs = json.loads(record.read_text()).get("options", {})
-            if theirs != mine:
-                diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            # an option the record lacks (written before the option existed) had its default value
+            theirs = {**json.loads(json.dumps(asdict(QuickstartOptions()))),
+                      **json.loads(record.read_text()).get("options", {})}
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            if diff:
                 raise ConfigError(
                     f"{self.out}: made by a quickstart with other options ({', '.join(diff)}); use another --out, "
                     "or --fresh to start over there"
@@ -178,7 +197,7 @@ class Quickstart:
         from agrivlm.geo.ingest import ingest
 
         summary = ingest(self.stack, self.path("ingest"), chip_size=32, stride=16, masks=self.masks,
-                         overwrite=True, progress=self.progress)
+                         overwrite=True, progress=self.progress, **self.stack_options)
         return {"summary": str(self.path("ingest", "summary.json")), "chips": summary["chips_kept"],
                 "dates": summary["n_dates"]}
 
@@ -188,8 +207,9 @@ class Quickstart:
         if self.opts.stack is None and self.opts.parcels is None:
             return base
         source: dict[str, Any] = {
-            "stack": str(Path(self.stack).resolve()) if not any(c in self.stack for c in "*?[") else self.stack,
-            "masks": str(Path(self.masks).resolve()) if self.masks else None,
+            "stack": _absolute(self.stack),
+            "masks": _absolute(self.masks) if self.masks else None,
+            **{k: v for k, v in self.stack_options.items() if v},
             "parcels": str(Path(self.parcels).resolve()),
             "id_column": self.opts.parcel_id, "class_column": self.opts.parcel_class,
             "class_names": {}, "class_raster": None,
@@ -279,12 +299,12 @@ class Quickstart:
         # fields chip by chip without overlap: the held-out scores judge each chip's own answers
         fields = run_inference([self.stack], model, self.path("predictions", "fields.gpkg"), task="fields",
                                masks=masks, overrides={**preset, "stride": CHIP}, batch_size=36, overwrite=True,
-                               progress=self.progress)
+                               progress=self.progress, **self.stack_options)
         growth = run_inference([self.stack], model, self.path("predictions", "growth.gpkg"), task="growth",
                                masks=masks, overrides=preset, fields=self.path("data", "stage3", "tables",
                                                                                "parcels.gpkg"),
                                field_id="field_id", field_class="class", batch_size=32, overwrite=True,
-                               progress=self.progress)
+                               progress=self.progress, **self.stack_options)
         for report in (fields, growth):
             if report.failed:
                 raise ConfigError(f"inference failed on {report.failed[0].name}: {report.failed[0].message}")
@@ -328,8 +348,8 @@ class Quickstart:
         truth_path = self.path("eval", "truth_fields.gpkg")
         truth_path.parent.mkdir(parents=True, exist_ok=True)
         truth.to_file(truth_path, layer="fields", driver="GPKG")
-        extent = resolve_inputs(self.stack)[0]
-        stack = open_stack(self.stack, masks=self.masks)
+        extent = resolve_inputs(self.stack, assets=self.stack_options["assets"])[0]
+        stack = open_stack(self.stack, masks=self.masks, **self.stack_options)
         chips = self.heldout_chips(stack)
         chips.to_file(self.path("eval", "heldout_chips.gpkg"), driver="GPKG")
         info: dict[str, Any] = {"truth_fields": str(truth_path), "extent": str(extent),
