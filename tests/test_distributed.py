@@ -95,6 +95,36 @@ def test_cluster_ingest_equals_single_process(tmp_path: Path, client) -> None:
     assert json.loads((tmp_path / "cli" / "summary.json").read_text())["chips_kept"] == one["chips_kept"]
 
 
+def test_cluster_workers_read_a_stac_catalogue_over_http(tmp_path: Path, client) -> None:
+    """The workers validate and chip a STAC stack served over HTTP (the items' VRTs travel to them whole): the same
+    chip index as the local files in one process."""
+    from http_helpers import item_collection, serve, stac_item
+
+    data_dir, mask_dir = _stack(tmp_path / "www")
+    one = ingest(data_dir, tmp_path / "one", chip_size=16, stride=12, masks=mask_dir, progress=False)
+    with serve(tmp_path / "www") as srv:
+        items = []
+        for f in sorted(data_dir.glob("*.tif")):
+            day = f.stem.split("_")[1]
+            mask = mask_dir / f"CLM_{day}.tif"
+            assets = {"data": f"{srv.url}/data/{f.name}"} | ({"clm": f"{srv.url}/masks/{mask.name}"}
+                                                            if mask.is_file() else {})
+            items.append(stac_item(f.stem, f"{day[:4]}-{day[4:6]}-{day[6:]}T00:00:00Z", assets))
+        (tmp_path / "items.json").write_text(json.dumps(item_collection(items)))
+        (tmp_path / "masks.json").write_text(json.dumps(item_collection([i for i in items if "clm" in i["assets"]])))
+        dist = ingest(tmp_path / "items.json", tmp_path / "dist", chip_size=16, stride=12, progress=False,
+                      masks=tmp_path / "masks.json", assets=["data"], mask_assets=["clm"],
+                      scheduler=client.scheduler.address)
+    keys = ("chips_kept", "chips_skipped_nodata", "dates", "height", "width", "transform", "unmasked_dates")
+    assert {k: dist[k] for k in keys} == {k: one[k] for k in keys} and one["chips_kept"] > 0
+    a = read_chip_index(tmp_path / "one" / "chips.gpkg")
+    b = read_chip_index(tmp_path / "dist" / "chips.gpkg")
+    assert list(a.chip_id) == list(b.chip_id) and all(a.geometry.geom_equals(b.geometry))
+    for col in a.columns:  # the files column names the items (<id>.vrt) instead of the files
+        if col not in ("geometry", "files"):
+            assert list(a[col]) == list(b[col]), col
+
+
 def test_bad_scheduler_and_both_options_are_clear_errors(tmp_path: Path) -> None:
     data_dir, _ = _stack(tmp_path, n_dates=1, size=32)
     with pytest.raises(IngestError, match="not both"):

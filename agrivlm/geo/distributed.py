@@ -190,13 +190,14 @@ def _check_reachable(address: str) -> None:
         raise IngestError(f"cannot reach the dask scheduler at {address} ({exc}); is it running?") from exc
 
 
-def _validate_one(path: str) -> int:
+def _validate_one(path: RasterPath) -> int:
     return validate_files([path], progress=False)
 
 
 def validate_distributed(client: Any, paths: Sequence[RasterPath]) -> int:
     """Validate every file on the workers (a task per file); the first damaged file raises its IngestError."""
-    futures = client.map(_validate_one, [str(p) for p in paths], pure=False)  # a remote address as given
+    # the paths themselves (a remote address or a STAC item's VRT travels whole; its str() only names it)
+    futures = client.map(_validate_one, list(paths), pure=False)
     try:
         return int(sum(client.gather(futures)))
     except BaseException:
