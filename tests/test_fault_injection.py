@@ -1,0 +1,205 @@
+"""kill -9 at every phase boundary of ``agrivlm ingest`` and ``agrivlm recipe build``, triggered by a file-system poll.
+
+Each case runs the real command in a subprocess over a folder that already holds a complete earlier result, watches
+the folder for the boundary (what the run writes there: its hidden temporary, the files inside it, the commit
+point) or waits a moment into a phase that writes nothing, and sends SIGKILL as soon as it sees it. Then:
+
+* the folder holds the earlier result byte for byte (a kill before the commit point), or, once what the next run
+  does first has run (``recover_folder``: a committed unit is completed), the new result complete; never a mix;
+* the rerun of the killed command completes, leaves no hidden temporary, and gives what a clean run gives.
+
+Training and inference are killed mid-run by their own tests (``test_train_curriculum.py``: a resumed stage gives
+the same weights to the bit; ``test_infer_cli.py`` / ``test_infer_distributed.py``: no chip lost or doubled).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from recipes_synth import recipe_yaml, write_scene
+
+from agrivlm.geo.index import read_chip_index, recover_folder
+
+#: How often the trigger is polled (the phases watched last from tens of milliseconds to seconds).
+POLL_S = 0.002
+
+
+def kill_when(args: list[str], trigger: Callable[[], bool], timeout: float = 600) -> bool:
+    """Run ``args``; SIGKILL it the moment ``trigger()`` holds. True when it was killed, False if it ended first."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    start = time.monotonic()
+    try:
+        while proc.poll() is None:
+            if trigger():
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=60)
+                return True
+            if time.monotonic() - start > timeout:
+                raise TimeoutError(f"{args} ran past {timeout} s")
+            time.sleep(POLL_S)
+        assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+        return False
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def after(seconds: float) -> Callable[[], bool]:
+    """A trigger that holds ``seconds`` after it is made (a phase that writes nothing: opening, validating)."""
+    at = time.monotonic() + seconds
+    return lambda: time.monotonic() >= at
+
+
+def hidden(folder: Path) -> list[Path]:
+    """Hidden temporaries in or beside ``folder``."""
+    found = [p for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}.")]
+    if folder.is_dir():
+        found += [p for p in folder.rglob(".*")]
+    return found
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    """Every visible file under ``folder`` by relative path."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "agrivlm.cli", *args]
+
+
+# -- ingest ------------------------------------------------------------------------------------------------------------
+
+def _ingest_result(out: Path) -> tuple[dict, list]:
+    summary = json.loads((out / "summary.json").read_text())
+    for volatile in ("seconds", "created", "index"):
+        summary.pop(volatile, None)
+    index = read_chip_index(out / "chips.gpkg")
+    return summary, [(r.chip_id, r.geometry.wkb) for r in index.itertuples()]
+
+
+def _unit_temporary(out: Path, holding: str | None = None) -> Callable[[], bool]:
+    def seen() -> bool:
+        for p in out.glob(".unit.tmp-*"):
+            if holding is None or (p / holding).exists():
+                return True
+        return False
+    return seen
+
+
+INGEST_BOUNDARIES: dict[str, Callable[[Path], Callable[[], bool]]] = {
+    "opening and validating (nothing written yet)": lambda out: after(2.0),
+    "the unit's temporary made": lambda out: _unit_temporary(out),
+    "the chip index written into it": lambda out: _unit_temporary(out, "chips.gpkg"),
+    "the commit point passed": lambda out: any(out.glob(".unit.commit-*")),  # type: ignore[return-value]
+}
+
+
+@pytest.fixture(scope="module")
+def ingest_case(tmp_path_factory: pytest.TempPathFactory, sample_root: Path) -> dict[str, object]:
+    """The earlier result (chips of 32 px) and a clean run of the killed command (chips of 16 px, stride 8)."""
+    root = tmp_path_factory.mktemp("ingest_faults")
+    base = [str(sample_root / "ndvi"), "--masks", str(sample_root / "cloud_mask"), "--no-progress"]
+    subprocess.run(cli("ingest", *base, "--out", str(root / "earlier"), "--chip-size", "32"), check=True,
+                   capture_output=True)
+    new = [*base, "--chip-size", "16", "--stride", "8", "--overwrite"]
+    subprocess.run(cli("ingest", *new, "--out", str(root / "clean")), check=True, capture_output=True)
+    return {"root": root, "new": new, "earlier": _ingest_result(root / "earlier"),
+            "earlier_files": files(root / "earlier"), "clean": _ingest_result(root / "clean")}
+
+
+@pytest.mark.parametrize("boundary", list(INGEST_BOUNDARIES))
+def test_ingest_killed_at_a_boundary_keeps_the_earlier_result_and_the_rerun_completes(
+    ingest_case: dict, boundary: str, tmp_path: Path
+) -> None:
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(ingest_case["root"] / "earlier", out)
+    args = cli("ingest", *ingest_case["new"], "--out", str(out))
+    trigger = INGEST_BOUNDARIES[boundary]
+    killed = kill_when(args, trigger(out) if boundary != "the commit point passed" else lambda: trigger(out))
+    if boundary == "the commit point passed" and not killed:
+        pytest.skip("the run passed its commit point and finished within one poll (no kill landed there)")
+    assert killed, f"the run finished before {boundary}"
+    if boundary != "the commit point passed":  # before it, the earlier result, byte for byte
+        assert files(out) == ingest_case["earlier_files"], boundary
+    # what any next run does first (recover_folder): a unit past its commit point is completed, one before it
+    # removed; so the folder then holds one whole result, never a mix
+    recover_folder(out, time.time())
+    assert _ingest_result(out) in (ingest_case["earlier"], ingest_case["clean"]), boundary
+    subprocess.run(args, check=True, capture_output=True)  # the rerun
+    assert _ingest_result(out) == ingest_case["clean"] and hidden(out) == []
+
+
+# -- recipe build ------------------------------------------------------------------------------------------------------
+
+def _recipe_result(out: Path) -> dict[str, object]:
+    """Shards, manifest and tables; a GeoPackage by its layers' rows (its bytes hold the time it was written)."""
+    import geopandas as gpd
+    import pyogrio
+
+    got: dict[str, object] = {}
+    for k, v in files(out).items():
+        if k.endswith(".gpkg"):
+            got[k] = {name: gpd.read_file(out / k, layer=name).to_json()
+                      for name, _ in pyogrio.list_layers(out / k)}
+        elif k.startswith(("shards/", "manifest.json", "tables/")):
+            got[k] = v
+    return got
+
+
+def _recipe_temporary(out: Path, holding: str | None = None) -> Callable[[], bool]:
+    def seen() -> bool:
+        for p in out.parent.glob(f".{out.name}.tmp-*"):
+            if holding is None or any(p.glob(holding)):
+                return True
+        return False
+    return seen
+
+
+RECIPE_BOUNDARIES: dict[str, Callable[[Path], Callable[[], bool]]] = {
+    "scanning the stack (nothing written yet)": lambda out: after(2.5),
+    "the output's temporary made": lambda out: _recipe_temporary(out),
+    "its shards written": lambda out: _recipe_temporary(out, "shards/*.jsonl"),
+    "its tables written": lambda out: _recipe_temporary(out, "tables/*"),
+}
+
+
+@pytest.fixture(scope="module")
+def recipe_case(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """The earlier result (seed 3) and a clean build of the killed command (seed 5)."""
+    root = tmp_path_factory.mktemp("recipe_faults")
+    paths = write_scene(root / "scene")
+    (root / "recipe.yaml").write_text(recipe_yaml(paths, name="faults"))
+    base = ["recipe", "build", "--recipe", str(root / "recipe.yaml"), "--no-progress"]
+    subprocess.run(cli(*base, "--out", str(root / "earlier")), check=True, capture_output=True)
+    new = [*base, "--seed", "5", "--overwrite"]
+    subprocess.run(cli(*new, "--out", str(root / "clean")), check=True, capture_output=True)
+    earlier, clean = _recipe_result(root / "earlier"), _recipe_result(root / "clean")
+    assert earlier != clean and any(k.startswith("shards/") for k in clean)
+    return {"root": root, "new": new, "earlier": earlier, "earlier_files": files(root / "earlier"), "clean": clean}
+
+
+@pytest.mark.parametrize("boundary", list(RECIPE_BOUNDARIES))
+def test_recipe_build_killed_at_a_boundary_keeps_the_earlier_result_and_the_rerun_completes(
+    recipe_case: dict, boundary: str, tmp_path: Path
+) -> None:
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(recipe_case["root"] / "earlier", out)
+    args = cli(*recipe_case["new"], "--out", str(out))
+    assert kill_when(args, RECIPE_BOUNDARIES[boundary](out)), f"the build finished before {boundary}"
+    # the swap is one rename after everything is written: a kill before it leaves the earlier output whole
+    assert files(out) == recipe_case["earlier_files"], boundary
+    subprocess.run(args, check=True, capture_output=True)  # the rerun removes the killed run's temporary
+    assert _recipe_result(out) == recipe_case["clean"] and hidden(out) == []
