@@ -131,3 +131,26 @@ def item_collection(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+
+
+def dated_catalogue(url: str, root: Path, data: str, masks: str | None, path: Path, mask_asset: str = "clouds",
+                    limit: int | None = None) -> Path:
+    """An ItemCollection of the dated files ``root/data/*.tif`` on the server at ``url``, one item per file.
+
+    Each item's ``ndvi`` asset is the file; with ``masks``, its ``mask_asset`` is ``root/masks/<name>`` where the
+    name has ``CLM`` for ``NDVI`` (the sample's and the recipe scenes' naming). Dates come from the file names.
+    """
+    from agrivlm.geo.dates import date_from_name
+
+    feats = []
+    for f in sorted((root / data).glob("*.tif"))[:limit]:
+        when = date_from_name(f.name)
+        assert when is not None, f
+        assets = {"ndvi": f"{url}/{data}/{f.name}"}
+        if masks is not None:
+            mask = f.name.replace("NDVI", "CLM")
+            assert (root / masks / mask).is_file(), mask
+            assets[mask_asset] = f"{url}/{masks}/{mask}"
+        feats.append(stac_item(f.stem, f"{when:%Y-%m-%dT%H:%M:%S}Z", assets))
+    path.write_text(json.dumps(item_collection(feats)))
+    return path

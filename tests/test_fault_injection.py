@@ -76,6 +76,43 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "agrivlm.cli", *args]
 
 
+def prepare(root: Path, command: list[str], earlier: list[str], new: list[str],
+            result: Callable[[Path], object]) -> dict[str, object]:
+    """A case: the earlier complete result (``command + earlier``) and a clean run of the killed command."""
+    subprocess.run(cli(*command, *earlier, "--out", str(root / "earlier")), check=True, capture_output=True)
+    subprocess.run(cli(*command, *new, "--out", str(root / "clean")), check=True, capture_output=True)
+    case = {"root": root, "args": [*command, *new], "result": result, "earlier": result(root / "earlier"),
+            "earlier_files": files(root / "earlier"), "clean": result(root / "clean")}
+    assert case["earlier"] != case["clean"]
+    return case
+
+
+def kill_then_rerun(case: dict, trigger: Callable[[Path], Callable[[], bool]], tmp_path: Path,
+                    committed: bool = False) -> None:
+    """Kill the case's command (over a copy of the earlier result) at ``trigger``; check the folder; rerun it.
+
+    ``committed``: the trigger lies past the commit point, where the earlier files may be partly replaced until the
+    next run's recovery (``recover_folder``) completes the new result.
+    """
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(case["root"] / "earlier", out)
+    args = cli(*case["args"], "--out", str(out))
+    killed = kill_when(args, trigger(out))
+    if committed and not killed:
+        pytest.skip("the run passed its commit point and finished within one poll (no kill landed there)")
+    assert killed, "the run finished before the boundary"
+    if not committed:  # before the commit point: the earlier result, byte for byte
+        assert files(out) == case["earlier_files"]
+    # what any next run does first: a unit past its commit point is completed, one before it removed; so the
+    # folder then holds one whole result, never a mix
+    recover_folder(out, time.time())
+    assert case["result"](out) in (case["earlier"], case["clean"])
+    subprocess.run(args, check=True, capture_output=True)  # the rerun removes the killed run's temporaries
+    assert case["result"](out) == case["clean"] and hidden(out) == []
+
+
 # -- ingest ------------------------------------------------------------------------------------------------------------
 
 def _ingest_result(out: Path) -> tuple[dict, list]:
@@ -99,45 +136,23 @@ INGEST_BOUNDARIES: dict[str, Callable[[Path], Callable[[], bool]]] = {
     "opening and validating (nothing written yet)": lambda out: after(2.0),
     "the unit's temporary made": lambda out: _unit_temporary(out),
     "the chip index written into it": lambda out: _unit_temporary(out, "chips.gpkg"),
-    "the commit point passed": lambda out: any(out.glob(".unit.commit-*")),  # type: ignore[return-value]
+    "the commit point passed": lambda out: lambda: any(out.glob(".unit.commit-*")),
 }
 
 
 @pytest.fixture(scope="module")
 def ingest_case(tmp_path_factory: pytest.TempPathFactory, sample_root: Path) -> dict[str, object]:
     """The earlier result (chips of 32 px) and a clean run of the killed command (chips of 16 px, stride 8)."""
-    root = tmp_path_factory.mktemp("ingest_faults")
-    base = [str(sample_root / "ndvi"), "--masks", str(sample_root / "cloud_mask"), "--no-progress"]
-    subprocess.run(cli("ingest", *base, "--out", str(root / "earlier"), "--chip-size", "32"), check=True,
-                   capture_output=True)
-    new = [*base, "--chip-size", "16", "--stride", "8", "--overwrite"]
-    subprocess.run(cli("ingest", *new, "--out", str(root / "clean")), check=True, capture_output=True)
-    return {"root": root, "new": new, "earlier": _ingest_result(root / "earlier"),
-            "earlier_files": files(root / "earlier"), "clean": _ingest_result(root / "clean")}
+    base = ["ingest", str(sample_root / "ndvi"), "--masks", str(sample_root / "cloud_mask"), "--no-progress"]
+    return prepare(tmp_path_factory.mktemp("ingest_faults"), base, ["--chip-size", "32"],
+                   ["--chip-size", "16", "--stride", "8", "--overwrite"], _ingest_result)
 
 
 @pytest.mark.parametrize("boundary", list(INGEST_BOUNDARIES))
 def test_ingest_killed_at_a_boundary_keeps_the_earlier_result_and_the_rerun_completes(
     ingest_case: dict, boundary: str, tmp_path: Path
 ) -> None:
-    import shutil
-
-    out = tmp_path / "out"
-    shutil.copytree(ingest_case["root"] / "earlier", out)
-    args = cli("ingest", *ingest_case["new"], "--out", str(out))
-    trigger = INGEST_BOUNDARIES[boundary]
-    killed = kill_when(args, trigger(out) if boundary != "the commit point passed" else lambda: trigger(out))
-    if boundary == "the commit point passed" and not killed:
-        pytest.skip("the run passed its commit point and finished within one poll (no kill landed there)")
-    assert killed, f"the run finished before {boundary}"
-    if boundary != "the commit point passed":  # before it, the earlier result, byte for byte
-        assert files(out) == ingest_case["earlier_files"], boundary
-    # what any next run does first (recover_folder): a unit past its commit point is completed, one before it
-    # removed; so the folder then holds one whole result, never a mix
-    recover_folder(out, time.time())
-    assert _ingest_result(out) in (ingest_case["earlier"], ingest_case["clean"]), boundary
-    subprocess.run(args, check=True, capture_output=True)  # the rerun
-    assert _ingest_result(out) == ingest_case["clean"] and hidden(out) == []
+    kill_then_rerun(ingest_case, INGEST_BOUNDARIES[boundary], tmp_path, committed=boundary == "the commit point passed")
 
 
 # -- recipe build ------------------------------------------------------------------------------------------------------
@@ -180,26 +195,15 @@ def recipe_case(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     root = tmp_path_factory.mktemp("recipe_faults")
     paths = write_scene(root / "scene")
     (root / "recipe.yaml").write_text(recipe_yaml(paths, name="faults"))
-    base = ["recipe", "build", "--recipe", str(root / "recipe.yaml"), "--no-progress"]
-    subprocess.run(cli(*base, "--out", str(root / "earlier")), check=True, capture_output=True)
-    new = [*base, "--seed", "5", "--overwrite"]
-    subprocess.run(cli(*new, "--out", str(root / "clean")), check=True, capture_output=True)
-    earlier, clean = _recipe_result(root / "earlier"), _recipe_result(root / "clean")
-    assert earlier != clean and any(k.startswith("shards/") for k in clean)
-    return {"root": root, "new": new, "earlier": earlier, "earlier_files": files(root / "earlier"), "clean": clean}
+    case = prepare(root, ["recipe", "build", "--recipe", str(root / "recipe.yaml"), "--no-progress"], [],
+                   ["--seed", "5", "--overwrite"], _recipe_result)
+    assert any(k.startswith("shards/") for k in case["clean"])  # type: ignore[union-attr]
+    return case
 
 
 @pytest.mark.parametrize("boundary", list(RECIPE_BOUNDARIES))
 def test_recipe_build_killed_at_a_boundary_keeps_the_earlier_result_and_the_rerun_completes(
     recipe_case: dict, boundary: str, tmp_path: Path
 ) -> None:
-    import shutil
-
-    out = tmp_path / "out"
-    shutil.copytree(recipe_case["root"] / "earlier", out)
-    args = cli(*recipe_case["new"], "--out", str(out))
-    assert kill_when(args, RECIPE_BOUNDARIES[boundary](out)), f"the build finished before {boundary}"
     # the swap is one rename after everything is written: a kill before it leaves the earlier output whole
-    assert files(out) == recipe_case["earlier_files"], boundary
-    subprocess.run(args, check=True, capture_output=True)  # the rerun removes the killed run's temporary
-    assert _recipe_result(out) == recipe_case["clean"] and hidden(out) == []
+    kill_then_rerun(recipe_case, RECIPE_BOUNDARIES[boundary], tmp_path)

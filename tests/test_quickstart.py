@@ -148,20 +148,11 @@ def test_the_same_run_from_a_stac_catalogue_served_over_http(run: Path, user_dat
                                                               tmp_path: Path) -> None:
     """The user's stack as STAC items on an HTTP server (NDVI and cloud-mask assets): the same records, model,
     predictions and held-out scores as the run on the local files."""
-    from http_helpers import item_collection, serve, stac_item
-
-    from agrivlm.geo.dates import date_from_name
+    from http_helpers import dated_catalogue, serve
 
     root = user_data["stack"].parent
     with serve(root) as srv:
-        feats = []
-        for f in sorted(user_data["stack"].glob("*.tif")):
-            when = date_from_name(f.name)
-            assert when is not None
-            feats.append(stac_item(f.stem, f"{when:%Y-%m-%dT%H:%M:%S}Z", {
-                "ndvi": f"{srv.url}/ndvi/{f.name}", "clouds": f"{srv.url}/cloud_mask/{f.name.replace('NDVI', 'CLM')}"}))
-        catalogue = tmp_path / "items.json"
-        catalogue.write_text(json.dumps(item_collection(feats)))
+        catalogue = dated_catalogue(srv.url, root, "ndvi", "cloud_mask", tmp_path / "items.json")
         out = tmp_path / "stac_run"
         res = _run(out, {**user_data, "stack": catalogue, "masks": catalogue}, site, "--assets", "ndvi",
                    "--mask-assets", "clouds")

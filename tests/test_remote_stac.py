@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from affine import Affine
 from geopandas.testing import assert_geodataframe_equal
-from http_helpers import item_collection, serve, stac_item
+from http_helpers import dated_catalogue, item_collection, serve, stac_item
 from rasterio.windows import Window
 from rasters import smooth_field, write_raster
 
@@ -162,17 +162,7 @@ def test_stac_mistakes_are_one_clear_line(tmp_path: Path) -> None:
 
 def _sample_catalogue(sample_root: Path, url: str, path: Path, n: int | None = None) -> Path:
     """An ItemCollection of the embedded sample's dates on the server at ``url``: assets ndvi and clouds."""
-    from agrivlm.geo.dates import date_from_name
-
-    feats = []
-    for f in sorted((sample_root / "ndvi").glob("*.tif"))[:n]:
-        when = date_from_name(f.name)
-        mask = f.name.replace("S2_NDVI_", "S2_CLM_")
-        assert when is not None and (sample_root / "cloud_mask" / mask).is_file()
-        feats.append(stac_item(f.stem, f"{when:%Y-%m-%dT%H:%M:%S}Z",
-                               {"ndvi": f"{url}/ndvi/{f.name}", "clouds": f"{url}/cloud_mask/{mask}"}))
-    path.write_text(json.dumps(item_collection(feats)))
-    return path
+    return dated_catalogue(url, sample_root, "ndvi", "cloud_mask", path, limit=n)
 
 
 def test_the_explorer_draws_a_stac_stack_served_over_http(monkeypatch: pytest.MonkeyPatch, sample_root: Path,
@@ -228,7 +218,6 @@ def test_a_recipe_on_a_stac_catalogue_over_http_writes_the_records_of_the_local_
     local recipe (conversations, chips, frames) but for the stack reference, and training reads the same pixels."""
     from recipes_synth import recipe_yaml, write_scene
 
-    from agrivlm.geo.dates import date_from_name
     from agrivlm.lape.tokens import LapeVocab
     from agrivlm.recipes.build import build_recipe
     from agrivlm.recipes.schema import read_records
@@ -239,14 +228,7 @@ def test_a_recipe_on_a_stac_catalogue_over_http_writes_the_records_of_the_local_
     (tmp_path / "local.yaml").write_text(recipe_yaml(paths, name="r"))
     build_recipe(tmp_path / "local.yaml", tmp_path / "local", progress=False)
     with serve(tmp_path / "www") as srv:
-        feats = []
-        for f in sorted(paths["ndvi"].glob("*.tif")):
-            when = date_from_name(f.name)
-            assert when is not None
-            feats.append(stac_item(f.stem, f"{when:%Y-%m-%dT%H:%M:%S}Z", {
-                "ndvi": f"{srv.url}/ndvi/{f.name}", "clm": f"{srv.url}/masks/{f.name.replace('NDVI', 'CLM')}"}))
-        catalogue = tmp_path / "items.json"
-        catalogue.write_text(json.dumps(item_collection(feats)))
+        catalogue = dated_catalogue(srv.url, tmp_path / "www", "ndvi", "masks", tmp_path / "items.json", "clm")
         text = recipe_yaml({**paths, "ndvi": catalogue, "masks": catalogue}, name="r").replace(
             "  parcels:", "  assets: [ndvi]\n  mask_assets: [clm]\n  parcels:")
         (tmp_path / "stac.yaml").write_text(text)
