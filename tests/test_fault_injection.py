@@ -58,6 +58,11 @@ def after(seconds: float) -> Callable[[], bool]:
     return lambda: time.monotonic() >= at
 
 
+def temporary(where: Path, pattern: str, holding: str | None = None) -> Callable[[], bool]:
+    """A trigger: a folder matching ``where/pattern`` exists (and holds a file matching ``holding``)."""
+    return lambda: any(holding is None or any(p.glob(holding)) for p in where.glob(pattern))
+
+
 def hidden(folder: Path) -> list[Path]:
     """Hidden temporaries in or beside ``folder``."""
     found = [p for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}.")]
@@ -123,19 +128,10 @@ def _ingest_result(out: Path) -> tuple[dict, list]:
     return summary, [(r.chip_id, r.geometry.wkb) for r in index.itertuples()]
 
 
-def _unit_temporary(out: Path, holding: str | None = None) -> Callable[[], bool]:
-    def seen() -> bool:
-        for p in out.glob(".unit.tmp-*"):
-            if holding is None or (p / holding).exists():
-                return True
-        return False
-    return seen
-
-
 INGEST_BOUNDARIES: dict[str, Callable[[Path], Callable[[], bool]]] = {
     "opening and validating (nothing written yet)": lambda out: after(2.0),
-    "the unit's temporary made": lambda out: _unit_temporary(out),
-    "the chip index written into it": lambda out: _unit_temporary(out, "chips.gpkg"),
+    "the unit's temporary made": lambda out: temporary(out, ".unit.tmp-*"),
+    "the chip index written into it": lambda out: temporary(out, ".unit.tmp-*", "chips.gpkg"),
     "the commit point passed": lambda out: lambda: any(out.glob(".unit.commit-*")),
 }
 
@@ -172,20 +168,11 @@ def _recipe_result(out: Path) -> dict[str, object]:
     return got
 
 
-def _recipe_temporary(out: Path, holding: str | None = None) -> Callable[[], bool]:
-    def seen() -> bool:
-        for p in out.parent.glob(f".{out.name}.tmp-*"):
-            if holding is None or any(p.glob(holding)):
-                return True
-        return False
-    return seen
-
-
 RECIPE_BOUNDARIES: dict[str, Callable[[Path], Callable[[], bool]]] = {
     "scanning the stack (nothing written yet)": lambda out: after(2.5),
-    "the output's temporary made": lambda out: _recipe_temporary(out),
-    "its shards written": lambda out: _recipe_temporary(out, "shards/*.jsonl"),
-    "its tables written": lambda out: _recipe_temporary(out, "tables/*"),
+    "the output's temporary made": lambda out: temporary(out.parent, f".{out.name}.tmp-*"),
+    "its shards written": lambda out: temporary(out.parent, f".{out.name}.tmp-*", "shards/*.jsonl"),
+    "its tables written": lambda out: temporary(out.parent, f".{out.name}.tmp-*", "tables/*"),
 }
 
 
