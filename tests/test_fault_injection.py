@@ -2,7 +2,7 @@
 
 Each case runs the real command in a subprocess over a folder that already holds a complete earlier result, watches
 the folder for the boundary (what the run writes there: its hidden temporary, the files inside it, the commit
-point) or waits a moment into a phase that writes nothing, and sends SIGKILL as soon as it sees it. Then:
+point), or kills it while it starts (nothing written yet), and sends SIGKILL as soon as it sees it. Then:
 
 * the folder holds the earlier result byte for byte (a kill before the commit point), or, once what the next run
   does first has run (``recover_folder``: a committed unit is completed), the new result complete; never a mix;
@@ -53,7 +53,11 @@ def kill_when(args: list[str], trigger: Callable[[], bool], timeout: float = 600
 
 
 def after(seconds: float) -> Callable[[], bool]:
-    """A trigger that holds ``seconds`` after it is made (a phase that writes nothing: opening, validating)."""
+    """A trigger that holds ``seconds`` after it is made: the run is importing, nothing written yet.
+
+    Later phases that write nothing (opening, validating, scanning) last under a second on a quiet machine, a
+    time cannot find them (a 2-s trigger once fired after the run had swapped its result in and was exiting).
+    """
     at = time.monotonic() + seconds
     return lambda: time.monotonic() >= at
 
@@ -129,7 +133,7 @@ def _ingest_result(out: Path) -> tuple[dict, list]:
 
 
 INGEST_BOUNDARIES: dict[str, Callable[[Path], Callable[[], bool]]] = {
-    "opening and validating (nothing written yet)": lambda out: after(2.0),
+    "started (nothing written yet)": lambda out: after(0.3),
     "the unit's temporary made": lambda out: temporary(out, ".unit.tmp-*"),
     "the chip index written into it": lambda out: temporary(out, ".unit.tmp-*", "chips.gpkg"),
     "the commit point passed": lambda out: lambda: any(out.glob(".unit.commit-*")),
@@ -169,7 +173,7 @@ def _recipe_result(out: Path) -> dict[str, object]:
 
 
 RECIPE_BOUNDARIES: dict[str, Callable[[Path], Callable[[], bool]]] = {
-    "scanning the stack (nothing written yet)": lambda out: after(2.5),
+    "started (nothing written yet)": lambda out: after(0.3),
     "the output's temporary made": lambda out: temporary(out.parent, f".{out.name}.tmp-*"),
     "its shards written": lambda out: temporary(out.parent, f".{out.name}.tmp-*", "shards/*.jsonl"),
     "its tables written": lambda out: temporary(out.parent, f".{out.name}.tmp-*", "tables/*"),
