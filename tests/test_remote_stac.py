@@ -139,6 +139,19 @@ def test_a_stac_item_collection_is_a_stack_of_its_items_assets_as_bands(tmp_path
     np.testing.assert_array_equal(here.read_window(Window(0, 0, 64, 64))[0], data)
     (www / "one.json").write_text(json.dumps(local["features"][1]))
     assert open_stack(www / "one.json", assets=["B04", "B11"]).shape == (1, 2, 64, 64)
+    # a static catalogue: catalog.json linking item files in a subfolder, asset hrefs relative to each item
+    (www / "cat" / "items").mkdir(parents=True)
+    links = [{"rel": "root", "href": "./catalog.json"}]
+    for feat in local["features"]:
+        up = [{"rel": rel, "href": "../catalog.json"} for rel in ("root", "parent")]
+        item = {**feat, "links": up,
+                "assets": {k: {**a, "href": "../../" + a["href"]} for k, a in feat["assets"].items()}}
+        (www / "cat" / "items" / f"{feat['id']}.json").write_text(json.dumps(item))
+        links.append({"rel": "item", "href": f"./items/{feat['id']}.json", "type": "application/geo+json"})
+    (www / "cat" / "catalog.json").write_text(json.dumps({"type": "Catalog", "stac_version": "1.0.0", "id": "cat",
+                                                         "description": "the scene's items", "links": links}))
+    walked = open_stack(www / "cat" / "catalog.json", assets=["B04", "B11"])
+    np.testing.assert_array_equal(walked.read_window(Window(0, 0, 64, 64))[0], data)
 
 
 def test_stac_mistakes_are_one_clear_line(tmp_path: Path) -> None:

@@ -18,9 +18,11 @@ any of these change.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Union
 
@@ -95,11 +97,11 @@ class RemotePath:
     address: str
 
     def __post_init__(self) -> None:
-        gdal_path(self.address)  # refuses an unknown scheme here, not at the first read
+        self.gdal  # noqa: B018 — refuses an unknown scheme here, not at the first read
 
-    @property
+    @cached_property
     def gdal(self) -> str:
-        """The ``/vsi…/`` path GDAL opens."""
+        """The ``/vsi…/`` path GDAL opens (computed once: it keys the stack's per-read handle lookups)."""
         return gdal_path(self.address)
 
     def __fspath__(self) -> str:
@@ -177,3 +179,16 @@ def remote_stamp(path: RemotePath, timeout: float = 30.0) -> list[str | int | No
                     resp.headers.get("Last-Modified")]
     except (urllib.error.URLError, OSError, ValueError):
         return [None, None, None]
+
+
+def network_stamp(path: RemotePath | StacRaster) -> str:
+    """What stands for the content of a raster with no local file to hash (recipe manifests, infer journals).
+
+    A remote file: the server's size, ETag and Last-Modified (:func:`remote_stamp`; a COG is not read whole for a
+    digest, reading parts is its point). A STAC item's raster: the digest of its VRT, which names its assets'
+    addresses, grids and bands.
+    """
+    if isinstance(path, RemotePath):
+        size, etag, modified = remote_stamp(path)
+        return f"remote size={size} etag={etag} modified={modified}"
+    return "stac vrt " + hashlib.sha256(path.vrt.encode()).hexdigest()

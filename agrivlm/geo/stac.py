@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -142,7 +143,7 @@ def read_items(source: str) -> list[Any]:
                 if it.get_self_href() is None:
                     it.set_self_href(href)  # relative asset hrefs resolve against the collection's file
         elif kind in ("Catalog", "Collection"):
-            cat = pystac.read_file(href)
+            cat = pystac.read_dict(data, href=href)  # the JSON read above; links resolve against href
             if not isinstance(cat, pystac.Catalog):
                 raise IngestError(f"{source}: not a STAC Catalog or Collection")
             items = list(cat.get_items(recursive=True))
@@ -237,13 +238,14 @@ def item_vrt(item: Any, assets: Sequence[str], source: str) -> StacRaster:
              f"<GeoTransform>{', '.join(repr(float(v)) for v in grid.to_gdal())}</GeoTransform>",
              f'<Metadata><MDI key="DATETIME">{when:%Y-%m-%dT%H:%M:%S}</MDI>'
              f"<MDI key=\"STAC_ITEM\">{escape(item.id)}</MDI></Metadata>"]
+    per_asset = Counter(key for key, _ in bands)
     for k, (key, b) in enumerate(bands, start=1):
         # where the asset lies on the finest grid (a coarser band covers the same ground with fewer pixels)
         x0 = (b.transform.c - grid.c) / grid.a
         y0 = (b.transform.f - grid.f) / grid.e
         w = b.width * b.transform.a / grid.a
         h = b.height * b.transform.e / grid.e
-        desc = key if sum(1 for kk, _ in bands if kk == key) == 1 else f"{key}_{b.band}"
+        desc = key if per_asset[key] == 1 else f"{key}_{b.band}"
         parts.append(f'<VRTRasterBand dataType="{gdal_type}" band="{k}">'
                      f"<Description>{escape(desc)}</Description>"
                      + (f"<NoDataValue>{b.nodata!r}</NoDataValue>" if b.nodata is not None else "")

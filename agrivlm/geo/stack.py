@@ -100,7 +100,7 @@ def resolve_inputs(inputs: Inputs, what: str = "inputs", assets: Sequence[str] |
             address = str(item)
             if any(ch in address.split("?", 1)[0] for ch in "*?["):
                 raise IngestError(f"{address}: a remote folder cannot be listed nor a remote pattern expanded; give "
-                                  "the files one by one, or a STAC catalogue of them (--stac)")
+                                  "the files one by one, or a STAC JSON listing them (with --assets)")
             try:
                 paths.append(RemotePath(address))
             except ValueError as exc:

@@ -129,6 +129,7 @@ def run_settings(
         "model": model_fingerprint(model_dir),
         "task": task,
         "question": question,
+        # the STAC settings only when given, so journals of file stacks written before them still resume
         "stacks": [[s.key, input_key(s.masks) if s.masks else None]
                    + ([list(s.assets or []), list(s.mask_assets or []), list(s.mask_values or [])]
                       if s.assets or s.mask_assets or s.mask_values else []) for s in stacks],

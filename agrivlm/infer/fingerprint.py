@@ -9,13 +9,11 @@ in a few words what differs, for the one-line refusal.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agrivlm.geo.remote import RemotePath, remote_stamp
-from agrivlm.geo.stac import StacRaster
+from agrivlm.geo.remote import network_stamp
 from agrivlm.geo.stack import SourceInfo, Stack
 from agrivlm.recipes.sources import sha256_file
 
@@ -34,18 +32,15 @@ def weights_fingerprint(folder: Path) -> list[list[Any]]:
 def _file_entry(info: SourceInfo, date: str) -> list[Any]:
     """``[absolute path, size in bytes, mtime_ns, date]`` of one file of the stack.
 
-    A remote file has no mtime: its entry is ``[address, size, "<ETag or Last-Modified> | <header>", date]``
-    (:func:`~agrivlm.geo.remote.remote_stamp`; the header: grid, bands, data type), so a file replaced under
-    the same address is caught when the server's stamp or the header changes. A STAC item's raster:
-    ``[catalogue#item[assets], None, "vrt <digest of its VRT> | <header>", date]``.
+    A remote file or a STAC item's raster has no mtime: its entry is ``[address, None, "<stamp> | <header>",
+    date]`` (:func:`~agrivlm.geo.remote.network_stamp`: the server's size, ETag and Last-Modified, or the item's
+    VRT digest; the header: grid, bands, data type), so a file replaced under the same address is caught when
+    the stamp or the header changes.
     """
-    header = f"{info.crs.to_string()} {list(info.transform)[:6]} {info.height}x{info.width}x{info.count} {info.dtype}"
-    if isinstance(info.path, RemotePath):
-        size, etag, modified = remote_stamp(info.path)
-        return [str(info.path), size, f"{etag or modified or ''} | {header}", date]
-    if isinstance(info.path, StacRaster):  # its VRT names every asset's href, grid and band
-        digest = hashlib.sha256(info.path.vrt.encode()).hexdigest()[:16]
-        return [str(info.path), None, f"vrt {digest} | {header}", date]
+    if not isinstance(info.path, Path):
+        header = (f"{info.crs.to_string()} {list(info.transform)[:6]} {info.height}x{info.width}x{info.count} "
+                  f"{info.dtype}")
+        return [str(info.path), None, f"{network_stamp(info.path)} | {header}", date]
     st = info.path.stat()
     return [str(info.path.resolve()), st.st_size, st.st_mtime_ns, date]
 

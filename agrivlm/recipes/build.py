@@ -25,7 +25,6 @@ each source under ``tables/NAME/`` and ``plots/NAME/``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -49,7 +48,7 @@ from agrivlm.errors import ConfigError
 from agrivlm.geo.chips import chip_id as make_chip_id
 from agrivlm.geo.chips import chip_windows
 from agrivlm.geo.index import atomic_dir
-from agrivlm.geo.remote import RasterPath, RemotePath, remote_stamp
+from agrivlm.geo.remote import RasterPath, network_stamp
 from agrivlm.geo.stack import Stack, open_stack
 from agrivlm.recipes.config import RecipeConfig, SceneSplitConfig, load_recipe
 from agrivlm.recipes.context import ChipContext, ParcelInChip, RecordFactory, norm_box, select_frames
@@ -423,17 +422,8 @@ def arrange(
 
 
 def _digest(path: RasterPath) -> str:
-    """A local file's sha256, a remote file's server stamp, a STAC item's VRT digest.
-
-    A remote COG is not read whole for a digest (reading parts is its point); a STAC item's VRT names its
-    assets' addresses, grids and bands.
-    """
-    if isinstance(path, Path):
-        return sha256_file(path)
-    if isinstance(path, RemotePath):
-        size, etag, modified = remote_stamp(path)
-        return f"remote size={size} etag={etag} modified={modified}"
-    return "stac vrt " + hashlib.sha256(path.vrt.encode()).hexdigest()
+    """A local file's sha256, else its :func:`~agrivlm.geo.remote.network_stamp`."""
+    return sha256_file(path) if isinstance(path, Path) else network_stamp(path)
 
 
 def _sources_manifest(prep: Prepared) -> dict[str, Any]:
