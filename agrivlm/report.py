@@ -24,8 +24,8 @@ from matplotlib.lines import Line2D  # noqa: E402
 from rasterio.features import rasterize  # noqa: E402
 from rasterio.windows import Window  # noqa: E402
 
-from agrivlm.geo.index import atomic_path  # noqa: E402
 from agrivlm.geo.stack import Stack  # noqa: E402
+from agrivlm.io import atomic_path  # noqa: E402
 from agrivlm.schema import GROWTH_STAGES  # noqa: E402
 
 #: Stage colours shared by every figure.

@@ -56,9 +56,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from agrivlm.infer.batch import run_inference
-    from agrivlm.infer.config import BandConfig, InputConfig, default_frames, save_input_config
     from agrivlm.infer.generate import Predictor
     from agrivlm.model import build_model
+    from agrivlm.pipeline.inputs import BandConfig, InputConfig, default_frames, save_input_config
     from agrivlm.sample import sample_cloud_mask_dir, sample_ndvi_dir
 
     if args.threads:

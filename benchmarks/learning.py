@@ -49,7 +49,7 @@ from agrivlm.eval.heldout import (
 )
 from agrivlm.geo.stack import open_stack
 from agrivlm.infer.batch import run_inference
-from agrivlm.infer.config import load_input_config
+from agrivlm.pipeline.inputs import load_input_config
 from agrivlm.synth import SceneSpec, write_scene
 
 FIELD_CLASSES = ("cultivated land", "grassland")

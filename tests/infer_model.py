@@ -25,19 +25,20 @@ import pandas as pd
 import torch
 
 from agrivlm.geo import ChipStream, open_stack
-from agrivlm.infer.config import BandConfig, InputConfig, default_frames, save_input_config
+from agrivlm.geo.coords import norm_box
 from agrivlm.infer.generate import Question
 from agrivlm.infer.prepare import ChipPreparer, FieldLayer
 from agrivlm.lape.tokens import LapeVocab, serialize_box, serialize_polygon
 from agrivlm.model import build_model
 from agrivlm.pipeline.bands import BandStats
+from agrivlm.pipeline.inputs import BandConfig, InputConfig, default_frames, save_input_config
 from agrivlm.recipes.build import prepare
 from agrivlm.recipes.config import load_recipe
-from agrivlm.recipes.context import norm_box, norm_ring
-from agrivlm.recipes.fields import OUTLINE_FIELDS_QUESTIONS
+from agrivlm.recipes.context import norm_ring
 from agrivlm.recipes.phenology import stage_table
 from agrivlm.resources import recipes_dir
 from agrivlm.sample import SAMPLE_ROOT
+from agrivlm.tasks.questions import OUTLINE_FIELDS_QUESTIONS
 
 #: The checkpoint's input settings: 32-px chips (stride 32), 2 clear frames, NDVI with a fixed range.
 INPUTS = InputConfig(

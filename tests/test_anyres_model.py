@@ -14,7 +14,7 @@ from agrivlm.lape.tokens import Axis
 from agrivlm.model import build_model
 from agrivlm.pipeline.anyres import anyres_tiles, token_positions
 from agrivlm.pipeline.frames import FrameSamplingConfig
-from agrivlm.pipeline.processor import AnyResConfig, ChipBatch, ChipInputConfig, num_visual_tokens
+from agrivlm.pipeline.inputs import AnyResConfig, ChipBatch, ChipInputConfig, num_visual_tokens
 
 SAMPLING = FrameSamplingConfig(max_frames=3, empty="drop", clouds_as_nodata=True)
 

@@ -9,10 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from agrivlm.cli import app
-from agrivlm.infer.commands import DtypeChoice, TaskChoice
+from agrivlm.cli.infer import DtypeChoice, TaskChoice
+from agrivlm.cli.synth import BandSetChoice, RegionChoice
 from agrivlm.infer.generate import DTYPES
 from agrivlm.infer.prompts import TASKS
-from agrivlm.synth.commands import BandSetChoice, RegionChoice
 from agrivlm.synth.regions import REGIONS
 from agrivlm.synth.scene import BAND_SETS
 

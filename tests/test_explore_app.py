@@ -14,7 +14,7 @@ from streamlit.testing.v1 import AppTest
 
 from agrivlm.explore.page import picked_field
 from agrivlm.geo import open_stack
-from agrivlm.recipes.fields import OUTLINE_FIELDS_QUESTIONS
+from agrivlm.tasks.questions import OUTLINE_FIELDS_QUESTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "app" / "field_explorer.py")

@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 from recipes_synth import recipe_yaml, write_scene
 
-from agrivlm.geo.index import read_chip_index, recover_folder
+from agrivlm.geo.index import read_chip_index
+from agrivlm.io import recover_folder
 
 #: How often the trigger is polled (the phases watched last from tens of milliseconds to seconds).
 POLL_S = 0.002

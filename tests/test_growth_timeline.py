@@ -30,7 +30,8 @@ from agrivlm.lape.tokens import Axis, LapeVocab
 from agrivlm.model.tokenizer import add_agrivlm_tokens, default_tokenizer
 from agrivlm.pipeline.focus import box_pixels, focus_on_box
 from agrivlm.recipes.build import build_recipe
-from agrivlm.recipes.schema import read_records, render_text
+from agrivlm.recipes.schema import read_records
+from agrivlm.tasks.turns import render_text
 
 VOCAB = LapeVocab()
 
@@ -100,8 +101,8 @@ def test_training_samples_and_inference_questions_see_the_same_field_pixels(buil
     """A growth record's sample with ``growth_focus: box`` and the preparer's question about the same field and
     season hold the same pixels inside the box, no data outside, whole-chip pixels otherwise."""
     from agrivlm.geo import ChipStream, open_stack
-    from agrivlm.infer.config import BandConfig, InputConfig
     from agrivlm.infer.prepare import ChipPreparer, FieldLayer
+    from agrivlm.pipeline.inputs import BandConfig, InputConfig
     from agrivlm.train.config import FramesConfig, NormalizeConfig
     from agrivlm.train.data import RecordDataset, StackCache, read_split
 

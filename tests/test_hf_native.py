@@ -35,13 +35,14 @@ from typer.testing import CliRunner
 
 from agrivlm.cli import app
 from agrivlm.errors import ConfigError
-from agrivlm.infer.config import INPUT_CONFIG_FILE, load_input_config
 from agrivlm.lape.tokens import POLYGON_SEP, Axis, LapeVocab, serialize_box, serialize_point, serialize_segment
 from agrivlm.model import AgriVLMConfig, AgriVLMForConditionalGeneration, AgriVLMProcessor, build_model, load_pretrained
 from agrivlm.pipeline.conversation import answer_end_id, answer_segments, answer_text, format_prompt
+from agrivlm.pipeline.inputs import INPUT_CONFIG_FILE, load_input_config
 from agrivlm.recipes.families import builders
-from agrivlm.recipes.schema import Record, Turn, render_conversation
+from agrivlm.recipes.schema import Record, render_conversation
 from agrivlm.remote_code import CONFIG_AUTO_MAP, PROCESSOR_AUTO_MAP, REMOTE_CODE_FILE
+from agrivlm.tasks.turns import Turn
 from agrivlm.train.card import MODEL_CARD
 from agrivlm.train.config import LLMTraining, LoraSettings, Trainables
 from agrivlm.train.curriculum import BAND_STATS, STAGE_INFO, read_band_stats, read_stage_info, set_trainable
@@ -199,7 +200,7 @@ def test_a_fresh_process_loads_the_folder_after_import_or_with_trust_remote_code
         "agrivlm.model.configuration.AgriVLMConfig",  # the installed package's classes, not copies of them
         "agrivlm.model.modeling.AgriVLMForConditionalGeneration",
         "agrivlm.model.modeling.AgriVLMForConditionalGeneration",
-        "agrivlm.pipeline.processor.AgriVLMProcessor",
+        "agrivlm.model.processing.AgriVLMProcessor",
     ]
     model, proc_here = load_pretrained(final)
     assert torch.equal(torch.load(tmp_path / "logits.pt"), _logits(model, proc_here))

@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from shapely.geometry import box
 
-from agrivlm.infer.config import InputConfig
 from agrivlm.infer.errors import InferError
 from agrivlm.infer.generate import decode_answer
 from agrivlm.infer.journal import Journal
@@ -29,8 +28,8 @@ from agrivlm.infer.prompts import (
     timeline_question,
 )
 from agrivlm.lape.tokens import Axis, LapeVocab, serialize_box, serialize_polygon, serialize_segment
-from agrivlm.recipes.fields import OUTLINE_FIELDS_QUESTIONS
-from agrivlm.recipes.growth import STAGE_AT_TIME_QUESTIONS, STAGE_TIMELINE_QUESTIONS
+from agrivlm.pipeline.inputs import InputConfig
+from agrivlm.tasks.questions import OUTLINE_FIELDS_QUESTIONS, STAGE_AT_TIME_QUESTIONS, STAGE_TIMELINE_QUESTIONS
 
 VOCAB = LapeVocab()
 

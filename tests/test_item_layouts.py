@@ -18,11 +18,10 @@ from train_helpers import curriculum_recipe, stage_yaml
 from agrivlm.errors import ConfigError
 from agrivlm.geo.coords import TimeAxis
 from agrivlm.infer.batch import run_inference
-from agrivlm.infer.config import load_input_config
 from agrivlm.infer.generate import Predictor, Question, Visual
 from agrivlm.infer.prompts import build_prompt, fields_question
 from agrivlm.model import load_pretrained
-from agrivlm.pipeline.processor import AnyResConfig, item_layout
+from agrivlm.pipeline.inputs import AnyResConfig, item_layout, load_input_config
 from agrivlm.train.config import load_stage_config
 from agrivlm.train.data import Collator, RecordDataset, read_split, select_records
 from agrivlm.train.trainer import run_stage

@@ -20,8 +20,8 @@ from transformers import (
 from agrivlm.errors import ConfigError
 from agrivlm.lape.tokens import serialize_box
 from agrivlm.model import AgriVLMConfig, AgriVLMForConditionalGeneration, ModelSettings, build_model, load_pretrained
+from agrivlm.model.processing import AgriVLMProcessor
 from agrivlm.model.tokenizer import default_tokenizer
-from agrivlm.pipeline.processor import AgriVLMProcessor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,7 +12,7 @@ from agrivlm.lape.tokens import Axis, position_interp, serialize_box, serialize_
 from agrivlm.model import AgriVLMConfig, ModelSettings, build_model, load_model_settings
 from agrivlm.model.builders import TINY_CONFIG
 from agrivlm.model.modeling import BandAdapter
-from agrivlm.pipeline.processor import IGNORE_INDEX, num_visual_tokens
+from agrivlm.pipeline.inputs import IGNORE_INDEX, num_visual_tokens
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

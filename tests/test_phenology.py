@@ -13,21 +13,19 @@ from recipes_synth import EVERY_DAYS, FIELDS, dates, write_scene
 
 from agrivlm.errors import IngestError
 from agrivlm.geo import open_stack
+from agrivlm.geo.dates import from_days, season_windows, to_days
 from agrivlm.recipes.config import LabelsConfig, PhenologyConfig
 from agrivlm.recipes.phenology import (
     GrowthTruth,
     analyse_parcels,
     detect_season,
     field_phenology,
-    from_days,
     gap_fill,
     key_date_table,
     load_growth_truth,
     savgol_samples,
-    season_windows,
     smooth_curve,
     stage_table,
-    to_days,
 )
 from agrivlm.recipes.scan import IndexSpec, scan_stack
 from agrivlm.recipes.sources import load_parcels

@@ -15,10 +15,10 @@ from train_helpers import curriculum_recipe
 
 from agrivlm.errors import ConfigError
 from agrivlm.geo import ChipStream
-from agrivlm.infer.config import BandConfig, InputConfig
 from agrivlm.infer.prepare import ChipPreparer
 from agrivlm.lape.tokens import LapeVocab
 from agrivlm.pipeline.focus import MARKER_OFFSET, mark_point, point_pixel
+from agrivlm.pipeline.inputs import BandConfig, InputConfig
 from agrivlm.train.config import FramesConfig, NormalizeConfig
 from agrivlm.train.data import RecordDataset, SourceRecord, StackCache, dataset_band_stats, read_split
 

@@ -39,8 +39,9 @@ from agrivlm.lape.tokens import POLYGON_SEP, Axis, LapeVocab, parse_positions, s
 from agrivlm.model.tokenizer import add_agrivlm_tokens, default_tokenizer
 from agrivlm.pipeline.frames import TimeAxis
 from agrivlm.recipes.build import build_recipe
-from agrivlm.recipes.fields import FIELD_AT_POINT_QUESTIONS, NO_FIELD_AT_POINT, OUTLINE_FIELDS_QUESTIONS
-from agrivlm.recipes.schema import Record, read_records, render_text
+from agrivlm.recipes.schema import Record, read_records
+from agrivlm.tasks.questions import FIELD_AT_POINT_QUESTIONS, NO_FIELD_AT_POINT, OUTLINE_FIELDS_QUESTIONS
+from agrivlm.tasks.turns import render_text
 from agrivlm.train.data import render_record
 
 VOCAB = LapeVocab()

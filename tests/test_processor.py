@@ -8,8 +8,9 @@ import torch
 
 from agrivlm.geo import ChipStream, open_stack
 from agrivlm.lape.tokens import LapeVocab, serialize_box, serialize_segment
+from agrivlm.model.processing import AgriVLMProcessor
 from agrivlm.model.tokenizer import add_agrivlm_tokens, default_tokenizer
-from agrivlm.pipeline.processor import IGNORE_INDEX, AgriVLMProcessor, num_visual_tokens, visual_token_grid
+from agrivlm.pipeline.inputs import IGNORE_INDEX, num_visual_tokens, visual_token_grid
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,12 @@ from agrivlm.errors import ConfigError, PipelineError
 from agrivlm.geo import Chip, ChipStream, open_stack
 from agrivlm.lape.embedding import cell_centres as lape_cell_centres
 from agrivlm.lape.tokens import LapeVocab
+from agrivlm.model.processing import AgriVLMProcessor
 from agrivlm.model.tokenizer import add_agrivlm_tokens, default_tokenizer
 from agrivlm.pipeline.anyres import anyres_tiles, token_positions
 from agrivlm.pipeline.bands import fill_nodata, prepare_bands
 from agrivlm.pipeline.frames import FrameSamplingConfig, sample_frames
-from agrivlm.pipeline.processor import (
-    AgriVLMProcessor,
-    AnyResConfig,
-    BandsConfig,
-    ChipInputConfig,
-    num_visual_tokens,
-    visual_token_centres,
-)
+from agrivlm.pipeline.inputs import AnyResConfig, BandsConfig, ChipInputConfig, num_visual_tokens, visual_token_centres
 
 #: Four frames from the dates with data, clouds as no data: what a caller would feed the model.
 SAMPLING = FrameSamplingConfig(max_frames=4, empty="drop", clouds_as_nodata=True)

@@ -15,12 +15,12 @@ import pytest
 import torch
 from train_helpers import curriculum_recipe, stage_yaml
 
-from agrivlm.infer.config import load_input_config
 from agrivlm.infer.prepare import ChipPreparer
 from agrivlm.infer.prompts import build_prompt, field_at_point_question, stage_question, timeline_question
 from agrivlm.lape.tokens import Axis, LapeVocab
 from agrivlm.model import load_pretrained
 from agrivlm.model.builders import TINY_CONFIG, build_model
+from agrivlm.pipeline.inputs import load_input_config
 from agrivlm.recipes.schema import Record, read_records
 from agrivlm.train.data import render_record
 from agrivlm.train.trainer import run_stage

@@ -9,11 +9,10 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from agrivlm.cli.recipe import recipe_app
 from agrivlm.errors import RecordError
-from agrivlm.recipes.commands import recipe_app
 from agrivlm.recipes.schema import (
     Record,
-    Turn,
     dump_record,
     iter_records,
     parse_record,
@@ -22,6 +21,7 @@ from agrivlm.recipes.schema import (
     render_conversation,
     write_records,
 )
+from agrivlm.tasks.turns import Turn
 
 
 def _record(**over: object) -> Record:

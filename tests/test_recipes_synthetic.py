@@ -11,11 +11,11 @@ import pytest
 from recipes_synth import EVERY_DAYS, FIELDS, recipe_yaml, write_scene
 from typer.testing import CliRunner
 
+from agrivlm.cli.recipe import recipe_app
 from agrivlm.errors import ConfigError
 from agrivlm.geo.coords import TimeAxis
 from agrivlm.infer.prompts import parse_timeline, stages_at
 from agrivlm.recipes.build import build_recipe
-from agrivlm.recipes.commands import recipe_app
 from agrivlm.recipes.scan import IndexSpec
 from agrivlm.recipes.schema import read_records
 
@@ -152,7 +152,7 @@ def _render(turn) -> str:
     """A turn's text with its segments as LAPE tokens (the codec's rendering)."""
     from agrivlm.infer.prompts import lape_formatters
     from agrivlm.lape.tokens import LapeVocab
-    from agrivlm.recipes.schema import render_text
+    from agrivlm.tasks.turns import render_text
 
     return render_text(turn, **lape_formatters(LapeVocab()))
 

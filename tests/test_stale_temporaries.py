@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from agrivlm.cli import app
 from agrivlm.default_checkpoint import default_model_path
-from agrivlm.geo.index import atomic_dir, remove_stale_temporaries
+from agrivlm.io import atomic_dir, remove_stale_temporaries
 
 
 def _old(path: Path) -> Path:

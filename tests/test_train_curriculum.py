@@ -267,7 +267,7 @@ def test_killed_run_resumes_to_the_same_weights_and_samples(
 
 def test_final_folders_tell_inference_how_to_prepare_inputs(curriculum: dict[str, Path]) -> None:
     """The checkpoint carries its chip size, frame count, band preset and the training normalisation range."""
-    from agrivlm.infer.config import load_input_config
+    from agrivlm.pipeline.inputs import load_input_config
 
     stats = _stats(curriculum["s3"])
     inputs, found = load_input_config(curriculum["s3"])

@@ -19,8 +19,8 @@ from agrivlm.infer.generate import Predictor
 from agrivlm.infer.prepare import ChipPreparer
 from agrivlm.lape.tokens import LapeVocab, parse_positions
 from agrivlm.model import build_model
-from agrivlm.recipes.schema import Turn
-from agrivlm.recipes.sources import resolve_spec
+from agrivlm.sample import resolve_spec
+from agrivlm.tasks.turns import Turn
 from agrivlm.train.config import DataConfig, FramesConfig, NormalizeConfig, load_stage_config
 from agrivlm.train.data import (
     Collator,

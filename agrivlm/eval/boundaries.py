@@ -52,8 +52,8 @@ from scipy.sparse.csgraph import connected_components
 from agrivlm.errors import EvalError
 from agrivlm.eval.common import FIELD_REPORT_FILES, check_outputs, json_safe, ratio, write_json
 from agrivlm.geo.coords import GeoGrid
-from agrivlm.geo.index import atomic_path
-from agrivlm.geo.remote import RasterPath, raster_path
+from agrivlm.geo.rasters import RasterPath, raster_path
+from agrivlm.io import atomic_path
 
 #: IoU thresholds of ``map_50_95`` / ``f1_50_95``: 0.50, 0.55, …, 0.95 (COCO's grid).
 THRESHOLDS: tuple[float, ...] = tuple(round(0.50 + 0.05 * k, 2) for k in range(10))

@@ -53,7 +53,7 @@ def check_outputs(out: Path, names: Sequence[str], overwrite: bool) -> None:
 
 def write_json(data: dict[str, Any], target: Path) -> None:
     """Write ``data`` as indented JSON atomically (NaN is refused: pass it through :func:`json_safe`)."""
-    from agrivlm.geo.index import atomic_path  # agrivlm.geo loads dask: keep it off the error paths
+    from agrivlm.io import atomic_path  # agrivlm.geo loads dask: keep it off the error paths
 
     with atomic_path(target) as tmp:
         tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")

@@ -490,7 +490,7 @@ def write_growth_report(result: GrowthEvaluation, out: str | Path, overwrite: bo
         The written paths by name (only those that apply).
 
     """
-    from agrivlm.geo.index import atomic_path  # agrivlm.geo loads dask: only when writing
+    from agrivlm.io import atomic_path  # agrivlm.geo loads dask: only when writing
 
     out = Path(out)
     check_outputs(out, GROWTH_REPORT_FILES, overwrite)
@@ -520,7 +520,7 @@ def plot_confusion(scores: StageScores, target: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from agrivlm.geo.index import atomic_path
+    from agrivlm.io import atomic_path
 
     counts = scores.confusion
     show_missing = counts[:, -1].sum() > 0

@@ -38,7 +38,7 @@ from rasterio.windows import Window
 from agrivlm.errors import EvalError
 from agrivlm.eval.boundaries import FieldEvaluation, evaluate_fields
 from agrivlm.geo.chips import chip_id, chip_windows
-from agrivlm.geo.remote import RasterPath
+from agrivlm.geo.rasters import RasterPath
 from agrivlm.geo.stack import Stack
 
 

@@ -267,8 +267,8 @@ def ask_model(model: str | os.PathLike[str], stack: Stack, chip_id: str, questio
     """
     from agrivlm.errors import PipelineError
     from agrivlm.geo.chips import ChipStream
-    from agrivlm.infer.config import load_input_config
     from agrivlm.infer.prepare import ChipPreparer, channels_of
+    from agrivlm.pipeline.inputs import load_input_config
 
     predictor = check_model(model)
     if not question.strip():

@@ -224,3 +224,15 @@ class TimeAxis:
     def days_between(self, t1: ArrayLike, t2: ArrayLike) -> FloatArray:
         """Signed days from normalized ``t1`` to ``t2`` (for errors in days)."""
         return (np.asarray(t2, dtype=np.float64) - np.asarray(t1, dtype=np.float64)) * self.span_seconds / 86400.0
+
+
+def norm_box(grid: GeoGrid, geom: shapely.Geometry) -> tuple[float, float, float, float]:
+    """The box ``(u1, v1, u2, v2)`` of a geometry (CRS) in ``grid``'s normalized frame, clipped to [0, 1].
+
+    Exact for rotated grids too: an affine map sends the geometry's vertices to pixel space, where the
+    box is their min/max.
+    """
+    xy = shapely.get_coordinates(geom)
+    u, v = grid.crs_to_norm(xy[:, 0], xy[:, 1])
+    box = (float(u.min()), float(v.min()), float(u.max()), float(v.max()))
+    return tuple(min(max(b, 0.0), 1.0) for b in box)  # type: ignore[return-value]

@@ -26,7 +26,7 @@ import numpy.typing as npt
 import rasterio
 
 from agrivlm.errors import IngestError
-from agrivlm.geo.remote import RasterPath, raster_path
+from agrivlm.geo.rasters import RasterPath, raster_path
 
 #: Dataset-level tags read for a date, in order; the first that parses wins.
 DATE_TAGS: tuple[str, ...] = (
@@ -189,3 +189,17 @@ def day_str(when: object) -> str:
 def iso_day(day: float) -> str:
     """A float day → ``YYYY-MM-DD``."""
     return str(from_days(day).astype("datetime64[D]"))
+
+
+def season_windows(first_day: float, last_day: float, season_start: str) -> list[tuple[str, float, float]]:
+    """Yearly windows ``(label, start, end)`` starting on ``season_start`` (``MM-DD``) that overlap the range."""
+    month, day = (int(x) for x in season_start.split("-"))
+    y0 = int(str(from_days(first_day))[:4]) - 1
+    y1 = int(str(from_days(last_day))[:4]) + 1
+    out = []
+    for year in range(y0, y1 + 1):
+        start = to_days(np.datetime64(f"{year:04d}-{month:02d}-{day:02d}"))
+        end = to_days(np.datetime64(f"{year + 1:04d}-{month:02d}-{day:02d}"))
+        if end > first_day and start <= last_day:
+            out.append((str(year), float(start), float(end)))
+    return out

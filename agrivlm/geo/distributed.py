@@ -28,7 +28,7 @@ from typing import Any
 
 from agrivlm.errors import IngestError
 from agrivlm.geo.chips import ChipGroup, ChipStream, Edge
-from agrivlm.geo.remote import RasterPath
+from agrivlm.geo.rasters import RasterPath
 from agrivlm.geo.stack import Stack
 from agrivlm.geo.validate import validate_files
 

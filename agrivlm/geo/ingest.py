@@ -15,18 +15,11 @@ from tqdm.auto import tqdm
 
 from agrivlm.errors import IngestError
 from agrivlm.geo.chips import ChipStream, Edge
-from agrivlm.geo.index import (
-    atomic_unit,
-    build_chip_index,
-    check_index_format,
-    ensure_writable_dir,
-    recover_folder,
-    rows_frame,
-    write_frame_to,
-)
-from agrivlm.geo.remote import RasterPath
+from agrivlm.geo.index import build_chip_index, check_index_format, rows_frame, write_frame_to
+from agrivlm.geo.rasters import RasterPath
 from agrivlm.geo.stack import Inputs, SameDay, open_stack
 from agrivlm.geo.validate import validate_files
+from agrivlm.io import atomic_unit, ensure_writable_dir, recover_folder
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +48,8 @@ def ingest(
 
     Nothing is written until the stack has opened, every file has been validated (``validate``)
     and every chip has been read; both outputs are then written into a hidden folder in ``OUT`` and replaced
-    together as one unit (:func:`~agrivlm.geo.index.atomic_unit`). A run first finishes or removes what a
-    killed run left in ``OUT`` (:func:`~agrivlm.geo.index.recover_folder`), and refuses only a complete
+    together as one unit (:func:`~agrivlm.io.atomic_unit`). A run first finishes or removes what a
+    killed run left in ``OUT`` (:func:`~agrivlm.io.recover_folder`), and refuses only a complete
     earlier result (a summary with its index) without ``overwrite``.
 
     With ``scheduler`` (a running dask.distributed scheduler's address) or ``workers`` (a

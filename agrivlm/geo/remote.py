@@ -18,16 +18,11 @@ any of these change.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Union
-
-if TYPE_CHECKING:
-    from agrivlm.geo.stac import StacRaster
 
 #: URL schemes and the GDAL virtual file system that reads them.
 SCHEMES: dict[str, str] = {
@@ -146,18 +141,8 @@ class RemotePath:
         return self
 
 
-#: A raster of a stack: a local file, a remote one, or a STAC item's assets (:class:`agrivlm.geo.stac.StacRaster`).
-RasterPath = Union[Path, RemotePath, "StacRaster"]  # noqa: UP007 (a forward reference: stac imports this module)
 
 
-def raster_path(item: str | os.PathLike[str] | RasterPath) -> RasterPath:
-    """A :class:`RemotePath` for a remote address, else a :class:`~pathlib.Path` (a raster path as it is)."""
-    from agrivlm.geo.stac import StacRaster
-
-    if isinstance(item, RemotePath | StacRaster | Path):
-        return item
-    text = os.fspath(item)
-    return RemotePath(text) if is_remote(text) else Path(text)
 
 
 def remote_stamp(path: RemotePath, timeout: float = 30.0) -> list[str | int | None]:
@@ -181,14 +166,3 @@ def remote_stamp(path: RemotePath, timeout: float = 30.0) -> list[str | int | No
         return [None, None, None]
 
 
-def network_stamp(path: RemotePath | StacRaster) -> str:
-    """What stands for the content of a raster with no local file to hash (recipe manifests, infer journals).
-
-    A remote file: the server's size, ETag and Last-Modified (:func:`remote_stamp`; a COG is not read whole for a
-    digest, reading parts is its point). A STAC item's raster: the digest of its VRT, which names its assets'
-    addresses, grids and bands.
-    """
-    if isinstance(path, RemotePath):
-        size, etag, modified = remote_stamp(path)
-        return f"remote size={size} etag={etag} modified={modified}"
-    return "stac vrt " + hashlib.sha256(path.vrt.encode()).hexdigest()

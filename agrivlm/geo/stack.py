@@ -49,7 +49,8 @@ from rasterio.windows import Window
 from agrivlm.errors import IngestError
 from agrivlm.geo.coords import GeoGrid, TimeAxis
 from agrivlm.geo.dates import DatedFile, resolve_date
-from agrivlm.geo.remote import RasterPath, RemotePath, is_remote
+from agrivlm.geo.rasters import RasterPath
+from agrivlm.geo.remote import RemotePath, is_remote
 from agrivlm.geo.stac import is_stac, stac_rasters
 
 log = logging.getLogger(__name__)

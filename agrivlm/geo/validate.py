@@ -12,7 +12,7 @@ import rasterio
 from tqdm.auto import tqdm
 
 from agrivlm.errors import IngestError
-from agrivlm.geo.remote import RasterPath, raster_path
+from agrivlm.geo.rasters import RasterPath, raster_path
 from agrivlm.geo.stack import gdal_cache_cap
 
 

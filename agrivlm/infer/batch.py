@@ -45,7 +45,6 @@ from agrivlm.geo.chips import ChipGroup, ChipStream, chip_id
 from agrivlm.geo.remote import is_remote
 from agrivlm.geo.stack import Stack, open_stack
 from agrivlm.geo.validate import validate_files
-from agrivlm.infer.config import InputConfig
 from agrivlm.infer.errors import InferError
 from agrivlm.infer.fingerprint import describe_stack_change, stack_fingerprint
 from agrivlm.infer.generate import Predictor
@@ -63,6 +62,7 @@ from agrivlm.infer.runner import (
     run_batches,
     tally,
 )
+from agrivlm.pipeline.inputs import InputConfig
 
 if TYPE_CHECKING:
     from agrivlm.infer.distributed import ClusterRun
@@ -392,7 +392,6 @@ def run_inference(
         InferError / ConfigError: options that cannot work (naming what to change).
 
     """
-    from agrivlm.infer.config import load_input_config
     from agrivlm.infer.outputs import (
         check_format,
         detection_frame,
@@ -406,6 +405,7 @@ def run_inference(
         write_outputs,
     )
     from agrivlm.infer.prompts import TASKS
+    from agrivlm.pipeline.inputs import load_input_config
 
     started = time.perf_counter()
     if task not in TASKS:
@@ -427,7 +427,7 @@ def run_inference(
         raise InferError(f"{model_dir}: not a checkpoint folder (no config.json); pass --model with a folder saved by "
                          "save_pretrained")
     journal_file = journal_path(out)
-    from agrivlm.geo.index import ensure_writable_dir, remove_stale_temporaries
+    from agrivlm.io import ensure_writable_dir, remove_stale_temporaries
 
     ensure_writable_dir(out.parent, InferError)
     # what a killed run left beside the outputs (their hidden temporaries) goes before anything is written
@@ -533,7 +533,7 @@ def run_inference(
             report.outputs.update(_write_rasters(out, task, frame, stages, journal, keys, names))
         report.outputs["journal"] = str(journal_file)
     report.outputs["report"] = str(report_path(out))
-    from agrivlm.geo.index import atomic_path
+    from agrivlm.io import atomic_path
 
     with atomic_path(report_path(out)) as tmp:
         tmp.write_text(json.dumps({**report.to_dict(), "total_seconds": round(time.perf_counter() - started, 3)},

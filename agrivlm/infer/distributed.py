@@ -40,13 +40,13 @@ from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from agrivlm.geo.chips import ChipGroup, ChipStream, chip_id
-from agrivlm.geo.remote import RasterPath
+from agrivlm.geo.rasters import RasterPath
 from agrivlm.geo.stack import Stack
-from agrivlm.infer.config import InputConfig
 from agrivlm.infer.errors import InferError
 from agrivlm.infer.generate import Predictor
 from agrivlm.infer.journal import Journal
 from agrivlm.lape.tokens import LapeVocab
+from agrivlm.pipeline.inputs import InputConfig
 
 log = logging.getLogger(__name__)
 

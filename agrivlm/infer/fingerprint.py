@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agrivlm.geo.remote import network_stamp
+from agrivlm.geo.rasters import network_stamp
 from agrivlm.geo.stack import SourceInfo, Stack
-from agrivlm.recipes.sources import sha256_file
+from agrivlm.io import sha256_file
 
 #: Weights files of a checkpoint folder, by suffix.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
@@ -33,7 +33,7 @@ def _file_entry(info: SourceInfo, date: str) -> list[Any]:
     """``[absolute path, size in bytes, mtime_ns, date]`` of one file of the stack.
 
     A remote file or a STAC item's raster has no mtime: its entry is ``[address, None, "<stamp> | <header>",
-    date]`` (:func:`~agrivlm.geo.remote.network_stamp`: the server's size, ETag and Last-Modified, or the item's
+    date]`` (:func:`~agrivlm.geo.rasters.network_stamp`: the server's size, ETag and Last-Modified, or the item's
     VRT digest; the header: grid, bands, data type), so a file replaced under the same address is caught when
     the stamp or the header changes.
     """

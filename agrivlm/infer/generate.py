@@ -237,7 +237,7 @@ class Predictor:
         self.model = model.to(device=device, dtype=dtype).eval()
         self.processor = processor
         #: AnyRes / multi-scale items of every question's frames, as the checkpoint was trained (its saved
-        #: ``anyres`` / ``scales``, :func:`~agrivlm.pipeline.processor.item_layout`); None: one item per question.
+        #: ``anyres`` / ``scales``, :func:`~agrivlm.pipeline.inputs.item_layout`); None: one item per question.
         self.layout = layout
         self.device = device
         self.dtype = dtype
@@ -274,8 +274,7 @@ class Predictor:
 
         if dtype not in DTYPES:
             raise InferError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-        from agrivlm.infer.config import load_input_config
-        from agrivlm.pipeline.processor import item_layout
+        from agrivlm.pipeline.inputs import item_layout, load_input_config
 
         model, processor = load_pretrained(folder)
         if not model.config.answers_positions:

@@ -25,8 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from agrivlm.geo.index import fsync_dir
 from agrivlm.infer.errors import InferError
+from agrivlm.io import fsync_dir
 
 #: Version of the journal layout; a journal of another version is refused.
 #: 2: ``stack`` records carry a content fingerprint of the stack, the header the sha256 of the weights.

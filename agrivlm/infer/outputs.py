@@ -1,4 +1,4 @@
-"""The journal → the run's outputs, written atomically (``agrivlm.geo.index.atomic_path``).
+"""The journal → the run's outputs, written atomically (``agrivlm.io.atomic_path``).
 
 Each file is written to a temporary file beside it, then renamed onto it.
 
@@ -61,11 +61,11 @@ import pandas as pd
 import shapely
 from rasterio.crs import CRS
 
-from agrivlm.geo.index import atomic_path
 from agrivlm.infer.errors import InferError
 from agrivlm.infer.journal import Journal
 from agrivlm.infer.nms import nms
 from agrivlm.infer.prepare import FieldLayer
+from agrivlm.io import atomic_path
 from agrivlm.schema import FIELD_PREDICTION_COLUMNS, GROWTH_STAGES, STAGE_COLUMNS, prediction_format_problem
 
 log = logging.getLogger(__name__)

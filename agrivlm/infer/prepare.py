@@ -1,7 +1,7 @@
 """The data side of inference: a chip → its frames, normalised bands and the questions asked about it.
 
 Per chip (:class:`ChipPreparer`): frames with :func:`agrivlm.pipeline.frames.sample_frames` and the
-checkpoint's :class:`~agrivlm.infer.config.InputConfig` → bands with
+checkpoint's :class:`~agrivlm.pipeline.inputs.InputConfig` → bands with
 :func:`agrivlm.pipeline.bands.prepare_bands` → one :class:`~agrivlm.infer.generate.Visual` → the task's
 questions:
 
@@ -10,7 +10,7 @@ questions:
   question at each point of a ``point_grid`` × ``point_grid`` grid (the point in the question's ``meta``);
 * ``growth``: per season (a calendar year from ``season_start``), frames within the season; per field of
   ``--fields`` with at least ``min_field_px`` pixels in the chip, the recipes' ``stage_on_date`` question about
-  the box of its visible part (:func:`agrivlm.recipes.context.norm_box`, as the records compute it) at each
+  the box of its visible part (:func:`agrivlm.geo.coords.norm_box`, as the records compute it) at each
   frame's date, given as the frame's ``<TEMP>`` token.
 
 Frame times follow the one rule of :func:`agrivlm.pipeline.frames.frame_time_positions`, as in training:
@@ -36,9 +36,8 @@ from rasterio.crs import CRS
 
 from agrivlm.errors import PipelineError
 from agrivlm.geo.chips import Chip
-from agrivlm.geo.coords import GeoGrid
-from agrivlm.geo.dates import day_str, to_days
-from agrivlm.infer.config import InputConfig
+from agrivlm.geo.coords import GeoGrid, norm_box
+from agrivlm.geo.dates import day_str, season_windows, to_days
 from agrivlm.infer.errors import InferError
 from agrivlm.infer.generate import Question, Visual
 from agrivlm.infer.prompts import (
@@ -53,8 +52,7 @@ from agrivlm.lape.tokens import LapeVocab
 from agrivlm.pipeline.bands import BandStats, check_band_count, composite, get_preset, prepare_bands
 from agrivlm.pipeline.focus import focus_on_box, mark_point
 from agrivlm.pipeline.frames import Frames, sample_frames
-from agrivlm.recipes.context import norm_box
-from agrivlm.recipes.phenology import season_windows
+from agrivlm.pipeline.inputs import InputConfig
 
 log = logging.getLogger(__name__)
 

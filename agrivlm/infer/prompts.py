@@ -1,8 +1,8 @@
 r"""The questions ``agrivlm infer`` asks, worded and rendered exactly as the training records, and their answers.
 
-Wording: the questions are the recipes' own (:data:`agrivlm.recipes.fields.OUTLINE_FIELDS_QUESTIONS`,
-:data:`agrivlm.recipes.growth.STAGE_AT_TIME_QUESTIONS`), never re-typed here. Rendering: a question's
-positions go through the recipes' :func:`~agrivlm.recipes.schema.render_text` with the LAPE codec as the
+Wording: the questions are the recipes' own (:data:`agrivlm.tasks.questions.OUTLINE_FIELDS_QUESTIONS`,
+:data:`agrivlm.tasks.questions.STAGE_AT_TIME_QUESTIONS`), never re-typed here. Rendering: a question's
+positions go through the recipes' :func:`~agrivlm.tasks.turns.render_text` with the LAPE codec as the
 formatters (:func:`lape_formatters`), the rendering the recipes prescribe for training; the continuous value
 of every position token is returned beside the text (:attr:`PromptText.positions`) for the processor's
 ``positions=`` (interpolated input embeddings, as the processor does for training).
@@ -27,18 +27,19 @@ from typing import Any, Literal
 
 from agrivlm.lape.tokens import POLYGON_SEP, LapeVocab, QuestionPositions, position_formatters
 from agrivlm.pipeline.conversation import format_prompt, visual_placeholder
-from agrivlm.recipes.fields import (
+from agrivlm.schema import GROWTH_STAGES
+from agrivlm.tasks.questions import (
     CUT_MARK,
     FIELD_AT_POINT_QUESTIONS,
     NO_FIELD_AT_POINT,
     NO_FIELDS_ANSWER,
     OUTLINE_FIELDS_QUESTIONS,
+    STAGE_AT_TIME_QUESTIONS,
+    STAGE_TIMELINE_QUESTIONS,
+    UNKNOWN_CLASS,
     parcel_name,
 )
-from agrivlm.recipes.growth import STAGE_AT_TIME_QUESTIONS, STAGE_TIMELINE_QUESTIONS
-from agrivlm.recipes.schema import PLACEHOLDER, Turn, render_text
-from agrivlm.recipes.sources import UNKNOWN_CLASS
-from agrivlm.schema import GROWTH_STAGES
+from agrivlm.tasks.turns import PLACEHOLDER, Turn, render_text
 
 #: The inference tasks: field boundaries (polygons or boxes, as the checkpoint was trained), growth stage per
 #: field and date, a free question.
@@ -56,7 +57,7 @@ _ITEM_RE = re.compile(rf"{_POINT}\s*{_POINT}|{_POINT}(?:\s*{re.escape(POLYGON_SE
 
 
 def lape_formatters(vocab: LapeVocab, positions_as: QuestionPositions = "bins") -> dict[str, Any]:
-    """The LAPE codec as :func:`~agrivlm.recipes.schema.render_text` formatters (box → 4 tokens, time → 1)."""
+    """The LAPE codec as :func:`~agrivlm.tasks.turns.render_text` formatters (box → 4 tokens, time → 1)."""
     return {**position_formatters(vocab, positions_as), "polygon_sep": POLYGON_SEP}
 
 
@@ -87,7 +88,7 @@ def render_question(
     """Render a question with ``{box:K}``-style placeholders as the recipes do, and collect the token values.
 
     Values are normalized (``u``, ``v`` fractions of the chip, ``t`` of the frames' date range) and rounded
-    as records round them (:class:`~agrivlm.recipes.schema.Turn` validates and rounds to 6 decimals).
+    as records round them (:class:`~agrivlm.tasks.turns.Turn` validates and rounds to 6 decimals).
     ``positions_as``: bins or ``-INPUT`` placeholders (:data:`~agrivlm.lape.tokens.QuestionPositions`), as the
     checkpoint was trained (its ``question_positions``).
 

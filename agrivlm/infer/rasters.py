@@ -29,7 +29,7 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.features import rasterize
 
-from agrivlm.geo.index import atomic_path
+from agrivlm.io import atomic_path
 from agrivlm.schema import GROWTH_STAGES
 
 #: Stage → the code of ``<stem>_stages.tif`` (0: no field, or no stage that day).

@@ -289,7 +289,7 @@ QuestionPositions = Literal["bins", "input"]
 
 
 def position_formatters(vocab: LapeVocab, mode: QuestionPositions = "bins") -> dict[str, Any]:
-    """``fmt_box``/``fmt_point``/``fmt_segment``/``fmt_time`` of :func:`agrivlm.recipes.schema.render_text`.
+    """``fmt_box``/``fmt_point``/``fmt_segment``/``fmt_time`` of :func:`agrivlm.tasks.turns.render_text`.
 
     The values behind the tokens, in text order, are the same in both modes (a box: ``u1, v1, u2, v2``).
     """

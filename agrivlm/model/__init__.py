@@ -3,10 +3,10 @@
 from agrivlm.model.builders import ModelSettings, build_model, load_model_settings, load_pretrained
 from agrivlm.model.configuration import AgriVLMConfig
 from agrivlm.model.modeling import AgriVLMForConditionalGeneration, AgriVLMOutput, BandAdapter
+from agrivlm.model.processing import AgriVLMProcessor, register_auto_processor
 from agrivlm.model.tokenizer import TokenLayout, add_agrivlm_tokens, default_tokenizer
-from agrivlm.pipeline.processor import AgriVLMProcessor, _register_auto_processor
 
-_register_auto_processor()
+register_auto_processor()
 
 __all__ = [
     "AgriVLMConfig",

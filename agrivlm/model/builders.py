@@ -228,9 +228,9 @@ def build_model(
         settings: :class:`ModelSettings`, a YAML path, or None for ``agrivlm/configs/model/tiny.yaml``.
 
     Returns:
-        ``(model, processor)``; ``processor`` is an :class:`~agrivlm.pipeline.processor.AgriVLMProcessor`.
+        ``(model, processor)``; ``processor`` is an :class:`~agrivlm.model.processing.AgriVLMProcessor`.
     """
-    from agrivlm.pipeline.processor import AgriVLMProcessor
+    from agrivlm.model.processing import AgriVLMProcessor
 
     if settings is None:
         settings = load_model_settings(TINY_CONFIG) if TINY_CONFIG.is_file() else ModelSettings()
@@ -346,7 +346,7 @@ def generation_config_for(
 
 def load_pretrained(folder: str | os.PathLike[str]) -> tuple[AgriVLMForConditionalGeneration, Any]:
     """Load a model and processor saved together with ``save_pretrained`` into ``folder``."""
-    from agrivlm.pipeline.processor import AgriVLMProcessor
+    from agrivlm.model.processing import AgriVLMProcessor
 
     p = Path(folder)
     if not (p / "config.json").is_file():

@@ -7,10 +7,10 @@ Data path for ``N`` visual items of ``T`` frames, ``C`` bands, ``H × W`` px, LL
    ``image_size`` use the encoder's own ``interpolate_pos_encoding=True``) → patch features
    ``(N·T, h·w, Dv)`` with ``(h, w) = (H/p, W/p)`` (CLIP's CLS token dropped).
 2. 2-layer MLP projector → ``(N·T, h·w, D)`` → :func:`~agrivlm.pipeline.pooling.pool_2d` →
-   ``(N·T, h'·w', D)`` with ``(h', w') =`` :func:`~agrivlm.pipeline.processor.visual_token_grid`.
+   ``(N·T, h'·w', D)`` with ``(h', w') =`` :func:`~agrivlm.pipeline.inputs.visual_token_grid`.
 3. LAPE injection (when on): ``+ spatial_injection_scale·(H[v] + W[u]) + temporal_injection_scale·T[t]`` at each
    pooled cell's centre and each frame's time. With ``patch_positions (N, h'·w', 2)`` (from
-   :meth:`~agrivlm.pipeline.processor.AgriVLMProcessor.from_chips`) each token's ``(u, v)`` is given instead:
+   :meth:`~agrivlm.model.processing.AgriVLMProcessor.from_chips`) each token's ``(u, v)`` is given instead:
    the chip position of an AnyRes tile's cells (:func:`inject_lape_at_positions`). Items of different sizes
    (multi-scale) come zero-padded with ``image_sizes (N, 2)``; each is cropped and encoded at its own size.
 4. The ``T·h'·w'`` visual tokens of each item replace its ``<image>``/``<video>`` placeholder tokens
@@ -46,8 +46,8 @@ from transformers.utils import ModelOutput
 from agrivlm.lape.embedding import LapeEmbeddings, cell_centres, default_frame_times, token_transfer
 from agrivlm.lape.tokens import AXES, Axis, LapeVocab, ParsedPositions, parse_token_ids
 from agrivlm.model.configuration import AgriVLMConfig
+from agrivlm.pipeline.inputs import IGNORE_INDEX, num_visual_tokens, visual_token_grid
 from agrivlm.pipeline.pooling import pool_2d
-from agrivlm.pipeline.processor import IGNORE_INDEX, num_visual_tokens, visual_token_grid
 
 
 @dataclass
@@ -524,7 +524,7 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         """Run the model.
 
         Args:
-            input_ids: ``(B, L)`` from :class:`~agrivlm.pipeline.processor.AgriVLMProcessor` (placeholders expanded).
+            input_ids: ``(B, L)`` from :class:`~agrivlm.model.processing.AgriVLMProcessor` (placeholders expanded).
             pixel_values: ``(N, T, C, H, W)``, one item per placeholder in reading order across the batch.
             attention_mask: ``(B, L)`` 1 for tokens, 0 for padding.
             position_ids: optional ``(B, L)`` LLM positions.

@@ -9,7 +9,7 @@ fast/slow mask), and predicts the teacher features of frames ``1 … T−1``. Th
 trainer adds ``loss_weight · MSE`` to the language-model loss (``total = main + weight · aux``).
 
 Shapes, for ``N`` items of ``T`` frames on a pooled grid of ``h' × w' = P`` cells (the grid of the
-model's visual tokens, :func:`~agrivlm.pipeline.processor.visual_token_grid`):
+model's visual tokens, :func:`~agrivlm.pipeline.inputs.visual_token_grid`):
 
 * teacher features ``(N, T, P, Dv)`` — band adapter (a copy, frozen at the stage's start) → vision
   encoder → the model's pooling (no projector: targets live in the encoder's space);

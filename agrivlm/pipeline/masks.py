@@ -24,7 +24,7 @@ import numpy.typing as npt
 import torch
 
 from agrivlm.errors import PipelineError
-from agrivlm.geo.index import atomic_path
+from agrivlm.io import atomic_path
 
 
 def _check_n(num_frames: int) -> None:

@@ -4,6 +4,7 @@
 :mod:`agrivlm.quickstart.report` writes ``report.html`` from what they left.
 """
 
-from agrivlm.quickstart.run import Quickstart, QuickstartOptions
+from agrivlm.quickstart.options import QuickstartOptions
+from agrivlm.quickstart.run import Quickstart
 
 __all__ = ["Quickstart", "QuickstartOptions"]

@@ -6,13 +6,14 @@ import json
 import shlex
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import geopandas as gpd
 import numpy as np
 import pandas as pd
 
 from agrivlm.geo.stack import open_stack
+from agrivlm.quickstart.options import QuickstartRun
 from agrivlm.report import (
     Section,
     clear_fraction_per_date,
@@ -23,9 +24,6 @@ from agrivlm.report import (
 )
 from agrivlm.resources import stage_config
 from agrivlm.train.logs import plot_losses, read_metrics
-
-if TYPE_CHECKING:
-    from agrivlm.quickstart.run import Quickstart
 
 
 def _num_parameters(final: Path) -> int:
@@ -48,7 +46,7 @@ def _q(path: Path | str) -> str:
     return shlex.quote(str(path))
 
 
-def _stack_args(qs: Quickstart) -> str:
+def _stack_args(qs: QuickstartRun) -> str:
     """`` --masks M --assets A --mask-assets B`` as the run used them."""
     masks = f" --masks {_q(qs.masks)}" if qs.masks else ""
     for flag, values in (("--assets", qs.opts.assets), ("--mask-assets", qs.opts.mask_assets)):
@@ -57,7 +55,7 @@ def _stack_args(qs: Quickstart) -> str:
     return masks
 
 
-def commands(qs: Quickstart) -> list[str]:
+def commands(qs: QuickstartRun) -> list[str]:
     """The commands that redo each step by hand (the same steps, the same settings)."""
     out = qs.out
     masks = _stack_args(qs)
@@ -86,7 +84,7 @@ def commands(qs: Quickstart) -> list[str]:
     return lines
 
 
-def explore_command(qs: Quickstart) -> str:
+def explore_command(qs: QuickstartRun) -> str:
     """The command that opens the field explorer on this run's outputs."""
     out = qs.out
     masks = _stack_args(qs)
@@ -106,7 +104,7 @@ def _field_frame(stack: Any) -> int:
     return int(pool[np.argmax(clear[pool])])
 
 
-def write_quickstart_report(qs: Quickstart) -> Path:
+def write_quickstart_report(qs: QuickstartRun) -> Path:
     """Draw the figures beside ``report.html`` and write it; returns its path."""
     out = qs.out
     stack = open_stack(qs.stack, masks=qs.masks, **qs.stack_options)

@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,64 +32,16 @@ import yaml
 
 from agrivlm.errors import ConfigError
 from agrivlm.geo.remote import is_remote
+from agrivlm.quickstart.options import STEPS, QuickstartOptions
+from agrivlm.quickstart.report import write_quickstart_report
 from agrivlm.resources import package_file, recipe, stage_config
 
 log = logging.getLogger(__name__)
 
-#: The steps, in order.
-STEPS: tuple[str, ...] = ("ingest", "recipes", "stage1", "stage2", "stage3", "infer", "eval", "report")
-#: Share of ``--steps`` each training stage gets (stage 3, the agricultural fine-tune, the most).
-STAGE_SHARE = {"stage1": 0.15, "stage2": 0.15, "stage3": 0.70}
 #: Chip size of the recipes, of ingest and of the held-out scoring grid.
 CHIP = 32
 #: Land-use classes the field-boundary recipes outline (and the evaluation counts as fields).
 FIELD_CLASSES = ("cultivated land", "grassland")
-
-
-@dataclass(frozen=True)
-class QuickstartOptions:
-    """What a quickstart run is made of (recorded in ``DIR/quickstart.json``)."""
-
-    #: Optimizer steps over the three stages (split by :data:`STAGE_SHARE`).
-    steps: int = 1000
-    #: GeoTIFF stack (folder/glob, a remote file, a STAC JSON); None: the embedded sample.
-    stack: str | None = None
-    #: Per-date cloud masks of the stack (None: the sample's, or none for a user stack).
-    masks: str | None = None
-    #: A STAC stack's assets that are the bands, and its masks' asset (``agrivlm ingest --assets``).
-    assets: tuple[str, ...] | None = None
-    mask_assets: tuple[str, ...] | None = None
-    #: Parcel layer (any CRS); None: the sample's.
-    parcels: str | None = None
-    #: Parcel id and class columns of a user layer.
-    parcel_id: str | None = None
-    parcel_class: str | None = None
-    #: Band preset of the stack (``agrivlm.pipeline.bands.PRESETS``): ``ndvi`` for the sample.
-    preset: str = "ndvi"
-    #: Folder with ``vision/`` (SigLIP/CLIP) and ``llm/`` (Qwen2/Llama) checkpoints; None: tiny random model.
-    #: Given, the run trains stage 1 → 2 → 3 from it (``start`` must be ``scratch``).
-    base_model: str | None = None
-    #: ``default``: fine-tune the checkpoint shipped in the package (stage 3 only, all of ``steps``);
-    #: ``scratch``: stage 1 → 2 → 3 of the tiny random model or of ``base_model``.
-    start: str = "default"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.start not in ("default", "scratch"):
-            raise ConfigError(f"start must be default or scratch, got {self.start!r}")
-        if self.start == "default" and self.base_model is not None:
-            raise ConfigError("--base-model trains stage 1 → 2 → 3 from its weights: pass --start scratch with it")
-
-    @property
-    def stages(self) -> tuple[str, ...]:
-        """The training stages this run trains."""
-        return ("stage3",) if self.start == "default" else ("stage1", "stage2", "stage3")
-
-    def stage_steps(self) -> dict[str, int]:
-        """Steps of each trained stage (at least 1)."""
-        if self.start == "default":
-            return {"stage3": max(1, self.steps)}
-        return {s: max(1, round(self.steps * share)) for s, share in STAGE_SHARE.items()}
 
 
 def _absolute(spec: str) -> str:
@@ -153,8 +105,8 @@ class Quickstart:
     def _check_options(self, fresh: bool) -> None:
         if self.opts.start == "default":
             from agrivlm.default_checkpoint import default_model_path
-            from agrivlm.infer.config import BandConfig, InputConfig, load_input_config
             from agrivlm.infer.prepare import channels_of
+            from agrivlm.pipeline.inputs import BandConfig, InputConfig, load_input_config
 
             wanted = channels_of(InputConfig(bands=BandConfig(preset=self.opts.preset)))
             have = channels_of(load_input_config(default_model_path())[0])
@@ -254,7 +206,7 @@ class Quickstart:
                                        "llm": {"checkpoint": str(base / "llm")}}
         if stage == "stage3" and self.opts.start == "default":
             from agrivlm.default_checkpoint import default_model_path
-            from agrivlm.infer.config import load_input_config
+            from agrivlm.pipeline.inputs import load_input_config
 
             base = default_model_path()
             inputs, _ = load_input_config(base)
@@ -402,8 +354,6 @@ class Quickstart:
 
     def step_report(self) -> dict[str, Any]:
         """``report.html`` and its PNGs."""
-        from agrivlm.quickstart.report import write_quickstart_report
-
         path = write_quickstart_report(self)
         return {"report": str(path)}
 

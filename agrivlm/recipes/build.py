@@ -47,41 +47,34 @@ from tqdm.auto import tqdm
 from agrivlm.errors import ConfigError
 from agrivlm.geo.chips import chip_id as make_chip_id
 from agrivlm.geo.chips import chip_windows
-from agrivlm.geo.index import atomic_dir
-from agrivlm.geo.remote import RasterPath, network_stamp
+from agrivlm.geo.coords import norm_box
+from agrivlm.geo.dates import day_str, season_windows
+from agrivlm.geo.rasters import RasterPath, network_stamp
 from agrivlm.geo.stack import Stack, open_stack
+from agrivlm.io import atomic_dir, sha256_file
 from agrivlm.recipes.config import RecipeConfig, SceneSplitConfig, load_recipe
-from agrivlm.recipes.context import ChipContext, ParcelInChip, RecordFactory, norm_box, select_frames
+from agrivlm.recipes.context import ChipContext, ParcelInChip, RecordFactory, select_frames
 from agrivlm.recipes.families import builders
 from agrivlm.recipes.mixture import MixReport, max_unique, mix
 from agrivlm.recipes.phenology import (
     FieldPhenology,
     GrowthTruth,
     analyse_parcels,
-    day_str,
     key_date_table,
     load_growth_truth,
     phenology_detail_table,
     season_of,
-    season_windows,
     stage_table,
     to_days,
 )
 from agrivlm.recipes.plot import pick_parcels, plot_phenology, plot_splits
 from agrivlm.recipes.scan import IndexSpec, StackScan, scan_stack
 from agrivlm.recipes.schema import FAMILIES, SCHEMA_VERSION, SPLITS, Record, write_records
-from agrivlm.recipes.sources import (
-    UNKNOWN_CLASS,
-    ClassRaster,
-    ResolvedSource,
-    load_parcels,
-    portable_spec,
-    resolve_sources,
-    resolve_spec,
-    sha256_file,
-)
+from agrivlm.recipes.sources import ClassRaster, ResolvedSource, load_parcels, resolve_sources
 from agrivlm.recipes.splits import SplitAssignment, assign_splits
 from agrivlm.recipes.state import BuildState
+from agrivlm.sample import portable_spec, resolve_spec
+from agrivlm.tasks.questions import UNKNOWN_CLASS
 
 log = logging.getLogger(__name__)
 
@@ -422,7 +415,7 @@ def arrange(
 
 
 def _digest(path: RasterPath) -> str:
-    """A local file's sha256, else its :func:`~agrivlm.geo.remote.network_stamp`."""
+    """A local file's sha256, else its :func:`~agrivlm.geo.rasters.network_stamp`."""
     return sha256_file(path) if isinstance(path, Path) else network_stamp(path)
 
 

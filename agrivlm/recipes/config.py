@@ -16,6 +16,16 @@ from pydantic import Field, field_validator, model_validator
 
 from agrivlm.config import StrictModel, parse_config, read_yaml_mapping
 from agrivlm.errors import ConfigError
+from agrivlm.pipeline.inputs import (
+    CHIP_EDGE,
+    CHIP_SIZE,
+    CHIP_STRIDE,
+    MAX_FRAMES,
+    MIN_CLEAR,
+    MIN_FIELD_PX,
+    MIN_FRAMES,
+    SEASON_START,
+)
 from agrivlm.recipes.schema import FAMILIES, SPLITS
 
 SplitName = Literal["train", "val", "test"]
@@ -180,17 +190,17 @@ class ChipConfig(StrictModel):
     """The chip grid and how frames are chosen for each record."""
 
     #: Chip size in pixels (square).
-    size: int = Field(default=32, gt=0)
+    size: int = Field(default=CHIP_SIZE, gt=0)
     #: Step between chips in pixels (default: ``size``).
-    stride: int | None = Field(default=16, gt=0)
+    stride: int | None = Field(default=CHIP_STRIDE, gt=0)
     #: Remainder at the raster edge: ``snap`` | ``drop``.
-    edge: Literal["snap", "drop"] = "snap"
+    edge: Literal["snap", "drop"] = CHIP_EDGE
     #: A date is usable as a frame when at least this fraction of the chip's pixels is clear (data, no cloud).
-    min_clear: float = Field(default=0.6, ge=0.0, le=1.0)
+    min_clear: float = Field(default=MIN_CLEAR, ge=0.0, le=1.0)
     #: At most this many frames per record (evenly spaced in time over the usable dates).
-    max_frames: int = Field(default=16, gt=0)
+    max_frames: int = Field(default=MAX_FRAMES, gt=0)
     #: Records need at least this many usable frames.
-    min_frames: int = Field(default=4, gt=0)
+    min_frames: int = Field(default=MIN_FRAMES, gt=0)
 
 
 class SplitConfig(StrictModel):
@@ -226,7 +236,7 @@ class PhenologyConfig(StrictModel):
     #: Upper-envelope iterations (observations below the fit are treated as residual cloud; 0 = off).
     envelope_iterations: int = Field(default=1, ge=0)
     #: Start of each season as ``MM-DD``; a season lasts one year.
-    season_start: str = "01-01"
+    season_start: str = SEASON_START
     #: Minima before/after the peak are searched this many days outside the season.
     season_margin_days: int = Field(default=90, ge=0)
     #: Start/end of season: fraction of the left/right amplitude above the left/right minimum.
@@ -303,7 +313,7 @@ class GrowthStagesConfig(StrictModel):
     """Key dates and stages per field, the field pointed to by its box."""
 
     #: A field is asked about in a chip when at least this many of its pixels are inside.
-    min_field_px: float = Field(default=9.0, ge=0.0)
+    min_field_px: float = Field(default=MIN_FIELD_PX, ge=0.0)
     #: Stage questions per field, chip and season (dates drawn among frames where the field is clear).
     stage_questions: int = Field(default=2, ge=0)
     labels: LabelsConfig | None = None

@@ -19,8 +19,9 @@ from rasterio.windows import Window
 
 from agrivlm.geo.coords import GeoGrid, TimeAxis
 from agrivlm.geo.dates import from_days
-from agrivlm.recipes.schema import ChipRef, Record, StackRef, Turn
+from agrivlm.recipes.schema import ChipRef, Record, StackRef
 from agrivlm.recipes.schema import Window as WindowModel
+from agrivlm.tasks.turns import Turn
 
 #: Short family tags used in sample ids.
 FAMILY_TAGS = {"field_boundaries": "fb", "growth_stages": "gs", "general_rs": "rs", "spatial_reasoning": "sr"}
@@ -37,16 +38,6 @@ def pick(rng: np.random.Generator, options: Sequence[str]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def norm_box(grid: GeoGrid, geom: shapely.Geometry) -> tuple[float, float, float, float]:
-    """The box ``(u1, v1, u2, v2)`` of a geometry (CRS) in ``grid``'s normalized frame, clipped to [0, 1].
-
-    Exact for rotated grids too: an affine map sends the geometry's vertices to pixel space, where the
-    box is their min/max.
-    """
-    xy = shapely.get_coordinates(geom)
-    u, v = grid.crs_to_norm(xy[:, 0], xy[:, 1])
-    box = (float(u.min()), float(v.min()), float(u.max()), float(v.max()))
-    return tuple(min(max(b, 0.0), 1.0) for b in box)  # type: ignore[return-value]
 
 
 def _drop_to(coords: npt.NDArray[np.float64], max_vertices: int) -> npt.NDArray[np.float64]:

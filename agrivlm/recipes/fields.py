@@ -27,18 +27,22 @@ import shapely
 
 from agrivlm.recipes.config import FieldBoundariesConfig
 from agrivlm.recipes.context import ChipContext, ParcelInChip, assistant, norm_ring, pick, rng_for, user
-from agrivlm.recipes.schema import Record, Turn
-from agrivlm.recipes.sources import UNKNOWN_CLASS
+from agrivlm.recipes.schema import Record
 from agrivlm.recipes.state import BuildState
+from agrivlm.tasks.questions import (
+    CUT_MARK,
+    FIELD_AT_POINT_QUESTIONS,
+    NO_FIELD_AT_POINT,
+    NO_FIELDS_ANSWER,
+    OUTLINE_FIELDS_QUESTIONS,
+    UNKNOWN_CLASS,
+    parcel_name,
+)
+from agrivlm.tasks.turns import Turn
 
 FAMILY = "field_boundaries"
 
-_Q_FIELDS = (
-    "Outline every field in this image.",
-    "Draw a box around each field.",
-    "Where are the fields in this image?",
-    "Find all agricultural fields and give their boxes.",
-)
+_Q_FIELDS = OUTLINE_FIELDS_QUESTIONS
 _Q_PARCELS = (
     "Outline every land parcel in this image.",
     "Give a box for each parcel you can see.",
@@ -60,28 +64,6 @@ _Q_LARGEST = ("Where is the largest {cls} parcel?", "Find the largest {cls} parc
 _Q_TRACE = ("Trace the boundary of the {name} at {{box:0}}.", "Give the outline of the {name} at {{box:0}} as points.")
 _Q_COUNT = ("How many fields are in this image?", "Count the fields in this image.")
 _Q_EDGE = ("Which fields are cut by the edge of the image?", "Which fields extend beyond the image?")
-
-#: Questions of the ``outline_fields`` task (``agrivlm infer --task fields`` asks the first, so inference
-#: prompts are worded exactly as the training records, whichever ``outline_as`` they were built with).
-OUTLINE_FIELDS_QUESTIONS: tuple[str, ...] = _Q_FIELDS
-#: Questions of the ``field_at_point`` task (inference asks the first).
-FIELD_AT_POINT_QUESTIONS: tuple[str, ...] = (
-    "Outline the field at {point:0}.",
-    "Trace the boundary of the field at {point:0}.",
-    "Which field is at {point:0}? Give its outline.",
-)
-#: The ``field_at_point`` answer for a point outside every field.
-NO_FIELD_AT_POINT = "There is no field at this point."
-#: The ``outline_fields`` answer of a chip without fields.
-NO_FIELDS_ANSWER = "There are no fields in this image."
-#: Written after the box of a parcel the chip's edge cuts.
-CUT_MARK = " (partly outside the image)"
-
-
-def parcel_name(cls: str) -> str:
-    """``"grassland parcel"``, or ``"parcel"`` for an unknown class."""
-    return "parcel" if cls == UNKNOWN_CLASS else f"{cls} parcel"
-
 
 def _listing(parcels: list[ParcelInChip], noun: str) -> str:
     """``"2 fields: grassland {box:0}; forest {box:1} (partly outside the image)."``."""

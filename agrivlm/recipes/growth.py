@@ -17,9 +17,15 @@ import numpy as np
 from agrivlm.geo.dates import day_str, iso_day
 from agrivlm.recipes.config import GrowthStagesConfig
 from agrivlm.recipes.context import ChipContext, ParcelInChip, assistant, pick, rng_for, user
-from agrivlm.recipes.fields import parcel_name
 from agrivlm.recipes.schema import Record
 from agrivlm.recipes.state import BuildState
+from agrivlm.tasks.questions import (
+    STAGE_AT_TIME_QUESTIONS,
+    STAGE_ON_DATE_QUESTIONS,
+    STAGE_TIMELINE_QUESTIONS,
+    TIMELINE_SEP,
+    parcel_name,
+)
 
 FAMILY = "growth_stages"
 
@@ -43,30 +49,9 @@ _Q_SEGMENT = (
     "Over which period was the {name} at {{box:0}} growing?",
     "Give the growing season of the {name} at {{box:0}}.",
 )
-_Q_STAGE_TOKEN = (
-    "What growth stage is the {name} at {{box:0}} in at {{time:0}}?",
-    "At {{time:0}}, which growth stage is the {name} at {{box:0}} in?",
-)
-_Q_STAGE_DATE = (
-    "What growth stage is the {name} at {{box:0}} in on {date}?",
-    "On {date}, which growth stage is the {name} at {{box:0}} in?",
-)
-_Q_TIMELINE = (
-    "Give the growth stages of the {name} at {{box:0}} over time.",
-    "Which growth stages did the {name} at {{box:0}} go through, and when?",
-)
-#: Questions of the ``stage_timeline`` task; ``agrivlm infer --task growth`` asks the first when the checkpoint's
-#: ``growth_prompt`` is ``timeline``.
-STAGE_TIMELINE_QUESTIONS: tuple[str, ...] = _Q_TIMELINE
-#: Between two stage spans of a ``stage_timeline`` answer (``"dormant <TEMP-000><TEMP-011>; green-up …"``).
-TIMELINE_SEP = "; "
-#: Questions of the ``stage_on_date`` task that name the date in words (as
-#: :func:`~agrivlm.recipes.phenology.day_str` writes it).
-STAGE_ON_DATE_QUESTIONS: tuple[str, ...] = _Q_STAGE_DATE
-#: Questions of the ``stage_on_date`` task that give the date as a ``<TEMP>`` token on the frames' time axis;
-#: ``agrivlm infer --task growth`` asks the first: the token is the very embedding injected into the frame of
-#: that date, while a date in words would have to be matched to frames whose dates the model never sees.
-STAGE_AT_TIME_QUESTIONS: tuple[str, ...] = _Q_STAGE_TOKEN
+_Q_STAGE_TOKEN = STAGE_AT_TIME_QUESTIONS
+_Q_STAGE_DATE = STAGE_ON_DATE_QUESTIONS
+_Q_TIMELINE = STAGE_TIMELINE_QUESTIONS
 
 
 def _clear_dates(state: BuildState, row: int, frames: list[int]) -> list[int]:

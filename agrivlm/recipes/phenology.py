@@ -39,10 +39,10 @@ import pandas as pd
 from scipy.signal import savgol_filter
 
 from agrivlm.errors import ConfigError, IngestError
-from agrivlm.geo.dates import day_str, from_days, iso_day, to_days
+from agrivlm.geo.dates import day_str, iso_day, season_windows, to_days
 from agrivlm.recipes.config import LabelsConfig, PhenologyConfig
 from agrivlm.recipes.scan import StackScan
-from agrivlm.recipes.sources import resolve_spec
+from agrivlm.sample import resolve_spec
 from agrivlm.schema import GROWTH_STAGES, KEY_DATE_COLUMNS, STAGE_COLUMNS
 
 FloatArray = npt.NDArray[np.float64]
@@ -191,18 +191,6 @@ class Season:
         return self.post_stage
 
 
-def season_windows(first_day: float, last_day: float, season_start: str) -> list[tuple[str, float, float]]:
-    """Yearly windows ``(label, start, end)`` starting on ``season_start`` (``MM-DD``) that overlap the range."""
-    month, day = (int(x) for x in season_start.split("-"))
-    y0 = int(str(from_days(first_day))[:4]) - 1
-    y1 = int(str(from_days(last_day))[:4]) + 1
-    out = []
-    for year in range(y0, y1 + 1):
-        start = to_days(np.datetime64(f"{year:04d}-{month:02d}-{day:02d}"))
-        end = to_days(np.datetime64(f"{year + 1:04d}-{month:02d}-{day:02d}"))
-        if end > first_day and start <= last_day:
-            out.append((str(year), float(start), float(end)))
-    return out
 
 
 def detect_season(

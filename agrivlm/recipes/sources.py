@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ from rasterio.windows import Window
 
 from agrivlm.errors import ConfigError, IngestError
 from agrivlm.geo.coords import GeoGrid
-from agrivlm.geo.remote import is_remote
 from agrivlm.recipes.config import (
     ClassRasterConfig,
     LabelsConfig,
@@ -32,55 +30,11 @@ from agrivlm.recipes.config import (
     SourceConfig,
     SourceEntry,
 )
+from agrivlm.recipes.context import rng_for
 from agrivlm.recipes.schema import SPLITS
-from agrivlm.sample import SAMPLE_ROOT
-
-#: Prefix of specs that point into the embedded sample (``sample:ndvi`` → ``agrivlm/sample_data/…/ndvi``).
-SAMPLE_SCHEME = "sample:"
-
-#: Class word of parcels whose class cell is empty.
-UNKNOWN_CLASS = "unknown"
-
-
-def resolve_spec(spec: str, base_dir: str | os.PathLike[str] | None = None) -> str:
-    """A source spec → a path or glob pattern usable by ``open_stack``/``geopandas``.
-
-    ``sample:<rel>`` resolves inside the embedded sample; a relative path resolves against ``base_dir``
-    (the recipe file's folder); ``~`` is expanded. Globs are returned as patterns.
-
-    Raises:
-        ConfigError: a ``sample:`` spec naming nothing in the sample.
-
-    """
-    if spec.startswith(SAMPLE_SCHEME):
-        rel = spec[len(SAMPLE_SCHEME):].lstrip("/")
-        path = SAMPLE_ROOT / rel
-        if not path.exists():
-            have = ", ".join(sorted(p.name for p in SAMPLE_ROOT.iterdir() if not p.name.startswith(".")))
-            raise ConfigError(f"{spec}: not in the embedded sample ({SAMPLE_ROOT}); it has: {have}")
-        return str(path)
-    if is_remote(spec):  # a URL or /vsi…/ path: as written
-        return spec
-    path = Path(os.path.expanduser(spec))
-    if not path.is_absolute() and base_dir is not None:
-        path = Path(base_dir) / path
-    return str(path)
-
-
-def portable_spec(spec: str, base_dir: str | os.PathLike[str] | None = None) -> str:
-    """The spec written into records: ``sample:`` specs as they are, anything else as an absolute path."""
-    if spec.startswith(SAMPLE_SCHEME) or is_remote(spec):
-        return spec
-    return str(Path(resolve_spec(spec, base_dir)).resolve())
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+from agrivlm.recipes.splits import allocate
+from agrivlm.sample import resolve_spec
+from agrivlm.tasks.questions import UNKNOWN_CLASS
 
 
 def load_parcels(
@@ -339,9 +293,6 @@ def deal_scenes(names: list[str], rule: SceneSplitConfig) -> dict[str, str]:
     with the same seed (the three curriculum stages, a mixed recipe) puts each scene in the same split.
     Adding or removing a scene may move others: pin one with ``split: train`` on its own entry.
     """
-    from agrivlm.recipes.context import rng_for
-    from agrivlm.recipes.splits import allocate
-
     ordered = sorted(names)
     order = [ordered[int(i)] for i in rng_for(rule.seed, "scene-split").permutation(len(ordered))]
     counts = allocate({k: rule.fractions.get(k, 0.0) for k in SPLITS}, len(order), at_least_one=True)  # type: ignore[call-overload]

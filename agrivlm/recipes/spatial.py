@@ -14,9 +14,9 @@ import numpy as np
 
 from agrivlm.recipes.config import SpatialReasoningConfig
 from agrivlm.recipes.context import ChipContext, ParcelInChip, assistant, pick, rng_for, user
-from agrivlm.recipes.fields import parcel_name
 from agrivlm.recipes.schema import Record
 from agrivlm.recipes.state import BuildState
+from agrivlm.tasks.questions import parcel_name
 
 FAMILY = "spatial_reasoning"
 

@@ -42,7 +42,7 @@ from rasterio.windows import Window
 from shapely import affinity
 
 from agrivlm.errors import SynthError
-from agrivlm.geo.index import atomic_dir
+from agrivlm.io import atomic_dir
 from agrivlm.synth.landscape import Parcel, tessellate
 from agrivlm.synth.phenology import FieldSeasons, PhenologyParams, field_seasons, iso, to_day
 from agrivlm.synth.regions import LANDCOVER_CODES, REGIONS, Crop, Region

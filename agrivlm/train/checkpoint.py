@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agrivlm.errors import AgriVLMError
-from agrivlm.recipes.sources import sha256_file
+from agrivlm.io import sha256_file
 
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
 MARKER = "COMPLETE"

@@ -26,7 +26,7 @@ from agrivlm.errors import ConfigError
 from agrivlm.lape.embedding import LapeInit
 from agrivlm.lape.tokens import DEFAULT_NUM_SPATIAL, DEFAULT_NUM_TEMPORAL, QuestionPositions
 from agrivlm.pipeline.focus import GrowthFocus, PointMarker
-from agrivlm.pipeline.processor import AnyResConfig, ScaleFactors, check_item_layout
+from agrivlm.pipeline.inputs import AnyResConfig, ScaleFactors, check_item_layout
 from agrivlm.recipes.config import FamilyName
 
 Stage = Literal["stage1", "stage2", "stage3"]
@@ -233,7 +233,7 @@ class DataConfig(StrictModel):
     #: Saved with the checkpoint so ``agrivlm infer`` asks the same way.
     question_positions: QuestionPositions = "bins"
     #: AnyRes: every sample's frames become a thumbnail plus tiles of ``anyres.tile_size`` px, each token carrying
-    #: its (u, v) on the chip (:meth:`~agrivlm.pipeline.processor.AgriVLMProcessor.from_frames`); saved with the
+    #: its (u, v) on the chip (:meth:`~agrivlm.model.processing.AgriVLMProcessor.from_frames`); saved with the
     #: checkpoint so ``agrivlm infer`` cuts the same. None: one item per sample.
     anyres: AnyResConfig | None = None
     #: Multi-scale: one item per scale factor, e.g. ``[1.0, 0.5]`` (the chip and a half-size copy); not with

@@ -44,7 +44,7 @@ from agrivlm.model.builders import (
 )
 from agrivlm.model.configuration import saved_model_config
 from agrivlm.model.modeling import AgriVLMForConditionalGeneration
-from agrivlm.pipeline.processor import saved_processor_config
+from agrivlm.pipeline.inputs import saved_processor_config
 from agrivlm.train.checkpoint import CheckpointError
 from agrivlm.train.config import STAGES, LapeTrainConfig, LoraSettings, StageConfig, Trainables, resolve
 from agrivlm.train.lora import LLM, LORA_MARK, adapter_model, apply_adapter, inject_lora, split_lora_state

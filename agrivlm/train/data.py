@@ -29,7 +29,7 @@ One record (:class:`~agrivlm.recipes.schema.Record`) becomes one sample:
    placeholder), the answer its segments (:data:`~agrivlm.pipeline.conversation.Answer`), each answer ended by
    eos, the next questions read unsupervised.
 
-Batches: :class:`Collator` calls :class:`~agrivlm.pipeline.processor.AgriVLMProcessor` (unchanged) on
+Batches: :class:`Collator` calls :class:`~agrivlm.model.processing.AgriVLMProcessor` (unchanged) on
 the samples of a micro-batch and adds ``sample_ids`` and ``is_fast``.
 """
 
@@ -55,9 +55,10 @@ from agrivlm.pipeline.bands import BandStats, normalize, robust_stats, to_reflec
 from agrivlm.pipeline.conversation import POLYGON_SEP, Answer, continuation, format_prompt, visual_placeholder
 from agrivlm.pipeline.focus import GrowthFocus, PointMarker, focus_on_box, mark_point
 from agrivlm.pipeline.frames import FrameSamplingConfig, frame_time_positions, select_indices, uniform_indices
-from agrivlm.pipeline.processor import ChipInputConfig
+from agrivlm.pipeline.inputs import ChipInputConfig
 from agrivlm.recipes.mixture import mix
-from agrivlm.recipes.schema import Record, Turn, iter_records, render_text
+from agrivlm.recipes.schema import Record, iter_records
+from agrivlm.tasks.turns import Turn, render_text
 from agrivlm.train.config import DataConfig, FramesConfig, NormalizeConfig, resolve
 from agrivlm.train.sampler import ResumableSampler, sample_seed
 

@@ -280,7 +280,7 @@ def install(final: Path, target: Path = DEFAULT_MODEL_DIR) -> Path:
     """Copy a final folder into the package as the default checkpoint, weights in float16."""
     from safetensors.torch import load_file, save_file
 
-    from agrivlm.geo.index import atomic_dir
+    from agrivlm.io import atomic_dir
 
     with atomic_dir(target) as tmp:
         shutil.copytree(final, tmp, dirs_exist_ok=True)

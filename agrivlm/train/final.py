@@ -5,7 +5,7 @@
 settings ``agrivlm infer`` and the explorer need (``inputs``: chip grid, frames, band preset and normalisation)
 and the training data's band statistics the next stage reuses (``band_stats``). A ``save_pretrained`` →
 ``from_pretrained`` → ``save_pretrained`` round trip therefore keeps them, and the readers
-(:func:`~agrivlm.infer.config.load_input_config`, :func:`~agrivlm.train.curriculum.read_stage_info`,
+(:func:`~agrivlm.pipeline.inputs.load_input_config`, :func:`~agrivlm.train.curriculum.read_stage_info`,
 :func:`~agrivlm.train.curriculum.read_band_stats`) fall back to them.
 
 The side files ``stage_info.json``, ``agrivlm_inputs.yaml`` and ``band_stats.json`` are still written, for
@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 from transformers.utils import PROCESSOR_NAME
 
 from agrivlm.config import parse_config
-from agrivlm.infer.config import InputConfig, save_input_config
 from agrivlm.model.configuration import saved_model_config
 from agrivlm.model.modeling import AgriVLMForConditionalGeneration
+from agrivlm.model.processing import AgriVLMProcessor
 from agrivlm.pipeline.bands import BandStats
-from agrivlm.pipeline.processor import AgriVLMProcessor, saved_processor_config
+from agrivlm.pipeline.inputs import InputConfig, save_input_config, saved_processor_config
 from agrivlm.train.card import MODEL_CARD, model_card
 from agrivlm.train.config import resolve
 from agrivlm.train.curriculum import BAND_STATS, STAGE_INFO

@@ -56,12 +56,11 @@ from tqdm.auto import tqdm
 
 from agrivlm.config import parse_config
 from agrivlm.errors import ConfigError, TrainError
-from agrivlm.infer.config import BandConfig, InputConfig, default_frames
 from agrivlm.model.modeling import AgriVLMForConditionalGeneration
 from agrivlm.model.reconstruction import FrozenTeacher, NextFramePredictor, visual_hidden_states
 from agrivlm.pipeline.bands import BandStats
 from agrivlm.pipeline.frames import FrameSamplingConfig
-from agrivlm.pipeline.processor import item_layout
+from agrivlm.pipeline.inputs import BandConfig, InputConfig, default_frames, item_layout
 from agrivlm.train.checkpoint import (
     CheckpointError,
     latest_checkpoint,

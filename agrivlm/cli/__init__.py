@@ -1,4 +1,8 @@
-"""The ``agrivlm`` command line: ingest, quickstart (and, as they land, train, infer, eval, explore)."""
+"""The ``agrivlm`` command line: ingest, quickstart, explore, infer, synth, eval, recipe, train.
+
+The top floor of the package (``DESIGN.md``): each subcommand lives in its own module here and calls the
+floors below; the options they share are declared once in :mod:`agrivlm.cli.options`.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +16,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from agrivlm.cli_options import AssetsOpt, JsonFlag, MaskAssetsOpt, MaskValuesOpt, print_json, split_list
+from agrivlm.cli.eval import app as eval_app
+from agrivlm.cli.explore import explore as _explore
+from agrivlm.cli.infer import infer as _infer
+from agrivlm.cli.options import AssetsOpt, JsonFlag, MaskAssetsOpt, MaskValuesOpt, print_json, split_list
+from agrivlm.cli.recipe import recipe_app
+from agrivlm.cli.synth import synth as _synth
+from agrivlm.cli.train import train_app
 from agrivlm.errors import AgriVLMError
-from agrivlm.eval.commands import app as eval_app
-from agrivlm.recipes.commands import recipe_app
-from agrivlm.train.commands import train_app
 
 app = typer.Typer(
     name="agrivlm",
@@ -219,14 +226,8 @@ def quickstart(
 
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(train_app, name="train")
-from agrivlm.explore.command import explore as _explore  # noqa: E402
-
 app.command("explore")(_explore)
-from agrivlm.infer.commands import infer as _infer  # noqa: E402
-
 app.command("infer")(_infer)
-from agrivlm.synth.commands import synth as _synth  # noqa: E402
-
 app.command("synth")(_synth)
 
 
@@ -240,7 +241,3 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted: finished outputs are kept, nothing half-written was left behind", err=True)
         sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from agrivlm.cli_options import AssetsOpt, JsonFlag, MaskAssetsOpt, MaskValuesOpt, print_json, split_list
+from agrivlm.cli.options import AssetsOpt, JsonFlag, MaskAssetsOpt, MaskValuesOpt, print_json, split_list
 from agrivlm.default_checkpoint import resolve_model
 from agrivlm.schema import prediction_format_problem
 

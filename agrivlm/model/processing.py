@@ -32,84 +32,50 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from affine import Affine
-from pydantic import Field, field_validator, model_validator
-from rasterio.crs import CRS
 from rasterio.windows import Window
 from transformers import BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
-from transformers.utils import PROCESSOR_NAME
 
-from agrivlm.config import StrictModel, parse_config, read_json_mapping
+from agrivlm.config import parse_config
 from agrivlm.errors import ConfigError, PipelineError
 from agrivlm.geo.chips import Chip
-from agrivlm.geo.coords import FloatArray, GeoGrid, TimeAxis
+from agrivlm.geo.coords import FloatArray, GeoGrid
 from agrivlm.lape.embedding import default_frame_times
 from agrivlm.lape.tokens import DEFAULT_NUM_SPATIAL, DEFAULT_NUM_TEMPORAL, LapeVocab
-from agrivlm.pipeline.anyres import Tile, anyres_tiles, cell_centres, token_positions
-from agrivlm.pipeline.bands import COMPOSITES, PRESETS, BandStats, available_composites, fill_nodata, prepare_bands
+from agrivlm.model.configuration import AgriVLMConfig
+from agrivlm.model.tokenizer import TokenLayout, token_layout
+from agrivlm.pipeline.anyres import anyres_tiles, token_positions
+from agrivlm.pipeline.bands import BandStats, fill_nodata, prepare_bands
 from agrivlm.pipeline.conversation import CHAT_TEMPLATE, Answer, answer_end_id, answer_segments
 from agrivlm.pipeline.frames import (
     Frames,
     FrameSamplingConfig,
-    ResizeMode,
     frame_time_positions,
     rescale_grid,
     resize_frames,
     sample_frames,
 )
-from agrivlm.pipeline.pooling import POOL_MODES, PoolMode, pooled_grid
+from agrivlm.pipeline.inputs import (
+    IGNORE_INDEX,
+    PIXEL_CRS,
+    AnyResConfig,
+    BandsConfig,
+    ChipBatch,
+    ChipGeography,
+    ChipInputConfig,
+    VisualItem,
+    chip_config_with_inputs,
+    num_visual_tokens,
+    visual_token_centres,
+    visual_token_grid,
+)
+from agrivlm.pipeline.pooling import POOL_MODES, PoolMode
 from agrivlm.remote_code import PROCESSOR_AUTO_MAP, write_remote_code
-
-if TYPE_CHECKING:  # the model package imports this module; import its tokenizer lazily
-    from agrivlm.model.tokenizer import TokenLayout
-
-#: Label value ignored by the loss (HF convention).
-IGNORE_INDEX = -100
-
-
-def visual_token_grid(height: int, width: int, patch_size: int, pool_stride: int) -> tuple[int, int]:
-    """The grid ``(h', w')`` of visual tokens of one ``height × width`` px frame: the single source of the count.
-
-    The vision encoder cuts the frame into ``(height / patch_size, width / patch_size)`` patches (both
-    must divide exactly, so that the patch grid covers the frame and LAPE's normalized positions mean
-    the same on the grid as on the chip); pooling with ``pool_stride`` gives
-    ``pooled_grid(height / p, width / p, stride)`` = ``ceil`` of each side over the stride.
-
-    Raises:
-        ValueError: a side that is not a multiple of ``patch_size``, naming what to change.
-    """
-    if height % patch_size or width % patch_size:
-        raise ValueError(
-            f"frames of {height}x{width} px are not a multiple of the vision encoder's patch size {patch_size}; "
-            f"use a chip size that is (e.g. {max(patch_size, height - height % patch_size)}) or resize the frames"
-        )
-    return pooled_grid(height // patch_size, width // patch_size, pool_stride)
-
-
-def num_visual_tokens(num_frames: int, height: int, width: int, patch_size: int, pool_stride: int) -> int:
-    """Visual tokens of one item of ``num_frames`` frames of ``height × width`` px: ``T · h' · w'``."""
-    h, w = visual_token_grid(height, width, patch_size, pool_stride)
-    return num_frames * h * w
-
-
-def visual_token_centres(height: int, width: int, patch_size: int, pool_stride: int,
-                         pool_mode: PoolMode = "average") -> FloatArray:
-    """``(h'·w', 2)`` normalized ``(u, v)`` of each visual token of one frame, in that frame's own ``[0, 1]²``.
-
-    The centres of the pooled cells of :func:`visual_token_grid` (row-major, the model's token order):
-    :func:`agrivlm.pipeline.anyres.cell_centres` on the ``(height / p, width / p)`` patch grid. For an item
-    that shows the whole chip (a plain chip, a thumbnail, a scale) these are chip positions; a tile's go
-    through :func:`agrivlm.pipeline.anyres.token_positions` instead.
-    """
-    visual_token_grid(height, width, patch_size, pool_stride)  # checks the size
-    u, v = cell_centres(height // patch_size, width // patch_size, pool_stride, pool_mode)
-    return np.stack([u, v], axis=1)
 
 
 def _as_item(x: Any, index: int) -> npt.NDArray[np.float32]:
@@ -121,263 +87,9 @@ def _as_item(x: Any, index: int) -> npt.NDArray[np.float32]:
     return arr
 
 
-# -- chip inputs: settings -----------------------------------------------------------------------------
-
-
-class BandsConfig(StrictModel):
-    """How :meth:`AgriVLMProcessor.from_chips` scales a chip's bands (:func:`~agrivlm.pipeline.bands.prepare_bands`)."""
-
-    #: Sensor preset key (:data:`agrivlm.pipeline.bands.PRESETS`): band count, scale, offset, nodata.
-    preset: str
-    #: Optional false-colour composite (:data:`agrivlm.pipeline.bands.COMPOSITES`); None keeps every band.
-    composite: str | None = None
-    #: Percentiles of the per-chip robust clip range (used when ``low``/``high`` are not set).
-    percentiles: tuple[float, float] = (2.0, 98.0)
-    #: Fixed, dataset-wide per-channel value mapped to 0 (with ``high``); None: each chip's own percentiles.
-    low: list[float] | None = None
-    #: Fixed per-channel value mapped to 1.
-    high: list[float] | None = None
-
-    @field_validator("preset")
-    @classmethod
-    def _known_preset(cls, v: str) -> str:
-        if v not in PRESETS:
-            raise ValueError(f"unknown sensor preset {v!r}; use one of {', '.join(PRESETS)}")
-        return v
-
-    @model_validator(mode="after")
-    def _consistent(self) -> BandsConfig:
-        if self.composite is not None:
-            if self.composite not in COMPOSITES:
-                raise ValueError(f"unknown composite {self.composite!r}; use one of {', '.join(COMPOSITES)}")
-            if self.composite not in available_composites(self.preset):
-                raise ValueError(f"preset {self.preset!r} cannot make composite {self.composite!r}; it supports "
-                                 f"{', '.join(available_composites(self.preset)) or 'none'}")
-        if (self.low is None) != (self.high is None):
-            raise ValueError("give both low and high (fixed stats) or neither (per-chip percentiles)")
-        if self.low is not None and self.high is not None and len(self.low) != len(self.high):
-            raise ValueError(f"low has {len(self.low)} values but high has {len(self.high)}")
-        lo_p, hi_p = self.percentiles
-        if not 0.0 <= lo_p < hi_p <= 100.0:
-            raise ValueError(f"percentiles must satisfy 0 ≤ lower < upper ≤ 100, got {self.percentiles}")
-        return self
-
-    def stats(self) -> BandStats | None:
-        """The fixed :class:`BandStats`, or None for per-chip percentiles."""
-        if self.low is None or self.high is None:
-            return None
-        return BandStats(np.asarray(self.low, dtype=np.float64), np.asarray(self.high, dtype=np.float64),
-                         self.percentiles)
-
-
-#: Multi-scale factors of a chip, e.g. ``[1.0, 0.5]`` (chip settings, stage configs, saved inputs).
-ScaleFactors = list[Annotated[float, Field(gt=0)]]
-
-
-class AnyResConfig(StrictModel):
-    """AnyRes tiling of :meth:`AgriVLMProcessor.from_chips` (:func:`~agrivlm.pipeline.anyres.anyres_tiles`)."""
-
-    #: Side of every tile (and the thumbnail) fed to the encoder, in px; a multiple of the patch size.
-    tile_size: Annotated[int, Field(ge=1)]
-    #: Most tiles (thumbnail not counted).
-    max_tiles: Annotated[int, Field(ge=1)] = 6
-    #: Fewest tiles.
-    min_tiles: Annotated[int, Field(ge=1)] = 1
-    #: Put the whole chip, resized to ``tile_size``, first (as LLaVA-NeXT does).
-    thumbnail: bool = True
-
-    @model_validator(mode="after")
-    def _range(self) -> AnyResConfig:
-        if self.min_tiles > self.max_tiles:
-            raise ValueError(f"min_tiles={self.min_tiles} is more than max_tiles={self.max_tiles}")
-        return self
-
-
-class ChipInputConfig(StrictModel):
-    """Everything :meth:`AgriVLMProcessor.from_chips` does to a chip; saved with the processor.
-
-    Exactly one layout: plain (one item per chip), ``anyres`` (thumbnail + tiles), or ``scales`` (one item per
-    scale factor).
-    """
-
-    #: Which dates become frames.
-    sampling: FrameSamplingConfig = Field(default_factory=FrameSamplingConfig)
-    #: Band scaling; None feeds the chip's values as they are (NaN still becomes ``fill_value``).
-    bands: BandsConfig | None = None
-    #: AnyRes tiling; None: no tiles.
-    anyres: AnyResConfig | None = None
-    #: Multi-scale: scale factors, e.g. ``[1.0, 0.75, 0.5]``; each scale's side is rounded to a multiple of
-    #: the patch size (at least one patch). None: one scale, the chip's own size.
-    scales: ScaleFactors | None = None
-    #: Plain and multi-scale: resize each chip to ``size × size`` px first (the geography follows exactly).
-    size: Annotated[int, Field(ge=1)] | None = None
-    #: Interpolation of every resize (NaN-aware, :func:`~agrivlm.pipeline.frames.resize_frames`).
-    resize_mode: ResizeMode = "bilinear"
-    #: Value that replaces no data (NaN) in the pixels fed to the encoder.
-    fill_value: float = 0.0
-
-    @model_validator(mode="after")
-    def _one_layout(self) -> ChipInputConfig:
-        check_item_layout(self.anyres, self.scales)
-        if self.anyres is not None and self.size is not None:
-            raise ValueError("size resizes plain and multi-scale chips; AnyRes tiles are anyres.tile_size px")
-        return self
-
-
-def check_item_layout(anyres: AnyResConfig | None, scales: Sequence[float] | None) -> None:
-    """The rule of every ``anyres`` / ``scales`` pair (chip settings, stage configs, saved inputs).
-
-    Raises:
-        ValueError: both are set, or ``scales`` is empty.
-    """
-    if anyres is not None and scales is not None:
-        raise ValueError("use either anyres or scales, not both")
-    if scales is not None and not scales:
-        raise ValueError("scales needs at least one factor (or null for one scale)")
-
-
-def item_layout(anyres: AnyResConfig | None, scales: Sequence[float] | None) -> ChipInputConfig | None:
-    """The layout of :meth:`AgriVLMProcessor.from_frames` for training's / a checkpoint's ``anyres`` and ``scales``.
-
-    None when both are None (one item per frame stack, :meth:`AgriVLMProcessor.__call__`).
-    """
-    if anyres is None and scales is None:
-        return None
-    return ChipInputConfig(anyres=anyres, scales=None if scales is None else [float(x) for x in scales])
-
-
-def chip_config_with_inputs(config: ChipInputConfig, inputs: Mapping[str, Any]) -> ChipInputConfig:
-    """``config`` with the frame sampling and band scaling of a checkpoint's input settings.
-
-    ``inputs`` is :class:`agrivlm.infer.config.InputConfig` as JSON (``agrivlm_inputs.yaml``, what ``agrivlm infer``
-    reads): its ``frames`` become ``sampling`` and its ``bands`` become ``bands`` (None when they name no preset),
-    so :meth:`AgriVLMProcessor.from_chips` picks and scales a chip's frames as ``agrivlm infer`` does. The other
-    keys (tiles, scales, resizing, fill value) stay as they are.
-
-    Raises:
-        ConfigError: ``frames`` or ``bands`` that are not valid settings (naming the key).
-    """
-    update: dict[str, Any] = {}
-    if inputs.get("frames") is not None:
-        update["sampling"] = parse_config(FrameSamplingConfig, dict(inputs["frames"]), "processor inputs.frames")
-    bands = dict(inputs.get("bands") or {})
-    update["bands"] = None
-    if bands.get("preset") is not None:
-        keep = {k: bands[k] for k in ("preset", "composite", "percentiles", "low", "high") if k in bands}
-        update["bands"] = parse_config(BandsConfig, keep, "processor inputs.bands")
-    return ChipInputConfig.model_validate({**config.model_dump(), **update})
-
-
 def _json_copy(data: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """A plain-JSON deep copy (tuples become lists, as they are once saved), or None."""
     return None if data is None else dict(json.loads(json.dumps(dict(data))))
-
-
-# -- chip inputs: what comes back ---------------------------------------------------------------------
-
-
-ItemKind = Literal["chip", "scale", "thumbnail", "tile"]
-
-
-#: A nominal CRS for the pixel frame of frames given without geography (:meth:`AgriVLMProcessor.from_frames`):
-#: only the affine pixel ↔ (u, v) arithmetic is used, never a reprojection.
-_PIXEL_CRS = CRS.from_epsg(3857)
-
-
-@dataclass(frozen=True)
-class VisualItem:
-    """Where one visual item (one row of ``pixel_values``) lies.
-
-    Attributes:
-        chip: index of its chip in :attr:`ChipBatch.chips`.
-        kind: ``"chip"`` (plain), ``"scale"``, ``"thumbnail"`` or ``"tile"``.
-        grid: the item's pixels as fed to the encoder: normalized ``(u, v)`` *of the item* → CRS with
-            ``grid.norm_to_crs(u, v)``.
-        chip_grid: the chip's grid.
-        window: the chip pixels it shows, on the chip's grid (the whole chip except for tiles).
-        token_grid: ``(h', w')`` visual tokens per frame (:func:`visual_token_grid`).
-        scale: the scale factor (``"scale"`` items; 1.0 otherwise).
-        tile: the :class:`~agrivlm.pipeline.anyres.Tile` of a thumbnail or tile, else None.
-    """
-
-    chip: int
-    kind: ItemKind
-    grid: GeoGrid
-    chip_grid: GeoGrid
-    window: Window
-    token_grid: tuple[int, int]
-    scale: float = 1.0
-    tile: Tile | None = None
-
-    @property
-    def num_tokens_per_frame(self) -> int:
-        """``h'·w'``."""
-        return self.token_grid[0] * self.token_grid[1]
-
-    def to_crs(self, u: npt.ArrayLike, v: npt.ArrayLike) -> tuple[FloatArray, FloatArray]:
-        """Normalized ``(u, v)`` of this item → CRS ``(x, y)``."""
-        return self.grid.norm_to_crs(u, v)
-
-    def to_chip(self, u: npt.ArrayLike, v: npt.ArrayLike) -> tuple[FloatArray, FloatArray]:
-        """Normalized ``(u, v)`` of this item → normalized ``(u, v)`` of the chip (via the CRS, as ``Tile.to_chip``)."""
-        return self.chip_grid.crs_to_norm(*self.grid.norm_to_crs(u, v))
-
-
-@dataclass(frozen=True)
-class ChipGeography:
-    """Where and when one chip of a batch is: what turns decoded positions into map coordinates and dates.
-
-    Positions the model reads and writes are the *chip's* normalized ``(u, v)`` (and ``t`` on ``time_axis``),
-    whatever the tiling: a tile's visual tokens carry chip positions.
-
-    Attributes:
-        chip_id: the chip's id.
-        sample: index of the prompt it belongs to.
-        grid: the chip's grid: decoded ``(u, v)`` → CRS with ``grid.norm_to_crs``.
-        time_axis: the range of the dates the frames were drawn from (the chip's usable dates, or the given
-            ``frame_indices``' dates — a record's frame dates), as training and ``agrivlm infer`` measure ``t``
-            (:func:`~agrivlm.pipeline.frames.frame_time_positions`); not the chosen frames' own range.
-        frame_dates: ``(T,)`` ``datetime64[us]`` acquisition time of each frame.
-        frame_indices: ``(T,)`` int64 index of each frame into the chip's date axis (``chip.times``).
-        frame_t: ``(T,)`` normalized time of each frame on ``time_axis`` (the ``frame_times`` row fed to the model).
-        items: rows of ``pixel_values`` (and of :attr:`ChipBatch.items`) that show this chip, in order.
-        grid_shape: ``(rows, cols)`` of AnyRes tiles, or None.
-        stats: the band normalisation used (per chip or fixed), or None without band scaling.
-    """
-
-    chip_id: str
-    sample: int
-    grid: GeoGrid
-    time_axis: TimeAxis
-    frame_dates: npt.NDArray[np.datetime64]
-    frame_indices: npt.NDArray[np.int64]
-    frame_t: FloatArray
-    items: tuple[int, ...]
-    grid_shape: tuple[int, int] | None = None
-    stats: BandStats | None = None
-
-    def to_crs(self, u: npt.ArrayLike, v: npt.ArrayLike) -> tuple[FloatArray, FloatArray]:
-        """Decoded chip-normalized ``(u, v)`` → CRS ``(x, y)``."""
-        return self.grid.norm_to_crs(u, v)
-
-    def to_dates(self, t: npt.ArrayLike) -> npt.NDArray[np.datetime64]:
-        """Decoded normalized ``t`` → dates (``datetime64[us]``)."""
-        return self.time_axis.from_norm(t)
-
-
-@dataclass(frozen=True)
-class ChipBatch:
-    """What :meth:`AgriVLMProcessor.from_chips` returns.
-
-    Attributes:
-        batch: the model inputs: ``model(**chip_batch.batch)`` / ``model.generate(**chip_batch.batch)``.
-        chips: one :class:`ChipGeography` per chip, in the order given.
-        items: one :class:`VisualItem` per row of ``pixel_values``.
-    """
-
-    batch: BatchFeature
-    chips: tuple[ChipGeography, ...]
-    items: tuple[VisualItem, ...]
 
 
 @dataclass(frozen=True)
@@ -436,7 +148,7 @@ class AgriVLMProcessor(ProcessorMixin):
         #: Default settings of :meth:`from_chips`, JSON-ready (saved in ``processor_config.json``); with
         #: :attr:`inputs`, its ``sampling`` and ``bands`` are theirs (:func:`chip_config_with_inputs`).
         self.chip_config: dict[str, Any] = cfg.model_dump(mode="json")
-        #: The checkpoint's input settings, :class:`agrivlm.infer.config.InputConfig` as JSON (chip grid, frames,
+        #: The checkpoint's input settings, :class:`agrivlm.pipeline.inputs.InputConfig` as JSON (chip grid, frames,
         #: bands, prompts), or None; ``agrivlm infer`` reads them when the folder has no ``agrivlm_inputs.yaml``.
         self.inputs: dict[str, Any] | None = None
         #: :meth:`BandStats.to_dict` of the training data's band normalisation (carried from stage to stage), or None.
@@ -460,7 +172,7 @@ class AgriVLMProcessor(ProcessorMixin):
         """Carry a trained checkpoint's input settings and band statistics (saved in ``processor_config.json``).
 
         Args:
-            inputs: :class:`agrivlm.infer.config.InputConfig` as JSON (``model_dump(mode="json")``), or None; its
+            inputs: :class:`agrivlm.pipeline.inputs.InputConfig` as JSON (``model_dump(mode="json")``), or None; its
                 ``frames`` and ``bands`` become :attr:`chip_config`'s ``sampling`` and ``bands``.
             band_stats: the training data's band normalisation, or None.
 
@@ -510,8 +222,6 @@ class AgriVLMProcessor(ProcessorMixin):
     @property
     def layout(self) -> TokenLayout:
         """Ids of the placeholders, control and position tokens in the tokenizer."""
-        from agrivlm.model.tokenizer import token_layout
-
         return token_layout(self.tokenizer, self.vocab)
 
     def _lape_token_mask(self, ids: npt.NDArray[np.int64], layout: TokenLayout) -> npt.NDArray[np.bool_]:
@@ -917,7 +627,7 @@ class AgriVLMProcessor(ProcessorMixin):
         for k, x in enumerate(stacks):
             h, w = int(x.shape[-2]), int(x.shape[-1])
             # the frames' own pixel frame: the items' (u, v) are fractions of it, as a record's positions are
-            grid = GeoGrid(Affine.identity(), _PIXEL_CRS, w, h)
+            grid = GeoGrid(Affine.identity(), PIXEL_CRS, w, h)
             px, pp, items, _ = self.layout_items(x, grid, layout, f"visual item {k}")
             pixels += px
             pos += pp
@@ -1055,19 +765,10 @@ class AgriVLMProcessor(ProcessorMixin):
         return self.tokenizer.decode(*args, **kwargs)  # type: ignore[no-any-return]
 
 
-def saved_processor_config(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The ``processor_config.json`` of a checkpoint folder as a dict (tokenizer not loaded), or None without one.
-
-    Raises:
-        ConfigError: the file is not a JSON object (naming it).
-    """
-    return read_json_mapping(Path(folder) / PROCESSOR_NAME)
 
 
-def _register_auto_processor() -> None:
+def register_auto_processor() -> None:
     """Let ``AutoProcessor.from_pretrained`` find this processor for agrivlm folders."""
     from transformers import AutoProcessor
-
-    from agrivlm.model.configuration import AgriVLMConfig
 
     AutoProcessor.register(AgriVLMConfig, AgriVLMProcessor)

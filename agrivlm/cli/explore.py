@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from agrivlm.cli_options import AssetsOpt, MaskAssetsOpt, split_list
+from agrivlm.cli.options import AssetsOpt, MaskAssetsOpt, split_list
 from agrivlm.default_checkpoint import resolve_model
 from agrivlm.explore.launch import launch, streamlit_command
 from agrivlm.explore.settings import ExploreSettings

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from agrivlm.cli_options import JsonFlag, print_json
+from agrivlm.cli.options import JsonFlag, print_json
 
 app = typer.Typer(
     name="eval",

@@ -1,0 +1,5 @@
+"""``python -m agrivlm.cli``: the ``agrivlm`` command."""
+
+from agrivlm.cli import main
+
+main()
