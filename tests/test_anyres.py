@@ -16,7 +16,7 @@ from agrivlm.errors import PipelineError
 from agrivlm.geo import Chip, ChipStream, open_stack
 from agrivlm.pipeline.anyres import (
     anyres_tiles,
-    cell_centres,
+    grid_centres,
     interpolate_position_table,
     resize_position_embeddings,
     select_grid,
@@ -160,11 +160,11 @@ def test_cell_centres_match_pooling_of_a_coordinate_field(h: int, w: int, s: int
     feats = torch.tensor(np.stack([(cols + 0.5) / w, (rows + 0.5) / h], axis=-1).reshape(1, h * w, 2),
                          dtype=torch.float64)
     pooled = pool_2d(feats, (h, w), s, mode)[0].numpy()  # type: ignore[arg-type]
-    u, v = cell_centres(h, w, s, mode)  # type: ignore[arg-type]
+    u, v = grid_centres(h, w, s, mode)  # type: ignore[arg-type]
     assert u.shape == (math.prod(pooled_grid(h, w, s)),)
     if mode == "max":
         # max of an increasing field is its last patch; the cell's centre is that of the patches it covers
-        avg_u, avg_v = cell_centres(h, w, s, "average")
+        avg_u, avg_v = grid_centres(h, w, s, "average")
         np.testing.assert_array_equal(u, avg_u)
         assert np.all(pooled[:, 0] >= u) and np.all(pooled[:, 1] >= v)
     else:

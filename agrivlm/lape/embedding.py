@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any, Literal, get_args
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from torch import nn
 
@@ -108,21 +110,28 @@ def token_transfer(table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor
     return table[lo] * (1 - r) + table[hi] * r
 
 
-def cell_centres(num_patches: int, stride: int, mode: str = "average") -> torch.Tensor:
+def axis_centres(num_patches: int, stride: int, mode: str = "average") -> npt.NDArray[np.float64]:
     """Normalized centres ``(n_cells,)`` of the cells :func:`agrivlm.pipeline.pooling.pool_2d` makes on one axis.
 
     ``num_patches`` patches span ``[0, 1]`` of the chip. Average/max pooling with ``ceil_mode`` makes
     cells ``[i*stride, min((i+1)*stride, num_patches))`` (the last may be partial), centred at
     ``(start + end) / 2 / num_patches``; bilinear resizing to ``ceil(num_patches / stride)`` cells puts
-    cell ``i`` at ``(i + 0.5) / n_cells``. With ``stride == 1`` the centres are the patches' centres.
+    cell ``i`` at ``(i + 0.5) / n_cells``. With ``stride == 1`` the centres are the patches' centres. The one
+    definition of where a visual token sits: the model's LAPE injection (:func:`cell_centres`) and the
+    processor's token positions (:func:`agrivlm.pipeline.anyres.grid_centres`) both read it.
     """
     n_cells = -(-num_patches // stride)
-    i = torch.arange(n_cells, dtype=torch.float64)
+    i = np.arange(n_cells, dtype=np.float64)
     if mode == "bilinear" and stride > 1:
-        return ((i + 0.5) / n_cells).to(torch.float32)
+        return (i + 0.5) / n_cells
     start = i * stride
-    end = torch.clamp((i + 1) * stride, max=num_patches)
-    return ((start + end) / 2 / num_patches).to(torch.float32)
+    end = np.minimum((i + 1) * stride, num_patches)
+    return (start + end) / 2 / num_patches
+
+
+def cell_centres(num_patches: int, stride: int, mode: str = "average") -> torch.Tensor:
+    """:func:`axis_centres` as a float32 tensor (the model's grid of injected positions)."""
+    return torch.from_numpy(axis_centres(num_patches, stride, mode)).to(torch.float32)
 
 
 def default_frame_times(num_frames: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ normalized ``(u, v)`` of that tile — maps to map coordinates with ``tile.grid.
 the chip with :meth:`AnyResTiles.to_chip`. Tiles are stretched to ``tile_size`` (not padded), which the
 grid choice keeps close to isotropic; the transform carries the stretch, so geography stays exact.
 
-Also here: the centres of patches and pooled cells (:func:`cell_centres`, matching
+Also here: the centres of patches and pooled cells (:func:`grid_centres`, matching
 :func:`agrivlm.pipeline.pooling.pool_2d` for every mode) and the interpolation of a SigLIP/CLIP vision
 encoder's position-embedding table to another input size (:func:`interpolate_position_table`,
 :func:`resize_position_embeddings`), the same computation as transformers' ``interpolate_pos_encoding``.
@@ -29,8 +29,9 @@ from torch import nn
 
 from agrivlm.errors import PipelineError
 from agrivlm.geo.coords import FloatArray, GeoGrid
+from agrivlm.lape.embedding import axis_centres
 from agrivlm.pipeline.frames import ResizeMode, as_frames_tensor, rescale_grid, resize_frames
-from agrivlm.pipeline.pooling import POOL_MODES, PoolMode, pooled_grid
+from agrivlm.pipeline.pooling import POOL_MODES, PoolMode
 
 # -- grid choice and tiles ---------------------------------------------------------------------------
 
@@ -177,7 +178,7 @@ def anyres_tiles(
 # -- centres of patches and pooled cells ---------------------------------------------------------------
 
 
-def cell_centres(h: int, w: int, stride: int = 1, mode: PoolMode = "average") -> tuple[FloatArray, FloatArray]:
+def grid_centres(h: int, w: int, stride: int = 1, mode: PoolMode = "average") -> tuple[FloatArray, FloatArray]:
     """Normalized ``(u, v)`` of each cell of :func:`~agrivlm.pipeline.pooling.pool_2d`'s output.
 
     ``(h, w)`` is the patch grid covering an image (a chip, a tile); ``stride = 1`` gives the patch
@@ -192,16 +193,7 @@ def cell_centres(h: int, w: int, stride: int = 1, mode: PoolMode = "average") ->
     """
     if mode not in POOL_MODES:
         raise PipelineError(f"pooling mode must be one of {POOL_MODES}, got {mode!r}")
-    oh, ow = pooled_grid(h, w, stride)
-
-    def axis(n: int, out: int) -> FloatArray:
-        k = np.arange(out, dtype=np.float64)
-        if mode == "bilinear" and stride > 1:
-            return (k + 0.5) / out
-        start, stop = k * stride, np.minimum((k + 1) * stride, n)
-        return (start + stop) / 2.0 / n
-
-    vv, uu = np.meshgrid(axis(h, oh), axis(w, ow), indexing="ij")
+    vv, uu = np.meshgrid(axis_centres(h, stride, mode), axis_centres(w, stride, mode), indexing="ij")
     return uu.ravel(), vv.ravel()
 
 
@@ -217,7 +209,7 @@ def token_positions(tiles: AnyResTiles, k: int, patch_grid: tuple[int, int], str
         ``(u, v)``, each ``(h'·w',)`` row-major, fractions of the *chip's* width and height.
 
     """
-    u, v = cell_centres(patch_grid[0], patch_grid[1], stride, mode)
+    u, v = grid_centres(patch_grid[0], patch_grid[1], stride, mode)
     return tiles.to_chip(k, u, v)
 
 

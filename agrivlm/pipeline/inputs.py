@@ -27,7 +27,7 @@ from rasterio.windows import Window
 from agrivlm.config import StrictModel, load_config, parse_config, read_json_mapping
 from agrivlm.geo.coords import FloatArray, GeoGrid, TimeAxis
 from agrivlm.lape.tokens import QuestionPositions
-from agrivlm.pipeline.anyres import Tile, cell_centres
+from agrivlm.pipeline.anyres import Tile, grid_centres
 from agrivlm.pipeline.bands import COMPOSITES, PRESETS, BandStats, available_composites
 from agrivlm.pipeline.focus import GrowthFocus, PointMarker
 from agrivlm.pipeline.frames import (
@@ -73,12 +73,12 @@ def visual_token_centres(height: int, width: int, patch_size: int, pool_stride: 
     """``(h'·w', 2)`` normalized ``(u, v)`` of each visual token of one frame, in that frame's own ``[0, 1]²``.
 
     The centres of the pooled cells of :func:`visual_token_grid` (row-major, the model's token order):
-    :func:`agrivlm.pipeline.anyres.cell_centres` on the ``(height / p, width / p)`` patch grid. For an item
+    :func:`agrivlm.pipeline.anyres.grid_centres` on the ``(height / p, width / p)`` patch grid. For an item
     that shows the whole chip (a plain chip, a thumbnail, a scale) these are chip positions; a tile's go
     through :func:`agrivlm.pipeline.anyres.token_positions` instead.
     """
     visual_token_grid(height, width, patch_size, pool_stride)  # checks the size
-    u, v = cell_centres(height // patch_size, width // patch_size, pool_stride, pool_mode)
+    u, v = grid_centres(height // patch_size, width // patch_size, pool_stride, pool_mode)
     return np.stack([u, v], axis=1)
 
 
