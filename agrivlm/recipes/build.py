@@ -52,7 +52,7 @@ from agrivlm.geo.dates import day_str, season_windows
 from agrivlm.geo.rasters import RasterPath, network_stamp
 from agrivlm.geo.stack import Stack, open_stack
 from agrivlm.io import atomic_dir, sha256_file
-from agrivlm.recipes.config import RecipeConfig, SceneSplitConfig, load_recipe
+from agrivlm.recipes.config import RecipeConfig, SceneSplitConfig, SourceConfig, load_recipe
 from agrivlm.recipes.context import ChipContext, ParcelInChip, RecordFactory, select_frames
 from agrivlm.recipes.families import builders
 from agrivlm.recipes.mixture import MixReport, max_unique, mix
@@ -198,19 +198,9 @@ def _bounds(b: Any) -> str:
     return "(" + ", ".join(f"{float(v):.0f}" for v in b) + ")"
 
 
-def prepare(cfg: RecipeConfig, base_dir: Path, progress: bool = True, origin: ResolvedSource | None = None) -> Prepared:
-    """Open a source, cut and split the chip grid, scan the stack, derive phenology, clip parcels.
-
-    ``origin`` is one of :func:`~agrivlm.recipes.sources.resolve_sources`; without it the recipe must have
-    exactly one source.
-    """
-    if origin is None:
-        resolved = resolve_sources(cfg, base_dir)
-        if len(resolved) != 1:
-            raise ConfigError(f"recipe {cfg.name}: {len(resolved)} sources; prepare each (prepare_all)")
-        origin = resolved[0]
-    src = origin.source
-    stack = open_stack(
+def _open_source_stack(src: SourceConfig, base_dir: Path) -> Stack:
+    """The source's stack (and its masks), opened as the recipe specifies them."""
+    return open_stack(
         resolve_spec(src.stack, base_dir),
         masks=resolve_spec(src.masks, base_dir) if src.masks else None,
         same_day=src.same_day,
@@ -218,7 +208,10 @@ def prepare(cfg: RecipeConfig, base_dir: Path, progress: bool = True, origin: Re
         mask_assets=src.mask_assets,
         mask_values=src.mask_values,
     )
-    index = IndexSpec.from_config(stack.band_names, src.band, src.normalized_difference)
+
+
+def _load_source_parcels(src: SourceConfig, base_dir: Path, stack: Stack) -> tuple[gpd.GeoDataFrame, dict[str, int]]:
+    """The source's parcels in the stack's CRS; an error when none of them lies on the stack."""
     parcels, counts = load_parcels(
         src.parcels, base_dir, stack.crs, layer=src.parcel_layer, id_column=src.id_column,
         class_column=src.class_column, class_names=src.class_names,
@@ -229,29 +222,24 @@ def prepare(cfg: RecipeConfig, base_dir: Path, progress: bool = True, origin: Re
             f"has {len(parcels)} parcels, none on the stack (parcels {_bounds(parcels.total_bounds)}, stack "
             f"{_bounds(footprint.bounds)} in {stack.crs}); check the layer's CRS")
         raise ConfigError(f"{src.parcels}: {what}: every answer would be 'no fields'")
-    t, _, h, w = stack.shape
-    windows = chip_windows(h, w, cfg.chips.size, cfg.chips.stride, cfg.chips.edge)
-    if origin.split is not None:
-        assignment = fixed_split(windows, origin.split)
-    else:
-        assignment = assign_splits(
-            windows, h, w, cfg.split.block_px, cfg.split.buffer_px,
-            {str(k): v for k, v in cfg.split.fractions.items()}, cfg.split.seed,
-        )
-    kept = sorted(assignment.chip_split)
-    scan = scan_stack(
-        stack, index, [windows[i] for i in kept], list(parcels.geometry), cfg.phenology.tile_px, progress
-    )
-    phen = cfg.phenology
-    if origin.season_start is not None and origin.season_start != phen.season_start:
-        phen = phen.model_copy(update={"season_start": origin.season_start})
-    phenology = analyse_parcels(scan, parcels, phen)
-    truth = load_growth_truth(phenology, origin.labels, base_dir)
-    days = to_days(stack.times)
+    return parcels, counts
 
+
+def _assign(cfg: RecipeConfig, origin: ResolvedSource, windows: list[Window], h: int, w: int) -> SplitAssignment:
+    """The split of every chip: the source's own split when it is dealt whole, else geographic blocks."""
+    if origin.split is not None:
+        return fixed_split(windows, origin.split)
+    return assign_splits(
+        windows, h, w, cfg.split.block_px, cfg.split.buffer_px,
+        {str(k): v for k, v in cfg.split.fractions.items()}, cfg.split.seed,
+    )
+
+
+def _record_factory(cfg: RecipeConfig, src: SourceConfig, base_dir: Path, stack: Stack) -> RecordFactory:
+    """The factory of the source's records: the stack's files, dates and bands as records name them."""
     data_root = _spec_root(resolve_spec(src.stack, base_dir))
     mask_root = _spec_root(resolve_spec(src.masks, base_dir)) if src.masks else None
-    factory = RecordFactory(
+    return RecordFactory(
         recipe=cfg.name,
         seed=cfg.seed,
         data_spec=portable_spec(src.stack, base_dir),
@@ -268,28 +256,67 @@ def prepare(cfg: RecipeConfig, base_dir: Path, progress: bool = True, origin: Re
         mask_assets=src.mask_assets,
         mask_values=src.mask_values,
     )
-    state = BuildState(
-        seed=cfg.seed, factory=factory, scan=scan, truth=truth, phenology=phen, days=days,
-        seasons=season_windows(float(days.min()), float(days.max()), phen.season_start),
-    )
-    _check_labels_meet_stack(truth, origin, base_dir, stack.times, [s[0] for s in state.seasons], phen.season_start)
-    prep = Prepared(cfg, base_dir, stack, parcels, counts, windows, assignment, scan, phenology, state, origin=origin)
 
-    c = cfg.chips
+
+def _add_chips(prep: Prepared, kept: list[int]) -> None:
+    """Append the kept chips to ``prep`` (parcels clipped to each) and select their frames, overall and per season.
+
+    ``kept`` holds the indices into ``prep.windows`` in scan order (column ``k`` of the scan's clear fractions).
+    """
+    c, state, days = prep.cfg.chips, prep.state, prep.state.days
     for k, i in enumerate(kept):
-        win = windows[i]
-        cid = source_chip_id(origin, win)
+        win = prep.windows[i]
+        cid = source_chip_id(prep.origin, win)
         chip = ChipContext(
-            chip_id=cid, window=win, grid=stack.grid.subgrid(win), split=assignment.chip_split[i],
-            clear=scan.chip_clear[:, k],
+            chip_id=cid, window=win, grid=prep.stack.grid.subgrid(win), split=prep.assignment.chip_split[i],
+            clear=prep.scan.chip_clear[:, k],
         )
-        chip.parcels = _clip_parcels(chip, parcels)
+        chip.parcels = _clip_parcels(chip, prep.parcels)
         state.frames_all[cid] = select_frames(days, chip.clear, c.min_clear, c.max_frames, c.min_frames)
         for label, start, end in state.seasons:
             state.frames_season[(cid, label)] = select_frames(
                 days, chip.clear, c.min_clear, c.max_frames, c.min_frames, span=(start, end)
             )
         prep.chips.append(chip)
+
+
+def prepare(cfg: RecipeConfig, base_dir: Path, progress: bool = True, origin: ResolvedSource | None = None) -> Prepared:
+    """Open a source, cut and split the chip grid, scan the stack, derive phenology, clip parcels.
+
+    ``origin`` is one of :func:`~agrivlm.recipes.sources.resolve_sources`; without it the recipe must have
+    exactly one source.
+    """
+    if origin is None:
+        resolved = resolve_sources(cfg, base_dir)
+        if len(resolved) != 1:
+            raise ConfigError(f"recipe {cfg.name}: {len(resolved)} sources; prepare each (prepare_all)")
+        origin = resolved[0]
+    src = origin.source
+    stack = _open_source_stack(src, base_dir)
+    index = IndexSpec.from_config(stack.band_names, src.band, src.normalized_difference)
+    parcels, counts = _load_source_parcels(src, base_dir, stack)
+    t, _, h, w = stack.shape
+    windows = chip_windows(h, w, cfg.chips.size, cfg.chips.stride, cfg.chips.edge)
+    assignment = _assign(cfg, origin, windows, h, w)
+    kept = sorted(assignment.chip_split)
+    scan = scan_stack(
+        stack, index, [windows[i] for i in kept], list(parcels.geometry), cfg.phenology.tile_px, progress
+    )
+    phen = cfg.phenology
+    if origin.season_start is not None and origin.season_start != phen.season_start:
+        phen = phen.model_copy(update={"season_start": origin.season_start})
+    phenology = analyse_parcels(scan, parcels, phen)
+    truth = load_growth_truth(phenology, origin.labels, base_dir)
+    days = to_days(stack.times)
+
+    factory = _record_factory(cfg, src, base_dir, stack)
+    state = BuildState(
+        seed=cfg.seed, factory=factory, scan=scan, truth=truth, phenology=phen, days=days,
+        seasons=season_windows(float(days.min()), float(days.max()), phen.season_start),
+    )
+    _check_labels_meet_stack(truth, origin, base_dir, stack.times, [s[0] for s in state.seasons], phen.season_start)
+    prep = Prepared(cfg, base_dir, stack, parcels, counts, windows, assignment, scan, phenology, state, origin=origin)
+    _add_chips(prep, kept)
     return prep
 
 
@@ -527,6 +554,85 @@ def _block_ids(prep: Prepared) -> dict[str, str]:
     return {f"{prefix}{r}_{c}": s for (r, c), s in sorted(prep.assignment.blocks.items())}
 
 
+def _write_shards(arranged: dict[str, list[Record]], out_dir: Path, shard_size: int) -> list[dict[str, Any]]:
+    """Each split's records as ``shards/SPLIT-NNNNN.jsonl`` of ``shard_size`` records; the manifest's shard entries."""
+    shard_dir = out_dir / "shards"
+    shard_dir.mkdir(parents=True)
+    shards = []
+    for split in SPLITS:
+        recs = arranged[split]
+        for k in range(0, max(len(recs), 1), shard_size):
+            chunk = recs[k:k + shard_size]
+            if not chunk:
+                continue
+            path = shard_dir / f"{split}-{k // shard_size:05d}.jsonl"
+            write_records(path, chunk)
+            shards.append({"path": str(path.relative_to(out_dir)), "split": split, "records": len(chunk),
+                           "sha256": sha256_file(path)})
+    return shards
+
+
+def _counts(
+    pools: dict[str, list[Record]], arranged: dict[str, list[Record]]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The manifest's ``counts`` (per split, family, task and pool) and the split of every record written."""
+    by_family: dict[str, dict[str, int]] = {}
+    by_task: dict[str, dict[str, int]] = {}
+    record_split: dict[str, str] = {}
+    for split in SPLITS:
+        for r in arranged[split]:
+            by_family.setdefault(r.family, dict.fromkeys(SPLITS, 0))[split] += 1
+            by_task.setdefault(f"{r.family}/{r.task}", dict.fromkeys(SPLITS, 0))[split] += 1
+            record_split[r.sample_id] = split
+    pool_counts = {
+        fam: {split: sum(1 for r in recs if r.split == split) for split in SPLITS} for fam, recs in pools.items()
+    }
+    counts = {
+        "records": {s: len(arranged[s]) for s in SPLITS},
+        "unique_records": len(record_split),
+        "by_family": dict(sorted(by_family.items())),
+        "by_task": dict(sorted(by_task.items())),
+        "pools": pool_counts,
+    }
+    return counts, record_split
+
+
+def _chips_manifest(preps: Sequence[Prepared]) -> dict[str, Any]:
+    """The manifest's ``chips``: grid and kept counts, buffer exclusions, chips per split, windows, frameless chips."""
+    chips = [c for p in preps for c in p.chips]
+    return {
+        "grid": sum(len(p.windows) for p in preps),
+        "kept": len(chips),
+        "excluded_buffer": sorted(source_chip_id(p.origin, p.windows[i]) for p in preps
+                                  for i in p.assignment.excluded),
+        "by_split": {s: sorted(c.chip_id for c in chips if c.split == s) for s in SPLITS},
+        "windows": {c.chip_id: [int(c.window.col_off), int(c.window.row_off), int(c.window.width),
+                                int(c.window.height)] for c in chips},
+        "without_frames": sorted(cid for p in preps for cid, fr in p.state.frames_all.items() if not fr),
+    }
+
+
+def _source_entries(
+    preps: Sequence[Prepared], stacks: list[dict[str, Any]], files: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The manifest's ``sources`` of a ``sources:`` recipe: one entry per source, with its own summaries and files."""
+    return [
+        {"name": p.source.name, "entry": p.source.group, "weight": p.source.weight,
+         "split": p.source.split or "blocks", "scene": p.source.scene, "files": _sources_manifest(p),
+         "stack": stack, "parcels": _parcel_summary(p), "chips": len(p.chips),
+         "phenology": _phenology_summary([p]), **f}
+        for p, stack, f in zip(preps, stacks, files, strict=True)
+    ]
+
+
+def _stacks_total(stacks: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest's ``stack`` of a ``sources:`` recipe: how many sources and dates, the first and last date."""
+    return {
+        "sources": len(stacks), "n_dates": sum(st["n_dates"] for st in stacks),
+        "first_date": min(st["first_date"] for st in stacks), "last_date": max(st["last_date"] for st in stacks),
+    }
+
+
 def write_outputs(
     prep: Prepared | Sequence[Prepared],
     pools: dict[str, list[Record]],
@@ -542,36 +648,10 @@ def write_outputs(
     """
     preps = [prep] if isinstance(prep, Prepared) else list(prep)
     cfg = preps[0].cfg
-    shard_dir = out_dir / "shards"
-    shard_dir.mkdir(parents=True)
-    shards = []
-    for split in SPLITS:
-        recs = arranged[split]
-        for k in range(0, max(len(recs), 1), cfg.output.shard_size):
-            chunk = recs[k:k + cfg.output.shard_size]
-            if not chunk:
-                continue
-            path = shard_dir / f"{split}-{k // cfg.output.shard_size:05d}.jsonl"
-            write_records(path, chunk)
-            shards.append({"path": str(path.relative_to(out_dir)), "split": split, "records": len(chunk),
-                           "sha256": sha256_file(path)})
-
+    shards = _write_shards(arranged, out_dir, cfg.output.shard_size)
     single = cfg.source is not None
     files = [_write_source_files(p, out_dir, "" if single else str(p.source.name)) for p in preps]
-
-    by_family: dict[str, dict[str, int]] = {}
-    by_task: dict[str, dict[str, int]] = {}
-    record_split: dict[str, str] = {}
-    for split in SPLITS:
-        for r in arranged[split]:
-            by_family.setdefault(r.family, dict.fromkeys(SPLITS, 0))[split] += 1
-            by_task.setdefault(f"{r.family}/{r.task}", dict.fromkeys(SPLITS, 0))[split] += 1
-            record_split[r.sample_id] = split
-    pool_counts = {
-        fam: {split: sum(1 for r in recs if r.split == split) for split in SPLITS} for fam, recs in pools.items()
-    }
-    chips = [c for p in preps for c in p.chips]
-    chips_by_split = {s: sorted(c.chip_id for c in chips if c.split == s) for s in SPLITS}
+    counts, record_split = _counts(pools, arranged)
     stacks = [_stack_summary(p) for p in preps]
     parcel_counts: Counter[str] = Counter()
     for p in preps:
@@ -584,36 +664,12 @@ def write_outputs(
         "config": cfg.model_dump(mode="json"),
         "same_day": cfg.same_day,
         "seeds": {"recipe": cfg.seed, "split": cfg.split.seed},
-        "sources": _sources_manifest(preps[0]) if single else [
-            {"name": p.source.name, "entry": p.source.group, "weight": p.source.weight,
-             "split": p.source.split or "blocks", "scene": p.source.scene, "files": _sources_manifest(p),
-             "stack": stack, "parcels": _parcel_summary(p), "chips": len(p.chips),
-             "phenology": _phenology_summary([p]), **f}
-            for p, stack, f in zip(preps, stacks, files, strict=True)
-        ],
-        "stack": stacks[0] if single else {
-            "sources": len(preps), "n_dates": sum(st["n_dates"] for st in stacks),
-            "first_date": min(st["first_date"] for st in stacks), "last_date": max(st["last_date"] for st in stacks),
-        },
+        "sources": _sources_manifest(preps[0]) if single else _source_entries(preps, stacks, files),
+        "stack": stacks[0] if single else _stacks_total(stacks),
         "parcels": dict(parcel_counts),
-        "chips": {
-            "grid": sum(len(p.windows) for p in preps),
-            "kept": len(chips),
-            "excluded_buffer": sorted(source_chip_id(p.origin, p.windows[i]) for p in preps
-                                      for i in p.assignment.excluded),
-            "by_split": chips_by_split,
-            "windows": {c.chip_id: [int(c.window.col_off), int(c.window.row_off), int(c.window.width),
-                                    int(c.window.height)] for c in chips},
-            "without_frames": sorted(cid for p in preps for cid, fr in p.state.frames_all.items() if not fr),
-        },
+        "chips": _chips_manifest(preps),
         "split": {"blocks": {k: v for p in preps for k, v in _block_ids(p).items()}},
-        "counts": {
-            "records": {s: len(arranged[s]) for s in SPLITS},
-            "unique_records": len(record_split),
-            "by_family": dict(sorted(by_family.items())),
-            "by_task": dict(sorted(by_task.items())),
-            "pools": pool_counts,
-        },
+        "counts": counts,
         "mixture": {s: rep.as_dict() for s, rep in reports.items()} if reports else None,
         "phenology": _phenology_summary(preps),
         "shards": shards,

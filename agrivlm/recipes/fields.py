@@ -113,6 +113,11 @@ def _meta(parcels: list[ParcelInChip], n_slivers: int) -> dict[str, object]:
     }
 
 
+def _rng(state: BuildState, chip: ChipContext, task: str, subject: str = "") -> np.random.Generator:
+    """The generator of one task (and subject) of one chip: draws never depend on what else is asked."""
+    return rng_for(state.seed, FAMILY, chip.chip_id, task, subject)
+
+
 def build_field_boundaries(state: BuildState, chip: ChipContext, cfg: FieldBoundariesConfig) -> list[Record]:
     """The field-boundary records of one chip (frames: the chip's clear dates over the whole stack)."""
     frames = state.frames_all.get(chip.chip_id)
@@ -122,53 +127,15 @@ def build_field_boundaries(state: BuildState, chip: ChipContext, cfg: FieldBound
     visible = [p for p in chip.parcels if p.area_px >= cfg.min_area_px]
     n_slivers = len(chip.parcels) - len(visible)
     fields = [p for p in visible if cfg.field_classes is None or p.cls in cfg.field_classes]
-    out: list[Record] = []
-
-    def rng(task: str, subject: str = "") -> np.random.Generator:
-        return rng_for(state.seed, FAMILY, chip.chip_id, task, subject)
-
-    as_polygon = cfg.outline_as == "polygon"
-    if "outline_fields" in cfg.tasks and len(fields) <= cfg.max_objects:
-        r = rng("outline_fields")
-        answer, positions = outline_answer(chip, fields, "field", cfg) if fields else (NO_FIELDS_ANSWER, {})
-        out.append(f.record(chip, frames, FAMILY, "outline_fields", "all", [
-            user(pick(r, _Q_FIELDS_POLYGON if as_polygon else _Q_FIELDS)),
-            assistant(answer, **positions),
-        ], {**_meta(fields, n_slivers), "outline_as": cfg.outline_as}))
-    if "outline_parcels" in cfg.tasks and visible and len(visible) <= cfg.max_objects:
-        r = rng("outline_parcels")
-        answer, positions = outline_answer(chip, visible, "parcel", cfg)
-        out.append(f.record(chip, frames, FAMILY, "outline_parcels", "all", [
-            user(pick(r, _Q_PARCELS_POLYGON if as_polygon else _Q_PARCELS)),
-            assistant(answer, **positions),
-        ], {**_meta(visible, n_slivers), "outline_as": cfg.outline_as}))
+    out = _outline_records(state, chip, frames, fields, visible, n_slivers, cfg)
     if "largest_of_class" in cfg.tasks:
-        for cls in sorted({p.cls for p in visible if p.cls != UNKNOWN_CLASS}):
-            ranked = sorted((p for p in visible if p.cls == cls), key=lambda p: -p.area_px)
-            if len(ranked) > 1 and ranked[0].area_px < cfg.unique_margin * ranked[1].area_px:
-                continue  # no clear winner
-            top = ranked[0]
-            r = rng("largest_of_class", cls)
-            out.append(f.record(chip, frames, FAMILY, "largest_of_class", cls.replace(" ", "_"), [
-                user(pick(r, _Q_LARGEST).format(cls=cls)),
-                assistant("{box:0}" + (" (partly outside the image)" if top.cut else ""), boxes=[top.box]),
-            ], {**_meta([top], n_slivers), "class": cls, "n_of_class": len(ranked)}))
+        out.extend(_largest_records(state, chip, frames, visible, n_slivers, cfg))
     if "trace_outline" in cfg.tasks:
-        for p in visible:
-            if p.area_px < cfg.trace_min_area_px:
-                continue
-            ring = norm_ring(chip.grid, p.geom, cfg.max_vertices, chip.pixel_size)
-            if len(ring) < 3:
-                continue
-            r = rng("trace_outline", p.field_id)
-            out.append(f.record(chip, frames, FAMILY, "trace_outline", p.field_id, [
-                user(pick(r, _Q_TRACE).format(name=parcel_name(p.cls)), boxes=[p.box]),
-                assistant("{polygon:0}", polygons=[ring]),
-            ], {**_meta([p], n_slivers), "n_vertices": len(ring)}))
+        out.extend(_trace_records(state, chip, frames, visible, n_slivers, cfg))
     if "field_at_point" in cfg.tasks:
         out.extend(_field_at_point(state, chip, frames, fields, cfg))
     if "count_fields" in cfg.tasks:
-        r = rng("count_fields")
+        r = _rng(state, chip, "count_fields")
         n = len(fields)
         out.append(f.record(chip, frames, FAMILY, "count_fields", "all", [
             user(pick(r, _Q_COUNT)),
@@ -177,7 +144,7 @@ def build_field_boundaries(state: BuildState, chip: ChipContext, cfg: FieldBound
     if "edge_fields" in cfg.tasks and fields:
         cut = [p for p in fields if p.cut]
         if len(cut) <= cfg.max_objects:
-            r = rng("edge_fields")
+            r = _rng(state, chip, "edge_fields")
             answer = _listing(cut, "field").replace(" (partly outside the image)", "") if cut else (
                 "None; every field lies fully inside the image."
             )
@@ -185,6 +152,70 @@ def build_field_boundaries(state: BuildState, chip: ChipContext, cfg: FieldBound
                 user(pick(r, _Q_EDGE)),
                 assistant(answer, boxes=[p.box for p in cut]),
             ], _meta(cut, n_slivers)))
+    return out
+
+
+def _outline_records(
+    state: BuildState, chip: ChipContext, frames: list[int], fields: list[ParcelInChip], visible: list[ParcelInChip],
+    n_slivers: int, cfg: FieldBoundariesConfig,
+) -> list[Record]:
+    """The listings: ``outline_fields`` (every field, or none) and ``outline_parcels`` (every visible parcel)."""
+    f = state.factory
+    out: list[Record] = []
+    as_polygon = cfg.outline_as == "polygon"
+    if "outline_fields" in cfg.tasks and len(fields) <= cfg.max_objects:
+        r = _rng(state, chip, "outline_fields")
+        answer, positions = outline_answer(chip, fields, "field", cfg) if fields else (NO_FIELDS_ANSWER, {})
+        out.append(f.record(chip, frames, FAMILY, "outline_fields", "all", [
+            user(pick(r, _Q_FIELDS_POLYGON if as_polygon else _Q_FIELDS)),
+            assistant(answer, **positions),
+        ], {**_meta(fields, n_slivers), "outline_as": cfg.outline_as}))
+    if "outline_parcels" in cfg.tasks and visible and len(visible) <= cfg.max_objects:
+        r = _rng(state, chip, "outline_parcels")
+        answer, positions = outline_answer(chip, visible, "parcel", cfg)
+        out.append(f.record(chip, frames, FAMILY, "outline_parcels", "all", [
+            user(pick(r, _Q_PARCELS_POLYGON if as_polygon else _Q_PARCELS)),
+            assistant(answer, **positions),
+        ], {**_meta(visible, n_slivers), "outline_as": cfg.outline_as}))
+    return out
+
+
+def _largest_records(
+    state: BuildState, chip: ChipContext, frames: list[int], visible: list[ParcelInChip], n_slivers: int,
+    cfg: FieldBoundariesConfig,
+) -> list[Record]:
+    """``largest_of_class``: the box of the largest visible parcel of each class, when it wins by ``unique_margin``."""
+    out: list[Record] = []
+    for cls in sorted({p.cls for p in visible if p.cls != UNKNOWN_CLASS}):
+        ranked = sorted((p for p in visible if p.cls == cls), key=lambda p: -p.area_px)
+        if len(ranked) > 1 and ranked[0].area_px < cfg.unique_margin * ranked[1].area_px:
+            continue  # no clear winner
+        top = ranked[0]
+        r = _rng(state, chip, "largest_of_class", cls)
+        out.append(state.factory.record(chip, frames, FAMILY, "largest_of_class", cls.replace(" ", "_"), [
+            user(pick(r, _Q_LARGEST).format(cls=cls)),
+            assistant("{box:0}" + (" (partly outside the image)" if top.cut else ""), boxes=[top.box]),
+        ], {**_meta([top], n_slivers), "class": cls, "n_of_class": len(ranked)}))
+    return out
+
+
+def _trace_records(
+    state: BuildState, chip: ChipContext, frames: list[int], visible: list[ParcelInChip], n_slivers: int,
+    cfg: FieldBoundariesConfig,
+) -> list[Record]:
+    """``trace_outline``: the outline of each visible parcel of at least ``trace_min_area_px`` pixels."""
+    out: list[Record] = []
+    for p in visible:
+        if p.area_px < cfg.trace_min_area_px:
+            continue
+        ring = norm_ring(chip.grid, p.geom, cfg.max_vertices, chip.pixel_size)
+        if len(ring) < 3:
+            continue
+        r = _rng(state, chip, "trace_outline", p.field_id)
+        out.append(state.factory.record(chip, frames, FAMILY, "trace_outline", p.field_id, [
+            user(pick(r, _Q_TRACE).format(name=parcel_name(p.cls)), boxes=[p.box]),
+            assistant("{polygon:0}", polygons=[ring]),
+        ], {**_meta([p], n_slivers), "n_vertices": len(ring)}))
     return out
 
 

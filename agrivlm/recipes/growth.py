@@ -106,9 +106,36 @@ def _timeline_record(state: BuildState, chip: ChipContext, p: ParcelInChip, seas
 def _field_records(
     state: BuildState, chip: ChipContext, p: ParcelInChip, season: str, frames: list[int], cfg: GrowthStagesConfig
 ) -> list[Record]:
+    """Every growth-stage record of one field in one season (frames: the chip's clear dates of that season)."""
     f = state.factory
     name = parcel_name(p.cls)
     base_meta: dict[str, object] = {"field_id": p.field_id, "class": p.cls, "season": season, "cut": p.cut}
+    out = _key_date_records(state, chip, p, season, frames, cfg, base_meta)
+    derived = state.truth.derived_season(p.field_id, season)
+    if "season_segment" in cfg.tasks and derived is not None:
+        t1, t2 = f.norm_time(frames, derived.sos), f.norm_time(frames, derived.eos)
+        if t1 is not None and t2 is not None:
+            r = rng_for(state.seed, FAMILY, chip.chip_id, "season_segment", p.field_id, season)
+            out.append(f.record(chip, frames, FAMILY, "season_segment", f"{p.field_id}:{season}", [
+                user(pick(r, _Q_SEGMENT).format(name=name), boxes=[p.box]),
+                assistant("From {segment:0}.", segments=[(t1, t2)]),
+            ], {**base_meta, "start": iso_day(derived.sos), "end": iso_day(derived.eos), "source": "derived"}))
+    if "stage_timeline" in cfg.tasks:
+        rec = _timeline_record(state, chip, p, season, frames, base_meta)
+        if rec is not None:
+            out.append(rec)
+    if "stage_on_date" in cfg.tasks and cfg.stage_questions > 0:
+        out.extend(_stage_on_date_records(state, chip, p, season, frames, cfg, base_meta))
+    return out
+
+
+def _key_date_records(
+    state: BuildState, chip: ChipContext, p: ParcelInChip, season: str, frames: list[int], cfg: GrowthStagesConfig,
+    base_meta: dict[str, object],
+) -> list[Record]:
+    """The key-date questions (green-up, peak, senescence) of one field and season, from labels or derived dates."""
+    f = state.factory
+    name = parcel_name(p.cls)
     out: list[Record] = []
     cycle: str | None = season
     if p.field_id in state.truth.key_date_fields:
@@ -129,48 +156,45 @@ def _field_records(
             user(pick(r, questions).format(name=name), boxes=[p.box]),
             assistant(answer, times=[t]),
         ], {**base_meta, "season": cycle, "date": iso_day(day), "source": source}))
-    derived = state.truth.derived_season(p.field_id, season)
-    if "season_segment" in cfg.tasks and derived is not None:
-        t1, t2 = f.norm_time(frames, derived.sos), f.norm_time(frames, derived.eos)
-        if t1 is not None and t2 is not None:
-            r = rng_for(state.seed, FAMILY, chip.chip_id, "season_segment", p.field_id, season)
-            out.append(f.record(chip, frames, FAMILY, "season_segment", f"{p.field_id}:{season}", [
-                user(pick(r, _Q_SEGMENT).format(name=name), boxes=[p.box]),
-                assistant("From {segment:0}.", segments=[(t1, t2)]),
-            ], {**base_meta, "start": iso_day(derived.sos), "end": iso_day(derived.eos), "source": "derived"}))
-    if "stage_timeline" in cfg.tasks:
-        rec = _timeline_record(state, chip, p, season, frames, base_meta)
-        if rec is not None:
-            out.append(rec)
-    if "stage_on_date" in cfg.tasks and cfg.stage_questions > 0:
-        cands = []
-        for i in _clear_dates(state, p.row, frames):
-            stage, source = state.truth.stage(p.field_id, state.factory.times[i])
-            if stage is not None:
-                cands.append((i, stage, source))
-        if cands:
-            r = rng_for(state.seed, FAMILY, chip.chip_id, "stage_on_date", p.field_id, season)
-            # rarer stages are drawn more often, so the answers are not mostly "dormant"
-            counts: dict[str, int] = {}
-            for _, stage, _ in cands:
-                counts[stage] = counts.get(stage, 0) + 1
-            weights = np.array([1.0 / counts[stage] for _, stage, _ in cands])
-            k = min(cfg.stage_questions, len(cands))
-            chosen = sorted(r.choice(len(cands), size=k, replace=False, p=weights / weights.sum()))
-            for j in chosen:
-                i, stage, source = cands[int(j)]
-                when = state.factory.times[i]
-                on = day_str(when)
-                t = f.norm_time(frames, when)
-                if t is None:
-                    continue
-                if r.random() < 0.5:
-                    question = user(pick(r, _Q_STAGE_TOKEN).format(name=name), boxes=[p.box], times=[t])
-                else:
-                    question = user(pick(r, _Q_STAGE_DATE).format(name=name, date=on), boxes=[p.box])
-                out.append(f.record(chip, frames, FAMILY, "stage_on_date", f"{p.field_id}:{when}", [
-                    question, assistant(stage),
-                ], {**base_meta, "date": on, "stage": stage, "source": source, "frame": frames.index(i)}))
+    return out
+
+
+def _stage_on_date_records(
+    state: BuildState, chip: ChipContext, p: ParcelInChip, season: str, frames: list[int], cfg: GrowthStagesConfig,
+    base_meta: dict[str, object],
+) -> list[Record]:
+    """Up to ``cfg.stage_questions`` "which stage on this date" questions, on dates the field is clear."""
+    f = state.factory
+    name = parcel_name(p.cls)
+    out: list[Record] = []
+    cands = []
+    for i in _clear_dates(state, p.row, frames):
+        stage, source = state.truth.stage(p.field_id, state.factory.times[i])
+        if stage is not None:
+            cands.append((i, stage, source))
+    if cands:
+        r = rng_for(state.seed, FAMILY, chip.chip_id, "stage_on_date", p.field_id, season)
+        # rarer stages are drawn more often, so the answers are not mostly "dormant"
+        counts: dict[str, int] = {}
+        for _, stage, _ in cands:
+            counts[stage] = counts.get(stage, 0) + 1
+        weights = np.array([1.0 / counts[stage] for _, stage, _ in cands])
+        k = min(cfg.stage_questions, len(cands))
+        chosen = sorted(r.choice(len(cands), size=k, replace=False, p=weights / weights.sum()))
+        for j in chosen:
+            i, stage, source = cands[int(j)]
+            when = state.factory.times[i]
+            on = day_str(when)
+            t = f.norm_time(frames, when)
+            if t is None:
+                continue
+            if r.random() < 0.5:
+                question = user(pick(r, _Q_STAGE_TOKEN).format(name=name), boxes=[p.box], times=[t])
+            else:
+                question = user(pick(r, _Q_STAGE_DATE).format(name=name, date=on), boxes=[p.box])
+            out.append(f.record(chip, frames, FAMILY, "stage_on_date", f"{p.field_id}:{when}", [
+                question, assistant(stage),
+            ], {**base_meta, "date": on, "stage": stage, "source": source, "frame": frames.index(i)}))
     return out
 
 

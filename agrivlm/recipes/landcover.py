@@ -55,6 +55,11 @@ def _uniform_centres(codes: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     return np.stack([rows + 1, cols + 1], axis=1)
 
 
+def _rng(state: BuildState, chip: ChipContext, task: str, subject: str = "") -> np.random.Generator:
+    """The generator of one task (and subject) of one chip: draws never depend on what else is asked."""
+    return rng_for(state.seed, FAMILY, chip.chip_id, task, subject)
+
+
 def build_general_rs(state: BuildState, chip: ChipContext, cfg: GeneralRSConfig) -> list[Record]:
     """The land-cover records of one chip (frames: the chip's clear dates over the whole stack)."""
     frames = state.frames_all.get(chip.chip_id)
@@ -74,7 +79,7 @@ def build_general_rs(state: BuildState, chip: ChipContext, cfg: GeneralRSConfig)
     out: list[Record] = []
 
     def rng(task: str, subject: str = "") -> np.random.Generator:
-        return rng_for(state.seed, FAMILY, chip.chip_id, task, subject)
+        return _rng(state, chip, task, subject)
 
     if "caption" in cfg.tasks:
         out.append(f.record(chip, frames, FAMILY, "caption", "all", [
@@ -86,7 +91,29 @@ def build_general_rs(state: BuildState, chip: ChipContext, cfg: GeneralRSConfig)
         ], meta))
     present = sorted(names[k] for k, n in counts.items() if n >= cfg.min_presence_px)
     absent = sorted(names[k] for k, n in counts.items() if n == 0)
-    r = rng("presence")
+    out.extend(_presence_records(state, chip, frames, cfg, present, absent, counts, meta))
+    if "fraction" in cfg.tasks and present:
+        cls = pick(rng("fraction"), present)
+        share = share_of[cls]
+        out.append(f.record(chip, frames, FAMILY, "fraction", cls.replace(" ", "_"), [
+            user(pick(rng("fraction", "q"), _Q_FRACTION).format(cls=cls)),
+            assistant(f"About {_percent(share)} %."),
+        ], {**meta, "class": cls, "share": round(share, 4)}))
+    if "locate_class" in cfg.tasks:
+        out.extend(_locate_records(state, chip, frames, codes, present, meta))
+    if "point_class" in cfg.tasks and cfg.point_questions > 0:
+        out.extend(_point_records(state, chip, frames, codes, cfg.point_questions, meta))
+    return out
+
+
+def _presence_records(
+    state: BuildState, chip: ChipContext, frames: list[int], cfg: GeneralRSConfig, present: list[str],
+    absent: list[str], counts: dict[int, int], meta: dict[str, object],
+) -> list[Record]:
+    """``presence``: one class drawn of those present (answer yes) and one of those absent (answer no)."""
+    f, names = state.factory, chip.class_names
+    out: list[Record] = []
+    r = _rng(state, chip, "presence")
     asked: list[tuple[str, bool]] = []
     if present:
         asked.append((pick(r, present), True))
@@ -97,43 +124,54 @@ def build_general_rs(state: BuildState, chip: ChipContext, cfg: GeneralRSConfig)
             out.append(f.record(chip, frames, FAMILY, "presence", cls.replace(" ", "_"), [
                 user(pick(r, _Q_PRESENCE).format(cls=cls)), assistant("Yes." if yes else "No."),
             ], {**meta, "class": cls, "present": yes, "pixels": counts[_code(names, cls)]}))
-    if "fraction" in cfg.tasks and present:
-        cls = pick(rng("fraction"), present)
-        share = share_of[cls]
-        out.append(f.record(chip, frames, FAMILY, "fraction", cls.replace(" ", "_"), [
-            user(pick(rng("fraction", "q"), _Q_FRACTION).format(cls=cls)),
-            assistant(f"About {_percent(share)} %."),
-        ], {**meta, "class": cls, "share": round(share, 4)}))
-    if "locate_class" in cfg.tasks:
-        for cls in present:
-            labels, n = ndimage.label(codes == _code(names, cls), structure=_EIGHT)
-            sizes = np.bincount(labels.ravel())[1:]
-            order = np.argsort(-sizes, kind="stable")
-            if n > 1 and sizes[order[0]] < 1.2 * sizes[order[1]]:
-                continue  # two patches of about the same size: no single answer
-            rows, cols = np.nonzero(labels == order[0] + 1)
-            u1, v1 = chip.grid.pixel_to_norm(cols.min(), rows.min())
-            u2, v2 = chip.grid.pixel_to_norm(cols.max() + 1, rows.max() + 1)
-            out.append(f.record(chip, frames, FAMILY, "locate_class", cls.replace(" ", "_"), [
-                user(pick(rng("locate_class", cls), _Q_LOCATE).format(cls=cls)),
-                assistant("{box:0}", boxes=[(float(u1), float(v1), float(u2), float(v2))]),
-            ], {**meta, "class": cls, "patch_px": int(sizes[order[0]])}))
-    if "point_class" in cfg.tasks and cfg.point_questions > 0:
-        centres = _uniform_centres(codes)
-        if len(centres):
-            r = rng("point_class")
-            # balance over classes: pick a class first, then a pixel of it
-            by_class: dict[int, npt.NDArray[np.int64]] = {}
-            for k in sorted(set(codes[centres[:, 0], centres[:, 1]].tolist())):
-                by_class[k] = centres[codes[centres[:, 0], centres[:, 1]] == k]
-            keys = sorted(by_class)
-            for q in range(cfg.point_questions):
-                k = keys[int(r.integers(len(keys)))]
-                row, col = by_class[k][int(r.integers(len(by_class[k])))]
-                u, v = chip.grid.pixel_to_norm(col + 0.5, row + 0.5)
-                out.append(f.record(chip, frames, FAMILY, "point_class", f"{q}", [
-                    user(pick(r, _Q_POINT), points=[(float(u), float(v))]), assistant(names[k]),
-                ], {**meta, "class": names[k], "pixel": [int(row), int(col)]}))
+    return out
+
+
+def _locate_records(
+    state: BuildState, chip: ChipContext, frames: list[int], codes: npt.NDArray[np.int64], present: list[str],
+    meta: dict[str, object],
+) -> list[Record]:
+    """``locate_class``: the box of the largest patch of each present class that has a clear largest patch."""
+    f, names = state.factory, chip.class_names
+    out: list[Record] = []
+    for cls in present:
+        labels, n = ndimage.label(codes == _code(names, cls), structure=_EIGHT)
+        sizes = np.bincount(labels.ravel())[1:]
+        order = np.argsort(-sizes, kind="stable")
+        if n > 1 and sizes[order[0]] < 1.2 * sizes[order[1]]:
+            continue  # two patches of about the same size: no single answer
+        rows, cols = np.nonzero(labels == order[0] + 1)
+        u1, v1 = chip.grid.pixel_to_norm(cols.min(), rows.min())
+        u2, v2 = chip.grid.pixel_to_norm(cols.max() + 1, rows.max() + 1)
+        out.append(f.record(chip, frames, FAMILY, "locate_class", cls.replace(" ", "_"), [
+            user(pick(_rng(state, chip, "locate_class", cls), _Q_LOCATE).format(cls=cls)),
+            assistant("{box:0}", boxes=[(float(u1), float(v1), float(u2), float(v2))]),
+        ], {**meta, "class": cls, "patch_px": int(sizes[order[0]])}))
+    return out
+
+
+def _point_records(
+    state: BuildState, chip: ChipContext, frames: list[int], codes: npt.NDArray[np.int64], point_questions: int,
+    meta: dict[str, object],
+) -> list[Record]:
+    """``point_class``: the class at ``point_questions`` points, each inside a uniform 3×3 neighbourhood."""
+    f, names = state.factory, chip.class_names
+    out: list[Record] = []
+    centres = _uniform_centres(codes)
+    if len(centres):
+        r = _rng(state, chip, "point_class")
+        # balance over classes: pick a class first, then a pixel of it
+        by_class: dict[int, npt.NDArray[np.int64]] = {}
+        for k in sorted(set(codes[centres[:, 0], centres[:, 1]].tolist())):
+            by_class[k] = centres[codes[centres[:, 0], centres[:, 1]] == k]
+        keys = sorted(by_class)
+        for q in range(point_questions):
+            k = keys[int(r.integers(len(keys)))]
+            row, col = by_class[k][int(r.integers(len(by_class[k])))]
+            u, v = chip.grid.pixel_to_norm(col + 0.5, row + 0.5)
+            out.append(f.record(chip, frames, FAMILY, "point_class", f"{q}", [
+                user(pick(r, _Q_POINT), points=[(float(u), float(v))]), assistant(names[k]),
+            ], {**meta, "class": names[k], "pixel": [int(row), int(col)]}))
     return out
 
 

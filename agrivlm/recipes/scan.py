@@ -102,6 +102,72 @@ class StackScan:
             return np.where(self.parcel_data > 0, self.parcel_data_sum / np.maximum(self.parcel_data, 1), np.nan)
 
 
+def _tiles(h: int, w: int, tile_px: int) -> list[Window]:
+    """The ``tile_px`` × ``tile_px`` tiles covering an ``h`` × ``w`` grid, row by row (edge tiles smaller)."""
+    return [
+        Window(c, r, min(tile_px, w - c), min(tile_px, h - r))
+        for r in range(0, h, tile_px)
+        for c in range(0, w, tile_px)
+    ]
+
+
+def _add_chip_clear(
+    chip_clear_px: npt.NDArray[np.int64], cw: npt.NDArray[np.int64], tile: Window, clear: npt.NDArray[np.bool_]
+) -> None:
+    """Add one tile's clear pixels per date to ``chip_clear_px`` ``(T, K)`` of the chips ``cw`` overlapping it.
+
+    ``cw`` holds the chip windows as ``(row0, row1, col0, col1)`` rows; ``clear`` is the tile's ``(T, th, tw)``.
+    """
+    t = chip_clear_px.shape[0]
+    tr0, tc0 = int(tile.row_off), int(tile.col_off)
+    r0 = np.clip(cw[:, 0] - tr0, 0, int(tile.height))
+    r1 = np.clip(cw[:, 1] - tr0, 0, int(tile.height))
+    c0 = np.clip(cw[:, 2] - tc0, 0, int(tile.width))
+    c1 = np.clip(cw[:, 3] - tc0, 0, int(tile.width))
+    hit = np.flatnonzero((r1 > r0) & (c1 > c0))
+    if hit.size:
+        integral = np.zeros((t, int(tile.height) + 1, int(tile.width) + 1), dtype=np.int32)
+        integral[:, 1:, 1:] = clear.cumsum(axis=1, dtype=np.int32).cumsum(axis=2, dtype=np.int32)
+        a0, a1, b0, b1 = r0[hit], r1[hit], c0[hit], c1[hit]
+        chip_clear_px[:, hit] += (
+            integral[:, a1, b1] - integral[:, a0, b1] - integral[:, a1, b0] + integral[:, a0, b0]
+        )
+
+
+def _add_parcel_sums(
+    out: StackScan, stack: Stack, tree: shapely.STRtree, geoms: npt.NDArray[np.object_], tile: Window,
+    values: npt.NDArray[np.float64], has_data: npt.NDArray[np.bool_], clear: npt.NDArray[np.bool_],
+) -> None:
+    """Add one tile's pixel counts and index sums per date to ``out``'s parcel statistics.
+
+    ``values``, ``has_data`` and ``clear`` are the tile's ``(T, th, tw)`` index, data and clear flags.
+    """
+    t, p = out.parcel_clear.shape
+    tile_grid = stack.grid.subgrid(tile)
+    hits = np.sort(tree.query(tile_grid.footprint()))
+    if hits.size == 0:
+        return
+    ids = rasterize(
+        ((geoms[i], int(i) + 1) for i in hits),
+        out_shape=(int(tile.height), int(tile.width)),
+        transform=tile_grid.transform,
+        fill=0,
+        dtype="int32",
+    ).ravel()
+    inside = ids > 0
+    if not inside.any():
+        return
+    pid = ids[inside] - 1
+    out.parcel_px += np.bincount(pid, minlength=p)
+    vals = np.nan_to_num(values.reshape(t, -1)[:, inside])
+    hd, cl = has_data.reshape(t, -1)[:, inside], clear.reshape(t, -1)[:, inside]
+    for d in range(t):
+        out.parcel_clear[d] += np.bincount(pid, weights=cl[d], minlength=p).astype(np.int64)
+        out.parcel_clear_sum[d] += np.bincount(pid, weights=vals[d] * cl[d], minlength=p)
+        out.parcel_data[d] += np.bincount(pid, weights=hd[d], minlength=p).astype(np.int64)
+        out.parcel_data_sum[d] += np.bincount(pid, weights=vals[d] * hd[d], minlength=p)
+
+
 def scan_stack(
     stack: Stack,
     index: IndexSpec,
@@ -139,12 +205,7 @@ def scan_stack(
     cw = np.array([[w.row_off, w.row_off + w.height, w.col_off, w.col_off + w.width] for w in chip_windows],
                   dtype=np.int64).reshape(-1, 4)
     tree = shapely.STRtree(geoms) if p else None
-    h, w = stack.grid.height, stack.grid.width
-    tiles = [
-        Window(c, r, min(tile_px, w - c), min(tile_px, h - r))
-        for r in range(0, h, tile_px)
-        for c in range(0, w, tile_px)
-    ]
+    tiles = _tiles(stack.grid.height, stack.grid.width, tile_px)
     with stack:
         for tile in tqdm(tiles, desc="scan", unit="tile", disable=not progress):
             data, nodata, cloud = stack.read_window(tile)
@@ -152,44 +213,9 @@ def scan_stack(
             has_data = np.isfinite(values) & ~nodata[:, list(index.bands)].any(axis=1)
             clear = has_data & ~cloud
             if k:
-                tr0, tc0 = int(tile.row_off), int(tile.col_off)
-                r0 = np.clip(cw[:, 0] - tr0, 0, int(tile.height))
-                r1 = np.clip(cw[:, 1] - tr0, 0, int(tile.height))
-                c0 = np.clip(cw[:, 2] - tc0, 0, int(tile.width))
-                c1 = np.clip(cw[:, 3] - tc0, 0, int(tile.width))
-                hit = np.flatnonzero((r1 > r0) & (c1 > c0))
-                if hit.size:
-                    integral = np.zeros((t, int(tile.height) + 1, int(tile.width) + 1), dtype=np.int32)
-                    integral[:, 1:, 1:] = clear.cumsum(axis=1, dtype=np.int32).cumsum(axis=2, dtype=np.int32)
-                    a0, a1, b0, b1 = r0[hit], r1[hit], c0[hit], c1[hit]
-                    chip_clear_px[:, hit] += (
-                        integral[:, a1, b1] - integral[:, a0, b1] - integral[:, a1, b0] + integral[:, a0, b0]
-                    )
-            if tree is None:
-                continue
-            tile_grid = stack.grid.subgrid(tile)
-            hits = np.sort(tree.query(tile_grid.footprint()))
-            if hits.size == 0:
-                continue
-            ids = rasterize(
-                ((geoms[i], int(i) + 1) for i in hits),
-                out_shape=(int(tile.height), int(tile.width)),
-                transform=tile_grid.transform,
-                fill=0,
-                dtype="int32",
-            ).ravel()
-            inside = ids > 0
-            if not inside.any():
-                continue
-            pid = ids[inside] - 1
-            out.parcel_px += np.bincount(pid, minlength=p)
-            vals = np.nan_to_num(values.reshape(t, -1)[:, inside])
-            hd, cl = has_data.reshape(t, -1)[:, inside], clear.reshape(t, -1)[:, inside]
-            for d in range(t):
-                out.parcel_clear[d] += np.bincount(pid, weights=cl[d], minlength=p).astype(np.int64)
-                out.parcel_clear_sum[d] += np.bincount(pid, weights=vals[d] * cl[d], minlength=p)
-                out.parcel_data[d] += np.bincount(pid, weights=hd[d], minlength=p).astype(np.int64)
-                out.parcel_data_sum[d] += np.bincount(pid, weights=vals[d] * hd[d], minlength=p)
+                _add_chip_clear(chip_clear_px, cw, tile, clear)
+            if tree is not None:
+                _add_parcel_sums(out, stack, tree, geoms, tile, values, has_data, clear)
     areas = np.array([float(win.width * win.height) for win in chip_windows]) if k else np.zeros(0)
     out.chip_clear = chip_clear_px / np.maximum(areas, 1.0)[None, :]
     return out

@@ -60,6 +60,17 @@ def load_parcels(
 
     """
     path = Path(resolve_spec(spec, base_dir))
+    frame = _read_layer(path, spec, layer, id_column, class_column)
+    counts = {"read": len(frame), "repaired": 0, "dropped_empty": 0, "dropped_not_polygon": 0}
+    frame = _ids_and_classes(frame, path, id_column, class_column, class_names)
+    parcels = _polygons_only(frame.to_crs(crs), counts)
+    return parcels, counts
+
+
+def _read_layer(
+    path: Path, spec: str, layer: str | None, id_column: str | None, class_column: str | None
+) -> gpd.GeoDataFrame:
+    """The parcel layer as read; an :class:`IngestError` naming the file when it cannot serve as one."""
     if not path.exists():
         raise IngestError(f"{path}: no such parcel file (source.parcels: {spec})")
     try:
@@ -73,7 +84,14 @@ def load_parcels(
             raise IngestError(
                 f"{path}: no column {col!r} (source.{key}); columns are: {', '.join(map(str, frame.columns))}"
             )
-    counts = {"read": len(frame), "repaired": 0, "dropped_empty": 0, "dropped_not_polygon": 0}
+    return frame
+
+
+def _ids_and_classes(
+    frame: gpd.GeoDataFrame, path: Path, id_column: str | None, class_column: str | None,
+    class_names: dict[str, str] | None,
+) -> gpd.GeoDataFrame:
+    """``field_id`` (str, unique) and ``cls`` (class word, renamed by ``class_names``) with the layer's geometry."""
     ids = frame[id_column].astype(str) if id_column else pd.Series([str(i) for i in range(len(frame))])
     ids.index = frame.index
     dup = ids[ids.duplicated()]
@@ -85,8 +103,11 @@ def load_parcels(
         cls = raw.map(lambda v: names.get(v, v) if v else UNKNOWN_CLASS)
     else:
         cls = pd.Series(["parcel"] * len(frame), index=frame.index)
-    frame = gpd.GeoDataFrame({"field_id": ids, "cls": cls}, geometry=frame.geometry.values, crs=frame.crs)
-    frame = frame.to_crs(crs)
+    return gpd.GeoDataFrame({"field_id": ids, "cls": cls}, geometry=frame.geometry.values, crs=frame.crs)
+
+
+def _polygons_only(frame: gpd.GeoDataFrame, counts: dict[str, int]) -> gpd.GeoDataFrame:
+    """Invalid geometries repaired, empty and non-polygonal ones dropped (tallied in ``counts``), sorted by id."""
     geoms = frame.geometry.values
     invalid = ~shapely.is_valid(geoms)
     counts["repaired"] = int(invalid.sum())
@@ -103,7 +124,7 @@ def load_parcels(
     frame = frame[poly].copy()
     frame["area_m2"] = frame.geometry.area
     frame = frame.sort_values("field_id", kind="stable").reset_index(drop=True)
-    return frame[["field_id", "cls", "area_m2", "geometry"]], counts
+    return frame[["field_id", "cls", "area_m2", "geometry"]]
 
 
 def _polygonal(geom: shapely.Geometry) -> shapely.Geometry:

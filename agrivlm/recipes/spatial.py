@@ -11,6 +11,7 @@ share exact edges).
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 from agrivlm.recipes.config import SpatialReasoningConfig
 from agrivlm.recipes.context import ChipContext, ParcelInChip, assistant, pick, rng_for, user
@@ -41,6 +42,11 @@ def _names(p: ParcelInChip) -> str:
     return parcel_name(p.cls)
 
 
+def _rng(state: BuildState, chip: ChipContext, task: str, subject: str = "") -> np.random.Generator:
+    """The generator of one task (and subject) of one chip: draws never depend on what else is asked."""
+    return rng_for(state.seed, FAMILY, chip.chip_id, task, subject)
+
+
 def build_spatial_reasoning(state: BuildState, chip: ChipContext, cfg: SpatialReasoningConfig) -> list[Record]:
     """The spatial-reasoning records of one chip (frames: the chip's clear dates over the whole stack)."""
     frames = state.frames_all.get(chip.chip_id)
@@ -51,10 +57,35 @@ def build_spatial_reasoning(state: BuildState, chip: ChipContext, cfg: SpatialRe
     if len(ps) < 2:
         return []
     out: list[Record] = []
+    out.extend(_relation_records(state, chip, frames, ps, cfg))
 
-    def rng(task: str, subject: str = "") -> np.random.Generator:
-        return rng_for(state.seed, FAMILY, chip.chip_id, task, subject)
+    areas = np.array([p.area_px for p in ps])
+    if "largest" in cfg.tasks:
+        order = np.argsort(-areas, kind="stable")
+        if areas[order[0]] >= cfg.unique_margin * areas[order[1]]:
+            top = ps[int(order[0])]
+            out.append(f.record(chip, frames, FAMILY, "largest", "all", [
+                user(pick(_rng(state, chip, "largest"), _Q_LARGEST)),
+                assistant(f"The {_names(top)} at {{box:0}}.", boxes=[top.box]),
+            ], {"field_ids": [top.field_id], "area_px": round(top.area_px, 3)}))
 
+    r = _rng(state, chip, "subjects")
+    n_subj = min(cfg.subjects_per_chip, len(ps))
+    subjects = sorted(int(i) for i in r.choice(len(ps), size=n_subj, replace=False)) if n_subj else []
+    centroids = np.array([[p.geom.centroid.x, p.geom.centroid.y] for p in ps])
+    for s in subjects:
+        nearest = _nearest_record(state, chip, frames, ps, s, centroids, cfg) if "nearest" in cfg.tasks else None
+        adjacent = _adjacent_record(state, chip, frames, ps, s, cfg) if "adjacent" in cfg.tasks else None
+        out.extend(rec for rec in (nearest, adjacent) if rec is not None)
+    return out
+
+
+def _relation_records(
+    state: BuildState, chip: ChipContext, frames: list[int], ps: list[ParcelInChip], cfg: SpatialReasoningConfig
+) -> list[Record]:
+    """``left_right`` and ``above_below``: up to ``pairs_per_chip`` yes/no questions on pairs apart along an axis."""
+    f = state.factory
+    out: list[Record] = []
     for task, axis, words, questions in (
         ("left_right", 0, ("left", "right"), _Q_LEFT),
         ("above_below", 1, ("above", "below"), _Q_ABOVE),
@@ -62,7 +93,7 @@ def build_spatial_reasoning(state: BuildState, chip: ChipContext, cfg: SpatialRe
         if task not in cfg.tasks:
             continue
         pairs = _pairs(ps, axis)
-        r = rng(task)
+        r = _rng(state, chip, task)
         k = min(cfg.pairs_per_chip, len(pairs))
         for n, idx in enumerate(sorted(r.choice(len(pairs), size=k, replace=False)) if k else []):
             first, second = pairs[int(idx)]  # ps[first] is left of / above ps[second]
@@ -75,44 +106,43 @@ def build_spatial_reasoning(state: BuildState, chip: ChipContext, cfg: SpatialRe
                 user(pick(r, questions).format(a=_names(a), b=_names(b), rel=word), boxes=[a.box, b.box]),
                 assistant("Yes." if yes else "No."),
             ], {"field_ids": [a.field_id, b.field_id], "relation": word, "answer": yes, "n": n}))
-
-    areas = np.array([p.area_px for p in ps])
-    if "largest" in cfg.tasks:
-        order = np.argsort(-areas, kind="stable")
-        if areas[order[0]] >= cfg.unique_margin * areas[order[1]]:
-            top = ps[int(order[0])]
-            out.append(f.record(chip, frames, FAMILY, "largest", "all", [
-                user(pick(rng("largest"), _Q_LARGEST)),
-                assistant(f"The {_names(top)} at {{box:0}}.", boxes=[top.box]),
-            ], {"field_ids": [top.field_id], "area_px": round(top.area_px, 3)}))
-
-    r = rng("subjects")
-    n_subj = min(cfg.subjects_per_chip, len(ps))
-    subjects = sorted(int(i) for i in r.choice(len(ps), size=n_subj, replace=False)) if n_subj else []
-    centroids = np.array([[p.geom.centroid.x, p.geom.centroid.y] for p in ps])
-    for s in subjects:
-        a = ps[s]
-        if "nearest" in cfg.tasks:
-            d = np.hypot(*(centroids - centroids[s]).T)
-            d[s] = np.inf
-            order = np.argsort(d, kind="stable")
-            if len(ps) == 2 or d[order[1]] >= cfg.unique_margin * d[order[0]]:
-                b = ps[int(order[0])]
-                out.append(f.record(chip, frames, FAMILY, "nearest", a.field_id, [
-                    user(pick(rng("nearest", a.field_id), _Q_NEAREST).format(a=_names(a)), boxes=[a.box]),
-                    assistant(f"The {_names(b)} at {{box:0}}.", boxes=[b.box]),
-                ], {"field_ids": [a.field_id, b.field_id], "distance_m": round(float(d[order[0]]), 3)}))
-        if "adjacent" in cfg.tasks:
-            nbrs = [p for j, p in enumerate(ps) if j != s and a.geom.distance(p.geom) <= cfg.adjacency_tolerance_m]
-            if len(nbrs) <= cfg.max_objects:
-                if nbrs:
-                    items = [f"the {_names(p)} at {{box:{i}}}" for i, p in enumerate(nbrs)]
-                    text = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
-                    answer = text[0].upper() + text[1:] + "."
-                else:
-                    answer = "None; it borders no other parcel in this image."
-                out.append(f.record(chip, frames, FAMILY, "adjacent", a.field_id, [
-                    user(pick(rng("adjacent", a.field_id), _Q_ADJ).format(a=_names(a)), boxes=[a.box]),
-                    assistant(answer, boxes=[p.box for p in nbrs]),
-                ], {"field_ids": [a.field_id] + [p.field_id for p in nbrs]}))
     return out
+
+
+def _nearest_record(
+    state: BuildState, chip: ChipContext, frames: list[int], ps: list[ParcelInChip], s: int,
+    centroids: npt.NDArray[np.float64], cfg: SpatialReasoningConfig,
+) -> Record | None:
+    """``nearest``: the parcel closest to subject ``ps[s]`` by centroid, when it wins by ``unique_margin``."""
+    a = ps[s]
+    d = np.hypot(*(centroids - centroids[s]).T)
+    d[s] = np.inf
+    order = np.argsort(d, kind="stable")
+    if not (len(ps) == 2 or d[order[1]] >= cfg.unique_margin * d[order[0]]):
+        return None
+    b = ps[int(order[0])]
+    return state.factory.record(chip, frames, FAMILY, "nearest", a.field_id, [
+        user(pick(_rng(state, chip, "nearest", a.field_id), _Q_NEAREST).format(a=_names(a)), boxes=[a.box]),
+        assistant(f"The {_names(b)} at {{box:0}}.", boxes=[b.box]),
+    ], {"field_ids": [a.field_id, b.field_id], "distance_m": round(float(d[order[0]]), 3)})
+
+
+def _adjacent_record(
+    state: BuildState, chip: ChipContext, frames: list[int], ps: list[ParcelInChip], s: int,
+    cfg: SpatialReasoningConfig,
+) -> Record | None:
+    """``adjacent``: the parcels within ``adjacency_tolerance_m`` of subject ``ps[s]`` (if at most ``max_objects``)."""
+    a = ps[s]
+    nbrs = [p for j, p in enumerate(ps) if j != s and a.geom.distance(p.geom) <= cfg.adjacency_tolerance_m]
+    if len(nbrs) > cfg.max_objects:
+        return None
+    if nbrs:
+        items = [f"the {_names(p)} at {{box:{i}}}" for i, p in enumerate(nbrs)]
+        text = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+        answer = text[0].upper() + text[1:] + "."
+    else:
+        answer = "None; it borders no other parcel in this image."
+    return state.factory.record(chip, frames, FAMILY, "adjacent", a.field_id, [
+        user(pick(_rng(state, chip, "adjacent", a.field_id), _Q_ADJ).format(a=_names(a)), boxes=[a.box]),
+        assistant(answer, boxes=[p.box for p in nbrs]),
+    ], {"field_ids": [a.field_id] + [p.field_id for p in nbrs]})

@@ -264,47 +264,68 @@ def field_seasons(field_id: str, crop_by_year: dict[int, Crop], rng: np.random.G
         cal = crop.calendar
         if cal is None:
             continue
-        d0 = _day0(year)
-        j = _jitter_calendar(cal, d0, rng, params)
-        perennial = cal.sow_doy <= -300
-        base_right = j.base_left if perennial else j.base_right  # perennials: continuous from year to year
-        winter = not perennial and cal.sow_doy < 0 and cal.base_left > params.bare + 0.05
-        # a perennial's year runs from 120 days before its rise; a crop's from sowing
-        start = d0 + cal.rise_doy - 120.0 if perennial else j.sow
-        cuts = list(cal.cuts)
-        if cuts:
-            n_cuts = int(rng.choice([2, 3, 4], p=np.asarray(params.cut_count_shares)))
-            cuts = cuts[: min(n_cuts, len(cuts))]
-        cut_days = [d0 + c + j.shift * 0.5 + float(rng.normal(0, params.harvest_sd_days)) for c in cuts]
-        first_harvest = cut_days[0] if cuts else j.harvest
-        main = Cycle(
-            crop=crop.name, start=start, sow=j.sow, rise=j.rise, rise_days=j.rise_days, fall=j.fall,
-            fall_days=j.fall_days, harvest=first_harvest, is_cut=bool(cuts), base_left=j.base_left, peak=j.peak,
-            base_right=base_right, emergence=winter,
-        )
-        cycles.append(main)
-        prev_cut = first_harvest
-        for k in range(1, len(cuts) + 1):
-            assert prev_cut is not None
-            nxt = cut_days[k] if k < len(cuts) else None
-            cycles.append(Cycle(
-                crop=crop.name, start=prev_cut, sow=prev_cut, rise=prev_cut + params.regrowth_days,
-                rise_days=params.regrowth_rise_days, fall=j.fall, fall_days=j.fall_days, harvest=nxt,
-                is_cut=nxt is not None, base_left=params.cut_level, peak=j.peak - 0.03, base_right=base_right,
-                pre_stage="harvested",
-            ))
-            prev_cut = nxt
-        if crop.second is not None and rng.uniform() < crop.second_share:
-            j2 = _jitter_calendar(crop.second, d0, rng, params)
-            sow2 = max(j2.sow, (main.harvest if main.harvest is not None else main.fall) + 3.0)
-            delta = sow2 - j2.sow
-            cycles.append(Cycle(
-                crop=f"{crop.name}+maize", start=sow2, sow=sow2, rise=j2.rise + delta, rise_days=j2.rise_days,
-                fall=j2.fall + delta, fall_days=j2.fall_days,
-                harvest=None if j2.harvest is None else j2.harvest + delta, is_cut=False,
-                base_left=max(params.residue, j2.base_left), peak=j2.peak, base_right=j2.base_right,
-            ))
+        if _year_cycles(crop, cal, _day0(year), rng, params, cycles):
             fs.crops[-1] = f"{crop.name}+maize"
+    _sequence(cycles)
+    for c in cycles:
+        cycle_truth(c, params)
+    fs.cycles = cycles
+    _label_seasons(cycles, region.season_start)
+    return fs
+
+
+def _year_cycles(crop: Crop, cal: Calendar, d0: float, rng: np.random.Generator, params: PhenologyParams,
+                 cycles: list[Cycle]) -> bool:
+    """Append the cycles of one year's crop (the main one, regrowth after each cut, a second crop) to ``cycles``.
+
+    ``cal`` is the crop's calendar, ``d0`` the year's first day; draws come from ``rng`` in a fixed order. True
+    when a second crop follows.
+    """
+    j = _jitter_calendar(cal, d0, rng, params)
+    perennial = cal.sow_doy <= -300
+    base_right = j.base_left if perennial else j.base_right  # perennials: continuous from year to year
+    winter = not perennial and cal.sow_doy < 0 and cal.base_left > params.bare + 0.05
+    # a perennial's year runs from 120 days before its rise; a crop's from sowing
+    start = d0 + cal.rise_doy - 120.0 if perennial else j.sow
+    cuts = list(cal.cuts)
+    if cuts:
+        n_cuts = int(rng.choice([2, 3, 4], p=np.asarray(params.cut_count_shares)))
+        cuts = cuts[: min(n_cuts, len(cuts))]
+    cut_days = [d0 + c + j.shift * 0.5 + float(rng.normal(0, params.harvest_sd_days)) for c in cuts]
+    first_harvest = cut_days[0] if cuts else j.harvest
+    main = Cycle(
+        crop=crop.name, start=start, sow=j.sow, rise=j.rise, rise_days=j.rise_days, fall=j.fall,
+        fall_days=j.fall_days, harvest=first_harvest, is_cut=bool(cuts), base_left=j.base_left, peak=j.peak,
+        base_right=base_right, emergence=winter,
+    )
+    cycles.append(main)
+    prev_cut = first_harvest
+    for k in range(1, len(cuts) + 1):
+        assert prev_cut is not None
+        nxt = cut_days[k] if k < len(cuts) else None
+        cycles.append(Cycle(
+            crop=crop.name, start=prev_cut, sow=prev_cut, rise=prev_cut + params.regrowth_days,
+            rise_days=params.regrowth_rise_days, fall=j.fall, fall_days=j.fall_days, harvest=nxt,
+            is_cut=nxt is not None, base_left=params.cut_level, peak=j.peak - 0.03, base_right=base_right,
+            pre_stage="harvested",
+        ))
+        prev_cut = nxt
+    if crop.second is not None and rng.uniform() < crop.second_share:
+        j2 = _jitter_calendar(crop.second, d0, rng, params)
+        sow2 = max(j2.sow, (main.harvest if main.harvest is not None else main.fall) + 3.0)
+        delta = sow2 - j2.sow
+        cycles.append(Cycle(
+            crop=f"{crop.name}+maize", start=sow2, sow=sow2, rise=j2.rise + delta, rise_days=j2.rise_days,
+            fall=j2.fall + delta, fall_days=j2.fall_days,
+            harvest=None if j2.harvest is None else j2.harvest + delta, is_cut=False,
+            base_left=max(params.residue, j2.base_left), peak=j2.peak, base_right=j2.base_right,
+        ))
+        return True
+    return False
+
+
+def _sequence(cycles: list[Cycle]) -> None:
+    """Sort the cycles by start and end each where the next begins, moving a crop sown too early."""
     cycles.sort(key=lambda c: c.start)
     for a, b in zip(cycles, cycles[1:], strict=False):
         # a crop is sown only after the previous one is off the field: move the later cycle as a whole
@@ -312,11 +333,6 @@ def field_seasons(field_id: str, crop_by_year: dict[int, Crop], rng: np.random.G
         if b.start < busy_until and not a.is_cut:
             _shift_cycle(b, busy_until - b.start)
         a.end = b.start
-    for c in cycles:
-        cycle_truth(c, params)
-    fs.cycles = cycles
-    _label_seasons(cycles, region.season_start)
-    return fs
 
 
 def _shift_cycle(c: Cycle, delta: float) -> None:

@@ -38,6 +38,7 @@ from affine import Affine
 from pyproj import Transformer
 from rasterio.crs import CRS
 from rasterio.features import rasterize
+from rasterio.io import DatasetWriter
 from rasterio.windows import Window
 from shapely import affinity
 
@@ -374,12 +375,28 @@ def asdict_region(region: Region) -> dict[str, object]:
     return json.loads(json.dumps(out, default=str))
 
 
-def _write_rasters(root: Path, spec: SceneSpec, grid: Grid, table: ParcelTable, blocks: list[shapely.Polygon],
-                   times: list[np.datetime64], covers: list[float], stamps: list[str],
-                   fv: npt.NDArray[np.float32], progress: Callable[[int, int], None] | None) -> None:
-    s = spec.supersample
+@dataclass
+class _Layout:
+    """What every window and date of the rasters share: the fine transform, map-frame shapes, the smooth fields."""
+
+    #: Transform of the sub-pixel grid (``supersample`` × the resolution).
+    fine: Affine
+    blocks_map: list[shapely.Polygon]
+    block_tree: shapely.STRtree
+    parcels_map: list[shapely.Polygon]
+    parcel_tree: shapely.STRtree
+    het_field: SmoothField
+    hedge_field: SmoothField
+    haze_field: SmoothField
+    #: Hedge where ``hedge_field`` is above it (the region's hedge share of the margins).
+    hedge_thr: float
+    #: Cloud shadows' offset from their clouds, in pixels (rows, columns).
+    shift_px: tuple[float, float]
+
+
+def _layout(spec: SceneSpec, grid: Grid, table: ParcelTable, blocks: list[shapely.Polygon]) -> _Layout:
+    """The blocks and parcels in the pixel frame (with search trees) and the scene's smooth fields."""
     sensor = spec.sensor
-    fine = grid.transform * Affine.scale(1.0 / s)
     to_map = [1.0, 0.0, 0.0, -1.0, grid.transform.c, grid.transform.f]
     blocks_map = [affinity.affine_transform(b, to_map) for b in blocks]
     parcels_map = [affinity.affine_transform(p.geometry, to_map) for p in table.parcels]
@@ -390,8 +407,24 @@ def _write_rasters(root: Path, spec: SceneSpec, grid: Grid, table: ParcelTable, 
     haze_field = SmoothField(grid.width, grid.height, spec.pixel_m, 3000.0, _rng(spec.seed, 9))
     hedge_thr = hedge_field.quantile(1.0 - REGIONS[spec.region].hedge_share)
     shift_px = (-sensor.shadow_shift_m[1] / spec.pixel_m, sensor.shadow_shift_m[0] / spec.pixel_m)
-    s2 = spec.bands == "s2"
-    n_t = len(times)
+    return _Layout(grid.transform * Affine.scale(1.0 / spec.supersample), blocks_map, block_tree, parcels_map,
+                   parcel_tree, het_field, hedge_field, haze_field, hedge_thr, shift_px)
+
+
+@dataclass
+class _DateDraws:
+    """Each date's haze level, its no-data edge (whether there is one, its angle and cut) and its cloud field."""
+
+    haze_levels: npt.NDArray[np.float32]
+    edge_dates: npt.NDArray[np.bool_]
+    edge_angle: npt.NDArray[np.float64]
+    edge_cut: npt.NDArray[np.float64]
+    clouds: list[tuple[SmoothField, float] | None]
+
+
+def _date_draws(spec: SceneSpec, grid: Grid, covers: list[float], n_t: int) -> _DateDraws:
+    """The draws of every date, in one fixed order from one generator."""
+    sensor = spec.sensor
     date_rng = _rng(spec.seed, 10)
     haze_levels = date_rng.exponential(sensor.haze_mean, size=n_t).astype(np.float32)
     edge_dates = date_rng.uniform(size=n_t) < sensor.edge_nodata_share
@@ -399,6 +432,11 @@ def _write_rasters(root: Path, spec: SceneSpec, grid: Grid, table: ParcelTable, 
     edge_cut = date_rng.uniform(0.55, 0.9, size=n_t)
     # each date's cloud field and threshold, built once on the coarse grid (not again for every window)
     clouds = [_cloud_field(spec, grid, t, cover) for t, cover in enumerate(covers)]
+    return _DateDraws(haze_levels, edge_dates, edge_angle, edge_cut, clouds)
+
+
+def _profiles(grid: Grid, s2: bool) -> tuple[dict[str, object], dict[str, object], dict[str, object]]:
+    """The GeoTIFF profiles of the band files, the cloud masks and the land-cover raster."""
     profile = {
         "driver": "GTiff", "width": grid.width, "height": grid.height, "crs": grid.crs,
         "transform": grid.transform, "tiled": grid.width >= 256 and grid.height >= 256,
@@ -411,58 +449,119 @@ def _write_rasters(root: Path, spec: SceneSpec, grid: Grid, table: ParcelTable, 
     else:
         band_profile = {**profile, "count": 1, "dtype": "float32", "nodata": NDVI_NODATA, "predictor": 3}
     mask_profile = {**profile, "count": 1, "dtype": "uint8", "nodata": 255}
+    return band_profile, mask_profile, {**profile, "count": 1, "dtype": "uint8", "nodata": 0}
+
+
+def _tag_dates(stack_files: list[DatasetWriter], mask_files: list[DatasetWriter], times: list[np.datetime64],
+               names: list[str]) -> None:
+    """Acquisition-date tags on every file, band names on the band files."""
+    for f, when in zip(stack_files, times, strict=True):
+        stamp = str(when)
+        f.update_tags(ACQUISITIONDATE=stamp, TIFFTAG_DATETIME=stamp.replace("-", ":").replace("T", " "))
+        for b, name in enumerate(names, start=1):
+            f.set_band_description(b, name)
+    for f, when in zip(mask_files, times, strict=True):
+        f.update_tags(ACQUISITIONDATE=str(when), MEANING="1 = cloud or shadow, 0 = clear, 255 = no data")
+
+
+@dataclass
+class _WindowMix:
+    """One window's sub-pixel covers and what every date of it shares."""
+
+    #: ``(h, w, K)`` cover ids and their weights.
+    cov_ids: npt.NDArray[np.int64]
+    weights: npt.NDArray[np.float32]
+    #: ``(h, w, K, 5)`` backgrounds, pre-weighted, and their sum over covers.
+    bg: npt.NDArray[np.float32]
+    bg_sum: npt.NDArray[np.float32]
+    #: ``(h, w, K)`` within-field heterogeneity factor of the vegetation fraction.
+    hfac: npt.NDArray[np.floating]
+    rows: npt.NDArray[np.int64]
+    cols: npt.NDArray[np.int64]
+
+
+def _window_mix(win: _Window, spec: SceneSpec, grid: Grid, table: ParcelTable, layout: _Layout) -> _WindowMix:
+    """Rasterise a window's covers at the sub-pixel resolution and mix them per pixel."""
+    s = spec.supersample
+    ids = _id_raster(win, layout.fine, s, grid, spec, layout.blocks_map, layout.block_tree, layout.parcels_map,
+                     layout.parcel_tree, layout.hedge_field, layout.hedge_thr)
+    cov_ids, weights = _covers(ids, s)
+    bg = (weights[..., None] * table.background[cov_ids]).astype(np.float32)  # (h, w, K, 5) pre-weighted
+    het = layout.het_field.window(win.row0, win.col0, win.height, win.width)[..., None]
+    return _WindowMix(
+        cov_ids=cov_ids, weights=weights, bg=bg, bg_sum=bg.sum(2), hfac=1.0 + table.het_amp[cov_ids] * het,
+        rows=np.arange(win.height)[:, None] + win.row0, cols=np.arange(win.width)[None, :] + win.col0,
+    )
+
+
+def _landcover(win: _Window, table: ParcelTable, mix: _WindowMix) -> npt.NDArray[np.uint8]:
+    """A window's land-cover codes: per pixel, the code with the largest share of its covers."""
+    codes = table.cover_code[mix.cov_ids]
+    cover = np.zeros((win.height, win.width), dtype=np.uint8)
+    best = np.zeros((win.height, win.width), dtype=np.float32)
+    for code in sorted(set(LANDCOVER_CODES.values())):
+        share = np.where(codes == code, mix.weights, 0.0).sum(-1)
+        better = share > best
+        cover[better], best[better] = code, share[better]
+    return cover
+
+
+def _date_pixels(win: _Window, t: int, spec: SceneSpec, grid: Grid, fv: npt.NDArray[np.float32], mix: _WindowMix,
+                 layout: _Layout, draws: _DateDraws
+                 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8], npt.NDArray[np.bool_]]:
+    """Date ``t`` on a window: reflectance ``(h, w, 5)``, the cloud/shadow/no-data mask and the no-data pixels."""
+    fvk = np.clip(fv[mix.cov_ids, t] * mix.hfac, 0.0, 1.0)  # (h, w, K)
+    veg = (mix.weights * fvk).sum(-1)
+    refl = veg[..., None] * VEGETATION + mix.bg_sum - (fvk[..., None] * mix.bg).sum(2)
+    refl, mask = _atmosphere(refl, win, draws.clouds[t], spec, layout.shift_px, layout.haze_field,
+                             float(draws.haze_levels[t]))
+    refl = refl + _noise(spec.seed, t, win, len(S2_BANDS), spec.sensor.noise_sd)
+    nodata = np.zeros(mask.shape, dtype=bool)
+    if draws.edge_dates[t]:
+        a = draws.edge_angle[t]
+        proj = (mix.cols / grid.width - 0.5) * np.cos(a) + (mix.rows / grid.height - 0.5) * np.sin(a)
+        nodata = np.broadcast_to(proj > draws.edge_cut[t] - 0.5, mask.shape)
+    mask = np.where(nodata, 255, mask).astype(np.uint8)
+    return refl, mask, nodata
+
+
+def _write_date(stack_file: DatasetWriter, mask_file: DatasetWriter, win: _Window, refl: npt.NDArray[np.float32],
+                mask: npt.NDArray[np.uint8], nodata: npt.NDArray[np.bool_], s2: bool) -> None:
+    """Write one date's window: digital numbers (s2) or NDVI, with no data marked, and its mask."""
+    if s2:
+        dn = np.clip(np.rint(refl * 10000.0), 1, 65534).astype(np.uint16)
+        dn[nodata] = DN_NODATA
+        stack_file.write(np.moveaxis(dn, -1, 0), window=win.rio)
+    else:
+        nd = ndvi_of(np.clip(refl, 1e-4, None))
+        nd[nodata] = NDVI_NODATA
+        stack_file.write(nd, 1, window=win.rio)
+    mask_file.write(mask, 1, window=win.rio)
+
+
+def _write_rasters(root: Path, spec: SceneSpec, grid: Grid, table: ParcelTable, blocks: list[shapely.Polygon],
+                   times: list[np.datetime64], covers: list[float], stamps: list[str],
+                   fv: npt.NDArray[np.float32], progress: Callable[[int, int], None] | None) -> None:
+    """The band files, cloud masks and land cover, window by window (a window's covers once for all its dates)."""
+    layout = _layout(spec, grid, table, blocks)
+    s2 = spec.bands == "s2"
+    n_t = len(times)
+    draws = _date_draws(spec, grid, covers, n_t)
+    band_profile, mask_profile, cover_profile = _profiles(grid, s2)
     names = list(S2_BANDS) if s2 else ["NDVI"]
     stack_files = [rasterio.open(root / "stack" / f"S2_{st}.tif", "w", **band_profile) for st in stamps]
     mask_files = [rasterio.open(root / "cloud_mask" / f"S2_CLM_{st}.tif", "w", **mask_profile) for st in stamps]
-    cover_file = rasterio.open(root / "landcover.tif", "w", **{**profile, "count": 1, "dtype": "uint8", "nodata": 0})
+    cover_file = rasterio.open(root / "landcover.tif", "w", **cover_profile)
     try:
-        for f, when in zip(stack_files, times, strict=True):
-            stamp = str(when)
-            f.update_tags(ACQUISITIONDATE=stamp, TIFFTAG_DATETIME=stamp.replace("-", ":").replace("T", " "))
-            for b, name in enumerate(names, start=1):
-                f.set_band_description(b, name)
-        for f, when in zip(mask_files, times, strict=True):
-            f.update_tags(ACQUISITIONDATE=str(when), MEANING="1 = cloud or shadow, 0 = clear, 255 = no data")
+        _tag_dates(stack_files, mask_files, times, names)
         windows = _windows(grid, spec.block_px)
         done, total = 0, len(windows) * n_t
         for win in windows:
-            ids = _id_raster(win, fine, s, grid, spec, blocks_map, block_tree, parcels_map, parcel_tree,
-                             hedge_field, hedge_thr)
-            cov_ids, weights = _covers(ids, s)
-            codes = table.cover_code[cov_ids]
-            cover = np.zeros((win.height, win.width), dtype=np.uint8)
-            best = np.zeros((win.height, win.width), dtype=np.float32)
-            for code in sorted(set(LANDCOVER_CODES.values())):
-                share = np.where(codes == code, weights, 0.0).sum(-1)
-                better = share > best
-                cover[better], best[better] = code, share[better]
-            cover_file.write(cover, 1, window=win.rio)
-            bg = (weights[..., None] * table.background[cov_ids]).astype(np.float32)  # (h, w, K, 5) pre-weighted
-            bg_sum = bg.sum(2)
-            hfac = 1.0 + table.het_amp[cov_ids] * het_field.window(win.row0, win.col0, win.height, win.width)[..., None]
-            rows = np.arange(win.height)[:, None] + win.row0
-            cols = np.arange(win.width)[None, :] + win.col0
+            mix = _window_mix(win, spec, grid, table, layout)
+            cover_file.write(_landcover(win, table, mix), 1, window=win.rio)
             for t in range(n_t):
-                fvk = np.clip(fv[cov_ids, t] * hfac, 0.0, 1.0)  # (h, w, K)
-                veg = (weights * fvk).sum(-1)
-                refl = veg[..., None] * VEGETATION + bg_sum - (fvk[..., None] * bg).sum(2)
-                refl, mask = _atmosphere(refl, win, clouds[t], spec, shift_px, haze_field, float(haze_levels[t]))
-                refl = refl + _noise(spec.seed, t, win, len(S2_BANDS), sensor.noise_sd)
-                nodata = np.zeros(mask.shape, dtype=bool)
-                if edge_dates[t]:
-                    a = edge_angle[t]
-                    proj = (cols / grid.width - 0.5) * np.cos(a) + (rows / grid.height - 0.5) * np.sin(a)
-                    nodata = np.broadcast_to(proj > edge_cut[t] - 0.5, mask.shape)
-                mask = np.where(nodata, 255, mask).astype(np.uint8)
-                if s2:
-                    dn = np.clip(np.rint(refl * 10000.0), 1, 65534).astype(np.uint16)
-                    dn[nodata] = DN_NODATA
-                    stack_files[t].write(np.moveaxis(dn, -1, 0), window=win.rio)
-                else:
-                    nd = ndvi_of(np.clip(refl, 1e-4, None))
-                    nd[nodata] = NDVI_NODATA
-                    stack_files[t].write(nd, 1, window=win.rio)
-                mask_files[t].write(mask, 1, window=win.rio)
+                refl, mask, nodata = _date_pixels(win, t, spec, grid, fv, mix, layout, draws)
+                _write_date(stack_files[t], mask_files[t], win, refl, mask, nodata, s2)
                 done += 1
                 if progress is not None:
                     progress(done, total)
