@@ -227,3 +227,20 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+#: The timestamp GeoPackages are written with (GDAL's ``OGR_CURRENT_DATE``): fixed, so the same content gives the
+#: same bytes (a GeoPackage otherwise records the time it was written in ``gpkg_contents.last_change``).
+GPKG_DATE = "2000-01-01T00:00:00Z"
+
+
+@contextmanager
+def fixed_gpkg_date() -> Iterator[None]:
+    """GeoPackages written inside this block carry :data:`GPKG_DATE` instead of the time of writing."""
+    import pyogrio
+
+    pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": GPKG_DATE})
+    try:
+        yield
+    finally:
+        pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": None})

@@ -83,6 +83,11 @@ def test_same_recipe_and_seed_give_the_same_bytes_and_another_seed_does_not(
         cli_out / "tables" / "growth_stages.csv").read_text()
     assert key_date_table(truth, [s[0] for s in prep.state.seasons]).to_csv(index=False) == (
         cli_out / "tables" / "key_dates.csv").read_text()
+    # the parcel layers too: a GeoPackage carries no time of writing (agrivlm.io.fixed_gpkg_date)
+    from agrivlm.recipes.build import _write_parcels
+
+    _write_parcels(prep, tmp_path / "parcels.gpkg")
+    assert (tmp_path / "parcels.gpkg").read_bytes() == next((cli_out / "tables").rglob("parcels.gpkg")).read_bytes()
     manifest = json.loads((cli_out / "manifest.json").read_text())
     for shard in manifest["shards"]:
         assert hashlib.sha256(a[shard["path"]]).hexdigest() == shard["sha256"]

@@ -51,7 +51,7 @@ from agrivlm.geo.coords import norm_box
 from agrivlm.geo.dates import day_str, season_windows
 from agrivlm.geo.rasters import RasterPath, network_stamp
 from agrivlm.geo.stack import Stack, open_stack
-from agrivlm.io import atomic_dir, sha256_file
+from agrivlm.io import atomic_dir, fixed_gpkg_date, sha256_file
 from agrivlm.recipes.config import RecipeConfig, SceneSplitConfig, SourceConfig, load_recipe
 from agrivlm.recipes.context import ChipContext, ParcelInChip, RecordFactory, select_frames
 from agrivlm.recipes.families import builders
@@ -506,8 +506,9 @@ def _write_parcels(prep: Prepared, path: Path) -> None:
                          "area_px": round(p.area_px, 3), "cut": p.cut, "geometry": p.geom})
     chip_layer = gpd.GeoDataFrame(rows, geometry="geometry", crs=parcels.crs) if rows else gpd.GeoDataFrame(
         {"chip_id": []}, geometry=gpd.GeoSeries([], crs=parcels.crs))
-    layer.to_file(path, driver="GPKG", layer="parcels")
-    chip_layer.to_file(path, driver="GPKG", layer="chip_parcels", mode="a")
+    with fixed_gpkg_date():  # the same recipe gives the same bytes
+        layer.to_file(path, driver="GPKG", layer="parcels")
+        chip_layer.to_file(path, driver="GPKG", layer="chip_parcels", mode="a")
 
 
 def _write_source_files(prep: Prepared, out_dir: Path, sub: str) -> dict[str, Any]:

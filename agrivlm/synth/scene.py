@@ -31,7 +31,6 @@ from typing import Literal
 import geopandas as gpd
 import numpy as np
 import numpy.typing as npt
-import pyogrio
 import rasterio
 import shapely
 from affine import Affine
@@ -43,7 +42,7 @@ from rasterio.windows import Window
 from shapely import affinity
 
 from agrivlm.errors import SynthError
-from agrivlm.io import atomic_dir
+from agrivlm.io import atomic_dir, fixed_gpkg_date
 from agrivlm.synth.landscape import Parcel, tessellate
 from agrivlm.synth.phenology import FieldSeasons, PhenologyParams, field_seasons, iso, to_day
 from agrivlm.synth.regions import LANDCOVER_CODES, REGIONS, Crop, Region
@@ -70,8 +69,6 @@ GENERATOR_VERSION = 1
 #: Nodata of the NDVI files (as the embedded sample) and of the S2 digital numbers (as L2A).
 NDVI_NODATA = -9999.0
 DN_NODATA = 0
-#: GeoPackage timestamp (GDAL's ``OGR_CURRENT_DATE``): fixed, so the same scene gives the same bytes.
-_GPKG_DATE = "2000-01-01T00:00:00Z"
 
 #: Ids of the background covers in the id raster; parcel ``i`` is ``FIRST_PARCEL_ID + i``.
 MARGIN_ID, HEDGE_ID, ROAD_ID, FIRST_PARCEL_ID = 0, 1, 2, 3
@@ -667,11 +664,8 @@ def _write_parcels(path: Path, spec: SceneSpec, grid: Grid, table: ParcelTable) 
         frame[col] = frame[col].fillna("").astype(str)
     ordered = ["field_id", "class", "land_use", "crop", "area_ha", *sorted(season_cols), "geometry"]
     frame = frame[ordered]
-    pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": _GPKG_DATE})
-    try:
+    with fixed_gpkg_date():
         frame.to_file(path, layer="parcels", driver="GPKG", engine="pyogrio")
-    finally:
-        pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": None})
 
 
 def _write_truth(folder: Path, spec: SceneSpec, table: ParcelTable, days: npt.NDArray[np.float64]) -> int:
