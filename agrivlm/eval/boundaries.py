@@ -508,30 +508,11 @@ def evaluate_fields(
     check_layers_meet(t_layer, p_layer)
     ti, pj, iou = pairwise_iou(t_layer.geoms, p_layer.geoms)
     n_t, n_p = len(t_layer.geoms), len(p_layer.geoms)
-    per_t = []
-    for t in thresholds:
-        tp = len(match_pairs(ti, pj, iou, t)[0])
-        per_t.append(ThresholdScores(float(t), tp, n_p - tp, n_t - tp))
+    per_t = _scores_per_threshold(ti, pj, iou, n_t, n_p, thresholds)
     mt, mp, miou = match_pairs(ti, pj, iou, iou_threshold)
     main = ThresholdScores(float(iou_threshold), len(mt), n_p - len(mt), n_t - len(mt))
-
-    notes = []
-    if n_p == 0:
-        notes.append("no predictions: precision is undefined (null); recall and F1 are 0")
-    if n_t == 0:
-        notes.append("no true fields: recall is undefined (null)")
-    for layer, role in ((t_layer, "truth"), (p_layer, "prediction")):
-        if layer.n_repaired:
-            notes.append(f"{layer.n_repaired} invalid {role} polygon(s) repaired with make_valid")
-        if layer.n_dropped_empty:
-            notes.append(f"{layer.n_dropped_empty} empty or null {role} geometries dropped")
-
-    pixel = None
-    if extent is not None:
-        grid, valid = read_extent(extent)
-        pixel = pixel_scores(
-            rasterize_layer(t_layer.geoms, crs, grid), rasterize_layer(p_layer.geoms, crs, grid), valid, str(extent)
-        )
+    notes = _evaluation_notes(t_layer, p_layer)
+    pixel = None if extent is None else _extent_pixel_scores(t_layer, p_layer, crs, extent)
     return FieldEvaluation(
         precision=main.precision, recall=main.recall, f1=main.f1,
         map_50_95=float(np.mean([s.ap for s in per_t])) if n_t + n_p else math.nan,
@@ -543,6 +524,41 @@ def evaluate_fields(
         repaired={"truth": t_layer.n_repaired, "pred": p_layer.n_repaired},
         dropped_empty={"truth": t_layer.n_dropped_empty, "pred": p_layer.n_dropped_empty},
         notes=notes, per_field=_per_field_table(t_layer, p_layer, ti, pj, iou, mt, mp, miou),
+    )
+
+
+def _scores_per_threshold(
+    ti: IntArray, pj: IntArray, iou: FloatArray, n_t: int, n_p: int, thresholds: Sequence[float]
+) -> list[ThresholdScores]:
+    """TP/FP/FN at each IoU threshold, each with its own one-to-one matching."""
+    per_t = []
+    for t in thresholds:
+        tp = len(match_pairs(ti, pj, iou, t)[0])
+        per_t.append(ThresholdScores(float(t), tp, n_p - tp, n_t - tp))
+    return per_t
+
+
+def _evaluation_notes(t_layer: Layer, p_layer: Layer) -> list[str]:
+    """What the reader of the scores should know: undefined scores, repaired and dropped geometries."""
+    n_t, n_p = len(t_layer.geoms), len(p_layer.geoms)
+    notes = []
+    if n_p == 0:
+        notes.append("no predictions: precision is undefined (null); recall and F1 are 0")
+    if n_t == 0:
+        notes.append("no true fields: recall is undefined (null)")
+    for layer, role in ((t_layer, "truth"), (p_layer, "prediction")):
+        if layer.n_repaired:
+            notes.append(f"{layer.n_repaired} invalid {role} polygon(s) repaired with make_valid")
+        if layer.n_dropped_empty:
+            notes.append(f"{layer.n_dropped_empty} empty or null {role} geometries dropped")
+    return notes
+
+
+def _extent_pixel_scores(t_layer: Layer, p_layer: Layer, crs: pyproj.CRS, extent: str | RasterPath) -> PixelScores:
+    """Both layers rasterised on the extent raster's grid, scored over its valid pixels."""
+    grid, valid = read_extent(extent)
+    return pixel_scores(
+        rasterize_layer(t_layer.geoms, crs, grid), rasterize_layer(p_layer.geoms, crs, grid), valid, str(extent)
     )
 
 

@@ -140,6 +140,22 @@ def read_field_layer(
         raise ExploreError(f"{path}: no such file; check the path")
     frame = _read_vector(path)
     notes: list[str] = []
+    _check_layer_kind(frame, path, kind)
+    frame = _polygons_only(frame, path, notes)
+    frame = _in_stack_crs(frame, path, grid, notes)
+    if kind == "true":
+        ids, id_source, id_notes = _truth_ids(frame, path, id_column)
+        notes.extend(id_notes)
+    else:
+        ids, id_source = _prediction_ids(frame)
+    frame = frame.assign(field_id=ids.to_numpy(), kind=kind)
+    _check_overlap(frame, path, grid, notes)
+    frame = frame.reset_index(drop=True)
+    return FieldLayer(frame=frame, path=path, id_source=id_source, notes=notes)
+
+
+def _check_layer_kind(frame: gpd.GeoDataFrame, path: Path, kind: FieldKind) -> None:
+    """Refuse a layer without a CRS, and a prediction layer without the prediction columns."""
     if frame.crs is None:
         raise ExploreError(
             f"{path}: the layer has no CRS; set the one it is in (e.g. ogr2ogr -a_srs EPSG:xxxx out.gpkg "
@@ -152,6 +168,10 @@ def read_field_layer(
                 f"{path}: a prediction layer needs the columns {', '.join(FIELD_PREDICTION_COLUMNS)}; "
                 f"missing {', '.join(missing)} (is this a truth layer? pass it with --truth)"
             )
+
+
+def _polygons_only(frame: gpd.GeoDataFrame, path: Path, notes: list[str]) -> gpd.GeoDataFrame:
+    """The rows with a polygon (the others are left out, with a note); refuse a layer with none."""
     empty = frame.geometry.isna() | frame.geometry.is_empty
     if empty.any():
         notes.append(f"{int(empty.sum())} row(s) without geometry left out")
@@ -162,7 +182,11 @@ def read_field_layer(
         frame = frame.loc[polygonal]
     if frame.empty:
         raise ExploreError(f"{path}: no polygon to show (the layer is empty or holds no polygons)")
+    return frame
 
+
+def _in_stack_crs(frame: gpd.GeoDataFrame, path: Path, grid: GeoGrid, notes: list[str]) -> gpd.GeoDataFrame:
+    """The polygons in the stack's CRS, invalid ones repaired; refuse "degrees" that cannot be degrees."""
     source_crs = CRS.from_user_input(frame.crs)
     minx, miny, maxx, maxy = frame.total_bounds
     if source_crs.is_geographic and (min(minx, miny) < -180 or maxx > 360 or maxy > 90 or miny < -90):
@@ -179,14 +203,11 @@ def read_field_layer(
     if invalid.any():
         frame = frame.assign(geometry=frame.geometry.make_valid())
         notes.append(f"{int(invalid.sum())} invalid polygon(s) repaired (make_valid)")
+    return frame
 
-    if kind == "true":
-        ids, id_source, id_notes = _truth_ids(frame, path, id_column)
-        notes.extend(id_notes)
-    else:
-        ids, id_source = _prediction_ids(frame)
-    frame = frame.assign(field_id=ids.to_numpy(), kind=kind)
 
+def _check_overlap(frame: gpd.GeoDataFrame, path: Path, grid: GeoGrid, notes: list[str]) -> None:
+    """Refuse a layer that misses the stack entirely; note the polygons outside it."""
     footprint = grid.footprint()
     overlaps = frame.geometry.intersects(footprint)
     if not overlaps.any():
@@ -197,8 +218,6 @@ def read_field_layer(
         )
     if not overlaps.all():
         notes.append(f"{int((~overlaps).sum())} of {len(frame)} polygon(s) lie outside the stack")
-    frame = frame.reset_index(drop=True)
-    return FieldLayer(frame=frame, path=path, id_source=id_source, notes=notes)
 
 
 def _fmt_bounds(bounds: Sequence[float]) -> str:

@@ -268,7 +268,47 @@ def _render(settings: ExploreSettings) -> None:
     roles = band_roles(stack.band_names, settings.band_map())
     views = available_views(stack.band_names, roles)
     options = field_options(inputs)
+    _follow_map_pick(options)
+    controls = _sidebar(settings, inputs, views, options)
+    _input_messages(inputs)
 
+    stack_key = (settings.stack, settings.masks)
+    roles_key = tuple(sorted(roles.items()))
+    overlay = _overlay(stack, stack_key, controls.step, controls.view, roles_key,
+                       bool(controls.show_clouds and stack.has_masks))
+    view_state = fit_view(_stack_lonlat_bounds(stack))
+
+    selected = _selected(inputs, controls.choice)
+    answer_layers, position_panel = _positions(settings, stack, selected)
+    answer_layers += _model_answer_layers(settings, stack)
+    _draw_map(settings, inputs, controls, view_state, overlay, selected, answer_layers)
+    _map_caption(settings, stack, controls, overlay)
+
+    if selected is None:
+        st.info("Click a field on the map or pick one in the sidebar to see its NDVI curve and growth stages.")
+    else:
+        _field_panel(stack, selected, inputs, roles_key, stack_key, controls.dates[controls.step], position_panel)
+    if settings.model is not None:
+        _question_box(settings, stack, selected)
+
+
+@dataclass
+class _Controls:
+    """The sidebar's choices of one page run, with the stack's dates they index."""
+
+    dates: pd.DatetimeIndex
+    labels: list[str]
+    step: int
+    view: str
+    show_truth: bool
+    show_pred: bool
+    show_grid: bool
+    show_clouds: bool
+    choice: str | None
+
+
+def _follow_map_pick(options: dict[str, str]) -> None:
+    """Select the field clicked on the map."""
     # A click on the map (the chart's state, known before anything is drawn) selects that field.
     picked = picked_field(st.session_state.get("map"))
     if picked != st.session_state.get("_last_pick"):
@@ -276,6 +316,10 @@ def _render(settings: ExploreSettings) -> None:
         if picked in options:
             st.session_state["field"] = picked
 
+
+def _sidebar(settings: ExploreSettings, inputs: Inputs, views: Sequence[str], options: dict[str, str]) -> _Controls:
+    """The stack's description, the date slider, the view, the layer switches and the field list."""
+    stack = inputs.stack
     with st.sidebar:
         t, c, h, w = stack.shape
         dates = pd.to_datetime(stack.times)
@@ -291,7 +335,12 @@ def _render(settings: ExploreSettings) -> None:
         show_clouds = st.checkbox("Mark clouds (blue-grey)", value=True, disabled=not stack.has_masks)
         choice = st.selectbox("Field", [""] + list(options), format_func=lambda k: options.get(k, "— none —"),
                               key="field", help="Or click a field on the map.")
+    return _Controls(dates=dates, labels=labels, step=step, view=view, show_truth=show_truth, show_pred=show_pred,
+                     show_grid=show_grid, show_clouds=show_clouds, choice=choice)
 
+
+def _input_messages(inputs: Inputs) -> None:
+    """The inputs' problems as errors, and what was done to them in a folded list of notes."""
     for message in inputs.errors:
         st.error(message)
     if inputs.notes:
@@ -299,42 +348,36 @@ def _render(settings: ExploreSettings) -> None:
             for note in inputs.notes:
                 st.write("· " + note)
 
-    stack_key = (settings.stack, settings.masks)
-    roles_key = tuple(sorted(roles.items()))
-    overlay = _overlay(stack, stack_key, step, view, roles_key, bool(show_clouds and stack.has_masks))
-    view_state = fit_view(_stack_lonlat_bounds(stack))
 
-    selected = _selected(inputs, choice)
-    answer_layers, position_panel = _positions(settings, stack, selected)
-    answer_layers += _model_answer_layers(settings, stack)
-    truth_json = _geojson(inputs.fields("true")) if show_truth else None
-    pred_json = _geojson(inputs.fields("predicted")) if show_pred else None
+def _draw_map(settings: ExploreSettings, inputs: Inputs, controls: _Controls, view_state: dict[str, float],
+              overlay: Overlay, selected: gpd.GeoDataFrame | None, answer_layers: list[Any]) -> None:
+    """The map: the date's overlay, the switched-on field layers, the chip grid and the selection."""
+    stack = inputs.stack
+    truth_json = _geojson(inputs.fields("true")) if controls.show_truth else None
+    pred_json = _geojson(inputs.fields("predicted")) if controls.show_pred else None
     grid_json = None
-    if show_grid:
+    if controls.show_grid:
         grid_json = to_geojson(chip_grid_frame(stack.grid, settings.chip_size, settings.stride), ["chip_id"])
     selected_json = _geojson(selected) if selected is not None else None
     deck = build_deck(view_state, overlay, truth_json, pred_json, grid_json, selected_json, answer_layers,
                       settings.tiles)
     st.pydeck_chart(deck, on_select="rerun", selection_mode="single-object", key="map", height=MAP_HEIGHT_PX)
 
-    legend = legend_png(view)
+
+def _map_caption(settings: ExploreSettings, stack: Stack, controls: _Controls, overlay: Overlay) -> None:
+    """What the map shows (date, view, data and cloud cover) beside the view's colour bar."""
+    label = controls.labels[controls.step]
+    legend = legend_png(controls.view)
     cols = st.columns([3, 2])
     cols[0].caption(
-        f"{labels[step]} · {view} · data on {overlay.valid_fraction:.0%} of the stack"
+        f"{label} · {controls.view} · data on {overlay.valid_fraction:.0%} of the stack"
         + (f", clouds on {overlay.cloud_fraction:.0%} of it" if stack.has_masks else "")
         + " · no basemap" * (settings.tiles is None)
     )
     if overlay.valid_fraction == 0:
-        st.warning(f"The stack has no data on {labels[step]}: pick another date.")
+        st.warning(f"The stack has no data on {label}: pick another date.")
     if legend is not None:
         cols[1].image(legend)
-
-    if selected is None:
-        st.info("Click a field on the map or pick one in the sidebar to see its NDVI curve and growth stages.")
-    else:
-        _field_panel(stack, selected, inputs, roles_key, stack_key, dates[step], position_panel)
-    if settings.model is not None:
-        _question_box(settings, stack, selected)
 
 
 def _stack_lonlat_bounds(stack: Stack) -> tuple[float, float, float, float]:

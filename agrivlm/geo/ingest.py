@@ -71,16 +71,33 @@ def ingest(
     ensure_writable_dir(out, IngestError)
     stack = open_stack(inputs, masks=masks, dates=dates, same_day=same_day, assets=assets, mask_assets=mask_assets,
                        mask_values=mask_values)
-    mask_files = [m.path for step in stack.steps for m in step.masks if m is not None]
     stream = ChipStream(stack, chip_size=chip_size, stride=stride, edge=edge)
+    frame = _chip_index(stream, validate, progress, workers, scheduler)
+    summary = _summary(stream, chip_size, stride, edge, index_path)
+    with atomic_unit(out) as unit:
+        write_frame_to(frame, unit / index_path.name, index_path.stem)
+        write_summary(unit / summary_path.name, summary)
+    return summary
+
+
+def _chip_index(
+    stream: ChipStream, validate: bool, progress: bool, workers: int | None, scheduler: str | None
+) -> gpd.GeoDataFrame:
+    """Validate the stack's data and mask files (``validate``) and read every chip: here or on a cluster."""
+    stack = stream.stack
+    mask_files = [m.path for step in stack.steps for m in step.masks if m is not None]
     if workers is not None or scheduler is not None:
-        frame = _distributed_index(stream, stack.files + mask_files, validate, progress, workers, scheduler)
-    else:
-        if validate:
-            validate_files(stack.files + mask_files, progress=progress)
-        frame = build_chip_index(stream, progress=progress)
-    summary = {
-        **stack.summary(),
+        return _distributed_index(stream, stack.files + mask_files, validate, progress, workers, scheduler)
+    if validate:
+        validate_files(stack.files + mask_files, progress=progress)
+    return build_chip_index(stream, progress=progress)
+
+
+def _summary(stream: ChipStream, chip_size: int, stride: int | None, edge: Edge | str,
+             index_path: Path) -> dict[str, Any]:
+    """``summary.json``: the stack's description, the chipping settings and what the chip stream kept."""
+    return {
+        **stream.stack.summary(),
         "chip_size": chip_size,
         "stride": stride if stride is not None else chip_size,
         "edge": Edge(edge).value,
@@ -90,10 +107,6 @@ def ingest(
         "skipped_chip_ids": sorted(stream.skipped_ids),  # ids sort in row-major order
         "index": str(index_path),
     }
-    with atomic_unit(out) as unit:
-        write_frame_to(frame, unit / index_path.name, index_path.stem)
-        write_summary(unit / summary_path.name, summary)
-    return summary
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:

@@ -825,17 +825,50 @@ def open_stack(
     """
     if same_day not in ("keep", "first", "mosaic"):
         raise IngestError(f"same_day must be 'keep', 'first' or 'mosaic', not {same_day!r}")
+    infos = _dated_sources(inputs, dates, nodata, assets)
+    grid = _reference_grid(reference, infos)
+    ref_info = infos[0]
+    _check_band_counts(infos)
+    names = _band_names(band_names, ref_info)
+    steps, dropped = _group_same_day(infos, same_day)
+    if masks is not None:
+        mask_paths = resolve_inputs(masks, what="mask files", assets=mask_assets)
+        _match_masks(steps, [_inspect(p, dates) for p in mask_paths])
+    stack = Stack(
+        steps=steps, grid=grid, band_names=names, nodata=nodata if nodata is not None else ref_info.nodata,
+        resampling=Resampling[resampling] if isinstance(resampling, str) else resampling,
+        mask_values=tuple(mask_values) if mask_values is not None else None, dropped=dropped, dtype=ref_info.dtype,
+    )
+    _check_alignment(stack)
+    return stack
+
+
+def _dated_sources(inputs: Inputs, dates: Mapping[str, object] | None, nodata: float | None,
+                   assets: Sequence[str] | None) -> list[SourceInfo]:
+    """Every data file inspected, in time order (then by path), with ``nodata`` for files that declare none."""
     paths = resolve_inputs(inputs, assets=assets)
     infos = sorted((_inspect(p, dates) for p in paths), key=lambda i: (i.time, str(i.path)))
     if nodata is not None:
         infos = [i if i.nodata is not None else _with_nodata(i, nodata) for i in infos]
+    return infos
 
+
+def _reference_grid(reference: str | os.PathLike[str] | GeoGrid | None, infos: list[SourceInfo]) -> GeoGrid:
+    """The grid to align to: the one given, the grid of the raster given, else the earliest file's."""
     if isinstance(reference, GeoGrid):
-        grid = reference
-    elif reference is not None:
-        grid = _inspect(DatedFile(Path(reference), datetime(1970, 1, 1), "reference")).grid
-    else:
-        grid = infos[0].grid
+        return reference
+    if reference is not None:
+        return _inspect(DatedFile(Path(reference), datetime(1970, 1, 1), "reference")).grid
+    return infos[0].grid
+
+
+def _check_band_counts(infos: list[SourceInfo]) -> None:
+    """Refuse files whose band count differs from the earliest file's.
+
+    Raises:
+        IngestError: naming the first file with another band count.
+
+    """
     ref_info = infos[0]
     for info in infos:
         if info.count != ref_info.count:
@@ -844,28 +877,19 @@ def open_stack(
                 "a stack needs the same bands on every date (split it into one stack per band set)"
             )
 
+
+def _band_names(band_names: Sequence[str] | None, ref_info: SourceInfo) -> list[str]:
+    """The names given (one per band), else the reference file's band descriptions (``band_<k>`` where empty)."""
     names = list(band_names) if band_names is not None else [
         d if d else f"band_{k + 1}" for k, d in enumerate(ref_info.descriptions)
     ]
     if len(names) != ref_info.count:
         raise IngestError(f"{len(names)} band names given for {ref_info.count} band(s) in {ref_info.path.name}")
+    return names
 
-    steps, dropped = _group_same_day(infos, same_day)
-    if masks is not None:
-        mask_paths = resolve_inputs(masks, what="mask files", assets=mask_assets)
-        mask_infos = [_inspect(p, dates) for p in mask_paths]
-        _match_masks(steps, mask_infos)
 
-    stack = Stack(
-        steps=steps,
-        grid=grid,
-        band_names=names,
-        nodata=nodata if nodata is not None else ref_info.nodata,
-        resampling=Resampling[resampling] if isinstance(resampling, str) else resampling,
-        mask_values=tuple(mask_values) if mask_values is not None else None,
-        dropped=dropped,
-        dtype=ref_info.dtype,
-    )
+def _check_alignment(stack: Stack) -> None:
+    """Check the files warped to the grid meet it, and say which dates are read without a mask."""
     if stack.warped_files:
         _check_on_grid(stack)
         log.info("%d file(s) are not on the reference grid and are warped to it", len(stack.warped_files))
@@ -874,7 +898,6 @@ def open_stack(
         log.warning("masks cover %d of %d dates; %d date(s) are used without a mask (first: %s, %s)",
                     len(stack.steps) - len(bare), len(stack.steps), len(bare), f"{bare[0].time:%Y-%m-%d}",
                     bare[0].sources[0].path.name)
-    return stack
 
 
 def _check_on_grid(stack: Stack) -> None:

@@ -359,6 +359,19 @@ def sample_frames(chip: Chip, config: FrameSamplingConfig | None = None, fast_en
 
     """
     config = config or FrameSamplingConfig()
+    _check_chip_dates(chip, fast_end)
+    cloud = chip.mask if config.clouds_as_nodata else None
+    usable = frame_valid_fraction(chip.data, cloud) > config.min_valid_fraction
+    what = "valid (cloud-free) values" if config.clouds_as_nodata else "valid values"
+    if config.empty == "drop":
+        indices, is_fast, axis = _select_among_usable(chip, config, fast_end, usable, what)
+    else:
+        indices, is_fast, axis = _select_among_all(chip, config, fast_end, usable, what)
+    return _gather_frames(chip, config, indices, is_fast, axis)
+
+
+def _check_chip_dates(chip: Chip, fast_end: int | None) -> None:
+    """Refuse a chip without dates, with frames that do not match its dates, or a ``fast_end`` outside them."""
     n = len(chip.times)
     if n == 0 or chip.data.shape[0] == 0:
         raise PipelineError(f"chip {chip.chip_id}: no frames (zero dates); ingest a stack with at least one date")
@@ -366,33 +379,43 @@ def sample_frames(chip: Chip, config: FrameSamplingConfig | None = None, fast_en
         raise PipelineError(f"chip {chip.chip_id}: {chip.data.shape[0]} frames but {n} dates")
     if fast_end is not None and not 0 <= fast_end < n:
         raise PipelineError(f"chip {chip.chip_id}: fast_end={fast_end} is outside its {n} dates (0…{n - 1})")
-    cloud = chip.mask if config.clouds_as_nodata else None
-    frac = frame_valid_fraction(chip.data, cloud)
-    usable = frac > config.min_valid_fraction
-    what = "valid (cloud-free) values" if config.clouds_as_nodata else "valid values"
-    if config.empty == "drop":
-        keep = np.flatnonzero(usable)
-        if keep.size == 0:
-            raise PipelineError(
-                f"chip {chip.chip_id}: all {n} frames are empty (fraction of {what} ≤ {config.min_valid_fraction}); "
-                "no frame to sample — skip this chip or lower min_valid_fraction")
-        local_end = None
-        if fast_end is not None:
-            hits = np.flatnonzero(keep == fast_end)
-            if hits.size == 0:
-                raise PipelineError(f"chip {chip.chip_id}: fast_end date {_describe(chip.times, [fast_end])} is empty")
-            local_end = int(hits[0])
-        local, is_fast = select_indices(chip.times[keep], config, local_end)
-        indices = keep[local]
-        axis, _ = frame_time_positions(chip.times[keep], local)
-    else:
-        indices, is_fast = select_indices(chip.times, config, fast_end)
-        axis, _ = frame_time_positions(chip.times, indices)
-        bad = indices[~usable[indices]]
-        if bad.size:
-            raise PipelineError(
-                f"chip {chip.chip_id}: selected frame(s) {_describe(chip.times, np.unique(bad))} have no {what} "
-                f"(fraction ≤ {config.min_valid_fraction}); pass empty='drop' to sample only usable dates")
+
+
+def _select_among_usable(chip: Chip, config: FrameSamplingConfig, fast_end: int | None,
+                         usable: npt.NDArray[np.bool_], what: str) -> tuple[IntArray, npt.NDArray[np.bool_], TimeAxis]:
+    """``empty="drop"``: sample among the usable dates only (``fast_end`` must be one of them)."""
+    keep = np.flatnonzero(usable)
+    if keep.size == 0:
+        raise PipelineError(
+            f"chip {chip.chip_id}: all {len(chip.times)} frames are empty (fraction of {what} ≤ "
+            f"{config.min_valid_fraction}); no frame to sample — skip this chip or lower min_valid_fraction")
+    local_end = None
+    if fast_end is not None:
+        hits = np.flatnonzero(keep == fast_end)
+        if hits.size == 0:
+            raise PipelineError(f"chip {chip.chip_id}: fast_end date {_describe(chip.times, [fast_end])} is empty")
+        local_end = int(hits[0])
+    local, is_fast = select_indices(chip.times[keep], config, local_end)
+    axis, _ = frame_time_positions(chip.times[keep], local)
+    return keep[local], is_fast, axis
+
+
+def _select_among_all(chip: Chip, config: FrameSamplingConfig, fast_end: int | None,
+                      usable: npt.NDArray[np.bool_], what: str) -> tuple[IntArray, npt.NDArray[np.bool_], TimeAxis]:
+    """``empty="raise"``: sample among every date, and refuse a selected date that is not usable."""
+    indices, is_fast = select_indices(chip.times, config, fast_end)
+    axis, _ = frame_time_positions(chip.times, indices)
+    bad = indices[~usable[indices]]
+    if bad.size:
+        raise PipelineError(
+            f"chip {chip.chip_id}: selected frame(s) {_describe(chip.times, np.unique(bad))} have no {what} "
+            f"(fraction ≤ {config.min_valid_fraction}); pass empty='drop' to sample only usable dates")
+    return indices, is_fast, axis
+
+
+def _gather_frames(chip: Chip, config: FrameSamplingConfig, indices: IntArray, is_fast: npt.NDArray[np.bool_],
+                   axis: TimeAxis) -> Frames:
+    """The selected frames' pixels (clouds as NaN when ``clouds_as_nodata``) and their validity."""
     pixels = chip.data[indices].astype(np.float32, copy=True)
     valid: npt.NDArray[np.bool_] = np.logical_not(chip.nodata[indices].any(axis=1))
     if config.clouds_as_nodata:

@@ -110,9 +110,6 @@ def write_quickstart_report(qs: QuickstartRun) -> Path:
     stack = open_stack(qs.stack, masks=qs.masks, **qs.stack_options)
     ingest = json.loads((out / "ingest" / "summary.json").read_text())
     evals = qs.done("eval") or {}
-    fields_scores, growth_scores = evals.get("fields") or {}, evals.get("growth") or {}
-    baselines = evals.get("baselines") or {}
-    n_held = len(evals.get("heldout_chips") or [])
     finals = {s: qs.final(s) for s in qs.opts.stages}
     n_params = _num_parameters(finals["stage3"])
     train_seconds = sum(float((qs.done(s) or {}).get("seconds", 0.0)) for s in finals)
@@ -121,6 +118,21 @@ def write_quickstart_report(qs: QuickstartRun) -> Path:
     minx, miny, maxx, maxy = stack.grid.bounds
     area_km2 = (maxx - minx) * (maxy - miny) / 1e6
 
+    truth = _draw_figures(qs, stack, finals)
+    sections = [*_data_sections(qs, stack, ingest, finals), *_result_sections(qs, evals, truth)]
+    intro = _intro(qs, ingest, n_params, len(evals.get("heldout_chips") or []), train_seconds, total_seconds,
+                   area_km2)
+    facts = {"options": json.loads((out / "quickstart.json").read_text())["options"],
+             "timings_s": {s: (qs.done(s) or {}).get("seconds") for s in ("ingest", "recipes", *finals, "infer",
+                                                                           "eval")},
+             "fields_summary": str(out / "eval" / "fields" / "summary.json"),
+             "growth_summary": str(out / "eval" / "growth" / "summary.json")}
+    return write_report(out / "report.html", "agrivlm quickstart", intro, sections, facts)
+
+
+def _draw_figures(qs: QuickstartRun, stack: Any, finals: dict[str, Path]) -> gpd.GeoDataFrame:
+    """The report's PNGs beside it (drawn, or copied from the evaluation and the recipes); returns the truth."""
+    out = qs.out
     plot_stack_overview(stack, out / "stack_dates.png")
     plot_losses({s: read_metrics(f.parent) for s, f in finals.items()}, out / "loss_curves.png")
     truth = gpd.read_file(out / "eval" / "truth_fields.gpkg")
@@ -139,8 +151,12 @@ def write_quickstart_report(qs: QuickstartRun) -> Path:
                       (out / "data" / "stage3" / "plots" / "phenology.png", "phenology.png")):
         if src.is_file():
             shutil.copyfile(src, out / name)
+    return truth
 
-    stack_table = pd.DataFrame({
+
+def _stack_table(ingest: dict[str, Any]) -> pd.DataFrame:
+    """The stack as ingest described it: dates, size, CRS, bounds, chips and masks."""
+    return pd.DataFrame({
         "": ["dates", "size", "CRS", "bounds", "chips (32 px, stride 16)", "masks"],
         "value": [f"{ingest['n_dates']}: {ingest['dates'][0][:10]} → {ingest['dates'][-1][:10]}",
                   f"{ingest['n_bands']} band(s) {ingest['band_names']} × {ingest['height']} × {ingest['width']} px",
@@ -148,6 +164,10 @@ def write_quickstart_report(qs: QuickstartRun) -> Path:
                   f"{ingest['chips_kept']} kept, {ingest['chips_skipped_nodata']} skipped",
                   "cloud masks" if ingest["has_masks"] else "none"],
     })
+
+
+def _train_table(qs: QuickstartRun, finals: dict[str, Path]) -> pd.DataFrame:
+    """One row per trained stage: steps, first and last loss, held-out loss, seconds."""
     train_rows = []
     for s in finals:
         info = qs.done(s) or {}
@@ -156,30 +176,40 @@ def write_quickstart_report(qs: QuickstartRun) -> Path:
                            "last loss": _fmt(info.get("last_loss")),
                            "held-out loss (first → last)": f"{_fmt(evals_s[0])} → {_fmt(evals_s[-1])}"
                            if evals_s else "—", "seconds": _fmt(info.get("seconds"))})
+    return pd.DataFrame(train_rows)
+
+
+def _field_table(fields_scores: dict[str, Any], baselines: dict[str, Any]) -> pd.DataFrame:
+    """The model's and the baselines' object and pixel scores of the field boundaries, one row each."""
     field_rows = [("model", fields_scores), *((name, b) for name, b in (baselines.get("fields") or {}).items())]
-    field_table = pd.DataFrame([{"": name, **{k: _fmt(sc.get(k)) for k in
-                                 ("precision", "recall", "f1", "map_50_95", "mean_iou", "pixel_iou", "tp", "fp", "fn",
-                                  "n_pred", "n_truth")}} for name, sc in field_rows])
+    return pd.DataFrame([{"": name, **{k: _fmt(sc.get(k)) for k in
+                          ("precision", "recall", "f1", "map_50_95", "mean_iou", "pixel_iou", "tp", "fp", "fn",
+                           "n_pred", "n_truth")}} for name, sc in field_rows])
+
+
+def _growth_row(name: str, sc: dict[str, Any]) -> dict[str, Any]:
+    """One row of the growth-stage table: a model's or a baseline's scores per (field, date)."""
+    answered = (sc.get("n_pairs") or 0) - (sc.get("n_missing") or 0)
+    return {"": name, "accuracy": _fmt(sc.get("accuracy")),
+            "accuracy where answered": _fmt(sc.get("n_correct", 0) / answered) if answered else "—",
+            "macro-F1": _fmt(sc.get("macro_f1")), "temporal IoU": _fmt(sc.get("temporal_iou")),
+            "(field, date) pairs": sc.get("n_pairs"), "missing": sc.get("n_missing")}
+
+
+def _key_table(growth_scores: dict[str, Any], baselines: dict[str, Any]) -> pd.DataFrame:
+    """The key dates' errors in days, the model's beside the climatology's."""
     key = growth_scores.get("key_dates") or {}
-
-    def growth_row(name: str, sc: dict[str, Any]) -> dict[str, Any]:
-        answered = (sc.get("n_pairs") or 0) - (sc.get("n_missing") or 0)
-        return {"": name, "accuracy": _fmt(sc.get("accuracy")),
-                "accuracy where answered": _fmt(sc.get("n_correct", 0) / answered) if answered else "—",
-                "macro-F1": _fmt(sc.get("macro_f1")), "temporal IoU": _fmt(sc.get("temporal_iou")),
-                "(field, date) pairs": sc.get("n_pairs"), "missing": sc.get("n_missing")}
-
-    growth_table = pd.DataFrame([growth_row("model", growth_scores)] + [
-        growth_row(name, b or {}) for name, b in (baselines.get("growth") or {}).items()])
     clim_key = ((baselines.get("growth") or {}).get("climatology") or {}).get("key_dates") or {}
-    key_table = pd.DataFrame([{"key date": k, "compared": v.get("n_compared"), "missing": v.get("n_missing"),
-                               "mean |error| (days)": _fmt(v.get("mean_abs_days")),
-                               "median |error| (days)": _fmt(v.get("median_abs_days")),
-                               "climatology median |error| (days)": _fmt((clim_key.get(k) or {}).get(
-                                   "median_abs_days"))} for k, v in key.items()])
-    infer = qs.done("infer") or {}
-    fi, gi = infer.get("fields", {}), infer.get("growth", {})
+    return pd.DataFrame([{"key date": k, "compared": v.get("n_compared"), "missing": v.get("n_missing"),
+                          "mean |error| (days)": _fmt(v.get("mean_abs_days")),
+                          "median |error| (days)": _fmt(v.get("median_abs_days")),
+                          "climatology median |error| (days)": _fmt((clim_key.get(k) or {}).get(
+                              "median_abs_days"))} for k, v in key.items()])
 
+
+def _intro(qs: QuickstartRun, ingest: dict[str, Any], n_params: int, n_held: int, train_seconds: float,
+           total_seconds: float, area_km2: float) -> list[str]:
+    """The report's opening paragraphs: what was trained, on what, and what the scores are measured on."""
     if qs.opts.start == "default":
         what = ("the shipped default checkpoint (agrivlm train default: a SigLIP-style encoder and a Qwen2-style LM "
                 "with small dimensions, trained from random weights on synthetic scenes and the sample's train blocks)"
@@ -195,16 +225,21 @@ def write_quickstart_report(qs: QuickstartRun) -> Path:
             "fields." if n_held else
             "The recipes' test split holds no 32-px chip of this stack, so nothing held out could be scored: give a "
             "larger stack (the split cuts 500 m blocks) for held-out scores.")
-    intro = [
+    return [
         f"What was trained: {what} in {train_seconds / 60:.1f} minutes on the CPU, on {area_km2:.1f} km² of one "
         f"stack ({ingest['n_dates']} dates). Everything took {total_seconds / 60:.1f} minutes.",
         held,
         "These are the scores this model really gets: they show where a small CPU-trained model stands, not what "
         "agrivlm reaches with pretrained weights and real training.",
     ]
-    sections = [
+
+
+def _data_sections(qs: QuickstartRun, stack: Any, ingest: dict[str, Any], finals: dict[str, Path]) -> list[Section]:
+    """The sections on what went in: the stack, the instruction data and the training."""
+    out = qs.out
+    return [
         Section("The stack", [f"{stack.band_names[0]} stack from {qs.stack}."], [
-            ("stack_dates.png", "clear-sky fraction of every date (cloud masks)")], [("stack", stack_table)]),
+            ("stack_dates.png", "clear-sky fraction of every date (cloud masks)")], [("stack", _stack_table(ingest))]),
         Section("Instruction data and phenology", [
             "Recipes turn the stack and the parcels into question–answer records; growth stages come from each "
             "parcel's cloud-masked, gap-filled, Savitzky–Golay-smoothed NDVI curve (amplitude thresholds)."],
@@ -216,7 +251,21 @@ def write_quickstart_report(qs: QuickstartRun) -> Path:
             + (" (here from the default checkpoint, which went through all three)." if qs.opts.start == "default"
                else ".")],
             [("loss_curves.png", "loss curves of the trained stages (main, position and total losses)")],
-            [("stages", pd.DataFrame(train_rows))]),
+            [("stages", _train_table(qs, finals))]),
+    ]
+
+
+def _result_sections(qs: QuickstartRun, evals: dict[str, Any], truth: gpd.GeoDataFrame) -> list[Section]:
+    """The sections on what came out: field boundaries, growth stages, and the commands to redo and explore."""
+    fields_scores, growth_scores = evals.get("fields") or {}, evals.get("growth") or {}
+    baselines = evals.get("baselines") or {}
+    field_table = _field_table(fields_scores, baselines)
+    growth_table = pd.DataFrame([_growth_row("model", growth_scores)] + [
+        _growth_row(name, b or {}) for name, b in (baselines.get("growth") or {}).items()])
+    key_table = _key_table(growth_scores, baselines)
+    infer = qs.done("infer") or {}
+    fi, gi = infer.get("fields", {}), infer.get("growth", {})
+    return [
         Section("Field boundaries", [
             f"{fi.get('features', 0)} fields predicted ({fi.get('features_before_nms', 0)} outlines before merging "
             f"duplicates), {fi.get('unparsed', 0)} of {fi.get('questions', 0)} answers unparsed; truth: "
@@ -238,9 +287,3 @@ def write_quickstart_report(qs: QuickstartRun) -> Path:
         Section("Redo each step by hand", ["The same steps with the same settings:"], commands=commands(qs)),
         Section("Look at it on a map", ["Open the field explorer on these outputs:"], commands=[explore_command(qs)]),
     ]
-    facts = {"options": json.loads((out / "quickstart.json").read_text())["options"],
-             "timings_s": {s: (qs.done(s) or {}).get("seconds") for s in ("ingest", "recipes", *finals, "infer",
-                                                                           "eval")},
-             "fields_summary": str(out / "eval" / "fields" / "summary.json"),
-             "growth_summary": str(out / "eval" / "growth" / "summary.json")}
-    return write_report(out / "report.html", "agrivlm quickstart", intro, sections, facts)

@@ -281,17 +281,7 @@ class Quickstart:
         beside the day-of-year climatology of every other field of the stack on the same (field, date) pairs.
         """
         import geopandas as gpd
-        import pandas as pd
 
-        from agrivlm.errors import EvalError
-        from agrivlm.eval import evaluate_growth, key_dates_from_stages, write_field_report, write_growth_report
-        from agrivlm.eval.heldout import (
-            evaluate_chipwise,
-            predict_climatology,
-            segmentation_baseline,
-            stage_climatology,
-            whole_chip_baseline,
-        )
         from agrivlm.geo.stack import open_stack, resolve_inputs
 
         tables = self.path("data", "stage3", "tables")
@@ -309,11 +299,25 @@ class Quickstart:
                                 "baselines": {}}
         if chips.empty:
             return info
+        info["fields"], info["baselines"]["fields"] = self._eval_fields(truth, chips, stack, extent)
+        growth = self._eval_growth(truth, chips, tables)
+        if growth is not None:
+            info["growth"], info["baselines"]["growth"] = growth
+        return info
+
+    def _eval_fields(self, truth: Any, chips: Any, stack: Any, extent: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The model's field scores on the held-out chips (report in ``eval/fields``), and the baselines'."""
+        import geopandas as gpd
+
+        from agrivlm.errors import EvalError
+        from agrivlm.eval import write_field_report
+        from agrivlm.eval.heldout import evaluate_chipwise, segmentation_baseline, whole_chip_baseline
+
         pred = gpd.read_file(self.path("predictions", "fields.gpkg"))
         pred = pred[pred.chip_id.isin(chips.chip_id)]
         fields = evaluate_chipwise(pred, truth, chips, truth_id="field_id", extent=extent)
         write_field_report(fields, self.path("eval", "fields"), overwrite=True)
-        info["fields"] = fields.to_dict()
+        scores = fields.to_dict()
         baselines = {"whole chip": evaluate_chipwise(whole_chip_baseline(chips), truth, chips, truth_id="field_id",
                                                      extent=extent).to_dict()}
         try:
@@ -322,7 +326,18 @@ class Quickstart:
                                                           extent=extent).to_dict()
         except EvalError as exc:
             log.info("segmentation baseline left out: %s", exc)
-        info["baselines"]["fields"] = baselines
+        return scores, baselines
+
+    def _eval_growth(self, truth: Any, chips: Any, tables: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The model's growth scores on the held-out fields (report in ``eval/growth``), and the climatology's.
+
+        ``None`` when no held-out field has both predicted and reference stages.
+        """
+        import pandas as pd
+
+        from agrivlm.eval import evaluate_growth, key_dates_from_stages, write_growth_report
+        from agrivlm.eval.heldout import predict_climatology, stage_climatology
+
         # growth: fields inside the held-out chips, against the climatology of all the other fields
         inside = truth[truth.intersects(chips.union_all())]
         held = set(inside["field_id"].astype(str))
@@ -331,7 +346,7 @@ class Quickstart:
         pred_st = pred_st[pred_st.field_id.isin(held)].drop_duplicates(["field_id", "date"])
         held_ref = ref[ref.field_id.isin(held)]
         if pred_st.empty or held_ref.empty:
-            return info
+            return None
         classes = dict(zip(truth["field_id"].astype(str), truth["class"].astype(str), strict=True)) \
             if "class" in truth else {}
         clim = stage_climatology([ref[~ref.field_id.isin(held)]], classes=classes)
@@ -345,12 +360,11 @@ class Quickstart:
         key_dates_from_stages(truth_st).to_csv(truth_keys, index=False)
         growth = evaluate_growth(pred_path, truth_st, pred_key_dates=pred_keys, truth_key_dates=truth_keys)
         write_growth_report(growth, self.path("eval", "growth"), overwrite=True)
-        info["growth"] = growth.to_dict()
+        scores = growth.to_dict()
         calendar = predict_climatology(asked, clim, classes=classes)
-        info["baselines"]["growth"] = {"climatology": evaluate_growth(
-            calendar, asked, pred_key_dates=key_dates_from_stages(calendar),
-            truth_key_dates=key_dates_from_stages(asked)).to_dict()}
-        return info
+        climatology = evaluate_growth(calendar, asked, pred_key_dates=key_dates_from_stages(calendar),
+                                      truth_key_dates=key_dates_from_stages(asked)).to_dict()
+        return scores, {"climatology": climatology}
 
     def step_report(self) -> dict[str, Any]:
         """``report.html`` and its PNGs."""
