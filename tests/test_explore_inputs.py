@@ -43,6 +43,18 @@ def test_sample_parcels_take_ids_from_the_first_unique_candidate(sample_stack, s
     assert (layer.frame["kind"] == "true").all()
 
 
+def test_a_layer_whose_id_candidates_all_repeat_takes_row_numbers(sample_stack, parcels, tmp_path: Path) -> None:
+    """An ``index`` column with repeats (and no other unique candidate) falls back to row numbers, with notes."""
+    layer = parcels.iloc[:5].copy()
+    layer["index"] = [1, 1, 2, 2, 3]
+    path = tmp_path / "repeats.gpkg"
+    layer.drop(columns=[c for c in ("field_id",) if c in layer.columns]).to_file(path, driver="GPKG")
+    read = read_field_layer(path, sample_stack.grid, "true")
+    assert read.id_source == "row number"
+    assert list(read.frame["field_id"]) == ["0", "1", "2", "3", "4"]
+    assert any("'index'" in note and "not unique" in note for note in read.notes)
+
+
 def test_explicit_id_column_must_exist_and_be_unique(sample_stack, sample_root: Path) -> None:
     with pytest.raises(ExploreError, match="RABA_ID.*not a unique id"):
         read_field_layer(sample_root / "parcels.gpkg", sample_stack.grid, "true", id_column="RABA_ID")

@@ -20,7 +20,7 @@ from rasters import smooth_field, write_dated_stack, write_raster
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-import agrivlm.geo.index as index_module
+import agrivlm.io as io_module
 import agrivlm.geo.ingest as ingest_module
 from agrivlm.cli import app
 from agrivlm.errors import IngestError
@@ -197,7 +197,7 @@ def test_a_kill_inside_the_swap_is_finished_by_the_next_run(tmp_path: Path, monk
         installed.append(target.name)
         os.replace(source, target)
 
-    monkeypatch.setattr(index_module, "_install_file", kill_after_one)
+    monkeypatch.setattr(io_module, "_install_file", kill_after_one)
     with pytest.raises(KeyboardInterrupt):
         ingest(data, out, chip_size=16, overwrite=True, progress=False)
     monkeypatch.undo()

@@ -103,9 +103,8 @@ def _truth_ids(frame: gpd.GeoDataFrame, path: Path, requested: str | None) -> tu
             if _unique_ids(frame[name]):
                 return frame[name].astype(str), name, notes
             notes.append(f"column {name!r} is not unique, so it is not used as the field id")
-        elif name == "index":
-            return pd.Series([str(i) for i in range(len(frame))], index=frame.index), "row number", notes
-    raise AssertionError("unreachable: 'index' always yields ids")  # pragma: no cover
+    # no candidate column, or none unique (an ``index`` column with repeats too): the row numbers
+    return pd.Series([str(i) for i in range(len(frame))], index=frame.index), "row number", notes
 
 
 def _prediction_ids(frame: gpd.GeoDataFrame) -> tuple[pd.Series, str]:
