@@ -20,8 +20,8 @@ from rasters import smooth_field, write_dated_stack, write_raster
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-import agrivlm.io as io_module
 import agrivlm.geo.ingest as ingest_module
+import agrivlm.io as io_module
 from agrivlm.cli import app
 from agrivlm.errors import IngestError
 from agrivlm.geo.index import read_chip_index
