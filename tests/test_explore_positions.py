@@ -17,7 +17,7 @@ from agrivlm.explore.positions import (
     ask_model,
     check_model,
     chip_grid,
-    decode_answer,
+    decode_answer_text,
     positions_table,
     shapes_frame,
 )
@@ -84,7 +84,7 @@ def test_bad_positions_are_errors(stack) -> None:
 def test_answers_decode_with_the_lape_codec(stack) -> None:
     text = ("1 field: grassland <WIDTH-012><HEIGHT-087><WIDTH-040><HEIGHT-120>; at <WIDTH-003><HEIGHT-004> "
             "in <TEMP-030>.")
-    pos = decode_answer(text, "r000000_c000000")
+    pos = decode_answer_text(text, "r000000_c000000")
     assert pos.u == pytest.approx([12.5 / 150, 40.5 / 150, 3.5 / 150])
     assert pos.v == pytest.approx([87.5 / 150, 120.5 / 150, 4.5 / 150])
     assert pos.t == pytest.approx([30.5 / 50])
@@ -96,17 +96,17 @@ def test_answers_decode_with_the_lape_codec(stack) -> None:
     assert frame.geometry.iloc[0].equals(grid.norm_box_to_polygon(pos.boxes[0]))
     # a polygon answer (as the fields layer's ``tokens`` column holds it): its vertices, and its outline
     ring = "<WIDTH-010><HEIGHT-010>,<WIDTH-100><HEIGHT-020>,<WIDTH-060><HEIGHT-120>"
-    poly = decode_answer(f"1 field: grassland {ring}; forest <WIDTH-001><HEIGHT-002><WIDTH-003><HEIGHT-004>.",
+    poly = decode_answer_text(f"1 field: grassland {ring}; forest <WIDTH-001><HEIGHT-002><WIDTH-003><HEIGHT-004>.",
                          "r000000_c000000")
     assert len(poly.polygons) == 1 and len(poly.boxes) == 1 and poly.u.size == 2 + 3
     assert poly.tokens[2:] == ("<WIDTH-010><HEIGHT-010>", "<WIDTH-100><HEIGHT-020>", "<WIDTH-060><HEIGHT-120>")
     shapes = shapes_frame(grid, poly)
     assert list(shapes["label"]) == ["B1", "G1"]
     assert shapes.geometry.iloc[1].equals(grid.norm_polygon_to_crs(poly.polygons[0]))
-    empty = decode_answer("There are no fields in this image.", "r000000_c000000")
+    empty = decode_answer_text("There are no fields in this image.", "r000000_c000000")
     assert empty.u.size == 0 and empty.boxes == ()
     with pytest.raises(ExploreError, match="do not decode.*WIDTH-151"):
-        decode_answer("<WIDTH-151><HEIGHT-000>", "r000000_c000000")
+        decode_answer_text("<WIDTH-151><HEIGHT-000>", "r000000_c000000")
 
 
 def test_model_says_what_is_missing(tmp_path: Path, stack) -> None:

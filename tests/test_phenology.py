@@ -27,7 +27,7 @@ from agrivlm.recipes.phenology import (
     smooth_curve,
     stage_table,
 )
-from agrivlm.recipes.scan import IndexSpec, scan_stack
+from agrivlm.recipes.scan import IndexBands, scan_stack
 from agrivlm.recipes.sources import load_parcels
 from agrivlm.schema import GROWTH_STAGES, KEY_DATE_COLUMNS, STAGE_COLUMNS
 
@@ -174,7 +174,7 @@ def test_curves_from_a_real_geotiff_stack_with_cloud_masks(tmp_path: Path) -> No
     parcels, counts = load_parcels(str(paths["parcels"]), None, stack.crs, id_column="fid", class_column="landuse")
     assert counts["read"] == len(FIELDS) and parcels.crs == stack.crs
     windows = [Window(0, 0, 32, 32), Window(20, 30, 25, 20), Window(39, 39, 25, 25)]  # across tile edges
-    scan = scan_stack(stack, IndexSpec(), windows, list(parcels.geometry), tile_px=40, progress=False)  # 4 tiles
+    scan = scan_stack(stack, IndexBands(), windows, list(parcels.geometry), tile_px=40, progress=False)  # 4 tiles
     for j, win in enumerate(windows):
         data, nodata, cloud = stack.read_window(win)
         direct = (~nodata[:, 0] & ~cloud & np.isfinite(data[:, 0])).mean(axis=(1, 2))

@@ -16,7 +16,7 @@ from agrivlm.errors import ConfigError
 from agrivlm.geo.coords import TimeAxis
 from agrivlm.infer.prompts import parse_timeline, stages_at
 from agrivlm.recipes.build import build_recipe
-from agrivlm.recipes.scan import IndexSpec
+from agrivlm.recipes.scan import IndexBands
 from agrivlm.recipes.schema import read_records
 
 LABELS = """
@@ -176,13 +176,13 @@ def test_cli_show_renders_positions_readably(scene) -> None:
 
 
 def test_index_from_two_bands_and_band_names() -> None:
-    spec = IndexSpec.from_config(["red", "nir"], 1, ("nir", "red"))
+    spec = IndexBands.from_config(["red", "nir"], 1, ("nir", "red"))
     assert spec.pair == (1, 0) and spec.bands == (1, 0)
     data = np.array([[[[0.1]], [[0.5]]], [[[0.0]], [[0.0]]]], dtype=np.float32)  # (T=2, C=2, 1, 1)
     ndvi = spec.compute(data)
     assert ndvi[0, 0, 0] == pytest.approx((0.5 - 0.1) / 0.6) and np.isnan(ndvi[1, 0, 0])
-    assert IndexSpec.from_config(["a", "b"], "b", None).band == 1
+    assert IndexBands.from_config(["a", "b"], "b", None).band == 1
     with pytest.raises(ConfigError, match="no band named 'nir'"):
-        IndexSpec.from_config(["a"], "nir", None)
+        IndexBands.from_config(["a"], "nir", None)
     with pytest.raises(ConfigError, match="band 3 does not exist"):
-        IndexSpec.from_config(["a"], 3, None)
+        IndexBands.from_config(["a"], 3, None)

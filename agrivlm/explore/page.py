@@ -48,7 +48,7 @@ from agrivlm.explore.positions import (
     ask_model,
     check_model,
     chip_grid,
-    decode_answer,
+    decode_answer_text,
     positions_table,
     shapes_frame,
 )
@@ -410,7 +410,7 @@ def _positions(settings: ExploreSettings, stack: Stack, selected: gpd.GeoDataFra
     row = selected.iloc[0]
     tokens = str(row.get("tokens", "") or "")
     try:
-        positions = decode_answer(tokens, str(row["chip_id"]))
+        positions = decode_answer_text(tokens, str(row["chip_id"]))
         grid = chip_grid(stack.grid, str(row["chip_id"]), settings.chip_size)
         table = positions_table(grid, TimeAxis.from_dates(stack.times), positions)
     except ExploreError as exc:

@@ -3,7 +3,7 @@
 This is the one place the explorer turns the model's positions into map coordinates, and where the model
 and the LAPE codec plug in:
 
-* :func:`decode_answer` turns an answer's text (``"<WIDTH-012><HEIGHT-087>…<TEMP-030>"``) into
+* :func:`decode_answer_text` turns an answer's text (``"<WIDTH-012><HEIGHT-087>…<TEMP-030>"``) into
   :class:`ChipPositions` with the LAPE codec (:func:`agrivlm.lape.tokens.parse_positions`: values at their
   bins' centres).
 * :func:`ask_model` answers one question about one chip with a checkpoint (``--model``), through the
@@ -181,7 +181,7 @@ def shapes_frame(grid: GeoGrid, positions: ChipPositions) -> gpd.GeoDataFrame:
     return gpd.GeoDataFrame({"label": labels}, geometry=gpd.GeoSeries(shapes, crs=grid.crs.to_wkt()))
 
 
-def decode_answer(text: str, chip_id: str, vocab: LapeVocab | None = None) -> ChipPositions:
+def decode_answer_text(text: str, chip_id: str, vocab: LapeVocab | None = None) -> ChipPositions:
     """Decode an answer's position tokens into normalized positions (bin centres, ``agrivlm.lape.tokens``).
 
     Boxes (``W H W H``) give their two corners, polygons (points joined by the codec's separator) their

@@ -68,7 +68,7 @@ from agrivlm.recipes.phenology import (
     to_days,
 )
 from agrivlm.recipes.plot import pick_parcels, plot_phenology, plot_splits
-from agrivlm.recipes.scan import IndexSpec, StackScan, scan_stack
+from agrivlm.recipes.scan import IndexBands, StackScan, scan_stack
 from agrivlm.recipes.schema import FAMILIES, SCHEMA_VERSION, SPLITS, Record, write_records
 from agrivlm.recipes.sources import ClassRaster, ResolvedSource, load_parcels, resolve_sources
 from agrivlm.recipes.splits import SplitAssignment, assign_splits
@@ -293,7 +293,7 @@ def prepare(cfg: RecipeConfig, base_dir: Path, progress: bool = True, origin: Re
         origin = resolved[0]
     src = origin.source
     stack = _open_source_stack(src, base_dir)
-    index = IndexSpec.from_config(stack.band_names, src.band, src.normalized_difference)
+    index = IndexBands.from_config(stack.band_names, src.band, src.normalized_difference)
     parcels, counts = _load_source_parcels(src, base_dir, stack)
     t, _, h, w = stack.shape
     windows = chip_windows(h, w, cfg.chips.size, cfg.chips.stride, cfg.chips.edge)

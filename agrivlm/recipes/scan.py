@@ -26,7 +26,7 @@ from agrivlm.geo.stack import Stack
 
 
 @dataclass(frozen=True)
-class IndexSpec:
+class IndexBands:
     """How the vegetation index is computed from the stack's bands (0-based band positions)."""
 
     #: Band holding the index, when ``pair`` is ``None``.
@@ -37,7 +37,7 @@ class IndexSpec:
     @classmethod
     def from_config(
         cls, band_names: Sequence[str], band: int | str, pair: tuple[int | str, int | str] | None
-    ) -> IndexSpec:
+    ) -> IndexBands:
         """Resolve 1-based numbers or band names against the stack's ``band_names``."""
 
         def resolve(b: int | str) -> int:
@@ -170,7 +170,7 @@ def _add_parcel_sums(
 
 def scan_stack(
     stack: Stack,
-    index: IndexSpec,
+    index: IndexBands,
     chip_windows: Sequence[Window] = (),
     parcels: Sequence[shapely.Geometry] = (),
     tile_px: int = 512,
