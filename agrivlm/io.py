@@ -1,4 +1,4 @@
-"""Files written so that a reader never sees half of one, and files read back by their digest.
+"""Files written so that a reader never sees half of one; vector layers and tables read with one-line errors.
 
 Every output of agrivlm goes through these helpers: a file is written to a hidden temporary beside its target
 and renamed over it (:func:`atomic_path`), a folder is built beside its target and swapped in
@@ -18,6 +18,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # geopandas/pandas are loaded only where a layer or table is read
+    import geopandas as gpd
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -244,3 +249,64 @@ def fixed_gpkg_date() -> Iterator[None]:
         yield
     finally:
         pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": None})
+
+
+# -- reading vector layers and attribute tables -----------------------------------------------------------
+def read_vector(path: str | os.PathLike[str], what: str, error: type[Exception], *, layer: str | None = None,
+                hint: str = "") -> gpd.GeoDataFrame:
+    """A vector layer: any format GDAL reads (GeoPackage, GeoJSON, Shapefile, FlatGeobuf …), GeoParquet by suffix.
+
+    Args:
+        path: the file.
+        what: what the layer is, for messages (``"fields layer"``, ``"parcel"``, ``"truth layer"``).
+        error: the exception type to raise (each floor keeps its own error class).
+        layer: a layer of a multi-layer file (GeoPackage); None: the first.
+        hint: appended to the missing-file message (``" (--fields)"``).
+
+    Raises:
+        error: one line naming the file: it does not exist, or it cannot be read (with the reader's reason).
+
+    """
+    import geopandas as gpd
+
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{path}: no such {what} file{hint}")
+    try:
+        if path.suffix.lower() == ".parquet":
+            return gpd.read_parquet(path)
+        return gpd.read_file(path, layer=layer) if layer else gpd.read_file(path)
+    except Exception as exc:  # noqa: BLE001 — pyogrio/pyarrow raise several types; all mean "cannot read this file"
+        raise error(f"{path}: cannot be read as a {what} ({type(exc).__name__}: {exc})") from exc
+
+
+def require_crs(frame: gpd.GeoDataFrame, source: str | os.PathLike[str], what: str, error: type[Exception]) -> None:
+    """Refuse a layer without a CRS, in one line naming it: agrivlm never guesses a CRS."""
+    if frame.crs is None:
+        raise error(f"{source}: the {what} has no CRS; set the one it is in (e.g. `ogr2ogr -a_srs EPSG:xxxx` or "
+                    "GeoDataFrame.set_crs): agrivlm never guesses a CRS")
+
+
+def read_table(path: str | os.PathLike[str], what: str, error: type[Exception]) -> pd.DataFrame:
+    """An attribute table: CSV/TXT (every cell a string, ``""`` for empty), Parquet, or a vector file's attributes.
+
+    Raises:
+        error: one line naming the file: it does not exist, or it cannot be read (with the reader's reason).
+
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{path}: no such {what} file; pass a CSV, GeoPackage or GeoJSON table")
+    try:
+        suffix = path.suffix.lower()
+        if suffix in (".csv", ".txt"):
+            return pd.read_csv(path, dtype=str, keep_default_na=False)
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+        import pyogrio
+
+        return pyogrio.read_dataframe(path, read_geometry=False)
+    except Exception as exc:  # noqa: BLE001 — pandas/pyogrio raise many types; name the file and keep the cause
+        raise error(f"{path}: cannot be read as a {what} table ({type(exc).__name__}: {exc})") from exc

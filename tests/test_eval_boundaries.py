@@ -183,7 +183,7 @@ def test_pixel_scores_on_a_raster_grid_ignore_nodata(tmp_path: Path) -> None:
 def test_bad_inputs_name_the_file(tmp_path: Path) -> None:
     good = tmp_path / "good.gpkg"
     layer(TRUTH).to_file(good)
-    with pytest.raises(EvalError, match=r"missing\.gpkg: no such prediction file"):
+    with pytest.raises(EvalError, match=r"missing\.gpkg: no such prediction layer file"):
         evaluate_fields(tmp_path / "missing.gpkg", good)
     nocrs = tmp_path / "nocrs.gpkg"
     gpd.GeoDataFrame(geometry=[sq(0, 0)]).to_file(nocrs)

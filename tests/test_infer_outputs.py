@@ -161,7 +161,7 @@ def test_flatgeobuf_and_geojson_open_with_pyogrio(fields_runs: dict[str, Path]) 
 def test_eval_and_the_explorer_read_every_format_alike(fields_runs: dict[str, Path], stack: Path,
                                                        tmp_path: Path) -> None:
     from agrivlm.eval.boundaries import evaluate_fields
-    from agrivlm.explore.inputs import read_field_layer
+    from agrivlm.explore.inputs import read_map_layer
     from agrivlm.explore.page import field_labels
     from agrivlm.geo import open_stack
 
@@ -174,7 +174,7 @@ def test_eval_and_the_explorer_read_every_format_alike(fields_runs: dict[str, Pa
     for suffix, path in fields_runs.items():
         result = evaluate_fields(path, truth, iou_threshold=0.1).to_dict()
         scores[suffix] = {k: result[k] for k in ("n_pred", "n_truth", "precision", "recall", "mean_iou")}
-        layer = read_field_layer(path, grid, "predicted")
+        layer = read_map_layer(path, grid, "predicted")
         assert len(layer.frame) == scores[suffix]["n_pred"], suffix
         labels = field_labels(layer.frame)  # a category column (GeoParquet) reads like a text one
         assert set(labels) <= {"grassland", "cultivated land", ""}, (suffix, set(labels))

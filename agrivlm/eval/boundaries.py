@@ -53,7 +53,7 @@ from agrivlm.errors import EvalError
 from agrivlm.eval.common import FIELD_REPORT_FILES, check_outputs, json_safe, ratio, write_json
 from agrivlm.geo.coords import GeoGrid
 from agrivlm.geo.rasters import RasterPath, raster_path
-from agrivlm.io import atomic_path
+from agrivlm.io import atomic_path, read_vector, require_crs
 
 #: IoU thresholds of ``map_50_95`` / ``f1_50_95``: 0.50, 0.55, …, 0.95 (COCO's grid).
 THRESHOLDS: tuple[float, ...] = tuple(round(0.50 + 0.05 * k, 2) for k in range(10))
@@ -264,21 +264,10 @@ def read_field_layer(src: str | Path | gpd.GeoDataFrame, role: str) -> tuple[gpd
     if isinstance(src, gpd.GeoDataFrame):
         frame, source = src, f"<{role} GeoDataFrame>"
     else:
-        path = Path(src)
-        source = str(path)
-        if not path.exists():
-            raise EvalError(f"{path}: no such {role} file; pass an existing GeoPackage, GeoJSON or GeoParquet")
-        try:
-            frame = gpd.read_parquet(path) if path.suffix.lower() == ".parquet" else gpd.read_file(path)
-        except Exception as exc:  # pyogrio/arrow raise many types; name the file and keep the cause
-            raise EvalError(
-                f"{path}: cannot read the {role} layer ({exc}); pass a GeoPackage, GeoJSON or GeoParquet"
-            ) from exc
-    if frame.crs is None:
-        raise EvalError(
-            f"{source}: the {role} layer has no CRS; write it with one (e.g. `ogr2ogr -a_srs EPSG:32633 ...` "
-            "or GeoDataFrame.set_crs) so it can be reprojected"
-        )
+        source = str(src)
+        frame = read_vector(src, f"{role} layer", EvalError,
+                            hint="; pass an existing GeoPackage, GeoJSON or GeoParquet")
+    require_crs(frame, source, f"{role} layer", EvalError)
     return frame, source
 
 

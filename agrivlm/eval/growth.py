@@ -40,6 +40,7 @@ import pandas as pd
 
 from agrivlm.errors import EvalError
 from agrivlm.eval.common import GROWTH_REPORT_FILES, check_outputs, json_safe, ratio, write_json
+from agrivlm.io import read_table as read_attribute_table
 from agrivlm.schema import GROWTH_STAGES, KEY_DATE_COLUMNS, STAGE_COLUMNS
 
 #: Key-date columns of :data:`~agrivlm.schema.KEY_DATE_COLUMNS` (after ``field_id, season``).
@@ -66,22 +67,8 @@ def read_table(src: str | Path | pd.DataFrame, columns: Sequence[str], role: str
     if isinstance(src, pd.DataFrame):
         frame, source = pd.DataFrame(src), f"<{role} DataFrame>"
     else:
-        path = Path(src)
-        source = str(path)
-        if not path.exists():
-            raise EvalError(f"{path}: no such {role} file; pass a CSV, GeoPackage or GeoJSON table")
-        try:
-            suffix = path.suffix.lower()
-            if suffix in (".csv", ".txt"):
-                frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-            elif suffix == ".parquet":
-                frame = pd.read_parquet(path)
-            else:
-                import pyogrio
-
-                frame = pyogrio.read_dataframe(path, read_geometry=False)
-        except Exception as exc:  # pandas/pyogrio raise many types; name the file and keep the cause
-            raise EvalError(f"{path}: cannot read the {role} table ({exc}); pass a CSV, GeoPackage or GeoJSON") from exc
+        source = str(src)
+        frame = read_attribute_table(src, role, EvalError)
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise EvalError(

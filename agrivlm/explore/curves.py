@@ -105,7 +105,7 @@ def stages_for(field_id: str, tables: Mapping[str, list[pd.DataFrame]]) -> pd.Da
 
     Args:
         field_id: the field's id.
-        tables: ``{"predicted": [...], "true": [...]}`` tables from :func:`~agrivlm.explore.inputs.read_stage_table`.
+        tables: ``{"predicted": [...], "true": [...]}`` tables from :func:`~agrivlm.explore.inputs.read_map_stages`.
 
     Returns:
         ``date``, ``stage``, ``source`` (``"predicted"`` / ``"true"``), sorted by source then date.

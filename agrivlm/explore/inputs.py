@@ -21,6 +21,7 @@ from shapely.geometry.base import BaseGeometry
 
 from agrivlm.explore.errors import ExploreError
 from agrivlm.geo.coords import GeoGrid
+from agrivlm.io import read_vector, require_crs
 from agrivlm.schema import FIELD_PREDICTION_COLUMNS, GROWTH_STAGES, STAGE_COLUMNS
 
 #: Columns tried, in order, for the ids of a true-field layer when none is given: the first that exists
@@ -35,7 +36,7 @@ FieldKind = Literal["predicted", "true"]
 
 
 @dataclass
-class FieldLayer:
+class MapLayer:
     """Field polygons of one file, in the stack's CRS."""
 
     #: Polygons with a unique string ``field_id`` and a ``kind`` column (``"predicted"`` / ``"true"``).
@@ -74,15 +75,6 @@ def split_inputs(paths: Sequence[str | os.PathLike[str]], option: str) -> tuple[
     return layers, tables
 
 
-def _read_vector(path: Path) -> gpd.GeoDataFrame:
-    try:
-        if path.suffix.lower() == ".parquet":
-            return gpd.read_parquet(path)
-        return gpd.read_file(path)
-    except Exception as exc:  # pyogrio/pyarrow raise several types; all mean "cannot read this file"
-        raise ExploreError(f"{path}: cannot be read as a field layer ({type(exc).__name__}: {exc})") from exc
-
-
 def _unique_ids(values: pd.Series) -> bool:
     return bool(values.notna().all() and values.astype(str).is_unique)
 
@@ -114,12 +106,12 @@ def _prediction_ids(frame: gpd.GeoDataFrame) -> tuple[pd.Series, str]:
     return frame["chip_id"].astype(str) + "#" + rank.astype(str), "chip_id#n"
 
 
-def read_field_layer(
+def read_map_layer(
     path: str | os.PathLike[str],
     grid: GeoGrid,
     kind: FieldKind,
     id_column: str | None = None,
-) -> FieldLayer:
+) -> MapLayer:
     """Read a field layer and reproject it to the stack's CRS.
 
     Args:
@@ -137,7 +129,7 @@ def read_field_layer(
     path = Path(path)
     if not path.is_file():
         raise ExploreError(f"{path}: no such file; check the path")
-    frame = _read_vector(path)
+    frame = read_vector(path, "field layer", ExploreError)
     notes: list[str] = []
     _check_layer_kind(frame, path, kind)
     frame = _polygons_only(frame, path, notes)
@@ -150,16 +142,12 @@ def read_field_layer(
     frame = frame.assign(field_id=ids.to_numpy(), kind=kind)
     _check_overlap(frame, path, grid, notes)
     frame = frame.reset_index(drop=True)
-    return FieldLayer(frame=frame, path=path, id_source=id_source, notes=notes)
+    return MapLayer(frame=frame, path=path, id_source=id_source, notes=notes)
 
 
 def _check_layer_kind(frame: gpd.GeoDataFrame, path: Path, kind: FieldKind) -> None:
     """Refuse a layer without a CRS, and a prediction layer without the prediction columns."""
-    if frame.crs is None:
-        raise ExploreError(
-            f"{path}: the layer has no CRS; set the one it is in (e.g. ogr2ogr -a_srs EPSG:xxxx out.gpkg "
-            f"{path.name}); agrivlm never guesses a CRS"
-        )
+    require_crs(frame, path, "layer", ExploreError)
     if kind == "predicted":
         missing = [c for c in FIELD_PREDICTION_COLUMNS if c not in frame.columns]
         if missing:
@@ -223,7 +211,7 @@ def _fmt_bounds(bounds: Sequence[float]) -> str:
     return "(" + ", ".join(f"{b:.1f}" for b in bounds) + ")"
 
 
-def read_stage_table(path: str | os.PathLike[str]) -> pd.DataFrame:
+def read_map_stages(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read a growth-stage table (CSV with :data:`~agrivlm.schema.STAGE_COLUMNS`; extra columns are kept).
 
     Returns:
@@ -266,7 +254,7 @@ def read_stage_table(path: str | os.PathLike[str]) -> pd.DataFrame:
     )
 
 
-def field_geometry(layers: Sequence[FieldLayer], field_id: str, kind: FieldKind) -> BaseGeometry | None:
+def field_geometry(layers: Sequence[MapLayer], field_id: str, kind: FieldKind) -> BaseGeometry | None:
     """The polygon of ``field_id`` among the layers of ``kind`` (stack CRS), or ``None``."""
     for layer in layers:
         rows = layer.frame[(layer.frame["field_id"] == field_id) & (layer.frame["kind"] == kind)]

@@ -27,9 +27,9 @@ from agrivlm.errors import AgriVLMError
 from agrivlm.explore.curves import ndvi_curve, stages_for
 from agrivlm.explore.inputs import (
     ExploreError,
-    FieldLayer,
-    read_field_layer,
-    read_stage_table,
+    MapLayer,
+    read_map_layer,
+    read_map_stages,
     split_inputs,
 )
 from agrivlm.explore.mapview import (
@@ -78,13 +78,13 @@ def _overlay(_stack_obj: Stack, key: tuple[Any, ...], step: int, view: str, role
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def _layer(path: str, crs_wkt: str, _grid: GeoGrid, kind: str, id_column: str | None) -> FieldLayer:
-    return read_field_layer(path, _grid, kind, id_column)  # type: ignore[arg-type]
+def _layer(path: str, crs_wkt: str, _grid: GeoGrid, kind: str, id_column: str | None) -> MapLayer:
+    return read_map_layer(path, _grid, kind, id_column)  # type: ignore[arg-type]
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def _stages(path: str) -> pd.DataFrame:
-    return read_stage_table(path)
+    return read_map_stages(path)
 
 
 @st.cache_data(show_spinner="Reading the field's pixels…", max_entries=256)
@@ -98,7 +98,7 @@ class Inputs:
     """Everything loaded for one page run; problems are collected, not raised."""
 
     stack: Stack
-    layers: list[FieldLayer] = field(default_factory=list)
+    layers: list[MapLayer] = field(default_factory=list)
     stage_tables: dict[str, list[pd.DataFrame]] = field(default_factory=lambda: {"predicted": [], "true": []})
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)

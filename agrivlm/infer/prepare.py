@@ -48,6 +48,7 @@ from agrivlm.infer.prompts import (
     stage_question,
     timeline_question,
 )
+from agrivlm.io import read_vector, require_crs
 from agrivlm.lape.tokens import LapeVocab
 from agrivlm.pipeline.bands import BandStats, check_band_count, composite, get_preset, prepare_bands
 from agrivlm.pipeline.focus import focus_on_box, mark_point
@@ -158,15 +159,9 @@ class FieldLayer:
 
         """
         path = Path(path)
-        if not path.is_file():
-            raise InferError(f"{path}: no such fields layer (--fields); give a GeoPackage/GeoJSON of field polygons")
-        try:
-            frame = gpd.read_parquet(path) if path.suffix.lower() == ".parquet" else gpd.read_file(path)
-        except Exception as exc:  # pyogrio/pyarrow raise several types; all mean "cannot read this file"
-            raise InferError(f"{path}: cannot be read as a fields layer ({exc})") from exc
-        if frame.crs is None:
-            raise InferError(f"{path}: the fields layer has no CRS; set it (ogr2ogr -a_srs EPSG:xxxx), agrivlm never "
-                             "guesses one")
+        frame = read_vector(path, "fields layer", InferError,
+                            hint=" (--fields); give a GeoPackage/GeoJSON of field polygons")
+        require_crs(frame, path, "fields layer", InferError)
         frame = frame[frame.geometry.notna() & ~frame.geometry.is_empty
                       & frame.geometry.geom_type.isin(["Polygon", "MultiPolygon"])]
         if frame.empty:

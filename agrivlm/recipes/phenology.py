@@ -40,6 +40,7 @@ from scipy.signal import savgol_filter
 
 from agrivlm.errors import ConfigError, IngestError
 from agrivlm.geo.dates import day_str, iso_day, season_windows, to_days
+from agrivlm.io import read_table
 from agrivlm.recipes.config import LabelsConfig, PhenologyConfig
 from agrivlm.recipes.scan import StackScan
 from agrivlm.sample import resolve_spec
@@ -330,13 +331,8 @@ def _read_table(spec: str, base_dir: Path | None, what: str) -> tuple[pd.DataFra
     path = Path(resolve_spec(spec, base_dir))
     if not path.is_file():
         raise ConfigError(f"{path}: no such {what} file")
-    try:
-        if path.suffix.lower() in (".csv", ".txt"):
-            return pd.read_csv(path, dtype=str, keep_default_na=False), path
-        frame = gpd.read_file(path)
-        return pd.DataFrame(frame.drop(columns="geometry", errors="ignore")).astype(str), path
-    except Exception as exc:  # pandas/pyogrio raise many types; name the file
-        raise IngestError(f"{path}: cannot be read as a {what} table ({exc})") from exc
+    frame = read_table(path, what, IngestError)
+    return frame.drop(columns="geometry", errors="ignore").astype(str), path
 
 
 def _iso_date(value: str, path: Path, row: int, column: str) -> str:

@@ -21,6 +21,7 @@ from rasterio.windows import Window
 
 from agrivlm.errors import ConfigError, IngestError
 from agrivlm.geo.coords import GeoGrid
+from agrivlm.io import read_vector, require_crs
 from agrivlm.recipes.config import (
     ClassRasterConfig,
     LabelsConfig,
@@ -71,14 +72,8 @@ def _read_layer(
     path: Path, spec: str, layer: str | None, id_column: str | None, class_column: str | None
 ) -> gpd.GeoDataFrame:
     """The parcel layer as read; an :class:`IngestError` naming the file when it cannot serve as one."""
-    if not path.exists():
-        raise IngestError(f"{path}: no such parcel file (source.parcels: {spec})")
-    try:
-        frame = gpd.read_file(path, layer=layer) if layer else gpd.read_file(path)
-    except Exception as exc:  # pyogrio raises several types for unreadable files; name the file
-        raise IngestError(f"{path}: cannot be read as a vector layer ({exc})") from exc
-    if frame.crs is None:
-        raise IngestError(f"{path}: the parcel layer has no CRS; set one (e.g. ogr2ogr -a_srs EPSG:xxxx)")
+    frame = read_vector(path, "parcel layer", IngestError, layer=layer, hint=f" (source.parcels: {spec})")
+    require_crs(frame, path, "parcel layer", IngestError)
     for col, key in ((id_column, "id_column"), (class_column, "class_column")):
         if col is not None and col not in frame.columns:
             raise IngestError(
