@@ -59,3 +59,12 @@ def test_quiet_prints_nothing_but_errors(tmp_path: Path) -> None:
     assert failed.returncode == 1 and failed.stdout == ""
     assert failed.stderr.strip().splitlines() == [f"error: {tmp_path / 'b'}: already exists; pass --overwrite to "
                                                   "replace it"]
+
+
+@pytest.mark.parametrize("option", ["--truth", "--parcels"])
+def test_one_name_for_the_truth_layer_the_older_one_kept(tmp_path: Path, option: str) -> None:
+    """The quickstart names its truth layer as eval and explore do (``--truth``); ``--parcels`` still works."""
+    res = CliRunner().invoke(app, ["quickstart", "--out", str(tmp_path / "q"), option, str(tmp_path / "f.gpkg")])
+    assert res.exit_code == 2, res.output
+    assert "--stack and --truth go together" in res.output
+    assert not any(tmp_path.iterdir())

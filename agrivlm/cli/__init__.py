@@ -188,9 +188,12 @@ def quickstart(
     masks: Annotated[str | None, typer.Option(help="Per-date cloud masks of --stack.")] = None,
     assets: AssetsOpt = None,
     mask_assets: MaskAssetsOpt = None,
-    parcels: Annotated[str | None, typer.Option(help="Your parcel layer (any CRS); default: the sample's.")] = None,
-    parcel_id: Annotated[str | None, typer.Option(help="Unique id column of --parcels.")] = None,
-    parcel_class: Annotated[str | None, typer.Option(help="Land-use class column of --parcels.")] = None,
+    parcels: Annotated[str | None, typer.Option(
+        "--truth", "--parcels", help="Your true field/parcel layer (any CRS); default: the sample's.")] = None,
+    parcel_id: Annotated[str | None, typer.Option(
+        "--truth-id", "--parcel-id", help="Unique id column of --truth (as in eval and explore).")] = None,
+    parcel_class: Annotated[str | None, typer.Option(
+        "--truth-class", "--parcel-class", help="Land-use class column of --truth.")] = None,
     preset: Annotated[str, typer.Option(help="Band preset of the stack (agrivlm.pipeline.bands.PRESETS).")] = "ndvi",
     base_model: Annotated[str | None, typer.Option(
         help="Folder with vision/ (SigLIP/CLIP) and llm/ (Qwen2/Llama) checkpoints to train stage 1 → 2 → 3 "
@@ -199,7 +202,8 @@ def quickstart(
         help="default: fine-tune the shipped default checkpoint (stage 3); scratch: stage 1 → 2 → 3 of the tiny "
              "random model or of --base-model. Default: default, or scratch with --base-model.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of data and training.")] = 0,
-    fresh: Annotated[bool, typer.Option(help="Start over instead of resuming what --out holds.")] = False,
+    fresh: Annotated[bool, typer.Option(
+        "--restart", "--fresh", help="Start over instead of resuming what --out holds (as infer --restart).")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
 ) -> None:
     """The main job: ingest → instruction data → fine-tune the default checkpoint → infer → eval → report.html.
@@ -210,7 +214,7 @@ def quickstart(
     from agrivlm.quickstart import Quickstart, QuickstartOptions
 
     if (stack is None) != (parcels is None):
-        raise typer.BadParameter("--stack and --parcels go together (your own data needs both)")
+        raise typer.BadParameter("--stack and --truth go together (your own data needs both)")
     if start not in (None, "default", "scratch"):
         raise typer.BadParameter(f"--start must be default or scratch, got {start!r}")
     if base_model is not None and not all((Path(base_model) / d).is_dir() for d in ("vision", "llm")):

@@ -9,7 +9,7 @@ Every step writes into its own folder under ``--out`` and, last, a marker ``DIR/
 with what it made. A second run skips the steps whose marker exists (same options), resumes a training
 stage from its newest checkpoint and an inference run from its journal, and redoes only what is missing.
 Options that change the results (stack, parcels, steps, base model, seed) are recorded in
-``DIR/quickstart.json``; a run with other options into the same folder is refused (``--fresh`` starts over).
+``DIR/quickstart.json``; a run with other options into the same folder is refused (``--restart`` starts over).
 
 The embedded default is honest about its scale: a small model (a real SigLIP + Qwen2 with small dimensions,
 trained here from random weights on synthetic scenes, ``agrivlm train default``) fine-tuned for minutes on 1 km²
@@ -127,7 +127,7 @@ class Quickstart:
             if diff:
                 raise ConfigError(
                     f"{self.out}: made by a quickstart with other options ({', '.join(diff)}); use another --out, "
-                    "or --fresh to start over there"
+                    "or --restart to start over there"
                 )
         self.out.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"options": mine}, indent=2))
