@@ -1,7 +1,7 @@
 """Batch inference over stacks: chips → questions → batched generation → features in map coordinates.
 
-``run_inference`` is ``agrivlm infer`` as a function. Per stack (each INPUT is one stack, ingested on its
-own):
+``run_inference`` is ``agrivlm infer`` as a function (its options checked by :class:`InferOptions`). Per stack
+(each INPUT is one stack, ingested on its own):
 
 1. open the stack (:func:`agrivlm.geo.open_stack`) and validate every block of every file
    (:func:`agrivlm.geo.validate_files`). A stack that fails — an unreadable or truncated file, no CRS, no
