@@ -25,67 +25,77 @@ def _out_format(value: Path) -> Path:
     return value
 
 
+# The options of `agrivlm infer`, declared here so that the command's signature is a list of names (in the order
+# --help lists them); their defaults stay in the signature.
+InputsArg = Annotated[list[str], typer.Argument(
+    help="Stacks: each INPUT is one stack (a folder, a glob or a file of GeoTIFFs, one file per date; a remote "
+    "file: https://, s3://, gs://, /vsicurl/…; a STAC JSON with --assets).")]
+ModelOpt = Annotated[str, typer.Option(
+    "--model", "-m", help="Checkpoint folder (save_pretrained of model and processor), or `default` for "
+    "the checkpoint shipped in the package.")]
+OutOpt = Annotated[Path, typer.Option(
+    "--out", "-o", callback=_out_format,
+    help="Predictions: .gpkg | .parquet (GeoParquet 1.1) | .fgb (FlatGeobuf) | .geojson (RFC 7946, reprojected "
+         "to EPSG:4326); journal and report beside.")]
+TaskOpt = Annotated[TaskChoice, typer.Option(
+    help="fields (outlines of fields) | growth (stage per field and date) | ask.")]
+MasksOpt = Annotated[list[str] | None, typer.Option(
+    "--masks", help="Per-date cloud masks of each stack (cloud = non-zero), one --masks per INPUT.")]
+QuestionOpt = Annotated[str | None, typer.Option(help="--task ask: the question asked about every chip.")]
+FieldsOpt = Annotated[Path | None, typer.Option(
+    help="--task growth: field polygons (GPKG/GeoJSON, any CRS) whose growth stages to predict.")]
+FieldIdOpt = Annotated[str | None, typer.Option(
+    help="Id column of --fields (default: field_id, id or index; else the row number).")]
+FieldClassOpt = Annotated[str | None, typer.Option(
+    help="Land-use class column of --fields, used in the questions (\"the grassland parcel at …\").")]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps.")]
+DtypeOpt = Annotated[DtypeChoice, typer.Option(help="Model dtype: float32 | bfloat16 | float16.")]
+BatchSizeOpt = Annotated[int, typer.Option(help="Questions per generation batch (chips are batched together).")]
+MaxNewTokensOpt = Annotated[int | None, typer.Option(
+    help="Most tokens per answer (default: fields 512 — 12 outlines of 8 vertices —, growth 8, ask 64).")]
+# input settings that win over the checkpoint's (agrivlm.pipeline.inputs.InputConfig)
+ChipSizeOpt = Annotated[int | None, typer.Option(help="Chip size in px (default: the checkpoint's, else 32).")]
+StrideOpt = Annotated[int | None, typer.Option(help="Chip stride in px (default: the checkpoint's, else 16).")]
+PresetOpt = Annotated[str | None, typer.Option(
+    help="Band preset (agrivlm.pipeline.bands.PRESETS: ndvi, sentinel2_l2a, …); default: the checkpoint's.")]
+CompositeOpt = Annotated[str | None, typer.Option(help="False-colour composite for a 3-channel model.")]
+MaxFramesOpt = Annotated[int | None, typer.Option(help="Most frames per chip (default: the checkpoint's, else 16).")]
+MinFramesOpt = Annotated[int | None, typer.Option(help="Fewest usable frames a chip needs (default 4).")]
+# the outputs, resuming, and where the model runs
+NmsIouOpt = Annotated[float, typer.Option(
+    help="NMS across overlapping chips: drop a detection whose IoU (map units) with a better one is above.")]
+MinScoreOpt = Annotated[float, typer.Option(help="Drop detections scored below this.")]
+ValidateOpt = Annotated[bool, typer.Option(help="Read every block of every file of a stack before its chips.")]
+RestartOpt = Annotated[bool, typer.Option(help="Discard the journal of an earlier run and start over.")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing output that has no journal.")]
+ThreadsOpt = Annotated[int | None, typer.Option(
+    help="torch CPU threads of this process, or of each worker with --workers/--scheduler.")]
+WorkersOpt = Annotated[int | None, typer.Option(
+    help="Run on a local dask cluster of N single-threaded worker processes.")]
+SchedulerOpt = Annotated[str | None, typer.Option(
+    help="Run on a running dask.distributed scheduler, e.g. tcp://host:8786 (workers must see the stacks and "
+         "the checkpoint at the same paths).")]
+ChipsPerTaskOpt = Annotated[int, typer.Option(
+    help="Chips per task (reading order); a batch never spans two tasks, so one process and a cluster give "
+         "the same answers.")]
+ProgressOpt = Annotated[bool, typer.Option(help="Show a progress bar (chips/s).")]
+RasterOpt = Annotated[bool, typer.Option(
+    "--raster", help="Also write COGs on each stack's grid: <stem>_extent.tif (fields: the best field score "
+    "per pixel) or <stem>_stages.tif (growth: one band per date, stage codes 1-5).")]
+
+
 def infer(
-    inputs: Annotated[list[str], typer.Argument(
-        help="Stacks: each INPUT is one stack (a folder, a glob or a file of GeoTIFFs, one file per date; a remote "
-        "file: https://, s3://, gs://, /vsicurl/…; a STAC JSON with --assets).")],
-    model: Annotated[str, typer.Option(
-        "--model", "-m", help="Checkpoint folder (save_pretrained of model and processor), or `default` for "
-        "the checkpoint shipped in the package.")],
-    out: Annotated[Path, typer.Option(
-        "--out", "-o", callback=_out_format,
-        help="Predictions: .gpkg | .parquet (GeoParquet 1.1) | .fgb (FlatGeobuf) | .geojson (RFC 7946, reprojected "
-             "to EPSG:4326); journal and report beside.")],
-    task: Annotated[TaskChoice, typer.Option(
-        help="fields (outlines of fields) | growth (stage per field and date) | ask.")] = "fields",
-    masks: Annotated[list[str] | None, typer.Option(
-        "--masks", help="Per-date cloud masks of each stack (cloud = non-zero), one --masks per INPUT.")] = None,
-    question: Annotated[str | None, typer.Option(help="--task ask: the question asked about every chip.")] = None,
-    fields: Annotated[Path | None, typer.Option(
-        help="--task growth: field polygons (GPKG/GeoJSON, any CRS) whose growth stages to predict.")] = None,
-    field_id: Annotated[str | None, typer.Option(
-        help="Id column of --fields (default: field_id, id or index; else the row number).")] = None,
-    field_class: Annotated[str | None, typer.Option(
-        help="Land-use class column of --fields, used in the questions (\"the grassland parcel at …\").")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps.")] = "auto",
-    dtype: Annotated[DtypeChoice, typer.Option(help="Model dtype: float32 | bfloat16 | float16.")] = "float32",
-    batch_size: Annotated[int, typer.Option(help="Questions per generation batch (chips are batched together).")] = 8,
-    max_new_tokens: Annotated[int | None, typer.Option(
-        help="Most tokens per answer (default: fields 512 — 12 outlines of 8 vertices —, growth 8, ask 64).")] = None,
-    chip_size: Annotated[int | None, typer.Option(help="Chip size in px (default: the checkpoint's, else 32).")] = None,
-    stride: Annotated[int | None, typer.Option(help="Chip stride in px (default: the checkpoint's, else 16).")] = None,
-    preset: Annotated[str | None, typer.Option(
-        help="Band preset (agrivlm.pipeline.bands.PRESETS: ndvi, sentinel2_l2a, …); default: the checkpoint's.")] = (
-        None),
-    composite: Annotated[str | None, typer.Option(help="False-colour composite for a 3-channel model.")] = None,
-    max_frames: Annotated[int | None, typer.Option(
-        help="Most frames per chip (default: the checkpoint's, else 16).")] = None,
-    min_frames: Annotated[int | None, typer.Option(help="Fewest usable frames a chip needs (default 4).")] = None,
-    nms_iou: Annotated[float, typer.Option(
-        help="NMS across overlapping chips: drop a detection whose IoU (map units) with a better one is above.")] = (
-        0.5),
-    min_score: Annotated[float, typer.Option(help="Drop detections scored below this.")] = 0.0,
-    validate: Annotated[bool, typer.Option(help="Read every block of every file of a stack before its chips.")] = True,
-    restart: Annotated[bool, typer.Option(help="Discard the journal of an earlier run and start over.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output that has no journal.")] = False,
-    threads: Annotated[int | None, typer.Option(
-        help="torch CPU threads of this process, or of each worker with --workers/--scheduler.")] = None,
-    workers: Annotated[int | None, typer.Option(
-        help="Run on a local dask cluster of N single-threaded worker processes.")] = None,
-    scheduler: Annotated[str | None, typer.Option(
-        help="Run on a running dask.distributed scheduler, e.g. tcp://host:8786 (workers must see the stacks and "
-             "the checkpoint at the same paths).")] = None,
-    chips_per_task: Annotated[int, typer.Option(
-        help="Chips per task (reading order); a batch never spans two tasks, so one process and a cluster give "
-             "the same answers.")] = 64,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar (chips/s).")] = True,
-    as_json: JsonFlag = False,
-    assets: AssetsOpt = None,
-    mask_assets: MaskAssetsOpt = None,
-    mask_values: MaskValuesOpt = None,
-    raster: Annotated[bool, typer.Option(
-        "--raster", help="Also write COGs on each stack's grid: <stem>_extent.tif (fields: the best field score "
-        "per pixel) or <stem>_stages.tif (growth: one band per date, stage codes 1-5).")] = False,
+    inputs: InputsArg, model: ModelOpt, out: OutOpt, task: TaskOpt = "fields", masks: MasksOpt = None,
+    question: QuestionOpt = None, fields: FieldsOpt = None, field_id: FieldIdOpt = None,
+    field_class: FieldClassOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "float32",
+    batch_size: BatchSizeOpt = 8, max_new_tokens: MaxNewTokensOpt = None, chip_size: ChipSizeOpt = None,
+    stride: StrideOpt = None, preset: PresetOpt = None, composite: CompositeOpt = None,
+    max_frames: MaxFramesOpt = None, min_frames: MinFramesOpt = None, nms_iou: NmsIouOpt = 0.5,
+    min_score: MinScoreOpt = 0.0, validate: ValidateOpt = True, restart: RestartOpt = False,
+    overwrite: OverwriteOpt = False, threads: ThreadsOpt = None, workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None, chips_per_task: ChipsPerTaskOpt = 64, progress: ProgressOpt = True,
+    as_json: JsonFlag = False, assets: AssetsOpt = None, mask_assets: MaskAssetsOpt = None,
+    mask_values: MaskValuesOpt = None, raster: RasterOpt = False,
 ) -> None:
     """Run a checkpoint over stacks: chips → batched generation → fields / growth stages in map coordinates.
 

@@ -1,7 +1,7 @@
 """Batch inference over stacks: chips → questions → batched generation → features in map coordinates.
 
-``run_inference`` is ``agrivlm infer`` as a function. Per stack (each INPUT is one stack, ingested on its
-own):
+``run_inference`` is ``agrivlm infer`` as a function (its options checked by :class:`InferOptions`). Per stack
+(each INPUT is one stack, ingested on its own):
 
 1. open the stack (:func:`agrivlm.geo.open_stack`) and validate every block of every file
    (:func:`agrivlm.geo.validate_files`). A stack that fails — an unreadable or truncated file, no CRS, no
@@ -66,6 +66,7 @@ from agrivlm.pipeline.inputs import InputConfig
 
 if TYPE_CHECKING:
     from agrivlm.infer.distributed import ClusterRun
+    from agrivlm.lape.tokens import LapeVocab
 
 log = logging.getLogger(__name__)
 
@@ -187,18 +188,7 @@ def infer_stack(
         log.info("stack %s: every chip is in the journal", stack_input.name)
         return outcome
     try:
-        stack = stack_input.open()
-        check_stack_bands(config, len(stack.band_names), f"stack {stack_input.name}")
-        if validate:
-            masks = [m.path for step in stack.steps for m in step.masks if m is not None]
-            if cluster is not None:
-                cluster.validate(stack.files + masks)
-            else:
-                validate_files(stack.files + masks, progress=False)
-        stream = ChipStream(stack, chip_size=config.chip_size, stride=config.stride, edge=config.edge)
-        outcome.chips_total = len(stream)
-        if preparer.fields is not None:
-            preparer.fields = preparer.fields.to_crs(stack.crs)
+        stack, stream, outcome.chips_total = _open_stack(stack_input, preparer, config, validate, cluster)
     except AgriVLMError as exc:
         return StackOutcome(name=stack_input.name, ok=False, message=str(exc))
     fingerprint = stack_fingerprint(stack)
@@ -229,6 +219,32 @@ def infer_stack(
     journal.append({"type": "stack_done", "stack": key, "chips_total": outcome.chips_total,
                     "chips_skipped": outcome.skipped})
     return outcome
+
+
+def _open_stack(stack_input: StackInput, preparer: ChipPreparer, config: InputConfig, validate: bool,
+                cluster: ClusterRun | None) -> tuple[Stack, ChipStream, int]:
+    """``(stack, chip stream, chips)``, the stack's bands checked and (``validate``) every block of its files read.
+
+    ``preparer``'s field layer is brought into the stack's CRS.
+
+    Raises:
+        AgriVLMError: the stack cannot be opened, does not have the bands, a file is damaged, or the chips do
+            not fit its grid.
+
+    """
+    stack = stack_input.open()
+    check_stack_bands(config, len(stack.band_names), f"stack {stack_input.name}")
+    if validate:
+        masks = [m.path for step in stack.steps for m in step.masks if m is not None]
+        if cluster is not None:
+            cluster.validate(stack.files + masks)
+        else:
+            validate_files(stack.files + masks, progress=False)
+    stream = ChipStream(stack, chip_size=config.chip_size, stride=config.stride, edge=config.edge)
+    chips = len(stream)  # the grid's windows: a grid the chips do not fit fails the stack too
+    if preparer.fields is not None:
+        preparer.fields = preparer.fields.to_crs(stack.crs)
+    return stack, stream, chips
 
 
 def check_journaled_stacks(journal: Journal, stacks: Sequence[StackInput]) -> None:
@@ -309,6 +325,183 @@ def apply_overrides(config: InputConfig, overrides: dict[str, Any] | None) -> In
     return parse_config(InputConfig, data, "agrivlm infer options")
 
 
+@dataclass(frozen=True, kw_only=True)
+class InferOptions:
+    """The options of one run (:func:`run_inference`'s arguments, which builds it), checked.
+
+    Constructing it makes the checks that need nothing but the options, in the order a run has always made them
+    first. A run's other checks wait for what they need — the output folder cleared of what a killed run left,
+    the checkpoint's input settings, the field layer, the model — and are the methods the run calls at that
+    point (:meth:`stack_inputs`, :meth:`answer_tokens`, :meth:`field_layer`, :meth:`check_predictor`,
+    :meth:`check_chips_per_task`), so a run with several problems reports the one it always reported, after doing
+    what it always did before it.
+
+    Raises:
+        InferError: options that cannot work (naming what to change).
+
+    """
+
+    #: One stack per item (a folder, a glob or a file of GeoTIFFs, one file per date; remote files; a STAC JSON:
+    #: :mod:`agrivlm.geo.stac`).
+    inputs: Sequence[str]
+    #: Checkpoint folder (``save_pretrained`` of model and processor; ``agrivlm_inputs.yaml``).
+    model_dir: str | os.PathLike[str]
+    #: ``.gpkg``, ``.parquet`` (GeoParquet 1.1), ``.fgb`` or ``.geojson`` (RFC 7946, EPSG:4326; see
+    #: :mod:`agrivlm.infer.outputs`); beside it ``<name>.journal.jsonl``, ``<stem>_report.json`` and, for growth,
+    #: ``<stem>_stages.csv``.
+    out: str | os.PathLike[str]
+    #: ``fields``, ``growth`` or ``ask``.
+    task: Task
+    #: Per-date mask files of each stack (one item per input), or None.
+    masks: Sequence[str] | None
+    #: The question of ``task="ask"``.
+    question: str | None
+    #: Growth: the field polygons to ask about (any CRS).
+    fields: str | os.PathLike[str] | None
+    #: The column of ``fields`` with unique ids (default: field_id, id, index, else the row number).
+    field_id: str | None
+    #: The column of ``fields`` with land-use classes, used in the questions' wording.
+    field_class: str | None
+    #: Questions per generation batch (chips are batched together until it is reached).
+    batch_size: int
+    #: Per answer (default :data:`DEFAULT_MAX_NEW_TOKENS` of the task).
+    max_new_tokens: int | None
+    #: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
+    device: str
+    #: Model weights' dtype: ``float32``, ``bfloat16``, ``float16``.
+    dtype: str
+    #: Input settings that win over the checkpoint's (dotted keys of :class:`InputConfig`).
+    overrides: dict[str, Any] | None
+    #: Read every block of every file before a stack's chips (a damaged file fails the stack early).
+    validate: bool
+    #: NMS threshold: a detection overlapping a better one by IoU above this is dropped.
+    nms_iou: float
+    #: Detections scored below this are dropped.
+    min_score: float
+    #: Discard an existing journal and start over.
+    restart: bool
+    #: Replace an existing output that has no journal to resume.
+    overwrite: bool
+    #: Show a progress bar.
+    progress: bool
+    #: An already loaded model (its device and dtype are used as they are; not with a cluster).
+    predictor: Predictor | None
+    #: Chips of the grid per task (reading order); a batch never spans two tasks, so the same value gives the
+    #: same answers on one process and on a cluster.
+    chips_per_task: int
+    #: Run on a ``LocalCluster`` of this many single-threaded worker processes.
+    workers: int | None
+    #: Run on the dask.distributed scheduler at this address (``tcp://host:8786``); every worker must see the
+    #: stacks and the checkpoint at the same paths and have agrivlm installed.
+    scheduler: str | None
+    #: Torch threads of each worker (default: the workers' own setting; 1 on a ``LocalCluster``).
+    threads: int | None
+    #: On a cluster, called as ``on_task_done(done, total)`` after each task's chips are journaled (tests use it
+    #: to kill a worker mid-run).
+    on_task_done: Callable[[int, int], None] | None
+    #: Also write COGs on each stack's grid (:mod:`agrivlm.infer.rasters`): the field-score raster (fields) or a
+    #: stage map per date (growth).
+    raster: bool
+    #: STAC inputs: the assets that are the bands, in order (every stack's).
+    assets: Sequence[str] | None
+    #: STAC masks: their asset.
+    mask_assets: Sequence[str] | None
+    #: The mask values that mean masked (default: any non-zero value).
+    mask_values: Sequence[int] | None
+
+    def __post_init__(self) -> None:
+        """Refuse options that cannot work whatever the inputs hold (a run's first checks, in their order)."""
+        from agrivlm.infer.outputs import check_format
+        from agrivlm.infer.prompts import TASKS
+
+        if self.task not in TASKS:
+            raise InferError(f"--task {self.task!r}: use one of {', '.join(TASKS)}")
+        check_format(self.out_path)
+        if not self.inputs:
+            raise InferError("no INPUTS: give one or more stacks (folders, globs or files of GeoTIFFs)")
+        if self.masks and len(self.masks) != len(self.inputs):
+            raise InferError(f"{len(self.masks)} --masks for {len(self.inputs)} INPUTS: give one --masks per input, "
+                             "in order")
+        if self.batch_size < 1:
+            raise InferError(f"--batch-size must be ≥ 1, got {self.batch_size}")
+        if self.raster and self.task == "ask":
+            raise InferError("--raster writes field extents (--task fields) or stage maps (--task growth), not answers")
+        if not 0.0 <= self.nms_iou <= 1.0:
+            raise InferError(f"--nms-iou must be in [0, 1], got {self.nms_iou}")
+        if not (self.model_path / "config.json").is_file():
+            raise InferError(f"{self.model_path}: not a checkpoint folder (no config.json); pass --model with a folder "
+                             "saved by save_pretrained")
+
+    @property
+    def out_path(self) -> Path:
+        """``out`` as a path."""
+        return Path(self.out)
+
+    @property
+    def model_path(self) -> Path:
+        """``model_dir`` as a path."""
+        return Path(self.model_dir)
+
+    @property
+    def on_cluster(self) -> bool:
+        """Whether dask workers answer (``workers`` or ``scheduler`` given) rather than this process."""
+        return self.workers is not None or self.scheduler is not None
+
+    def stack_inputs(self) -> list[StackInput]:
+        """One :class:`StackInput` per INPUT, with its ``masks`` and the STAC settings.
+
+        Raises:
+            InferError: the same stack given twice.
+
+        """
+        masks, assets, mask_assets, mask_values = self.masks, self.assets, self.mask_assets, self.mask_values
+        stacks = [StackInput(name, masks[i] if masks else None, tuple(assets) if assets else None,
+                             tuple(mask_assets) if mask_assets else None, tuple(mask_values) if mask_values else None)
+                  for i, name in enumerate(self.inputs)]
+        if len({s.key for s in stacks}) != len(stacks):
+            raise InferError("the same stack is given twice in INPUTS")
+        return stacks
+
+    def answer_tokens(self, config: InputConfig) -> int:
+        """Most new tokens per answer: ``max_new_tokens``, else the task's default for ``config``'s prompts.
+
+        Raises:
+            InferError: fewer than 1.
+
+        """
+        task, max_new_tokens = self.task, self.max_new_tokens
+        max_new = max_new_tokens if max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS[task]
+        if max_new_tokens is None and task == "fields" and config.fields_prompt == "points":
+            max_new = POINT_PROMPT_MAX_NEW_TOKENS
+        if max_new_tokens is None and task == "growth" and config.growth_prompt == "timeline":
+            max_new = TIMELINE_MAX_NEW_TOKENS
+        if max_new < 1:
+            raise InferError(f"--max-new-tokens must be ≥ 1, got {max_new}")
+        return max_new
+
+    def field_layer(self) -> FieldLayer | None:
+        """The ``fields`` layer, read (None without ``fields``).
+
+        Raises:
+            InferError: ``task="growth"`` without ``fields``.
+
+        """
+        layer = FieldLayer.read(self.fields, self.field_id, self.field_class) if self.fields is not None else None
+        if self.task == "growth" and layer is None:
+            raise InferError("--task growth needs --fields PATH: the field polygons whose stages to predict")
+        return layer
+
+    def check_predictor(self) -> None:
+        """Refuse a loaded ``predictor`` with a cluster (made once the field layer is read)."""
+        if self.on_cluster and self.predictor is not None:
+            raise InferError("a loaded predictor runs in this process; it cannot be used with --workers/--scheduler")
+
+    def check_chips_per_task(self) -> None:
+        """Refuse ``chips_per_task`` below 1 (made once the model is known to take the band settings)."""
+        if self.chips_per_task < 1:
+            raise InferError(f"--chips-per-task must be ≥ 1, got {self.chips_per_task}")
+
+
 def run_inference(
     inputs: Sequence[str],
     model_dir: str | os.PathLike[str],
@@ -344,44 +537,7 @@ def run_inference(
 ) -> RunReport:
     """Run a checkpoint over stacks and write the predictions (``agrivlm infer``; see the module docstring).
 
-    Args:
-        inputs: one stack per item (a folder, a glob or a file of GeoTIFFs, one file per date; remote files;
-            a STAC JSON: :mod:`agrivlm.geo.stac`).
-        model_dir: checkpoint folder (``save_pretrained`` of model and processor; ``agrivlm_inputs.yaml``).
-        out: ``.gpkg``, ``.parquet`` (GeoParquet 1.1), ``.fgb`` or ``.geojson`` (RFC 7946, EPSG:4326; see
-            :mod:`agrivlm.infer.outputs`); beside it ``<name>.journal.jsonl``, ``<stem>_report.json`` and, for
-            growth, ``<stem>_stages.csv``.
-        task: ``fields``, ``growth`` or ``ask``.
-        masks: per-date mask files of each stack (one item per input), or None.
-        question: the question of ``task="ask"``.
-        fields: growth: the field polygons to ask about (any CRS).
-        field_id: the column of ``fields`` with unique ids (default: field_id, id, index, else the row number).
-        field_class: the column of ``fields`` with land-use classes, used in the questions' wording.
-        batch_size: questions per generation batch (chips are batched together until it is reached).
-        max_new_tokens: per answer (default :data:`DEFAULT_MAX_NEW_TOKENS` of the task).
-        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
-        dtype: model weights' dtype: ``float32``, ``bfloat16``, ``float16``.
-        overrides: input settings that win over the checkpoint's (dotted keys of :class:`InputConfig`).
-        validate: read every block of every file before a stack's chips (a damaged file fails the stack early).
-        nms_iou: NMS threshold: a detection overlapping a better one by IoU above this is dropped.
-        min_score: detections scored below this are dropped.
-        restart: discard an existing journal and start over.
-        overwrite: replace an existing output that has no journal to resume.
-        progress: show a progress bar.
-        predictor: an already loaded model (its device and dtype are used as they are; not with a cluster).
-        chips_per_task: chips of the grid per task (reading order); a batch never spans two tasks, so the same
-            value gives the same answers on one process and on a cluster.
-        raster: also write COGs on each stack's grid (:mod:`agrivlm.infer.rasters`): the field-score raster
-            (fields) or a stage map per date (growth).
-        workers: run on a ``LocalCluster`` of this many single-threaded worker processes.
-        scheduler: run on the dask.distributed scheduler at this address (``tcp://host:8786``); every worker
-            must see the stacks and the checkpoint at the same paths and have agrivlm installed.
-        threads: torch threads of each worker (default: the workers' own setting; 1 on a ``LocalCluster``).
-        on_task_done: on a cluster, called as ``on_task_done(done, total)`` after each task's chips are
-            journaled (tests use it to kill a worker mid-run).
-        assets: STAC inputs: the assets that are the bands, in order (every stack's).
-        mask_assets: STAC masks: their asset.
-        mask_values: the mask values that mean masked (default: any non-zero value).
+    The arguments are the fields of :class:`InferOptions`, each described there, and checked by it.
 
     Returns:
         The run's :class:`RunReport` (also written as ``<stem>_report.json``). ``report.failed`` lists
@@ -392,40 +548,93 @@ def run_inference(
         InferError / ConfigError: options that cannot work (naming what to change).
 
     """
-    from agrivlm.infer.outputs import (
-        check_format,
-        detection_frame,
-        growth_frame,
-        journal_path,
-        output_crs,
-        report_path,
-        stage_table,
-        stages_path,
-        suppress,
-        write_outputs,
-    )
-    from agrivlm.infer.prompts import TASKS
-    from agrivlm.pipeline.inputs import load_input_config
-
     started = time.perf_counter()
-    if task not in TASKS:
-        raise InferError(f"--task {task!r}: use one of {', '.join(TASKS)}")
-    out = Path(out)
-    check_format(out)
-    if not inputs:
-        raise InferError("no INPUTS: give one or more stacks (folders, globs or files of GeoTIFFs)")
-    if masks and len(masks) != len(inputs):
-        raise InferError(f"{len(masks)} --masks for {len(inputs)} INPUTS: give one --masks per input, in order")
-    if batch_size < 1:
-        raise InferError(f"--batch-size must be ≥ 1, got {batch_size}")
-    if raster and task == "ask":
-        raise InferError("--raster writes field extents (--task fields) or stage maps (--task growth), not answers")
-    if not 0.0 <= nms_iou <= 1.0:
-        raise InferError(f"--nms-iou must be in [0, 1], got {nms_iou}")
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise InferError(f"{model_dir}: not a checkpoint folder (no config.json); pass --model with a folder saved by "
-                         "save_pretrained")
+    options = InferOptions(
+        inputs=inputs, model_dir=model_dir, out=out, task=task, masks=masks, question=question, fields=fields,
+        field_id=field_id, field_class=field_class, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        device=device, dtype=dtype, overrides=overrides, validate=validate, nms_iou=nms_iou, min_score=min_score,
+        restart=restart, overwrite=overwrite, progress=progress, predictor=predictor, chips_per_task=chips_per_task,
+        workers=workers, scheduler=scheduler, threads=threads, on_task_done=on_task_done, raster=raster,
+        assets=assets, mask_assets=mask_assets, mask_values=mask_values,
+    )
+    return _run(options, started)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A run ready for its journal: the options and what was read and checked from them."""
+
+    options: InferOptions
+    journal_file: Path
+    stacks: list[StackInput]
+    #: The checkpoint's input settings with the overrides.
+    config: InputConfig
+    #: Most new tokens per answer (:meth:`InferOptions.answer_tokens`).
+    max_new: int
+    layer: FieldLayer | None
+    #: The model in this process; None on a cluster (the workers load it).
+    predictor: Predictor | None
+    vocab: LapeVocab
+    #: The journal's header (:func:`run_settings`).
+    settings: dict[str, Any]
+
+
+def _run(options: InferOptions, started: float) -> RunReport:
+    """:func:`run_inference` once its options are checked; ``started``: its ``perf_counter`` at the call."""
+    from agrivlm.infer.outputs import report_path
+
+    run = _prepare(options)
+    report = RunReport(task=options.task)
+    with ExitStack() as scope:
+        cluster = _connect_cluster(run, scope, report)
+        journal = scope.enter_context(Journal.open(run.journal_file, run.settings, restart=options.restart))
+        check_journaled_stacks(journal, run.stacks)
+        if journal.resumed_entries:
+            log.info("%s: resuming (%d journaled chip(s))", run.journal_file, sum(1 for _ in journal.chips()))
+        _run_stacks(run, journal, cluster, report)
+        _write_predictions(run, journal, report)
+        report.outputs["journal"] = str(run.journal_file)
+    report.outputs["report"] = str(report_path(options.out_path))
+    from agrivlm.io import atomic_path
+
+    with atomic_path(report_path(options.out_path)) as tmp:
+        tmp.write_text(json.dumps({**report.to_dict(), "total_seconds": round(time.perf_counter() - started, 3)},
+                                  indent=2) + "\n")
+    return report
+
+
+def _prepare(options: InferOptions) -> _Prepared:
+    """Everything before the journal opens: the output folder, the stacks, the input settings, the model."""
+    journal_file = _clear_output(options)
+    stacks = options.stack_inputs()
+    config, channels = _input_settings(options)
+    max_new = options.answer_tokens(config)
+    layer = options.field_layer()
+    options.check_predictor()
+    predictor, num_bands, vocab = _load_model(options, max_new)
+    if channels != num_bands:
+        raise InferError(
+            f"the band settings give {channels} channel(s) (preset {config.bands.preset!r}"
+            f"{', composite ' + repr(config.bands.composite) if config.bands.composite else ''}) but the model takes "
+            f"{num_bands}; pick the preset/composite the model was trained with"
+        )
+    options.check_chips_per_task()
+    task, field_id, field_class = options.task, options.field_id, options.field_class
+    settings = run_settings(options.model_path, task, stacks, config, options.question if task == "ask" else None,
+                            max_new, options.dtype, layer, field_id, field_class)
+    return _Prepared(options, journal_file, stacks, config, max_new, layer, predictor, vocab, settings)
+
+
+def _clear_output(options: InferOptions) -> Path:
+    """The journal's path, once ``out``'s folder is known writable and what a killed run left beside it is gone.
+
+    Raises:
+        InferError: the folder cannot be written, or ``out`` exists without a journal (and no ``--overwrite``).
+
+    """
+    from agrivlm.infer.outputs import journal_path, report_path, stages_path
+
+    out = options.out_path
     journal_file = journal_path(out)
     from agrivlm.io import ensure_writable_dir, remove_stale_temporaries
 
@@ -433,109 +642,111 @@ def run_inference(
     # what a killed run left beside the outputs (their hidden temporaries) goes before anything is written
     for target in (out, stages_path(out), report_path(out)):
         remove_stale_temporaries(target, time.time())
-    if out.exists() and not journal_file.exists() and not overwrite and not restart:
+    if out.exists() and not journal_file.exists() and not options.overwrite and not options.restart:
         raise InferError(f"{out}: already exists; pass --overwrite to replace it")
-    stacks = [StackInput(name, masks[i] if masks else None, tuple(assets) if assets else None,
-                         tuple(mask_assets) if mask_assets else None, tuple(mask_values) if mask_values else None)
-              for i, name in enumerate(inputs)]
-    if len({s.key for s in stacks}) != len(stacks):
-        raise InferError("the same stack is given twice in INPUTS")
-    config, found = load_input_config(model_dir)
+    return journal_file
+
+
+def _input_settings(options: InferOptions) -> tuple[InputConfig, int]:
+    """``(settings, channels per frame)``: the checkpoint's input settings with the overrides, and their bands."""
+    from agrivlm.pipeline.inputs import load_input_config
+
+    config, found = load_input_config(options.model_path)
     if not found:
         log.warning("%s has no agrivlm_inputs.yaml and its processor no inputs; using the recipes' default chips, "
-                    "frames and bands", model_dir)
-    config = apply_overrides(config, overrides)
-    channels = channels_of(config)
-    max_new = max_new_tokens if max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS[task]
-    if max_new_tokens is None and task == "fields" and config.fields_prompt == "points":
-        max_new = POINT_PROMPT_MAX_NEW_TOKENS
-    if max_new_tokens is None and task == "growth" and config.growth_prompt == "timeline":
-        max_new = TIMELINE_MAX_NEW_TOKENS
-    if max_new < 1:
-        raise InferError(f"--max-new-tokens must be ≥ 1, got {max_new}")
-    layer = FieldLayer.read(fields, field_id, field_class) if fields is not None else None
-    if task == "growth" and layer is None:
-        raise InferError("--task growth needs --fields PATH: the field polygons whose stages to predict")
-    on_cluster = workers is not None or scheduler is not None
-    if on_cluster and predictor is not None:
-        raise InferError("a loaded predictor runs in this process; it cannot be used with --workers/--scheduler")
-    if on_cluster:  # the workers load the model; here only what the checks need
+                    "frames and bands", options.model_path)
+    config = apply_overrides(config, options.overrides)
+    return config, channels_of(config)
+
+
+def _load_model(options: InferOptions, max_new: int) -> tuple[Predictor | None, int, LapeVocab]:
+    """``(predictor, bands per frame, LAPE vocabulary)`` of the model that answers in this process.
+
+    On a cluster the workers load the model: here only what the checks need of it, and no predictor.
+    """
+    if options.on_cluster:  # the workers load the model; here only what the checks need
         from agrivlm.infer.distributed import checkpoint_summary
 
-        num_bands, vocab = checkpoint_summary(model_dir)
+        num_bands, vocab = checkpoint_summary(options.model_path)
+        return None, num_bands, vocab
+    predictor = options.predictor
+    if predictor is None:
+        predictor = Predictor.load(options.model_path, device=options.device, dtype=options.dtype,
+                                   max_new_tokens=max_new)
     else:
-        if predictor is None:
-            predictor = Predictor.load(model_dir, device=device, dtype=dtype, max_new_tokens=max_new)
-        else:
-            predictor.max_new_tokens = max_new
-        num_bands, vocab = predictor.num_bands, predictor.vocab
-    if channels != num_bands:
-        raise InferError(
-            f"the band settings give {channels} channel(s) (preset {config.bands.preset!r}"
-            f"{', composite ' + repr(config.bands.composite) if config.bands.composite else ''}) but the model takes "
-            f"{num_bands}; pick the preset/composite the model was trained with"
-        )
-    if chips_per_task < 1:
-        raise InferError(f"--chips-per-task must be ≥ 1, got {chips_per_task}")
-    settings = run_settings(model_dir, task, stacks, config, question if task == "ask" else None, max_new, dtype,
-                            layer, field_id, field_class)
-    report = RunReport(task=task)
-    with ExitStack() as scope:
-        cluster = None
-        if on_cluster:  # connect first: a cluster that cannot be reached leaves no journal behind
-            from agrivlm.geo.distributed import dask_client
-            from agrivlm.infer.distributed import ClusterRun, WorkerSpec
+        predictor.max_new_tokens = max_new
+    return predictor, predictor.num_bands, predictor.vocab
 
-            spec = WorkerSpec(str(model_dir.resolve()), device, dtype, max_new, task, question, config, batch_size,
-                              threads)
-            client = scope.enter_context(dask_client(workers, scheduler))
-            cluster = ClusterRun(client, spec, on_task_done)
-            report.workers = len(client.scheduler_info()["workers"])
-        journal = scope.enter_context(Journal.open(journal_file, settings, restart=restart))
-        check_journaled_stacks(journal, stacks)
-        if journal.resumed_entries:
-            log.info("%s: resuming (%d journaled chip(s))", journal_file, sum(1 for _ in journal.chips()))
-        bar = tqdm(total=0, desc=f"infer {task}", unit="chip", disable=not progress, dynamic_ncols=True)
-        loop_start = time.perf_counter()
-        try:
-            for s in stacks:
-                preparer = ChipPreparer(config, task, vocab, question, layer)
-                outcome = infer_stack(s, journal, predictor, preparer, config, report, batch_size, validate, bar,
-                                      chips_per_task, cluster)
-                report.stacks.append(outcome)
-                if not outcome.ok:
-                    log.error("stack %s skipped: %s", s.name, outcome.message)
-                    bar.write(f"error: stack {s.name} skipped: {outcome.message}")
-        finally:
-            bar.close()
-        report.seconds = time.perf_counter() - loop_start
-        if stacks and not any(o.ok for o in report.stacks):
-            # nothing was read: an existing output (a previous run's, even with --restart/--overwrite) stays
-            failed = "; ".join(f"{o.name}: {o.message}" for o in report.stacks)
-            kept = f"{out} left as it was" if out.exists() else "nothing written"
-            raise InferError(f"no stack could be read ({failed}); {kept}")
-        keys, names = [s.key for s in stacks], [s.name for s in stacks]
-        if task == "growth":
-            stages = stage_table(journal, keys, names)
-            frame = growth_frame(stages, layer, output_crs(journal, keys))
-            report.stage_rows = len(stages)
-            report.features_before_nms = report.features = len(frame)
-        else:
-            stages = None
-            frame = detection_frame(journal, keys, names, task)
-            report.features_before_nms = len(frame)
-            frame = suppress(frame, nms_iou, min_score)
-            report.features = len(frame)
-        # the GeoPackage's last_change: the newest acquisition of the stacks, not the clock (same answers, same bytes)
-        last = [str(info["dates"][-1])[:10] for k in keys if (info := journal.stack_info(k)) and info.get("dates")]
-        report.outputs = write_outputs(out, task, frame, stages, max(last) if last else None)
-        if raster:
-            report.outputs.update(_write_rasters(out, task, frame, stages, journal, keys, names))
-        report.outputs["journal"] = str(journal_file)
-    report.outputs["report"] = str(report_path(out))
-    from agrivlm.io import atomic_path
 
-    with atomic_path(report_path(out)) as tmp:
-        tmp.write_text(json.dumps({**report.to_dict(), "total_seconds": round(time.perf_counter() - started, 3)},
-                                  indent=2) + "\n")
-    return report
+def _connect_cluster(run: _Prepared, scope: ExitStack, report: RunReport) -> ClusterRun | None:
+    """The cluster the run's chips go to, connected in ``scope`` (None: they are answered in this process).
+
+    Connected before the journal opens: a cluster that cannot be reached leaves no journal behind.
+    """
+    options = run.options
+    if not options.on_cluster:
+        return None
+    from agrivlm.geo.distributed import dask_client
+    from agrivlm.infer.distributed import ClusterRun, WorkerSpec
+
+    spec = WorkerSpec(str(options.model_path.resolve()), options.device, options.dtype, run.max_new, options.task,
+                      options.question, run.config, options.batch_size, options.threads)
+    client = scope.enter_context(dask_client(options.workers, options.scheduler))
+    cluster = ClusterRun(client, spec, options.on_task_done)
+    report.workers = len(client.scheduler_info()["workers"])
+    return cluster
+
+
+def _run_stacks(run: _Prepared, journal: Journal, cluster: ClusterRun | None, report: RunReport) -> None:
+    """Every stack's chips into the journal (:func:`infer_stack`), a failed stack reported and skipped.
+
+    Raises:
+        InferError: no stack could be read (an existing output is left as it was).
+
+    """
+    options = run.options
+    bar = tqdm(total=0, desc=f"infer {options.task}", unit="chip", disable=not options.progress, dynamic_ncols=True)
+    loop_start = time.perf_counter()
+    try:
+        for s in run.stacks:
+            preparer = ChipPreparer(run.config, options.task, run.vocab, options.question, run.layer)
+            outcome = infer_stack(s, journal, run.predictor, preparer, run.config, report, options.batch_size,
+                                  options.validate, bar, options.chips_per_task, cluster)
+            report.stacks.append(outcome)
+            if not outcome.ok:
+                log.error("stack %s skipped: %s", s.name, outcome.message)
+                bar.write(f"error: stack {s.name} skipped: {outcome.message}")
+    finally:
+        bar.close()
+    report.seconds = time.perf_counter() - loop_start
+    if run.stacks and not any(o.ok for o in report.stacks):
+        # nothing was read: an existing output (a previous run's, even with --restart/--overwrite) stays
+        failed = "; ".join(f"{o.name}: {o.message}" for o in report.stacks)
+        out = options.out_path
+        kept = f"{out} left as it was" if out.exists() else "nothing written"
+        raise InferError(f"no stack could be read ({failed}); {kept}")
+
+
+def _write_predictions(run: _Prepared, journal: Journal, report: RunReport) -> None:
+    """The outputs from the journal (NMS across chips, or growth stages per field and day), and ``--raster``'s."""
+    from agrivlm.infer.outputs import detection_frame, growth_frame, output_crs, stage_table, suppress, write_outputs
+
+    options = run.options
+    task, out = options.task, options.out_path
+    keys, names = [s.key for s in run.stacks], [s.name for s in run.stacks]
+    if task == "growth":
+        stages = stage_table(journal, keys, names)
+        frame = growth_frame(stages, run.layer, output_crs(journal, keys))
+        report.stage_rows = len(stages)
+        report.features_before_nms = report.features = len(frame)
+    else:
+        stages = None
+        frame = detection_frame(journal, keys, names, task)
+        report.features_before_nms = len(frame)
+        frame = suppress(frame, options.nms_iou, options.min_score)
+        report.features = len(frame)
+    # the GeoPackage's last_change: the newest acquisition of the stacks, not the clock (same answers, same bytes)
+    last = [str(info["dates"][-1])[:10] for k in keys if (info := journal.stack_info(k)) and info.get("dates")]
+    report.outputs = write_outputs(out, task, frame, stages, max(last) if last else None)
+    if options.raster:
+        report.outputs.update(_write_rasters(out, task, frame, stages, journal, keys, names))

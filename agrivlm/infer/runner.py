@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,53 +185,9 @@ def answer_record(task: Task, grid: GeoGrid, question: Question, answer: Decoded
         return str(axis.from_norm(t).astype("datetime64[D]"))
 
     if task in ("fields", "ask"):
-        # boxes and polygons in the order the answer lists them (the order of their first tokens)
-        items: list[tuple[int, str, Any, list[int]]] = sorted(
-            [(steps[0], "box", box, steps) for box, steps in zip(pos.boxes, answer.box_steps, strict=True)]
-            + [(steps[0], "polygon", ring, steps)
-               for ring, steps in zip(pos.polygons, answer.polygon_steps, strict=True)],
-            key=lambda item: item[0],
-        )
-        details = listing_details(answer.text, len(items))
-        point = question.meta.get("point") if task == "fields" else None
-        rec["off_point"] = 0
-        for k, (_, kind, value, steps) in enumerate(items):
-            if kind == "box":
-                u1, u2 = sorted((value[0], value[2]))
-                v1, v2 = sorted((value[1], value[3]))
-                polygon = grid.norm_box_to_polygon((u1, v1, u2, v2)) if u2 > u1 and v2 > v1 else None
-            else:
-                polygon = grid.norm_polygon_to_crs(value)
-                us, vs = [p[0] for p in value], [p[1] for p in value]
-                u1, v1, u2, v2 = min(us), min(vs), max(us), max(vs)
-            if polygon is None:  # a box or ring without area
-                rec["degenerate"] += 1
-                continue
-            if point is not None and not _holds_point(kind, value, point, 1.5 / max(grid.width, 1)):
-                rec["off_point"] += 1  # a point prompt answered with another field's outline
-                continue
-            label, cut = details[k]
-            rec["features"].append({
-                "kind": kind, "geometry": shapely.to_wkb(polygon, hex=True), "score": _score(answer.item_score(steps)),
-                "tokens": decode(answer.ids[steps[0]:steps[-1] + 1]), "label": label, "cut": cut,
-                "box": [float(u1), float(v1), float(u2), float(v2)],
-            })
+        _add_listed_shapes(rec, task, grid, question, answer, decode)
         if task == "ask":
-            for point, steps in zip(pos.points, answer.point_steps, strict=True):
-                x, y = grid.norm_to_crs(point[0], point[1])
-                rec["features"].append({
-                    "kind": "point", "geometry": shapely.to_wkb(shapely.Point(float(x), float(y)), hex=True),
-                    "score": _score(answer.item_score(steps)), "tokens": decode([answer.ids[s] for s in steps]),
-                    "label": "", "cut": False, "box": [float(point[0]), float(point[1])],
-                })
-            if not rec["features"]:  # an answer without positions is about the whole chip
-                rec["features"].append({
-                    "kind": "chip", "geometry": shapely.to_wkb(grid.footprint(), hex=True), "score": rec["score"],
-                    "tokens": "", "label": "", "cut": False, "box": [0.0, 0.0, 1.0, 1.0],
-                })
-            rec["dates"] = [day(t) for t in answer.times]
-            rec["segments"] = [[day(a), day(b)] for a, b in pos.segments]
-            rec["unparsed"] = False
+            _add_ask_positions(rec, grid, answer, decode, day)
         else:
             rec["unparsed"] = not pos.boxes and not pos.polygons and not says_no_fields(answer.text)
     elif "dates" in question.meta:  # growth_prompt: timeline
@@ -245,6 +201,75 @@ def answer_record(task: Task, grid: GeoGrid, question: Question, answer: Decoded
         rec["stage"] = stage
         rec["unparsed"] = stage is None
     return rec
+
+
+def _listed_shapes(answer: DecodedAnswer) -> list[tuple[int, str, Any, list[int]]]:
+    """``(first step, kind, value, steps)`` of the answer's boxes and polygons, in the order it lists them."""
+    pos = answer.positions
+    # boxes and polygons in the order the answer lists them (the order of their first tokens)
+    return sorted(
+        [(steps[0], "box", box, steps) for box, steps in zip(pos.boxes, answer.box_steps, strict=True)]
+        + [(steps[0], "polygon", ring, steps)
+           for ring, steps in zip(pos.polygons, answer.polygon_steps, strict=True)],
+        key=lambda item: item[0],
+    )
+
+
+def _shape_polygon(grid: GeoGrid, kind: str, value: Any) -> tuple[Any, tuple[Any, Any, Any, Any]]:
+    """``(polygon in the stack CRS or None when it has no area, normalized bounds (u1, v1, u2, v2))``."""
+    if kind == "box":
+        u1, u2 = sorted((value[0], value[2]))
+        v1, v2 = sorted((value[1], value[3]))
+        polygon = grid.norm_box_to_polygon((u1, v1, u2, v2)) if u2 > u1 and v2 > v1 else None
+    else:
+        polygon = grid.norm_polygon_to_crs(value)
+        us, vs = [p[0] for p in value], [p[1] for p in value]
+        u1, v1, u2, v2 = min(us), min(vs), max(us), max(vs)
+    return polygon, (u1, v1, u2, v2)
+
+
+def _add_listed_shapes(rec: dict[str, Any], task: Task, grid: GeoGrid, question: Question, answer: DecodedAnswer,
+                       decode: Any) -> None:
+    """Add the answer's boxes and polygons to ``rec["features"]`` (and count ``degenerate``, ``off_point``)."""
+    items = _listed_shapes(answer)
+    details = listing_details(answer.text, len(items))
+    point = question.meta.get("point") if task == "fields" else None
+    rec["off_point"] = 0
+    for k, (_, kind, value, steps) in enumerate(items):
+        polygon, (u1, v1, u2, v2) = _shape_polygon(grid, kind, value)
+        if polygon is None:  # a box or ring without area
+            rec["degenerate"] += 1
+            continue
+        if point is not None and not _holds_point(kind, value, point, 1.5 / max(grid.width, 1)):
+            rec["off_point"] += 1  # a point prompt answered with another field's outline
+            continue
+        label, cut = details[k]
+        rec["features"].append({
+            "kind": kind, "geometry": shapely.to_wkb(polygon, hex=True), "score": _score(answer.item_score(steps)),
+            "tokens": decode(answer.ids[steps[0]:steps[-1] + 1]), "label": label, "cut": cut,
+            "box": [float(u1), float(v1), float(u2), float(v2)],
+        })
+
+
+def _add_ask_positions(rec: dict[str, Any], grid: GeoGrid, answer: DecodedAnswer, decode: Any,
+                       day: Callable[[float], str]) -> None:
+    """``--task ask``: add the answer's points (else the whole chip) to ``rec["features"]``, its dates and spans."""
+    pos = answer.positions
+    for point, steps in zip(pos.points, answer.point_steps, strict=True):
+        x, y = grid.norm_to_crs(point[0], point[1])
+        rec["features"].append({
+            "kind": "point", "geometry": shapely.to_wkb(shapely.Point(float(x), float(y)), hex=True),
+            "score": _score(answer.item_score(steps)), "tokens": decode([answer.ids[s] for s in steps]),
+            "label": "", "cut": False, "box": [float(point[0]), float(point[1])],
+        })
+    if not rec["features"]:  # an answer without positions is about the whole chip
+        rec["features"].append({
+            "kind": "chip", "geometry": shapely.to_wkb(grid.footprint(), hex=True), "score": rec["score"],
+            "tokens": "", "label": "", "cut": False, "box": [0.0, 0.0, 1.0, 1.0],
+        })
+    rec["dates"] = [day(t) for t in answer.times]
+    rec["segments"] = [[day(a), day(b)] for a, b in pos.segments]
+    rec["unparsed"] = False
 
 
 _END = object()
