@@ -37,7 +37,9 @@ def test_shipped_stage_configs_load_with_the_reports_defaults() -> None:
     assert s1.lape is None and s1.data.text_only and s1.trainable.llm.mode == "frozen"
     assert s2.lape is not None and s2.model.init_from == "runs/stage1/final"
     assert (s2.lape.lape_lr_multiplier, s2.lape.spatial_loss_weight, s2.lape.temporal_loss_weight) == (0.5, 2.0, 1.0)
-    assert (s2.lape.num_spatial_tokens, s2.lape.num_temporal_tokens) == (150, 50)
+    # the position-token counts are the model config's alone: the stage configs leave them to it
+    assert (s2.lape.num_spatial_tokens, s2.lape.num_temporal_tokens) == (None, None)
+    assert (s3.lape.num_spatial_tokens, s3.lape.num_temporal_tokens) == (None, None)
     assert s2.data.mixture is not None
     assert {k: c.weight for k, c in s2.data.mixture.items()} == {
         "remote_sensing_general": 0.4, "agricultural": 0.4, "spatial_reasoning": 0.2}

@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 from agrivlm.config import StrictModel, load_config
 from agrivlm.errors import ConfigError
 from agrivlm.lape.embedding import LapeInit
-from agrivlm.lape.tokens import DEFAULT_NUM_SPATIAL, DEFAULT_NUM_TEMPORAL, QuestionPositions
+from agrivlm.lape.tokens import QuestionPositions
 from agrivlm.pipeline.focus import GrowthFocus, PointMarker
 from agrivlm.pipeline.inputs import AnyResConfig, ScaleFactors, check_item_layout
 from agrivlm.recipes.config import FamilyName
@@ -63,10 +63,11 @@ class LapeTrainConfig(StrictModel):
     #: The NTP reparameterisation of the LAPE tables (``agrivlm.lape.embedding``); set where LAPE is switched on
     #: (stage 2, or a stage built from ``model.config``), a later stage keeps its ``init_from``'s.
     ntp: bool = True
-    #: Position tokens per spatial axis; must match the tokenizer of the stage-1 model.
-    num_spatial_tokens: int = Field(default=DEFAULT_NUM_SPATIAL, ge=2)
-    #: Temporal position tokens; must match the tokenizer of the stage-1 model.
-    num_temporal_tokens: int = Field(default=DEFAULT_NUM_TEMPORAL, ge=2)
+    #: The position-token counts live in the model config (``lape.num_spatial_tokens`` of the model YAML, the
+    #: checkpoint's ``config.json``); None reads them from there. Given (older stage configs wrote them), they
+    #: must equal the model's, or the stage is refused.
+    num_spatial_tokens: int | None = Field(default=None, ge=2)
+    num_temporal_tokens: int | None = Field(default=None, ge=2)
     #: LR of the LAPE parameter group as a multiple of the base LR (after its warmup).
     lape_lr_multiplier: float = Field(default=0.5, gt=0)
     #: Optimizer steps of the LAPE warm-up (the report's §4.2): the factor ramps linearly from 0 to 0.1, then is

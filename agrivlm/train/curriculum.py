@@ -149,7 +149,7 @@ def enable_lape(
     """
     cfg = model.config
     for key in ("num_spatial_tokens", "num_temporal_tokens"):
-        if getattr(lape, key) != getattr(cfg, key):
+        if getattr(lape, key) not in (None, getattr(cfg, key)):
             raise ConfigError(
                 f"lape.{key}: {getattr(lape, key)} but the stage-1 model's tokenizer has {getattr(cfg, key)}; "
                 f"use {getattr(cfg, key)} or build stage 1 with model.overrides lape.{key}"
@@ -192,7 +192,7 @@ def _lape_for_stage(model: AgriVLMForConditionalGeneration, processor: Any, lape
     if not lape.enabled:
         raise ConfigError(f"lape.enabled: false, but {folder} has LAPE on; LAPE is left off from stage 2 on")
     for key in ("num_spatial_tokens", "num_temporal_tokens"):
-        if getattr(lape, key) != getattr(model.config, key):
+        if getattr(lape, key) not in (None, getattr(model.config, key)):
             raise ConfigError(f"lape.{key}: {getattr(lape, key)} but {folder} has {getattr(model.config, key)}")
     if cfg.stage == "stage2" and lape.ntp != model.config.lape_ntp:
         raise ConfigError(f"lape.ntp: {lape.ntp} but {folder} has LAPE on with ntp {model.config.lape_ntp}")
@@ -231,8 +231,10 @@ def build_stage_model(cfg: StageConfig) -> StageModel:
         path = resolve(cfg.model.config) if cfg.model.config else TINY_CONFIG
         lape_keys: dict[str, Any] = {"lape.enabled": False} if cfg.stage == "stage1" else {
             "lape.enabled": lape.enabled, "lape.ntp": lape.ntp, "lape.init": lape.init,
-            "lape.init_std_ratio": lape.init_std_ratio, "lape.num_spatial_tokens": lape.num_spatial_tokens,
-            "lape.num_temporal_tokens": lape.num_temporal_tokens, "seed": cfg.train.seed}
+            "lape.init_std_ratio": lape.init_std_ratio, "seed": cfg.train.seed,
+            # the counts are the model YAML's; an older stage config's are applied as it asked
+            **{f"lape.{k}": v for k in ("num_spatial_tokens", "num_temporal_tokens")
+               if (v := getattr(lape, k)) is not None}}
         settings = load_model_settings(path, {**cfg.model.overrides, **lape_keys})
         model, processor = build_model(settings)
         source = str(path)
