@@ -33,6 +33,7 @@ from transformers import (
     CLIPVisionModel,
     GenerationConfig,
     LlamaConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Qwen2Config,
@@ -46,7 +47,7 @@ from agrivlm.lape.embedding import LapeInit, number_text_init_, random_init_, sm
 from agrivlm.lape.tokens import DEFAULT_NUM_SPATIAL, DEFAULT_NUM_TEMPORAL, LapeVocab
 from agrivlm.model.configuration import RENAMED_KEYS, AgriVLMConfig
 from agrivlm.model.modeling import AgriVLMForConditionalGeneration
-from agrivlm.model.tokenizer import add_agrivlm_tokens, default_tokenizer
+from agrivlm.model.tokenizer import TokenLayout, add_agrivlm_tokens, default_tokenizer
 from agrivlm.pipeline.conversation import answer_end_id
 from agrivlm.pipeline.pooling import PoolMode
 from agrivlm.resources import configs_dir
@@ -250,7 +251,34 @@ def build_model(
         llm = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
     vision_config = vision.config if vision is not None else tiny_vision_config(s.vision)
     text_config = llm.config if llm is not None else tiny_text_config(s.llm, text_vocab)
-    config = AgriVLMConfig(
+    model = AgriVLMForConditionalGeneration(_agrivlm_config(s, vision_config, text_config, layout))
+    if vision is not None:
+        model.vision_tower.load_state_dict(vision.state_dict())
+    if llm is not None:
+        model.language_model.load_state_dict(llm.state_dict())
+    del vision, llm
+    if model.language_model.get_input_embeddings().weight.shape[0] != text_vocab:
+        model.resize_text_vocab(text_vocab)
+    init_lape(model, tokenizer, seed=s.seed)
+    model.generation_config = generation_config_for(model, tokenizer)
+    model.eval()
+    processor = AgriVLMProcessor(
+        tokenizer=tokenizer,
+        patch_size=int(model.config.vision_config.patch_size),  # type: ignore[union-attr]
+        pool_stride=s.pooling.stride,
+        num_bands=s.num_bands,
+        pool_mode=s.pooling.mode,
+        num_spatial_tokens=s.lape.num_spatial_tokens,
+        num_temporal_tokens=s.lape.num_temporal_tokens,
+    )
+    return model, processor
+
+
+def _agrivlm_config(
+    s: ModelSettings, vision_config: PretrainedConfig, text_config: PretrainedConfig, layout: TokenLayout
+) -> AgriVLMConfig:
+    """The :class:`AgriVLMConfig` of ``s`` around these vision and text configs, with the tokenizer's ids."""
+    return AgriVLMConfig(
         vision_config=vision_config.to_dict(),
         text_config=text_config.to_dict(),
         num_bands=s.num_bands,
@@ -276,27 +304,6 @@ def build_model(
         lape_output_token_ids=list(layout.output_token_ids),
         position_token_offset=layout.position_token_offset,
     )
-    model = AgriVLMForConditionalGeneration(config)
-    if vision is not None:
-        model.vision_tower.load_state_dict(vision.state_dict())
-    if llm is not None:
-        model.language_model.load_state_dict(llm.state_dict())
-    del vision, llm
-    if model.language_model.get_input_embeddings().weight.shape[0] != text_vocab:
-        model.resize_text_vocab(text_vocab)
-    init_lape(model, tokenizer, seed=s.seed)
-    model.generation_config = generation_config_for(model, tokenizer)
-    model.eval()
-    processor = AgriVLMProcessor(
-        tokenizer=tokenizer,
-        patch_size=int(model.config.vision_config.patch_size),  # type: ignore[union-attr]
-        pool_stride=s.pooling.stride,
-        num_bands=s.num_bands,
-        pool_mode=s.pooling.mode,
-        num_spatial_tokens=s.lape.num_spatial_tokens,
-        num_temporal_tokens=s.lape.num_temporal_tokens,
-    )
-    return model, processor
 
 
 def init_lape(model: AgriVLMForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> None:

@@ -270,16 +270,30 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
             row-major (``(h', w') = visual_token_grid(H, W, patch_size, pool_stride)``).
         """
         cfg = self.config
-        vcfg = cfg.vision_config
         if pixel_values.ndim != 5:
             raise ValueError(f"pixel_values must be (N, T, C, H, W), got shape {tuple(pixel_values.shape)}")
         n, t, c, height, width = pixel_values.shape
         if c != cfg.num_bands:
             raise ValueError(f"pixel_values have {c} bands but the model was built for num_bands={cfg.num_bands}")
-        patch = int(vcfg.patch_size)  # type: ignore[union-attr]
+        patch = int(cfg.vision_config.patch_size)  # type: ignore[union-attr]
         visual_token_grid(height, width, patch, cfg.pool_stride)  # checks divisibility, names the fix
         h, w = height // patch, width // patch
-        x = pixel_values.reshape(n * t, c, height, width).to(self.band_adapter.weight.dtype)
+        feats = self._pooled_patch_features(pixel_values.reshape(n * t, c, height, width), h, w)
+        per_frame, d = feats.shape[1], feats.shape[2]
+        feats = feats.reshape(n, t, per_frame, d)
+        if self.lape is not None:
+            feats = self._inject_lape(feats, h, w, frame_times, lape_tables, patch_positions)
+        return feats.reshape(n, t * per_frame, d)
+
+    def _pooled_patch_features(self, frames: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Frames ``(N·T, C, H, W)`` → band adapter → vision encoder → projector → pooling: ``(N·T, h'·w', D)``.
+
+        ``(h, w)`` is the encoder's patch grid of a frame, ``(H/p, W/p)``.
+        """
+        cfg = self.config
+        vcfg = cfg.vision_config
+        height, width = frames.shape[-2], frames.shape[-1]
+        x = frames.to(self.band_adapter.weight.dtype)
         x = self.band_adapter(x)
         size = vcfg.image_size  # type: ignore[union-attr]
         interpolate = (height, width) != (size, size)
@@ -291,28 +305,41 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         if feats.shape[1] != h * w:
             raise ValueError(f"the vision encoder gave {feats.shape[1]} patches for a {h}x{w} grid")
         feats = self.projector(feats)
-        feats = pool_2d(feats, (h, w), cfg.pool_stride, cfg.pool_mode)  # type: ignore[arg-type]
-        per_frame, d = feats.shape[1], feats.shape[2]
-        feats = feats.reshape(n, t, per_frame, d)
-        if self.lape is not None:
-            if frame_times is None:
-                frame_times = default_frame_times(t).to(feats.device).expand(n, t)
-            if patch_positions is not None:
-                feats = inject_lape_at_positions(
-                    self.lape, feats, patch_positions, frame_times, cfg.spatial_injection_scale,
-                    cfg.temporal_injection_scale, lape_tables,
-                )
-            else:
-                feats = self.lape.inject(
-                    feats,
-                    cell_centres(h, cfg.pool_stride, cfg.pool_mode),
-                    cell_centres(w, cfg.pool_stride, cfg.pool_mode),
-                    frame_times,
-                    cfg.spatial_injection_scale,
-                    cfg.temporal_injection_scale,
-                    lape_tables,
-                )
-        return feats.reshape(n, t * per_frame, d)
+        return pool_2d(feats, (h, w), cfg.pool_stride, cfg.pool_mode)  # type: ignore[arg-type]
+
+    def _inject_lape(
+        self,
+        feats: torch.Tensor,
+        h: int,
+        w: int,
+        frame_times: torch.Tensor | None,
+        lape_tables: dict[Axis, torch.Tensor] | None,
+        patch_positions: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Add the LAPE positions to pooled features ``(N, T, h'·w', D)`` of an ``(h, w)`` patch grid.
+
+        At ``patch_positions`` when given, else at the centres of the item's own pooled grid; ``frame_times``
+        default to evenly spaced ``[0, 1]``.
+        """
+        assert self.lape is not None
+        cfg = self.config
+        n, t = feats.shape[0], feats.shape[1]
+        if frame_times is None:
+            frame_times = default_frame_times(t).to(feats.device).expand(n, t)
+        if patch_positions is not None:
+            return inject_lape_at_positions(
+                self.lape, feats, patch_positions, frame_times, cfg.spatial_injection_scale,
+                cfg.temporal_injection_scale, lape_tables,
+            )
+        return self.lape.inject(
+            feats,
+            cell_centres(h, cfg.pool_stride, cfg.pool_mode),
+            cell_centres(w, cfg.pool_stride, cfg.pool_mode),
+            frame_times,
+            cfg.spatial_injection_scale,
+            cfg.temporal_injection_scale,
+            lape_tables,
+        )
 
     def get_visual_features_by_size(
         self,
@@ -461,19 +488,8 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
             loss = ce.mean() if ce.numel() else lg.sum() * 0.0
             return loss, ce.detach().mean() if ce.numel() else None, None
         offset = self._offset()
-        vocab = self.vocab
-        ns, nt = vocab.num_spatial, vocab.num_temporal
-        rel = t - offset
-        axis_idx = torch.full_like(t, -1)  # 0 height, 1 width, 2 temporal, -1 text
-        in_bins = (rel >= 0) & (rel < vocab.num_position_tokens)
-        bounds = torch.tensor([ns, 2 * ns], device=t.device)
-        axis_idx = torch.where(in_bins, torch.bucketize(rel, bounds, right=True), axis_idx)
-        bin_idx = rel - torch.tensor([0, ns, 2 * ns], device=t.device)[axis_idx.clamp(min=0)]
-        out_ids = cfg.lape_output_token_ids or []
-        for k, oid in enumerate(out_ids):
-            axis_idx = torch.where(t == oid, torch.full_like(t, k), axis_idx)
+        axis_idx, bin_idx, in_bins = self._label_axes(t, offset)
         is_pos = axis_idx >= 0
-        n_axis = torch.tensor([ns, ns, nt], device=t.device)[axis_idx.clamp(min=0)].to(torch.float64)
         vals = (
             position_values[:, 1:][valid].to(torch.float64)
             if position_values is not None
@@ -482,17 +498,7 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         is_output_token = is_pos & ~in_bins
         if bool((is_output_token & ~torch.isfinite(vals)).any()):
             raise ValueError("an -OUTPUT label has no value in position_values; pass positions= to the processor")
-        centre = (bin_idx.to(torch.float64) + 0.5) / n_axis
-        value = torch.where(torch.isfinite(vals), vals, centre)
-        c = (value * n_axis - 0.5).clamp(min=0.0)
-        c = torch.minimum(c, n_axis - 1)
-        lo = c.floor()
-        hi = torch.minimum(lo + 1, n_axis - 1)
-        r = torch.where(hi > lo, c - lo, torch.zeros_like(c)).to(lg.dtype)
-        base = offset + torch.tensor([0, ns, 2 * ns], device=t.device)[axis_idx.clamp(min=0)]
-        id_lo = torch.where(is_pos, base + lo.long(), t)
-        id_hi = torch.where(is_pos, base + hi.long(), t)
-        r = torch.where(is_pos, r, torch.zeros_like(r))
+        id_lo, id_hi, r = self._soft_targets(t, offset, axis_idx, bin_idx, vals, lg.dtype)
         target = (1 - r) * lg.gather(1, id_lo[:, None]).squeeze(1) + r * lg.gather(1, id_hi[:, None]).squeeze(1)
         ce = lse - target
         weights = torch.ones_like(ce)
@@ -502,6 +508,54 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         text_loss = ce[~is_pos].detach().mean() if bool((~is_pos).any()) else None
         position_loss = ce[is_pos].detach().mean() if bool(is_pos.any()) else None
         return loss, text_loss, position_loss
+
+    def _label_axes(self, t: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per label id of ``t (K,)``: its LAPE axis (0 height, 1 width, 2 temporal, -1 text), bin, and whether a bin.
+
+        An ``-OUTPUT`` placeholder takes its axis (its bin is meaningless: its value comes from ``position_values``).
+        """
+        vocab = self.vocab
+        ns = vocab.num_spatial
+        rel = t - offset
+        axis_idx = torch.full_like(t, -1)  # 0 height, 1 width, 2 temporal, -1 text
+        in_bins = (rel >= 0) & (rel < vocab.num_position_tokens)
+        bounds = torch.tensor([ns, 2 * ns], device=t.device)
+        axis_idx = torch.where(in_bins, torch.bucketize(rel, bounds, right=True), axis_idx)
+        bin_idx = rel - torch.tensor([0, ns, 2 * ns], device=t.device)[axis_idx.clamp(min=0)]
+        out_ids = self.config.lape_output_token_ids or []
+        for k, oid in enumerate(out_ids):
+            axis_idx = torch.where(t == oid, torch.full_like(t, k), axis_idx)
+        return axis_idx, bin_idx, in_bins
+
+    def _soft_targets(
+        self,
+        t: torch.Tensor,
+        offset: int,
+        axis_idx: torch.Tensor,
+        bin_idx: torch.Tensor,
+        vals: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(id_lo, id_hi, r)``: a position label targets ``(1 − r)·id_lo + r·id_hi``, the bins around its value.
+
+        The value is ``vals`` where finite, else its own bin's centre; a text label keeps its id with ``r = 0``.
+        """
+        vocab = self.vocab
+        ns, nt = vocab.num_spatial, vocab.num_temporal
+        is_pos = axis_idx >= 0
+        n_axis = torch.tensor([ns, ns, nt], device=t.device)[axis_idx.clamp(min=0)].to(torch.float64)
+        centre = (bin_idx.to(torch.float64) + 0.5) / n_axis
+        value = torch.where(torch.isfinite(vals), vals, centre)
+        c = (value * n_axis - 0.5).clamp(min=0.0)
+        c = torch.minimum(c, n_axis - 1)
+        lo = c.floor()
+        hi = torch.minimum(lo + 1, n_axis - 1)
+        r = torch.where(hi > lo, c - lo, torch.zeros_like(c)).to(dtype)
+        base = offset + torch.tensor([0, ns, 2 * ns], device=t.device)[axis_idx.clamp(min=0)]
+        id_lo = torch.where(is_pos, base + lo.long(), t)
+        id_hi = torch.where(is_pos, base + hi.long(), t)
+        r = torch.where(is_pos, r, torch.zeros_like(r))
+        return id_lo, id_hi, r
 
     # -- forward -------------------------------------------------------------------------------------
     def forward(
@@ -541,6 +595,36 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
             logits_to_keep: compute logits only for the last ``k`` positions (0 = all).
             **kwargs: passed to the LLM (e.g. ``output_hidden_states``).
         """
+        inputs_embeds = self._inputs_embeds(
+            input_ids, inputs_embeds, pixel_values, position_values, frame_times, patch_positions, image_sizes
+        )
+        outputs = self.language_model.base_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            use_cache=use_cache, **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        logits = self.compute_logits(slice_logits_to_keep(hidden, logits_to_keep))
+        loss = text_loss = position_loss = None
+        if labels is not None:
+            if logits.shape[1] != labels.shape[1]:
+                raise ValueError("labels need logits at every position; call with logits_to_keep=0")
+            loss, text_loss, position_loss = self.compute_loss(logits, labels, position_values)
+        return AgriVLMOutput(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions, text_loss=text_loss, position_loss=position_loss,
+        )
+
+    def _inputs_embeds(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        position_values: torch.Tensor | None,
+        frame_times: torch.Tensor | None,
+        patch_positions: torch.Tensor | None,
+        image_sizes: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """:meth:`forward`'s LLM input: ``inputs_embeds`` as given, or ``input_ids`` embedded with the visual tokens."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -551,15 +635,7 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
                 parts = self.get_visual_features_by_size(
                     pixel_values, image_sizes, frame_times, tables, patch_positions
                 )
-                ids = [i for i in (self.config.image_token_id, self.config.video_token_id) if i is not None]
-                n_tokens = int(torch.isin(input_ids, torch.tensor(ids, device=input_ids.device)).sum())
-                if n_tokens != sum(part.shape[0] for part in parts):
-                    raise ValueError(
-                        f"the prompts hold {n_tokens} <image>/<video> tokens but the {len(parts)} visual items of "
-                        f"image_sizes give {[part.shape[0] for part in parts]} visual tokens; build inputs with "
-                        "AgriVLMProcessor.from_chips"
-                    )
-                inputs_embeds = self.merge_visual_tokens(input_ids, inputs_embeds, torch.cat(parts)[None])
+                inputs_embeds = self._merge_sized_items(input_ids, inputs_embeds, parts)
             elif pixel_values is not None:
                 visual = self.get_visual_features(pixel_values, frame_times, tables, patch_positions)
                 inputs_embeds = self.merge_visual_tokens(input_ids, inputs_embeds, visual)
@@ -567,30 +643,20 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
             raise ValueError(
                 "pixel_values need input_ids to find the placeholders; do not pass inputs_embeds with them"
             )
-        outputs = self.language_model.base_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=use_cache,
-            **kwargs,
-        )
-        hidden = outputs.last_hidden_state
-        logits = self.compute_logits(slice_logits_to_keep(hidden, logits_to_keep))
-        loss = text_loss = position_loss = None
-        if labels is not None:
-            if logits.shape[1] != labels.shape[1]:
-                raise ValueError("labels need logits at every position; call with logits_to_keep=0")
-            loss, text_loss, position_loss = self.compute_loss(logits, labels, position_values)
-        return AgriVLMOutput(
-            loss=loss,
-            logits=logits,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            text_loss=text_loss,
-            position_loss=position_loss,
-        )
+        return inputs_embeds
+
+    def _merge_sized_items(self, input_ids: torch.Tensor, embeds: torch.Tensor, parts: list[torch.Tensor]
+                           ) -> torch.Tensor:
+        """:meth:`merge_visual_tokens` of items of different sizes (``parts``: :meth:`get_visual_features_by_size`)."""
+        ids = [i for i in (self.config.image_token_id, self.config.video_token_id) if i is not None]
+        n_tokens = int(torch.isin(input_ids, torch.tensor(ids, device=input_ids.device)).sum())
+        if n_tokens != sum(part.shape[0] for part in parts):
+            raise ValueError(
+                f"the prompts hold {n_tokens} <image>/<video> tokens but the {len(parts)} visual items of "
+                f"image_sizes give {[part.shape[0] for part in parts]} visual tokens; build inputs with "
+                "AgriVLMProcessor.from_chips"
+            )
+        return self.merge_visual_tokens(input_ids, embeds, torch.cat(parts)[None])
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """HF's preparation, plus: ``frame_times``, ``position_values``, ``patch_positions`` reach only the prefill."""

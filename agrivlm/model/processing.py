@@ -87,6 +87,32 @@ def _as_item(x: Any, index: int) -> npt.NDArray[np.float32]:
     return arr
 
 
+def _visual_arguments(
+    images: Any,
+    videos: Any,
+    audio: Any,
+    frame_times: Sequence[Sequence[float] | None] | None,
+    video_dates: Sequence[Sequence[Any]] | None,
+) -> tuple[Any, Sequence[Sequence[float] | None] | None]:
+    """:meth:`AgriVLMProcessor.__call__`'s visual items in reading order and their frame times, however given.
+
+    ``images`` or ``videos``, flat or grouped per sample; ``frame_times`` or ``video_dates``; no ``audio``.
+    """
+    if audio is not None:
+        raise ValueError("agrivlm models take no audio")
+    if videos is not None:
+        if images is not None:
+            raise ValueError("give the visual items as images= or as videos=, not both")
+        images = videos
+    if isinstance(images, (list, tuple)) and images and all(isinstance(x, (list, tuple)) for x in images):
+        images = [item for group in images for item in group]  # grouped per sample → reading order
+    if video_dates is not None:
+        if frame_times is not None:
+            raise ValueError("give frame_times= or video_dates=, not both")
+        frame_times = [frame_time_positions(d, np.arange(len(d)))[1].tolist() for d in video_dates]
+    return images, frame_times
+
+
 def _json_copy(data: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """A plain-JSON deep copy (tuples become lists, as they are once saved), or None."""
     return None if data is None else dict(json.loads(json.dumps(dict(data))))
@@ -278,20 +304,23 @@ class AgriVLMProcessor(ProcessorMixin):
             ``pixel_values (N, T, C, H, W)`` float32 and ``frame_times (N, T)``, ``labels (B, L)``
             (``-100`` off the answers), ``position_values (B, L)`` (NaN off the LAPE tokens).
         """
-        if audio is not None:
-            raise ValueError("agrivlm models take no audio")
-        if videos is not None:
-            if images is not None:
-                raise ValueError("give the visual items as images= or as videos=, not both")
-            images = videos
-        if isinstance(images, (list, tuple)) and images and all(isinstance(x, (list, tuple)) for x in images):
-            images = [item for group in images for item in group]  # grouped per sample → reading order
+        images, frame_times = _visual_arguments(images, videos, audio, frame_times, video_dates)
         return_tensors = return_tensors or "pt"
-        if video_dates is not None:
-            if frame_times is not None:
-                raise ValueError("give frame_times= or video_dates=, not both")
-            frame_times = [frame_time_positions(d, np.arange(len(d)))[1].tolist() for d in video_dates]
         texts, answer_list, prompt_ids = self._prepare_text(text, answers, padding_side, return_tensors)
+        data, expand, frames = self._pixel_data(images, frame_times, prompt_ids)
+        data.update(self._encode_text(texts, prompt_ids, answer_list, positions, expand, frames, "item",
+                                      padding_side, add_eos))
+        if return_tensors == "np":
+            data = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in data.items()}
+        return BatchFeature(data=data)
+
+    def _pixel_data(
+        self, images: Any, frame_times: Sequence[Sequence[float] | None] | None, prompt_ids: list[list[int]]
+    ) -> tuple[dict[str, Any], list[int], list[int]]:
+        """:meth:`__call__`'s ``pixel_values`` and ``frame_times`` (none without images), and the expansion.
+
+        Per placeholder its token count and its frame count (what :meth:`_encode_text` expands it by).
+        """
         layout = self.layout
         placeholder_ids = {layout.image_token_id, layout.video_token_id}
         n_items = sum(sum(i in placeholder_ids for i in ids) for ids in prompt_ids)
@@ -305,11 +334,7 @@ class AgriVLMProcessor(ProcessorMixin):
             data["pixel_values"] = torch.from_numpy(items)
             data["frame_times"] = self._frame_times(frame_times, n, t)
             expand, frames = [per_item] * n, [t] * n
-        data.update(self._encode_text(texts, prompt_ids, answer_list, positions, expand, frames, "item",
-                                      padding_side, add_eos))
-        if return_tensors == "np":
-            data = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in data.items()}
-        return BatchFeature(data=data)
+        return data, expand, frames
 
     # -- text ------------------------------------------------------------------------------------------
     def _prepare_text(
@@ -342,6 +367,21 @@ class AgriVLMProcessor(ProcessorMixin):
     ) -> dict[str, torch.Tensor]:
         """Expand placeholder ``k`` (reading order) to ``expand[k]`` tokens, append answers, labels, values, pad."""
         layout = self.layout
+        sequences, labels = self._expand_and_answer(prompt_ids, answer_list, expand, frames, noun, add_eos, layout)
+        pos_rows = self._position_rows(texts, sequences, positions, layout)
+        return self._pad(sequences, labels, pos_rows, answer_list is not None, padding_side)
+
+    def _expand_and_answer(
+        self,
+        prompt_ids: list[list[int]],
+        answer_list: list[Answer] | None,
+        expand: list[int],
+        frames: list[int],
+        noun: str,
+        add_eos: bool,
+        layout: TokenLayout,
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """Per sample its ids (placeholders expanded, answers appended) and labels (``-100`` off the answers)."""
         placeholder_ids = {layout.image_token_id, layout.video_token_id}
         tok = self.tokenizer
         sequences: list[list[int]] = []
@@ -370,7 +410,16 @@ class AgriVLMProcessor(ProcessorMixin):
                     lab.extend(ans if supervised else [IGNORE_INDEX] * len(ans))
             sequences.append(seq)
             labels.append(lab)
+        return sequences, labels
 
+    def _position_rows(
+        self,
+        texts: list[str],
+        sequences: list[list[int]],
+        positions: Sequence[Sequence[float] | None] | None,
+        layout: TokenLayout,
+    ) -> list[npt.NDArray[np.float32]]:
+        """Per sample the values of its LAPE tokens at their places, NaN elsewhere (none without ``positions``)."""
         # position values, per sample, in text order
         pos_rows: list[npt.NDArray[np.float32]] = []
         if positions is not None:
@@ -386,8 +435,19 @@ class AgriVLMProcessor(ProcessorMixin):
                                          "(position bins and -INPUT/-OUTPUT placeholders, prompt then answer)")
                     row[where] = np.asarray(vals, dtype=np.float32)
                 pos_rows.append(row)
+        return pos_rows
 
+    def _pad(
+        self,
+        sequences: list[list[int]],
+        labels: list[list[int]],
+        pos_rows: list[npt.NDArray[np.float32]],
+        with_labels: bool,
+        padding_side: str,
+    ) -> dict[str, torch.Tensor]:
+        """The padded ``input_ids``, ``attention_mask`` and, when given, ``labels`` and ``position_values``."""
         # pad
+        tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         length = max(len(s) for s in sequences)
         input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
@@ -402,7 +462,7 @@ class AgriVLMProcessor(ProcessorMixin):
             if pos_rows:
                 pos_t[b, sl] = torch.from_numpy(pos_rows[b])
         data: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention}
-        if answer_list is not None:
+        if with_labels:
             data["labels"] = label_t
         if pos_rows:
             data["position_values"] = pos_t
@@ -453,21 +513,12 @@ class AgriVLMProcessor(ProcessorMixin):
 
     # -- chips -----------------------------------------------------------------------------------------
     def from_chips(
-        self,
-        chips: Chip | Sequence[Chip],
-        prompts: str | Sequence[str],
-        answers: str | Sequence[Answer] | None = None,
-        *,
-        config: ChipInputConfig | None = None,
-        sampling: FrameSamplingConfig | None = None,
-        bands: BandsConfig | str | None = None,
-        stats: BandStats | None = None,
-        anyres: AnyResConfig | None = None,
-        scales: Sequence[float] | None = None,
+        self, chips: Chip | Sequence[Chip], prompts: str | Sequence[str],
+        answers: str | Sequence[Answer] | None = None, *, config: ChipInputConfig | None = None,
+        sampling: FrameSamplingConfig | None = None, bands: BandsConfig | str | None = None,
+        stats: BandStats | None = None, anyres: AnyResConfig | None = None, scales: Sequence[float] | None = None,
         frame_indices: Sequence[Sequence[int] | None] | None = None,
-        positions: Sequence[Sequence[float] | None] | None = None,
-        padding_side: str = "right",
-        add_eos: bool = True,
+        positions: Sequence[Sequence[float] | None] | None = None, padding_side: str = "right", add_eos: bool = True,
     ) -> ChipBatch:
         """Build a batch from chips: frames sampled, bands scaled, tiles or scales cut, geography kept.
 
@@ -502,9 +553,9 @@ class AgriVLMProcessor(ProcessorMixin):
             ``frame_times (N, T)`` (each chip's frames on its :attr:`ChipGeography.time_axis`),
             ``patch_positions (N, P, 2)`` float32 chip ``(u, v)`` of each item's ``P = h'·w'`` visual tokens per
             frame, ``input_ids``, ``attention_mask`` (and ``labels``, ``position_values`` as in :meth:`__call__`).
-            When items differ
-            in size (``scales``), ``pixel_values`` are zero-padded to the largest, ``image_sizes (N, 2)`` gives
-            each item's ``(H, W)`` and ``patch_positions`` rows are NaN past each item's ``P``.
+            When items differ in size (``scales``), ``pixel_values`` are zero-padded to the largest,
+            ``image_sizes (N, 2)`` gives each item's ``(H, W)`` and ``patch_positions`` rows are NaN past each
+            item's ``P``.
 
         Raises:
             PipelineError: a chip without usable frames, a band count that does not fit the preset, chips
@@ -513,6 +564,18 @@ class AgriVLMProcessor(ProcessorMixin):
         cfg = self._chip_config(config, sampling, bands, stats, anyres, scales)
         chip_list = [chips] if isinstance(chips, Chip) else list(chips)
         texts, answer_list, prompt_ids = self._prepare_text(prompts, answers, padding_side, "pt")
+        owner = self._chip_owners(prompt_ids, chip_list, frame_indices)
+        prepared = [self._prepare_chip(chip, cfg, None if frame_indices is None else frame_indices[c])
+                    for c, chip in enumerate(chip_list)]
+        t = self._shared_frame_count(chip_list, prepared)
+        data, geos, items, expand = self._chip_items(chip_list, prepared, owner, t)
+        data.update(self._encode_text(texts, prompt_ids, answer_list, positions, expand, [t] * len(chip_list),
+                                      "chip", padding_side, add_eos))
+        return ChipBatch(batch=BatchFeature(data=data), chips=tuple(geos), items=tuple(items))
+
+    def _chip_owners(self, prompt_ids: list[list[int]], chip_list: list[Chip],
+                     frame_indices: Sequence[Sequence[int] | None] | None) -> list[int]:
+        """The sample of each placeholder in reading order: one chip (and ``frame_indices`` entry) each."""
         layout = self.layout
         placeholder_ids = {layout.image_token_id, layout.video_token_id}
         owner = [b for b, ids in enumerate(prompt_ids) for i in ids if i in placeholder_ids]
@@ -523,9 +586,10 @@ class AgriVLMProcessor(ProcessorMixin):
                                 "give one chip per placeholder (put <video> in each prompt)")
         if frame_indices is not None and len(frame_indices) != len(chip_list):
             raise PipelineError(f"{len(frame_indices)} frame_indices entries for {len(chip_list)} chips")
-        prepared = [self._prepare_chip(chip, cfg, None if frame_indices is None else frame_indices[c])
-                    for c, chip in enumerate(chip_list)]
+        return owner
 
+    def _shared_frame_count(self, chip_list: list[Chip], prepared: list[_PreparedChip]) -> int:
+        """The number of frames every chip of the batch gives (checked, with the channels the model takes)."""
         n_frames = {len(p.frames) for p in prepared}
         if len(n_frames) > 1:
             counts = ", ".join(f"{c.chip_id}: {len(p.frames)}" for c, p in zip(chip_list, prepared, strict=True))
@@ -536,7 +600,11 @@ class AgriVLMProcessor(ProcessorMixin):
         if bands_out != {self.num_bands}:
             raise PipelineError(f"the chips give {sorted(bands_out)} channels but the model takes "
                                 f"num_bands={self.num_bands}; set bands.preset/composite (or the model's num_bands)")
+        return t
 
+    def _chip_items(self, chip_list: list[Chip], prepared: list[_PreparedChip], owner: list[int], t: int
+                    ) -> tuple[dict[str, Any], list[ChipGeography], list[VisualItem], list[int]]:
+        """The chips' item tensors and ``frame_times``, geography, visual items and placeholder token counts."""
         data = self._item_tensors([px for p in prepared for px in p.pixels],
                                   [pos for p in prepared for pos in p.positions], t)
         geos: list[ChipGeography] = []
@@ -554,11 +622,8 @@ class AgriVLMProcessor(ProcessorMixin):
                 chip_id=chip.chip_id, sample=owner[c], grid=chip.grid, time_axis=axis, frame_dates=fr.times,
                 frame_indices=fr.indices, frame_t=ft, items=tuple(range(first, len(items))),
                 grid_shape=prep.grid_shape, stats=prep.stats))
-
         data["frame_times"] = torch.from_numpy(np.stack(frame_rows).astype(np.float32))
-        data.update(self._encode_text(texts, prompt_ids, answer_list, positions, expand, [t] * len(chip_list),
-                                      "chip", padding_side, add_eos))
-        return ChipBatch(batch=BatchFeature(data=data), chips=tuple(geos), items=tuple(items))
+        return data, geos, items, expand
 
     def _item_tensors(self, pixels: Sequence[torch.Tensor], positions: Sequence[FloatArray], t: int
                       ) -> dict[str, Any]:

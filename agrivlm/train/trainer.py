@@ -44,7 +44,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -437,6 +437,50 @@ def _nest(overrides: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class _StageData:
+    """What a stage trains on: the train loader and its sampler, the val split, and how they were made."""
+
+    loader: DataLoader[Any]
+    sampler: ResumableSampler
+    val_ds: RecordDataset | None
+    collate: Collator
+    stats: BandStats | None
+    report: dict[str, Any]  # select_records' report of the train split
+    val_records: int
+
+
+@dataclass
+class _StepTotals:
+    """The micro-batches of the optimizer step under way, added up (a new one for each step)."""
+
+    sums: dict[str, float] = field(default_factory=dict)  # per loss, summed over the micro-batches
+    n: int = 0  # micro-batches
+    ids: list[str] = field(default_factory=list)
+    tokens: int = 0
+    start: float = 0.0  # perf_counter() at the step's first micro-batch
+    lrs: dict[str, float] = field(default_factory=dict)
+
+
+def _reduce_step(acc: Any, totals: _StepTotals) -> tuple[dict[str, float], int, list[str], int]:
+    """A finished step's mean losses, tokens, sample ids and sample count, over all processes."""
+    from accelerate.utils import gather_object
+
+    reduced = {k: v / totals.n for k, v in totals.sums.items()}
+    step_tokens, step_ids = totals.tokens, totals.ids
+    if acc.num_processes > 1:
+        keys = sorted(reduced)
+        local = [reduced[k] for k in keys] + [float(step_tokens), float(len(step_ids))]
+        vec = acc.reduce(torch.tensor(local, device=acc.device), "sum")
+        reduced = {k: float(vec[i]) / acc.num_processes for i, k in enumerate(keys)}
+        step_tokens, n_samples = int(vec[-2]), int(vec[-1])
+        all_ids = gather_object([step_ids])
+        step_ids = [i for part in all_ids for i in part]
+    else:
+        n_samples = len(step_ids)
+    return reduced, step_tokens, step_ids, n_samples
+
+
 class _Run:
     """One stage run (state shared by the steps of :func:`run_stage`)."""
 
@@ -472,6 +516,7 @@ class _Run:
         return acc
 
     def run(self) -> Path:
+        """Train the stage (from its checkpoint when resumed) and write its final folder; returns that folder."""
         from accelerate.utils import set_seed
 
         cfg, out = self.cfg, self.out
@@ -493,9 +538,39 @@ class _Run:
 
         sm = build_stage_model(cfg)
         _check_start_weights(cfg, sm)
-        model, processor = sm.model, sm.processor
-        lape_on = bool(model.config.enable_lape)
         stacks = StackCache()
+        data = self._data(acc, sm, stacks)
+        module, optimizer, predictor = self._prepared_module(acc, sm)
+        state = TrainState()
+        acc.register_for_checkpointing(state)
+        if found is not None:
+            self._resume_from(acc, module, found, state, ckpt_root)
+        info = self._stage_info(acc, sm, data, predictor)
+        metrics, seen = self._start_logs(acc, state, info, changes, data.stats)
+        self._snapshot = (sm, data.stats, info)
+        try:
+            self._loop(acc, module, optimizer, data.loader, data.sampler, data.val_ds, data.collate, state, metrics,
+                       seen, ckpt_root)
+            last = metrics.read()[-1] if metrics is not None and metrics.read() else {}
+            finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            result = self._save_final(acc, module, sm, data.stats,
+                                      {**info, "steps": state.step, "final_metrics": last, "finished_at": finished})
+        finally:
+            stacks.close()
+            if metrics is not None:
+                metrics.close()
+                plot_losses({cfg.stage: metrics.read()}, out / "logs" / "loss_curves.png")
+            # the trackers' own end (what Accelerator.end_training does first), without its destroying the process
+            # group: a process may train several stages (the quickstart, agrivlm train default)
+            for tracker in acc.trackers:
+                tracker.finish()
+        acc.wait_for_everyone()
+        return result
+
+    def _data(self, acc: Any, sm: StageModel, stacks: StackCache) -> _StageData:
+        """The stage's records as the train loader and val split; sets :attr:`inputs`, clears an overwritten run."""
+        cfg, out = self.cfg, self.out
+        lape_on = bool(sm.model.config.enable_lape)
         train_records, report = select_records(read_split(cfg.data.roots, "train"), cfg.data, cfg.train.seed, True)
         val_records, _ = select_records(read_split(cfg.data.roots, "val"), cfg.data, cfg.train.seed, False)
         stats = _band_stats(cfg, sm, train_records, stacks)
@@ -504,7 +579,7 @@ class _Run:
         # raised above and left it as it was
         _clear_previous(out, self.resume, acc.is_main_process)
         acc.wait_for_everyone()
-        vocab = processor.vocab
+        vocab = sm.processor.vocab
         frames, norm, seed = cfg.data.frames, cfg.data.normalize, cfg.train.seed
         focus, given, marker = cfg.data.growth_focus, cfg.data.question_positions, cfg.data.point_marker
         if given == "input" and not lape_on:
@@ -515,7 +590,7 @@ class _Run:
         val_ds = RecordDataset(val_records, frames, norm, vocab, seed, stats, False, stacks,
                                growth_focus=focus, question_positions=given,
                                point_marker=marker) if val_records else None
-        collate = Collator(processor, lape_on, item_layout(cfg.data.anyres, cfg.data.scales))
+        collate = Collator(sm.processor, lape_on, item_layout(cfg.data.anyres, cfg.data.scales))
         sampler = ResumableSampler(
             len(train_ds), cfg.train.seed, shuffle=True, num_replicas=acc.num_processes, rank=acc.process_index
         )
@@ -525,7 +600,15 @@ class _Run:
             train_ds, batch_size=cfg.train.batch_size, sampler=EpochIndexSampler(sampler), collate_fn=collate,
             num_workers=cfg.data.num_workers, generator=seeded_generator(cfg.train.seed),
         )
+        return _StageData(loader, sampler, val_ds, collate, stats, report, len(val_records))
 
+    def _prepared_module(self, acc: Any, sm: StageModel) -> tuple[Any, Any, NextFramePredictor | None]:
+        """The :class:`CurriculumModule` and its AdamW (param groups ``main``, ``lape``), prepared by accelerate.
+
+        With ``reconstruction`` on, the module holds a new next-frame predictor (also returned) and its frozen teacher.
+        """
+        cfg = self.cfg
+        model = sm.model
         rec = cfg.reconstruction
         predictor = teacher = None
         if rec.enabled:
@@ -544,31 +627,36 @@ class _Run:
             groups.append({"params": sm.groups["lape"], "name": "lape"})
         o = cfg.optim
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-        module, optimizer = acc.prepare(module, optimizer)
+        prepared, optimizer = acc.prepare(module, optimizer)
         if teacher is not None:
             teacher.to(acc.device)
-        state = TrainState()
-        acc.register_for_checkpointing(state)
+        return prepared, optimizer, predictor
 
-        if found is not None:
-            step = load_checkpoint(acc, found, num_custom=1, verify=False)  # verified by latest_intact_checkpoint
-            if step != state.step:
-                raise CheckpointError(f"{found}: marker says step {step} but the trainer state says {state.step}")
-            culprit = first_nonfinite(list(acc.unwrap_model(module).named_parameters()))
-            if culprit is not None:
-                raise TrainError(f"{found}: parameter {culprit} is not finite; move this checkpoint out of "
-                                 f"{ckpt_root} to resume from an older one")
-            log.info("resumed from %s (step %d, epoch %d, offset %d)", found, state.step, state.epoch, state.offset)
-        info = {
+    def _resume_from(self, acc: Any, module: nn.Module, found: Path, state: TrainState, ckpt_root: Path) -> None:
+        """Load checkpoint ``found`` (weights, optimizer, RNG, ``state``); refuse one whose weights are not finite."""
+        step = load_checkpoint(acc, found, num_custom=1, verify=False)  # verified by latest_intact_checkpoint
+        if step != state.step:
+            raise CheckpointError(f"{found}: marker says step {step} but the trainer state says {state.step}")
+        culprit = first_nonfinite(list(acc.unwrap_model(module).named_parameters()))
+        if culprit is not None:
+            raise TrainError(f"{found}: parameter {culprit} is not finite; move this checkpoint out of "
+                             f"{ckpt_root} to resume from an older one")
+        log.info("resumed from %s (step %d, epoch %d, offset %d)", found, state.step, state.epoch, state.offset)
+
+    def _stage_info(self, acc: Any, sm: StageModel, data: _StageData, predictor: NextFramePredictor | None
+                    ) -> dict[str, Any]:
+        """What ``stage_info.json`` says of the run (and, completed at the end, the final folder's)."""
+        cfg = self.cfg
+        return {
             "stage": cfg.stage,
             "init_source": sm.init_source,
             "init_adapter": sm.init_adapter,
             "init_digests": sm.init_digests,
-            "lape": lape_on,
+            "lape": bool(sm.model.config.enable_lape),
             "llm_pretrained": sm.llm_pretrained,
             "config": cfg.model_dump(mode="json"),
-            "data": report,
-            "val_records": len(val_records),
+            "data": data.report,
+            "val_records": data.val_records,
             "num_processes": acc.num_processes,
             "mixed_precision": str(acc.mixed_precision),
             "trainable_parameters": {k: int(sum(p.numel() for p in v)) for k, v in sm.groups.items()},
@@ -576,6 +664,11 @@ class _Run:
             "data_sources": data_sources(cfg.data.roots),
             "started_at": self._started_at(),
         }
+
+    def _start_logs(self, acc: Any, state: TrainState, info: dict[str, Any], changes: dict[str, tuple[Any, Any]],
+                    stats: BandStats | None) -> tuple[TrainLog | None, _SeenLog]:
+        """Write the run's info and settings, start the trackers; the metrics log (main process) and samples log."""
+        cfg, out = self.cfg, self.out
         if acc.is_main_process:
             write_json(out / STAGE_INFO, info)
             self._write_settings(acc.num_processes, state.step, changes)
@@ -589,24 +682,7 @@ class _Run:
             sink = (lambda row, step: acc.log(row, step=step)) if cfg.train.report_to else None
             metrics = TrainLog(out / "logs", resume_step=state.step if self.resume else None, sink=sink)
         seen = _SeenLog(out / "logs" / "samples.jsonl", state.step if self.resume else None, acc.is_main_process)
-        self._snapshot = (sm, stats, info)
-        try:
-            self._loop(acc, module, optimizer, loader, sampler, val_ds, collate, state, metrics, seen, ckpt_root)
-            last = metrics.read()[-1] if metrics is not None and metrics.read() else {}
-            finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            result = self._save_final(acc, module, sm, stats,
-                                      {**info, "steps": state.step, "final_metrics": last, "finished_at": finished})
-        finally:
-            stacks.close()
-            if metrics is not None:
-                metrics.close()
-                plot_losses({cfg.stage: metrics.read()}, out / "logs" / "loss_curves.png")
-            # the trackers' own end (what Accelerator.end_training does first), without its destroying the process
-            # group: a process may train several stages (the quickstart, agrivlm train default)
-            for tracker in acc.trackers:
-                tracker.finish()
-        acc.wait_for_everyone()
-        return result
+        return metrics, seen
 
     def _started_at(self) -> str:
         """When the stage started (UTC, ISO 8601): now, or a resumed run's first start from its ``stage_info.json``."""
@@ -623,7 +699,8 @@ class _Run:
         val_ds: RecordDataset | None, collate: Collator, state: TrainState, metrics: TrainLog | None,
         seen: _SeenLog, ckpt_root: Path,
     ) -> None:
-        from accelerate.utils import gather_object, set_seed
+        """Train from ``state`` to ``train.max_steps`` optimizer steps, epoch after epoch, logging and checkpointing."""
+        from accelerate.utils import set_seed
 
         cfg = self.cfg
         t = cfg.train
@@ -636,36 +713,15 @@ class _Run:
             if metrics is not None:
                 metrics.log(0, baseline)
         module.train()
-        acc_sums: dict[str, float] = {}
-        acc_n = 0
-        step_ids: list[str] = []
-        step_tokens = 0
-        step_start = time.perf_counter()
-        lrs = {}
+        totals = _StepTotals()
         while state.step < t.max_steps:
             sampler.set_position(state.epoch, state.offset)
             for batch in loader:
-                if acc_n == 0:
+                if totals.n == 0:
                     set_seed(sample_seed(t.seed, _STEP_SEED_STREAM + acc.process_index, state.step) % (1 << 32))
-                    lrs = set_learning_rates(optimizer, cfg, state.step)
-                    step_start = time.perf_counter()
-                ids = batch.pop("sample_ids")
-                tokens = int(batch["attention_mask"].sum())
-                batch = _to_device(batch, acc.device)
-                with acc.accumulate(module):
-                    losses = module(batch)
-                    self._stop_if_nonfinite(acc, module, losses, state.step + 1, ids, ckpt_root)
-                    acc.backward(losses["loss"])
-                    if acc.sync_gradients and cfg.optim.max_grad_norm > 0:
-                        acc.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                for k, v in losses.items():
-                    acc_sums[k] = acc_sums.get(k, 0.0) + float(v.detach())
-                acc_n += 1
-                step_ids.extend(ids)
-                step_tokens += tokens
-                state.offset += len(ids)
+                    totals.lrs = set_learning_rates(optimizer, cfg, state.step)
+                    totals.start = time.perf_counter()
+                self._micro_batch(acc, module, optimizer, params, batch, state, ckpt_root, totals)
                 if not acc.sync_gradients:
                     continue
                 # one optimizer step done
@@ -675,47 +731,69 @@ class _Run:
                         f"optimizer step {state.step + 1}: parameter {culprit} is not finite after the update "
                         f"(the loss was finite); {_kept(ckpt_root)}; lower optim.lr or optim.max_grad_norm, then resume"
                     )
-                reduced = {k: v / acc_n for k, v in acc_sums.items()}
-                if acc.num_processes > 1:
-                    keys = sorted(reduced)
-                    local = [reduced[k] for k in keys] + [float(step_tokens), float(len(step_ids))]
-                    vec = acc.reduce(torch.tensor(local, device=acc.device), "sum")
-                    reduced = {k: float(vec[i]) / acc.num_processes for i, k in enumerate(keys)}
-                    step_tokens, n_samples = int(vec[-2]), int(vec[-1])
-                    all_ids = gather_object([step_ids])
-                    step_ids = [i for part in all_ids for i in part]
-                else:
-                    n_samples = len(step_ids)
-                elapsed = max(time.perf_counter() - step_start, 1e-9)
+                reduced, step_tokens, step_ids, n_samples = _reduce_step(acc, totals)
+                elapsed = max(time.perf_counter() - totals.start, 1e-9)
                 state.step += 1
                 state.samples += n_samples
                 state.tokens += step_tokens
                 seen.write(state.step, step_ids)
-                row = {**reduced, **lrs, "epoch": state.epoch, "samples": state.samples,
+                row = {**reduced, **totals.lrs, "epoch": state.epoch, "samples": state.samples,
                        "tokens_per_s": step_tokens / elapsed, "step_time_s": elapsed,
                        "peak_mem_mib": peak_memory_mib(acc.device)}
-                if t.eval_every > 0 and state.step % t.eval_every == 0 and val_ds is not None:
-                    row.update(self._evaluate(acc, module, val_ds, collate))
-                    module.train()
-                if state.step == t.max_steps and t.eval_every >= 0 and val_ds is not None and "eval_loss" not in row:
-                    row.update(self._evaluate(acc, module, val_ds, collate))
-                if metrics is not None and (state.step % t.log_every == 0 or state.step == t.max_steps):
-                    metrics.log(state.step, row)
-                bar.update(1)
-                bar.set_postfix(loss=f"{reduced['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-                if (t.save_every and state.step % t.save_every == 0) or state.step == t.max_steps:
-                    save_checkpoint(acc, ckpt_root, state.step, keep=t.keep_checkpoints)
-                if t.snapshot_every and state.step % t.snapshot_every == 0:
-                    sm, stats, info = self._snapshot
-                    self._save_final(acc, module, sm, stats, {**info, "steps": state.step},
-                                     folder=self.out / "snapshots" / f"step-{state.step:06d}")
-                acc_sums, acc_n, step_ids, step_tokens = {}, 0, [], 0
+                self._after_step(acc, module, val_ds, collate, state, metrics, row, bar, ckpt_root)
+                totals = _StepTotals()
                 if state.step >= t.max_steps:
                     break
             else:
                 state.epoch += 1
                 state.offset = 0
         bar.close()
+
+    def _micro_batch(
+        self, acc: Any, module: nn.Module, optimizer: Any, params: list[nn.Parameter], batch: dict[str, Any],
+        state: TrainState, ckpt_root: Path, totals: _StepTotals,
+    ) -> None:
+        """Forward and backward one micro-batch (clipped and applied when it ends a step); add it to ``totals``."""
+        cfg = self.cfg
+        ids = batch.pop("sample_ids")
+        tokens = int(batch["attention_mask"].sum())
+        batch = _to_device(batch, acc.device)
+        with acc.accumulate(module):
+            losses = module(batch)
+            self._stop_if_nonfinite(acc, module, losses, state.step + 1, ids, ckpt_root)
+            acc.backward(losses["loss"])
+            if acc.sync_gradients and cfg.optim.max_grad_norm > 0:
+                acc.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+        for k, v in losses.items():
+            totals.sums[k] = totals.sums.get(k, 0.0) + float(v.detach())
+        totals.n += 1
+        totals.ids.extend(ids)
+        totals.tokens += tokens
+        state.offset += len(ids)
+
+    def _after_step(
+        self, acc: Any, module: nn.Module, val_ds: RecordDataset | None, collate: Collator, state: TrainState,
+        metrics: TrainLog | None, row: dict[str, Any], bar: Any, ckpt_root: Path,
+    ) -> None:
+        """Evaluate, log ``row``, checkpoint and snapshot after optimizer step ``state.step``, as ``train`` says."""
+        t = self.cfg.train
+        if t.eval_every > 0 and state.step % t.eval_every == 0 and val_ds is not None:
+            row.update(self._evaluate(acc, module, val_ds, collate))
+            module.train()
+        if state.step == t.max_steps and t.eval_every >= 0 and val_ds is not None and "eval_loss" not in row:
+            row.update(self._evaluate(acc, module, val_ds, collate))
+        if metrics is not None and (state.step % t.log_every == 0 or state.step == t.max_steps):
+            metrics.log(state.step, row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        if (t.save_every and state.step % t.save_every == 0) or state.step == t.max_steps:
+            save_checkpoint(acc, ckpt_root, state.step, keep=t.keep_checkpoints)
+        if t.snapshot_every and state.step % t.snapshot_every == 0:
+            sm, stats, info = self._snapshot
+            self._save_final(acc, module, sm, stats, {**info, "steps": state.step},
+                             folder=self.out / "snapshots" / f"step-{state.step:06d}")
 
     def _stop_if_nonfinite(self, acc: Any, module: nn.Module, losses: dict[str, torch.Tensor], step: int,
                            ids: list[str], ckpt_root: Path) -> None:
