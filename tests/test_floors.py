@@ -3,8 +3,8 @@
 Every module of ``agrivlm/`` and ``app/`` is parsed (no import runs): each ``import``/``from … import`` of an
 agrivlm module, at module level, inside a function or under ``TYPE_CHECKING``, must go to the importer's own
 floor or one below; ``train`` and ``infer`` are siblings that never import each other; no module imports a
-private name of another package; and no two modules import each other, however indirectly. The floors are read
-from ``DESIGN.md``'s table, so the page and the rule cannot drift apart.
+private name of another package; no two modules import each other, however indirectly; and no function is longer
+than 60 lines. The floors are read from ``DESIGN.md``'s table, so the page and the rule cannot drift apart.
 """
 
 from __future__ import annotations
@@ -160,3 +160,18 @@ def test_an_upward_import_is_caught(tmp_path, source):
     placed = floors()
     found = [t for t, _, _ in imports("agrivlm.pipeline.bad", path) if placed[unit(t)] > placed["pipeline"]]
     assert len(found) == 1
+
+
+#: The longest a function of ``agrivlm/`` and ``app/`` may be, ``def`` line to last line, docstring included.
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = []
+    for path in modules().values():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {lines} lines")
+    assert long == []
