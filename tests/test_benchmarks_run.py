@@ -82,3 +82,23 @@ def test_ablation_benchmark_runs_tiny(tmp_path: Path) -> None:
                    for line in (p / "logs" / "metrics.jsonl").read_text().splitlines()[-1:])
     assert steps == [2, 6]
     assert "| shipped |" in res.stdout and (tmp_path / "out" / "ablations.png").stat().st_size > 0
+
+
+def test_trainer_vs_bare_loop_benchmark_runs_small(tmp_path: Path) -> None:
+    """``train_step.py --vs-bare``: the trainer's log breaks its time down, the bare loop reports samples/s."""
+    out = tmp_path / "vs_bare.json"
+    res = subprocess.run(
+        [sys.executable, "benchmarks/train_step.py", "--vs-bare", "--sizes", "tiny", "--steps", "2", "--warmup", "1",
+         "--rounds", "1", "--save-every", "1", "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(out.read_text())
+    med = report["median"]
+    assert med["bare"]["samples_per_s"] > 0 and med["trainer"]["samples_per_s"] > 0
+    for run in ("trainer", "trainer_ckpt"):  # the parts add up to the wall clock the log measured
+        r = med[run]
+        assert r["data_s"] >= 0 and r["step_s"] > 0
+        assert abs(r["data_s"] + r["step_s"] + r["other_s"] - r["seconds"]) < 1e-6
+    assert report["saves"] == 2 and "trainer / bare" in res.stdout
+    assert out.with_suffix(".png").stat().st_size > 0

@@ -43,7 +43,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -460,6 +460,19 @@ class _StepTotals:
     tokens: int = 0
     start: float = 0.0  # perf_counter() at the step's first micro-batch
     lrs: dict[str, float] = field(default_factory=dict)
+    data_s: float = 0.0  # waiting for the loader's micro-batches (reading, normalising, collating)
+
+
+def _timed(loader: DataLoader[Any]) -> Iterator[tuple[dict[str, Any], float]]:
+    """The loader's batches, each with the seconds spent waiting for it (``data_time_s`` of the step's log)."""
+    it = iter(loader)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        yield batch, time.perf_counter() - t0
 
 
 def _reduce_step(acc: Any, totals: _StepTotals) -> tuple[dict[str, float], int, list[str], int]:
@@ -714,13 +727,15 @@ class _Run:
                 metrics.log(0, baseline)
         module.train()
         totals = _StepTotals()
+        began = time.perf_counter()
         while state.step < t.max_steps:
             sampler.set_position(state.epoch, state.offset)
-            for batch in loader:
+            for batch, waited in _timed(loader):
                 if totals.n == 0:
                     set_seed(sample_seed(t.seed, _STEP_SEED_STREAM + acc.process_index, state.step) % (1 << 32))
                     totals.lrs = set_learning_rates(optimizer, cfg, state.step)
                     totals.start = time.perf_counter()
+                totals.data_s += waited
                 self._micro_batch(acc, module, optimizer, params, batch, state, ckpt_root, totals)
                 if not acc.sync_gradients:
                     continue
@@ -739,6 +754,9 @@ class _Run:
                 seen.write(state.step, step_ids)
                 row = {**reduced, **totals.lrs, "epoch": state.epoch, "samples": state.samples,
                        "tokens_per_s": step_tokens / elapsed, "step_time_s": elapsed,
+                       # the loader's share, and the wall clock since the loop began (what data, logging,
+                       # evaluation and checkpoints cost beside the steps: benchmarks/train_step.py --vs-bare)
+                       "data_time_s": totals.data_s, "wall_s": time.perf_counter() - began,
                        "peak_mem_mib": peak_memory_mib(acc.device)}
                 self._after_step(acc, module, val_ds, collate, state, metrics, row, bar, ckpt_root)
                 totals = _StepTotals()
