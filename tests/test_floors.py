@@ -175,3 +175,23 @@ def test_no_function_is_longer_than_a_screen():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {lines} lines")
     assert long == []
+
+
+def test_every_reader_of_chips_starts_from_one_chip_grid():
+    """Ingest, the explorer, the recipes, a checkpoint's inputs and the quickstart default to the same chips."""
+    import inspect
+
+    from agrivlm.explore.settings import ExploreSettings
+    from agrivlm.geo.grid import CHIP_SIZE, CHIP_STRIDE
+    from agrivlm.geo.ingest import ingest
+    from agrivlm.pipeline.inputs import InputConfig
+    from agrivlm.quickstart.run import CHIP
+    from agrivlm.recipes.config import ChipConfig
+
+    assert inspect.signature(ingest).parameters["chip_size"].default == CHIP_SIZE
+    assert ExploreSettings.__dataclass_fields__["chip_size"].default == CHIP_SIZE
+    assert (ChipConfig().size, ChipConfig().stride) == (CHIP_SIZE, CHIP_STRIDE)
+    assert (InputConfig().chip_size, InputConfig().stride) == (CHIP_SIZE, CHIP_STRIDE)
+    assert CHIP == CHIP_SIZE
+    assert (InputConfig().frames.max_frames, InputConfig().min_frames) == (ChipConfig().max_frames,
+                                                                           ChipConfig().min_frames)

@@ -24,6 +24,7 @@ from agrivlm.cli.recipe import recipe_app
 from agrivlm.cli.synth import synth as _synth
 from agrivlm.cli.train import train_app
 from agrivlm.errors import AgriVLMError
+from agrivlm.geo.grid import CHIP_SIZE
 
 app = typer.Typer(
     name="agrivlm",
@@ -127,7 +128,7 @@ def ingest(
         help="GeoTIFFs: folder(s), glob(s) or files, one file per date; remote files (https://, s3://, gs://, "
         "/vsicurl/…); or a STAC JSON (Item, ItemCollection, catalogue) with --assets.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the chip index and summary.json.")],
-    chip_size: Annotated[int, typer.Option(help="Chip size in pixels.")] = 64,
+    chip_size: Annotated[int, typer.Option(help="Chip size in pixels.")] = CHIP_SIZE,
     stride: Annotated[int | None, typer.Option(help="Step between chips in pixels (default: chip size).")] = None,
     masks: Annotated[list[str] | None, typer.Option("--masks", help="Per-date mask files (cloud = non-zero).")] = None,
     date: Annotated[list[str] | None, typer.Option("--date", help="FILE=YYYY-MM-DD, wins over tags/names.")] = None,

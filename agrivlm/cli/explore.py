@@ -11,6 +11,7 @@ from agrivlm.cli.options import AssetsOpt, MaskAssetsOpt, split_list
 from agrivlm.default_checkpoint import resolve_model
 from agrivlm.explore.launch import launch, streamlit_command
 from agrivlm.explore.settings import ExploreSettings
+from agrivlm.geo.grid import CHIP_SIZE
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -35,7 +36,7 @@ def explore(
         help="Basemap: an XYZ tile URL template or a style JSON URL (default: none, works offline).")] = None,
     band: Annotated[list[str] | None, typer.Option(
         "--band", help="Band role ROLE=BAND (name or 1-based number), e.g. red=B04, nir=8.")] = None,
-    chip_size: Annotated[int, typer.Option(help="Chip size in pixels (as for ingest).")] = 64,
+    chip_size: Annotated[int, typer.Option(help="Chip size in pixels (as for ingest).")] = CHIP_SIZE,
     stride: Annotated[int | None, typer.Option(help="Chip stride in pixels (default: chip size).")] = None,
     sample: Annotated[bool, typer.Option(
         "--sample", help="Explore the embedded sample (its stack, cloud masks and parcels).")] = False,

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from agrivlm.explore.errors import ExploreError
+from agrivlm.geo.grid import CHIP_SIZE
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class ExploreSettings:
     #: Basemap: an XYZ tile template or a style JSON URL (default: none, works offline).
     tiles: str | None = None
     #: Chip size and stride in pixels for the chip grid and chip ids (as for ``agrivlm ingest``).
-    chip_size: int = 64
+    chip_size: int = CHIP_SIZE
     stride: int | None = None
     #: Explicit band roles ``ROLE=BAND`` (band name or 1-based number), e.g. ``("red=B4", "nir=B8")``.
     bands: tuple[str, ...] = field(default_factory=tuple)
@@ -89,7 +90,7 @@ class ExploreSettings:
         parser.add_argument("--truth-id")
         parser.add_argument("--model")
         parser.add_argument("--tiles")
-        parser.add_argument("--chip-size", type=int, default=64)
+        parser.add_argument("--chip-size", type=int, default=CHIP_SIZE)
         parser.add_argument("--stride", type=int)
         parser.add_argument("--title", default=cls.title)
         ns = parser.parse_args(list(argv))

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from agrivlm.errors import IngestError
 from agrivlm.geo.chips import ChipStream, Edge
+from agrivlm.geo.grid import CHIP_SIZE
 from agrivlm.geo.index import build_chip_index, check_index_format, rows_frame, write_frame_to
 from agrivlm.geo.rasters import RasterPath
 from agrivlm.geo.stack import Inputs, SameDay, open_stack
@@ -28,7 +29,7 @@ def ingest(
     inputs: Inputs,
     out_dir: str | os.PathLike[str],
     *,
-    chip_size: int = 64,
+    chip_size: int = CHIP_SIZE,
     stride: int | None = None,
     masks: Inputs | None = None,
     dates: Mapping[str, object] | None = None,

@@ -26,6 +26,7 @@ from rasterio.windows import Window
 
 from agrivlm.config import StrictModel, load_config, parse_config, read_json_mapping
 from agrivlm.geo.coords import FloatArray, GeoGrid, TimeAxis
+from agrivlm.geo.grid import CHIP_EDGE, CHIP_SIZE, CHIP_STRIDE
 from agrivlm.lape.tokens import QuestionPositions
 from agrivlm.pipeline.anyres import Tile, grid_centres
 from agrivlm.pipeline.bands import COMPOSITES, PRESETS, BandStats, available_composites
@@ -376,12 +377,9 @@ def saved_processor_config(folder: str | os.PathLike[str]) -> dict[str, Any] | N
 #   write it here), normalised to [0, 1] with fixed per-channel ``low``/``high`` or, without them, each chip's
 #   own 2nd–98th percentiles over all its frames.
 
-#: The chip grid and frame choice every reader of chips starts from (the recipes' ``chips``, the checkpoint's
-#: input settings): 32-px chips every 16 px, the last row/column snapped to the raster's edge; a date is a frame
+#: The frame choice every reader of chips starts from (the recipes' ``chips``, the checkpoint's input settings),
+#: on the chip grid of :mod:`agrivlm.geo.grid` (``CHIP_SIZE``, ``CHIP_STRIDE``, ``CHIP_EDGE``): a date is a frame
 #: when at least 60 % of the chip is clear; at most 16 frames, at least 4.
-CHIP_SIZE = 32
-CHIP_STRIDE = 16
-CHIP_EDGE: Literal["snap", "drop"] = "snap"
 MIN_CLEAR = 0.6
 MAX_FRAMES = 16
 MIN_FRAMES = 4

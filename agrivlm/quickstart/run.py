@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from agrivlm.errors import ConfigError
+from agrivlm.geo.grid import CHIP_SIZE
 from agrivlm.geo.remote import is_remote
 from agrivlm.quickstart.options import STEPS, QuickstartOptions
 from agrivlm.quickstart.report import write_quickstart_report
@@ -38,8 +39,8 @@ from agrivlm.resources import package_file, recipe, stage_config
 
 log = logging.getLogger(__name__)
 
-#: Chip size of the recipes, of ingest and of the held-out scoring grid.
-CHIP = 32
+#: Chip size of the recipes, of ingest and of the held-out scoring grid: the package's chip grid.
+CHIP = CHIP_SIZE
 #: Land-use classes the field-boundary recipes outline (and the evaluation counts as fields).
 FIELD_CLASSES = ("cultivated land", "grassland")
 
