@@ -73,16 +73,17 @@ def test_recipe_keeps_corn_belt_out_and_draws_steps_times_batch() -> None:
     text = recipe_text("stage3", "/x/scenes/*", opts)
     assert "corn_belt" not in text and "/x/scenes/*" in text
     assert f"train: {opts.steps['stage3'] * opts.batch_size}" in text
-    # points_per_record reaches the field_at_point task of the recipes that ask it, and only those
-    grouped = DefaultTraining(points_per_record=6)
-    assert "points_per_record: 6" in recipe_text("stage3", "/x/scenes/*", grouped)
-    assert "points_per_record" not in text and "points_per_record" not in recipe_text("stage2", "/x/*", grouped)
+    # points_per_record (6 by default) reaches the field_at_point task of the recipes that ask it, and only those
+    assert "points_per_record: 6" in text and "points_per_record: 6" in recipe_text("stage3_fields", "/x/*", opts)
+    assert "points_per_record" not in recipe_text("stage2", "/x/*", opts)
+    single = DefaultTraining(points_per_record=1)
+    assert "points_per_record" not in recipe_text("stage3", "/x/scenes/*", single)
 
 
 def test_phases_skip_an_unset_focus_and_refuse_a_missing_stage() -> None:
-    assert phases(DefaultTraining()) == ["stage1", "stage2", "stage3_focus", "stage3"]  # the fields phase is off
-    with_fields = DefaultTraining(steps={**DefaultTraining().steps, "stage3_fields": 10})
-    assert phases(with_fields) == ["stage1", "stage2", "stage3_focus", "stage3", "stage3_fields"]
+    assert phases(DefaultTraining()) == ["stage1", "stage2", "stage3_focus", "stage3", "stage3_fields"]
+    without_fields = DefaultTraining(steps={**DefaultTraining().steps, "stage3_fields": 0})
+    assert phases(without_fields) == ["stage1", "stage2", "stage3_focus", "stage3"]
     assert phases(DefaultTraining(steps={"stage1": 1, "stage2": 1, "stage3": 1})) == ["stage1", "stage2", "stage3"]
     with pytest.raises(ConfigError, match="stage2 needs steps"):
         phases(DefaultTraining(steps={"stage1": 1, "stage3": 1}))

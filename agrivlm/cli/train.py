@@ -77,9 +77,8 @@ def default(
     stage3_steps: Annotated[int, typer.Option(
         help="Optimizer steps of stage 3 (stages 1 and 2 are short).")] = _DEFAULTS.steps["stage3"],
     fields_steps: Annotated[int, typer.Option(
-        help="Steps of a closing fields phase (the field at a point, the growth timeline replayed; 0: none). "
-             "5,000 raised held-out field F1 but lost stage accuracy on the real block: see "
-             "data_recipes/synthetic_stage3_fields.yaml."
+        help="Steps of the closing fields phase (the field at a point, the growth timeline replayed; 0: none). "
+             "See data_recipes/synthetic_stage3_fields.yaml for what it buys."
     )] = _DEFAULTS.steps["stage3_fields"],
     points_per_record: Annotated[int, typer.Option(
         help="Point questions per conversation in stage 3's field_at_point records (every answer supervised).",
