@@ -252,6 +252,14 @@ def fixed_gpkg_date() -> Iterator[None]:
 
 
 # -- reading vector layers and attribute tables -----------------------------------------------------------
+def _existing(path: str | os.PathLike[str], what: str, error: type[Exception], hint: str) -> Path:
+    """``path`` as a :class:`~pathlib.Path`; ``error`` naming it when there is nothing there."""
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{path}: no such {what} file{hint}")
+    return path
+
+
 def read_vector(path: str | os.PathLike[str], what: str, error: type[Exception], *, layer: str | None = None,
                 hint: str = "") -> gpd.GeoDataFrame:
     """A vector layer: any format GDAL reads (GeoPackage, GeoJSON, Shapefile, FlatGeobuf …), GeoParquet by suffix.
@@ -269,9 +277,7 @@ def read_vector(path: str | os.PathLike[str], what: str, error: type[Exception],
     """
     import geopandas as gpd
 
-    path = Path(path)
-    if not path.exists():
-        raise error(f"{path}: no such {what} file{hint}")
+    path = _existing(path, what, error, hint)
     try:
         if path.suffix.lower() == ".parquet":
             return gpd.read_parquet(path)
@@ -296,9 +302,7 @@ def read_table(path: str | os.PathLike[str], what: str, error: type[Exception]) 
     """
     import pandas as pd
 
-    path = Path(path)
-    if not path.exists():
-        raise error(f"{path}: no such {what} file; pass a CSV, GeoPackage or GeoJSON table")
+    path = _existing(path, what, error, "; pass a CSV, GeoPackage or GeoJSON table")
     try:
         suffix = path.suffix.lower()
         if suffix in (".csv", ".txt"):
