@@ -77,7 +77,7 @@ def test_sample_page(monkeypatch: pytest.MonkeyPatch, sample_root: Path, predict
 
     # chip grid on demand
     at.sidebar.checkbox(key="grid").check().run()
-    assert len(deck_layers(at)["chip-grid"]["data"]["features"]) == 4
+    assert len(deck_layers(at)["chip-grid"]["data"]["features"]) == 16  # the package's 32-px chip grid
 
     # a true field: its curve, its predicted and true stages side by side, its outline highlighted
     at.sidebar.selectbox(key="field").set_value("true:37649").run()
@@ -126,7 +126,7 @@ def test_bad_inputs_are_messages_not_tracebacks(monkeypatch: pytest.MonkeyPatch,
 def test_model_box_says_a_checkpoint_is_needed(monkeypatch: pytest.MonkeyPatch, sample_root: Path,
                                                tmp_path: Path) -> None:
     (tmp_path / "ckpt").mkdir()
-    at = run_app(monkeypatch, "--stack", sample_root / "ndvi", "--model", tmp_path / "ckpt")
+    at = run_app(monkeypatch, "--stack", sample_root / "ndvi", "--model", tmp_path / "ckpt", "--chip-size", "64")
     assert not at.error
     assert any(i.value.startswith("Asking needs a trained checkpoint") and "no config.json" in i.value
                for i in at.info)

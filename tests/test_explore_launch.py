@@ -45,7 +45,7 @@ def test_command_is_safe_by_default() -> None:
     assert {"--server.allowedHosts=localhost", "--server.allowedHosts=127.0.0.1"} <= set(flags)
     exposed = streamlit_command(ExploreSettings(stack=("s",)), host="0.0.0.0")
     assert "--server.address=0.0.0.0" in exposed and not any("allowedHosts" in f for f in exposed)
-    assert cmd[cmd.index("--") + 1:] == ["--stack", "s", "--chip-size", "64", "--title", "agrivlm field explorer"]
+    assert cmd[cmd.index("--") + 1:] == ["--stack", "s", "--chip-size", "32", "--title", "agrivlm field explorer"]
 
 
 def test_app_script_is_the_repositorys() -> None:
