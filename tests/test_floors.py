@@ -195,3 +195,21 @@ def test_every_reader_of_chips_starts_from_one_chip_grid():
     assert CHIP == CHIP_SIZE
     assert (InputConfig().frames.max_frames, InputConfig().min_frames) == (ChipConfig().max_frames,
                                                                            ChipConfig().min_frames)
+
+
+def test_the_shipped_checkpoint_saves_one_chip_input_contract():
+    """The processor's saved chip settings and the checkpoint's ``agrivlm_inputs.yaml`` say the same frames and
+    bands (training writes both from one :class:`~agrivlm.pipeline.inputs.InputConfig`)."""
+    import json
+
+    from agrivlm.default_checkpoint import DEFAULT_MODEL_DIR
+    from agrivlm.pipeline.inputs import load_input_config
+
+    inputs, found = load_input_config(DEFAULT_MODEL_DIR)
+    assert found
+    chip = json.loads((DEFAULT_MODEL_DIR / "processor_config.json").read_text())["chip_config"]
+    assert chip["sampling"] == inputs.frames.model_dump(mode="json")
+    bands = inputs.bands.model_dump(mode="json")
+    assert {k: chip["bands"][k] for k in ("preset", "composite", "low", "high")} == {
+        k: bands[k] for k in ("preset", "composite", "low", "high")}
+    assert list(chip["bands"]["percentiles"]) == list(bands["percentiles"])
