@@ -314,3 +314,18 @@ def read_table(path: str | os.PathLike[str], what: str, error: type[Exception]) 
         return pyogrio.read_dataframe(path, read_geometry=False)
     except Exception as exc:  # noqa: BLE001 — pandas/pyogrio raise many types; name the file and keep the cause
         raise error(f"{path}: cannot be read as a {what} table ({type(exc).__name__}: {exc})") from exc
+
+
+def write_json(path: Path, data: object, *, sort_keys: bool = False, strict: bool = False,
+               trailing_newline: bool = True) -> Path:
+    """``data`` as indented JSON, replacing ``path`` whole (:func:`atomic_path`); returns ``path``.
+
+    ``strict``: NaN and values JSON cannot hold are errors (scores: pass them through
+    :func:`agrivlm.eval.common.json_safe`); otherwise such values are written as strings (``str``).
+    """
+    import json
+
+    text = json.dumps(data, indent=2, sort_keys=sort_keys, allow_nan=not strict, default=None if strict else str)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text + ("\n" if trailing_newline else ""), encoding="utf-8")
+    return path

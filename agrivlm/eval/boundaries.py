@@ -50,10 +50,10 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from agrivlm.errors import EvalError
-from agrivlm.eval.common import FIELD_REPORT_FILES, check_outputs, json_safe, ratio, write_json
+from agrivlm.eval.common import FIELD_REPORT_FILES, check_outputs, json_safe, ratio
 from agrivlm.geo.coords import GeoGrid
 from agrivlm.geo.rasters import RasterPath, raster_path
-from agrivlm.io import atomic_path, read_vector, require_crs
+from agrivlm.io import atomic_path, read_vector, require_crs, write_json
 
 #: IoU thresholds of ``map_50_95`` / ``f1_50_95``: 0.50, 0.55, …, 0.95 (COCO's grid).
 THRESHOLDS: tuple[float, ...] = tuple(round(0.50 + 0.05 * k, 2) for k in range(10))
@@ -594,7 +594,7 @@ def write_field_report(result: FieldEvaluation, out: str | Path, overwrite: bool
     with atomic_path(paths["fields.csv"]) as tmp:
         result.per_field.to_csv(tmp, index=False, float_format="%.8g")
     _plot_thresholds(result, paths["fields.png"])
-    write_json(result.to_dict(), paths["summary.json"])
+    write_json(paths["summary.json"], result.to_dict(), strict=True)
     return paths
 
 

@@ -5,7 +5,6 @@ Kept light (numpy only) so that ``agrivlm eval`` refuses bad arguments before lo
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,11 +48,3 @@ def check_outputs(out: Path, names: Sequence[str], overwrite: bool) -> None:
     for name in names:
         if (out / name).exists():
             raise EvalError(f"{out / name}: already exists; pass --overwrite to replace it")
-
-
-def write_json(data: dict[str, Any], target: Path) -> None:
-    """Write ``data`` as indented JSON atomically (NaN is refused: pass it through :func:`json_safe`)."""
-    from agrivlm.io import atomic_path  # agrivlm.geo loads dask: keep it off the error paths
-
-    with atomic_path(target) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")

@@ -39,8 +39,9 @@ import numpy.typing as npt
 import pandas as pd
 
 from agrivlm.errors import EvalError
-from agrivlm.eval.common import GROWTH_REPORT_FILES, check_outputs, json_safe, ratio, write_json
+from agrivlm.eval.common import GROWTH_REPORT_FILES, check_outputs, json_safe, ratio
 from agrivlm.io import read_table as read_attribute_table
+from agrivlm.io import write_json
 from agrivlm.schema import GROWTH_STAGES, KEY_DATE_COLUMNS, STAGE_COLUMNS
 
 #: Key-date columns of :data:`~agrivlm.schema.KEY_DATE_COLUMNS` (after ``field_id, season``).
@@ -493,7 +494,7 @@ def write_growth_report(result: GrowthEvaluation, out: str | Path, overwrite: bo
         with atomic_path(paths["key_dates.csv"]) as tmp:
             result.key_dates.table.to_csv(tmp, index=False, float_format="%.3f")
     paths["summary.json"] = out / "summary.json"
-    write_json(result.to_dict(), paths["summary.json"])
+    write_json(paths["summary.json"], result.to_dict(), strict=True)
     return paths
 
 

@@ -33,6 +33,7 @@ import yaml
 from agrivlm.errors import ConfigError
 from agrivlm.geo.grid import CHIP_SIZE
 from agrivlm.geo.remote import is_remote
+from agrivlm.io import write_json
 from agrivlm.quickstart.options import STEPS, QuickstartOptions
 from agrivlm.quickstart.report import write_quickstart_report
 from agrivlm.resources import package_file, recipe, stage_config
@@ -139,10 +140,7 @@ class Quickstart:
         return json.loads(marker.read_text()) if marker.is_file() else None
 
     def _mark(self, step: str, info: dict[str, Any]) -> None:
-        self.state.mkdir(parents=True, exist_ok=True)
-        tmp = self.state / f".{step}.json.tmp"
-        tmp.write_text(json.dumps(info, indent=2, default=str))
-        os.replace(tmp, self.state / f"{step}.json")
+        write_json(self.state / f"{step}.json", info, trailing_newline=False)
 
     # -- steps -------------------------------------------------------------------------------------------
     def step_ingest(self) -> dict[str, Any]:

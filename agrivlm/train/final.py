@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from transformers.utils import PROCESSOR_NAME
 
 from agrivlm.config import parse_config
+from agrivlm.io import write_json
 from agrivlm.model.configuration import saved_model_config
 from agrivlm.model.modeling import AgriVLMForConditionalGeneration
 from agrivlm.model.processing import AgriVLMProcessor
@@ -149,19 +150,11 @@ def write_side_files(folder: str | os.PathLike[str]) -> list[Path]:
     written: list[Path] = []
     info = (saved_model_config(folder) or {}).get("stage_info")
     if info is not None:
-        written.append(write_json(folder / STAGE_INFO, info))
+        written.append(write_json(folder / STAGE_INFO, info, sort_keys=True, trailing_newline=False))
     saved = saved_processor_config(folder) or {}
     if saved.get("inputs") is not None:
         inputs = parse_config(InputConfig, saved["inputs"], f"{folder / PROCESSOR_NAME}: inputs")
         written.append(save_input_config(inputs, folder))
     if saved.get("band_stats") is not None:
-        written.append(write_json(folder / BAND_STATS, saved["band_stats"]))
+        written.append(write_json(folder / BAND_STATS, saved["band_stats"], sort_keys=True, trailing_newline=False))
     return written
-
-
-def write_json(path: Path, data: Any) -> Path:
-    """``data`` as indented, key-sorted JSON (values JSON cannot hold become strings), replacing ``path`` whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-    return path

@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 
 from agrivlm.config import parse_config
 from agrivlm.errors import ConfigError, TrainError
+from agrivlm.io import write_json
 from agrivlm.model.modeling import AgriVLMForConditionalGeneration
 from agrivlm.model.reconstruction import FrozenTeacher, NextFramePredictor, visual_hidden_states
 from agrivlm.pipeline.bands import BandStats
@@ -81,7 +82,7 @@ from agrivlm.train.data import (
     read_split,
     select_records,
 )
-from agrivlm.train.final import data_sources, save_final, write_json
+from agrivlm.train.final import data_sources, save_final
 from agrivlm.train.logs import TRACKER_PROJECT, TrainLog, check_trackers, plot_losses, tracker_config
 from agrivlm.train.sampler import ResumableSampler, sample_seed, seeded_generator
 from agrivlm.train.schedule import base_lr_factor, lape_lr_factor
@@ -683,10 +684,10 @@ class _Run:
         """Write the run's info and settings, start the trackers; the metrics log (main process) and samples log."""
         cfg, out = self.cfg, self.out
         if acc.is_main_process:
-            write_json(out / STAGE_INFO, info)
+            write_json(out / STAGE_INFO, info, sort_keys=True, trailing_newline=False)
             self._write_settings(acc.num_processes, state.step, changes)
             if stats is not None:
-                write_json(out / "band_stats.json", stats.to_dict())
+                write_json(out / "band_stats.json", stats.to_dict(), sort_keys=True, trailing_newline=False)
         metrics = None
         if cfg.train.report_to:  # after _clear_previous: the trackers write into logs/
             acc.init_trackers(TRACKER_PROJECT, config=tracker_config(cfg.model_dump(mode="json")),
@@ -872,7 +873,8 @@ class _Run:
             (self.out / "logs").mkdir(parents=True, exist_ok=True)
             with (self.out / "logs" / SETTINGS_CHANGES).open("a") as fh:
                 fh.write(json.dumps(record, sort_keys=True) + "\n")
-        write_json(path, {"settings": run_settings(self.cfg, num_processes), "from_step": step})
+        write_json(path, {"settings": run_settings(self.cfg, num_processes), "from_step": step}, sort_keys=True,
+                       trailing_newline=False)
 
     @torch.no_grad()
     def _evaluate(self, acc: Any, module: nn.Module, ds: RecordDataset, collate: Collator) -> dict[str, float]:
