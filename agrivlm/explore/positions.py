@@ -267,7 +267,8 @@ def ask_model(model: str | os.PathLike[str], stack: Stack, chip_id: str, questio
     """
     from agrivlm.errors import PipelineError
     from agrivlm.geo.chips import ChipStream
-    from agrivlm.infer.prepare import ChipPreparer, channels_of
+    from agrivlm.infer.prepare import channels_of
+    from agrivlm.infer.runner import ask_chip
     from agrivlm.pipeline.inputs import load_input_config
 
     predictor = check_model(model)
@@ -288,13 +289,12 @@ def ask_model(model: str | os.PathLike[str], stack: Stack, chip_id: str, questio
     chip = ChipStream(stack, chip_size=(ch, cw)).read(0, window)
     assert chip.grid == grid
     try:
-        questions = ChipPreparer(config, "ask", predictor.vocab, question).prepare(chip).questions
+        asked, answer = ask_chip(predictor, config, chip, question)
     except PipelineError as exc:
         raise ExploreError(f"the model cannot be asked about this chip: {exc}") from exc
-    answer = predictor.generate(predictor.encode(questions, 1))[0]
     pos = answer.positions
-    frame_dates = tuple(str(d.astype("datetime64[D]")) for d in questions[0].visual.dates)
+    frame_dates = tuple(str(d.astype("datetime64[D]")) for d in asked.visual.dates)
     return ModelAnswer(text=answer.text, score=answer.score,
                        positions=chip_positions(chip_id, pos.boxes, pos.points, answer.times, predictor.vocab,
                                                 pos.polygons),
-                       frame_dates=frame_dates, time_axis=questions[0].visual.time_axis)
+                       frame_dates=frame_dates, time_axis=asked.visual.time_axis)

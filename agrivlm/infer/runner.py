@@ -31,6 +31,7 @@ from agrivlm.infer.fingerprint import weights_fingerprint
 from agrivlm.infer.generate import DecodedAnswer, Predictor, Question
 from agrivlm.infer.prepare import ChipPreparer
 from agrivlm.infer.prompts import Task, listing_details, parse_stage, parse_timeline, says_no_fields, stages_at
+from agrivlm.pipeline.inputs import InputConfig
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +279,22 @@ _END = object()
 #: Chips per task by default (``--chips-per-task``): a generation batch never spans two tasks, on one
 #: process or on a cluster, so both give the same batches and the same answers to the bit.
 CHIPS_PER_TASK = 64
+
+
+def ask_chip(predictor: Predictor, config: InputConfig, chip: Chip, question: str) -> tuple[Question, DecodedAnswer]:
+    """One free question about one chip, prepared and answered exactly as ``agrivlm infer --task ask`` does.
+
+    The chip's frames and bands are made with the checkpoint's input settings (``config``), the answer is
+    generated greedily and its positions decoded with sub-bin precision. The explorer's question box asks
+    through this; batch runs ask many chips at once through :class:`Producer` and :func:`run_batches`.
+
+    Raises:
+        PipelineError: the chip cannot become model input (too few usable frames, nothing to normalise).
+        InferError: an empty question.
+
+    """
+    questions = ChipPreparer(config, "ask", predictor.vocab, question).prepare(chip).questions
+    return questions[0], predictor.generate(predictor.encode(questions, 1))[0]
 
 
 def chip_segments(groups: Sequence[ChipGroup], chips_per_task: int) -> dict[int, int]:
