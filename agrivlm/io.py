@@ -329,3 +329,47 @@ def write_json(path: Path, data: object, *, sort_keys: bool = False, strict: boo
     with atomic_path(path) as tmp:
         tmp.write_text(text + ("\n" if trailing_newline else ""), encoding="utf-8")
     return path
+
+
+#: Columns tried, in this order, as a field layer's ids when none is named: the first whose values are unique
+#: (and none empty) is used; without one, the row numbers. One rule for ``infer --fields``, ``eval`` and the
+#: explorer.
+FIELD_ID_COLUMNS: tuple[str, ...] = ("field_id", "id", "index")
+
+
+def field_ids(frame: pd.DataFrame, source: str | os.PathLike[str], requested: str | None, error: type[Exception],
+              option: str) -> tuple[pd.Series, str, list[str]]:
+    """The ids of a field layer's rows as strings, the column they came from (or ``"row number"``), and notes.
+
+    Args:
+        frame: the layer (its geometry column is never an id).
+        source: the file, for messages.
+        requested: the column the user named (``option``), which must exist and be unique; None: the first unique
+            column of :data:`FIELD_ID_COLUMNS`, each non-unique one noted, else the row numbers.
+        error: the exception type to raise.
+        option: the command-line option that names the column (``--field-id``, ``--truth-id``), for messages.
+
+    Raises:
+        error: the requested column does not exist or its values repeat or are empty.
+
+    """
+    import pandas as pd
+
+    def unique(values: pd.Series) -> bool:
+        return bool(values.notna().all() and values.astype(str).is_unique)
+
+    notes: list[str] = []
+    if requested is not None:
+        if requested not in frame.columns:
+            names = ", ".join(str(c) for c in frame.columns if c != getattr(frame, "_geometry_column_name", None))
+            raise error(f"{source}: no column {requested!r} for field ids ({option}); columns are {names}")
+        if not unique(frame[requested]):
+            raise error(f"{source}: column {requested!r} is not a unique id (repeated or empty values); "
+                        f"name another with {option}")
+        return frame[requested].astype(str), requested, notes
+    for name in FIELD_ID_COLUMNS:
+        if name in frame.columns:
+            if unique(frame[name]):
+                return frame[name].astype(str), name, notes
+            notes.append(f"column {name!r} is not unique, so it is not used as the field id")
+    return pd.Series([str(i) for i in range(len(frame))], index=frame.index), "row number", notes

@@ -197,7 +197,7 @@ def test_bad_inputs_name_the_file(tmp_path: Path) -> None:
     gpd.GeoDataFrame(geometry=gpd.GeoSeries([shapely.Point(X0, Y0)], crs=UTM)).to_file(points)
     with pytest.raises(EvalError, match=r"points\.gpkg: 1 prediction feature\(s\) are not polygons \(Point\)"):
         evaluate_fields(points, good)
-    with pytest.raises(EvalError, match=r"good\.gpkg: no column 'fid_x' for truth ids"):
+    with pytest.raises(EvalError, match=r"good\.gpkg: no column 'fid_x' for field ids \(--truth-id\)"):
         evaluate_fields(good, good, truth_id="fid_x")
     with pytest.raises(EvalError, match=r"nope\.tif: no such extent raster"):
         evaluate_fields(good, good, extent=tmp_path / "nope.tif")

@@ -104,7 +104,9 @@ def test_eval_fields_on_the_sample_parcels(tmp_path: Path, sample_root: Path) ->
     assert len(truth_rows) == n_t and int(truth_rows.matched.sum()) == tp
     np.testing.assert_allclose(truth_rows.best_iou.to_numpy(), best, atol=1e-8)
     matched = truth_rows[truth_rows.matched]
-    assert all(pid.startswith(f"p{tid}") for tid, pid in zip(matched.truth_id, matched.pred_id, strict=True))
+    # truth ids are the sample's unique `index` column (agrivlm.io.FIELD_ID_COLUMNS); predictions are p<row>
+    row_of = {str(v): k for k, v in enumerate(truth["index"])}
+    assert all(pid.startswith(f"p{row_of[tid]}") for tid, pid in zip(matched.truth_id, matched.pred_id, strict=True))
     assert len(per_field[per_field.kind == "pred"]) == n_p - tp
     assert (out / "fields.png").stat().st_size > 1000
 

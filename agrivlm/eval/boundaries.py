@@ -53,13 +53,12 @@ from agrivlm.errors import EvalError
 from agrivlm.eval.common import FIELD_REPORT_FILES, check_outputs, json_safe, ratio
 from agrivlm.geo.coords import GeoGrid
 from agrivlm.geo.rasters import RasterPath, raster_path
-from agrivlm.io import atomic_path, read_vector, require_crs, write_json
+from agrivlm.io import atomic_path, field_ids, read_vector, require_crs, write_json
 
 #: IoU thresholds of ``map_50_95`` / ``f1_50_95``: 0.50, 0.55, …, 0.95 (COCO's grid).
 THRESHOLDS: tuple[float, ...] = tuple(round(0.50 + 0.05 * k, 2) for k in range(10))
 
 #: Column names looked up, in order, for feature ids when none is given (else the row number is the id).
-DEFAULT_ID_COLUMNS: tuple[str, ...] = ("field_id", "id")
 
 _POLYGONAL = ("Polygon", "MultiPolygon")
 
@@ -309,10 +308,8 @@ def prepare_layer(
         EvalError: unknown id column, non-polygon features.
 
     """
-    if id_column is not None and id_column not in frame.columns:
-        raise EvalError(f"{source}: no column {id_column!r} for {role} ids; columns are {list(frame.columns)}")
-    col = id_column or next((c for c in DEFAULT_ID_COLUMNS if c in frame.columns), None)
-    ids = frame[col].astype(str).to_numpy() if col else np.arange(len(frame)).astype(str)
+    ids = field_ids(frame, source, id_column, EvalError, f"--{'pred' if role == 'prediction' else 'truth'}-id")[0]
+    ids = ids.to_numpy()
     source_crs = pyproj.CRS.from_user_input(frame.crs).to_string()
     geoms = np.asarray(frame.geometry.to_crs(crs).values, dtype=object)
     present = ~(shapely.is_missing(geoms) | shapely.is_empty(geoms))

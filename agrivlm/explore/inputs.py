@@ -21,12 +21,11 @@ from shapely.geometry.base import BaseGeometry
 
 from agrivlm.explore.errors import ExploreError
 from agrivlm.geo.coords import GeoGrid
-from agrivlm.io import read_vector, require_crs
+from agrivlm.io import field_ids, read_vector, require_crs
 from agrivlm.schema import FIELD_PREDICTION_COLUMNS, GROWTH_STAGES, STAGE_COLUMNS
 
 #: Columns tried, in order, for the ids of a true-field layer when none is given: the first that exists
 #: and is unique wins; ``index`` falls back to the row number when the layer has no such column.
-TRUTH_ID_CANDIDATES: tuple[str, ...] = ("field_id", "RABA_ID", "index")
 
 #: Suffixes read as field layers (polygons) and as growth-stage tables.
 LAYER_SUFFIXES: tuple[str, ...] = (".gpkg", ".geojson", ".json", ".parquet", ".fgb", ".shp")
@@ -79,26 +78,6 @@ def _unique_ids(values: pd.Series) -> bool:
     return bool(values.notna().all() and values.astype(str).is_unique)
 
 
-def _truth_ids(frame: gpd.GeoDataFrame, path: Path, requested: str | None) -> tuple[pd.Series, str, list[str]]:
-    notes: list[str] = []
-    if requested is not None:
-        if requested not in frame.columns:
-            raise ExploreError(
-                f"{path}: no column {requested!r} for field ids; columns are "
-                f"{', '.join(c for c in frame.columns if c != frame.geometry.name)}"
-            )
-        if not _unique_ids(frame[requested]):
-            raise ExploreError(f"{path}: column {requested!r} is not a unique id (repeated or empty values)")
-        return frame[requested].astype(str), requested, notes
-    for name in TRUTH_ID_CANDIDATES:
-        if name in frame.columns:
-            if _unique_ids(frame[name]):
-                return frame[name].astype(str), name, notes
-            notes.append(f"column {name!r} is not unique, so it is not used as the field id")
-    # no candidate column, or none unique (an ``index`` column with repeats too): the row numbers
-    return pd.Series([str(i) for i in range(len(frame))], index=frame.index), "row number", notes
-
-
 def _prediction_ids(frame: gpd.GeoDataFrame) -> tuple[pd.Series, str]:
     if "field_id" in frame.columns and _unique_ids(frame["field_id"]):
         return frame["field_id"].astype(str), "field_id"
@@ -119,7 +98,7 @@ def read_map_layer(
         grid: the stack's grid (its CRS is the target; its footprint is checked for overlap).
         kind: ``"predicted"`` (columns :data:`~agrivlm.schema.FIELD_PREDICTION_COLUMNS` required; ids from
             ``field_id`` when unique, else ``chip_id#n``) or ``"true"`` (ids from ``id_column``, default
-            the first unique of :data:`TRUTH_ID_CANDIDATES`).
+            the first unique of :data:`agrivlm.io.FIELD_ID_COLUMNS`).
         id_column: column holding the ids of true fields.
 
     Raises:
@@ -135,7 +114,7 @@ def read_map_layer(
     frame = _polygons_only(frame, path, notes)
     frame = _in_stack_crs(frame, path, grid, notes)
     if kind == "true":
-        ids, id_source, id_notes = _truth_ids(frame, path, id_column)
+        ids, id_source, id_notes = field_ids(frame, path, id_column, ExploreError, "--truth-id")
         notes.extend(id_notes)
     else:
         ids, id_source = _prediction_ids(frame)

@@ -48,7 +48,7 @@ from agrivlm.infer.prompts import (
     stage_question,
     timeline_question,
 )
-from agrivlm.io import read_vector, require_crs
+from agrivlm.io import field_ids, read_vector, require_crs
 from agrivlm.lape.tokens import LapeVocab
 from agrivlm.pipeline.bands import BandStats, check_band_count, composite, get_preset, prepare_bands
 from agrivlm.pipeline.focus import focus_on_box, mark_point
@@ -58,7 +58,6 @@ from agrivlm.pipeline.inputs import InputConfig
 log = logging.getLogger(__name__)
 
 #: Id columns tried, in order, when ``--field-id`` is not given (else the row number is the id).
-FIELD_ID_COLUMNS: tuple[str, ...] = ("field_id", "id", "index")
 
 
 def channels_of(config: InputConfig) -> int:
@@ -151,8 +150,9 @@ class FieldLayer:
     ) -> FieldLayer:
         """Read a polygon layer (GPKG, GeoJSON, Shapefile, GeoParquet; any CRS).
 
-        Ids: ``id_column``, else the first of :data:`FIELD_ID_COLUMNS` present, else the row number; they must
-        be unique. Classes (for the question's wording, e.g. "grassland parcel"): ``class_column`` or none.
+        Ids: ``id_column`` (unique), else the first unique column of :data:`agrivlm.io.FIELD_ID_COLUMNS`, else the
+        row number (:func:`agrivlm.io.field_ids`). Classes (for the question's wording, e.g. "grassland parcel"):
+        ``class_column`` or none.
 
         Raises:
             InferError: missing or unreadable file, no CRS, unknown or non-unique id column, no polygon.
@@ -166,13 +166,10 @@ class FieldLayer:
                       & frame.geometry.geom_type.isin(["Polygon", "MultiPolygon"])]
         if frame.empty:
             raise InferError(f"{path}: the fields layer holds no polygon")
-        column = id_column or next((c for c in FIELD_ID_COLUMNS if c in frame.columns), None)
-        if column is not None and column not in frame.columns:
-            raise InferError(f"{path}: no column {column!r} (--field-id); columns are "
-                             f"{', '.join(c for c in frame.columns if c != frame.geometry.name)}")
-        ids = frame[column].astype(str).to_numpy() if column else np.array([str(i) for i in range(len(frame))])
-        if len(set(ids.tolist())) != len(ids):
-            raise InferError(f"{path}: field ids in {column or 'row numbers'!r} are not unique; pass --field-id")
+        id_series, _, notes = field_ids(frame, path, id_column, InferError, "--field-id")
+        for note in notes:
+            log.warning("%s: %s", path, note)
+        ids = id_series.to_numpy()
         if class_column is not None and class_column not in frame.columns:
             raise InferError(f"{path}: no column {class_column!r} (--field-class)")
         classes = (frame[class_column].fillna("").astype(str).to_numpy() if class_column
