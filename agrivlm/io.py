@@ -337,6 +337,11 @@ def write_json(path: Path, data: object, *, sort_keys: bool = False, strict: boo
 FIELD_ID_COLUMNS: tuple[str, ...] = ("field_id", "id", "index")
 
 
+def unique_ids(values: pd.Series) -> bool:
+    """Whether ``values`` can serve as ids: none missing, none repeated (compared as strings)."""
+    return bool(values.notna().all() and values.astype(str).is_unique)
+
+
 def field_ids(frame: pd.DataFrame, source: str | os.PathLike[str], requested: str | None, error: type[Exception],
               option: str) -> tuple[pd.Series, str, list[str]]:
     """The ids of a field layer's rows as strings, the column they came from (or ``"row number"``), and notes.
@@ -355,21 +360,18 @@ def field_ids(frame: pd.DataFrame, source: str | os.PathLike[str], requested: st
     """
     import pandas as pd
 
-    def unique(values: pd.Series) -> bool:
-        return bool(values.notna().all() and values.astype(str).is_unique)
-
     notes: list[str] = []
     if requested is not None:
         if requested not in frame.columns:
-            names = ", ".join(str(c) for c in frame.columns if c != getattr(frame, "_geometry_column_name", None))
+            names = ", ".join(str(c) for c in frame.columns if str(frame[c].dtype) != "geometry")
             raise error(f"{source}: no column {requested!r} for field ids ({option}); columns are {names}")
-        if not unique(frame[requested]):
+        if not unique_ids(frame[requested]):
             raise error(f"{source}: column {requested!r} is not a unique id (repeated or empty values); "
                         f"name another with {option}")
         return frame[requested].astype(str), requested, notes
     for name in FIELD_ID_COLUMNS:
         if name in frame.columns:
-            if unique(frame[name]):
+            if unique_ids(frame[name]):
                 return frame[name].astype(str), name, notes
             notes.append(f"column {name!r} is not unique, so it is not used as the field id")
     return pd.Series([str(i) for i in range(len(frame))], index=frame.index), "row number", notes

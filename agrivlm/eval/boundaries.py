@@ -308,8 +308,8 @@ def prepare_layer(
         EvalError: unknown id column, non-polygon features.
 
     """
-    ids = field_ids(frame, source, id_column, EvalError, f"--{'pred' if role == 'prediction' else 'truth'}-id")[0]
-    ids = ids.to_numpy()
+    option = "--pred-id" if role == "prediction" else "--truth-id"
+    ids = field_ids(frame, source, id_column, EvalError, option)[0].to_numpy()
     source_crs = pyproj.CRS.from_user_input(frame.crs).to_string()
     geoms = np.asarray(frame.geometry.to_crs(crs).values, dtype=object)
     present = ~(shapely.is_missing(geoms) | shapely.is_empty(geoms))

@@ -21,7 +21,7 @@ from shapely.geometry.base import BaseGeometry
 
 from agrivlm.explore.errors import ExploreError
 from agrivlm.geo.coords import GeoGrid
-from agrivlm.io import field_ids, read_vector, require_crs
+from agrivlm.io import field_ids, read_vector, require_crs, unique_ids
 from agrivlm.schema import FIELD_PREDICTION_COLUMNS, GROWTH_STAGES, STAGE_COLUMNS
 
 #: Columns tried, in order, for the ids of a true-field layer when none is given: the first that exists
@@ -74,12 +74,8 @@ def split_inputs(paths: Sequence[str | os.PathLike[str]], option: str) -> tuple[
     return layers, tables
 
 
-def _unique_ids(values: pd.Series) -> bool:
-    return bool(values.notna().all() and values.astype(str).is_unique)
-
-
 def _prediction_ids(frame: gpd.GeoDataFrame) -> tuple[pd.Series, str]:
-    if "field_id" in frame.columns and _unique_ids(frame["field_id"]):
+    if "field_id" in frame.columns and unique_ids(frame["field_id"]):
         return frame["field_id"].astype(str), "field_id"
     rank = frame.groupby("chip_id", sort=False).cumcount()
     return frame["chip_id"].astype(str) + "#" + rank.astype(str), "chip_id#n"

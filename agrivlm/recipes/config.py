@@ -16,10 +16,8 @@ from pydantic import Field, field_validator, model_validator
 
 from agrivlm.config import StrictModel, parse_config, read_yaml_mapping
 from agrivlm.errors import ConfigError
+from agrivlm.geo.grid import CHIP_EDGE, CHIP_SIZE, CHIP_STRIDE
 from agrivlm.pipeline.inputs import (
-    CHIP_EDGE,
-    CHIP_SIZE,
-    CHIP_STRIDE,
     MAX_FRAMES,
     MIN_CLEAR,
     MIN_FIELD_PX,
