@@ -98,16 +98,16 @@ def measure(size: str, data: Path, work: Path, args: argparse.Namespace) -> dict
 
 def bare_worker(config: Path, overrides_json: str, steps: int, warmup: int) -> None:
     """In its own process: the bare loop on the trainer's own loader and module; prints its timings as JSON."""
+    from accelerate.utils import set_seed
+
     from agrivlm.train.config import load_stage_config
-    from agrivlm.train.trainer import StackCache, _Run, _to_device
+    from agrivlm.train.curriculum import build_stage_model
+    from agrivlm.train.data import StackCache
+    from agrivlm.train.trainer import _Run, _to_device
 
     cfg = load_stage_config(config, json.loads(overrides_json))
     run = _Run(cfg, resume=False, overwrite=True)
-    acc = run._accelerator()
-    from accelerate.utils import set_seed
-
-    from agrivlm.train.curriculum import build_stage_model
-
+    acc = run._accelerator()  # the trainer's own accelerator, loader and module: only the loop differs
     set_seed(cfg.train.seed)
     sm = build_stage_model(cfg)
     stacks = StackCache()
