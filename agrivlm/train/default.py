@@ -69,8 +69,8 @@ class DefaultTraining:
     # synthetic_stage3_fields.yaml), both with six point questions per conversation (points_per_record below), made
     # the shipped checkpoint: about 55 minutes of optimizer steps on 2 CPU cores alone. Measured by
     # benchmarks/learning.py --quick against the checkpoint it replaced (stage 3 alone, one point per record):
-    # held-out field F1@0.5 0.112 against 0.040 (whole chip 0.034), left-out region 0.262 against 0.239; stage
-    # accuracy 0.586 / 0.617 / 0.851 against 0.572 / 0.603 / 0.759 (held-out / left-out / real block); green-up
+    # held-out field F1@0.5 0.112 against 0.040 (whole chip 0.034), left-out region 0.275 against 0.239; stage
+    # accuracy 0.586 / 0.618 / 0.851 against 0.572 / 0.603 / 0.759 (held-out / left-out / real block); green-up
     # and peak median errors 2-5 days worse on the synthetic sets (24 / 31 against 22 / 26 on held-out scenes).
     # Before: 5,000 fields steps after a one-point stage 3 gave F1 0.055-0.077 but lost real-block stage accuracy
     # (0.759 → 0.636-0.667, benchmarks/results/learning_fields_candidate*.json); six points in stage 3 alone gave
