@@ -57,6 +57,25 @@ def test_infer_benchmark_runs_small(tmp_path: Path) -> None:
     assert "x no cache" in res.stdout and (tmp_path / "infer.png").stat().st_size > 0
 
 
+def test_infer_default_benchmark_runs_small(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [sys.executable, "benchmarks/infer_default.py", "--batch-sizes", "36", "--growth-batch", "16", "--reps", "1",
+         "--stride", "48", "--threads", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((tmp_path / "infer_default.json").read_text())["configurations"]
+    assert list(rows) == ["fields, batch 36, as before", "fields, batch 36, frames shared",
+                          "fields, batch 36, frames shared + whole chips", "growth, batch 16, as before",
+                          "growth, batch 16, frames shared + whole chips"]
+    for key, row in rows.items():  # every configuration asked the same questions of the same 9 chips (stride 48)
+        assert row["chips"] == 9 and row["chips_per_s"] > 0 and 0 < row["model_share"] < 1, key
+        assert row["questions"] == rows[key.rsplit(", ", 1)[0] + ", as before"]["questions"] > 0
+    assert rows["fields, batch 36, as before"]["questions"] == 9 * 36
+    assert rows["fields, batch 36, as before"]["x_before"] == 1.0
+    assert "x before" in res.stdout and (tmp_path / "infer_default.png").stat().st_size > 0
+
+
 def test_ablation_benchmark_runs_tiny(tmp_path: Path) -> None:
     # the shipped recipe and the curriculum ablation (stage 3 alone, from the model YAML), 2 seeds each, a few
     # steps of the tiny model: every phase through `agrivlm train`, scored by benchmarks/learning.py's code

@@ -50,7 +50,9 @@ FieldClassOpt = Annotated[str | None, typer.Option(
     help="Land-use class column of --fields, used in the questions (\"the grassland parcel at …\").")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps.")]
 DtypeOpt = Annotated[DtypeChoice, typer.Option(help="Model dtype: float32 | bfloat16 | float16.")]
-BatchSizeOpt = Annotated[int, typer.Option(help="Questions per generation batch (chips are batched together).")]
+BatchSizeOpt = Annotated[int, typer.Option(
+    help="Questions per generation batch: chips are batched together until it is reached; one chip's questions "
+         "are never split (36 point prompts are one batch).")]
 MaxNewTokensOpt = Annotated[int | None, typer.Option(
     help="Most tokens per answer (default: fields 512 — 12 outlines of 8 vertices —, growth 8, ask 64).")]
 # input settings that win over the checkpoint's (agrivlm.pipeline.inputs.InputConfig)

@@ -362,7 +362,8 @@ class InferOptions:
     field_id: str | None
     #: The column of ``fields`` with land-use classes, used in the questions' wording.
     field_class: str | None
-    #: Questions per generation batch (chips are batched together until it is reached).
+    #: Questions per generation batch (chips are batched together until it is reached; one chip's questions are
+    #: never split over two generations).
     batch_size: int
     #: Per answer (default :data:`DEFAULT_MAX_NEW_TOKENS` of the task).
     max_new_tokens: int | None

@@ -258,6 +258,9 @@ class Predictor:
         self.separator_ids = self._separator_ids(processor)
         #: Generate with the KV cache (off only to measure what it saves: every step then re-reads the prompt).
         self.use_cache = True
+        #: Generate a batch in parts of at most this many questions; None: whole (a chip's questions are never
+        #: split, :class:`~agrivlm.infer.runner.Producer`). A number caps memory, or measures what whole batches save.
+        self.split_at: int | None = None
         self._tok_lock = threading.Lock()
         self._gen_lock = threading.Lock()
 
