@@ -283,6 +283,7 @@ def _run_local(stream: ChipStream, key: str, groups: Sequence[ChipGroup], done: 
                preparer: ChipPreparer, predictor: Predictor, batch_size: int, journal: Journal, report: RunReport,
                outcome: StackOutcome, bar: tqdm) -> None:
     """The chips of one stack in this process: a reader thread feeds the model; a journal line per batch."""
+    started = time.perf_counter()
     producer = Producer(stream, groups, done, preparer, predictor, batch_size, segments)
     producer.start()
     try:
@@ -296,6 +297,7 @@ def _run_local(stream: ChipStream, key: str, groups: Sequence[ChipGroup], done: 
         producer.close()
         report.io_seconds += producer.io_seconds
         report.starved_seconds += producer.starved_seconds
+        report.loop_seconds += time.perf_counter() - started
 
 
 def count_journal(journal: Journal) -> Counter[str]:

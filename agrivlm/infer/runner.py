@@ -67,6 +67,9 @@ class RunReport:
     io_seconds: float = 0.0
     #: Seconds the model waited for chips (the reading it did not hide).
     starved_seconds: float = 0.0
+    #: Seconds of the chip loops (from the first chip read to the last batch journaled): ``seconds`` less opening,
+    #: validating and fingerprinting the stacks. On one process only (0 on a cluster).
+    loop_seconds: float = 0.0
     #: Workers that answered (0: this process).
     workers: int = 0
     outputs: dict[str, str] = field(default_factory=dict)
@@ -109,6 +112,7 @@ class RunReport:
             "model_seconds": round(self.model_seconds, 3),
             "io_seconds": round(self.io_seconds, 3),
             "starved_seconds": round(self.starved_seconds, 3),
+            "loop_seconds": round(self.loop_seconds, 3),
             "workers": self.workers,
             "chips_per_second": None if not np.isfinite(self.chips_per_second) else round(self.chips_per_second, 3),
             "outputs": self.outputs,
