@@ -48,7 +48,7 @@ from agrivlm.geo.validate import validate_files
 from agrivlm.infer.errors import InferError
 from agrivlm.infer.fingerprint import describe_stack_change, stack_fingerprint
 from agrivlm.infer.generate import Predictor
-from agrivlm.infer.journal import Journal
+from agrivlm.infer.journal import Journal, StackEntry
 from agrivlm.infer.prepare import ChipPreparer, FieldLayer, channels_of, check_stack_bands
 from agrivlm.infer.prompts import Task
 from agrivlm.infer.runner import (
@@ -269,7 +269,7 @@ def check_journaled_stacks(journal: Journal, stacks: Sequence[StackInput]) -> No
         _refuse_changed(s, journal, info, stack_fingerprint(stack))
 
 
-def _refuse_changed(stack_input: StackInput, journal: Journal, info: dict[str, Any],
+def _refuse_changed(stack_input: StackInput, journal: Journal, info: StackEntry,
                     fingerprint: dict[str, Any]) -> None:
     """Raise :class:`InferError` when ``fingerprint`` differs from the journaled stack record ``info``."""
     old = info.get("fingerprint")

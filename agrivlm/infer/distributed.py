@@ -44,7 +44,7 @@ from agrivlm.geo.rasters import RasterPath
 from agrivlm.geo.stack import Stack
 from agrivlm.infer.errors import InferError
 from agrivlm.infer.generate import Predictor
-from agrivlm.infer.journal import Journal
+from agrivlm.infer.journal import ChipRecord, Journal
 from agrivlm.lape.tokens import LapeVocab
 from agrivlm.pipeline.inputs import InputConfig
 
@@ -73,7 +73,7 @@ class WorkerSpec:
 class InferTaskResult:
     """What one task sends back: the journal records of its batches, and where its time went."""
 
-    batches: list[list[dict[str, Any]]] = field(default_factory=list)
+    batches: list[list[ChipRecord]] = field(default_factory=list)
     model_seconds: float = 0.0
     io_seconds: float = 0.0
     starved_seconds: float = 0.0

@@ -10,6 +10,10 @@ bands, generation). Then, in the order they happen:
   reason;
 * ``{"type": "stack_done", "stack": KEY, ...}`` when every chip of a stack is journaled.
 
+Each has its type here (:class:`StackEntry`, :class:`ChipsEntry` with its :class:`ChipRecord` s, their
+:class:`AnswerRecord` s and :class:`FeatureRecord` s, :class:`StackDoneEntry`), so what the runner writes and
+what the outputs read is checked by mypy against one declaration.
+
 A batch is written as ONE line with one ``write`` and an ``fsync``, so a kill leaves either the whole batch
 or at most a torn last line, which the next run drops (truncating the file to its last complete line). A
 restarted run reads the journal, skips every journaled chip and stack, and goes on; because whole batches are
@@ -23,7 +27,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NotRequired, TypedDict, cast
 
 from agrivlm.infer.errors import InferError
 from agrivlm.io import fsync_dir
@@ -33,7 +37,104 @@ from agrivlm.io import fsync_dir
 JOURNAL_VERSION = 2
 
 
-def _dumps(entry: dict[str, Any]) -> str:
+class FeatureRecord(TypedDict):
+    """One box, polygon or point of an answer (a row of the output layer)."""
+
+    #: ``chip``: an ``ask`` answer without positions, about the whole chip.
+    kind: Literal["box", "polygon", "point", "chip"]
+    #: WKB hex, in the stack's CRS (a reload gives the same bytes).
+    geometry: str
+    #: Geometric mean of its tokens' probabilities (None: no tokens).
+    score: float | None
+    #: Its position tokens as text.
+    tokens: str
+    #: Land-use label the answer gave it ("" when none).
+    label: str
+    #: Marked "partly outside the image".
+    cut: bool
+    #: Normalized ``(u1, v1, u2, v2)`` bounds (a point: ``(u, v)``).
+    box: list[float]
+
+
+class AnswerRecord(TypedDict):
+    """One question's answer: its text, score, parse status and features; growth answers their stages."""
+
+    #: The question's meta (the point of a point prompt, the field and dates of a growth question …).
+    meta: dict[str, Any]
+    text: str
+    score: float | None
+    #: The answer ended (EOS) within the token budget.
+    finished: bool
+    #: Position tokens that fit no box, point, polygon or span.
+    unmatched: int
+    features: list[FeatureRecord]
+    #: Boxes or rings without area (dropped).
+    degenerate: int
+    #: Nothing the task expects could be read from the answer.
+    unparsed: bool
+    #: ``fields`` point prompts: outlines that do not hold their point (dropped).
+    off_point: NotRequired[int]
+    #: ``growth`` timeline: ``[stage, first day, last day]`` spans.
+    spans: NotRequired[list[list[str]]]
+    #: ``growth`` timeline: the stage on every date asked about (None: no span near it).
+    stages: NotRequired[dict[str, str | None]]
+    #: ``growth`` date by date: the stage word.
+    stage: NotRequired[str | None]
+    #: ``ask``: its dates and date spans.
+    dates: NotRequired[list[str]]
+    segments: NotRequired[list[list[str]]]
+
+
+class ChipRecord(TypedDict):
+    """One chip of a ``chips`` entry: answered (``ok``, with its answers) or ``skipped`` (with the reason)."""
+
+    chip_id: str
+    #: The chip's index in the stack's chip grid (reading order).
+    index: int
+    status: Literal["ok", "skipped"]
+    reason: NotRequired[str]
+    #: What preparing it noted (frames dropped …), or None.
+    note: NotRequired[str | None]
+    answers: NotRequired[list[AnswerRecord]]
+    #: The stack key, added by :meth:`Journal.chips` (not written in the entry).
+    stack: NotRequired[str]
+
+
+class StackEntry(TypedDict):
+    """A stack opened: its CRS, bounds, chip count, date range and content fingerprint."""
+
+    type: Literal["stack"]
+    stack: str
+    name: str
+    crs: str
+    bounds: list[float]
+    chips_total: int
+    dates: list[str]
+    fingerprint: Any
+
+
+class ChipsEntry(TypedDict):
+    """A finished batch of one stack."""
+
+    type: Literal["chips"]
+    stack: str
+    chips: list[ChipRecord]
+
+
+class StackDoneEntry(TypedDict):
+    """Every chip of a stack journaled."""
+
+    type: Literal["stack_done"]
+    stack: str
+    chips_total: int
+    chips_skipped: int
+
+
+#: An entry after the header.
+Entry = StackEntry | ChipsEntry | StackDoneEntry
+
+
+def _dumps(entry: Any) -> str:
     return json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
@@ -60,7 +161,7 @@ class Journal:
     Use :meth:`open`; close with :meth:`close` (or as a context manager).
     """
 
-    def __init__(self, path: Path, settings: dict[str, Any], entries: list[dict[str, Any]]) -> None:
+    def __init__(self, path: Path, settings: dict[str, Any], entries: list[Entry]) -> None:
         self.path = path
         self.settings = settings
         #: Entries after the header, oldest first (read back from disk, then appended).
@@ -118,9 +219,9 @@ class Journal:
                 f"{path}: journal of a run with other settings ({'; '.join(diff[:4])}"
                 f"{' …' if len(diff) > 4 else ''}); pass --restart to discard it, or write to another --out"
             )
-        return cls(path, settings, lines[1:])
+        return cls(path, settings, cast(list[Entry], lines[1:]))
 
-    def append(self, entry: dict[str, Any]) -> None:
+    def append(self, entry: Entry) -> None:
         """Write one entry as one line (one ``write``, then ``fsync``) and remember it."""
         data = (_dumps(entry) + "\n").encode()
         written = os.write(self._fd, data)
@@ -142,31 +243,33 @@ class Journal:
         self.close()
 
     # -- what is done ------------------------------------------------------------------------------
-    def of_type(self, kind: str, stack: str | None = None) -> Iterator[dict[str, Any]]:
+    def of_type(self, kind: str, stack: str | None = None) -> Iterator[Entry]:
         """Entries of one type (of one stack)."""
         for e in self.entries:
             if e.get("type") == kind and (stack is None or e.get("stack") == stack):
                 yield e
 
-    def chips(self, stack: str | None = None) -> Iterator[dict[str, Any]]:
-        """Every journaled chip record (of one stack), in journal order."""
-        for e in self.of_type("chips", stack):
-            for rec in e["chips"]:
-                yield {**rec, "stack": e["stack"]}
+    def chips(self, stack: str | None = None) -> Iterator[ChipRecord]:
+        """Every journaled chip record (of one stack), in journal order, with its ``stack``."""
+        for e in self.entries:
+            if e["type"] == "chips" and (stack is None or e["stack"] == stack):
+                for rec in e["chips"]:
+                    yield {**rec, "stack": e["stack"]}
 
     def done_chips(self, stack: str) -> set[str]:
         """Ids of the journaled chips of ``stack``."""
         return {rec["chip_id"] for rec in self.chips(stack)}
 
-    def stack_done(self, stack: str) -> dict[str, Any] | None:
+    def stack_done(self, stack: str) -> StackDoneEntry | None:
         """The ``stack_done`` entry of ``stack``, if every chip of it is journaled."""
-        return next(self.of_type("stack_done", stack), None)
+        return next((e for e in self.entries if e["type"] == "stack_done" and e["stack"] == stack), None)
 
-    def stack_info(self, stack: str) -> dict[str, Any] | None:
+    def stack_info(self, stack: str) -> StackEntry | None:
         """The latest ``stack`` entry of ``stack`` (CRS, bounds, …)."""
         found = None
-        for e in self.of_type("stack", stack):
-            found = e
+        for e in self.entries:
+            if e["type"] == "stack" and e["stack"] == stack:
+                found = e
         return found
 
 

@@ -29,6 +29,7 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.features import rasterize
 
+from agrivlm.infer.journal import StackEntry
 from agrivlm.io import atomic_path
 from agrivlm.schema import GROWTH_STAGES
 
@@ -58,13 +59,13 @@ def _write_cog(path: Path, bands: npt.NDArray[Any], transform: Affine, crs: CRS,
                                  overview_resampling="nearest")
 
 
-def _grid(info: dict[str, Any]) -> tuple[Affine, CRS, int, int]:
+def _grid(info: StackEntry) -> tuple[Affine, CRS, int, int]:
     grid = info["fingerprint"]["grid"]
     h, w = grid["shape"]
     return Affine(*grid["transform"]), CRS.from_wkt(grid["crs"]), int(h), int(w)
 
 
-def write_extent_raster(frame: gpd.GeoDataFrame, info: dict[str, Any], path: Path) -> Path:
+def write_extent_raster(frame: gpd.GeoDataFrame, info: StackEntry, path: Path) -> Path:
     """The field-score raster of ``frame`` (the fields layer) on the grid of the journaled stack ``info``."""
     transform, crs, h, w = _grid(info)
     out = np.zeros((h, w), np.float32)
@@ -80,7 +81,7 @@ def write_extent_raster(frame: gpd.GeoDataFrame, info: dict[str, Any], path: Pat
     return path
 
 
-def write_stage_raster(stages: pd.DataFrame, fields: gpd.GeoDataFrame, info: dict[str, Any], path: Path) -> Path:
+def write_stage_raster(stages: pd.DataFrame, fields: gpd.GeoDataFrame, info: StackEntry, path: Path) -> Path:
     """The stage map (one band per date) of the stage table ``stages`` on the grid of the stack ``info``.
 
     ``fields``: the growth layer (one polygon per ``field_id``).

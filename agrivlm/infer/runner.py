@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import shapely
@@ -29,6 +29,7 @@ from agrivlm.geo.coords import GeoGrid
 from agrivlm.infer.errors import InferError
 from agrivlm.infer.fingerprint import weights_fingerprint
 from agrivlm.infer.generate import DecodedAnswer, Predictor, Question
+from agrivlm.infer.journal import AnswerRecord, ChipRecord
 from agrivlm.infer.prepare import ChipPreparer
 from agrivlm.infer.prompts import Task, listing_details, parse_stage, parse_timeline, says_no_fields, stages_at
 from agrivlm.pipeline.inputs import InputConfig
@@ -174,15 +175,15 @@ def _holds_point(kind: str, value: Any, point: Sequence[float], tol: float) -> b
 
 
 def answer_record(task: Task, grid: GeoGrid, question: Question, answer: DecodedAnswer,
-                  decode: Any) -> dict[str, Any]:
+                  decode: Any) -> AnswerRecord:
     """One answer as a journal record: its text, score, parse status and features (WKB hex, stack CRS).
 
     ``decode`` turns token ids back into text (the item's own tokens, for the ``tokens`` column).
     """
     pos = answer.positions
-    rec: dict[str, Any] = {
+    rec: AnswerRecord = {
         "meta": question.meta, "text": answer.text, "score": _score(answer.score), "finished": answer.finished,
-        "unmatched": pos.unmatched, "features": [], "degenerate": 0,
+        "unmatched": pos.unmatched, "features": [], "degenerate": 0, "unparsed": False,
     }
     axis = question.visual.time_axis
 
@@ -208,7 +209,7 @@ def answer_record(task: Task, grid: GeoGrid, question: Question, answer: Decoded
     return rec
 
 
-def _listed_shapes(answer: DecodedAnswer) -> list[tuple[int, str, Any, list[int]]]:
+def _listed_shapes(answer: DecodedAnswer) -> list[tuple[int, Literal["box", "polygon"], Any, list[int]]]:
     """``(first step, kind, value, steps)`` of the answer's boxes and polygons, in the order it lists them."""
     pos = answer.positions
     # boxes and polygons in the order the answer lists them (the order of their first tokens)
@@ -233,7 +234,7 @@ def _shape_polygon(grid: GeoGrid, kind: str, value: Any) -> tuple[Any, tuple[Any
     return polygon, (u1, v1, u2, v2)
 
 
-def _add_listed_shapes(rec: dict[str, Any], task: Task, grid: GeoGrid, question: Question, answer: DecodedAnswer,
+def _add_listed_shapes(rec: AnswerRecord, task: Task, grid: GeoGrid, question: Question, answer: DecodedAnswer,
                        decode: Any) -> None:
     """Add the answer's boxes and polygons to ``rec["features"]`` (and count ``degenerate``, ``off_point``)."""
     items = _listed_shapes(answer)
@@ -256,7 +257,7 @@ def _add_listed_shapes(rec: dict[str, Any], task: Task, grid: GeoGrid, question:
         })
 
 
-def _add_ask_positions(rec: dict[str, Any], grid: GeoGrid, answer: DecodedAnswer, decode: Any,
+def _add_ask_positions(rec: AnswerRecord, grid: GeoGrid, answer: DecodedAnswer, decode: Any,
                        day: Callable[[float], str]) -> None:
     """``--task ask``: add the answer's points (else the whole chip) to ``rec["features"]``, its dates and spans."""
     pos = answer.positions
@@ -434,7 +435,7 @@ class Producer(threading.Thread):
 
 
 def run_batches(producer: Producer, predictor: Predictor, task: Task, max_new_tokens: int | None = None
-                ) -> Iterator[tuple[list[dict[str, Any]], float]]:
+                ) -> Iterator[tuple[list[ChipRecord], float]]:
     """Generate the producer's batches in order: ``(chip records, seconds generating)`` per batch."""
     for pending, questions, encoded in producer.items():
         t0 = time.perf_counter()
@@ -448,7 +449,7 @@ def _skip_reason(reason: str) -> str:
     return reason.split(": ", 1)[1] if reason.startswith("chip ") and ": " in reason else reason
 
 
-def tally(records: Sequence[dict[str, Any]], report: RunReport, outcome: StackOutcome) -> None:
+def tally(records: Sequence[ChipRecord], report: RunReport, outcome: StackOutcome) -> None:
     """Count journaled chip records into the run's report and the stack's outcome."""
     for rec in records:
         if rec["status"] == "skipped":
@@ -464,17 +465,17 @@ def tally(records: Sequence[dict[str, Any]], report: RunReport, outcome: StackOu
 
 
 def batch_records(pending: Sequence[ChipJob | ChipSkip], questions: Sequence[Question],
-                  answers: Sequence[DecodedAnswer], task: Task, predictor: Predictor) -> list[dict[str, Any]]:
+                  answers: Sequence[DecodedAnswer], task: Task, predictor: Predictor) -> list[ChipRecord]:
     """The journal records of one batch: a skipped chip with its reason, or a chip with its answers."""
     if len(answers) != len(questions):
         raise AssertionError(f"{len(answers)} answers for {len(questions)} questions")  # pragma: no cover
-    records = []
+    records: list[ChipRecord] = []
     k = 0
     for job in pending:
         if isinstance(job, ChipSkip):
             records.append({"chip_id": job.chip_id, "index": job.index, "status": "skipped", "reason": job.reason})
             continue
-        recs = []
+        recs: list[AnswerRecord] = []
         for q in job.questions:
             recs.append(answer_record(task, job.grid, q, answers[k], predictor.decode_ids))
             k += 1
