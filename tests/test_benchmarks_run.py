@@ -21,6 +21,7 @@ def test_ingest_benchmark_runs_small(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "out" / "ingest.json").read_text())
     row = report["layouts"]["cog_zstd"]["agrivlm"]
     assert row["chips"] == 4 and row["transforms_ok"] and row["x_raw"] > 0
+    assert row["x_raw_spread"][0] <= row["x_raw"] <= row["x_raw_spread"][1] and len(row["x_raw_runs"]) == 1
     assert report["spot_checked_chips"] == {"cog_zstd": 3, "striped_deflate": 3}
     if report["machine"]["torchgeo"] is None:  # this venv has no torchgeo: the column says so
         assert report["layouts"]["cog_zstd"]["torchgeo"] == {"status": "not installed"}
