@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from agrivlm.infer.batch import run_inference
+from agrivlm.infer.errors import InferError
 from agrivlm.infer.generate import Predictor
 from agrivlm.model import build_model
 from agrivlm.pipeline.inputs import BandConfig, InputConfig, default_frames, save_input_config
@@ -83,7 +84,9 @@ def test_a_chips_questions_are_one_generation_unless_split(points_ckpt: Path, sa
     # batch 4 is reached by the first chip: each generation is that chip's 9 questions, never 4 + 4 + 1
     assert sizes and all(parts == [9] for parts in sizes)
     sizes.clear()
-    predictor.split_at = 4  # a memory cap: parts of at most 4 questions
-    split = run_inference([str(sample_root / "ndvi")], points_ckpt, tmp_path / "split.gpkg", **common)
-    assert split.questions == whole.questions
+    # --max-batch 4, a memory cap: parts of at most 4 questions
+    split = run_inference([str(sample_root / "ndvi")], points_ckpt, tmp_path / "split.gpkg", max_batch=4, **common)
+    assert split.questions == whole.questions and predictor.split_at == 4
     assert sizes and all(parts == [4, 4, 1] for parts in sizes)
+    with pytest.raises(InferError, match="--max-batch must be ≥ 1, got 0"):
+        run_inference([str(sample_root / "ndvi")], points_ckpt, tmp_path / "zero.gpkg", max_batch=0, **common)

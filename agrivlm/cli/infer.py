@@ -53,6 +53,9 @@ DtypeOpt = Annotated[DtypeChoice, typer.Option(help="Model dtype: float32 | bflo
 BatchSizeOpt = Annotated[int, typer.Option(
     help="Questions per generation batch: chips are batched together until it is reached; one chip's questions "
          "are never split (36 point prompts are one batch).")]
+MaxBatchOpt = Annotated[int | None, typer.Option(
+    help="Questions per generation at most (a memory cap): a batch's whole chips are then generated in parts of "
+         "this many. Default: no cap.")]
 MaxNewTokensOpt = Annotated[int | None, typer.Option(
     help="Most tokens per answer (default: fields 512 — 12 outlines of 8 vertices —, growth 8, ask 64).")]
 # input settings that win over the checkpoint's (agrivlm.pipeline.inputs.InputConfig)
@@ -97,7 +100,7 @@ def infer(
     overwrite: OverwriteOpt = False, threads: ThreadsOpt = None, workers: WorkersOpt = None,
     scheduler: SchedulerOpt = None, chips_per_task: ChipsPerTaskOpt = 64, progress: ProgressOpt = True,
     as_json: JsonFlag = False, assets: AssetsOpt = None, mask_assets: MaskAssetsOpt = None,
-    mask_values: MaskValuesOpt = None, raster: RasterOpt = False,
+    mask_values: MaskValuesOpt = None, raster: RasterOpt = False, max_batch: MaxBatchOpt = None,
 ) -> None:
     """Run a checkpoint over stacks: chips → batched generation → fields / growth stages in map coordinates.
 
@@ -122,7 +125,7 @@ def infer(
         restart=restart, overwrite=overwrite, progress=progress and not as_json, chips_per_task=chips_per_task,
         workers=workers, scheduler=scheduler, threads=threads if on_cluster else None, raster=raster,
         assets=split_list(assets, "--assets"), mask_assets=split_list(mask_assets, "--mask-assets"),
-        mask_values=split_list(mask_values, "--mask-values", int),
+        mask_values=split_list(mask_values, "--mask-values", int), max_batch=max_batch,
     )
     if as_json:
         print_json(report.to_dict())

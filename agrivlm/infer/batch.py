@@ -411,6 +411,9 @@ class InferOptions:
     mask_assets: Sequence[str] | None
     #: The mask values that mean masked (default: any non-zero value).
     mask_values: Sequence[int] | None
+    #: Questions per generation at most: a batch (whole chips) is generated in parts of this many (a memory cap;
+    #: None: whole, :attr:`Predictor.split_at`). Like the batch size, not part of the journal's settings.
+    max_batch: int | None = None
 
     def __post_init__(self) -> None:
         """Refuse options that cannot work whatever the inputs hold (a run's first checks, in their order)."""
@@ -427,6 +430,8 @@ class InferOptions:
                              "in order")
         if self.batch_size < 1:
             raise InferError(f"--batch-size must be ≥ 1, got {self.batch_size}")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise InferError(f"--max-batch must be ≥ 1, got {self.max_batch}")
         if self.raster and self.task == "ask":
             raise InferError("--raster writes field extents (--task fields) or stage maps (--task growth), not answers")
         if not 0.0 <= self.nms_iou <= 1.0:
@@ -537,6 +542,7 @@ def run_inference(
     assets: Sequence[str] | None = None,
     mask_assets: Sequence[str] | None = None,
     mask_values: Sequence[int] | None = None,
+    max_batch: int | None = None,
 ) -> RunReport:
     """Run a checkpoint over stacks and write the predictions (``agrivlm infer``; see the module docstring).
 
@@ -558,7 +564,7 @@ def run_inference(
         device=device, dtype=dtype, overrides=overrides, validate=validate, nms_iou=nms_iou, min_score=min_score,
         restart=restart, overwrite=overwrite, progress=progress, predictor=predictor, chips_per_task=chips_per_task,
         workers=workers, scheduler=scheduler, threads=threads, on_task_done=on_task_done, raster=raster,
-        assets=assets, mask_assets=mask_assets, mask_values=mask_values,
+        assets=assets, mask_assets=mask_assets, mask_values=mask_values, max_batch=max_batch,
     )
     return _run(options, started)
 
@@ -678,6 +684,8 @@ def _load_model(options: InferOptions, max_new: int) -> tuple[Predictor | None, 
                                    max_new_tokens=max_new)
     else:
         predictor.max_new_tokens = max_new
+    if options.predictor is None or options.max_batch is not None:  # a caller's predictor keeps its own cap
+        predictor.split_at = options.max_batch
     return predictor, predictor.num_bands, predictor.vocab
 
 
@@ -693,7 +701,7 @@ def _connect_cluster(run: _Prepared, scope: ExitStack, report: RunReport) -> Clu
     from agrivlm.infer.distributed import ClusterRun, WorkerSpec
 
     spec = WorkerSpec(str(options.model_path.resolve()), options.device, options.dtype, run.max_new, options.task,
-                      options.question, run.config, options.batch_size, options.threads)
+                      options.question, run.config, options.batch_size, options.threads, max_batch=options.max_batch)
     client = scope.enter_context(dask_client(options.workers, options.scheduler))
     cluster = ClusterRun(client, spec, options.on_task_done)
     report.workers = len(client.scheduler_info()["workers"])

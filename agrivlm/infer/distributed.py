@@ -67,6 +67,8 @@ class WorkerSpec:
     threads: int | None = None
     #: The client's view of the checkpoint (config hash, weight files' names and sizes).
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    #: Questions per generation at most (``--max-batch``; None: a batch is generated whole).
+    max_batch: int | None = None
 
 
 @dataclass
@@ -144,6 +146,7 @@ def infer_task(spec: WorkerSpec, stack: Stack, groups: Sequence[ChipGroup], done
 
         torch.set_num_threads(spec.threads)
     predictor = worker_predictor(spec)
+    predictor.split_at = spec.max_batch  # a cached predictor may have served another run
     preparer = ChipPreparer(spec.config, spec.task, predictor.vocab, spec.question, fields)  # type: ignore[arg-type]
     stream = ChipStream(stack, chip_size=spec.config.chip_size, stride=spec.config.stride, edge=spec.config.edge)
     producer = Producer(stream, groups, done, preparer, predictor, spec.batch_size)
