@@ -26,7 +26,6 @@ Writes ``benchmarks/results/infer.json`` and ``infer.png``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -39,6 +38,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench_report import save_report  # noqa: E402  (beside this script)
 
 
 def configurations(sizes: list[int], caches: list[bool], rep: int) -> list[tuple[int, bool]]:
@@ -181,10 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     report = measure(args)
     print_table(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "infer.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, args.out / "infer.png")
-    print(f"wrote {args.out / 'infer.json'} and {args.out / 'infer.png'} ({report['elapsed_s']:.0f} s)")
+    save_report(report, args.out, "infer", plot)
     return report
 
 

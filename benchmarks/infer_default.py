@@ -28,7 +28,6 @@ Writes ``benchmarks/results/infer_default.json`` and ``infer_default.png``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -41,6 +40,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench_report import save_report  # noqa: E402  (beside this script)
 
 #: name → (frames shared, whole chips)
 CONFIGS: dict[str, tuple[bool, bool]] = {
@@ -164,10 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     report = measure(args)
     print_table(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "infer_default.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, args.out / "infer_default.png")
-    print(f"wrote {args.out / 'infer_default.json'} and {args.out / 'infer_default.png'} ({report['elapsed_s']:.0f} s)")
+    save_report(report, args.out, "infer_default", plot)
     return report
 
 
