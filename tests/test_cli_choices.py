@@ -33,6 +33,12 @@ def test_the_cli_choices_are_the_library_values() -> None:
     (["synth", "--out", "{d}/s", "--region", "sahel"], "--region"),
     (["synth", "--out", "{d}/s", "--bands", "rgb"], "--bands"),
     (["quickstart", "--out", "{d}/q", "--start", "midway"], "--start"),
+    # numbers out of their range are usage errors too (the library's own checks stay for Python callers)
+    (["infer", "{d}", "--model", "default", "--out", "{d}/x.gpkg", "--batch-size", "0"], "--batch-size"),
+    (["infer", "{d}", "--model", "default", "--out", "{d}/x.gpkg", "--max-batch", "0"], "--max-batch"),
+    (["infer", "{d}", "--model", "default", "--out", "{d}/x.gpkg", "--nms-iou", "1.5"], "--nms-iou"),
+    (["infer", "{d}", "--model", "default", "--out", "{d}/x.gpkg", "--chips-per-task", "0"], "--chips-per-task"),
+    (["infer", "{d}", "--model", "default", "--out", "{d}/x.gpkg", "--stride", "-16"], "--stride"),
 ])
 def test_a_wrong_choice_is_a_usage_error(tmp_path: Path, args: list[str], option: str) -> None:
     res = CliRunner().invoke(app, [a.format(d=tmp_path) for a in args])

@@ -51,36 +51,44 @@ FieldClassOpt = Annotated[str | None, typer.Option(
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps.")]
 DtypeOpt = Annotated[DtypeChoice, typer.Option(help="Model dtype: float32 | bfloat16 | float16.")]
 BatchSizeOpt = Annotated[int, typer.Option(
+    min=1,
     help="Questions per generation batch: chips are batched together until it is reached; one chip's questions "
          "are never split (36 point prompts are one batch).")]
 MaxBatchOpt = Annotated[int | None, typer.Option(
+    min=1,
     help="Questions per generation at most (a memory cap): a batch's whole chips are then generated in parts of "
          "this many. Default: no cap.")]
 MaxNewTokensOpt = Annotated[int | None, typer.Option(
+    min=1,
     help="Most tokens per answer (default: fields 512 — 12 outlines of 8 vertices —, growth 8, ask 64).")]
 # input settings that win over the checkpoint's (agrivlm.pipeline.inputs.InputConfig)
-ChipSizeOpt = Annotated[int | None, typer.Option(help="Chip size in px (default: the checkpoint's, else 32).")]
-StrideOpt = Annotated[int | None, typer.Option(help="Chip stride in px (default: the checkpoint's, else 16).")]
+ChipSizeOpt = Annotated[int | None, typer.Option(min=1, help="Chip size in px (default: the checkpoint's, else 32).")]
+StrideOpt = Annotated[int | None, typer.Option(min=1, help="Chip stride in px (default: the checkpoint's, else 16).")]
 PresetOpt = Annotated[str | None, typer.Option(
     help="Band preset (agrivlm.pipeline.bands.PRESETS: ndvi, sentinel2_l2a, …); default: the checkpoint's.")]
 CompositeOpt = Annotated[str | None, typer.Option(help="False-colour composite for a 3-channel model.")]
-MaxFramesOpt = Annotated[int | None, typer.Option(help="Most frames per chip (default: the checkpoint's, else 16).")]
-MinFramesOpt = Annotated[int | None, typer.Option(help="Fewest usable frames a chip needs (default 4).")]
+MaxFramesOpt = Annotated[int | None, typer.Option(
+    min=1, help="Most frames per chip (default: the checkpoint's, else 16).")]
+MinFramesOpt = Annotated[int | None, typer.Option(min=1, help="Fewest usable frames a chip needs (default 4).")]
 # the outputs, resuming, and where the model runs
 NmsIouOpt = Annotated[float, typer.Option(
+    min=0.0, max=1.0,
     help="NMS across overlapping chips: drop a detection whose IoU (map units) with a better one is above.")]
 MinScoreOpt = Annotated[float, typer.Option(help="Drop detections scored below this.")]
 ValidateOpt = Annotated[bool, typer.Option(help="Read every block of every file of a stack before its chips.")]
 RestartOpt = Annotated[bool, typer.Option(help="Discard the journal of an earlier run and start over.")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing output that has no journal.")]
 ThreadsOpt = Annotated[int | None, typer.Option(
+    min=1,
     help="torch CPU threads of this process, or of each worker with --workers/--scheduler.")]
 WorkersOpt = Annotated[int | None, typer.Option(
+    min=1,
     help="Run on a local dask cluster of N single-threaded worker processes.")]
 SchedulerOpt = Annotated[str | None, typer.Option(
     help="Run on a running dask.distributed scheduler, e.g. tcp://host:8786 (workers must see the stacks and "
          "the checkpoint at the same paths).")]
 ChipsPerTaskOpt = Annotated[int, typer.Option(
+    min=1,
     help="Chips per task (reading order); a batch never spans two tasks, so one process and a cluster give "
          "the same answers.")]
 ProgressOpt = Annotated[bool, typer.Option(help="Show a progress bar (chips/s).")]
