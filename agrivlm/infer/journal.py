@@ -242,13 +242,7 @@ class Journal:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- what is done ------------------------------------------------------------------------------
-    def of_type(self, kind: str, stack: str | None = None) -> Iterator[Entry]:
-        """Entries of one type (of one stack)."""
-        for e in self.entries:
-            if e.get("type") == kind and (stack is None or e.get("stack") == stack):
-                yield e
-
+    # -- what is done (each accessor filters on the entry's "type", which narrows it to its TypedDict) ----------
     def chips(self, stack: str | None = None) -> Iterator[ChipRecord]:
         """Every journaled chip record (of one stack), in journal order, with its ``stack``."""
         for e in self.entries:

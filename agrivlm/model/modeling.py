@@ -223,7 +223,7 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         self.config.vision_config = self.vision_tower.config
         self.config.text_config = self.language_model.config
         #: In eval mode, encode a frame that repeats in the batch once (:meth:`_pooled_patch_features`); off only to
-        #: measure what it saves (``benchmarks/infer.py --model default``).
+        #: measure what it saves (``benchmarks/infer_default.py``).
         self.share_repeated_frames = True
         self.post_init()
 
