@@ -82,6 +82,9 @@ VARIANTS: tuple[Variant, ...] = (
             {p: {"data.scales": [1.0, 0.5]} for p in S2_ON}),
     Variant("max_pool", "2-D max pooling of the patch grid instead of average (pooling.mode: max)",
             {"stage1": {"model.overrides": {"pooling.mode": "max"}}}),
+    Variant("faster_video", "the faster-video stream: every 4th frame at the pooling stride, the others pooled 2x more "
+            "coarsely, a separator after each frame (pooling.faster_video_stride: 4)",
+            {"stage1": {"model.overrides": {"pooling.faster_video_stride": 4}}}),
     Variant("input_positions", "positions a question gives as -INPUT placeholders with exact values "
             "(data.question_positions: input)", {p: {"data.question_positions": "input"} for p in S2_ON}),
     Variant("point_marker", "a point question's point drawn into its frames (data.point_marker: square) in stage 3",

@@ -96,6 +96,9 @@ class PoolingSettings(StrictModel):
 
     stride: int = Field(default=2, ge=1)
     mode: PoolMode = "average"
+    #: The faster-video stream (LLaVA-NeXT-Video's ``add_faster_video``): 0 off; ``k ≥ 1``: every ``k``-th frame at
+    #: ``stride``, the others at ``2 · stride``, each frame followed by a learned separator token.
+    faster_video_stride: int = Field(default=0, ge=0)
 
 
 class LapeSettings(StrictModel):
@@ -270,6 +273,7 @@ def build_model(
         pool_mode=s.pooling.mode,
         num_spatial_tokens=s.lape.num_spatial_tokens,
         num_temporal_tokens=s.lape.num_temporal_tokens,
+        faster_video_stride=s.pooling.faster_video_stride,
     )
     return model, processor
 
@@ -287,6 +291,7 @@ def _agrivlm_config(
         vision_feature_layer=s.vision.feature_layer,
         pool_stride=s.pooling.stride,
         pool_mode=s.pooling.mode,
+        faster_video_stride=s.pooling.faster_video_stride,
         enable_lape=s.lape.enabled,
         num_spatial_tokens=s.lape.num_spatial_tokens,
         num_temporal_tokens=s.lape.num_temporal_tokens,

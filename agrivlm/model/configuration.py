@@ -89,6 +89,10 @@ class AgriVLMConfig(PreTrainedConfig):
     pool_stride: int = 2
     #: Pooling mode: average, max or bilinear.
     pool_mode: str = "average"
+    #: The faster-video stream (LLaVA-NeXT-Video's ``add_faster_video``): 0 off; ``k ≥ 1``: frames ``0, k, 2k, …``
+    #: pooled at ``pool_stride``, the others at ``2 · pool_stride``, each frame followed by a learned separator
+    #: (:func:`agrivlm.pipeline.inputs.frame_token_counts`).
+    faster_video_stride: int = 0
     #: LAPE on: separate position tables/heads, NTP, injection, soft targets. Off: position tokens are plain vocabulary.
     enable_lape: bool = True
     #: Position tokens per spatial axis.
@@ -165,6 +169,9 @@ class AgriVLMConfig(PreTrainedConfig):
         for key in ("num_bands", "pool_stride"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"AgriVLMConfig.{key}: must be ≥ 1, got {getattr(self, key)}")
+        if self.faster_video_stride < 0:
+            raise ConfigError(f"AgriVLMConfig.faster_video_stride: must be ≥ 0 (0 = off), got "
+                              f"{self.faster_video_stride}")
         for key in ("num_spatial_tokens", "num_temporal_tokens"):
             if getattr(self, key) < 2:
                 raise ConfigError(f"AgriVLMConfig.{key}: must be ≥ 2, got {getattr(self, key)}")

@@ -13,6 +13,8 @@ Data path for ``N`` visual items of ``T`` frames, ``C`` bands, ``H × W`` px, LL
    :meth:`~agrivlm.model.processing.AgriVLMProcessor.from_chips`) each token's ``(u, v)`` is given instead:
    the chip position of an AnyRes tile's cells (:func:`inject_lape_at_positions`). Items of different sizes
    (multi-scale) come zero-padded with ``image_sizes (N, 2)``; each is cropped and encoded at its own size.
+   With ``faster_video_stride`` ``k`` (LLaVA-NeXT-Video's faster stream) the frames between every ``k``-th are
+   pooled at twice the stride, and each frame ends with a learned separator token.
 4. The ``T·h'·w'`` visual tokens of each item replace its ``<image>``/``<video>`` placeholder tokens
    (count checked, then ``masked_scatter``, as in HF Llava).
 5. The LLM runs on the embeddings. With LAPE on, ids ``≥ position_token_offset`` are position tokens:
@@ -195,6 +197,9 @@ class AgriVLMPreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 init.zeros_(module.bias)
             return
+        faster = getattr(module, "faster_token", None)
+        if isinstance(faster, nn.Parameter):  # as LLaVA-NeXT's faster_token: N(0, 1/D)
+            init.normal_(faster, std=faster.shape[0] ** -0.5)
         super()._init_weights(module)
 
 
@@ -222,7 +227,11 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         # one config object per sub-model, shared, so resizing the LLM updates what save_pretrained writes
         self.config.vision_config = self.vision_tower.config
         self.config.text_config = self.language_model.config
-        #: In eval mode, encode a frame that repeats in the batch once (:meth:`_pooled_patch_features`); off only to
+        #: The separator ending each frame's tokens with the faster-video stream on (``config.faster_video_stride``).
+        self.faster_token: nn.Parameter | None = None
+        if getattr(config, "faster_video_stride", 0):
+            self.faster_token = nn.Parameter(torch.zeros(tcfg.hidden_size))  # type: ignore[union-attr]
+        #: In eval mode, encode a frame that repeats in the batch once (:meth:`_patch_features`); off only to
         #: measure what it saves (``benchmarks/infer_default.py``).
         self.share_repeated_frames = True
         self.post_init()
@@ -270,7 +279,10 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
 
         Returns:
             ``(N, T·h'·w', D)`` projected, pooled, LAPE-injected visual tokens, frame by frame, cells
-            row-major (``(h', w') = visual_token_grid(H, W, patch_size, pool_stride)``).
+            row-major (``(h', w') = visual_token_grid(H, W, patch_size, pool_stride)``). With
+            ``config.faster_video_stride`` ``k``: frame ``i`` gives its ``h' × w'`` tokens when ``i % k == 0``, else
+            its tokens pooled twice as coarsely (each at the LAPE position of its cell's centre), then the learned
+            separator :attr:`faster_token` — ``(N, sum(frame_token_counts(T, (h', w'), k)), D)``.
         """
         cfg = self.config
         if pixel_values.ndim != 5:
@@ -281,15 +293,41 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         patch = int(cfg.vision_config.patch_size)  # type: ignore[union-attr]
         visual_token_grid(height, width, patch, cfg.pool_stride)  # checks divisibility, names the fix
         h, w = height // patch, width // patch
-        feats = self._pooled_patch_features(pixel_values.reshape(n * t, c, height, width), h, w)
-        per_frame, d = feats.shape[1], feats.shape[2]
-        feats = feats.reshape(n, t, per_frame, d)
-        if self.lape is not None:
-            feats = self._inject_lape(feats, h, w, frame_times, lape_tables, patch_positions)
-        return feats.reshape(n, t * per_frame, d)
+        feats = self._patch_features(pixel_values.reshape(n * t, c, height, width), h, w)
+        d = feats.shape[-1]
+        slow = self._pooled_frames(feats, (h, w), cfg.pool_stride, n, t, frame_times, lape_tables, patch_positions)
+        stride = getattr(cfg, "faster_video_stride", 0)
+        if not stride:
+            return slow.reshape(n, -1, d)
+        assert self.faster_token is not None
+        fast_pos = None
+        if patch_positions is not None:  # the slow grid's (u, v) averaged over each 2 x 2 block of it
+            fast_pos = pool_2d(patch_positions.float(), visual_token_grid(height, width, patch, cfg.pool_stride), 2)
+        fast = self._pooled_frames(feats, (h, w), 2 * cfg.pool_stride, n, t, frame_times, lape_tables, fast_pos)
+        sep = self.faster_token.to(slow.dtype).expand(n, 1, d)
+        parts = [torch.cat([slow[:, i] if i % stride == 0 else fast[:, i], sep], dim=1) for i in range(t)]
+        return torch.cat(parts, dim=1)
 
-    def _pooled_patch_features(self, frames: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """Frames ``(N·T, C, H, W)`` → band adapter → vision encoder → projector → pooling: ``(N·T, h'·w', D)``.
+    def _pooled_frames(
+        self,
+        feats: torch.Tensor,
+        grid: tuple[int, int],
+        stride: int,
+        n: int,
+        t: int,
+        frame_times: torch.Tensor | None,
+        lape_tables: dict[Axis, torch.Tensor] | None,
+        patch_positions: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Patch features ``(N·T, h·w, D)`` pooled by ``stride`` and LAPE-injected: ``(N, T, h'·w', D)``."""
+        pooled = pool_2d(feats, grid, stride, self.config.pool_mode)  # type: ignore[arg-type]
+        pooled = pooled.reshape(n, t, pooled.shape[1], pooled.shape[2])
+        if self.lape is None:
+            return pooled
+        return self._inject_lape(pooled, grid, stride, frame_times, lape_tables, patch_positions)
+
+    def _patch_features(self, frames: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Frames ``(N·T, C, H, W)`` → band adapter → vision encoder → projector: ``(N·T, h·w, D)``, not pooled.
 
         ``(h, w)`` is the encoder's patch grid of a frame, ``(H/p, W/p)``.
         """
@@ -306,7 +344,7 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         return self._encode_frames(frames, h, w)
 
     def _encode_frames(self, frames: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """:meth:`_pooled_patch_features` of every frame given (no de-duplication)."""
+        """:meth:`_patch_features` of every frame given (no de-duplication)."""
         cfg = self.config
         vcfg = cfg.vision_config
         height, width = frames.shape[-2], frames.shape[-1]
@@ -321,19 +359,18 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
             feats = feats[:, 1:]
         if feats.shape[1] != h * w:
             raise ValueError(f"the vision encoder gave {feats.shape[1]} patches for a {h}x{w} grid")
-        feats = self.projector(feats)
-        return pool_2d(feats, (h, w), cfg.pool_stride, cfg.pool_mode)  # type: ignore[arg-type]
+        return self.projector(feats)  # type: ignore[no-any-return]
 
     def _inject_lape(
         self,
         feats: torch.Tensor,
-        h: int,
-        w: int,
+        grid: tuple[int, int],
+        stride: int,
         frame_times: torch.Tensor | None,
         lape_tables: dict[Axis, torch.Tensor] | None,
         patch_positions: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Add the LAPE positions to pooled features ``(N, T, h'·w', D)`` of an ``(h, w)`` patch grid.
+        """Add LAPE positions to features ``(N, T, h'·w', D)``: a ``grid`` ``(h, w)`` of patches pooled by ``stride``.
 
         At ``patch_positions`` when given, else at the centres of the item's own pooled grid; ``frame_times``
         default to evenly spaced ``[0, 1]``.
@@ -348,10 +385,11 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
                 self.lape, feats, patch_positions, frame_times, cfg.spatial_injection_scale,
                 cfg.temporal_injection_scale, lape_tables,
             )
+        h, w = grid
         return self.lape.inject(
             feats,
-            cell_centres(h, cfg.pool_stride, cfg.pool_mode),
-            cell_centres(w, cfg.pool_stride, cfg.pool_mode),
+            cell_centres(h, stride, cfg.pool_mode),
+            cell_centres(w, stride, cfg.pool_mode),
             frame_times,
             cfg.spatial_injection_scale,
             cfg.temporal_injection_scale,

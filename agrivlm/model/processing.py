@@ -70,6 +70,7 @@ from agrivlm.pipeline.inputs import (
     ChipInputConfig,
     VisualItem,
     chip_config_with_inputs,
+    frame_token_counts,
     num_visual_tokens,
     visual_token_centres,
     visual_token_grid,
@@ -156,6 +157,7 @@ class AgriVLMProcessor(ProcessorMixin):
         chip_config: dict[str, Any] | ChipInputConfig | None = None,
         inputs: dict[str, Any] | None = None,
         band_stats: dict[str, Any] | None = None,
+        faster_video_stride: int = 0,
     ) -> None:
         #: Vision encoder patch size in px.
         self.patch_size = patch_size
@@ -169,6 +171,11 @@ class AgriVLMProcessor(ProcessorMixin):
             raise ValueError(f"pool_mode must be one of {POOL_MODES} (the model's config.pool_mode), got {pool_mode!r}")
         #: The model's pooling mode (where the pooled cells' centres are, for ``patch_positions``).
         self.pool_mode = pool_mode
+        if faster_video_stride < 0:
+            raise ValueError(f"faster_video_stride must be ≥ 0 (the model's config.faster_video_stride), got "
+                             f"{faster_video_stride}")
+        #: The model's faster-video stride (0 off): how many tokens each frame gets (:func:`frame_token_counts`).
+        self.faster_video_stride = faster_video_stride
         cfg = chip_config if isinstance(chip_config, ChipInputConfig) else parse_config(
             ChipInputConfig, chip_config or {}, "processor chip_config")
         #: Default settings of :meth:`from_chips`, JSON-ready (saved in ``processor_config.json``); with
@@ -330,7 +337,7 @@ class AgriVLMProcessor(ProcessorMixin):
         frames: list[int] = []
         if items is not None:
             n, t, c, h, w = items.shape
-            per_item = num_visual_tokens(t, h, w, self.patch_size, self.pool_stride)
+            per_item = num_visual_tokens(t, h, w, self.patch_size, self.pool_stride, self.faster_video_stride)
             data["pixel_values"] = torch.from_numpy(items)
             data["frame_times"] = self._frame_times(frame_times, n, t)
             expand, frames = [per_item] * n, [t] * n
@@ -617,13 +624,17 @@ class AgriVLMProcessor(ProcessorMixin):
             first = len(items)
             items.extend(dataclasses.replace(it, chip=c) for it in prep.items)
             frame_rows.extend([ft] * len(prep.items))
-            expand.append(t * sum(it.num_tokens_per_frame for it in prep.items))
+            expand.append(self.item_tokens(t, prep.items))
             geos.append(ChipGeography(
                 chip_id=chip.chip_id, sample=owner[c], grid=chip.grid, time_axis=axis, frame_dates=fr.times,
                 frame_indices=fr.indices, frame_t=ft, items=tuple(range(first, len(items))),
                 grid_shape=prep.grid_shape, stats=prep.stats))
         data["frame_times"] = torch.from_numpy(np.stack(frame_rows).astype(np.float32))
         return data, geos, items, expand
+
+    def item_tokens(self, num_frames: int, items: Sequence[VisualItem]) -> int:
+        """Visual tokens of ``items`` of ``num_frames`` frames each: what their placeholder expands to."""
+        return sum(sum(frame_token_counts(num_frames, it.token_grid, self.faster_video_stride)) for it in items)
 
     def _item_tensors(self, pixels: Sequence[torch.Tensor], positions: Sequence[FloatArray], t: int
                       ) -> dict[str, Any]:
@@ -697,7 +708,7 @@ class AgriVLMProcessor(ProcessorMixin):
             pixels += px
             pos += pp
             rows += [times[k]] * len(px)
-            expand.append(t * sum(it.num_tokens_per_frame for it in items))
+            expand.append(self.item_tokens(t, items))
         data = self._item_tensors(pixels, pos, t)
         data["frame_times"] = torch.stack(rows)
         data.update(self._encode_text(texts, prompt_ids, answer_list, positions, expand, [t] * len(stacks), "item",

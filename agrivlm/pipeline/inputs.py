@@ -63,10 +63,31 @@ def visual_token_grid(height: int, width: int, patch_size: int, pool_stride: int
     return pooled_grid(height // patch_size, width // patch_size, pool_stride)
 
 
-def num_visual_tokens(num_frames: int, height: int, width: int, patch_size: int, pool_stride: int) -> int:
-    """Visual tokens of one item of ``num_frames`` frames of ``height × width`` px: ``T · h' · w'``."""
-    h, w = visual_token_grid(height, width, patch_size, pool_stride)
-    return num_frames * h * w
+def frame_token_counts(num_frames: int, token_grid: tuple[int, int], faster_video_stride: int = 0) -> list[int]:
+    """Visual tokens of each frame of an item whose frames have ``token_grid`` ``(h', w')`` tokens.
+
+    ``faster_video_stride`` 0: every frame ``h'·w'``. ``k ≥ 1`` (LLaVA-NeXT-Video's ``add_faster_video``): frames
+    ``0, k, 2k, …`` keep the ``h' × w'`` grid (the slow stream), the others are pooled twice as coarsely
+    (the faster stream, ``ceil(h'/2) · ceil(w'/2)`` tokens), and every frame ends with one learned separator
+    token — more frames for the same visual tokens.
+    """
+    h, w = token_grid
+    if faster_video_stride < 0:
+        raise ValueError(f"faster_video_stride must be ≥ 0 (0 = off), got {faster_video_stride}")
+    if faster_video_stride == 0:
+        return [h * w] * num_frames
+    fh, fw = pooled_grid(h, w, 2)
+    return [(h * w if i % faster_video_stride == 0 else fh * fw) + 1 for i in range(num_frames)]
+
+
+def num_visual_tokens(num_frames: int, height: int, width: int, patch_size: int, pool_stride: int,
+                      faster_video_stride: int = 0) -> int:
+    """Visual tokens of one item of ``num_frames`` frames of ``height × width`` px.
+
+    ``T · h' · w'`` without the faster stream, else the sum of :func:`frame_token_counts`.
+    """
+    grid = visual_token_grid(height, width, patch_size, pool_stride)
+    return sum(frame_token_counts(num_frames, grid, faster_video_stride))
 
 
 def visual_token_centres(height: int, width: int, patch_size: int, pool_stride: int,

@@ -318,6 +318,8 @@ def set_trainable(
     for part in parts:
         for p in part.parameters():
             p.requires_grad_(True)
+    if trainable.projector and model.faster_token is not None:  # the faster stream's separator: the connector's
+        model.faster_token.requires_grad_(True)
     if scaling is not None:
         for name, p in model.language_model.named_parameters():
             if LORA_MARK in name:

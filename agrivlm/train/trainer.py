@@ -626,6 +626,10 @@ class _Run:
         rec = cfg.reconstruction
         predictor = teacher = None
         if rec.enabled:
+            if model.config.faster_video_stride:
+                raise ConfigError("reconstruction.enabled: the next-frame loss reads every frame's visual tokens on "
+                                  "one grid; the model's faster_video_stride "
+                                  f"({model.config.faster_video_stride}) pools frames on two: turn one of them off")
             teacher = FrozenTeacher(model, share_vision=not cfg.trainable.vision)
             vcfg: Any = model.config.vision_config
             tcfg: Any = model.config.text_config
