@@ -39,6 +39,16 @@ def test_the_cli_choices_are_the_library_values() -> None:
     (["infer", "{d}", "--model", "default", "--out", "{d}/x.gpkg", "--nms-iou", "1.5"], "--nms-iou"),
     (["infer", "{d}", "--model", "default", "--out", "{d}/x.gpkg", "--chips-per-task", "0"], "--chips-per-task"),
     (["infer", "{d}", "--model", "default", "--out", "{d}/x.gpkg", "--stride", "-16"], "--stride"),
+    (["ingest", "{d}", "--out", "{d}/i.gpkg", "--chip-size", "0"], "--chip-size"),
+    (["ingest", "{d}", "--out", "{d}/i.gpkg", "--workers", "0"], "--workers"),
+    (["eval", "fields", "--pred", "{d}/p.gpkg", "--truth", "{d}/t.gpkg", "--out", "{d}/e", "--iou-threshold", "2"],
+     "--iou-threshold"),
+    (["explore", "{d}", "--port", "70000"], "--port"),
+    (["explore", "{d}", "--stride", "0"], "--stride"),
+    (["quickstart", "--out", "{d}/q", "--steps", "0"], "--steps"),
+    (["train", "default", "--out", "{d}/t", "--threads", "0"], "--threads"),
+    (["train", "default", "--out", "{d}/t", "--fields-steps", "-1"], "--fields-steps"),
+    (["recipe", "show", "{d}/x.jsonl", "--n", "0"], "--n"),
 ])
 def test_a_wrong_choice_is_a_usage_error(tmp_path: Path, args: list[str], option: str) -> None:
     res = CliRunner().invoke(app, [a.format(d=tmp_path) for a in args])

@@ -128,8 +128,9 @@ def ingest(
         help="GeoTIFFs: folder(s), glob(s) or files, one file per date; remote files (https://, s3://, gs://, "
         "/vsicurl/…); or a STAC JSON (Item, ItemCollection, catalogue) with --assets.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the chip index and summary.json.")],
-    chip_size: Annotated[int, typer.Option(help="Chip size in pixels.")] = CHIP_SIZE,
-    stride: Annotated[int | None, typer.Option(help="Step between chips in pixels (default: chip size).")] = None,
+    chip_size: Annotated[int, typer.Option(min=1, help="Chip size in pixels.")] = CHIP_SIZE,
+    stride: Annotated[int | None, typer.Option(
+        min=1, help="Step between chips in pixels (default: chip size).")] = None,
     masks: Annotated[list[str] | None, typer.Option("--masks", help="Per-date mask files (cloud = non-zero).")] = None,
     date: Annotated[list[str] | None, typer.Option("--date", help="FILE=YYYY-MM-DD, wins over tags/names.")] = None,
     same_day: Annotated[Literal["keep", "first", "mosaic"], typer.Option(
@@ -145,7 +146,7 @@ def ingest(
     mask_assets: MaskAssetsOpt = None,
     mask_values: MaskValuesOpt = None,
     workers: Annotated[
-        int | None, typer.Option(help="Run on a dask LocalCluster of N worker processes on this machine.")
+        int | None, typer.Option(min=1, help="Run on a dask LocalCluster of N worker processes on this machine.")
     ] = None,
     scheduler: Annotated[
         str | None, typer.Option(help="Run on a running dask.distributed scheduler, e.g. tcp://host:8786.")
@@ -183,6 +184,7 @@ def ingest(
 def quickstart(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("runs/quickstart"),
     steps: Annotated[int, typer.Option(
+        min=1,
         help="Optimizer steps: of stage 3 from the default, or over the 3 stages from scratch (15/15/70 %).")] = 1000,
     stack: Annotated[str | None, typer.Option(
         help="Your GeoTIFF stack (folder/glob, or a STAC JSON with --assets); default: the sample.")] = None,

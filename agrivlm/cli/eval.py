@@ -37,7 +37,8 @@ def fields(
         Path | None, typer.Option("--extent", help="GeoTIFF whose grid defines the pixels of the pixel scores.")
     ] = None,
     boxes: Annotated[bool, typer.Option("--boxes", help="Compare bounding boxes of both layers.")] = False,
-    iou_threshold: Annotated[float, typer.Option(help="A match needs IoU strictly above this (FTW: 0.5).")] = 0.5,
+    iou_threshold: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="A match needs IoU strictly above this (FTW: 0.5).")] = 0.5,
     pred_id: Annotated[str | None, typer.Option(help="Id column of predictions (default: field_id/id/row).")] = None,
     truth_id: Annotated[str | None, typer.Option(help="Id column of the truth (default: field_id/id/row).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing report.")] = False,

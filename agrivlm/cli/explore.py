@@ -36,13 +36,13 @@ def explore(
         help="Basemap: an XYZ tile URL template or a style JSON URL (default: none, works offline).")] = None,
     band: Annotated[list[str] | None, typer.Option(
         "--band", help="Band role ROLE=BAND (name or 1-based number), e.g. red=B04, nir=8.")] = None,
-    chip_size: Annotated[int, typer.Option(help="Chip size in pixels (as for ingest).")] = CHIP_SIZE,
-    stride: Annotated[int | None, typer.Option(help="Chip stride in pixels (default: chip size).")] = None,
+    chip_size: Annotated[int, typer.Option(min=1, help="Chip size in pixels (as for ingest).")] = CHIP_SIZE,
+    stride: Annotated[int | None, typer.Option(min=1, help="Chip stride in pixels (default: chip size).")] = None,
     sample: Annotated[bool, typer.Option(
         "--sample", help="Explore the embedded sample (its stack, cloud masks and parcels).")] = False,
     host: Annotated[str, typer.Option(
         help="Address to listen on; anything but 127.0.0.1 exposes the app to other machines.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8501,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8501,
     assets: AssetsOpt = None,
     mask_assets: MaskAssetsOpt = None,
     print_command: Annotated[bool, typer.Option(

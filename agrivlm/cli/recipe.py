@@ -105,7 +105,7 @@ def validate(
 @recipe_app.command("show")
 def show(
     shard: Annotated[Path, typer.Argument(help="A JSONL shard.")],
-    n: Annotated[int, typer.Option(help="Records to show.")] = 3,
+    n: Annotated[int, typer.Option(min=1, help="Records to show.")] = 3,
     task: Annotated[str | None, typer.Option(help="Only records of this task (e.g. green_up_date).")] = None,
 ) -> None:
     """Print records with positions rendered as readable numbers (u, v in [0, 1] of the chip; t of its frames)."""

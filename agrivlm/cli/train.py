@@ -73,17 +73,17 @@ def default(
     out: Annotated[Path, typer.Option("--out", "-o", help="Working folder: scenes/, recipes/, data/, train/.")] = Path(
         "runs/default"),
     scenes_per_region: Annotated[int, typer.Option(
-        help="Synthetic scenes per training region.")] = _DEFAULTS.scenes_per_region,
+        min=1, help="Synthetic scenes per training region.")] = _DEFAULTS.scenes_per_region,
     stage3_steps: Annotated[int, typer.Option(
-        help="Optimizer steps of stage 3 (stages 1 and 2 are short).")] = _DEFAULTS.steps["stage3"],
+        min=1, help="Optimizer steps of stage 3 (stages 1 and 2 are short).")] = _DEFAULTS.steps["stage3"],
     fields_steps: Annotated[int, typer.Option(
-        help="Steps of the closing fields phase (the field at a point, the growth timeline replayed; 0: none). "
+        min=0, help="Steps of the closing fields phase (the field at a point, the growth timeline replayed; 0: none). "
              "See data_recipes/synthetic_stage3_fields.yaml for what it buys."
     )] = _DEFAULTS.steps["stage3_fields"],
     points_per_record: Annotated[int, typer.Option(
         help="Point questions per conversation in stage 3's field_at_point records (every answer supervised).",
         min=1)] = _DEFAULTS.points_per_record,
-    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
+    threads: Annotated[int, typer.Option(min=1, help="torch CPU threads.")] = 2,
     install: Annotated[bool, typer.Option(help="Copy the result into the package as the default checkpoint.")] = False,
 ) -> None:
     """The default checkpoint from the project's own data: synthetic scenes + the sample's train blocks → stages 1–3.
