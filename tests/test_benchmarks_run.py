@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_ingest_benchmark_runs_small(tmp_path: Path) -> None:
     res = subprocess.run(
         [sys.executable, "benchmarks/ingest.py", "--size", "512", "--dates", "3", "--bands", "2", "--reps", "1",
-         "--layouts", "cog_zstd,striped_deflate", "--readers", "agrivlm,raw rasterio,torchgeo", "--growth", "",
+         "--layouts", "cog_zstd,striped_deflate", "--readers", "agrivlm,agrivlm native,raw rasterio,torchgeo",
+         "--growth", "",
          "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--torchgeo-python", sys.executable],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
@@ -22,6 +23,8 @@ def test_ingest_benchmark_runs_small(tmp_path: Path) -> None:
     row = report["layouts"]["cog_zstd"]["agrivlm"]
     assert row["chips"] == 4 and row["transforms_ok"] and row["x_raw"] > 0
     assert row["x_raw_spread"][0] <= row["x_raw"] <= row["x_raw_spread"][1] and len(row["x_raw_runs"]) == 1
+    native = report["layouts"]["cog_zstd"]["agrivlm native"]
+    assert native["chips"] == 4 and native["transforms_ok"] and native["x_raw"] > 0
     assert report["spot_checked_chips"] == {"cog_zstd": 3, "striped_deflate": 3}
     if report["machine"]["torchgeo"] is None:  # this venv has no torchgeo: the column says so
         assert report["layouts"]["cog_zstd"]["torchgeo"] == {"status": "not installed"}

@@ -67,3 +67,29 @@ def test_rotated_stack_chips(tmp_path: Path) -> None:
     corner = chips[3].grid.norm_to_crs(0, 0)
     assert np.allclose(corner, ROTATED_TRANSFORM * (16, 16), atol=1e-9)
     assert chips[3].grid.footprint().area == pytest.approx(160 * 160)
+
+
+def test_native_chips_keep_the_files_values_and_convert_to_the_float_chips(tmp_path: Path) -> None:
+    """``ChipStream(native=True)``: uint16 chips equal to the files, the same masks, ``as_float`` = the float stream."""
+    rng = np.random.default_rng(3)
+    for k, day in enumerate(["20200101", "20200111", "20200121"]):
+        data = rng.integers(1, 10_000, size=(2, 40, 36), dtype=np.uint16)
+        data[:, 5 + k:9 + k, 3:7] = 0  # nodata 0: a few holes, a different place each date
+        write_raster(tmp_path / "s2" / f"s_{day}.tif", data, nodata=0, tiled=True, compress=None)
+    stack = open_stack(tmp_path / "s2")
+    native = list(ChipStream(stack, chip_size=16, stride=10, native=True, workers=2))
+    floats = list(ChipStream(stack, chip_size=16, stride=10, workers=2))
+    assert len(native) == len(floats) == 12
+    files = sorted((tmp_path / "s2").glob("*.tif"))
+    for n, f in zip(native, floats, strict=True):
+        assert n.chip_id == f.chip_id and n.data.dtype == np.uint16 and f.data.dtype == np.float32
+        with rasterio.open(files[1]) as ds:
+            np.testing.assert_array_equal(n.data[1], ds.read(window=n.window))  # nodata pixels keep their 0
+        np.testing.assert_array_equal(n.nodata, f.nodata)
+        np.testing.assert_array_equal(n.mask, f.mask)
+        np.testing.assert_array_equal(n.as_float().data, f.data)  # NaN in the same places
+    assert native[0].nodata.any() and native[0].as_float() is not native[0] and floats[0].as_float() is floats[0]
+    # a date in another data type: no one array for the window, so the chips stay float32
+    write_raster(tmp_path / "s2" / "s_20200131.tif", rng.random((2, 40, 36)).astype(np.float32), nodata=None)
+    mixed = next(iter(ChipStream(open_stack(tmp_path / "s2"), chip_size=16, native=True)))
+    assert mixed.data.dtype == np.float32

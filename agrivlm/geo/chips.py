@@ -19,6 +19,7 @@ consumer, plus GDAL's block cache, capped while the stream reads (:attr:`ChipStr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import queue
@@ -26,6 +27,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -101,14 +103,23 @@ class Chip:
     grid: GeoGrid
     #: Acquisition times ``(T,)``.
     times: npt.NDArray[np.datetime64]
-    #: Pixels ``(T, C, h, w)`` float32, NaN where there is no data.
-    data: npt.NDArray[np.float32]
+    #: Pixels ``(T, C, h, w)`` float32, NaN where there is no data; from ``ChipStream(native=True)`` the files'
+    #: own data type and values where they allow it (``data.dtype`` says; :meth:`as_float` gives the float32 form).
+    data: npt.NDArray[Any]
     #: ``(T, C, h, w)`` True where there is no data.
     nodata: npt.NDArray[np.bool_]
     #: ``(T, h, w)`` True where the date's mask file masks the pixel (clouds); all False without masks.
     mask: npt.NDArray[np.bool_]
     #: Data files of each date (``+``-joined for same-day mosaics).
     files: list[str] = field(default_factory=list)
+
+    def as_float(self) -> Chip:
+        """The chip with float32 ``data``, NaN where there is no data (itself when it already is)."""
+        if self.data.dtype == np.float32:
+            return self
+        data = self.data.astype(np.float32)
+        np.copyto(data, np.float32(np.nan), where=self.nodata)
+        return dataclasses.replace(self, data=data)
 
     @property
     def bounds(self) -> tuple[float, float, float, float]:
@@ -276,6 +287,12 @@ class ChipStream:
     #: so a large cache buys little, and GDAL's default (5 % of RAM) would dominate the stream's
     #: memory. ``None``, or ``GDAL_CACHEMAX`` set in the environment or a ``rasterio.Env``, leaves it.
     gdal_cache_bytes: int | None = 64 * 2**20
+    #: Chips in the files' own data type (``chip.data`` keeps the stored values, nodata pixels included, which
+    #: ``chip.nodata`` marks): one copy per chip instead of a float32 conversion and a NaN fill. Applies where every
+    #: date is one file of one data type on the reference grid (else float32; ``chip.data.dtype`` says which);
+    #: :meth:`Chip.as_float` gives the float32 form the processor takes. On uncompressed GeoTIFFs the conversion
+    #: is what kept float32 chips below 0.8x raw rasterio (``benchmarks/ingest.py``, ``agrivlm native``).
+    native: bool = False
     _scratch: threading.local = field(default_factory=threading.local, repr=False, compare=False)
 
     @property
@@ -311,11 +328,12 @@ class ChipStream:
 
     def read(self, index: int, window: Window) -> Chip:
         """Read the chip at ``window`` (every date) into memory."""
-        data, nodata, mask = self.stack.read_window(window)
+        block = self.stack.read_block(window)
+        data, nodata, mask, _ = block.cut_flagged(0, 0, int(window.height), int(window.width), self.native)
         return self._chip(index, window, data, nodata, mask)
 
     def _chip(
-        self, index: int, window: Window, data: npt.NDArray[np.float32], nodata: npt.NDArray[np.bool_],
+        self, index: int, window: Window, data: npt.NDArray[Any], nodata: npt.NDArray[np.bool_],
         mask: npt.NDArray[np.bool_],
     ) -> Chip:
         return Chip(
@@ -345,7 +363,7 @@ class ChipStream:
         for index, window in group.members:
             data, nodata, mask, empty = block.cut_flagged(
                 int(window.row_off - g.row_off), int(window.col_off - g.col_off), int(window.height),
-                int(window.width),
+                int(window.width), self.native,
             )
             yield self._chip(index, window, data, nodata, mask), empty
 

@@ -9,7 +9,7 @@
 
 Both yield the same sample, a dict of tensors and metadata (torchgeo's ``image``/``mask`` naming)::
 
-    image    (T, C, h, w) float32, NaN where there is no data
+    image    (T, C, h, w) float32, NaN where there is no data (a ChipStream(native=True): the files' data type)
     nodata   (T, C, h, w) bool
     mask     (T, h, w) bool, True where the date's mask file masks the pixel (clouds)
     times    (T,) int64, seconds since 1970-01-01 (UTC) of each date

@@ -670,11 +670,14 @@ class WindowRead:
         return data, nodata, mask
 
     def cut_flagged(
-        self, row_off: int, col_off: int, height: int, width: int
-    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_], npt.NDArray[np.bool_], bool]:
+        self, row_off: int, col_off: int, height: int, width: int, native: bool = False
+    ) -> tuple[npt.NDArray[Any], npt.NDArray[np.bool_], npt.NDArray[np.bool_], bool]:
         """:meth:`cut`, and whether the sub-window holds no data at all.
 
-        The flag costs no scan when the min/max reductions already showed there is no nodata.
+        The flag costs no scan when the min/max reductions already showed there is no nodata. ``native``: where
+        the window was read into one array (:attr:`stacked`: every date one file of one data type on the grid),
+        ``data`` keeps the files' data type and values, nodata pixels included (``nodata`` marks them): one
+        copy instead of a conversion to float32 and a NaN fill; elsewhere float32 as without it.
         """
         rs, cs = slice(row_off, row_off + height), slice(col_off, col_off + width)
         n_steps = len(self.values)
@@ -682,11 +685,12 @@ class WindowRead:
         first = self.nodata_values[0][0] if n_steps else None
         if self.stacked is not None and all(_same_value(v, first) for row in self.nodata_values for v in row):
             part = self.stacked[:, :, rs, cs]
-            data = part.astype(np.float32)
+            data = part.copy() if native else part.astype(np.float32)
             has_missing = may_be_missing(part, first)
             if has_missing:
                 nodata = missing_values(part, first)
-                np.copyto(data, np.float32(np.nan), where=nodata)
+                if not native:
+                    np.copyto(data, np.float32(np.nan), where=nodata)
             else:  # the usual chip: nothing to mask, and np.zeros costs no pass over memory
                 nodata = np.zeros(part.shape, dtype=bool)
             mask = np.zeros((n_steps, height, width), dtype=bool)

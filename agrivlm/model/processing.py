@@ -538,7 +538,8 @@ class AgriVLMProcessor(ProcessorMixin):
         layout.
 
         Args:
-            chips: chips from a :class:`~agrivlm.geo.chips.ChipStream` (``data (T_all, C, h, w)``, NaN = no data).
+            chips: chips from a :class:`~agrivlm.geo.chips.ChipStream` (``data (T_all, C, h, w)``, NaN = no data;
+                chips in their files' data type, ``ChipStream(native=True)``, are converted by :meth:`Chip.as_float`).
             prompts: one per sample, with the placeholders.
             answers: optional answers, one per sample (supervised, as in :meth:`__call__`).
             config: settings for this call instead of the processor's :attr:`chip_settings` (pass a whole
@@ -569,7 +570,7 @@ class AgriVLMProcessor(ProcessorMixin):
                 that give different numbers of frames, a size that is not a multiple of the patch size.
         """
         cfg = self._chip_config(config, sampling, bands, stats, anyres, scales)
-        chip_list = [chips] if isinstance(chips, Chip) else list(chips)
+        chip_list = [c.as_float() for c in ([chips] if isinstance(chips, Chip) else chips)]  # native chips too
         texts, answer_list, prompt_ids = self._prepare_text(prompts, answers, padding_side, "pt")
         owner = self._chip_owners(prompt_ids, chip_list, frame_indices)
         prepared = [self._prepare_chip(chip, cfg, None if frame_indices is None else frame_indices[c])
