@@ -87,6 +87,9 @@ VARIANTS: tuple[Variant, ...] = (
             {"stage1": {"model.overrides": {"pooling.faster_video_stride": 4}}}),
     Variant("input_positions", "positions a question gives as -INPUT placeholders with exact values "
             "(data.question_positions: input)", {p: {"data.question_positions": "input"} for p in S2_ON}),
+    Variant("llava_st_positions", "LLaVA-ST's layout both ways: given positions as -INPUT and (in training) answered "
+            "ones as -OUTPUT placeholders with exact values (data.question_positions: input, answer_positions: output)",
+            {p: {"data.question_positions": "input", "data.answer_positions": "output"} for p in S2_ON}),
     Variant("point_marker", "a point question's point drawn into its frames (data.point_marker: square) in stage 3",
             {p: {"data.point_marker": "square"} for p in S3}),
     Variant("no_growth_focus", "growth questions see the whole chip, not their field's box (data.growth_focus: none)",

@@ -23,6 +23,7 @@ from agrivlm.model.builders import TINY_CONFIG, build_model
 from agrivlm.pipeline.inputs import load_input_config
 from agrivlm.recipes.schema import Record, read_records
 from agrivlm.train.data import render_record
+from agrivlm.train.logs import read_metrics
 from agrivlm.train.trainer import run_stage
 
 W, H, T = (LapeVocab.input_token(a) for a in (Axis.WIDTH, Axis.HEIGHT, Axis.TEMP))
@@ -87,12 +88,55 @@ def test_a_checkpoint_trained_with_input_positions_is_asked_so_by_infer(
     common = {"data.roots": [str(data)], "train.max_steps": 2, "train.batch_size": 4, "train.save_every": 0,
               "train.torch_threads": 1, "train.progress": False, "train.eval_every": -1}
     s1 = run_stage(stage_yaml("stage1", tmp / "s1.yaml", {**common, "output_dir": str(tmp / "s1")}), stage="stage1")
+    # LLaVA-ST's layout both ways: given positions as -INPUT, answered ones (in training) as -OUTPUT placeholders
     c2 = stage_yaml("stage2", tmp / "s2.yaml", {**common, "output_dir": str(tmp / "s2"), "model.init_from": str(s1),
-                                                 "data.question_positions": "input"})
+                                                 "data.question_positions": "input", "data.answer_positions": "output"})
     s2 = run_stage(c2, stage="stage2")
+    rows = [r for r in read_metrics(tmp / "s2") if "position_loss" in r]
+    assert rows and all(np.isfinite(r["position_loss"]) for r in rows)
     inputs, found = load_input_config(s2)
     assert found and inputs.question_positions == "input"
     _, processor = load_pretrained(s2)
     preparer = ChipPreparer(inputs.model_copy(update={"fields_prompt": "points", "point_grid": 2}), "fields",
                             processor.vocab)
     assert all(W + H in q.text for _, q in preparer.point_prompts) and len(preparer.point_prompts) == 4
+
+
+def test_answers_as_output_placeholders_keep_the_labels_and_carry_the_exact_value(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``data.answer_positions: output``: the answer's positions become ``-OUTPUT`` placeholders.
+
+    Their labels are the same soft targets as the bin tokens' (the same loss on the same logits), and the next
+    step's input embeds the exact value instead of its bin's row.
+    """
+    data = curriculum_recipe(tmp_path_factory)
+    vocab = LapeVocab()
+    recs = [r for shard in sorted((data / "shards").glob("*.jsonl")) for r in read_records(shard)
+            if r.task == "field_at_point"]
+    rec = next(r for r in recs if "<WIDTH-" in str(render_record(r, vocab)[1]))  # an answer with an outline
+    prompt_bins, answer_bins, values = render_record(rec, vocab, "<video>")
+    prompt, answer, values_out = render_record(rec, vocab, "<video>", "bins", "output")
+    assert prompt == prompt_bins and values_out == values
+    outs = [LapeVocab.output_token(a) for a in (Axis.WIDTH, Axis.HEIGHT, Axis.TEMP)]
+    n_bins = sum(str(answer_bins).count(f"<{a.value}-") for a in (Axis.WIDTH, Axis.HEIGHT, Axis.TEMP))
+    assert n_bins >= 6 and sum(str(answer).count(t) for t in outs) == n_bins
+    assert not any(f"<{a.value}-0" in str(answer) for a in (Axis.WIDTH, Axis.HEIGHT, Axis.TEMP))
+    torch.manual_seed(0)
+    model, processor = build_model(TINY_CONFIG)
+    frames = [np.zeros((4, 1, 32, 32), np.float32)]
+    b_bins = processor([prompt_bins], images=frames, answers=[answer_bins], positions=[values])
+    b_out = processor([prompt], images=frames, answers=[answer], positions=[values])
+    assert b_bins["labels"].shape == b_out["labels"].shape
+    assert not torch.equal(b_bins["labels"], b_out["labels"])  # placeholder ids instead of bin ids
+    logits = torch.randn(1, b_bins["labels"].shape[1], model.config.logits_size)
+    loss_bins = model.compute_loss(logits, b_bins["labels"], b_bins["position_values"])[0]
+    loss_out = model.compute_loss(logits, b_out["labels"], b_out["position_values"])[0]
+    torch.testing.assert_close(loss_out, loss_bins)
+    with torch.no_grad():
+        e_bins = model.embed_tokens(b_bins["input_ids"], b_bins["position_values"])
+        e_out = model.embed_tokens(b_out["input_ids"], b_out["position_values"])
+    placeholder = torch.isin(b_out["input_ids"], torch.tensor(model.config.lape_output_token_ids))
+    assert placeholder.sum() > 0
+    assert not torch.allclose(e_bins[placeholder], e_out[placeholder])  # exact values, not the bins' rows
+    same = ~placeholder
+    torch.testing.assert_close(e_bins[same], e_out[same])

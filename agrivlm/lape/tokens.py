@@ -281,25 +281,33 @@ def serialize_segment(segment: Sequence[float], vocab: LapeVocab | None = None) 
     return vocab.encode(Axis.TEMP, float(segment[0])) + vocab.encode(Axis.TEMP, float(segment[1]))
 
 
-#: How the positions a question *gives* are written (positions an answer gives are always bins):
+#: How the positions a question *gives* are written:
 #: ``bins`` — position tokens, ``<WIDTH-012>`` (the value rounded to its bin);
 #: ``input`` — ``-INPUT`` placeholders, ``<WIDTH-INPUT>``, each carrying its exact continuous value beside the text
 #: (the processor's ``positions=``; the model embeds it by interpolating the LAPE table), LLaVA-ST's layout.
 QuestionPositions = Literal["bins", "input"]
 
+#: How the positions an answer gives are written in *training* data:
+#: ``bins`` — position tokens, as the model generates them;
+#: ``output`` — ``-OUTPUT`` placeholders, ``<WIDTH-OUTPUT>``, each carrying its exact value: the label is the soft
+#: target on the two bins around the value (as a bin label's), and the next step's input embeds the exact value
+#: (``token_transfer``) instead of its bin's row — LLaVA-ST's layout. The model still generates bins.
+AnswerPositions = Literal["bins", "output"]
 
-def position_formatters(vocab: LapeVocab, mode: QuestionPositions = "bins") -> dict[str, Any]:
+
+def position_formatters(vocab: LapeVocab, mode: QuestionPositions | AnswerPositions = "bins") -> dict[str, Any]:
     """``fmt_box``/``fmt_point``/``fmt_segment``/``fmt_time`` of :func:`agrivlm.tasks.turns.render_text`.
 
-    The values behind the tokens, in text order, are the same in both modes (a box: ``u1, v1, u2, v2``).
+    The values behind the tokens, in text order, are the same in every mode (a box: ``u1, v1, u2, v2``).
     """
     if mode == "bins":
         return {"fmt_box": lambda b: serialize_box(b, vocab), "fmt_point": lambda p: serialize_point(p, vocab),
                 "fmt_segment": lambda s: serialize_segment(s, vocab),
                 "fmt_time": lambda t: vocab.encode(Axis.TEMP, float(t))}
-    if mode != "input":
-        raise ValueError(f"question positions {mode!r}: use bins or input")
-    w, h, t = (LapeVocab.input_token(a) for a in (Axis.WIDTH, Axis.HEIGHT, Axis.TEMP))
+    if mode not in ("input", "output"):
+        raise ValueError(f"positions {mode!r}: use bins, input (questions) or output (answers)")
+    token = LapeVocab.input_token if mode == "input" else LapeVocab.output_token
+    w, h, t = (token(a) for a in (Axis.WIDTH, Axis.HEIGHT, Axis.TEMP))
 
     def sized(n: int, what: str, text: str) -> Any:
         def fmt(values: Sequence[float]) -> str:

@@ -538,8 +538,7 @@ class AgriVLMProcessor(ProcessorMixin):
         layout.
 
         Args:
-            chips: chips from a :class:`~agrivlm.geo.chips.ChipStream` (``data (T_all, C, h, w)``, NaN = no data;
-                chips in their files' data type, ``ChipStream(native=True)``, are converted by :meth:`Chip.as_float`).
+            chips: chips from a :class:`~agrivlm.geo.chips.ChipStream` (``data (T_all, C, h, w)``; ``Chip.as_float``).
             prompts: one per sample, with the placeholders.
             answers: optional answers, one per sample (supervised, as in :meth:`__call__`).
             config: settings for this call instead of the processor's :attr:`chip_settings` (pass a whole

@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 from agrivlm.config import StrictModel, load_config
 from agrivlm.errors import ConfigError
 from agrivlm.lape.embedding import LapeInit
-from agrivlm.lape.tokens import QuestionPositions
+from agrivlm.lape.tokens import AnswerPositions, QuestionPositions
 from agrivlm.pipeline.focus import GrowthFocus, PointMarker
 from agrivlm.pipeline.inputs import AnyResConfig, ScaleFactors, check_item_layout
 from agrivlm.recipes.config import FamilyName
@@ -233,6 +233,11 @@ class DataConfig(StrictModel):
     #: answers) or ``input`` (``-INPUT`` placeholders carrying the exact value, LLaVA-ST's layout; needs LAPE on).
     #: Saved with the checkpoint so ``agrivlm infer`` asks the same way.
     question_positions: QuestionPositions = "bins"
+    #: How the positions an answer gives are written in training: ``bins`` (the tokens the model generates) or
+    #: ``output`` (``-OUTPUT`` placeholders carrying the exact value: the same soft-target label, the next step's
+    #: input the exact value instead of its bin's row; LLaVA-ST's layout; needs LAPE on). Training only: the
+    #: model generates bins either way. Measured: ``benchmarks/ablations.py`` ``llava_st_positions``.
+    answer_positions: AnswerPositions = "bins"
     #: AnyRes: every sample's frames become a thumbnail plus tiles of ``anyres.tile_size`` px, each token carrying
     #: its (u, v) on the chip (:meth:`~agrivlm.model.processing.AgriVLMProcessor.from_frames`); saved with the
     #: checkpoint so ``agrivlm infer`` cuts the same. None: one item per sample.

@@ -50,7 +50,7 @@ from torch.utils.data import Dataset, Sampler
 
 from agrivlm.errors import ConfigError, PipelineError, RecordError
 from agrivlm.geo.stack import Stack
-from agrivlm.lape.tokens import LapeVocab, QuestionPositions, position_formatters
+from agrivlm.lape.tokens import AnswerPositions, LapeVocab, QuestionPositions, position_formatters
 from agrivlm.pipeline.bands import BandStats, normalize, robust_stats, to_reflectance
 from agrivlm.pipeline.conversation import POLYGON_SEP, Answer, continuation, format_prompt, visual_placeholder
 from agrivlm.pipeline.focus import GrowthFocus, PointMarker, focus_on_box, mark_point
@@ -187,16 +187,18 @@ def choose_frames(
 class _Collector:
     """LAPE formatters that remember each position token's continuous value, in text order.
 
-    ``mode`` (set per turn): bins, or ``-INPUT`` placeholders (:func:`~agrivlm.lape.tokens.position_formatters`).
+    ``mode`` (set per turn): bins, ``-INPUT`` or ``-OUTPUT`` placeholders
+    (:func:`~agrivlm.lape.tokens.position_formatters`).
     """
 
     vocab: LapeVocab
     values: list[float] = field(default_factory=list)
-    mode: QuestionPositions = "bins"
+    mode: QuestionPositions | AnswerPositions = "bins"
 
     def __post_init__(self) -> None:
-        # both modes' formatters once per record, not once per position
-        self._formatters = {m: position_formatters(self.vocab, m) for m in get_args(QuestionPositions)}
+        # every mode's formatters once per record, not once per position
+        modes = dict.fromkeys(get_args(QuestionPositions) + get_args(AnswerPositions))
+        self._formatters = {m: position_formatters(self.vocab, m) for m in modes}
 
     def _fmt(self, kind: str, v: Any) -> str:
         return str(self._formatters[self.mode][kind](v))
@@ -219,18 +221,19 @@ class _Collector:
 
 
 def render_record(record: Record, vocab: LapeVocab, visual_token: str = "<video>",
-                  question_positions: QuestionPositions = "bins") -> tuple[str, Answer, list[float]]:
+                  question_positions: QuestionPositions = "bins",
+                  answer_positions: AnswerPositions = "bins") -> tuple[str, Answer, list[float]]:
     """``(prompt, answer, position values in text order)`` of a record, positions as LAPE tokens.
 
     The prompt is the first user turn; the answer the one assistant turn, or for a multi-turn record the
     segments ``[answer_1, continuation(question_2), answer_2, …]`` (every answer supervised).
 
-    ``question_positions``: how the user turns' positions are written (answers always as bins).
+    ``question_positions`` / ``answer_positions``: how the user / assistant turns' positions are written.
     """
     coll = _Collector(vocab)
     rendered: list[tuple[str, str]] = []
     for turn in record.conversation:
-        coll.mode = question_positions if turn.role == "user" else "bins"
+        coll.mode = question_positions if turn.role == "user" else answer_positions
         rendered.append((turn.role, _render_turn(turn, coll)))
     roles = [role for role, _ in rendered]
     if len(roles) < 2 or roles != ["user", "assistant"] * (len(roles) // 2):
@@ -381,6 +384,7 @@ class RecordDataset(Dataset[Sample]):
         growth_focus: GrowthFocus = "none",
         question_positions: QuestionPositions = "bins",
         point_marker: PointMarker = "none",
+        answer_positions: AnswerPositions = "bins",
     ) -> None:
         if not records:
             raise ConfigError("no records left to train on; check data.roots, data.text_only, data.families, "
@@ -390,6 +394,7 @@ class RecordDataset(Dataset[Sample]):
         self.stats = stats
         self.growth_focus = growth_focus
         self.question_positions = question_positions
+        self.answer_positions = answer_positions
         self.point_marker = point_marker
         self.train = train
         self.stacks = stacks if stacks is not None else StackCache()
@@ -425,7 +430,8 @@ class RecordDataset(Dataset[Sample]):
             pixels = mark_point(pixels, rec.conversation[0].points[0])
         _, times = frame_time_positions(np.asarray(rec.chip.frame_dates, dtype="datetime64[s]"), idx)
         token = visual_placeholder(len(idx))
-        prompt, answer, positions = render_record(rec, self.vocab, token, self.question_positions)
+        prompt, answer, positions = render_record(rec, self.vocab, token, self.question_positions,
+                                                  self.answer_positions)
         return Sample(rec.sample_id, prompt, answer, positions, pixels, times, is_fast)
 
 

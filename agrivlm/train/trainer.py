@@ -596,13 +596,15 @@ class _Run:
         vocab = sm.processor.vocab
         frames, norm, seed = cfg.data.frames, cfg.data.normalize, cfg.train.seed
         focus, given, marker = cfg.data.growth_focus, cfg.data.question_positions, cfg.data.point_marker
-        if given == "input" and not lape_on:
-            raise ConfigError("data.question_positions: input needs LAPE on (the -INPUT placeholders take their "
-                              "value from the LAPE tables); use bins with lape.enabled: false")
+        answered = cfg.data.answer_positions
+        if (given == "input" or answered == "output") and not lape_on:
+            key = "question_positions: input" if given == "input" else "answer_positions: output"
+            raise ConfigError(f"data.{key} needs LAPE on (the -INPUT/-OUTPUT placeholders take their value from the "
+                              "LAPE tables); use bins with lape.enabled: false")
         train_ds = RecordDataset(train_records, frames, norm, vocab, seed, stats, stacks=stacks, growth_focus=focus,
-                                 question_positions=given, point_marker=marker)
+                                 question_positions=given, point_marker=marker, answer_positions=answered)
         val_ds = RecordDataset(val_records, frames, norm, vocab, seed, stats, False, stacks,
-                               growth_focus=focus, question_positions=given,
+                               growth_focus=focus, question_positions=given, answer_positions=answered,
                                point_marker=marker) if val_records else None
         collate = Collator(sm.processor, lape_on, item_layout(cfg.data.anyres, cfg.data.scales))
         sampler = ResumableSampler(
