@@ -293,9 +293,10 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         patch = int(cfg.vision_config.patch_size)  # type: ignore[union-attr]
         visual_token_grid(height, width, patch, cfg.pool_stride)  # checks divisibility, names the fix
         h, w = height // patch, width // patch
-        feats = self._patch_features(pixel_values.reshape(n * t, c, height, width), h, w)
+        feats, inverse = self._patch_features(pixel_values.reshape(n * t, c, height, width), h, w)
         d = feats.shape[-1]
-        slow = self._pooled_frames(feats, (h, w), cfg.pool_stride, n, t, frame_times, lape_tables, patch_positions)
+        frames = (feats, inverse, n, t)
+        slow = self._pooled_frames(frames, (h, w), cfg.pool_stride, frame_times, lape_tables, patch_positions)
         stride = getattr(cfg, "faster_video_stride", 0)
         if not stride:
             return slow.reshape(n, -1, d)
@@ -303,33 +304,39 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         fast_pos = None
         if patch_positions is not None:  # the slow grid's (u, v) averaged over each 2 x 2 block of it
             fast_pos = pool_2d(patch_positions.float(), visual_token_grid(height, width, patch, cfg.pool_stride), 2)
-        fast = self._pooled_frames(feats, (h, w), 2 * cfg.pool_stride, n, t, frame_times, lape_tables, fast_pos)
+        fast = self._pooled_frames(frames, (h, w), 2 * cfg.pool_stride, frame_times, lape_tables, fast_pos)
         sep = self.faster_token.to(slow.dtype).expand(n, 1, d)
         parts = [torch.cat([slow[:, i] if i % stride == 0 else fast[:, i], sep], dim=1) for i in range(t)]
         return torch.cat(parts, dim=1)
 
     def _pooled_frames(
         self,
-        feats: torch.Tensor,
+        frames: tuple[torch.Tensor, torch.Tensor | None, int, int],
         grid: tuple[int, int],
         stride: int,
-        n: int,
-        t: int,
         frame_times: torch.Tensor | None,
         lape_tables: dict[Axis, torch.Tensor] | None,
         patch_positions: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Patch features ``(N·T, h·w, D)`` pooled by ``stride`` and LAPE-injected: ``(N, T, h'·w', D)``."""
+        """Patch features pooled by ``stride`` and LAPE-injected: ``(N, T, h'·w', D)``.
+
+        ``frames``: :meth:`_patch_features`' ``(features, inverse)`` and ``(N, T)``; distinct frames are pooled
+        once, then spread to their copies.
+        """
+        feats, inverse, n, t = frames
         pooled = pool_2d(feats, grid, stride, self.config.pool_mode)  # type: ignore[arg-type]
+        if inverse is not None:
+            pooled = pooled.index_select(0, inverse)
         pooled = pooled.reshape(n, t, pooled.shape[1], pooled.shape[2])
         if self.lape is None:
             return pooled
         return self._inject_lape(pooled, grid, stride, frame_times, lape_tables, patch_positions)
 
-    def _patch_features(self, frames: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """Frames ``(N·T, C, H, W)`` → band adapter → vision encoder → projector: ``(N·T, h·w, D)``, not pooled.
+    def _patch_features(self, frames: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Frames ``(N·T, C, H, W)`` → band adapter → vision encoder → projector, not pooled: ``(features, inverse)``.
 
-        ``(h, w)`` is the encoder's patch grid of a frame, ``(H/p, W/p)``.
+        ``features`` ``(N·T, h·w, D)``, or ``(U, h·w, D)`` of the ``U`` distinct frames with ``inverse`` ``(N·T,)``
+        the row of each frame (None when every frame is encoded). ``(h, w)`` is the patch grid, ``(H/p, W/p)``.
         """
         if self.share_repeated_frames and not self.training and frames.shape[0] > 1:
             # In eval mode every frame's features depend on that frame alone (the projector's batch norm uses
@@ -339,9 +346,8 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
             flat = frames.reshape(frames.shape[0], -1)
             unique, inverse = torch.unique(flat, dim=0, return_inverse=True)
             if unique.shape[0] < frames.shape[0]:
-                feats = self._encode_frames(unique.reshape(-1, *frames.shape[1:]), h, w)
-                return feats.index_select(0, inverse)
-        return self._encode_frames(frames, h, w)
+                return self._encode_frames(unique.reshape(-1, *frames.shape[1:]), h, w), inverse
+        return self._encode_frames(frames, h, w), None
 
     def _encode_frames(self, frames: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """:meth:`_patch_features` of every frame given (no de-duplication)."""
