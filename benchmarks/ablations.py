@@ -80,6 +80,10 @@ VARIANTS: tuple[Variant, ...] = (
             {p: {"data.anyres": {"tile_size": 16, "max_tiles": 4}} for p in S2_ON}),
     Variant("multi_scale", "multi-scale frames: the chip and a half-size copy (data.scales: [1.0, 0.5]) in stages 2-3",
             {p: {"data.scales": [1.0, 0.5]} for p in S2_ON}),
+    Variant("multi_scale_packed", "multi-scale frames (data.scales: [1.0, 0.5]) with NaViT-style packing of the two "
+            "sizes into shared encoder sequences (vision.packing)",
+            {"stage1": {"model.overrides": {"vision.packing": True}},
+             **{p: {"data.scales": [1.0, 0.5]} for p in S2_ON}}),
     Variant("max_pool", "2-D max pooling of the patch grid instead of average (pooling.mode: max)",
             {"stage1": {"model.overrides": {"pooling.mode": "max"}}}),
     Variant("faster_video", "the faster-video stream: every 4th frame at the pooling stride, the others pooled 2x more "

@@ -68,6 +68,11 @@ class VisionSettings(StrictModel):
     num_heads: int = Field(default=2, ge=1)
     intermediate_size: int = Field(default=128, ge=1)
     feature_layer: int = -1
+    #: NaViT-style packing: visual items of different sizes (multi-scale, AnyRes, mixed chip sizes) go through the
+    #: encoder as packed sequences of at most ``pack_tokens`` patches, each frame attending only to itself,
+    #: instead of one encoder call per size (SigLIP encoders, last layer).
+    packing: bool = False
+    pack_tokens: int = Field(default=1024, ge=1)
 
 
 class LLMSettings(StrictModel):
@@ -289,6 +294,8 @@ def _agrivlm_config(
         projector_hidden_act=s.projector_act,
         projector_norm=s.projector_norm,
         vision_feature_layer=s.vision.feature_layer,
+        vision_packing=s.vision.packing,
+        vision_pack_tokens=s.vision.pack_tokens,
         pool_stride=s.pooling.stride,
         pool_mode=s.pooling.mode,
         faster_video_stride=s.pooling.faster_video_stride,

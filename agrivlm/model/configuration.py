@@ -85,6 +85,11 @@ class AgriVLMConfig(PreTrainedConfig):
     projector_norm: str = "none"
     #: Vision hidden state to use: -1 = the encoder's ``last_hidden_state``, else an index into ``hidden_states``.
     vision_feature_layer: int = -1
+    #: NaViT-style packing of visual items of different sizes into shared encoder sequences of at most
+    #: ``vision_pack_tokens`` patches, a block-diagonal attention mask keeping each frame to itself
+    #: (:meth:`~agrivlm.model.modeling.AgriVLMForConditionalGeneration.encode_packed`); SigLIP, last layer.
+    vision_packing: bool = False
+    vision_pack_tokens: int = 1024
     #: Spatial pooling stride on the patch grid (``agrivlm.pipeline.pooling``).
     pool_stride: int = 2
     #: Pooling mode: average, max or bilinear.
@@ -169,6 +174,11 @@ class AgriVLMConfig(PreTrainedConfig):
         for key in ("num_bands", "pool_stride"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"AgriVLMConfig.{key}: must be ≥ 1, got {getattr(self, key)}")
+        if self.vision_pack_tokens < 1:
+            raise ConfigError(f"AgriVLMConfig.vision_pack_tokens: must be ≥ 1, got {self.vision_pack_tokens}")
+        if self.vision_packing and (vt != "siglip_vision_model" or self.vision_feature_layer != -1):
+            raise ConfigError("AgriVLMConfig.vision_packing: packs SigLIP encoders read at their last layer "
+                              f"(vision_feature_layer -1); this one is {vt} at layer {self.vision_feature_layer}")
         if self.faster_video_stride < 0:
             raise ConfigError(f"AgriVLMConfig.faster_video_stride: must be ≥ 0 (0 = off), got "
                               f"{self.faster_video_stride}")

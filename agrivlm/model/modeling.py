@@ -75,6 +75,19 @@ class AgriVLMOutput(ModelOutput):
     position_loss: torch.Tensor | None = None
 
 
+def _packs(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices of ``lengths`` packed in order into runs of at most ``budget`` in total (a longer one alone)."""
+    packs: list[list[int]] = []
+    total = 0
+    for i, n in enumerate(lengths):
+        if not packs or total + n > budget:
+            packs.append([])
+            total = 0
+        packs[-1].append(i)
+        total += n
+    return packs
+
+
 def inject_lape_at_positions(
     lape: LapeEmbeddings,
     features: torch.Tensor,
@@ -266,6 +279,7 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         frame_times: torch.Tensor | None = None,
         lape_tables: dict[Axis, torch.Tensor] | None = None,
         patch_positions: torch.Tensor | None = None,
+        patch_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Visual tokens of each item.
 
@@ -276,6 +290,7 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
             patch_positions: optional ``(N, h'·w', 2)`` chip ``(u, v)`` of each visual token of a frame
                 (:func:`inject_lape_at_positions`); None: the centres of the item's own pooled grid, i.e. the
                 item is the whole chip.
+            patch_features: the items' frames already encoded and projected, ``(N·T, h·w, D)`` (:meth:`encode_packed`).
 
         Returns:
             ``(N, T·h'·w', D)`` projected, pooled, LAPE-injected visual tokens, frame by frame, cells
@@ -293,7 +308,10 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         patch = int(cfg.vision_config.patch_size)  # type: ignore[union-attr]
         visual_token_grid(height, width, patch, cfg.pool_stride)  # checks divisibility, names the fix
         h, w = height // patch, width // patch
-        feats, inverse = self._patch_features(pixel_values.reshape(n * t, c, height, width), h, w)
+        if patch_features is not None:
+            feats, inverse = patch_features, None
+        else:
+            feats, inverse = self._patch_features(pixel_values.reshape(n * t, c, height, width), h, w)
         d = feats.shape[-1]
         frames = (feats, inverse, n, t)
         slow = self._pooled_frames(frames, (h, w), cfg.pool_stride, frame_times, lape_tables, patch_positions)
@@ -432,18 +450,60 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
                                  f"{pixel_values.shape[-2]}x{pixel_values.shape[-1]} px")
         patch = int(self.config.vision_config.patch_size)  # type: ignore[union-attr]
         out: list[torch.Tensor | None] = [None] * n
-        for size in dict.fromkeys(sizes):
-            idx = [i for i, s in enumerate(sizes) if s == size]
+        groups = {size: [i for i, s in enumerate(sizes) if s == size] for size in dict.fromkeys(sizes)}
+        packed = None
+        if self.config.vision_packing:
+            c = pixel_values.shape[2]
+            packed = self.encode_packed([pixel_values[idx, :, :, : s[0], : s[1]].reshape(-1, c, s[0], s[1])
+                                         for s, idx in groups.items()])
+        for k, (size, idx) in enumerate(groups.items()):
             sel = torch.tensor(idx, device=pixel_values.device)
             pos = None
             if patch_positions is not None:
                 per_frame = num_visual_tokens(1, size[0], size[1], patch, self.config.pool_stride)
                 pos = patch_positions[sel.to(patch_positions.device), :per_frame]
             ft = None if frame_times is None else frame_times[sel.to(frame_times.device)]
-            feats = self.get_visual_features(pixel_values[sel, :, :, : size[0], : size[1]], ft, lape_tables, pos)
+            feats = self.get_visual_features(pixel_values[sel, :, :, : size[0], : size[1]], ft, lape_tables, pos,
+                                             None if packed is None else packed[k])
             for j, i in enumerate(idx):
                 out[i] = feats[j]
         return [f for f in out if f is not None]
+
+    def encode_packed(self, frames: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Frames of several sizes through the vision encoder as packed sequences (NaViT's patch packing).
+
+        Every frame's patches (with its own interpolated position embeddings) are laid end to end in sequences of
+        at most ``config.vision_pack_tokens`` patches (a larger frame alone); a block-diagonal attention mask keeps
+        each frame's patches attending only to each other, so each frame's features equal its own encoding.
+
+        Args:
+            frames: groups ``(F_g, C, H_g, W_g)`` of frames of one size each.
+
+        Returns:
+            Per group ``(F_g, (H_g/p)·(W_g/p), D)``: encoded, projected, not pooled (as :meth:`_patch_features`).
+        """
+        tower: Any = self.vision_tower
+        size = int(self.config.vision_config.image_size)  # type: ignore[union-attr]
+        seqs: list[torch.Tensor] = []
+        for g in frames:
+            x = self.band_adapter(g.to(self.band_adapter.weight.dtype))
+            emb = tower.embeddings(x, interpolate_pos_encoding=tuple(g.shape[-2:]) != (size, size))
+            seqs.extend(emb.unbind(0))
+        encoded: list[torch.Tensor] = []
+        for pack in _packs([s.shape[0] for s in seqs], int(self.config.vision_pack_tokens)):
+            lengths = [seqs[i].shape[0] for i in pack]
+            x = torch.cat([seqs[i] for i in pack])[None]
+            owner = torch.repeat_interleave(torch.arange(len(pack), device=x.device),
+                                            torch.tensor(lengths, device=x.device))
+            mask = torch.zeros((1, 1, x.shape[1], x.shape[1]), dtype=x.dtype, device=x.device)
+            mask.masked_fill_(owner[:, None] != owner[None, :], torch.finfo(x.dtype).min)
+            hidden = tower.post_layernorm(tower.encoder(inputs_embeds=x, attention_mask=mask).last_hidden_state)
+            encoded.extend(hidden[0].split(lengths))
+        out, k = [], 0
+        for g in frames:
+            out.append(self.projector(torch.stack(encoded[k:k + g.shape[0]])))
+            k += g.shape[0]
+        return out
 
     # -- text path -----------------------------------------------------------------------------------
     def embed_tokens(
