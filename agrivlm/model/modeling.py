@@ -438,7 +438,8 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
             patch_positions: optional ``(N, P_max, 2)``; item ``i`` uses its first ``P_i = h'_i·w'_i`` rows.
 
         Returns:
-            ``N`` tensors ``(T·h'_i·w'_i, D)``, in item order. Items of one size go through the encoder together.
+            ``N`` tensors ``(T·h'_i·w'_i, D)``, in item order. Items of one size go through the encoder together;
+            with ``config.vision_packing`` every size shares packed sequences (:meth:`encode_packed`).
         """
         n = pixel_values.shape[0]
         if tuple(image_sizes.shape) != (n, 2):
