@@ -8,16 +8,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import geopandas as gpd
+import numpy as np
 import pytest
 import torch
+from train_helpers import curriculum_recipe, stage_yaml
 
 from agrivlm.errors import ConfigError
 from agrivlm.geo import Chip, ChipStream, open_stack
-from agrivlm.model import build_model
+from agrivlm.infer.batch import run_inference
+from agrivlm.model import build_model, load_pretrained
 from agrivlm.model.builders import TINY_CONFIG, load_model_settings
 from agrivlm.model.modeling import _packs
 from agrivlm.pipeline.frames import FrameSamplingConfig
-from agrivlm.pipeline.inputs import ChipInputConfig
+from agrivlm.pipeline.inputs import ChipInputConfig, item_layout, load_input_config, navit_size
+from agrivlm.train.trainer import run_stage
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -113,3 +118,48 @@ def test_packing_needs_a_siglip_encoder_read_at_its_last_layer() -> None:
         build_model(load_model_settings(TINY_CONFIG, {"vision.packing": True, "vision.type": "clip"}))
     with pytest.raises(ConfigError, match="vision_packing"):
         build_model(load_model_settings(TINY_CONFIG, {"vision.packing": True, "vision.feature_layer": -2}))
+
+
+def test_navit_size_keeps_the_aspect_ratio_within_the_budget() -> None:
+    assert navit_size(32, 32, 4, 64) == (32, 32)
+    assert navit_size(64, 48, 4, 64) == (36, 24)  # 9 x 6 patches, 3 : 2 as the chip
+    assert navit_size(16, 16, 4, 64) == (32, 32)  # small chips grow to the budget
+    assert navit_size(32, 48, 4, 24) == (16, 24)
+    assert navit_size(4, 400, 4, 10) == (4, 40)  # at least one patch a side
+    for h, w, budget in [(33, 57, 20), (100, 7, 5), (64, 64, 1)]:
+        rh, rw = navit_size(h, w, 4, budget)
+        assert rh % 4 == 0 and rw % 4 == 0 and (rh // 4) * (rw // 4) <= budget
+
+
+def test_dynamic_resolution_resizes_items_to_the_budget(packed) -> None:  # type: ignore[no-untyped-def]
+    _, proc = packed
+    frames = [np.random.default_rng(0).random((3, 1, 32, 48)).astype(np.float32),
+              np.random.default_rng(1).random((3, 1, 32, 32)).astype(np.float32)]
+    b = proc.from_frames(["<video> Where?", "<video> Stage?"], frames, item_layout(None, None, 24))
+    assert b["image_sizes"].tolist() == [[16, 24], [16, 16]]  # 4 x 6 and 4 x 4 patches (budget 24)
+    visual = (b["input_ids"] == proc.layout.video_token_id).sum(dim=1)
+    assert visual.tolist() == [3 * 2 * 3, 3 * 2 * 2]  # pooled by 2: 2 x 3 and 2 x 2 tokens per frame
+    with pytest.raises(ValueError, match="max_patches"):
+        item_layout(None, [1.0, 0.5], 24)
+
+
+def test_trained_with_packing_and_a_token_budget_and_asked_by_infer(tmp_path_factory: pytest.TempPathFactory,
+                                                                     sample_root: Path) -> None:
+    data = curriculum_recipe(tmp_path_factory)
+    tmp = tmp_path_factory.mktemp("navit")
+    common = {"data.roots": [str(data)], "train.max_steps": 2, "train.batch_size": 4, "train.save_every": 0,
+              "train.torch_threads": 1, "train.progress": False, "train.eval_every": -1}
+    s1 = run_stage(stage_yaml("stage1", tmp / "s1.yaml", {**common, "output_dir": str(tmp / "s1"),
+                                                           "model.overrides": {"vision.packing": True}}),
+                   stage="stage1")
+    s2 = run_stage(stage_yaml("stage2", tmp / "s2.yaml", {**common, "output_dir": str(tmp / "s2"),
+                                                           "model.init_from": str(s1), "data.max_patches": 16}),
+                   stage="stage2")
+    inputs, found = load_input_config(s2)
+    assert found and inputs.max_patches == 16
+    model, _ = load_pretrained(s2)
+    assert model.config.vision_packing
+    out = tmp / "fields.gpkg"
+    run_inference([str(sample_root / "ndvi")], s2, out, task="fields", masks=[str(sample_root / "cloud_mask")],
+                  overrides={"stride": 32}, batch_size=16, max_new_tokens=8, progress=False, threads=1)
+    assert isinstance(gpd.read_file(out), gpd.GeoDataFrame)

@@ -284,7 +284,7 @@ class Predictor:
             raise InferError(f"{folder}: the model has LAPE off (stage-1 checkpoint); it cannot answer with positions")
         inputs = load_input_config(folder)[0]
         return cls(model, processor, resolve_device(device), DTYPES[dtype], max_new_tokens,
-                   item_layout(inputs.anyres, inputs.scales))
+                   item_layout(inputs.anyres, inputs.scales, inputs.max_patches))
 
     @staticmethod
     def _separator_ids(processor: Any) -> tuple[int, ...]:

@@ -71,6 +71,7 @@ from agrivlm.pipeline.inputs import (
     VisualItem,
     chip_config_with_inputs,
     frame_token_counts,
+    navit_size,
     num_visual_tokens,
     visual_token_centres,
     visual_token_grid,
@@ -772,6 +773,15 @@ class AgriVLMProcessor(ProcessorMixin):
         filled, out_pos, out_items, grid_shape = self.layout_items(x, chip.grid, cfg, f"chip {chip.chip_id}")
         return _PreparedChip(filled, out_pos, out_items, frames, grid_shape, used)
 
+    def _resized(self, x: torch.Tensor, grid: GeoGrid, cfg: ChipInputConfig) -> tuple[torch.Tensor, GeoGrid]:
+        """Frames and grid resized to ``cfg.size`` (square) or within ``cfg.max_patches`` (NaViT); else as given."""
+        if cfg.size is None and cfg.max_patches is None:
+            return x, grid
+        h0, w0 = int(x.shape[-2]), int(x.shape[-1])
+        budget = cfg.max_patches or 1
+        h, w = (cfg.size, cfg.size) if cfg.size is not None else navit_size(h0, w0, self.patch_size, budget)
+        return resize_frames(x, (h, w), cfg.resize_mode), rescale_grid(grid, h, w)
+
     def layout_items(self, x: torch.Tensor, chip_grid: GeoGrid, cfg: ChipInputConfig, name: str = "item"
                      ) -> tuple[list[torch.Tensor], list[FloatArray], list[VisualItem], tuple[int, int] | None]:
         """Frames ``(T, C, H, W)`` on ``chip_grid`` → the visual items of ``cfg``'s layout, no data filled.
@@ -787,9 +797,7 @@ class AgriVLMProcessor(ProcessorMixin):
         whole = Window(0, 0, chip_grid.width, chip_grid.height)
         p, stride = self.patch_size, self.pool_stride
         mode = cast(PoolMode, self.pool_mode)
-        if cfg.size is not None:
-            x = resize_frames(x, (cfg.size, cfg.size), cfg.resize_mode)
-            grid = rescale_grid(grid, cfg.size, cfg.size)
+        x, grid = self._resized(x, grid, cfg)
         out_px: list[torch.Tensor] = []
         out_pos: list[FloatArray] = []
         out_items: list[VisualItem] = []

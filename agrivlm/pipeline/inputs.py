@@ -11,6 +11,7 @@ read one contract without importing the model.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -196,6 +197,9 @@ class ChipInputConfig(StrictModel):
     scales: ScaleFactors | None = None
     #: Plain and multi-scale: resize each chip to ``size × size`` px first (the geography follows exactly).
     size: Annotated[int, Field(ge=1)] | None = None
+    #: NaViT-style dynamic resolution (plain items): each chip resized at its own aspect ratio to the most patches
+    #: within this budget (:func:`navit_size`), up or down; None: the chip's own size.
+    max_patches: Annotated[int, Field(ge=1)] | None = None
     #: Interpolation of every resize (NaN-aware, :func:`~agrivlm.pipeline.frames.resize_frames`).
     resize_mode: ResizeMode = "bilinear"
     #: Value that replaces no data (NaN) in the pixels fed to the encoder.
@@ -203,32 +207,57 @@ class ChipInputConfig(StrictModel):
 
     @model_validator(mode="after")
     def _one_layout(self) -> ChipInputConfig:
-        check_item_layout(self.anyres, self.scales)
+        check_item_layout(self.anyres, self.scales, self.max_patches)
         if self.anyres is not None and self.size is not None:
             raise ValueError("size resizes plain and multi-scale chips; AnyRes tiles are anyres.tile_size px")
+        if self.size is not None and self.max_patches is not None:
+            raise ValueError("use either size (a fixed square) or max_patches (a token budget), not both")
         return self
 
 
-def check_item_layout(anyres: AnyResConfig | None, scales: Sequence[float] | None) -> None:
-    """The rule of every ``anyres`` / ``scales`` pair (chip settings, stage configs, saved inputs).
+def check_item_layout(anyres: AnyResConfig | None, scales: Sequence[float] | None,
+                      max_patches: int | None = None) -> None:
+    """The rule of every ``anyres`` / ``scales`` / ``max_patches`` set (chip settings, stage configs, saved inputs).
 
     Raises:
-        ValueError: both are set, or ``scales`` is empty.
+        ValueError: more than one is set, or ``scales`` is empty.
     """
     if anyres is not None and scales is not None:
         raise ValueError("use either anyres or scales, not both")
+    if max_patches is not None and (anyres is not None or scales is not None):
+        raise ValueError("max_patches is a plain item's token budget; it does not go with anyres or scales")
     if scales is not None and not scales:
         raise ValueError("scales needs at least one factor (or null for one scale)")
 
 
-def item_layout(anyres: AnyResConfig | None, scales: Sequence[float] | None) -> ChipInputConfig | None:
-    """The layout of :meth:`AgriVLMProcessor.from_frames` for training's / a checkpoint's ``anyres`` and ``scales``.
+def navit_size(height: int, width: int, patch_size: int, max_patches: int) -> tuple[int, int]:
+    """NaViT's resize: the largest ``(h, w)``, multiples of ``patch_size``, at ``height : width``, within the budget.
 
-    None when both are None (one item per frame stack, :meth:`AgriVLMProcessor.__call__`).
+    The scale ``sqrt(max_patches / patches)`` is applied to both sides, each rounded down to whole patches (at least
+    one); sides are then shortened a patch at a time, the longer first, until ``(h/p)·(w/p) ≤ max_patches``.
     """
-    if anyres is None and scales is None:
+    p = patch_size
+    s = math.sqrt(max_patches / ((height / p) * (width / p)))
+    rows, cols = max(1, math.floor(height * s / p)), max(1, math.floor(width * s / p))
+    while rows * cols > max_patches:
+        if rows >= cols:
+            rows -= 1
+        else:
+            cols -= 1
+    return rows * p, cols * p
+
+
+def item_layout(anyres: AnyResConfig | None, scales: Sequence[float] | None,
+                max_patches: int | None = None) -> ChipInputConfig | None:
+    """The layout of :meth:`AgriVLMProcessor.from_frames` for training's / a checkpoint's item settings.
+
+    ``anyres``, ``scales`` or ``max_patches``; None when all are None (one item per frame stack,
+    :meth:`AgriVLMProcessor.__call__`).
+    """
+    if anyres is None and scales is None and max_patches is None:
         return None
-    return ChipInputConfig(anyres=anyres, scales=None if scales is None else [float(x) for x in scales])
+    return ChipInputConfig(anyres=anyres, scales=None if scales is None else [float(x) for x in scales],
+                           max_patches=max_patches)
 
 
 def chip_config_with_inputs(config: ChipInputConfig, inputs: Mapping[str, Any]) -> ChipInputConfig:
@@ -476,12 +505,14 @@ class InputConfig(StrictModel):
     anyres: AnyResConfig | None = None
     #: Multi-scale: one item per scale factor (``data.scales``); None: one scale.
     scales: ScaleFactors | None = None
+    #: NaViT-style dynamic resolution (``data.max_patches``): each chip at its aspect ratio within this patch budget.
+    max_patches: Annotated[int, Field(ge=1)] | None = None
     #: Points per side of the ``points`` prompt grid.
     point_grid: Annotated[int, Field(gt=0)] = 6
 
     @model_validator(mode="after")
     def _one_layout(self) -> InputConfig:
-        check_item_layout(self.anyres, self.scales)
+        check_item_layout(self.anyres, self.scales, self.max_patches)
         return self
 
 

@@ -245,10 +245,14 @@ class DataConfig(StrictModel):
     #: Multi-scale: one item per scale factor, e.g. ``[1.0, 0.5]`` (the chip and a half-size copy); not with
     #: ``anyres``. None: one scale.
     scales: ScaleFactors | None = None
+    #: NaViT-style dynamic resolution: each sample's frames resized at their aspect ratio to the most patches within
+    #: this budget (up or down; ``agrivlm.pipeline.inputs.navit_size``); saved with the checkpoint so ``agrivlm
+    #: infer`` resizes the same; not with ``anyres``/``scales``. None: the chip's own size.
+    max_patches: Annotated[int, Field(ge=1)] | None = None
 
     @model_validator(mode="after")
     def _one_layout(self) -> DataConfig:
-        check_item_layout(self.anyres, self.scales)
+        check_item_layout(self.anyres, self.scales, self.max_patches)
         return self
 
     @model_validator(mode="after")
@@ -365,7 +369,8 @@ class StageConfig(StrictModel):
         rec, frames = self.reconstruction, self.data.frames
         if rec.enabled and frames.frames_per_sample < 2:
             raise ValueError("reconstruction needs at least 2 frames per sample (data.frames)")
-        if rec.enabled and (self.data.anyres is not None or self.data.scales is not None):
+        if rec.enabled and (self.data.anyres is not None or self.data.scales is not None
+                            or self.data.max_patches is not None):
             raise ValueError("reconstruction predicts one item's next frame; it does not take data.anyres or "
                              "data.scales (several items per sample)")
         if rec.enabled and rec.fast_slow and (frames.sampler != "fast_slow" or frames.merge != "interleave"):

@@ -259,7 +259,7 @@ def checkpoint_inputs(cfg: StageConfig, stats: BandStats | None, records: Sequen
                        fields_prompt="points" if points else "listing",
                        growth_prompt="timeline" if timeline else "dates", growth_focus=cfg.data.growth_focus,
                        point_marker=cfg.data.point_marker, question_positions=cfg.data.question_positions,
-                       anyres=cfg.data.anyres, scales=cfg.data.scales)
+                       anyres=cfg.data.anyres, scales=cfg.data.scales, max_patches=cfg.data.max_patches)
 
 
 def run_settings(cfg: StageConfig, num_processes: int) -> dict[str, Any]:
@@ -606,7 +606,7 @@ class _Run:
         val_ds = RecordDataset(val_records, frames, norm, vocab, seed, stats, False, stacks,
                                growth_focus=focus, question_positions=given, answer_positions=answered,
                                point_marker=marker) if val_records else None
-        collate = Collator(sm.processor, lape_on, item_layout(cfg.data.anyres, cfg.data.scales))
+        collate = Collator(sm.processor, lape_on, item_layout(cfg.data.anyres, cfg.data.scales, cfg.data.max_patches))
         sampler = ResumableSampler(
             len(train_ds), cfg.train.seed, shuffle=True, num_replicas=acc.num_processes, rank=acc.process_index
         )
