@@ -621,11 +621,14 @@ def _prepare(options: InferOptions) -> _Prepared:
     layer = options.field_layer()
     options.check_predictor()
     predictor, num_bands, vocab = _load_model(options, max_new)
+    dates = f" x {config.frames.max_frames} dates as bands" if config.frames_as_bands else ""
+    if config.frames_as_bands:  # every frame's bands side by side: the model takes frames × bands
+        channels *= config.frames.max_frames
     if channels != num_bands:
         raise InferError(
             f"the band settings give {channels} channel(s) (preset {config.bands.preset!r}"
-            f"{', composite ' + repr(config.bands.composite) if config.bands.composite else ''}) but the model takes "
-            f"{num_bands}; pick the preset/composite the model was trained with"
+            f"{', composite ' + repr(config.bands.composite) if config.bands.composite else ''}{dates}) but the "
+            f"model takes {num_bands}; pick the preset/composite (and frames) the model was trained with"
         )
     options.check_chips_per_task()
     task, field_id, field_class = options.task, options.field_id, options.field_class

@@ -46,6 +46,7 @@ from agrivlm.lape.tokens import (
     refine_position,
 )
 from agrivlm.pipeline.conversation import answer_end_id
+from agrivlm.pipeline.inputs import frames_as_bands as stack_dates
 
 log = logging.getLogger(__name__)
 
@@ -233,12 +234,15 @@ class Predictor:
     """
 
     def __init__(self, model: Any, processor: Any, device: torch.device, dtype: torch.dtype = torch.float32,
-                 max_new_tokens: int = 128, layout: Any = None) -> None:
+                 max_new_tokens: int = 128, layout: Any = None, frames_as_bands: bool = False) -> None:
         self.model = model.to(device=device, dtype=dtype).eval()
         self.processor = processor
         #: AnyRes / multi-scale items of every question's frames, as the checkpoint was trained (its saved
         #: ``anyres`` / ``scales``, :func:`~agrivlm.pipeline.inputs.item_layout`); None: one item per question.
         self.layout = layout
+        #: Each question's frames as the bands of one image, as the checkpoint was trained (its saved
+        #: ``frames_as_bands``, :func:`~agrivlm.pipeline.inputs.frames_as_bands`).
+        self.frames_as_bands = frames_as_bands
         self.device = device
         self.dtype = dtype
         self.max_new_tokens = max_new_tokens
@@ -284,7 +288,7 @@ class Predictor:
             raise InferError(f"{folder}: the model has LAPE off (stage-1 checkpoint); it cannot answer with positions")
         inputs = load_input_config(folder)[0]
         return cls(model, processor, resolve_device(device), DTYPES[dtype], max_new_tokens,
-                   item_layout(inputs.anyres, inputs.scales, inputs.max_patches))
+                   item_layout(inputs.anyres, inputs.scales, inputs.max_patches), inputs.frames_as_bands)
 
     @staticmethod
     def _separator_ids(processor: Any) -> tuple[int, ...]:
@@ -317,6 +321,9 @@ class Predictor:
                     prompts = [q.prompt for q in qs]
                     pixels = [q.visual.pixels for q in qs]
                     times = [q.visual.frame_times for q in qs]
+                    if self.frames_as_bands:
+                        stacked = [stack_dates(p, t) for p, t in zip(pixels, times, strict=True)]
+                        pixels, times = [s[0] for s in stacked], [s[1] for s in stacked]
                     given = [list(q.positions) if q.positions else None for q in qs]
                     # tiles or scales when the checkpoint was trained so, else one item per question
                     batch = self.processor.from_frames(prompts, pixels, self.layout, frame_times=times,

@@ -247,6 +247,17 @@ def navit_size(height: int, width: int, patch_size: int, max_patches: int) -> tu
     return rows * p, cols * p
 
 
+def frames_as_bands(pixels: npt.NDArray[Any], frame_times: npt.ArrayLike) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+    """A sample's frames ``(T, C, H, W)`` as one frame of ``T·C`` bands (date-major), at their mean time.
+
+    The dates become channels of one image, so the vision encoder sees every date of a patch at once (as the FTW
+    field-boundary baselines stack dates as channels) instead of each frame alone.
+    """
+    t, c, h, w = pixels.shape
+    times = np.asarray(frame_times, dtype=np.float64)
+    return pixels.reshape(1, t * c, h, w), np.array([times.mean() if times.size else 0.0], dtype=times.dtype)
+
+
 def item_layout(anyres: AnyResConfig | None, scales: Sequence[float] | None,
                 max_patches: int | None = None) -> ChipInputConfig | None:
     """The layout of :meth:`AgriVLMProcessor.from_frames` for training's / a checkpoint's item settings.
@@ -507,6 +518,9 @@ class InputConfig(StrictModel):
     scales: ScaleFactors | None = None
     #: NaViT-style dynamic resolution (``data.max_patches``): each chip at its aspect ratio within this patch budget.
     max_patches: Annotated[int, Field(ge=1)] | None = None
+    #: The frames as the bands of one image (``data.frames_as_bands``, :func:`frames_as_bands`): the model's
+    #: ``num_bands`` is then frames × bands.
+    frames_as_bands: bool = False
     #: Points per side of the ``points`` prompt grid.
     point_grid: Annotated[int, Field(gt=0)] = 6
 

@@ -249,6 +249,10 @@ class DataConfig(StrictModel):
     #: this budget (up or down; ``agrivlm.pipeline.inputs.navit_size``); saved with the checkpoint so ``agrivlm
     #: infer`` resizes the same; not with ``anyres``/``scales``. None: the chip's own size.
     max_patches: Annotated[int, Field(ge=1)] | None = None
+    #: The sampled frames become the bands of one image (date-major; ``agrivlm.pipeline.inputs.frames_as_bands``):
+    #: the encoder sees every date of a patch at once. The model's ``num_bands`` must be frames × bands; saved with
+    #: the checkpoint so ``agrivlm infer`` does the same.
+    frames_as_bands: bool = False
 
     @model_validator(mode="after")
     def _one_layout(self) -> DataConfig:

@@ -56,6 +56,7 @@ from agrivlm.pipeline.conversation import POLYGON_SEP, Answer, continuation, for
 from agrivlm.pipeline.focus import GrowthFocus, PointMarker, focus_on_box, mark_point
 from agrivlm.pipeline.frames import FrameSamplingConfig, frame_time_positions, select_indices, uniform_indices
 from agrivlm.pipeline.inputs import ChipInputConfig
+from agrivlm.pipeline.inputs import frames_as_bands as stack_dates
 from agrivlm.recipes.mixture import mix
 from agrivlm.recipes.schema import Record, iter_records
 from agrivlm.tasks.turns import Turn, render_text
@@ -385,6 +386,7 @@ class RecordDataset(Dataset[Sample]):
         question_positions: QuestionPositions = "bins",
         point_marker: PointMarker = "none",
         answer_positions: AnswerPositions = "bins",
+        frames_as_bands: bool = False,
     ) -> None:
         if not records:
             raise ConfigError("no records left to train on; check data.roots, data.text_only, data.families, "
@@ -395,6 +397,7 @@ class RecordDataset(Dataset[Sample]):
         self.growth_focus = growth_focus
         self.question_positions = question_positions
         self.answer_positions = answer_positions
+        self.frames_as_bands = frames_as_bands
         self.point_marker = point_marker
         self.train = train
         self.stacks = stacks if stacks is not None else StackCache()
@@ -430,6 +433,8 @@ class RecordDataset(Dataset[Sample]):
             pixels = mark_point(pixels, rec.conversation[0].points[0])
         _, times = frame_time_positions(np.asarray(rec.chip.frame_dates, dtype="datetime64[s]"), idx)
         token = visual_placeholder(len(idx))
+        if self.frames_as_bands:
+            pixels, times = stack_dates(pixels, times)
         prompt, answer, positions = render_record(rec, self.vocab, token, self.question_positions,
                                                   self.answer_positions)
         return Sample(rec.sample_id, prompt, answer, positions, pixels, times, is_fast)

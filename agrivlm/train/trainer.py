@@ -259,7 +259,8 @@ def checkpoint_inputs(cfg: StageConfig, stats: BandStats | None, records: Sequen
                        fields_prompt="points" if points else "listing",
                        growth_prompt="timeline" if timeline else "dates", growth_focus=cfg.data.growth_focus,
                        point_marker=cfg.data.point_marker, question_positions=cfg.data.question_positions,
-                       anyres=cfg.data.anyres, scales=cfg.data.scales, max_patches=cfg.data.max_patches)
+                       anyres=cfg.data.anyres, scales=cfg.data.scales, max_patches=cfg.data.max_patches,
+                       frames_as_bands=cfg.data.frames_as_bands)
 
 
 def run_settings(cfg: StageConfig, num_processes: int) -> dict[str, Any]:
@@ -602,10 +603,11 @@ class _Run:
             raise ConfigError(f"data.{key} needs LAPE on (the -INPUT/-OUTPUT placeholders take their value from the "
                               "LAPE tables); use bins with lape.enabled: false")
         train_ds = RecordDataset(train_records, frames, norm, vocab, seed, stats, stacks=stacks, growth_focus=focus,
-                                 question_positions=given, point_marker=marker, answer_positions=answered)
+                                 question_positions=given, point_marker=marker, answer_positions=answered,
+                                 frames_as_bands=cfg.data.frames_as_bands)
         val_ds = RecordDataset(val_records, frames, norm, vocab, seed, stats, False, stacks,
                                growth_focus=focus, question_positions=given, answer_positions=answered,
-                               point_marker=marker) if val_records else None
+                               point_marker=marker, frames_as_bands=cfg.data.frames_as_bands) if val_records else None
         collate = Collator(sm.processor, lape_on, item_layout(cfg.data.anyres, cfg.data.scales, cfg.data.max_patches))
         sampler = ResumableSampler(
             len(train_ds), cfg.train.seed, shuffle=True, num_replicas=acc.num_processes, rank=acc.process_index
