@@ -339,16 +339,24 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         """Patch features pooled by ``stride`` and LAPE-injected: ``(N, T, h'·w', D)``.
 
         ``frames``: :meth:`_patch_features`' ``(features, inverse)`` and ``(N, T)``; distinct frames are pooled
-        once, then spread to their copies.
+        once, then spread to their copies. LAPE positions at ``patch_positions`` when given, else at the centres of
+        the ``grid`` ``(h, w)`` of patches pooled by ``stride``; ``frame_times`` default to evenly spaced ``[0, 1]``.
         """
         feats, inverse, n, t = frames
-        pooled = pool_2d(feats, grid, stride, self.config.pool_mode)  # type: ignore[arg-type]
+        cfg = self.config
+        pooled = pool_2d(feats, grid, stride, cfg.pool_mode)  # type: ignore[arg-type]
         if inverse is not None:
             pooled = pooled.index_select(0, inverse)
         pooled = pooled.reshape(n, t, pooled.shape[1], pooled.shape[2])
         if self.lape is None:
             return pooled
-        return self._inject_lape(pooled, grid, stride, frame_times, lape_tables, patch_positions)
+        if frame_times is None:
+            frame_times = default_frame_times(t).to(pooled.device).expand(n, t)
+        sw, tw = cfg.spatial_injection_scale, cfg.temporal_injection_scale
+        if patch_positions is not None:
+            return inject_lape_at_positions(self.lape, pooled, patch_positions, frame_times, sw, tw, lape_tables)
+        return self.lape.inject(pooled, cell_centres(grid[0], stride, cfg.pool_mode),
+                                cell_centres(grid[1], stride, cfg.pool_mode), frame_times, sw, tw, lape_tables)
 
     def _patch_features(self, frames: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Frames ``(N·T, C, H, W)`` → band adapter → vision encoder → projector, not pooled: ``(features, inverse)``.
@@ -384,41 +392,6 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         if feats.shape[1] != h * w:
             raise ValueError(f"the vision encoder gave {feats.shape[1]} patches for a {h}x{w} grid")
         return self.projector(feats)  # type: ignore[no-any-return]
-
-    def _inject_lape(
-        self,
-        feats: torch.Tensor,
-        grid: tuple[int, int],
-        stride: int,
-        frame_times: torch.Tensor | None,
-        lape_tables: dict[Axis, torch.Tensor] | None,
-        patch_positions: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Add LAPE positions to features ``(N, T, h'·w', D)``: a ``grid`` ``(h, w)`` of patches pooled by ``stride``.
-
-        At ``patch_positions`` when given, else at the centres of the item's own pooled grid; ``frame_times``
-        default to evenly spaced ``[0, 1]``.
-        """
-        assert self.lape is not None
-        cfg = self.config
-        n, t = feats.shape[0], feats.shape[1]
-        if frame_times is None:
-            frame_times = default_frame_times(t).to(feats.device).expand(n, t)
-        if patch_positions is not None:
-            return inject_lape_at_positions(
-                self.lape, feats, patch_positions, frame_times, cfg.spatial_injection_scale,
-                cfg.temporal_injection_scale, lape_tables,
-            )
-        h, w = grid
-        return self.lape.inject(
-            feats,
-            cell_centres(h, stride, cfg.pool_mode),
-            cell_centres(w, stride, cfg.pool_mode),
-            frame_times,
-            cfg.spatial_injection_scale,
-            cfg.temporal_injection_scale,
-            lape_tables,
-        )
 
     def get_visual_features_by_size(
         self,
