@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 from train_helpers import curriculum_recipe, stage_yaml
 
+from agrivlm.errors import ConfigError
 from agrivlm.infer.batch import run_inference
 from agrivlm.infer.errors import InferError
 from agrivlm.model import load_pretrained
 from agrivlm.model.builders import TINY_CONFIG
 from agrivlm.pipeline.inputs import frames_as_bands, load_input_config
+from agrivlm.train.config import load_stage_config
 from agrivlm.train.trainer import run_stage
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -54,3 +56,11 @@ def test_trained_with_dates_as_bands_and_asked_so_by_infer(tmp_path_factory: pyt
         run_inference([str(sample_root / "ndvi")], s3, tmp / "two.gpkg", task="fields",
                       overrides={"stride": 32, "frames.max_frames": 2}, progress=False, threads=1)
     assert not (tmp / "two.gpkg").exists()
+
+
+def test_the_next_frame_loss_refuses_one_frame_per_sample(tmp_path: Path) -> None:
+    path = stage_yaml("stage3", tmp_path / "s3.yaml", {"data.frames_as_bands": True, "reconstruction.enabled": True})
+    with pytest.raises(ConfigError, match="frames_as_bands leaves one frame"):
+        load_stage_config(path)
+    ok = stage_yaml("stage3", tmp_path / "ok.yaml", {"data.frames_as_bands": True})
+    assert load_stage_config(ok).data.frames_as_bands

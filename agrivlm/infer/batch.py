@@ -621,9 +621,10 @@ def _prepare(options: InferOptions) -> _Prepared:
     layer = options.field_layer()
     options.check_predictor()
     predictor, num_bands, vocab = _load_model(options, max_new)
-    dates = f" x {config.frames.max_frames} dates as bands" if config.frames_as_bands else ""
+    dates = ""
     if config.frames_as_bands:  # every frame's bands side by side: the model takes frames × bands
         channels *= config.frames.max_frames
+        dates = f" x {config.frames.max_frames} dates as bands"
     if channels != num_bands:
         raise InferError(
             f"the band settings give {channels} channel(s) (preset {config.bands.preset!r}"

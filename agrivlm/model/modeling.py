@@ -242,7 +242,7 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         self.config.text_config = self.language_model.config
         #: The separator ending each frame's tokens with the faster-video stream on (``config.faster_video_stride``).
         self.faster_token: nn.Parameter | None = None
-        if getattr(config, "faster_video_stride", 0):
+        if config.faster_video_stride:
             self.faster_token = nn.Parameter(torch.zeros(tcfg.hidden_size))  # type: ignore[union-attr]
         #: In eval mode, encode a frame that repeats in the batch once (:meth:`_patch_features`); off only to
         #: measure what it saves (``benchmarks/infer_default.py``).
@@ -306,7 +306,7 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         if c != cfg.num_bands:
             raise ValueError(f"pixel_values have {c} bands but the model was built for num_bands={cfg.num_bands}")
         patch = int(cfg.vision_config.patch_size)  # type: ignore[union-attr]
-        visual_token_grid(height, width, patch, cfg.pool_stride)  # checks divisibility, names the fix
+        token_grid = visual_token_grid(height, width, patch, cfg.pool_stride)  # checks divisibility, names the fix
         h, w = height // patch, width // patch
         if patch_features is not None:
             feats, inverse = patch_features, None
@@ -315,13 +315,13 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         d = feats.shape[-1]
         frames = (feats, inverse, n, t)
         slow = self._pooled_frames(frames, (h, w), cfg.pool_stride, frame_times, lape_tables, patch_positions)
-        stride = getattr(cfg, "faster_video_stride", 0)
+        stride = cfg.faster_video_stride
         if not stride:
             return slow.reshape(n, -1, d)
         assert self.faster_token is not None
         fast_pos = None
         if patch_positions is not None:  # the slow grid's (u, v) averaged over each 2 x 2 block of it
-            fast_pos = pool_2d(patch_positions.float(), visual_token_grid(height, width, patch, cfg.pool_stride), 2)
+            fast_pos = pool_2d(patch_positions.float(), token_grid, 2)
         fast = self._pooled_frames(frames, (h, w), 2 * cfg.pool_stride, frame_times, lape_tables, fast_pos)
         sep = self.faster_token.to(slow.dtype).expand(n, 1, d)
         parts = [torch.cat([slow[:, i] if i % stride == 0 else fast[:, i], sep], dim=1) for i in range(t)]

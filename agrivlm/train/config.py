@@ -376,7 +376,9 @@ class StageConfig(StrictModel):
         if rec.enabled and (self.data.anyres is not None or self.data.scales is not None
                             or self.data.max_patches is not None):
             raise ValueError("reconstruction predicts one item's next frame; it does not take data.anyres or "
-                             "data.scales (several items per sample)")
+                             "data.scales (several items per sample) or data.max_patches (items of different sizes)")
+        if rec.enabled and self.data.frames_as_bands:
+            raise ValueError("reconstruction predicts the next frame; data.frames_as_bands leaves one frame per sample")
         if rec.enabled and rec.fast_slow and (frames.sampler != "fast_slow" or frames.merge != "interleave"):
             raise ValueError(
                 "reconstruction.fast_slow needs data.frames.sampler: fast_slow with merge: interleave "

@@ -602,12 +602,12 @@ class _Run:
             key = "question_positions: input" if given == "input" else "answer_positions: output"
             raise ConfigError(f"data.{key} needs LAPE on (the -INPUT/-OUTPUT placeholders take their value from the "
                               "LAPE tables); use bins with lape.enabled: false")
-        train_ds = RecordDataset(train_records, frames, norm, vocab, seed, stats, stacks=stacks, growth_focus=focus,
-                                 question_positions=given, point_marker=marker, answer_positions=answered,
-                                 frames_as_bands=cfg.data.frames_as_bands)
+        # how a record becomes a sample: the same for the training and the validation records
+        rendering: dict[str, Any] = {"growth_focus": focus, "question_positions": given, "point_marker": marker,
+                                     "answer_positions": answered, "frames_as_bands": cfg.data.frames_as_bands}
+        train_ds = RecordDataset(train_records, frames, norm, vocab, seed, stats, stacks=stacks, **rendering)
         val_ds = RecordDataset(val_records, frames, norm, vocab, seed, stats, False, stacks,
-                               growth_focus=focus, question_positions=given, answer_positions=answered,
-                               point_marker=marker, frames_as_bands=cfg.data.frames_as_bands) if val_records else None
+                               **rendering) if val_records else None
         collate = Collator(sm.processor, lape_on, item_layout(cfg.data.anyres, cfg.data.scales, cfg.data.max_patches))
         sampler = ResumableSampler(
             len(train_ds), cfg.train.seed, shuffle=True, num_replicas=acc.num_processes, rank=acc.process_index
