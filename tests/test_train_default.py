@@ -19,13 +19,14 @@ def test_default_training_runs_end_to_end_and_installs_in_half_precision(tmp_pat
                                                                          one_torch_thread: None) -> None:
     opts = DefaultTraining(scenes_per_region=1, steps={"stage1": 2, "stage2": 2, "stage3_focus": 2, "stage3": 4,
                                                        "stage3_fields": 2},
-                           snapshot_every=2, threads=1, num_frames=4)
+                           snapshot_every=2, threads=1, num_frames=4, encoder_steps=3)
     final = run_default(tmp_path / "run", opts, echo=lambda _: None)
     assert (final / "config.json").is_file() and (final / "README.md").is_file()
     card = json.loads((final / "default_training.json").read_text())
     assert card["options"]["scenes_per_region"] == 1 and card["seconds"] > 0
     # the step time of every phase, read from its log, so a resumed run still tells what the checkpoint cost
-    assert set(card["phase_step_seconds"]) == {"stage1", "stage2", "stage3_focus", "stage3", "stage3_fields"}
+    assert set(card["phase_step_seconds"]) == {"encoder", "stage1", "stage2", "stage3_focus", "stage3",
+                                               "stage3_fields"}
     assert card["step_seconds"] > 0
     assert card["step_seconds"] == pytest.approx(sum(card["phase_step_seconds"].values()), abs=0.2)
     assert final == tmp_path / "run" / "train" / "stage3_fields" / "final"
@@ -52,6 +53,14 @@ def test_default_training_runs_end_to_end_and_installs_in_half_precision(tmp_pat
     trained = {c for c in manifest["chips"]["by_split"]["train"] if c.startswith("sample/")}
     tested = {c for c in manifest["chips"]["by_split"]["test"] if c.startswith("sample/")}
     assert trained and tested and not trained & tested
+    # the encoder phase: pre-trained on the scenes the recipes deal to train, scored on those dealt to val, and
+    # stage 1 starts from it (its vision encoder is frozen there, so stage 1's weights are the encoder's)
+    pre = json.loads((tmp_path / "run" / "train" / "encoder" / "pretrain.json").read_text())
+    assert len(pre["scenes"]) == 2 and len(pre["val_scenes"]) == 1 and pre["steps"] == 3
+    encoder = load_file(tmp_path / "run" / "train" / "encoder" / "model.safetensors")
+    stage1 = load_file(tmp_path / "run" / "train" / "stage1" / "final" / "model.safetensors")
+    key = "encoder.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(stage1[f"vision_tower.{key}"], encoder[key])
     # a second run finds everything done and trains nothing again
     stamp = (final / "model.safetensors").stat().st_mtime_ns
     run_default(tmp_path / "run", opts, echo=lambda _: None)

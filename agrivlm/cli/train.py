@@ -83,6 +83,9 @@ def default(
     points_per_record: Annotated[int, typer.Option(
         help="Point questions per conversation in stage 3's field_at_point records (every answer supervised).",
         min=1)] = _DEFAULTS.points_per_record,
+    encoder_steps: Annotated[int, typer.Option(
+        min=0, help="Steps of the vision encoder's dense pre-training before stage 1 (FTW's three classes from the "
+             "pooled tokens; 0: a random encoder).")] = _DEFAULTS.encoder_steps,
     threads: Annotated[int, typer.Option(min=1, help="torch CPU threads.")] = 2,
     install: Annotated[bool, typer.Option(help="Copy the result into the package as the default checkpoint.")] = False,
 ) -> None:
@@ -94,6 +97,31 @@ def default(
 
     base = _DEFAULTS
     opts = DefaultTraining(scenes_per_region=scenes_per_region, threads=threads, points_per_record=points_per_record,
+                           encoder_steps=encoder_steps,
                            steps={**base.steps, "stage3": stage3_steps, "stage3_fields": fields_steps})
     final = run_default(out, opts, do_install=install, echo=typer.echo)
     typer.echo(f"default checkpoint: {final}")
+
+
+@train_app.command("encoder")
+def encoder(
+    scenes: Annotated[list[Path], typer.Argument(help="agrivlm synth scene folders to train on.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the SigLIP encoder (config.json, weights, "
+                                      "pretrain.json).")],
+    val: Annotated[list[Path] | None, typer.Option(help="Scene folders to score on (repeat the option).")] = None,
+    model_config: Annotated[Path, typer.Option(help="Model YAML whose vision and pooling settings to use.")] = Path(
+        "configs/model/small.yaml"),
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 3000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Chips per step.")] = 16,
+    threads: Annotated[int, typer.Option(min=1, help="torch CPU threads.")] = 2,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Pre-train the vision encoder on scenes with parcels (FTW's three classes); point vision.checkpoint at --out."""
+    from agrivlm.train.encoder import EncoderPretrainConfig, pretrain_encoder
+
+    if (out / "config.json").exists() and not overwrite:
+        raise typer.BadParameter(f"{out} already holds an encoder; pass --overwrite to replace it", param_hint="--out")
+    pretrain_encoder(EncoderPretrainConfig(scenes=list(scenes), val_scenes=list(val or []), out=out,
+                                           model_config=str(model_config), steps=steps, batch_size=batch_size,
+                                           threads=threads), log=typer.echo)
+    typer.echo(f"encoder: {out} (set vision.checkpoint: {out} in a model YAML)")

@@ -26,13 +26,16 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from agrivlm import resources
 from agrivlm.default_checkpoint import DEFAULT_MODEL_DIR
 from agrivlm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from agrivlm.recipes.config import SplitName
 
 #: Regions the default checkpoint trains on (``corn_belt`` is the held-out region).
 TRAIN_REGIONS: tuple[str, ...] = ("central_europe", "pannonian", "mato_grosso")
@@ -47,6 +50,8 @@ HELDOUT_SEED_START = 9000
 #: held-out scenes; teacher-forced first-token accuracy 0.30 on the fine-tune's validation records), while
 #: 1,500 steps of stage questions alone from stage 2 reached 0.56-0.57 on held-out scenes (0.55 teacher-forced
 #: on the same validation records). A phase with 0 steps is skipped.
+#: How the recipes (and the encoder phase) deal the training scenes to splits.
+SYNTH_SPLIT: dict[SplitName, float] = {"train": 0.9, "val": 0.1, "test": 0.0}
 PHASES: dict[str, str] = {"stage1": "stage1", "stage2": "stage2", "stage3_focus": "stage3", "stage3": "stage3",
                           "stage3_fields": "stage3"}
 
@@ -93,6 +98,9 @@ class DefaultTraining:
     #: record per point). Six: a fields probe left the position-loss plateau sooner (2.67 against 2.87 nats at
     #: steps 400-440) and reached pooled held-out F1 0.148 in 3,000 steps (one point: 0.126 in 5,000).
     points_per_record: int = 6
+    #: Steps of the encoder's dense pre-training before stage 1 (:mod:`agrivlm.train.encoder`: FTW's three
+    #: classes from the pooled visual tokens, on the training scenes; 0: stage 1 starts a random encoder).
+    encoder_steps: int = 0
     threads: int = 2
     seed: int = 0
 
@@ -140,7 +148,7 @@ def recipe_text(stage: str, scenes_glob: str, opts: DefaultTraining) -> str:
         "seed": opts.seed,
         "sources": [
             {"name": "synth", "synth": scenes_glob, "weight": 0.8,
-             "split": {"fractions": {"train": 0.9, "val": 0.1, "test": 0.0}, "seed": opts.seed}},
+             "split": {"fractions": SYNTH_SPLIT, "seed": opts.seed}},
             src,
         ],
         "chips": {**sample["chips"], "stride": 16},
@@ -216,8 +224,41 @@ def phase_overrides(stage: str, opts: DefaultTraining, data: Path, folder: Path,
     return over
 
 
-def train(out: Path, roots: dict[str, Path], opts: DefaultTraining, echo: Callable[[str], None]) -> Path:
-    """Stage 1 → 2 → 3 (each resumed when a checkpoint of it exists, skipped when finished)."""
+def pretrain_default_encoder(out: Path, scenes: list[Path], opts: DefaultTraining,
+                             echo: Callable[[str], None]) -> Path | None:
+    """The encoder phase (``opts.encoder_steps`` > 0): ``out/train/encoder``, a SigLIP folder (kept when written).
+
+    It trains on the scenes the recipes deal to ``train`` (the same deal: :func:`recipe_text`'s split rule) and
+    reports its scores on the ones dealt to ``val``; held-out evaluation scenes (seeds ≥ 9000) are never read.
+    """
+    from agrivlm.recipes.config import SceneSplitConfig
+    from agrivlm.recipes.sources import deal_scenes
+    from agrivlm.train.encoder import EncoderPretrainConfig, pretrain_encoder
+
+    if opts.encoder_steps <= 0:
+        return None
+    folder = out / "train" / "encoder"
+    if (folder / "pretrain.json").is_file():
+        echo("encoder: already trained")
+        return folder
+    rule = SceneSplitConfig(fractions=SYNTH_SPLIT, seed=opts.seed)
+    dealt = deal_scenes([p.name for p in scenes], rule)
+    t0 = time.perf_counter()
+    pretrain_encoder(EncoderPretrainConfig(
+        scenes=[p for p in scenes if dealt[p.name] == "train"],
+        val_scenes=[p for p in scenes if dealt[p.name] == "val"],
+        out=folder, model_config=str(resources.package_file(opts.model_config)), steps=opts.encoder_steps,
+        seed=opts.seed, threads=opts.threads), log=lambda line: echo(f"encoder: {line}"))
+    echo(f"encoder: {opts.encoder_steps} steps in {time.perf_counter() - t0:.0f} s → {folder}")
+    return folder
+
+
+def train(out: Path, roots: dict[str, Path], opts: DefaultTraining, echo: Callable[[str], None],
+          encoder: Path | None = None) -> Path:
+    """Stage 1 → 2 → 3 (each resumed when a checkpoint of it exists, skipped when finished).
+
+    ``encoder``: a pre-trained SigLIP folder stage 1 starts from (:func:`pretrain_default_encoder`).
+    """
     from agrivlm.train.checkpoint import latest_checkpoint
     from agrivlm.train.trainer import run_stage
 
@@ -226,6 +267,8 @@ def train(out: Path, roots: dict[str, Path], opts: DefaultTraining, echo: Callab
         folder = out / "train" / stage
         n = opts.steps[stage]
         over = phase_overrides(stage, opts, roots[stage], folder, prev)
+        if encoder is not None and "model.config" in over:
+            over["model.overrides"] = {"vision.checkpoint": str(encoder.resolve())}
         if (folder / "final" / "config.json").is_file():
             prev = folder / "final"
             echo(f"{stage}: already trained")
@@ -268,6 +311,9 @@ def write_card(final: Path, opts: DefaultTraining, info: dict[str, Any]) -> None
         "## Training", "",
         f"- model: `{opts.model_config}`; stages 1 → 2 → 3: {opts.steps} optimizer steps, batch {opts.batch_size}, "
         f"learning rates {opts.lr}; LLM trained fully in stages 2–3 (random weights: nothing to protect).",
+        *([f"- vision encoder pre-trained first: {opts.encoder_steps} steps of FTW's three classes (background, field, "
+           "boundary) from its pooled tokens on the training scenes (`agrivlm.train.encoder`)."]
+          if opts.encoder_steps > 0 else []),
         f"- time: {info.get('seconds', 0) / 60:.0f} minutes on {opts.threads} CPU threads for this run"
         + (f"; the optimizer steps of every phase (resumed or not) {info['step_seconds'] / 60:.0f} minutes "
            f"({', '.join(f'{k} {v / 60:.0f}' for k, v in info['phase_step_seconds'].items())})."
@@ -301,10 +347,14 @@ def run_default(out: Path, opts: DefaultTraining, *, do_install: bool = False,
     """Scenes → recipes → stages 1–3 → card (→ install); returns the final folder."""
     t0 = time.perf_counter()
     scenes_dir = out / "scenes"
-    make_scenes(scenes_dir, opts, echo)
+    scenes = make_scenes(scenes_dir, opts, echo)
+    encoder = pretrain_default_encoder(out, scenes, opts, echo)
     roots = build_data(out, scenes_dir, opts, echo)
-    final = train(out, roots, opts, echo)
+    final = train(out, roots, opts, echo, encoder)
     per_phase = {stage: step_seconds(out / "train" / stage) for stage in phases(opts)}
+    if encoder is not None:
+        history = json.loads((encoder / "pretrain.json").read_text())["history"]
+        per_phase = {"encoder": round(float(history[-1]["seconds"]), 1) if history else 0.0, **per_phase}
     write_card(final, opts, {"seconds": round(time.perf_counter() - t0, 1),
                              "step_seconds": round(sum(per_phase.values()), 1), "phase_step_seconds": per_phase})
     if do_install:
