@@ -126,3 +126,19 @@ def test_trainer_vs_bare_loop_benchmark_runs_small(tmp_path: Path) -> None:
         assert abs(r["data_s"] + r["step_s"] + r["other_s"] - r["seconds"]) < 1e-6
     assert report["saves"] == 2 and "trainer / bare" in res.stdout
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_encoder_pretrain_benchmark_runs_smoke(tmp_path: Path) -> None:
+    """``encoder_pretrain.py --smoke``: the encoder, a random and a pre-trained start, held-out F1 beside the chip."""
+    res = subprocess.run(
+        [sys.executable, "benchmarks/encoder_pretrain.py", "--smoke", "--threads", "1", "--work", str(tmp_path)],
+        capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "encoder_pretrain.json").read_text())
+    assert list(report["starts"]) == ["random", "pretrained"] and len(report["held_out"]) == 2
+    for start in report["starts"].values():
+        run = start["runs"][0]
+        assert 0.0 <= run["pooled_f1"]["model"] <= 1.0 and set(run["scenes"]) == set(report["held_out"])
+    assert "val_extent_error_px" in report["encoder"]
+    assert (tmp_path / "encoder_pretrain.png").stat().st_size > 0
