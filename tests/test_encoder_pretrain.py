@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import geopandas as gpd
@@ -15,6 +16,7 @@ from shapely.geometry import box
 from typer.testing import CliRunner
 
 from agrivlm.cli import app
+from agrivlm.errors import ConfigError
 from agrivlm.model.builders import build_model, load_model_settings
 from agrivlm.resources import configs_dir
 from agrivlm.synth import SceneSpec, write_scene
@@ -89,3 +91,10 @@ def test_cli_refuses_to_overwrite_an_encoder_folder(scenes: list[Path], tmp_path
                                       "--steps", "1"])
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert (out / "config.json").read_text() == "{}"
+
+
+def test_a_scene_smaller_than_a_chip_is_named(scenes: list[Path], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"{scenes[0]}: the scene is smaller than one 200-px chip")):
+        pretrain_encoder(EncoderPretrainConfig(scenes=scenes[:1], val_scenes=scenes[1:2], out=tmp_path / "enc",
+                                               model_config=TINY, chip_size=200, steps=1), log=lambda _: None)
+    assert not (tmp_path / "enc").exists()

@@ -304,8 +304,14 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, log: Callable[[str], None] = pr
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
+    if not cfg.scenes:
+        raise ConfigError("encoder pre-training needs at least one scene folder to train on")
     train = [read_scene(Path(p), cfg.field_classes) for p in cfg.scenes]
     val = [read_scene(Path(p), cfg.field_classes) for p in cfg.val_scenes]
+    small = next((p for p, sc in zip([*cfg.scenes, *cfg.val_scenes], [*train, *val], strict=True)
+                  if min(sc.ndvi.shape[1:]) < cfg.chip_size), None)
+    if small is not None:
+        raise ConfigError(f"{small}: the scene is smaller than one {cfg.chip_size}-px chip")
     stats = scene_stats(train)
     model = EncoderWithHead(settings)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
