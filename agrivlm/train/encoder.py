@@ -7,9 +7,11 @@ chip is labelled with the three classes of Fields of The World (background, fiel
 rasterized from the scenes' parcels, and the encoder learns to predict them through a linear head on the
 *pooled* visual tokens, the very tokens the LM is shown (``pooling.stride`` × ``patch_size`` pixels each; the
 head predicts every pixel of a token's cell, so each token must carry where the boundaries run inside it).
-The frames of a chip (dates of the season, clouds as no data, normalised as the processor does) go through the
-encoder one by one, as in the model, and the head reads their mean over dates, so a boundary seen only when two
-crops differ still counts.
+The head also regresses, for every pixel inside a field, how far that field reaches inside the chip (left, top,
+right, bottom: :func:`extent_target`), the numbers an outline answer is made of, so the token under a point
+carries its field's extent. The frames of a chip (dates of the season, clouds as no data, normalised as the
+processor does) go through the encoder one by one, as in the model, and the head reads their mean over dates, so
+a boundary seen only when two crops differ still counts.
 
 The result is a transformers SigLIP vision folder (``save_pretrained``), which a model YAML's
 ``vision.checkpoint`` loads like any local SigLIP checkpoint (:func:`agrivlm.model.builders.load_vision_tower`).
@@ -182,13 +184,17 @@ class EncoderWithHead(nn.Module):
         assert isinstance(vcfg, SiglipVisionConfig)
         self.encoder = SiglipVisionModel(vcfg)
         self.patch, self.stride, self.mode = settings.vision.patch_size, settings.pooling.stride, settings.pooling.mode
+        self.feature_layer = settings.vision.feature_layer
         self.head = DenseHead(vcfg.hidden_size, self.patch * self.stride)
 
     def forward(self, frames: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Outputs ``(N, 7, H, W)`` (:class:`DenseHead`) of frames ``(N, T, H, W)``, dates ``valid`` ``(N, T)``."""
         n, t, h, w = frames.shape
         grey = frames.reshape(n * t, 1, h, w).expand(-1, 3, -1, -1)  # the band adapter's grey start
-        feats = self.encoder(pixel_values=grey).last_hidden_state  # (N·T, P, D)
+        if self.feature_layer == -1:
+            feats = self.encoder(pixel_values=grey).last_hidden_state  # (N·T, P, D)
+        else:  # the layer the model reads (vision.feature_layer)
+            feats = self.encoder(pixel_values=grey, output_hidden_states=True).hidden_states[self.feature_layer]
         grid = (h // self.patch, w // self.patch)
         pooled = pool_2d(feats, grid, self.stride, self.mode)  # (N·T, P', D), as the model pools
         pooled = pooled.reshape(n, t, *pooled.shape[1:])
