@@ -5,9 +5,10 @@ and from a pre-trained one, scored side by side on held-out scenes.
    held-out scenes of ``benchmarks/learning.py`` (seeds 9000, 9001 of each region: never trained on);
 2. the encoder: :func:`agrivlm.train.encoder.pretrain_encoder` on the training scenes (FTW's three classes and
    each pixel's field extent from the pooled tokens; ``--encoder-steps``), its dense scores on the held-out scenes;
-3. for each seed and each start (``random``, ``pretrained``, and with ``--frozen`` the pre-trained encoder kept
-   frozen): stage 1 for one step (the curriculum's entry) then ``--steps`` steps of ``field_at_point`` alone, the
-   LLM and the encoder trained fully (``configs/stage2.yaml`` as ``tests/test_heldout_learning.py`` trains);
+3. for each seed and each start (``--starts``: ``random``, ``pretrained``, the pre-trained encoder kept frozen, and
+   either with the visual feature under a question's point added to its tokens, ``lape.point_features``; see
+   :data:`STARTS`): stage 1 for one step (the curriculum's entry) then ``--steps`` steps of ``field_at_point``
+   alone, the LLM and the encoder trained fully (``configs/stage2.yaml`` as ``tests/test_heldout_learning.py`` trains);
 4. ``agrivlm infer --task fields`` on every held-out scene, scored chip by chip at F1@0.5
    (:func:`agrivlm.eval.heldout.evaluate_chipwise`), pooled over the scenes (true positives, false positives and
    misses summed), beside the whole chip as one field.
@@ -15,6 +16,7 @@ and from a pre-trained one, scored side by side on held-out scenes.
 Run::
 
     python benchmarks/encoder_pretrain.py                 # tiny model, 20 scenes per region, 4,000 steps, 2 seeds
+    python benchmarks/encoder_pretrain.py --starts random,pretrained,pretrained_frozen,random_points
     python benchmarks/encoder_pretrain.py --smoke         # a few steps: that it runs
 
 Writes ``benchmarks/results/encoder_pretrain.json`` and ``encoder_pretrain.png`` (about 35 minutes on 2 cores).
@@ -69,8 +71,19 @@ def build_data(work: Path, scenes: list[Path]) -> Path:
     return data
 
 
+#: The starts a run can compare: (pre-trained encoder, frozen, model-YAML overrides of stage 1).
+STARTS: dict[str, tuple[bool, bool, dict[str, Any]]] = {
+    "random": (False, False, {}),
+    "pretrained": (True, False, {}),
+    "pretrained_frozen": (True, True, {}),
+    # the feature under a question's point added to its tokens (lape.point_features: Ferret's region features)
+    "random_points": (False, False, {"lape.point_features": True}),
+    "pretrained_frozen_points": (True, True, {"lape.point_features": True}),
+}
+
+
 def train_fields(work: Path, data: Path, name: str, seed: int, steps: int, model_config: str,
-                 encoder: Path | None, frozen: bool, threads: int) -> Path:
+                 encoder: Path | None, frozen: bool, threads: int, overrides: dict[str, Any] | None = None) -> Path:
     """Stage 1 (one step) → ``steps`` steps of the field task alone; the final folder (kept once trained)."""
     out = work / "runs" / f"{name}_seed{seed}"
     if (out / "s2" / "final" / "config.json").is_file():
@@ -78,8 +91,8 @@ def train_fields(work: Path, data: Path, name: str, seed: int, steps: int, model
     common = {"data.roots": [str(data)], "train.batch_size": 8, "train.torch_threads": threads,
               "train.progress": False, "train.eval_every": 0, "optim.warmup_steps": 0, "train.seed": seed,
               "data.frames.num_frames": 8}
-    model = {"model.config": model_config,
-             "model.overrides": {"vision.checkpoint": str(encoder.resolve())} if encoder else {}}
+    model = {"model.config": model_config, "model.overrides": {
+        **(overrides or {}), **({"vision.checkpoint": str(encoder.resolve())} if encoder else {})}}
     s1 = run_stage(stage_config("stage1"), {**common, **model, "output_dir": str(out / "s1"), "train.max_steps": 1,
                                             "train.save_every": 1}, stage="stage1", overwrite=True)
     return run_stage(stage_config("stage2"), {
@@ -144,6 +157,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=4000, help="fields-only steps of each run")
     ap.add_argument("--encoder-steps", type=int, default=3000)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--starts", default="random,pretrained",
+                    help=f"comma-separated, of {', '.join(STARTS)}")
     ap.add_argument("--frozen", action="store_true", help="also the pre-trained encoder kept frozen")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="2 scenes per region, a few steps: that it runs")
@@ -160,19 +175,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         pretrain_encoder(EncoderPretrainConfig(
             scenes=train, val_scenes=[sc.stack.parent for sc in held], out=encoder, model_config=args.model,
             steps=args.encoder_steps, threads=args.threads, eval_every=max(args.encoder_steps // 6, 1)))
-    starts: dict[str, tuple[Path | None, bool]] = {"random": (None, False), "pretrained": (encoder, False)}
-    if args.frozen:
-        starts["pretrained_frozen"] = (encoder, True)
+    names = [n for n in args.starts.split(",") if n] + (["pretrained_frozen"] if args.frozen else [])
+    unknown = sorted(set(names) - set(STARTS))
+    if unknown:
+        ap.error(f"unknown start(s) {unknown}; choose from {', '.join(STARTS)}")
     result: dict[str, Any] = {"model": Path(args.model).name, "scenes_per_region": args.scenes, "steps": args.steps,
                               "encoder_steps": args.encoder_steps, "seeds": args.seeds,
                               "held_out": [sc.name for sc in held],
                               "encoder": json.loads((encoder / "pretrain.json").read_text())["history"][-1],
                               "starts": {}}
-    for name, (enc, frozen) in starts.items():
+    for name in dict.fromkeys(names):
+        pretrained, frozen, overrides = STARTS[name]
         runs = []
         for seed in args.seeds:
             t1 = time.perf_counter()
-            final = train_fields(args.work, data, name, seed, args.steps, args.model, enc, frozen, args.threads)
+            final = train_fields(args.work, data, name, seed, args.steps, args.model, encoder if pretrained else None,
+                                 frozen, args.threads, overrides)
             row = score(final, held, args.work / "pred" / f"{name}_seed{seed}", args.threads)
             runs.append({"seed": seed, **row, "seconds": round(time.perf_counter() - t1, 1)})
             print(f"{name} seed {seed}: pooled held-out F1@0.5 {row['pooled_f1']['model']:.3f} "
@@ -183,7 +201,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["seconds"] = round(time.perf_counter() - t0, 1)
     out = args.out if not args.smoke else args.work
     out.mkdir(parents=True, exist_ok=True)
-    (out / "encoder_pretrain.json").write_text(json.dumps(result, indent=1) + "\n")
+    path = out / "encoder_pretrain.json"
+    if path.is_file() and not args.smoke:  # keep the starts measured before (the same settings) beside these
+        before = json.loads(path.read_text())
+        if all(before.get(k) == result[k] for k in ("model", "scenes_per_region", "steps", "encoder_steps", "seeds")):
+            result["starts"] = {**before["starts"], **result["starts"]}
+    path.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, out / "encoder_pretrain.png")
     print(f"→ {out / 'encoder_pretrain.json'} ({result['seconds']} s)")
     return result

@@ -124,6 +124,10 @@ class LapeSettings(StrictModel):
     init: LapeInit = "llm_stats"
     init_std_ratio: float = Field(default=0.1, gt=0)
     decode_window: int = Field(default=2, ge=0)
+    #: Add to each point of a question (``<WIDTH-…><HEIGHT-…>`` in the prompt) the visual feature under it, the
+    #: item's visual tokens averaged over dates and sampled bilinearly at the point (Ferret's / GPT4RoI's region
+    #: features), so the LM reads the point's field without finding its token first.
+    point_features: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -310,6 +314,7 @@ def _agrivlm_config(
         lape_init=s.lape.init,
         lape_init_std_ratio=s.lape.init_std_ratio,
         decode_window=s.lape.decode_window,
+        point_features=s.lape.point_features,
         image_token_id=layout.image_token_id,
         video_token_id=layout.video_token_id,
         lape_input_token_ids=list(layout.input_token_ids),

@@ -98,6 +98,10 @@ class AgriVLMConfig(PreTrainedConfig):
     #: pooled at ``pool_stride``, the others at ``2 · pool_stride``, each frame followed by a learned separator
     #: (:func:`agrivlm.pipeline.inputs.frame_token_counts`).
     faster_video_stride: int = 0
+    #: Each point of a prompt (a width token then a height token, both unsupervised) gets the visual feature under
+    #: it added to its height token: the item's tokens averaged over frames, sampled bilinearly at ``(u, v)``
+    #: (:meth:`~agrivlm.model.modeling.AgriVLMForConditionalGeneration.add_point_features`); with LAPE on only.
+    point_features: bool = False
     #: LAPE on: separate position tables/heads, NTP, injection, soft targets. Off: position tokens are plain vocabulary.
     enable_lape: bool = True
     #: Position tokens per spatial axis.
@@ -179,6 +183,9 @@ class AgriVLMConfig(PreTrainedConfig):
         if self.vision_packing and (vt != "siglip_vision_model" or self.vision_feature_layer != -1):
             raise ConfigError("AgriVLMConfig.vision_packing: packs SigLIP encoders read at their last layer "
                               f"(vision_feature_layer -1); this one is {vt} at layer {self.vision_feature_layer}")
+        if self.point_features and self.faster_video_stride:
+            raise ConfigError("AgriVLMConfig.point_features: not with the faster-video stream (it samples one grid of "
+                              "tokens per frame)")
         if self.faster_video_stride < 0:
             raise ConfigError(f"AgriVLMConfig.faster_video_stride: must be ≥ 0 (0 = off), got "
                               f"{self.faster_video_stride}")

@@ -691,7 +691,8 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
             **kwargs: passed to the LLM (e.g. ``output_hidden_states``).
         """
         inputs_embeds = self._inputs_embeds(
-            input_ids, inputs_embeds, pixel_values, position_values, frame_times, patch_positions, image_sizes
+            input_ids, inputs_embeds, pixel_values, position_values, frame_times, patch_positions, image_sizes,
+            None if labels is None else labels == -100,
         )
         outputs = self.language_model.base_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
@@ -718,8 +719,13 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
         frame_times: torch.Tensor | None,
         patch_positions: torch.Tensor | None,
         image_sizes: torch.Tensor | None,
+        prompt_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """:meth:`forward`'s LLM input: ``inputs_embeds`` as given, or ``input_ids`` embedded with the visual tokens."""
+        """:meth:`forward`'s LLM input: ``inputs_embeds`` as given, or ``input_ids`` embedded with the visual tokens.
+
+        ``prompt_mask`` ``(B, L)``: the unsupervised tokens (None: every token, as in a prompt being generated from),
+        the ones whose points :meth:`add_point_features` may take.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -734,11 +740,64 @@ class AgriVLMForConditionalGeneration(AgriVLMPreTrainedModel, GenerationMixin):
             elif pixel_values is not None:
                 visual = self.get_visual_features(pixel_values, frame_times, tables, patch_positions)
                 inputs_embeds = self.merge_visual_tokens(input_ids, inputs_embeds, visual)
+                if self.config.point_features and self.lape is not None:
+                    grid = visual_token_grid(pixel_values.shape[-2], pixel_values.shape[-1],
+                                             int(self.config.vision_config.patch_size),  # type: ignore[union-attr]
+                                             self.config.pool_stride)
+                    values = position_values if position_values is not None else torch.full(
+                        input_ids.shape, float("nan"), device=input_ids.device)
+                    inputs_embeds = self.add_point_features(input_ids, inputs_embeds, visual, grid, values,
+                                                            prompt_mask)
         elif pixel_values is not None:
             raise ValueError(
                 "pixel_values need input_ids to find the placeholders; do not pass inputs_embeds with them"
             )
         return inputs_embeds
+
+    def add_point_features(self, input_ids: torch.Tensor, embeds: torch.Tensor, visual: torch.Tensor,
+                           grid: tuple[int, int], position_values: torch.Tensor, prompt_mask: torch.Tensor | None
+                           ) -> torch.Tensor:
+        """Add to each prompt point's height token the visual feature under the point (``config.point_features``).
+
+        A point is a width token (a bin or ``<WIDTH-INPUT>``) right before a height token, both in ``prompt_mask``
+        (the unsupervised tokens; every token when None), its ``(u, v)`` their ``position_values``. Its feature is
+        its item's visual tokens ``visual (N, T·h'·w', D)`` averaged over the frames and sampled bilinearly at
+        ``(u, v)`` on the ``grid`` ``(h', w')`` of token cells (Ferret's and GPT4RoI's region features, for a
+        point). Items are the rows' ``<image>``/``<video>`` runs in order; a row without one is left alone.
+        """
+        cfg = self.config
+        n, s, d = visual.shape
+        gh, gw = grid
+        if s % (gh * gw):
+            raise ValueError(f"{s} visual tokens per item do not make whole {gh}x{gw} frames")
+        ns = self.vocab.num_spatial
+        rel = input_ids - self._offset()
+        in_h, in_w = (cfg.lape_input_token_ids or [-1, -1, -1])[:2]  # AXES: height, width, time
+        is_h = ((rel >= 0) & (rel < ns)) | (input_ids == in_h)
+        is_w = ((rel >= ns) & (rel < 2 * ns)) | (input_ids == in_w)
+        pair = is_w[:, :-1] & is_h[:, 1:]
+        if prompt_mask is not None:
+            pair &= prompt_mask[:, :-1] & prompt_mask[:, 1:]
+        ids = torch.tensor([i for i in (cfg.image_token_id, cfg.video_token_id) if i is not None],
+                           device=input_ids.device)
+        per_row = torch.isin(input_ids, ids).sum(1) // s  # items per row
+        pair &= (per_row > 0)[:, None]
+        rows, cols = pair.nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            return embeds
+        # a bin token without a value stands at its bin's centre; a placeholder needs its value
+        u = torch.where(torch.isfinite(position_values[rows, cols]), position_values[rows, cols],
+                        (rel[rows, cols] - ns + 0.5) / ns)
+        v = torch.where(torch.isfinite(position_values[rows, cols + 1]), position_values[rows, cols + 1],
+                        (rel[rows, cols + 1] + 0.5) / ns)
+        if not bool((u >= 0).all() & (v >= 0).all()):
+            raise ValueError("config.point_features: a point's <WIDTH-INPUT>/<HEIGHT-INPUT> has no position value; "
+                             "build inputs with AgriVLMProcessor")
+        item = (torch.cumsum(per_row, 0) - per_row)[rows]  # the row's first item
+        cells = visual.reshape(n, s // (gh * gw), gh, gw, d).mean(1).permute(0, 3, 1, 2)  # (N, D, h', w')
+        where = torch.stack([2 * u - 1, 2 * v - 1], dim=-1).to(cells.dtype).view(-1, 1, 1, 2)
+        feats = F.grid_sample(cells[item], where, mode="bilinear", padding_mode="border", align_corners=False)
+        return embeds.index_put((rows, cols + 1), embeds[rows, cols + 1] + feats.view(-1, d).to(embeds.dtype))
 
     def _merge_sized_items(self, input_ids: torch.Tensor, embeds: torch.Tensor, parts: list[torch.Tensor]
                            ) -> torch.Tensor:
