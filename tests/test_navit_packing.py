@@ -12,11 +12,10 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import torch
-from train_helpers import curriculum_recipe, stage_yaml
+from train_helpers import ask_sample_fields, curriculum_recipe, quick_run, stage_yaml
 
 from agrivlm.errors import ConfigError
 from agrivlm.geo import Chip, ChipStream, open_stack
-from agrivlm.infer.batch import run_inference
 from agrivlm.model import build_model, load_pretrained
 from agrivlm.model.builders import TINY_CONFIG, load_model_settings
 from agrivlm.model.modeling import _packs
@@ -147,8 +146,7 @@ def test_trained_with_packing_and_a_token_budget_and_asked_by_infer(tmp_path_fac
                                                                      sample_root: Path) -> None:
     data = curriculum_recipe(tmp_path_factory)
     tmp = tmp_path_factory.mktemp("navit")
-    common = {"data.roots": [str(data)], "train.max_steps": 2, "train.batch_size": 4, "train.save_every": 0,
-              "train.torch_threads": 1, "train.progress": False, "train.eval_every": -1}
+    common = quick_run(data, tmp / "s1")
     s1 = run_stage(stage_yaml("stage1", tmp / "s1.yaml", {**common, "output_dir": str(tmp / "s1"),
                                                            "model.overrides": {"vision.packing": True}}),
                    stage="stage1")
@@ -159,7 +157,4 @@ def test_trained_with_packing_and_a_token_budget_and_asked_by_infer(tmp_path_fac
     assert found and inputs.max_patches == 16
     model, _ = load_pretrained(s2)
     assert model.config.vision_packing
-    out = tmp / "fields.gpkg"
-    run_inference([str(sample_root / "ndvi")], s2, out, task="fields", masks=[str(sample_root / "cloud_mask")],
-                  overrides={"stride": 32}, batch_size=16, max_new_tokens=8, progress=False, threads=1)
-    assert isinstance(gpd.read_file(out), gpd.GeoDataFrame)
+    assert isinstance(ask_sample_fields(s2, sample_root, tmp / "fields.gpkg"), gpd.GeoDataFrame)

@@ -13,10 +13,9 @@ import geopandas as gpd
 import pytest
 import torch
 import torch.nn.functional as F
-from train_helpers import curriculum_recipe, stage_yaml
+from train_helpers import ask_sample_fields, curriculum_recipe, quick_run, stage_yaml
 
 from agrivlm.errors import ConfigError
-from agrivlm.infer.batch import run_inference
 from agrivlm.model import build_model, load_pretrained
 from agrivlm.model.builders import TINY_CONFIG, load_model_settings
 from agrivlm.model.configuration import AgriVLMConfig
@@ -82,15 +81,11 @@ def test_trained_with_point_features_and_asked_by_infer(tmp_path_factory: pytest
                                                        sample_root: Path) -> None:
     data = curriculum_recipe(tmp_path_factory)
     tmp = tmp_path_factory.mktemp("point_features")
-    common = {"output_dir": str(tmp / "s1"), "data.roots": [str(data)], "train.max_steps": 2, "train.batch_size": 4,
-              "train.save_every": 0, "train.torch_threads": 1, "train.progress": False, "train.eval_every": -1,
-              "optim.warmup_steps": 0, "optim.lr": 1e-2, "model.overrides": {"lape.point_features": True}}
+    common = quick_run(data, tmp / "s1", **{"optim.warmup_steps": 0, "optim.lr": 1e-2,
+                                            "model.overrides": {"lape.point_features": True}})
     s1 = run_stage(stage_yaml("stage1", tmp / "s1.yaml", common), stage="stage1")
     c2 = {**common, "output_dir": str(tmp / "s2"), "model.overrides": {}, "model.init_from": str(s1)}
     s2 = run_stage(stage_yaml("stage2", tmp / "s2.yaml", c2), stage="stage2")
     model, _ = load_pretrained(s2)
     assert model.config.point_features
-    out = tmp / "fields.gpkg"
-    run_inference([str(sample_root / "ndvi")], s2, out, task="fields", masks=[str(sample_root / "cloud_mask")],
-                  overrides={"stride": 32}, batch_size=16, max_new_tokens=8, progress=False, threads=1)
-    assert isinstance(gpd.read_file(out), gpd.GeoDataFrame)
+    assert isinstance(ask_sample_fields(s2, sample_root, tmp / "fields.gpkg"), gpd.GeoDataFrame)

@@ -27,6 +27,23 @@ def curriculum_recipe(factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def quick_run(data: Path, out: Path, steps: int = 2, **extra: Any) -> dict[str, Any]:
+    """Stage overrides of a few-step run on ``data`` into ``out``: batch 4, one thread, no saves, evaluation or bars."""
+    return {"output_dir": str(out), "data.roots": [str(data)], "train.max_steps": steps, "train.batch_size": 4,
+            "train.save_every": 0, "train.torch_threads": 1, "train.progress": False, "train.eval_every": -1, **extra}
+
+
+def ask_sample_fields(model: Path, sample_root: Path, out: Path) -> Any:
+    """``agrivlm infer --task fields`` of ``model`` on the embedded sample's 32-px chips → the GeoDataFrame written."""
+    import geopandas as gpd
+
+    from agrivlm.infer.batch import run_inference
+
+    run_inference([str(sample_root / "ndvi")], model, out, task="fields", masks=[str(sample_root / "cloud_mask")],
+                  overrides={"stride": 32}, batch_size=16, max_new_tokens=8, progress=False, threads=1)
+    return gpd.read_file(out)
+
+
 def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     for part in parents:
