@@ -73,6 +73,8 @@ def test_pretraining_beats_a_constant_on_a_scene_it_never_saw_and_loads_as_visio
     last = result["history"][-1]  # type: ignore[index]
     # on the held-out scene, the field extent under each pixel beats the best constant answer for those pixels
     assert last["val_extent_error_px"] < 0.85 * last["val_extent_error_px_constant"], last
+    # and every date's pixels are redrawn from that date's tokens better than by the date's own mean
+    assert last["val_frame_error"] < 0.8 * last["val_frame_error_date_mean"], last
     # the folder is a SigLIP checkpoint: vision.checkpoint loads it, every weight as saved
     settings = load_model_settings(TINY).model_copy(deep=True)
     settings.vision.checkpoint = str(out)

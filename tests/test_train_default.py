@@ -12,14 +12,23 @@ from safetensors.torch import load_file
 
 from agrivlm.default_checkpoint import DEFAULT_MODEL_DIR, resolve_model
 from agrivlm.errors import ConfigError
-from agrivlm.train.default import DefaultTraining, install, phases, recipe_text, run_default
+from agrivlm.train.default import (
+    DefaultTraining,
+    install,
+    model_overrides,
+    phase_overrides,
+    phases,
+    recipe_text,
+    run_default,
+)
 
 
 def test_default_training_runs_end_to_end_and_installs_in_half_precision(tmp_path: Path,
                                                                          one_torch_thread: None) -> None:
     opts = DefaultTraining(scenes_per_region=1, steps={"stage1": 2, "stage2": 2, "stage3_focus": 2, "stage3": 4,
                                                        "stage3_fields": 2},
-                           snapshot_every=2, threads=1, num_frames=4, encoder_steps=3)
+                           snapshot_every=2, threads=1, num_frames=4, encoder_steps=3, train_vision=False,
+                           point_features=True)
     final = run_default(tmp_path / "run", opts, echo=lambda _: None)
     assert (final / "config.json").is_file() and (final / "README.md").is_file()
     card = json.loads((final / "default_training.json").read_text())
@@ -61,6 +70,9 @@ def test_default_training_runs_end_to_end_and_installs_in_half_precision(tmp_pat
     stage1 = load_file(tmp_path / "run" / "train" / "stage1" / "final" / "model.safetensors")
     key = "encoder.layers.0.self_attn.q_proj.weight"
     assert torch.equal(stage1[f"vision_tower.{key}"], encoder[key])
+    # --no-train-vision: the pre-trained encoder stays frozen through stage 3; --point-features reaches the model
+    assert torch.equal(load_file(final / "model.safetensors")[f"vision_tower.{key}"], encoder[key])
+    assert json.loads((final / "config.json").read_text())["point_features"] is True
     # a second run finds everything done and trains nothing again
     stamp = (final / "model.safetensors").stat().st_mtime_ns
     run_default(tmp_path / "run", opts, echo=lambda _: None)
@@ -75,6 +87,16 @@ def test_default_training_runs_end_to_end_and_installs_in_half_precision(tmp_pat
 
     model, _processor = load_pretrained(target)
     assert model is not None
+
+
+def test_stage3_trains_the_vision_encoder_unless_told_not_to(tmp_path: Path) -> None:
+    args = (tmp_path / "data", tmp_path / "out", tmp_path / "prev")
+    assert phase_overrides("stage3", DefaultTraining(), *args)["trainable.vision"] is True
+    assert phase_overrides("stage3", DefaultTraining(train_vision=False), *args)["trainable.vision"] is False
+    assert phase_overrides("stage2", DefaultTraining(), *args)["trainable.vision"] is False
+    assert model_overrides(DefaultTraining(), None) == {}
+    assert model_overrides(DefaultTraining(point_features=True), tmp_path) == {
+        "vision.checkpoint": str(tmp_path.resolve()), "lape.point_features": True}
 
 
 def test_recipe_keeps_corn_belt_out_and_draws_steps_times_batch() -> None:

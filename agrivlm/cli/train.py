@@ -86,6 +86,12 @@ def default(
     encoder_steps: Annotated[int, typer.Option(
         min=0, help="Steps of the vision encoder's dense pre-training before stage 1 (FTW's three classes from the "
              "pooled tokens; 0: a random encoder).")] = _DEFAULTS.encoder_steps,
+    train_vision: Annotated[bool, typer.Option(
+        help="Stage 3 trains the vision encoder (--no-train-vision: it stays as stage 1 started it).")
+    ] = _DEFAULTS.train_vision,
+    point_features: Annotated[bool, typer.Option(
+        help="The model's lape.point_features: the feature under each question point added to its height token."
+    )] = _DEFAULTS.point_features,
     threads: Annotated[int, typer.Option(min=1, help="torch CPU threads.")] = 2,
     install: Annotated[bool, typer.Option(help="Copy the result into the package as the default checkpoint.")] = False,
 ) -> None:
@@ -97,7 +103,7 @@ def default(
 
     base = _DEFAULTS
     opts = DefaultTraining(scenes_per_region=scenes_per_region, threads=threads, points_per_record=points_per_record,
-                           encoder_steps=encoder_steps,
+                           encoder_steps=encoder_steps, train_vision=train_vision, point_features=point_features,
                            steps={**base.steps, "stage3": stage3_steps, "stage3_fields": fields_steps})
     final = run_default(out, opts, do_install=install, echo=typer.echo)
     typer.echo(f"default checkpoint: {final}")

@@ -9,9 +9,11 @@ rasterized from the scenes' parcels, and the encoder learns to predict them thro
 head predicts every pixel of a token's cell, so each token must carry where the boundaries run inside it).
 The head also regresses, for every pixel inside a field, how far that field reaches inside the chip (left, top,
 right, bottom: :func:`extent_target`), the numbers an outline answer is made of, so the token under a point
-carries its field's extent. The frames of a chip (dates of the season, clouds as no data, normalised as the
-processor does) go through the encoder one by one, as in the model, and the head reads their mean over dates, so
-a boundary seen only when two crops differ still counts.
+carries its field's extent. A second linear head reads every date's pooled tokens before the mean and redraws that
+date's pixels, so the tokens keep each date's greenness, which growth answers are read from (trained for fields
+alone and frozen, they would keep only the outlines). The frames of a chip (dates of the season, clouds as no
+data, normalised as the processor does) go through the encoder one by one, as in the model, and the head reads
+their mean over dates, so a boundary seen only when two crops differ still counts.
 
 The result is a transformers SigLIP vision folder (``save_pretrained``), which a model YAML's
 ``vision.checkpoint`` loads like any local SigLIP checkpoint (:func:`agrivlm.model.builders.load_vision_tower`).
@@ -147,6 +149,7 @@ class EncoderPretrainConfig:
     lr: float = 1e-3
     boundary_weight: float = 3.0      # CE weight of boundary pixels (about a tenth of the pixels)
     extent_weight: float = 1.0        # weight of the L1 loss of the field extents (0: the classes alone)
+    frame_weight: float = 1.0         # weight of the L1 loss of every date's pixels redrawn (0: none)
     min_clear: float = 0.6            # a frame is used when this fraction of the chip is clear
     seed: int = 0
     threads: int | None = None        # torch CPU threads (None: torch's default)
@@ -186,9 +189,13 @@ class EncoderWithHead(nn.Module):
         self.patch, self.stride, self.mode = settings.vision.patch_size, settings.pooling.stride, settings.pooling.mode
         self.feature_layer = settings.vision.feature_layer
         self.head = DenseHead(vcfg.hidden_size, self.patch * self.stride)
+        self.frame_head = DenseHead(vcfg.hidden_size, self.patch * self.stride, classes=1)
 
-    def forward(self, frames: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Outputs ``(N, 7, H, W)`` (:class:`DenseHead`) of frames ``(N, T, H, W)``, dates ``valid`` ``(N, T)``."""
+    def forward(self, frames: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Outputs ``(N, 7, H, W)`` (:class:`DenseHead`) and every date redrawn ``(N, T, H, W)``.
+
+        ``frames`` ``(N, T, H, W)``, the dates used ``valid`` ``(N, T)``.
+        """
         n, t, h, w = frames.shape
         grey = frames.reshape(n * t, 1, h, w).expand(-1, 3, -1, -1)  # the band adapter's grey start
         if self.feature_layer == -1:
@@ -197,11 +204,12 @@ class EncoderWithHead(nn.Module):
             feats = self.encoder(pixel_values=grey, output_hidden_states=True).hidden_states[self.feature_layer]
         grid = (h // self.patch, w // self.patch)
         pooled = pool_2d(feats, grid, self.stride, self.mode)  # (N·T, P', D), as the model pools
+        redrawn = self.frame_head(pooled, pooled_grid(*grid, self.stride))[:, 0, :h, :w].reshape(n, t, h, w)
         pooled = pooled.reshape(n, t, *pooled.shape[1:])
         weight = valid.reshape(n, t, 1, 1).to(pooled.dtype)
         mean = (pooled * weight).sum(1) / weight.sum(1).clamp_min(1.0)
         logits = self.head(mean, pooled_grid(*grid, self.stride))
-        return logits[..., :h, :w]
+        return logits[..., :h, :w], redrawn
 
 
 @dataclass
@@ -255,18 +263,28 @@ def scene_stats(scenes: Sequence[SceneArrays]) -> BandStats:
     return robust_stats(flat.reshape(-1, 1, 1, 1), source="pre-training scenes")
 
 
-def dense_loss(out: torch.Tensor, batch: Batch, cfg: EncoderPretrainConfig) -> torch.Tensor:
-    """Class cross-entropy (boundary pixels weighted) + ``extent_weight`` × L1 of the extents inside fields."""
+def dense_loss(outs: tuple[torch.Tensor, torch.Tensor], batch: Batch, cfg: EncoderPretrainConfig) -> torch.Tensor:
+    """Class cross-entropy (boundary pixels weighted) + ``extent_weight`` × L1 of the extents inside fields.
+
+    Plus ``frame_weight`` × L1 of the used dates' pixels redrawn.
+    """
+    out, redrawn = outs
     weight = torch.tensor([1.0, 1.0, cfg.boundary_weight])
     loss = F.cross_entropy(out[:, :N_CLASSES], batch.classes, weight=weight)
     if cfg.extent_weight > 0 and bool(batch.in_field.any()):
         err = (out[:, N_CLASSES:] - batch.extent).abs().sum(1)
         loss = loss + cfg.extent_weight * err[batch.in_field].mean()
+    if cfg.frame_weight > 0 and bool(batch.valid.any()):
+        loss = loss + cfg.frame_weight * (redrawn - batch.frames).abs()[batch.valid].mean()
     return loss
 
 
-def dense_scores(out: torch.Tensor, batch: Batch) -> dict[str, float]:
-    """Pixel accuracy and per-class IoU of the classes; the extents' mean error in pixels inside fields."""
+def dense_scores(outs: tuple[torch.Tensor, torch.Tensor], batch: Batch) -> dict[str, float]:
+    """Pixel accuracy and per-class IoU of the classes; the extents' mean error in pixels inside fields.
+
+    Also the redrawn dates' mean error (normalised units) beside each date's own mean as the answer.
+    """
+    out, redrawn = outs
     target = batch.classes
     pred = out[:, :N_CLASSES].argmax(1)
     scores = {"pixel_accuracy": float((pred == target).float().mean())}
@@ -277,6 +295,10 @@ def dense_scores(out: torch.Tensor, batch: Batch) -> dict[str, float]:
         scores["extent_error_px"] = float(err.mean()) * size
         # the best constant answer for these very pixels (each channel's median): what the encoder must beat
         scores["extent_error_px_constant"] = float((truth - truth.median(0).values).abs().mean()) * size
+    if bool(batch.valid.any()):
+        frames = batch.frames[batch.valid]
+        scores["frame_error"] = float((redrawn[batch.valid] - frames).abs().mean())
+        scores["frame_error_date_mean"] = float((frames - frames.mean((1, 2), keepdim=True)).abs().mean())
     for c, name in enumerate(FTW_CLASSES):
         inter = float(((pred == c) & (target == c)).sum())
         union = float(((pred == c) | (target == c)).sum())
@@ -295,10 +317,11 @@ def _evaluate(model: EncoderWithHead, scenes: Sequence[SceneArrays], cfg: Encode
             batch = _sample(rng, scenes, cfg, stats)
             outs.append(model(batch.frames, batch.valid))
             batches.append(batch)
+    joined_outs = (torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]))
     model.train()
     joined = Batch(*(torch.cat([getattr(b, f) for b in batches]) for f in ("frames", "valid", "classes", "extent",
                                                                             "in_field")))
-    return dense_scores(torch.cat(outs), joined)
+    return dense_scores(joined_outs, joined)
 
 
 def pretrain_encoder(cfg: EncoderPretrainConfig, log: Callable[[str], None] = print) -> dict[str, object]:
@@ -343,6 +366,7 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, log: Callable[[str], None] = pr
     result: dict[str, object] = {
         "scenes": [str(p) for p in cfg.scenes], "val_scenes": [str(p) for p in cfg.val_scenes],
         "steps": cfg.steps, "batch_size": cfg.batch_size, "frames": cfg.frames, "lr": cfg.lr,
+        "extent_weight": cfg.extent_weight, "frame_weight": cfg.frame_weight,
         "band_stats": stats.to_dict(), "history": history, "classes": list(FTW_CLASSES),
     }
     (cfg.out / "pretrain.json").write_text(json.dumps(result, indent=1))
