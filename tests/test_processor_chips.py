@@ -21,7 +21,14 @@ from agrivlm.model.tokenizer import add_agrivlm_tokens, default_tokenizer
 from agrivlm.pipeline.anyres import anyres_tiles, token_positions
 from agrivlm.pipeline.bands import fill_nodata, prepare_bands
 from agrivlm.pipeline.frames import FrameSamplingConfig, sample_frames
-from agrivlm.pipeline.inputs import AnyResConfig, BandsConfig, ChipInputConfig, num_visual_tokens, visual_token_centres
+from agrivlm.pipeline.inputs import (
+    AnyResConfig,
+    BandConfig,
+    ChipInputConfig,
+    InputConfig,
+    num_visual_tokens,
+    visual_token_centres,
+)
 
 #: Four frames from the dates with data, clouds as no data: what a caller would feed the model.
 SAMPLING = FrameSamplingConfig(max_frames=4, empty="drop", clouds_as_nodata=True)
@@ -183,7 +190,7 @@ def test_bad_chip_inputs_name_the_problem(processor: AgriVLMProcessor, chips32: 
     with pytest.raises(PipelineError, match="preset 'sentinel2_l2a' expects 12 bands"):
         processor.from_chips(chip, "<video>", bands="sentinel2_l2a")
     with pytest.raises(PipelineError, match=r"give \[3\] channels but the model takes num_bands=1"):
-        processor.from_chips(chip, "<video>", bands=BandsConfig(preset="ndvi", composite="ndvi_gray"))
+        processor.from_chips(chip, "<video>", bands=BandConfig(preset="ndvi", composite="ndvi_gray"))
     with pytest.raises(PipelineError, match=r"same number of frames, got r000000_c000000: 2, r000000_c000032: 4"):
         processor.from_chips(chips32[:2], ["<video> <video>"], frame_indices=[[0, 67], None])
     with pytest.raises(ValueError, match="<image> stands for one frame but chip 0 has 4 frames"):
@@ -191,7 +198,12 @@ def test_bad_chip_inputs_name_the_problem(processor: AgriVLMProcessor, chips32: 
     with pytest.raises(ValueError, match="either anyres or scales"):
         ChipInputConfig(anyres=AnyResConfig(tile_size=32), scales=[1.0])
     with pytest.raises(ValueError, match="unknown sensor preset 'landsat'"):
-        BandsConfig(preset="landsat")
+        BandConfig(preset="landsat")
+    # one band class for the processor and a checkpoint's input settings: the processor needs its preset
+    with pytest.raises(ValueError, match="bands needs a preset"):
+        ChipInputConfig(bands=BandConfig())
+    with pytest.raises(ValueError, match="composite 'ndvi_gray' needs a band preset"):
+        InputConfig(bands=BandConfig(composite="ndvi_gray"))
     odd = next(iter(ChipStream(open_stack(sample_root / "ndvi"), chip_size=30)))
     with pytest.raises(PipelineError, match=r"chip r000000_c000000: set chip_config.size.*30x30 px"):
         processor.from_chips(odd, "<video>")
@@ -204,7 +216,7 @@ def test_save_and_load_keep_the_chip_settings(processor: AgriVLMProcessor, offse
                                               tmp_path: Path) -> None:
     cfg = ChipInputConfig(sampling=FrameSamplingConfig(max_frames=3, empty="drop", uniform_by="time",
                                                        clouds_as_nodata=True),
-                          bands=BandsConfig(preset="ndvi", low=[0.1], high=[0.9]),
+                          bands=BandConfig(preset="ndvi", low=[0.1], high=[0.9]),
                           anyres=AnyResConfig(tile_size=32, max_tiles=4, thumbnail=False), fill_value=-1.0)
     proc = AgriVLMProcessor(tokenizer=processor.tokenizer, patch_size=4, pool_stride=2, pool_mode="bilinear",
                             chip_config=cfg)

@@ -64,7 +64,7 @@ from agrivlm.pipeline.inputs import (
     IGNORE_INDEX,
     PIXEL_CRS,
     AnyResConfig,
-    BandsConfig,
+    BandConfig,
     ChipBatch,
     ChipGeography,
     ChipInputConfig,
@@ -523,7 +523,7 @@ class AgriVLMProcessor(ProcessorMixin):
     def from_chips(
         self, chips: Chip | Sequence[Chip], prompts: str | Sequence[str],
         answers: str | Sequence[Answer] | None = None, *, config: ChipInputConfig | None = None,
-        sampling: FrameSamplingConfig | None = None, bands: BandsConfig | str | None = None,
+        sampling: FrameSamplingConfig | None = None, bands: BandConfig | str | None = None,
         stats: BandStats | None = None, anyres: AnyResConfig | None = None, scales: Sequence[float] | None = None,
         frame_indices: Sequence[Sequence[int] | None] | None = None,
         positions: Sequence[Sequence[float] | None] | None = None, padding_side: str = "right", add_eos: bool = True,
@@ -545,7 +545,7 @@ class AgriVLMProcessor(ProcessorMixin):
             config: settings for this call instead of the processor's :attr:`chip_settings` (pass a whole
                 config to switch a section *off*); the next five override single sections, None keeps them.
             sampling: frame sampler (:class:`~agrivlm.pipeline.frames.FrameSamplingConfig`).
-            bands: band scaling, a :class:`BandsConfig` or just a preset key (per-chip percentiles).
+            bands: band scaling, a :class:`BandConfig` or just a preset key (per-chip percentiles).
             stats: fixed, dataset-wide normalisation (needs a band preset).
             anyres: AnyRes tiling (:class:`AnyResConfig`).
             scales: multi-scale factors, e.g. ``(1.0, 0.75, 0.5)``.
@@ -720,7 +720,7 @@ class AgriVLMProcessor(ProcessorMixin):
         self,
         config: ChipInputConfig | None,
         sampling: FrameSamplingConfig | None,
-        bands: BandsConfig | str | None,
+        bands: BandConfig | str | None,
         stats: BandStats | None,
         anyres: AnyResConfig | None,
         scales: Sequence[float] | None,
@@ -730,7 +730,7 @@ class AgriVLMProcessor(ProcessorMixin):
         if sampling is not None:
             update["sampling"] = sampling
         if bands is not None:
-            update["bands"] = BandsConfig(preset=bands) if isinstance(bands, str) else bands
+            update["bands"] = BandConfig(preset=bands) if isinstance(bands, str) else bands
         if stats is not None:
             base = update.get("bands", cfg.bands)
             if base is None:
@@ -766,6 +766,7 @@ class AgriVLMProcessor(ProcessorMixin):
         values = frames.pixels
         used: BandStats | None = None
         if cfg.bands is not None:
+            assert cfg.bands.preset is not None  # ChipInputConfig's rule
             values, used = prepare_bands(values, cfg.bands.preset, composite_name=cfg.bands.composite,
                                          times=frames.times, stats=cfg.bands.stats(),
                                          percentiles=cfg.bands.percentiles, source=f"chip {chip.chip_id}")

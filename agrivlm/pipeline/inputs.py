@@ -110,11 +110,17 @@ def visual_token_centres(height: int, width: int, patch_size: int, pool_stride: 
 # -- chip inputs: settings -----------------------------------------------------------------------------
 
 
-class BandsConfig(StrictModel):
-    """How :meth:`AgriVLMProcessor.from_chips` scales a chip's bands (:func:`~agrivlm.pipeline.bands.prepare_bands`)."""
+class BandConfig(StrictModel):
+    """Band preset and normalisation (:func:`~agrivlm.pipeline.bands.prepare_bands`), one class for every user.
 
-    #: Sensor preset key (:data:`agrivlm.pipeline.bands.PRESETS`): band count, scale, offset, nodata.
-    preset: str
+    A checkpoint's input settings (:class:`InputConfig`, ``agrivlm_inputs.yaml``) and the processor's chip settings
+    (:class:`ChipInputConfig`) share it, so what training saved is what ``agrivlm infer`` and the processor check.
+    """
+
+    #: Sensor preset key (:data:`agrivlm.pipeline.bands.PRESETS`: ``ndvi``, ``sentinel2_l2a``, …): band count,
+    #: scale, offset, nodata. Required to prepare chips; None in input settings that name none yet
+    #: (``agrivlm infer`` then needs ``--preset``).
+    preset: str | None = None
     #: Optional false-colour composite (:data:`agrivlm.pipeline.bands.COMPOSITES`); None keeps every band.
     composite: str | None = None
     #: Percentiles of the per-chip robust clip range (used when ``low``/``high`` are not set).
@@ -126,16 +132,18 @@ class BandsConfig(StrictModel):
 
     @field_validator("preset")
     @classmethod
-    def _known_preset(cls, v: str) -> str:
-        if v not in PRESETS:
+    def _known_preset(cls, v: str | None) -> str | None:
+        if v is not None and v not in PRESETS:
             raise ValueError(f"unknown sensor preset {v!r}; use one of {', '.join(PRESETS)}")
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> BandsConfig:
+    def _consistent(self) -> BandConfig:
         if self.composite is not None:
             if self.composite not in COMPOSITES:
                 raise ValueError(f"unknown composite {self.composite!r}; use one of {', '.join(COMPOSITES)}")
+            if self.preset is None:
+                raise ValueError(f"composite {self.composite!r} needs a band preset")
             if self.composite not in available_composites(self.preset):
                 raise ValueError(f"preset {self.preset!r} cannot make composite {self.composite!r}; it supports "
                                  f"{', '.join(available_composites(self.preset)) or 'none'}")
@@ -188,8 +196,9 @@ class ChipInputConfig(StrictModel):
 
     #: Which dates become frames.
     sampling: FrameSamplingConfig = Field(default_factory=FrameSamplingConfig)
-    #: Band scaling; None feeds the chip's values as they are (NaN still becomes ``fill_value``).
-    bands: BandsConfig | None = None
+    #: Band scaling (its ``preset`` set); None feeds the chip's values as they are (NaN still becomes
+    #: ``fill_value``).
+    bands: BandConfig | None = None
     #: AnyRes tiling; None: no tiles.
     anyres: AnyResConfig | None = None
     #: Multi-scale: scale factors, e.g. ``[1.0, 0.75, 0.5]``; each scale's side is rounded to a multiple of
@@ -208,6 +217,8 @@ class ChipInputConfig(StrictModel):
     @model_validator(mode="after")
     def _one_layout(self) -> ChipInputConfig:
         check_item_layout(self.anyres, self.scales, self.max_patches)
+        if self.bands is not None and self.bands.preset is None:
+            raise ValueError("bands needs a preset to scale a chip's bands (or bands: null for the values as they are)")
         if self.anyres is not None and self.size is not None:
             raise ValueError("size resizes plain and multi-scale chips; AnyRes tiles are anyres.tile_size px")
         if self.size is not None and self.max_patches is not None:
@@ -289,7 +300,7 @@ def chip_config_with_inputs(config: ChipInputConfig, inputs: Mapping[str, Any]) 
     update["bands"] = None
     if bands.get("preset") is not None:
         keep = {k: bands[k] for k in ("preset", "composite", "percentiles", "low", "high") if k in bands}
-        update["bands"] = parse_config(BandsConfig, keep, "processor inputs.bands")
+        update["bands"] = parse_config(BandConfig, keep, "processor inputs.bands")
     return ChipInputConfig.model_validate({**config.model_dump(), **update})
 
 
@@ -457,21 +468,6 @@ def default_frames() -> FrameSamplingConfig:
         sampler="uniform", uniform_by="index", max_frames=MAX_FRAMES, empty="drop", clouds_as_nodata=True,
         min_valid_fraction=MIN_CLEAR,
     )
-
-
-class BandConfig(StrictModel):
-    """Band preset and normalisation (:func:`agrivlm.pipeline.bands.prepare_bands`)."""
-
-    #: A key of ``agrivlm.pipeline.bands.PRESETS`` (``ndvi``, ``sentinel2_l2a``, …); required to run.
-    preset: str | None = None
-    #: A false-colour composite (``COMPOSITES`` key) giving 3 channels; None: every band of the preset.
-    composite: str | None = None
-    #: Fixed value mapped to 0, per channel (dataset-wide statistics); None: each chip's own percentiles.
-    low: list[float] | None = None
-    #: Fixed value mapped to 1, per channel.
-    high: list[float] | None = None
-    #: Percentiles of the per-chip statistics when ``low``/``high`` are not given.
-    percentiles: tuple[float, float] = (2.0, 98.0)
 
 
 class InputConfig(StrictModel):
