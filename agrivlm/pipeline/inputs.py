@@ -214,11 +214,16 @@ class ChipInputConfig(StrictModel):
     #: Value that replaces no data (NaN) in the pixels fed to the encoder.
     fill_value: float = 0.0
 
+    @field_validator("bands")
+    @classmethod
+    def _bands_have_preset(cls, v: BandConfig | None) -> BandConfig | None:
+        if v is not None and v.preset is None:
+            raise ValueError("bands needs a preset to scale a chip's bands (or bands: null for the values as they are)")
+        return v
+
     @model_validator(mode="after")
     def _one_layout(self) -> ChipInputConfig:
         check_item_layout(self.anyres, self.scales, self.max_patches)
-        if self.bands is not None and self.bands.preset is None:
-            raise ValueError("bands needs a preset to scale a chip's bands (or bands: null for the values as they are)")
         if self.anyres is not None and self.size is not None:
             raise ValueError("size resizes plain and multi-scale chips; AnyRes tiles are anyres.tile_size px")
         if self.size is not None and self.max_patches is not None:
@@ -299,7 +304,7 @@ def chip_config_with_inputs(config: ChipInputConfig, inputs: Mapping[str, Any]) 
     bands = dict(inputs.get("bands") or {})
     update["bands"] = None
     if bands.get("preset") is not None:
-        keep = {k: bands[k] for k in ("preset", "composite", "percentiles", "low", "high") if k in bands}
+        keep = {k: v for k, v in bands.items() if k in BandConfig.model_fields}
         update["bands"] = parse_config(BandConfig, keep, "processor inputs.bands")
     return ChipInputConfig.model_validate({**config.model_dump(), **update})
 

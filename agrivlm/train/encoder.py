@@ -204,11 +204,12 @@ class EncoderWithHead(nn.Module):
             feats = self.encoder(pixel_values=grey, output_hidden_states=True).hidden_states[self.feature_layer]
         grid = (h // self.patch, w // self.patch)
         pooled = pool_2d(feats, grid, self.stride, self.mode)  # (N·T, P', D), as the model pools
-        redrawn = self.frame_head(pooled, pooled_grid(*grid, self.stride))[:, 0, :h, :w].reshape(n, t, h, w)
+        cells = pooled_grid(*grid, self.stride)
+        redrawn = self.frame_head(pooled, cells)[:, 0, :h, :w].reshape(n, t, h, w)
         pooled = pooled.reshape(n, t, *pooled.shape[1:])
         weight = valid.reshape(n, t, 1, 1).to(pooled.dtype)
         mean = (pooled * weight).sum(1) / weight.sum(1).clamp_min(1.0)
-        logits = self.head(mean, pooled_grid(*grid, self.stride))
+        logits = self.head(mean, cells)
         return logits[..., :h, :w], redrawn
 
 
