@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import pytest
 import torch
 from train_helpers import curriculum_recipe
 
-from agrivlm.geo.coords import TimeAxis
 from agrivlm.infer.errors import InferError
 from agrivlm.infer.generate import Predictor, Question, Visual
 from agrivlm.model import build_model
@@ -64,7 +62,7 @@ def test_a_trained_model_ends_its_answers_with_the_end_token(tmp_path_factory: p
 
     questions = []
     for sr, s in zip(records, samples, strict=True):
-        axis = TimeAxis.from_dates(np.asarray(sr.record.chip.frame_dates, dtype="datetime64[s]"))
+        axis = sr.record.chip.time_axis
         visual = Visual(pixels=s.pixels, frame_times=s.frame_times, dates=axis.from_norm(s.frame_times),
                         time_axis=axis)
         in_prompt = len(s.positions) - len(POSITION.findall(s.answer))

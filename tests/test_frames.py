@@ -13,7 +13,7 @@ from rasters import UTM33, UTM_TRANSFORM, smooth_field, write_raster
 
 from agrivlm.config import parse_config
 from agrivlm.errors import ConfigError, PipelineError
-from agrivlm.geo import Chip, ChipStream, GeoGrid, open_stack
+from agrivlm.geo import Chip, ChipStream, GeoGrid, TimeAxis, open_stack
 from agrivlm.pipeline.frames import (
     FrameSamplingConfig,
     fast_slow_indices,
@@ -113,21 +113,27 @@ def test_config_is_strict_and_checked() -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(days=st.lists(st.integers(0, 3000), min_size=1, max_size=30, unique=True), data=st.data())
-def test_frame_times_are_on_the_candidates_range_not_the_chosen_frames(days: list[int], data: st.DataObject) -> None:
+@given(days=st.lists(st.integers(0, 3000), min_size=1, max_size=30, unique=True), data=st.data(),
+       season_start=st.sampled_from(["01-01", "08-01", "10-15"]))
+def test_frame_times_are_on_the_season_windows_of_the_candidates(days: list[int], data: st.DataObject,
+                                                                 season_start: str) -> None:
     dates = np.datetime64("2016-01-01") + np.sort(np.array(days)).astype("timedelta64[D]")
     chosen = np.array(sorted(data.draw(st.sets(st.integers(0, len(days) - 1), min_size=1))), dtype=np.int64)
-    axis, t = frame_time_positions(dates, chosen)
-    assert axis.start == dates[0] and axis.end == dates[-1]
-    assert t.shape == chosen.shape and np.all((t >= 0) & (t <= 1)) and np.all(np.diff(t) > 0)
-    if len(days) > 1:
-        span = float((dates[-1] - dates[0]) / np.timedelta64(1, "D"))
-        np.testing.assert_allclose(t, (dates[chosen] - dates[0]) / np.timedelta64(1, "D") / span, atol=1e-12)
-        # a subset without the first and last candidate is not stretched to [0, 1]
-        if chosen[0] > 0:
-            assert t[0] > 0
-        if chosen[-1] < len(days) - 1:
-            assert t[-1] < 1
+    axis, t = frame_time_positions(dates, chosen, season_start)
+    # the axis runs from the season start on or before the first candidate to the one after the last
+    assert axis.start <= dates[0] and axis.start > dates[0] - np.timedelta64(366, "D")
+    assert axis.end > dates[-1] and axis.end <= dates[-1] + np.timedelta64(366, "D")
+    for edge in (axis.start, axis.end):
+        assert str(edge)[5:10] == season_start
+    assert t.shape == chosen.shape and np.all((t >= 0) & (t < 1)) and np.all(np.diff(t) > 0)
+    span = (axis.end - axis.start) / np.timedelta64(1, "D")
+    np.testing.assert_allclose(t, (dates[chosen] - axis.start) / np.timedelta64(1, "D") / span, atol=1e-12)
+    # a date's t does not depend on which other dates of its season windows are candidates
+    again, t_again = frame_time_positions(dates[[0, -1]], [0, 1], season_start)
+    assert again == axis and t_again[0] == frame_time_positions(dates, [0], season_start)[1][0]
+    # a known axis is used as given (a record's time_range)
+    given_axis, t_given = frame_time_positions(dates, chosen, axis=TimeAxis.from_dates(dates))
+    assert given_axis == TimeAxis.from_dates(dates) and np.all((t_given >= 0) & (t_given <= 1))
     with pytest.raises(PipelineError, match="outside the"):
         frame_time_positions(dates, [len(days)])
 
@@ -143,9 +149,10 @@ def test_uniform_frames_of_a_real_chip_keep_pixels_dates_and_t(sample_chips: lis
     np.testing.assert_array_equal(frames.pixels, chip.data[frames.indices])
     np.testing.assert_array_equal(frames.times, chip.times[frames.indices])
     assert str(frames.times[0])[:10] == "2015-07-11" and str(frames.times[-1])[:10] == "2017-12-22"
-    # t is measured on the chip's own date range
-    span = (chip.times[-1] - chip.times[0]) / np.timedelta64(1, "s")
-    expected_t = (chip.times[frames.indices] - chip.times[0]) / np.timedelta64(1, "s") / span
+    # t is measured on the calendar years the chip's dates fall in (2015-01-01 → 2018-01-01)
+    start, end = np.datetime64("2015-01-01", "s"), np.datetime64("2018-01-01", "s")
+    assert (frames.time_axis.start, frames.time_axis.end) == (start, end)
+    expected_t = (chip.times[frames.indices] - start) / (end - start)
     np.testing.assert_allclose(frames.t, expected_t, rtol=0, atol=1e-12)
     assert frames.grid == chip.grid and not frames.is_fast.any()
     assert frames.tensor().shape == (8, 1, 48, 48)
@@ -156,9 +163,11 @@ def test_time_uniform_frames_of_a_real_chip(sample_chips: list[Chip]) -> None:
     by_time = sample_frames(chip, FrameSamplingConfig(max_frames=6, uniform_by="time"))
     by_index = sample_frames(chip, FrameSamplingConfig(max_frames=6))
     target = np.linspace(0, 1, 6)
+    own = chip.time_axis  # the chip's own date range
     # the calendar-uniform frames are at least as close to evenly spaced instants as the index-uniform ones
-    assert np.abs(by_time.t - target).sum() <= np.abs(by_index.t - target).sum() + 1e-12
-    assert by_time.t[0] == 0.0 and by_time.t[-1] == 1.0
+    gap_time = np.abs(own.to_norm(by_time.times) - target).sum()
+    assert gap_time <= np.abs(own.to_norm(by_index.times) - target).sum() + 1e-12
+    assert by_time.times[0] == chip.times[0] and by_time.times[-1] == chip.times[-1]
     np.testing.assert_array_equal(by_time.times, chip.times[by_time.indices])
 
 
@@ -172,8 +181,9 @@ def test_fast_slow_frames_of_a_real_chip(sample_chips: list[Chip], merge: str) -
     assert sorted(frames.indices[frames.is_fast].tolist()) == fast.tolist()
     assert sorted(frames.indices[~frames.is_fast].tolist()) == slow.tolist()
     assert frames.indices.max() == 40  # nothing after "now"
-    # t on the range the frames were drawn from (every date of the chip), so "now" is not t = 1
-    np.testing.assert_allclose(frames.t, chip.time_axis.to_norm(frames.times), atol=1e-12)
+    # t on the season windows of the dates the frames were drawn from (every date of the chip), so "now" is not t = 1
+    axis = TimeAxis.of_seasons(chip.times)
+    np.testing.assert_allclose(frames.t, axis.to_norm(frames.times), atol=1e-12)
     assert frames.t.max() < 1.0
     np.testing.assert_array_equal(frames.pixels, chip.data[frames.indices])
     np.testing.assert_array_equal(frames.times, chip.times[frames.indices])
@@ -193,8 +203,8 @@ def test_cloudy_dates_are_dropped_with_dates_kept_consistent(sample_chips: list[
     assert len(frames) == 12 and not np.isin(frames.indices, fully_cloudy).any()
     usable = np.flatnonzero(clear > 0)
     assert frames.indices.tolist() == usable[uniform_indices(usable.size, 12)].tolist()
-    # t is measured on the usable dates' range (the dates drawn from, as a record's frame dates)
-    assert (frames.time_axis.start, frames.time_axis.end) == (chip.times[usable[0]], chip.times[usable[-1]])
+    # t is measured on the season windows of the usable dates (the dates drawn from, as a record's frames)
+    assert frames.time_axis == TimeAxis.of_seasons(chip.times[usable])
     np.testing.assert_array_equal(frames.times, chip.times[frames.indices])
     # cloudy pixels are NaN and not valid; clear pixels are the chip's values
     cloudy = chip.mask[frames.indices]
@@ -222,7 +232,8 @@ def test_all_nodata_frame_in_a_geotiff_stack(tmp_path: Path) -> None:
     frames = sample_frames(chip, FrameSamplingConfig(empty="drop"))
     assert frames.indices.tolist() == [0, 1, 3]
     assert [str(t)[:10] for t in frames.times] == ["2021-03-01", "2021-03-11", "2021-03-31"]
-    assert frames.t[-1] == 1.0  # measured on the range of the usable dates
+    # on the calendar year of the usable dates: 2021-03-31 is day 89 of 365
+    assert frames.t[-1] == pytest.approx(89 / 365) and frames.time_axis.span_seconds == 365 * 86400
     every = replace(chip, data=np.full_like(chip.data, np.nan), nodata=np.ones_like(chip.nodata))
     with pytest.raises(PipelineError, match="all 4 frames are empty"):
         sample_frames(every, FrameSamplingConfig(empty="drop"))

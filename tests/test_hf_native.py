@@ -331,10 +331,10 @@ def test_videos_with_dates_numpy_returns_and_a_tokenized_chat_template(final: Pa
     ``apply_chat_template(tokenize=True)`` gives the same batch as the processor on the rendered prompt."""
     proc = AgriVLMProcessor.from_pretrained(final)
     video = np.random.default_rng(1).normal(size=(3, 1, 32, 32)).astype(np.float32)
-    dates = ["2021-03-01", "2021-05-01", "2021-09-01"]  # t on their own range: 0, 61/184, 1
+    dates = ["2021-03-01", "2021-05-01", "2021-09-01"]  # t on their calendar year: days 59, 120, 243 of 365
     prompt = format_prompt([("user", "Outline every field in this image.")], "<video>")
     by_dates = proc([prompt], videos=[video], video_dates=[dates])
-    np.testing.assert_allclose(by_dates["frame_times"].numpy(), [[0.0, 61 / 184, 1.0]], atol=1e-6)
+    np.testing.assert_allclose(by_dates["frame_times"].numpy(), [[59 / 365, 120 / 365, 243 / 365]], atol=1e-6)
     by_times = proc([prompt], images=[video], frame_times=[[0.0, 61 / 184, 1.0]])
     assert torch.equal(by_dates["input_ids"], by_times["input_ids"])
     as_np = proc([prompt], videos=[video], video_dates=[dates], return_tensors="np")

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agrivlm.errors import ConfigError, PipelineError
-from agrivlm.geo import Chip, ChipStream, open_stack
+from agrivlm.geo import Chip, ChipStream, TimeAxis, open_stack
 from agrivlm.lape.embedding import cell_centres as lape_cell_centres
 from agrivlm.lape.tokens import LapeVocab
 from agrivlm.model.processing import AgriVLMProcessor
@@ -80,11 +80,12 @@ def test_plain_chips_shapes_counts_values_and_dates(processor: AgriVLMProcessor,
         np.testing.assert_array_equal(geo.frame_indices, frames.indices)
         np.testing.assert_array_equal(geo.frame_dates, chip.times[frames.indices].astype("datetime64[us]"))
         assert np.all(np.diff(geo.frame_dates.astype(np.int64)) > 0)
-        # t on the range of the usable dates the sampler drew from (as training and `agrivlm infer`); the
-        # uniform sampler keeps the first and last of them: seconds since the first frame over the span
-        assert geo.time_axis == frames.time_axis
-        secs = (geo.frame_dates - geo.frame_dates[0]) / np.timedelta64(1, "s")
-        np.testing.assert_allclose(geo.frame_t, secs / secs[-1], rtol=0, atol=1e-12)
+        # t on the calendar years of the usable dates the sampler drew from (as training and `agrivlm infer`):
+        # seconds since January 1 of the first one's year over the whole years
+        assert geo.time_axis == frames.time_axis == TimeAxis.of_seasons(geo.frame_dates)
+        start = geo.frame_dates[0].astype("datetime64[Y]").astype("datetime64[us]")
+        end = (geo.frame_dates[-1].astype("datetime64[Y]") + 1).astype("datetime64[us]")
+        np.testing.assert_allclose(geo.frame_t, (geo.frame_dates - start) / (end - start), rtol=0, atol=1e-12)
         np.testing.assert_allclose(b["frame_times"][c].numpy(), geo.frame_t, atol=1e-7)
         np.testing.assert_array_equal(geo.to_dates(geo.frame_t), geo.frame_dates)
         # pixels: bands scaled with the ndvi preset and per-chip percentiles, no data → 0
@@ -108,7 +109,10 @@ def test_frame_indices_of_a_record_replace_the_sampler(processor: AgriVLMProcess
     geo = out.chips[0]
     np.testing.assert_array_equal(geo.frame_indices, picked)
     np.testing.assert_array_equal(geo.frame_dates, chip.times[picked].astype("datetime64[us]"))
-    assert geo.frame_t[0] == 0.0 and geo.frame_t[-1] == 1.0
+    # on the record's time axis: the calendar years of its frames, not their own range
+    axis = TimeAxis.of_seasons(chip.times[picked])
+    np.testing.assert_allclose(geo.frame_t, axis.to_norm(chip.times[picked]), atol=1e-12)
+    assert 0.0 < geo.frame_t[0] and geo.frame_t[-1] < 1.0
     with pytest.raises(PipelineError, match="must be increasing indices"):
         processor.from_chips(chip, "<video>", frame_indices=[[5, 3]])
 

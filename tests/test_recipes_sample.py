@@ -21,7 +21,6 @@ from affine import Affine
 from shapely.geometry import Polygon
 
 from agrivlm.errors import ConfigError
-from agrivlm.geo.coords import TimeAxis
 from agrivlm.recipes.build import arrange, build_pools, build_recipe, prepare
 from agrivlm.recipes.config import load_recipe
 from agrivlm.recipes.mixture import mix
@@ -218,7 +217,7 @@ def test_growth_answers_agree_with_the_reference_tables(api_build) -> None:
     column = {"green_up_date": "green_up", "peak_date": "peak", "senescence_date": "senescence"}
     n = Counter()
     for rec in pools["growth_stages"]:
-        axis = TimeAxis.from_dates(np.array(rec.chip.frame_dates, dtype="datetime64[s]"))
+        axis = rec.chip.time_axis
         season = str(rec.meta["season"])
         assert all(d.startswith(season) for d in rec.chip.frame_dates), "frames are the season's"
         if rec.task in column:

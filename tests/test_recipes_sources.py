@@ -16,7 +16,6 @@ import pytest
 from recipes_synth import write_synth_scene
 
 from agrivlm.errors import ConfigError
-from agrivlm.geo.coords import TimeAxis
 from agrivlm.recipes.build import build_recipe
 from agrivlm.recipes.config import RecipeConfig, load_recipe
 from agrivlm.recipes.schema import FAMILIES, Record, read_records
@@ -135,7 +134,7 @@ def test_key_date_answers_are_the_truth_key_dates(three) -> None:
             continue
         keys = pd.read_csv(root / "scenes" / _scene_of(rec) / "truth" / "key_dates.csv", dtype=str)
         row = keys[(keys.field_id == rec.meta["field_id"]) & (keys.season == rec.meta["season"])].iloc[0]
-        axis = TimeAxis.from_dates(np.array(rec.chip.frame_dates, dtype="datetime64[s]"))
+        axis = rec.chip.time_axis
         when = axis.from_norm(rec.conversation[-1].times[0])
         truth = np.datetime64(row[task_key[rec.task]], "s")
         assert rec.meta["source"] == "label" and abs((when - truth) / np.timedelta64(1, "s")) < 60, rec.sample_id
@@ -304,7 +303,7 @@ def test_scenes_of_the_real_generator_through_the_shipped_stage2_recipe(tmp_path
             if r.task == "stage_on_date":
                 assert r.conversation[-1].text == stages.loc[(r.meta["field_id"], r.meta["date"])], r.sample_id
             else:
-                axis = TimeAxis.from_dates(np.array(r.chip.frame_dates, dtype="datetime64[s]"))
+                axis = r.chip.time_axis
                 truth = np.datetime64(keys.loc[(r.meta["field_id"], r.meta["season"]), key_of[r.task]], "s")
                 assert abs((axis.from_norm(r.conversation[-1].times[0]) - truth) / np.timedelta64(1, "s")) < 60
             asked[f"{scene}/{r.task}"] += 1

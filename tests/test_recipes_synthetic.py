@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 
 from agrivlm.cli.recipe import recipe_app
 from agrivlm.errors import ConfigError
-from agrivlm.geo.coords import TimeAxis
 from agrivlm.infer.prompts import parse_timeline, stages_at
 from agrivlm.recipes.build import build_recipe
 from agrivlm.recipes.scan import IndexBands
@@ -81,7 +80,7 @@ def test_key_date_answers_come_back_within_one_acquisition_of_the_truth(scene) -
         if rec.task not in task_key:
             continue
         fid = rec.meta["field_id"]
-        axis = TimeAxis.from_dates(np.array(rec.chip.frame_dates, dtype="datetime64[s]"))
+        axis = rec.chip.time_axis
         when = axis.from_norm(rec.conversation[-1].times[0])
         if fid == "E" and rec.task == "green_up_date":
             label = np.datetime64("2021-04-01T00:00:00")
@@ -137,7 +136,7 @@ def test_stage_timeline_spans_give_back_the_stage_of_every_frame(scene) -> None:
         assert spans is not None and [s for s, _, _ in spans] == rec.meta["stages"]
         # consecutive spans name different stages and follow each other in time
         assert all(a[0] != b[0] and a[2] < b[1] for a, b in zip(spans, spans[1:], strict=False))
-        axis = TimeAxis.from_dates(np.array(rec.chip.frame_dates, dtype="datetime64[s]"))
+        axis = rec.chip.time_axis
         dates = [str(np.datetime64(d, "D")) for d in rec.chip.frame_dates]
         got = stages_at(spans, axis.to_norm(np.array(rec.chip.frame_dates, dtype="datetime64[s]")))
         for d, stage in zip(dates, got, strict=True):

@@ -14,7 +14,6 @@ from train_helpers import curriculum_recipe, stage_yaml
 
 from agrivlm.errors import ConfigError, RecordError
 from agrivlm.geo import ChipStream
-from agrivlm.geo.coords import TimeAxis
 from agrivlm.infer.generate import Predictor
 from agrivlm.infer.prepare import ChipPreparer
 from agrivlm.lape.tokens import LapeVocab, parse_positions
@@ -73,8 +72,11 @@ def test_frames_are_the_records_dates_read_from_the_geotiffs(records: list[Sourc
     span = stats.high - stats.low
     np.testing.assert_allclose(sample.pixels, np.clip((data[idx] - stats.low[0]) / span[0], 0, 1), atol=1e-6)
     dates = np.asarray(rec.chip.frame_dates, dtype="datetime64[s]")
-    np.testing.assert_allclose(sample.frame_times, TimeAxis.from_dates(dates).to_norm(dates[idx]))
-    assert sample.frame_times[0] == 0.0 and sample.frame_times[-1] == 1.0  # the record's own time axis
+    # t on the record's time_range, the calendar year of its season, not on its frames' own range
+    year = str(dates[0])[:4]
+    assert rec.chip.time_range == (f"{year}-01-01T00:00:00", f"{int(year) + 1}-01-01T00:00:00")
+    np.testing.assert_allclose(sample.frame_times, rec.chip.time_axis.to_norm(dates[idx]))
+    assert 0.0 < sample.frame_times[0] and sample.frame_times[-1] < 1.0
 
 
 def test_random_frames_depend_only_on_seed_epoch_and_index(records: list[SourceRecord], stacks: StackCache) -> None:
@@ -195,5 +197,4 @@ def test_a_chip_gets_the_same_frame_times_in_training_and_in_agrivlm_infer(
         asked = predictor.encode([question], 1)[0][1]["frame_times"][0]
         assert torch.equal(asked, trained[i]), (sr.record.sample_id, asked.tolist(), trained[i].tolist())
         # on the record's time axis, on which its answers' TEMP tokens are written, so decoded t → the same dates
-        dates = np.asarray(sr.record.chip.frame_dates, dtype="datetime64[s]")
-        assert question.visual.time_axis == TimeAxis.from_dates(dates)
+        assert question.visual.time_axis == sr.record.chip.time_axis

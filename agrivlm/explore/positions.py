@@ -212,8 +212,8 @@ class ModelAnswer:
     positions: ChipPositions
     #: The frames the model saw (ISO days).
     frame_dates: tuple[str, ...]
-    #: The range ``t`` is measured on: the dates the frames were drawn from (the chip's usable dates;
-    #: :func:`agrivlm.pipeline.frames.frame_time_positions`), not the frames' own range.
+    #: The range ``t`` is measured on: the season windows of the chip's usable dates
+    #: (:func:`agrivlm.pipeline.frames.frame_time_positions`), not the frames' own range.
     time_axis: TimeAxis
 
 

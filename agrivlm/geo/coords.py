@@ -202,6 +202,29 @@ class TimeAxis:
             raise ValueError("TimeAxis needs at least one date")
         return cls(start=arr.min(), end=arr.max())
 
+    @classmethod
+    def of_seasons(cls, dates: ArrayLike | Sequence[datetime], season_start: str = "01-01") -> TimeAxis:
+        """The season windows ``dates`` fall in (yearly windows starting on ``season_start``, ``MM-DD``).
+
+        From the start of the window holding the first date to the end of the window holding the last.
+        The time axis of training records and of ``agrivlm infer``'s frames
+        (:func:`agrivlm.pipeline.frames.frame_time_positions`): a year of dates from January is always
+        ``[Jan 1, Jan 1 next year]``, so a ``TEMP`` bin names the same days of the season on every chip.
+        """
+        arr = _to_datetime64(dates).ravel()
+        if arr.size == 0:
+            raise ValueError("TimeAxis needs at least one date")
+        month, day = (int(x) for x in season_start.split("-"))
+
+        def window_start(when: np.datetime64) -> np.datetime64:
+            year = int(str(when.astype("datetime64[Y]")))
+            start = np.datetime64(f"{year:04d}-{month:02d}-{day:02d}", "us")
+            return start if start <= when else np.datetime64(f"{year - 1:04d}-{month:02d}-{day:02d}", "us")
+
+        first, last = window_start(arr.min()), window_start(arr.max())
+        end_year = int(str(last.astype("datetime64[Y]"))) + 1
+        return cls(start=first, end=np.datetime64(f"{end_year:04d}-{month:02d}-{day:02d}", "us"))
+
     @property
     def span_seconds(self) -> float:
         """Length of the range in seconds (0 for a single date)."""

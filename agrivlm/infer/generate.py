@@ -62,8 +62,8 @@ class Visual:
         frame_times: ``(T,)`` normalized time of each frame on ``time_axis``
             (:func:`agrivlm.pipeline.frames.frame_time_positions`, the rule training follows).
         dates: ``(T,)`` acquisition times of the frames (``datetime64``).
-        time_axis: the range of the dates the frames were drawn from (the chip's usable dates, as a record's
-            frame dates): decoded ``t`` → dates with ``time_axis.from_norm``.
+        time_axis: the season windows of the frames' candidate dates (as a record's ``time_range``): decoded
+            ``t`` → dates with ``time_axis.from_norm``.
 
     """
 

@@ -14,9 +14,9 @@ questions:
   frame's date, given as the frame's ``<TEMP>`` token.
 
 Frame times follow the one rule of :func:`agrivlm.pipeline.frames.frame_time_positions`, as in training:
-each frame's ``t`` is its date on the range of the dates the frames were drawn from (the chip's usable
-dates, or the season's; :attr:`Frames.time_axis`) — the range the instruction records' frame dates and
-answer times use — not on the chosen frames' own range.
+each frame's ``t`` is its date on the season windows (from ``season_start``) the chip's usable dates fall in
+(a growth question's: its season's window) — the axis the instruction records' ``time_range`` and answer
+times use — not on the chosen frames' own range.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def chip_frames(chip: Chip, config: InputConfig) -> Frames:
         PipelineError: no usable date, or fewer than ``min_frames`` (naming the chip).
 
     """
-    frames = sample_frames(chip, config.frames)
+    frames = sample_frames(chip, config.frames, season_start=config.season_start, time_axis=config.time_axis)
     if len(frames) < config.min_frames:
         raise PipelineError(
             f"chip {chip.chip_id}: {len(frames)} usable frame(s), fewer than min_frames={config.min_frames}"

@@ -299,8 +299,8 @@ class AgriVLMProcessor(ProcessorMixin):
             videos: the visual items as videos (LLaVA-NeXT-Video's argument): each ``(T, C, H, W)``, the same
                 as ``images``; give one of the two.
             video_dates: optional acquisition dates of each item's frames (anything ``numpy.datetime64``
-                reads, ``(T,)`` per item, ascending): their ``frame_times`` on the item's own date range, the
-                rule of training and ``agrivlm infer`` (:func:`~agrivlm.pipeline.frames.frame_time_positions`);
+                reads, ``(T,)`` per item, ascending): their ``frame_times`` on the calendar years they fall in,
+                the rule of training and ``agrivlm infer`` (:func:`~agrivlm.pipeline.frames.frame_time_positions`);
                 not together with ``frame_times``.
             audio: not taken (``apply_chat_template(tokenize=True)`` passes it; anything but None is an error).
 
@@ -534,9 +534,9 @@ class AgriVLMProcessor(ProcessorMixin):
         ``images`` in :meth:`__call__`). Each chip becomes one visual item (plain), one per scale
         (``scales``), or a thumbnail plus ``rows × cols`` tiles (``anyres``); its placeholder expands to the
         tokens of all its items, in that order, each item :func:`num_visual_tokens` long. Positions in
-        ``answers``/``positions`` are the chip's own normalized ``(u, v)`` and ``t`` on the range of the dates
-        its frames are drawn from (:attr:`ChipGeography.time_axis`, as in the recipes' records), whatever the
-        layout.
+        ``answers``/``positions`` are the chip's own normalized ``(u, v)`` and ``t`` on the season windows (from
+        January 1) of the dates its frames are drawn from (:attr:`ChipGeography.time_axis`, as the recipes'
+        records' ``time_range``), whatever the layout.
 
         Args:
             chips: chips from a :class:`~agrivlm.geo.chips.ChipStream` (``data (T_all, C, h, w)``; ``Chip.as_float``).
@@ -550,8 +550,8 @@ class AgriVLMProcessor(ProcessorMixin):
             anyres: AnyRes tiling (:class:`AnyResConfig`).
             scales: multi-scale factors, e.g. ``(1.0, 0.75, 0.5)``.
             frame_indices: optional, per chip, the indices into ``chip.times`` to use as frames (e.g. a
-                record's ``chip.frame_indices``) instead of the sampler, ``t`` then on their own range (the
-                record's time axis); None entries use the sampler.
+                record's ``chip.frame_indices``) instead of the sampler, ``t`` on the season windows (from
+                January 1) the given frames fall in (a record's ``time_range``); None entries use the sampler.
             positions: continuous values of each sample's LAPE tokens, as in :meth:`__call__`.
             padding_side: ``"right"`` for training, ``"left"`` for batched generation.
             add_eos: end each answer with the eos token.
@@ -758,7 +758,7 @@ class AgriVLMProcessor(ProcessorMixin):
                                   mask=chip.mask[idx], files=files)
         keep_all = sampling.model_copy(update={"sampler": "uniform", "uniform_by": "index",
                                                "max_frames": int(idx.size)})
-        fr = sample_frames(sub, keep_all)  # its time axis: the given frames' range (they are the candidates)
+        fr = sample_frames(sub, keep_all)  # t on the season windows of the given frames (a record's time_range)
         return dataclasses.replace(fr, indices=idx[fr.indices])
 
     def _prepare_chip(self, chip: Chip, cfg: ChipInputConfig, indices: Sequence[int] | None) -> _PreparedChip:

@@ -7,11 +7,17 @@ their indices into the chip's date axis and their normalized time ``t`` (the val
 encode).
 
 Time (one rule, :func:`frame_time_positions`, for training, ``agrivlm infer``, the processor and the
-explorer): a frame's ``t`` is its date on the range of the dates the frames were *drawn from* — a record's
-``frame_dates`` in training, a chip's usable dates (every date with ``empty="raise"``) at inference — and
-never on the chosen frames' own range. The recipes write the times of their answers on that same range
-(the record's frame dates, which are the chip's usable dates), so a frame and an answer's ``TEMP`` token
-that name the same day carry the same ``t`` whichever frames were sampled.
+explorer): a frame's ``t`` is its date on the **season windows** its candidate dates fall in — yearly windows
+from ``season_start`` (``MM-DD``, January 1 by default), from the start of the window holding the first
+candidate to the end of the one holding the last (:meth:`TimeAxis.of_seasons`). The candidates are a record's
+frames in training (the axis is saved as its ``time_range``) and a chip's usable dates at inference (a growth
+question's: those of its season). So a ``TEMP`` bin names the same days of the season on every chip, scene and
+year, and a frame and an answer that name the same day carry the same ``t`` whichever frames were sampled.
+Measured before (``t`` on the range of the usable dates), on four synthetic scenes (1 year, 32-px chips): the
+first usable date of a chip ran from day 11 to day 106 and the last from day 271 to 361, so one bin meant
+3.5-7 days and a day sat at a different ``t`` on each chip; the shipped model's green-up errors were scene-wide
+offsets (−22 and −15 days on two held-out scenes) while the climatology of the training scenes was off by a
+median 2.5 days.
 
 Samplers (after LLaVA-NeXT's video loader and the fast/slow sampler of the reconstruction notes):
 
@@ -198,7 +204,7 @@ def merge_streams(fast: IntArray, slow: IntArray, merge: Merge = "concat") -> tu
 
 
 def frame_time_positions(
-    candidates: npt.ArrayLike, indices: npt.ArrayLike
+    candidates: npt.ArrayLike, indices: npt.ArrayLike, season_start: str = "01-01", axis: TimeAxis | None = None
 ) -> tuple[TimeAxis, npt.NDArray[np.float64]]:
     """Where chosen frames sit in time: the one rule of training and inference (see the module docstring).
 
@@ -206,10 +212,12 @@ def frame_time_positions(
         candidates: ``(T,)`` acquisition times the frames are drawn from (a record's ``frame_dates``; a chip's
             usable dates), sorted ascending.
         indices: ``(T',)`` indices into ``candidates`` of the chosen frames.
+        season_start: ``MM-DD`` the yearly season windows start on.
+        axis: the axis itself, when it is known (a record's ``time_range``), instead of the candidates' seasons.
 
     Returns:
-        ``(axis, t)``: the :class:`TimeAxis` of ``candidates`` (0 = first candidate date, 1 = the last) and
-        ``(T',)`` float64 ``t`` of the chosen frames on it, in ``[0, 1]``.
+        ``(axis, t)``: the season windows the candidates fall in (:meth:`TimeAxis.of_seasons`; else ``axis``)
+        and ``(T',)`` float64 ``t`` of the chosen frames on it, in ``[0, 1]``.
 
     Raises:
         PipelineError: no candidate date, or an index outside them.
@@ -221,11 +229,17 @@ def frame_time_positions(
         raise PipelineError("frame times need at least one candidate date, got none")
     if idx.size and (idx.min() < 0 or idx.max() >= times.size):
         raise PipelineError(f"frame indices {idx.tolist()} are outside the {times.size} candidate dates")
-    axis = TimeAxis.from_dates(times)
+    axis = axis if axis is not None else TimeAxis.of_seasons(times, season_start)
     return axis, np.clip(axis.to_norm(times[idx]), 0.0, 1.0)
 
 
 # -- config and frames of a chip ---------------------------------------------------------------------
+
+
+#: How frames' ``t`` is measured: ``seasons`` — on the season windows of the candidate dates (the rule,
+#: :func:`frame_time_positions`); ``usable_dates`` — on the candidates' own range (checkpoints trained before the
+#: seasons rule, whose saved inputs do not name one: their ``TEMP`` tokens mean that range).
+TimeAxisRule = Literal["seasons", "usable_dates"]
 
 
 class FrameSamplingConfig(StrictModel):
@@ -267,9 +281,8 @@ class Frames:
         valid: ``(T', h, w)`` bool, True where every band holds data (and, with ``clouds_as_nodata``,
             no cloud).
         grid: the chip's :class:`GeoGrid` (pixel edges → CRS); the frames share it.
-        time_axis: the range of the dates the frames were drawn from (the chip's usable dates with
-            ``empty="drop"``, all its dates otherwise); ``t`` is measured on it, not on the chosen frames'
-            range (:func:`frame_time_positions`).
+        time_axis: the season windows of the dates the frames were drawn from (:func:`frame_time_positions`);
+            ``t`` is measured on it, not on the chosen frames' range.
         chip_id: id of the source chip (for errors and records).
 
     """
@@ -344,7 +357,8 @@ def select_indices(times: npt.ArrayLike, config: FrameSamplingConfig, fast_end: 
     return merge_streams(fast, slow, config.merge)
 
 
-def sample_frames(chip: Chip, config: FrameSamplingConfig | None = None, fast_end: int | None = None) -> Frames:
+def sample_frames(chip: Chip, config: FrameSamplingConfig | None = None, fast_end: int | None = None,
+                  season_start: str = "01-01", time_axis: TimeAxisRule = "seasons") -> Frames:
     """Choose frames from a chip's dates.
 
     Args:
@@ -352,6 +366,9 @@ def sample_frames(chip: Chip, config: FrameSamplingConfig | None = None, fast_en
         config: sampler settings (default :class:`FrameSamplingConfig()`: uniform, 8 frames).
         fast_end: for ``fast_slow``, index into ``chip.times`` of the last fast frame. With
             ``empty="drop"`` it must be a usable date.
+        season_start: ``MM-DD`` the yearly season windows of the time axis start on (``agrivlm infer``'s
+            ``season_start``; :func:`frame_time_positions`).
+        time_axis: :data:`TimeAxisRule` (``usable_dates`` only for checkpoints trained before ``seasons``).
 
     Raises:
         PipelineError: the chip has no dates, no usable date, or (``empty="raise"``) a selected frame is
@@ -364,9 +381,13 @@ def sample_frames(chip: Chip, config: FrameSamplingConfig | None = None, fast_en
     usable = frame_valid_fraction(chip.data, cloud) > config.min_valid_fraction
     what = "valid (cloud-free) values" if config.clouds_as_nodata else "valid values"
     if config.empty == "drop":
-        indices, is_fast, axis = _select_among_usable(chip, config, fast_end, usable, what)
+        indices, is_fast = _select_among_usable(chip, config, fast_end, usable, what)
+        candidates = chip.times[usable]
     else:
-        indices, is_fast, axis = _select_among_all(chip, config, fast_end, usable, what)
+        indices, is_fast = _select_among_all(chip, config, fast_end, usable, what)
+        candidates = chip.times
+    axis = TimeAxis.from_dates(candidates) if time_axis == "usable_dates" else None
+    axis, _ = frame_time_positions(candidates, np.arange(0), season_start, axis)
     return _gather_frames(chip, config, indices, is_fast, axis)
 
 
@@ -382,7 +403,7 @@ def _check_chip_dates(chip: Chip, fast_end: int | None) -> None:
 
 
 def _select_among_usable(chip: Chip, config: FrameSamplingConfig, fast_end: int | None,
-                         usable: npt.NDArray[np.bool_], what: str) -> tuple[IntArray, npt.NDArray[np.bool_], TimeAxis]:
+                         usable: npt.NDArray[np.bool_], what: str) -> tuple[IntArray, npt.NDArray[np.bool_]]:
     """``empty="drop"``: sample among the usable dates only (``fast_end`` must be one of them)."""
     keep = np.flatnonzero(usable)
     if keep.size == 0:
@@ -396,21 +417,19 @@ def _select_among_usable(chip: Chip, config: FrameSamplingConfig, fast_end: int 
             raise PipelineError(f"chip {chip.chip_id}: fast_end date {_describe(chip.times, [fast_end])} is empty")
         local_end = int(hits[0])
     local, is_fast = select_indices(chip.times[keep], config, local_end)
-    axis, _ = frame_time_positions(chip.times[keep], local)
-    return keep[local], is_fast, axis
+    return keep[local], is_fast
 
 
 def _select_among_all(chip: Chip, config: FrameSamplingConfig, fast_end: int | None,
-                      usable: npt.NDArray[np.bool_], what: str) -> tuple[IntArray, npt.NDArray[np.bool_], TimeAxis]:
+                      usable: npt.NDArray[np.bool_], what: str) -> tuple[IntArray, npt.NDArray[np.bool_]]:
     """``empty="raise"``: sample among every date, and refuse a selected date that is not usable."""
     indices, is_fast = select_indices(chip.times, config, fast_end)
-    axis, _ = frame_time_positions(chip.times, indices)
     bad = indices[~usable[indices]]
     if bad.size:
         raise PipelineError(
             f"chip {chip.chip_id}: selected frame(s) {_describe(chip.times, np.unique(bad))} have no {what} "
             f"(fraction ≤ {config.min_valid_fraction}); pass empty='drop' to sample only usable dates")
-    return indices, is_fast, axis
+    return indices, is_fast
 
 
 def _gather_frames(chip: Chip, config: FrameSamplingConfig, indices: IntArray, is_fast: npt.NDArray[np.bool_],

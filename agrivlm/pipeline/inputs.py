@@ -35,6 +35,7 @@ from agrivlm.pipeline.focus import GrowthFocus, PointMarker
 from agrivlm.pipeline.frames import (
     FrameSamplingConfig,
     ResizeMode,
+    TimeAxisRule,
 )
 from agrivlm.pipeline.pooling import PoolMode, pooled_grid
 
@@ -372,9 +373,9 @@ class ChipGeography:
         chip_id: the chip's id.
         sample: index of the prompt it belongs to.
         grid: the chip's grid: decoded ``(u, v)`` → CRS with ``grid.norm_to_crs``.
-        time_axis: the range of the dates the frames were drawn from (the chip's usable dates, or the given
-            ``frame_indices``' dates — a record's frame dates), as training and ``agrivlm infer`` measure ``t``
-            (:func:`~agrivlm.pipeline.frames.frame_time_positions`); not the chosen frames' own range.
+        time_axis: the season windows the chip's usable dates fall in (a record's ``time_range``), as
+            training and ``agrivlm infer`` measure ``t`` (:func:`~agrivlm.pipeline.frames.frame_time_positions`);
+            not the chosen frames' range.
         frame_dates: ``(T,)`` ``datetime64[us]`` acquisition time of each frame.
         frame_indices: ``(T,)`` int64 index of each frame into the chip's date axis (``chip.times``).
         frame_t: ``(T,)`` normalized time of each frame on ``time_axis`` (the ``frame_times`` row fed to the model).
@@ -484,8 +485,12 @@ class InputConfig(StrictModel):
     frames: FrameSamplingConfig = Field(default_factory=default_frames)
     #: Chips (or, for growth, seasons of a chip) with fewer usable frames are skipped.
     min_frames: Annotated[int, Field(gt=0)] = MIN_FRAMES
-    #: Start of each growth season, ``MM-DD``.
+    #: Start of each growth season, ``MM-DD``; the frames' time axis is the season windows from it.
     season_start: str = SEASON_START
+    #: How the frames' ``t`` is measured (:data:`~agrivlm.pipeline.frames.TimeAxisRule`): ``seasons``, the rule
+    #: training follows; a checkpoint whose saved inputs do not name it was trained on ``usable_dates`` and is
+    #: read so (:func:`load_input_config`).
+    time_axis: TimeAxisRule = "seasons"
     #: Growth: fields with fewer pixels (area) in a chip are not asked about there.
     min_field_px: Annotated[float, Field(ge=0)] = MIN_FIELD_PX
     bands: BandConfig = Field(default_factory=BandConfig)
@@ -545,11 +550,21 @@ def load_input_config(folder: str | os.PathLike[str]) -> tuple[InputConfig, bool
 
     path = Path(folder) / INPUT_CONFIG_FILE
     if path.is_file():
-        return load_config(InputConfig, path), True
+        config = load_config(InputConfig, path)
+        raw = yaml.safe_load(path.read_text())
+        return _before_seasons(config, raw), True
     saved = saved_processor_config(folder)
     if saved is None or saved.get("inputs") is None:
         return InputConfig(), False
-    return parse_config(InputConfig, saved["inputs"], f"{Path(folder) / PROCESSOR_NAME}: inputs"), True
+    config = parse_config(InputConfig, saved["inputs"], f"{Path(folder) / PROCESSOR_NAME}: inputs")
+    return _before_seasons(config, saved["inputs"]), True
+
+
+def _before_seasons(config: InputConfig, raw: Any) -> InputConfig:
+    """Saved inputs that do not name a ``time_axis`` come from a checkpoint trained on ``usable_dates``."""
+    if isinstance(raw, dict) and "time_axis" not in raw:
+        return config.model_copy(update={"time_axis": "usable_dates"})
+    return config
 
 
 def save_input_config(config: InputConfig, folder: str | os.PathLike[str]) -> Path:

@@ -235,7 +235,8 @@ def _assign(cfg: RecipeConfig, origin: ResolvedSource, windows: list[Window], h:
     )
 
 
-def _record_factory(cfg: RecipeConfig, src: SourceConfig, base_dir: Path, stack: Stack) -> RecordFactory:
+def _record_factory(cfg: RecipeConfig, src: SourceConfig, base_dir: Path, stack: Stack,
+                    season_start: str) -> RecordFactory:
     """The factory of the source's records: the stack's files, dates and bands as records name them."""
     data_root = _spec_root(resolve_spec(src.stack, base_dir))
     mask_root = _spec_root(resolve_spec(src.masks, base_dir)) if src.masks else None
@@ -255,6 +256,7 @@ def _record_factory(cfg: RecipeConfig, src: SourceConfig, base_dir: Path, stack:
         assets=src.assets,
         mask_assets=src.mask_assets,
         mask_values=src.mask_values,
+        season_start=season_start,
     )
 
 
@@ -309,7 +311,7 @@ def prepare(cfg: RecipeConfig, base_dir: Path, progress: bool = True, origin: Re
     truth = load_growth_truth(phenology, origin.labels, base_dir)
     days = to_days(stack.times)
 
-    factory = _record_factory(cfg, src, base_dir, stack)
+    factory = _record_factory(cfg, src, base_dir, stack, phen.season_start)
     state = BuildState(
         seed=cfg.seed, factory=factory, scan=scan, truth=truth, phenology=phen, days=days,
         seasons=season_windows(float(days.min()), float(days.max()), phen.season_start),

@@ -2,7 +2,7 @@
 
 Positions come only from :class:`agrivlm.geo.coords.GeoGrid` (``crs_to_norm`` of clipped parcel
 geometry in the chip's own grid, ``pixel_to_norm`` of pixel edges) and times only from
-:class:`agrivlm.geo.coords.TimeAxis` of the record's frame dates.
+:meth:`agrivlm.geo.coords.TimeAxis.of_seasons` of the record's frame dates (its ``time_range``).
 """
 
 from __future__ import annotations
@@ -185,16 +185,22 @@ class RecordFactory:
     assets: list[str] | None = None
     mask_assets: list[str] | None = None
     mask_values: list[int] | None = None
+    #: ``MM-DD`` the yearly season windows of the records' time axes start on (``phenology.season_start``).
+    season_start: str = "01-01"
 
     def time_axis(self, frames: Sequence[int]) -> TimeAxis:
-        """The record's time axis: its frame dates → t ∈ [0, 1]."""
-        return TimeAxis.from_dates(self.times[list(frames)])
+        """A record's time axis (its ``time_range``): the season windows its frames fall in, t ∈ [0, 1]."""
+        return TimeAxis.of_seasons(self.times[list(frames)], self.season_start)
 
     def norm_time(self, frames: Sequence[int], when: np.datetime64 | float) -> float | None:
         """``t`` of a time on the frames' axis (``when`` as datetime64 or float days); ``None`` outside [0, 1]."""
         stamp = from_days(float(when)) if isinstance(when, float | np.floating) else np.asarray(when, "datetime64[s]")
         t = float(self.time_axis(frames).to_norm(stamp))
         return t if 0.0 <= t <= 1.0 else None
+
+    def _time_range(self, frames: Sequence[int]) -> tuple[str, str]:
+        axis = self.time_axis(frames)
+        return (str(axis.start.astype("datetime64[s]")), str(axis.end.astype("datetime64[s]")))
 
     def record(
         self,
@@ -235,6 +241,7 @@ class RecordFactory:
                 crs=self.crs,
                 frame_dates=[str(self.times[i]) for i in frames],
                 frame_indices=frames,
+                time_range=self._time_range(frames),
             ),
             conversation=list(turns),
             meta=meta or {},

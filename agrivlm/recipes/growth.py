@@ -4,8 +4,9 @@ The growing season is a segment; the stage timeline gives every stage of the sea
 answer.
 
 Every question points to its field by the box of the field's visible part in the chip. A record's
-frames are the chip's clear dates within one season, so ``t`` runs over that season's frames; a key
-date outside the frames' range is not asked. A labelled field is answered from its labels only, never from
+frames are the chip's clear dates within one season, and ``t`` runs over that season's window (the record's
+``time_range``), so a ``TEMP`` bin names the same days of the season on every chip; a key date outside the
+window is not asked. A labelled field is answered from its labels only, never from
 derived stages or dates (see :class:`~agrivlm.recipes.phenology.GrowthTruth`); ``meta.source`` says which
 one an answer came from. The growing-season segment (SOS → EOS) is asked only of derived seasons.
 """

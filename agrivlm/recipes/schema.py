@@ -17,9 +17,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agrivlm.errors import RecordError
+from agrivlm.geo.coords import TimeAxis
 from agrivlm.tasks.turns import (
     POSITION_FIELDS,
     BoxFormatter,
@@ -102,6 +104,15 @@ class ChipRef(_Model):
     frame_dates: list[str] = Field(min_length=1)
     #: Index of each frame in the stack's time axis (sorted by time, as ``open_stack`` orders it).
     frame_indices: list[int] = Field(min_length=1)
+    #: The time axis the frames' and the answers' ``t`` are measured on, ISO start and end: the season windows
+    #: the frames fall in (:func:`agrivlm.pipeline.frames.frame_time_positions`). ``None`` in records written
+    #: before it: their answers are on the range of ``frame_dates``, which is then the axis.
+    time_range: tuple[str, str] | None = None
+
+    @property
+    def time_axis(self) -> TimeAxis:
+        """The axis the record's ``t`` are on: ``time_range`` (else the range of ``frame_dates``)."""
+        return TimeAxis.from_dates(np.asarray(self.time_range or self.frame_dates, dtype="datetime64[s]"))
 
     @model_validator(mode="after")
     def _frames_consistent(self) -> ChipRef:
@@ -111,6 +122,11 @@ class ChipRef(_Model):
             self.frame_indices
         ):
             raise ValueError("frames must be distinct and in increasing time order")
+        if self.time_range is not None and not (
+            self.time_range[0] <= self.frame_dates[0] and self.frame_dates[-1] <= self.time_range[1]
+        ):
+            raise ValueError(f"frames {self.frame_dates[0]} … {self.frame_dates[-1]} are outside the time_range "
+                             f"{self.time_range[0]} … {self.time_range[1]}")
         return self
 
 

@@ -7,8 +7,9 @@ Positions in a turn are **normalized floats, never token strings**:
   ``[0, 1]`` (:mod:`agrivlm.geo.coords` conventions; LAPE ``WIDTH`` tokens are ``u``, ``HEIGHT`` are ``v``);
 * a point is ``(u, v)``; a polygon is a list of points (its exterior ring, clockwise on the image,
   not closed, starting at its top-most then left-most vertex);
-* a time is ``t`` ∈ [0, 1], the fraction of the record's frame-date range (``TimeAxis.from_dates`` of
-  ``chip.frame_dates``; LAPE ``TEMP`` tokens); a segment is ``(t1, t2)`` with ``t1 <= t2``.
+* a time is ``t`` ∈ [0, 1], the fraction of the record's ``chip.time_range``, the season windows its frames
+  fall in (``chip.frame_dates``' range in records without it; LAPE ``TEMP`` tokens); a segment is
+  ``(t1, t2)`` with ``t1 <= t2``.
 
 **Placeholder convention.** A turn's ``text`` refers to its own position lists by placeholders
 ``{box:K}``, ``{point:K}``, ``{polygon:K}``, ``{time:K}`` and ``{segment:K}`` (``K`` = index into the

@@ -14,11 +14,12 @@ One record (:class:`~agrivlm.recipes.schema.Record`) becomes one sample:
    No data stays NaN; the processor turns it into 0. With ``data.growth_focus: box`` a growth-stage question's
    pixels outside its field's box become no data; with ``data.point_marker: square`` a question's point is drawn
    into its frames (:mod:`agrivlm.pipeline.focus`).
-3. **Time.** Each frame's ``t`` is its date on the range of the record's frames, the dates the sample's
-   frames are drawn from (:func:`~agrivlm.pipeline.frames.frame_time_positions`, the rule ``agrivlm infer``
-   follows too: there the chip's usable dates, which are the record's frame dates); it is the axis the
-   record's ``times``/``segments`` use, so ``TEMP`` tokens in the text and the frames' temporal embeddings
-   agree whichever frames were sampled.
+3. **Time.** Each frame's ``t`` is its date on the record's ``time_range``, the season windows its frames
+   fall in (:func:`~agrivlm.pipeline.frames.frame_time_positions`, the rule ``agrivlm infer`` follows too);
+   it is the axis the record's ``times``/``segments`` use, so ``TEMP`` tokens in the text and the frames'
+   temporal embeddings agree whichever frames were sampled, and a bin names the same days of the season on
+   every chip. Records without ``time_range`` (written before it) use their frames' range, on which their
+   answers were written.
 4. **Text.** The conversation is rendered with the LAPE codec (:func:`~agrivlm.lape.tokens.serialize_box`
    etc.; polygon vertices separated by :data:`POLYGON_SEP` so they decode as a polygon), and the continuous
    value of every position token is kept, in text order, for the model's sub-bin soft targets
@@ -431,7 +432,8 @@ class RecordDataset(Dataset[Sample]):
             pixels = focus_on_box(pixels, rec.conversation[0].boxes[0])
         if self.point_marker == "square" and rec.conversation[0].points:
             pixels = mark_point(pixels, rec.conversation[0].points[0])
-        _, times = frame_time_positions(np.asarray(rec.chip.frame_dates, dtype="datetime64[s]"), idx)
+        _, times = frame_time_positions(np.asarray(rec.chip.frame_dates, dtype="datetime64[s]"), idx,
+                                        axis=rec.chip.time_axis)
         token = visual_placeholder(len(idx))
         if self.frames_as_bands:
             pixels, times = stack_dates(pixels, times)

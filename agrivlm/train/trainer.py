@@ -228,7 +228,7 @@ def checkpoint_inputs(cfg: StageConfig, stats: BandStats | None, records: Sequen
     Chips of the training records' size (stride half of it, as the recipes' default grid), the clear dates
     the recipes take (cloudy pixels as no data), as many frames per question as each training sample had
     (fewer: the chip is skipped, as training left such records out), the band preset and the normalisation
-    range training used (per-chip percentiles when training normalised per chip).
+    range training used (per-chip percentiles when training normalised per chip), the time axis of the records.
     """
     size = int(records[0].record.chip.window.width) if records else InputConfig().chip_size
     frames_cfg = cfg.data.frames
@@ -255,7 +255,10 @@ def checkpoint_inputs(cfg: StageConfig, stats: BandStats | None, records: Sequen
     # and for growth stages by one timeline per field and season when it learned them more than date by date
     tasks = Counter(sr.record.task for sr in records)
     timeline = tasks["stage_timeline"] > tasks["stage_on_date"]
-    return InputConfig(chip_size=size, stride=max(size // 2, 1), frames=frames, min_frames=n, bands=bands,
+    # records written before their time_range measured t on their frames' range: the model learned that axis
+    seasons = all(sr.record.chip.time_range is not None for sr in records)
+    return InputConfig(time_axis="seasons" if seasons else "usable_dates",
+                       chip_size=size, stride=max(size // 2, 1), frames=frames, min_frames=n, bands=bands,
                        fields_prompt="points" if points else "listing",
                        growth_prompt="timeline" if timeline else "dates", growth_focus=cfg.data.growth_focus,
                        point_marker=cfg.data.point_marker, question_positions=cfg.data.question_positions,
