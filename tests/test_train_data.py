@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
@@ -184,6 +185,10 @@ def test_a_chip_gets_the_same_frame_times_in_training_and_in_agrivlm_infer(
     chosen = [sr for sr in records if sr.record.task == "outline_fields"]
     assert len(chosen) >= 3
     inputs = checkpoint_inputs(cfg, None, chosen)
+    assert inputs.time_axis == "seasons"  # records with a time_range: the axis they teach
+    before = [dataclasses.replace(sr, record=sr.record.model_copy(
+        update={"chip": sr.record.chip.model_copy(update={"time_range": None})})) for sr in chosen]
+    assert checkpoint_inputs(cfg, None, before).time_axis == "usable_dates"  # records written before it
     model, proc = build_model()
     ds = RecordDataset(chosen, cfg.data.frames, cfg.data.normalize, proc.vocab, 0, train=False, stacks=stacks)
     trained = Collator(proc, lape=True)([ds[(0, i)] for i in range(len(chosen))])["frame_times"]  # (B, T)
