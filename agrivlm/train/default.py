@@ -79,7 +79,10 @@ class DefaultTraining:
     # and peak median errors 2-5 days worse on the synthetic sets (24 / 31 against 22 / 26 on held-out scenes).
     # Before: 5,000 fields steps after a one-point stage 3 gave F1 0.055-0.077 but lost real-block stage accuracy
     # (0.759 → 0.636-0.667, benchmarks/results/learning_fields_candidate*.json); six points in stage 3 alone gave
-    # F1 0.034 (learning_points6_candidate.json)
+    # F1 0.034 (learning_points6_candidate.json). Retrained with these options once times ran on the season
+    # windows (pipeline.frames.frame_time_positions), about 35 minutes of steps: held-out stage accuracy 0.689,
+    # green-up / peak 7.5 / 15 days, F1 0.123; left-out region stage accuracy 0.532 (0.618 before), real block
+    # 0.803 (0.851) — the shipped checkpoint since
     steps: dict[str, int] = field(default_factory=lambda: {"stage1": 150, "stage2": 600, "stage3_focus": 1500,
                                                            "stage3": 4500, "stage3_fields": 4000})
     batch_size: int = 8
