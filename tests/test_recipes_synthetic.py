@@ -185,3 +185,34 @@ def test_index_from_two_bands_and_band_names() -> None:
         IndexBands.from_config(["a"], "nir", None)
     with pytest.raises(ConfigError, match="band 3 does not exist"):
         IndexBands.from_config(["a"], 3, None)
+
+
+def test_season_timelines_give_back_the_stage_of_every_acquisition(scene, tmp_path: Path) -> None:
+    """``timeline_dates: season``: the spans run over every acquisition of the season, cloudy dates included,
+    so they give back the stage of dates that are not the record's frames too."""
+    paths = write_scene(tmp_path / "scene")
+    text = recipe_yaml(paths, name="season").replace(
+        "  growth_stages: {stage_questions: 3}\n",
+        "  growth_stages: {tasks: [stage_timeline], timeline_dates: season}\n")
+    (tmp_path / "recipe.yaml").write_text(text)
+    build_recipe(tmp_path / "recipe.yaml", tmp_path / "out", progress=False)
+    stages = pd.read_csv(tmp_path / "out" / "tables" / "growth_stages.csv", dtype=str)
+    truth = {(r.field_id, r.date): r.stage for r in stages.itertuples()}
+    off_frames = checked = 0
+    for rec in _records(tmp_path / "out"):
+        if rec.task != "stage_timeline":
+            continue
+        answer = rec.conversation[-1]
+        spans = parse_timeline(_render(answer), answer.segments)
+        assert spans is not None
+        axis = rec.chip.time_axis
+        frames = {str(np.datetime64(d, "D")) for d in rec.chip.frame_dates}
+        season = rec.meta["season"]
+        for (field_id, day), stage in truth.items():
+            if field_id != rec.meta["field_id"] or not day.startswith(season):
+                continue
+            got = stages_at(spans, axis.to_norm(np.array([day], dtype="datetime64[s]")))[0]
+            assert got == stage, (rec.sample_id, day)
+            checked += 1
+            off_frames += day not in frames
+    assert checked >= 30 and off_frames >= 10  # dates that are not the record's frames are answered too

@@ -319,6 +319,10 @@ class GrowthStagesConfig(StrictModel):
     #: tasks is asked the way it saw more often, see ``agrivlm.train.trainer``).
     tasks: list[GrowthTask] = Field(default_factory=lambda: list[GrowthTask](
         t for t in GROWTH_TASKS if t != "stage_timeline"))
+    #: The dates a ``stage_timeline`` answer's spans run over: ``frames`` — the record's frames (its clear dates
+    #: of the season, at most 16 a year: a span starts up to one frame gap after the stage does); ``season`` —
+    #: every acquisition of the stack in the season, cloudy or not (a stage does not depend on the sky).
+    timeline_dates: Literal["frames", "season"] = "frames"
 
 
 class GeneralRSConfig(StrictModel):

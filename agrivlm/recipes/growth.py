@@ -77,17 +77,21 @@ def stage_runs(stages: list[tuple[float, str]]) -> list[tuple[str, float, float]
 
 
 def _timeline_record(state: BuildState, chip: ChipContext, p: ParcelInChip, season: str, frames: list[int],
-                     base_meta: dict[str, object]) -> Record | None:
+                     base_meta: dict[str, object], dates: str = "frames") -> Record | None:
     """The ``stage_timeline`` record: every stage of the season as a ``<TEMP>`` span, in time order.
 
-    Stages are those of the record's frames (the chip's clear dates of the season), whether or not the field
-    itself is clear on them (a stage does not depend on the sky); a run of one stage spans its first to its
-    last frame.
+    Stages are those of the record's frames (the chip's clear dates of the season) or, with ``dates="season"``,
+    of every acquisition of the season, whether or not the field itself is clear on them (a stage does not
+    depend on the sky); a run of one stage spans its first to its last such date.
     """
     f = state.factory
     pairs = []
     sources = set()
-    for i in frames:
+    when = frames
+    if dates == "season":
+        start, end = next((s, e) for label, s, e in state.seasons if label == season)
+        when = [i for i, day in enumerate(state.days) if start <= day < end]
+    for i in when:
         stage, source = state.truth.stage(p.field_id, f.times[i])
         t = f.norm_time(frames, f.times[i])
         if stage is not None and t is not None:
@@ -122,7 +126,7 @@ def _field_records(
                 assistant("From {segment:0}.", segments=[(t1, t2)]),
             ], {**base_meta, "start": iso_day(derived.sos), "end": iso_day(derived.eos), "source": "derived"}))
     if "stage_timeline" in cfg.tasks:
-        rec = _timeline_record(state, chip, p, season, frames, base_meta)
+        rec = _timeline_record(state, chip, p, season, frames, base_meta, cfg.timeline_dates)
         if rec is not None:
             out.append(rec)
     if "stage_on_date" in cfg.tasks and cfg.stage_questions > 0:
