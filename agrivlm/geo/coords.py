@@ -35,6 +35,8 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 from shapely.geometry import Polygon
 
+from agrivlm.geo.dates import from_days, season_windows, to_days
+
 ArrayLike = npt.ArrayLike
 FloatArray = npt.NDArray[np.float64]
 
@@ -214,16 +216,11 @@ class TimeAxis:
         arr = _to_datetime64(dates).ravel()
         if arr.size == 0:
             raise ValueError("TimeAxis needs at least one date")
-        month, day = (int(x) for x in season_start.split("-"))
-
-        def window_start(when: np.datetime64) -> np.datetime64:
-            year = int(str(when.astype("datetime64[Y]")))
-            start = np.datetime64(f"{year:04d}-{month:02d}-{day:02d}", "us")
-            return start if start <= when else np.datetime64(f"{year - 1:04d}-{month:02d}-{day:02d}", "us")
-
-        first, last = window_start(arr.min()), window_start(arr.max())
-        end_year = int(str(last.astype("datetime64[Y]"))) + 1
-        return cls(start=first, end=np.datetime64(f"{end_year:04d}-{month:02d}-{day:02d}", "us"))
+        days = to_days(arr)
+        # the same windows the recipes' and `agrivlm infer`'s growth seasons are
+        windows = season_windows(float(days.min()), float(days.max()), season_start)
+        edges = from_days([windows[0][1], windows[-1][2]]).astype("datetime64[us]")
+        return cls(start=edges[0], end=edges[1])
 
     @property
     def span_seconds(self) -> float:

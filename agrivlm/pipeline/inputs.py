@@ -25,7 +25,7 @@ from pydantic import Field, field_validator, model_validator
 from rasterio.crs import CRS
 from rasterio.windows import Window
 
-from agrivlm.config import StrictModel, load_config, parse_config, read_json_mapping
+from agrivlm.config import StrictModel, parse_config, read_json_mapping, read_yaml_mapping
 from agrivlm.geo.coords import FloatArray, GeoGrid, TimeAxis
 from agrivlm.geo.grid import CHIP_EDGE, CHIP_SIZE, CHIP_STRIDE
 from agrivlm.lape.tokens import QuestionPositions
@@ -550,9 +550,8 @@ def load_input_config(folder: str | os.PathLike[str]) -> tuple[InputConfig, bool
 
     path = Path(folder) / INPUT_CONFIG_FILE
     if path.is_file():
-        config = load_config(InputConfig, path)
-        raw = yaml.safe_load(path.read_text())
-        return _before_seasons(config, raw), True
+        raw = read_yaml_mapping(path)  # read once: the parsed config and whether it names a time_axis
+        return _before_seasons(parse_config(InputConfig, raw, str(path)), raw), True
     saved = saved_processor_config(folder)
     if saved is None or saved.get("inputs") is None:
         return InputConfig(), False

@@ -13,6 +13,8 @@ one an answer came from. The growing-season segment (SOS → EOS) is asked only 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 
 from agrivlm.geo.dates import day_str, iso_day
@@ -77,7 +79,7 @@ def stage_runs(stages: list[tuple[float, str]]) -> list[tuple[str, float, float]
 
 
 def _timeline_record(state: BuildState, chip: ChipContext, p: ParcelInChip, season: str, frames: list[int],
-                     base_meta: dict[str, object], dates: str = "frames") -> Record | None:
+                     base_meta: dict[str, object], dates: Literal["frames", "season"] = "frames") -> Record | None:
     """The ``stage_timeline`` record: every stage of the season as a ``<TEMP>`` span, in time order.
 
     Stages are those of the record's frames (the chip's clear dates of the season) or, with ``dates="season"``,
