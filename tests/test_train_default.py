@@ -111,6 +111,23 @@ def test_recipe_keeps_corn_belt_out_and_draws_steps_times_batch() -> None:
     assert "points_per_record" not in recipe_text("stage3", "/x/scenes/*", single)
 
 
+def test_timeline_dates_reach_the_stage3_recipes_that_ask_timelines_and_build_them() -> None:
+    season = DefaultTraining(timeline_dates="season")
+    for stage in ("stage3_focus", "stage3", "stage3_fields"):
+        growth = yaml.safe_load(recipe_text(stage, "/x/*", season))["tasks"]["growth_stages"]
+        assert growth["timeline_dates"] == "season", stage
+        # the recipe's own growth tasks stay as they were
+        plain = yaml.safe_load(recipe_text(stage, "/x/*", DefaultTraining()))["tasks"]["growth_stages"]
+        assert {k: v for k, v in growth.items() if k != "timeline_dates"} == plain and "timeline_dates" not in plain
+    # stage 2 asks growth questions too, but its recipe is the shared warm-up: untouched
+    assert "timeline_dates" not in recipe_text("stage2", "/x/*", season)
+    # the recipe loads: the key is one the growth family knows
+    from agrivlm.recipes.config import GrowthStagesConfig
+
+    assert GrowthStagesConfig(**yaml.safe_load(recipe_text("stage3", "/x/*", season))["tasks"]["growth_stages"])\
+        .timeline_dates == "season"
+
+
 def test_phases_skip_an_unset_focus_and_refuse_a_missing_stage() -> None:
     assert phases(DefaultTraining()) == ["stage1", "stage2", "stage3_focus", "stage3", "stage3_fields"]
     without_fields = DefaultTraining(steps={**DefaultTraining().steps, "stage3_fields": 0})

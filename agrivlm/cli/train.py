@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -83,6 +83,9 @@ def default(
     points_per_record: Annotated[int, typer.Option(
         help="Point questions per conversation in stage 3's field_at_point records (every answer supervised).",
         min=1)] = _DEFAULTS.points_per_record,
+    timeline_dates: Annotated[Literal["frames", "season"], typer.Option(
+        help="Stage 3's growth timelines: spans over the record's frames or over every acquisition of the season."
+    )] = _DEFAULTS.timeline_dates,
     encoder_steps: Annotated[int, typer.Option(
         min=0, help="Steps of the vision encoder's dense pre-training before stage 1 (FTW's three classes from the "
              "pooled tokens; 0: a random encoder).")] = _DEFAULTS.encoder_steps,
@@ -104,6 +107,7 @@ def default(
     base = _DEFAULTS
     opts = DefaultTraining(scenes_per_region=scenes_per_region, threads=threads, points_per_record=points_per_record,
                            encoder_steps=encoder_steps, train_vision=train_vision, point_features=point_features,
+                           timeline_dates=timeline_dates,
                            steps={**base.steps, "stage3": stage3_steps, "stage3_fields": fields_steps})
     final = run_default(out, opts, do_install=install, echo=typer.echo)
     typer.echo(f"default checkpoint: {final}")

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
@@ -101,6 +101,9 @@ class DefaultTraining:
     #: record per point). Six: a fields probe left the position-loss plateau sooner (2.67 against 2.87 nats at
     #: steps 400-440) and reached pooled held-out F1 0.148 in 3,000 steps (one point: 0.126 in 5,000).
     points_per_record: int = 6
+    #: ``growth_stages.timeline_dates`` of the stage-3 recipes (``season``: a timeline's spans over every
+    #: acquisition of the season; ``frames``: over the record's frames, spans start up to a frame gap late).
+    timeline_dates: Literal["frames", "season"] = "frames"
     #: Steps of the encoder's dense pre-training before stage 1 (:mod:`agrivlm.train.encoder`: FTW's three
     #: classes and each pixel's field extent from the pooled visual tokens, on the training scenes; 0: stage 1
     #: starts a random encoder). Off: on the fields task alone (tiny model, 4,000 steps, 2 seeds; benchmarks/
@@ -166,7 +169,7 @@ def recipe_text(stage: str, scenes_glob: str, opts: DefaultTraining) -> str:
         "chips": {**sample["chips"], "stride": 16},
         "split": sample["split"],
         "phenology": {"min_pixels": 6},
-        "tasks": _with_points_per_record(base["tasks"], opts.points_per_record if PHASES[stage] == "stage3" else 1),
+        "tasks": _stage_tasks(base["tasks"], stage, opts),
         # as many training samples as the stage's steps draw (the shipped recipes draw 2,000, sized for the
         # 1 km² sample: 60 scenes hold tens of thousands of records, and 2,000 were memorised within a few
         # epochs; max_unique stops at what the smallest pool allows, about 4,000): small pools repeat
@@ -178,12 +181,21 @@ def recipe_text(stage: str, scenes_glob: str, opts: DefaultTraining) -> str:
     return yaml.safe_dump(recipe, sort_keys=False)
 
 
-def _with_points_per_record(tasks: dict[str, Any], n: int) -> dict[str, Any]:
-    """A recipe's tasks with ``field_at_point`` asked ``n`` points per conversation (unchanged for 1)."""
-    fields = tasks.get("field_boundaries")
-    if n == 1 or fields is None:
+def _stage_tasks(tasks: dict[str, Any], stage: str, opts: DefaultTraining) -> dict[str, Any]:
+    """A recipe's tasks with the stage-3 options (stages 1-2, and options at their default: as is).
+
+    ``field_at_point`` asked ``opts.points_per_record`` points per conversation; stage timelines over
+    ``opts.timeline_dates``.
+    """
+    if PHASES[stage] != "stage3":
         return tasks
-    return {**tasks, "field_boundaries": {**fields, "points_per_record": n}}
+    out = dict(tasks)
+    fields, growth = tasks.get("field_boundaries"), tasks.get("growth_stages")
+    if opts.points_per_record != 1 and fields is not None:
+        out["field_boundaries"] = {**fields, "points_per_record": opts.points_per_record}
+    if opts.timeline_dates != "frames" and growth is not None:
+        out["growth_stages"] = {**growth, "timeline_dates": opts.timeline_dates}
+    return out
 
 
 def build_data(out: Path, scenes_dir: Path, opts: DefaultTraining, echo: Callable[[str], None]) -> dict[str, Path]:
