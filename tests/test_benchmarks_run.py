@@ -7,12 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_ingest_benchmark_runs_small(tmp_path: Path) -> None:
     res = subprocess.run(
-        [sys.executable, "benchmarks/ingest.py", "--size", "512", "--dates", "3", "--bands", "2", "--reps", "1",
+        [sys.executable, "benchmarks/ingest.py", "--size", "512", "--dates", "3", "--bands", "2", "--reps", "2",
          "--layouts", "cog_zstd,striped_deflate", "--readers", "agrivlm,agrivlm native,raw rasterio,torchgeo",
          "--growth", "",
          "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--torchgeo-python", sys.executable],
@@ -22,7 +24,19 @@ def test_ingest_benchmark_runs_small(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "out" / "ingest.json").read_text())
     row = report["layouts"]["cog_zstd"]["agrivlm"]
     assert row["chips"] == 4 and row["transforms_ok"] and row["x_raw"] > 0
-    assert row["x_raw_spread"][0] <= row["x_raw"] <= row["x_raw_spread"][1] and len(row["x_raw_runs"]) == 1
+    # x raw: the ratio of the fastest repetitions (bytes per wall second), the paired median beside it
+    raw = report["layouts"]["cog_zstd"]["raw rasterio"]
+    assert row["x_raw"] == pytest.approx(row["best_mb_per_s"] / raw["best_mb_per_s"])
+    assert row["best_chips_per_s"] == pytest.approx(row["chips"] / min(row["wall_s"]))
+    assert row["x_raw_spread"][0] <= row["x_raw_paired"] <= row["x_raw_spread"][1] and len(row["x_raw_runs"]) == 2
+    # --compare: two runs' ratios side by side with the largest relative difference
+    other = json.loads(json.dumps(report))
+    other["layouts"]["cog_zstd"]["agrivlm"]["x_raw"] = row["x_raw"] * 1.25
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    cmp = subprocess.run([sys.executable, "benchmarks/ingest.py", "--compare", str(tmp_path / "out" / "ingest.json"),
+                          str(tmp_path / "other.json")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert cmp.returncode == 0, cmp.stderr[-2000:]
+    assert "largest difference between the runs: 20.0%" in cmp.stdout
     native = report["layouts"]["cog_zstd"]["agrivlm native"]
     assert native["chips"] == 4 and native["transforms_ok"] and native["x_raw"] > 0
     assert report["spot_checked_chips"] == {"cog_zstd": 3, "striped_deflate": 3}
