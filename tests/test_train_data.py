@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -30,11 +31,12 @@ from agrivlm.train.data import (
     dataset_band_stats,
     read_record_frames,
     read_split,
+    recipe_chips,
     render_record,
     select_records,
 )
 from agrivlm.train.sampler import ResumableSampler
-from agrivlm.train.trainer import checkpoint_inputs
+from agrivlm.train.trainer import checkpoint_inputs, clear_threshold
 
 VOCAB = LapeVocab(150, 50)
 
@@ -203,3 +205,29 @@ def test_a_chip_gets_the_same_frame_times_in_training_and_in_agrivlm_infer(
         assert torch.equal(asked, trained[i]), (sr.record.sample_id, asked.tolist(), trained[i].tolist())
         # on the record's time axis, on which its answers' TEMP tokens are written, so decoded t → the same dates
         assert question.visual.time_axis == sr.record.chip.time_axis
+
+
+def test_the_checkpoint_inputs_cut_chips_and_take_dates_as_the_recipes_did(
+    records: list[SourceRecord], tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    root = curriculum_recipe(tmp_path_factory)
+    chips = recipe_chips([root])
+    assert chips is not None and chips.size == records[0].record.chip.window.width
+    cfg = load_stage_config(stage_yaml("stage2", tmp_path / "s2.yaml", {"data.roots": [str(root)]}))
+    inputs = checkpoint_inputs(cfg, None, records, chips.model_copy(update={"edge": "drop", "min_clear": 0.6}))
+    assert (inputs.chip_size, inputs.stride, inputs.edge) == (chips.size, chips.size // 2, "drop")
+    # a recipe takes a date at least min_clear clear; the sampler keeps a frame more than min_valid_fraction valid:
+    # the inputs make the two one rule, ties included (60 of a 10 x 10 chip's pixels clear: taken by both)
+    mvf = inputs.frames.min_valid_fraction
+    assert 60 / 100 > mvf and not 59 / 100 > mvf and mvf == pytest.approx(0.6)
+    assert clear_threshold(0.0) == 0.0 and 1.0 > clear_threshold(1.0) > 1 - 1e-12
+    # a second root that cuts chips otherwise: trained on, the checkpoint follows the first, a warning says so
+    other = tmp_path / "other"
+    other.mkdir()
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["config"]["chips"] = {**manifest["config"]["chips"], "size": 2 * chips.size}
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING", logger="agrivlm.train.data"):
+        assert recipe_chips([root, other]) == chips
+    assert "the checkpoint's inputs follow" in caplog.text and str(other) in caplog.text

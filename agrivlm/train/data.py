@@ -58,6 +58,7 @@ from agrivlm.pipeline.focus import GrowthFocus, PointMarker, focus_on_box, mark_
 from agrivlm.pipeline.frames import FrameSamplingConfig, frame_time_positions, select_indices, uniform_indices
 from agrivlm.pipeline.inputs import ChipInputConfig
 from agrivlm.pipeline.inputs import frames_as_bands as stack_dates
+from agrivlm.recipes.config import ChipConfig
 from agrivlm.recipes.mixture import mix
 from agrivlm.recipes.schema import Record, iter_records
 from agrivlm.tasks.turns import Turn, render_text
@@ -87,6 +88,31 @@ def _manifest(root: Path) -> dict[str, Any]:
             f"{root}: no manifest.json; data.roots must be outputs of `agrivlm recipe build --recipe R --out {root}`"
         )
     return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+
+def recipe_chips(roots: Sequence[str | Path]) -> ChipConfig | None:
+    """How the recipes behind ``roots`` cut chips and chose their dates (each manifest's ``config.chips``).
+
+    The first root's rule; roots whose rule differs (size, edge or clear fraction) are trained on as they are,
+    with a warning naming them, since a checkpoint's inputs can follow one rule only. None when no manifest
+    records one.
+    """
+    found: list[tuple[Path, ChipConfig]] = []
+    for root_s in roots:
+        root = resolve(root_s)
+        chips = _manifest(root).get("config", {}).get("chips")
+        if chips is not None:
+            found.append((root, ChipConfig.model_validate(chips)))
+    if not found:
+        return None
+    first_root, first = found[0]
+    key = ("size", "edge", "min_clear")
+    for root, chips in found[1:]:
+        if any(getattr(chips, k) != getattr(first, k) for k in key):
+            log.warning("%s cuts chips as %s, %s as %s; the checkpoint's inputs follow %s", root,
+                        {k: getattr(chips, k) for k in key}, first_root, {k: getattr(first, k) for k in key},
+                        first_root)
+    return first
 
 
 def read_split(roots: Sequence[str | Path], split: str) -> list[SourceRecord]:

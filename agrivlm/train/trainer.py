@@ -49,6 +49,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -56,12 +57,14 @@ from tqdm.auto import tqdm
 
 from agrivlm.config import parse_config
 from agrivlm.errors import ConfigError, TrainError
+from agrivlm.geo.grid import CHIP_EDGE
 from agrivlm.io import write_json
 from agrivlm.model.modeling import AgriVLMForConditionalGeneration
 from agrivlm.model.reconstruction import FrozenTeacher, NextFramePredictor, visual_hidden_states
 from agrivlm.pipeline.bands import BandStats
 from agrivlm.pipeline.frames import FrameSamplingConfig
 from agrivlm.pipeline.inputs import BandConfig, InputConfig, default_frames, item_layout
+from agrivlm.recipes.config import ChipConfig
 from agrivlm.train.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -80,6 +83,7 @@ from agrivlm.train.data import (
     dataset_band_stats,
     fixed_band_stats,
     read_split,
+    recipe_chips,
     select_records,
 )
 from agrivlm.train.final import data_sources, save_final
@@ -222,15 +226,21 @@ def _band_stats(cfg: StageConfig, sm: StageModel, records: list[SourceRecord], s
     return dataset_band_stats(records, stacks, norm)
 
 
-def checkpoint_inputs(cfg: StageConfig, stats: BandStats | None, records: Sequence[SourceRecord]) -> InputConfig:
+def checkpoint_inputs(cfg: StageConfig, stats: BandStats | None, records: Sequence[SourceRecord],
+                      chips: ChipConfig | None = None) -> InputConfig:
     """How ``agrivlm infer`` must prepare inputs for the model this stage trains (``agrivlm_inputs.yaml``).
 
-    Chips of the training records' size (stride half of it, as the recipes' default grid), the clear dates
-    the recipes take (cloudy pixels as no data), as many frames per question as each training sample had
-    (fewer: the chip is skipped, as training left such records out), the band preset and the normalisation
-    range training used (per-chip percentiles when training normalised per chip), the time axis of the records.
+    Chips as the recipes cut them (``chips``, :func:`recipe_chips`: size, edge, the clear fraction a date
+    needs; without it the training records' size and the recipes' defaults), stride half the size (the
+    overlap inference merges; the recipes' own stride only sets how many training chips there are), cloudy
+    pixels as no data, as many frames per question as each training sample had (fewer: the chip is skipped,
+    as training left such records out), the band preset and the normalisation range training used (per-chip
+    percentiles when training normalised per chip), the time axis of the records.
     """
-    size = int(records[0].record.chip.window.width) if records else InputConfig().chip_size
+    if chips is not None:
+        size = chips.size
+    else:
+        size = int(records[0].record.chip.window.width) if records else InputConfig().chip_size
     frames_cfg = cfg.data.frames
     n = frames_cfg.frames_per_sample
     base = default_frames()
@@ -242,6 +252,8 @@ def checkpoint_inputs(cfg: StageConfig, stats: BandStats | None, records: Sequen
         )
     else:
         frames = base.model_copy(update={"max_frames": n})
+    if chips is not None:
+        frames = frames.model_copy(update={"min_valid_fraction": clear_threshold(chips.min_clear)})
     norm = cfg.data.normalize
     fixed = stats is not None and norm.mode != "chip"
     bands = BandConfig(
@@ -258,12 +270,23 @@ def checkpoint_inputs(cfg: StageConfig, stats: BandStats | None, records: Sequen
     # records written before their time_range measured t on their frames' range: the model learned that axis
     seasons = all(sr.record.chip.time_range is not None for sr in records)
     return InputConfig(time_axis="seasons" if seasons else "usable_dates",
-                       chip_size=size, stride=max(size // 2, 1), frames=frames, min_frames=n, bands=bands,
+                       chip_size=size, stride=max(size // 2, 1), edge=chips.edge if chips else CHIP_EDGE,
+                       frames=frames, min_frames=n, bands=bands,
                        fields_prompt="points" if points else "listing",
                        growth_prompt="timeline" if timeline else "dates", growth_focus=cfg.data.growth_focus,
                        point_marker=cfg.data.point_marker, question_positions=cfg.data.question_positions,
                        anyres=cfg.data.anyres, scales=cfg.data.scales, max_patches=cfg.data.max_patches,
                        frames_as_bands=cfg.data.frames_as_bands)
+
+
+def clear_threshold(min_clear: float) -> float:
+    """The frames' ``min_valid_fraction`` that takes exactly the dates a recipe's ``min_clear`` takes.
+
+    A recipe takes a date whose clear fraction is ``>= min_clear``; the frame sampler keeps one whose valid
+    fraction is ``> min_valid_fraction``. The largest float below ``min_clear`` makes the two one rule, ties
+    included (a 10 × 10 chip 60 % clear: taken by both); 0 stays 0 (the sampler never keeps an empty frame).
+    """
+    return float(np.nextafter(min_clear, 0.0)) if min_clear > 0 else 0.0
 
 
 def run_settings(cfg: StageConfig, num_processes: int) -> dict[str, Any]:
@@ -592,7 +615,7 @@ class _Run:
         train_records, report = select_records(read_split(cfg.data.roots, "train"), cfg.data, cfg.train.seed, True)
         val_records, _ = select_records(read_split(cfg.data.roots, "val"), cfg.data, cfg.train.seed, False)
         stats = _band_stats(cfg, sm, train_records, stacks)
-        self.inputs = checkpoint_inputs(cfg, stats, train_records)
+        self.inputs = checkpoint_inputs(cfg, stats, train_records, recipe_chips(cfg.data.roots))
         # --overwrite removes the previous run only now: a missing data root, model config or init_from
         # raised above and left it as it was
         _clear_previous(out, self.resume, acc.is_main_process)
