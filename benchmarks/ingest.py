@@ -408,7 +408,12 @@ def _ratios(ref: dict[str, dict[str, Any]], runs: dict[str, list[dict[str, Any]]
 
 def compare(paths: list[Path]) -> dict[str, dict[str, list[float]]]:
     """Every ``x_raw`` of two (or more) reports side by side, with the largest relative difference; printed."""
-    reports = [json.loads(Path(p).read_text()) for p in paths]
+    reports = []
+    for path in paths:
+        try:
+            reports.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"{path}: not an ingest.json of this benchmark ({exc})") from None
     out: dict[str, dict[str, list[float]]] = {}
     print(f"{'layout':16s} {'reader':17s} " + " ".join(f"{'run ' + str(k + 1):>7s}" for k in range(len(paths)))
           + "  max diff")

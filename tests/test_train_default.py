@@ -10,6 +10,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from agrivlm import resources
 from agrivlm.default_checkpoint import DEFAULT_MODEL_DIR, resolve_model
 from agrivlm.errors import ConfigError
 from agrivlm.train.default import (
@@ -112,20 +113,22 @@ def test_recipe_keeps_corn_belt_out_and_draws_steps_times_batch() -> None:
 
 
 def test_timeline_dates_reach_the_stage3_recipes_that_ask_timelines_and_build_them() -> None:
-    season = DefaultTraining(timeline_dates="season")
+    assert DefaultTraining().timeline_dates == "season"  # the shipped checkpoint's rule
+    frames = DefaultTraining(timeline_dates="frames")
     for stage in ("stage3_focus", "stage3", "stage3_fields"):
-        growth = yaml.safe_load(recipe_text(stage, "/x/*", season))["tasks"]["growth_stages"]
-        assert growth["timeline_dates"] == "season", stage
-        # the recipe's own growth tasks stay as they were
-        plain = yaml.safe_load(recipe_text(stage, "/x/*", DefaultTraining()))["tasks"]["growth_stages"]
-        assert {k: v for k, v in growth.items() if k != "timeline_dates"} == plain and "timeline_dates" not in plain
+        for opts in (DefaultTraining(), frames):
+            growth = yaml.safe_load(recipe_text(stage, "/x/*", opts))["tasks"]["growth_stages"]
+            assert growth["timeline_dates"] == opts.timeline_dates, stage
+            # the recipe's own growth tasks stay as they were
+            base = yaml.safe_load(resources.recipe(f"synthetic_{stage}").read_text())["tasks"]["growth_stages"]
+            assert {k: v for k, v in growth.items() if k != "timeline_dates"} == base
     # stage 2 asks growth questions too, but its recipe is the shared warm-up: untouched
-    assert "timeline_dates" not in recipe_text("stage2", "/x/*", season)
+    assert "timeline_dates" not in recipe_text("stage2", "/x/*", frames)
     # the recipe loads: the key is one the growth family knows
     from agrivlm.recipes.config import GrowthStagesConfig
 
-    assert GrowthStagesConfig(**yaml.safe_load(recipe_text("stage3", "/x/*", season))["tasks"]["growth_stages"])\
-        .timeline_dates == "season"
+    assert GrowthStagesConfig(**yaml.safe_load(recipe_text("stage3", "/x/*", frames))["tasks"]["growth_stages"])\
+        .timeline_dates == "frames"
 
 
 def test_phases_skip_an_unset_focus_and_refuse_a_missing_stage() -> None:

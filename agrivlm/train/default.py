@@ -82,7 +82,7 @@ class DefaultTraining:
     # F1 0.034 (learning_points6_candidate.json). Retrained with these options once times ran on the season
     # windows (pipeline.frames.frame_time_positions), about 35 minutes of steps: held-out stage accuracy 0.689,
     # green-up / peak 7.5 / 15 days, F1 0.123; left-out region stage accuracy 0.532 (0.618 before), real block
-    # 0.803 (0.851) — the shipped checkpoint since
+    # 0.803 (0.851); retrained again with timeline_dates: season (below), the shipped checkpoint since
     steps: dict[str, int] = field(default_factory=lambda: {"stage1": 150, "stage2": 600, "stage3_focus": 1500,
                                                            "stage3": 4500, "stage3_fields": 4000})
     batch_size: int = 8
@@ -103,7 +103,12 @@ class DefaultTraining:
     points_per_record: int = 6
     #: ``growth_stages.timeline_dates`` of the stage-3 recipes (``season``: a timeline's spans over every
     #: acquisition of the season; ``frames``: over the record's frames, spans start up to a frame gap late).
-    timeline_dates: Literal["frames", "season"] = "frames"
+    #: ``season`` made the shipped checkpoint (the same options otherwise, 35 minutes of steps); by
+    #: ``benchmarks/learning.py --quick`` against the ``frames`` checkpoint it replaced, held-out / left-out region /
+    #: real block: stage accuracy 0.702 / 0.627 / 0.803 (0.689 / 0.532 / 0.803), green-up · peak · senescence
+    #: median 8.1 · 11 · 13 / 23 · 16 · 7.5 / 0 · 20 · 0 days (7.5 · 15 · 18 / 28 · 28 · 19 / 5 · 5 · 50), field
+    #: F1@0.5 0.127 / 0.369 / 0 (0.123 / 0.291 / 0)
+    timeline_dates: Literal["frames", "season"] = "season"
     #: Steps of the encoder's dense pre-training before stage 1 (:mod:`agrivlm.train.encoder`: FTW's three
     #: classes and each pixel's field extent from the pooled visual tokens, on the training scenes; 0: stage 1
     #: starts a random encoder). Off: on the fields task alone (tiny model, 4,000 steps, 2 seeds; benchmarks/
@@ -182,10 +187,10 @@ def recipe_text(stage: str, scenes_glob: str, opts: DefaultTraining) -> str:
 
 
 def _stage_tasks(tasks: dict[str, Any], stage: str, opts: DefaultTraining) -> dict[str, Any]:
-    """A recipe's tasks with the stage-3 options (stages 1-2, and options at their default: as is).
+    """A recipe's tasks with the stage-3 options (stages 1-2: as is).
 
-    ``field_at_point`` asked ``opts.points_per_record`` points per conversation; stage timelines over
-    ``opts.timeline_dates``.
+    ``field_at_point`` asked ``opts.points_per_record`` points per conversation (one: as is); stage timelines
+    over ``opts.timeline_dates``.
     """
     if PHASES[stage] != "stage3":
         return tasks
@@ -193,7 +198,7 @@ def _stage_tasks(tasks: dict[str, Any], stage: str, opts: DefaultTraining) -> di
     fields, growth = tasks.get("field_boundaries"), tasks.get("growth_stages")
     if opts.points_per_record != 1 and fields is not None:
         out["field_boundaries"] = {**fields, "points_per_record": opts.points_per_record}
-    if opts.timeline_dates != "frames" and growth is not None:
+    if growth is not None:  # written out, so the recipe keeps its rule whatever the recipes' default becomes
         out["growth_stages"] = {**growth, "timeline_dates": opts.timeline_dates}
     return out
 
@@ -351,6 +356,9 @@ def write_card(final: Path, opts: DefaultTraining, info: dict[str, Any]) -> None
           if opts.encoder_steps > 0 else []),
         *(["- `lape.point_features` on: the feature under each question point added to its height token."]
           if opts.point_features else []),
+        "- stage 3's growth timelines: spans over "
+        + ("every acquisition of the season" if opts.timeline_dates == "season" else "the record's frames")
+        + f" (`growth_stages.timeline_dates: {opts.timeline_dates}`).",
         f"- time: {info.get('seconds', 0) / 60:.0f} minutes on {opts.threads} CPU threads for this run"
         + (f"; the optimizer steps of every phase (resumed or not) {info['step_seconds'] / 60:.0f} minutes "
            f"({', '.join(f'{k} {v / 60:.0f}' for k, v in info['phase_step_seconds'].items())})."
