@@ -195,8 +195,12 @@ class RecordFactory:
     def norm_time(self, frames: Sequence[int], when: np.datetime64 | float) -> float | None:
         """``t`` of a time on the frames' axis (``when`` as datetime64 or float days); ``None`` outside [0, 1]."""
         stamp = from_days(float(when)) if isinstance(when, float | np.floating) else np.asarray(when, "datetime64[s]")
-        t = float(self.time_axis(frames).to_norm(stamp))
-        return t if 0.0 <= t <= 1.0 else None
+        return self.norm_times(frames, [stamp])[0]
+
+    def norm_times(self, frames: Sequence[int], when: npt.ArrayLike) -> list[float | None]:
+        """:meth:`norm_time` of many times, the frames' axis built once (a season's acquisitions for a timeline)."""
+        ts = self.time_axis(frames).to_norm(np.asarray(when, "datetime64[s]"))
+        return [float(t) if 0.0 <= t <= 1.0 else None for t in ts]
 
     def _time_range(self, frames: Sequence[int]) -> tuple[str, str]:
         axis = self.time_axis(frames)

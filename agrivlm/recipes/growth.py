@@ -93,9 +93,8 @@ def _timeline_record(state: BuildState, chip: ChipContext, p: ParcelInChip, seas
     if dates == "season":
         start, end = next((s, e) for label, s, e in state.seasons if label == season)
         when = [i for i, day in enumerate(state.days) if start <= day < end]
-    for i in when:
+    for i, t in zip(when, f.norm_times(frames, [f.times[i] for i in when]), strict=True):
         stage, source = state.truth.stage(p.field_id, f.times[i])
-        t = f.norm_time(frames, f.times[i])
         if stage is not None and t is not None:
             pairs.append((t, stage))
             sources.add(source)
