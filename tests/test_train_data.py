@@ -20,6 +20,7 @@ from agrivlm.infer.generate import Predictor
 from agrivlm.infer.prepare import ChipPreparer
 from agrivlm.lape.tokens import LapeVocab, parse_positions
 from agrivlm.model import build_model
+from agrivlm.pipeline.inputs import clear_threshold
 from agrivlm.sample import resolve_spec
 from agrivlm.tasks.turns import Turn
 from agrivlm.train.config import DataConfig, FramesConfig, NormalizeConfig, load_stage_config
@@ -36,7 +37,7 @@ from agrivlm.train.data import (
     select_records,
 )
 from agrivlm.train.sampler import ResumableSampler
-from agrivlm.train.trainer import checkpoint_inputs, clear_threshold
+from agrivlm.train.trainer import checkpoint_inputs
 
 VOCAB = LapeVocab(150, 50)
 

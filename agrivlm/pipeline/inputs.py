@@ -476,6 +476,16 @@ def default_frames() -> FrameSamplingConfig:
     )
 
 
+def clear_threshold(min_clear: float) -> float:
+    """The frames' ``min_valid_fraction`` that takes exactly the dates a recipe's ``min_clear`` takes.
+
+    A recipe takes a date whose clear fraction is ``>= min_clear``; the frame sampler keeps one whose valid
+    fraction is ``> min_valid_fraction``. The largest float below ``min_clear`` makes the two one rule, ties
+    included (a 10 × 10 chip 60 % clear: taken by both); 0 stays 0 (the sampler never keeps an empty frame).
+    """
+    return float(np.nextafter(min_clear, 0.0)) if min_clear > 0 else 0.0
+
+
 class InputConfig(StrictModel):
     """Chip grid, frames and bands of a checkpoint (see the module docstring for the defaults)."""
 

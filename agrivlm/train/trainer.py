@@ -49,7 +49,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -57,13 +56,12 @@ from tqdm.auto import tqdm
 
 from agrivlm.config import parse_config
 from agrivlm.errors import ConfigError, TrainError
-from agrivlm.geo.grid import CHIP_EDGE
 from agrivlm.io import write_json
 from agrivlm.model.modeling import AgriVLMForConditionalGeneration
 from agrivlm.model.reconstruction import FrozenTeacher, NextFramePredictor, visual_hidden_states
 from agrivlm.pipeline.bands import BandStats
 from agrivlm.pipeline.frames import FrameSamplingConfig
-from agrivlm.pipeline.inputs import BandConfig, InputConfig, default_frames, item_layout
+from agrivlm.pipeline.inputs import BandConfig, InputConfig, clear_threshold, default_frames, item_layout
 from agrivlm.recipes.config import ChipConfig
 from agrivlm.train.checkpoint import (
     CheckpointError,
@@ -238,9 +236,10 @@ def checkpoint_inputs(cfg: StageConfig, stats: BandStats | None, records: Sequen
     percentiles when training normalised per chip), the time axis of the records.
     """
     if chips is not None:
-        size = chips.size
+        size, edge = chips.size, chips.edge
     else:
         size = int(records[0].record.chip.window.width) if records else InputConfig().chip_size
+        edge = InputConfig().edge
     frames_cfg = cfg.data.frames
     n = frames_cfg.frames_per_sample
     base = default_frames()
@@ -270,23 +269,13 @@ def checkpoint_inputs(cfg: StageConfig, stats: BandStats | None, records: Sequen
     # records written before their time_range measured t on their frames' range: the model learned that axis
     seasons = all(sr.record.chip.time_range is not None for sr in records)
     return InputConfig(time_axis="seasons" if seasons else "usable_dates",
-                       chip_size=size, stride=max(size // 2, 1), edge=chips.edge if chips else CHIP_EDGE,
+                       chip_size=size, stride=max(size // 2, 1), edge=edge,
                        frames=frames, min_frames=n, bands=bands,
                        fields_prompt="points" if points else "listing",
                        growth_prompt="timeline" if timeline else "dates", growth_focus=cfg.data.growth_focus,
                        point_marker=cfg.data.point_marker, question_positions=cfg.data.question_positions,
                        anyres=cfg.data.anyres, scales=cfg.data.scales, max_patches=cfg.data.max_patches,
                        frames_as_bands=cfg.data.frames_as_bands)
-
-
-def clear_threshold(min_clear: float) -> float:
-    """The frames' ``min_valid_fraction`` that takes exactly the dates a recipe's ``min_clear`` takes.
-
-    A recipe takes a date whose clear fraction is ``>= min_clear``; the frame sampler keeps one whose valid
-    fraction is ``> min_valid_fraction``. The largest float below ``min_clear`` makes the two one rule, ties
-    included (a 10 × 10 chip 60 % clear: taken by both); 0 stays 0 (the sampler never keeps an empty frame).
-    """
-    return float(np.nextafter(min_clear, 0.0)) if min_clear > 0 else 0.0
 
 
 def run_settings(cfg: StageConfig, num_processes: int) -> dict[str, Any]:
