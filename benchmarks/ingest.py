@@ -355,7 +355,8 @@ def summarise(runs: dict[str, dict[str, list[dict[str, Any]]]], layouts: list[st
     interference only ever slows a run, so a reader's fastest repetition is its steadiest estimate (``timeit``
     takes the minimum for the same reason): on this VM, two ``--reps 15`` runs gave median-of-paired ratios up to
     23 % apart (uncompressed float32 0.71 and 0.54, each repetition's own ratio ranging 0.38-0.98), and ratios of
-    the fastest repetitions at most 7 % apart on every layout and reader. The median of each repetition's own
+    the fastest repetitions at most 7 % apart on every layout and reader; two later runs: 19 of 20 ratios within
+    10 %, the worst float32 chips on COG DEFLATE, 10.5 %. The median of each repetition's own
     ratio stays beside it (``x_raw_paired``, with ``x_raw_runs`` and their range ``x_raw_spread``).
     """
     table: dict[str, dict[str, dict[str, Any]]] = {}
@@ -490,9 +491,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     active = [r for r in readers if r != "torchgeo" or tg_version]
     servers = {r: Server(args.torchgeo_python if r == "torchgeo" else sys.executable, r) for r in active}
     servers["decode 1 core"] = servers.get("raw rasterio") or Server(sys.executable, "raw rasterio")
-    # the growth series in a process of its own: run in the agrivlm reader's process, its 4096-px stacks left
-    # that process's allocator in a state where the measured float32 chips (25 MB each) ran erratically (COG
-    # ZSTD: 0.42-0.74 s a repetition, 0.68 and 0.79 x raw in two runs; without the series 0.36-0.47 s, 0.84 x)
+    # the growth series in a process of its own, so a reader's process measures that reader only. With the series
+    # in the agrivlm reader's process its float32 chips on COG ZSTD scored 0.68 and 0.79 x raw in two runs, apart
+    # 0.79 and 0.81; their repetitions spread either way (0.40-0.84 s, native chips 0.34-0.51 s), cause not found
     growth_server = Server(sys.executable, "agrivlm") if growth_sizes and "agrivlm" in active else None
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {layout: {r: [] for r in [*active, "decode 1 core"]}
                                                         for layout in layouts}
