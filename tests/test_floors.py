@@ -184,17 +184,18 @@ def test_every_reader_of_chips_starts_from_one_chip_grid():
     from agrivlm.explore.settings import ExploreSettings
     from agrivlm.geo.grid import CHIP_SIZE, CHIP_STRIDE
     from agrivlm.geo.ingest import ingest
-    from agrivlm.pipeline.inputs import InputConfig
+    from agrivlm.pipeline.inputs import ChipRule, InputConfig
     from agrivlm.quickstart.run import CHIP
-    from agrivlm.recipes.config import ChipConfig
+    from agrivlm.recipes.config import RecipeConfig
 
     assert inspect.signature(ingest).parameters["chip_size"].default == CHIP_SIZE
     assert ExploreSettings.__dataclass_fields__["chip_size"].default == CHIP_SIZE
-    assert (ChipConfig().size, ChipConfig().stride) == (CHIP_SIZE, CHIP_STRIDE)
+    assert RecipeConfig.model_fields["chips"].annotation is ChipRule  # the recipes cut chips by the contract's rule
+    assert (ChipRule().size, ChipRule().stride) == (CHIP_SIZE, CHIP_STRIDE)
     assert (InputConfig().chip_size, InputConfig().stride) == (CHIP_SIZE, CHIP_STRIDE)
     assert CHIP == CHIP_SIZE
-    assert (InputConfig().frames.max_frames, InputConfig().min_frames) == (ChipConfig().max_frames,
-                                                                           ChipConfig().min_frames)
+    assert (InputConfig().frames.max_frames, InputConfig().min_frames) == (ChipRule().max_frames,
+                                                                           ChipRule().min_frames)
 
 
 def test_the_shipped_checkpoint_saves_one_chip_input_contract():

@@ -130,3 +130,11 @@ def test_fast_slow_changes_the_frame_layout_and_travels_to_infer(stage1: tuple[P
     saved = checkpoint_inputs(cfg, None, records).frames
     assert (saved.sampler, saved.num_fast, saved.num_slow, saved.slow_stride, saved.merge) == (
         "fast_slow", 2, 2, 2, "concat")
+    # the sampler `agrivlm infer` gets is the one training drew with: the same frames of every record length
+    from agrivlm.pipeline.frames import select_indices
+    from agrivlm.train.data import choose_frames
+
+    for length in (4, 7, n, 3 * n):
+        days = np.arange(length).astype("datetime64[D]")
+        trained, asked = choose_frames(length, cfg.data.frames, None), select_indices(days, saved)
+        assert all(np.array_equal(a, b) for a, b in zip(trained, asked, strict=True)), length

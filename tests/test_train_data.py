@@ -74,7 +74,10 @@ def test_frames_are_the_records_dates_read_from_the_geotiffs(records: list[Sourc
     sample = ds[(0, 0)]
     idx = np.round(np.linspace(0, data.shape[0] - 1, 4)).astype(int)
     span = stats.high - stats.low
-    np.testing.assert_allclose(sample.pixels, np.clip((data[idx] - stats.low[0]) / span[0], 0, 1), atol=1e-6)
+    # cloud-masked pixels are no data, as agrivlm infer feeds them (data.frames.clouds_as_nodata, on by default)
+    seen = np.where(clouds[idx][:, None], np.float32(np.nan), data[idx])
+    assert clouds[idx].any() and np.isnan(sample.pixels).sum() == np.isnan(seen).sum()
+    np.testing.assert_allclose(sample.pixels, np.clip((seen - stats.low[0]) / span[0], 0, 1), atol=1e-6)
     dates = np.asarray(rec.chip.frame_dates, dtype="datetime64[s]")
     # t on the record's time_range, the calendar year of its season, not on its frames' own range
     year = str(dates[0])[:4]
@@ -223,6 +226,14 @@ def test_the_checkpoint_inputs_cut_chips_and_take_dates_as_the_recipes_did(
     mvf = inputs.frames.min_valid_fraction
     assert 60 / 100 > mvf and not 59 / 100 > mvf and mvf == pytest.approx(0.6)
     assert clear_threshold(0.0) == 0.0 and 1.0 > clear_threshold(1.0) > 1 - 1e-12
+    assert inputs.frames.clouds_as_nodata and cfg.data.frames.clouds_as_nodata  # trained as infer feeds it
+    # trained on cloudy pixels' values (clouds_as_nodata off): infer still blanks them, and a warning says so
+    frames = cfg.data.frames.model_copy(update={"clouds_as_nodata": False})
+    cloudy = cfg.model_copy(update={"data": cfg.data.model_copy(update={"frames": frames})})
+    with caplog.at_level("WARNING", logger="agrivlm.train.trainer"):
+        assert checkpoint_inputs(cloudy, None, records, chips).frames == checkpoint_inputs(cfg, None, records,
+                                                                                            chips).frames
+    assert "clouds_as_nodata is off" in caplog.text
     # a second root that cuts chips otherwise: trained on, the checkpoint follows the first, a warning says so
     other = tmp_path / "other"
     other.mkdir()

@@ -111,6 +111,13 @@ def visual_token_centres(height: int, width: int, patch_size: int, pool_stride: 
 # -- chip inputs: settings -----------------------------------------------------------------------------
 
 
+def known_preset(name: str | None) -> str | None:
+    """``name`` when it is a sensor preset of :data:`~agrivlm.pipeline.bands.PRESETS` (or None); a config validator."""
+    if name is not None and name not in PRESETS:
+        raise ValueError(f"unknown sensor preset {name!r}; use one of {', '.join(PRESETS)}")
+    return name
+
+
 class BandConfig(StrictModel):
     """Band preset and normalisation (:func:`~agrivlm.pipeline.bands.prepare_bands`), one class for every user.
 
@@ -131,12 +138,7 @@ class BandConfig(StrictModel):
     #: Fixed per-channel value mapped to 1.
     high: list[float] | None = None
 
-    @field_validator("preset")
-    @classmethod
-    def _known_preset(cls, v: str | None) -> str | None:
-        if v is not None and v not in PRESETS:
-            raise ValueError(f"unknown sensor preset {v!r}; use one of {', '.join(PRESETS)}")
-        return v
+    _known_preset = field_validator("preset")(known_preset)
 
     @model_validator(mode="after")
     def _consistent(self) -> BandConfig:
@@ -484,6 +486,40 @@ def clear_threshold(min_clear: float) -> float:
     included (a 10 × 10 chip 60 % clear: taken by both); 0 stays 0 (the sampler never keeps an empty frame).
     """
     return float(np.nextafter(min_clear, 0.0)) if min_clear > 0 else 0.0
+
+
+class ChipRule(StrictModel):
+    """How chips are cut and which of a chip's dates are frames: the part of the contract records are made by.
+
+    A recipe's ``chips`` section (``agrivlm recipe build`` cuts its records by it and keeps it in the manifest);
+    a trainer reads it back from the manifests (:func:`agrivlm.train.data.recipe_chips`) and writes it into the
+    checkpoint's :class:`InputConfig` with :meth:`input_frames`, so ``agrivlm infer`` cuts chips and takes
+    dates as the training records did.
+    """
+
+    #: Chip size in pixels (square).
+    size: int = Field(default=CHIP_SIZE, gt=0)
+    #: Step between chips in pixels (default: ``size``).
+    stride: int | None = Field(default=CHIP_STRIDE, gt=0)
+    #: Remainder at the raster edge: ``snap`` | ``drop``.
+    edge: Literal["snap", "drop"] = CHIP_EDGE
+    #: A date is usable as a frame when at least this fraction of the chip's pixels is clear (data, no cloud).
+    min_clear: float = Field(default=MIN_CLEAR, ge=0.0, le=1.0)
+    #: At most this many frames per record (evenly spaced in time over the usable dates).
+    max_frames: int = Field(default=MAX_FRAMES, gt=0)
+    #: Records need at least this many usable frames.
+    min_frames: int = Field(default=MIN_FRAMES, gt=0)
+
+    def input_frames(self, frames: FrameSamplingConfig | None = None) -> FrameSamplingConfig:
+        """``frames`` (default :func:`default_frames`) taking exactly this rule's dates: clear ones, ties included.
+
+        Only the date rule changes (:func:`clear_threshold` of ``min_clear``, cloudy pixels counted as not clear);
+        how many frames and which of them stay as ``frames`` says: a checkpoint takes as many per question as
+        its training samples had, not the records' ``max_frames``.
+        """
+        base = default_frames() if frames is None else frames
+        return base.model_copy(update={"min_valid_fraction": clear_threshold(self.min_clear),
+                                       "clouds_as_nodata": True})
 
 
 class InputConfig(StrictModel):

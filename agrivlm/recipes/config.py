@@ -16,14 +16,7 @@ from pydantic import Field, field_validator, model_validator
 
 from agrivlm.config import StrictModel, parse_config, read_yaml_mapping
 from agrivlm.errors import ConfigError
-from agrivlm.geo.grid import CHIP_EDGE, CHIP_SIZE, CHIP_STRIDE
-from agrivlm.pipeline.inputs import (
-    MAX_FRAMES,
-    MIN_CLEAR,
-    MIN_FIELD_PX,
-    MIN_FRAMES,
-    SEASON_START,
-)
+from agrivlm.pipeline.inputs import MIN_FIELD_PX, SEASON_START, ChipRule
 from agrivlm.recipes.schema import FAMILIES, SPLITS
 
 SplitName = Literal["train", "val", "test"]
@@ -182,23 +175,6 @@ class SourceEntry(SourceConfig):
         """The :class:`SourceConfig` of a real (non-``synth``) entry."""
         keys = set(SourceConfig.model_fields)
         return SourceConfig(**{k: v for k, v in self.model_dump().items() if k in keys})
-
-
-class ChipConfig(StrictModel):
-    """The chip grid and how frames are chosen for each record."""
-
-    #: Chip size in pixels (square).
-    size: int = Field(default=CHIP_SIZE, gt=0)
-    #: Step between chips in pixels (default: ``size``).
-    stride: int | None = Field(default=CHIP_STRIDE, gt=0)
-    #: Remainder at the raster edge: ``snap`` | ``drop``.
-    edge: Literal["snap", "drop"] = CHIP_EDGE
-    #: A date is usable as a frame when at least this fraction of the chip's pixels is clear (data, no cloud).
-    min_clear: float = Field(default=MIN_CLEAR, ge=0.0, le=1.0)
-    #: At most this many frames per record (evenly spaced in time over the usable dates).
-    max_frames: int = Field(default=MAX_FRAMES, gt=0)
-    #: Records need at least this many usable frames.
-    min_frames: int = Field(default=MIN_FRAMES, gt=0)
 
 
 class SplitConfig(StrictModel):
@@ -437,7 +413,9 @@ class RecipeConfig(StrictModel):
     source: SourceConfig | None = None
     #: … or several: real sources and ``synth:`` scene folders, mixed in one dataset.
     sources: list[SourceEntry] | None = None
-    chips: ChipConfig = Field(default_factory=ChipConfig)
+    #: The chip grid and which dates are frames (the chip-input contract's :class:`~agrivlm.pipeline.inputs.ChipRule`,
+    #: kept in the manifest so a trainer writes it into the checkpoint).
+    chips: ChipRule = Field(default_factory=ChipRule)
     split: SplitConfig = Field(default_factory=SplitConfig)
     phenology: PhenologyConfig = Field(default_factory=PhenologyConfig)
     tasks: TasksConfig

@@ -19,14 +19,23 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from agrivlm.config import StrictModel, load_config
 from agrivlm.errors import ConfigError
 from agrivlm.lape.embedding import LapeInit
 from agrivlm.lape.tokens import AnswerPositions, QuestionPositions
+from agrivlm.pipeline.bands import BandStats
 from agrivlm.pipeline.focus import GrowthFocus, PointMarker
-from agrivlm.pipeline.inputs import AnyResConfig, ScaleFactors, check_item_layout
+from agrivlm.pipeline.frames import FrameSamplingConfig
+from agrivlm.pipeline.inputs import (
+    AnyResConfig,
+    BandConfig,
+    ScaleFactors,
+    check_item_layout,
+    default_frames,
+    known_preset,
+)
 from agrivlm.recipes.config import FamilyName
 
 Stage = Literal["stage1", "stage2", "stage3"]
@@ -151,13 +160,32 @@ class FramesConfig(StrictModel):
     num_fast: int = Field(default=2, ge=1)
     num_slow: int = Field(default=2, ge=1)
     merge: Literal["concat", "interleave"] = "interleave"
-    #: Cloud-masked pixels become no data (then 0 after normalisation, as every no-data pixel).
-    clouds_as_nodata: bool = False
+    #: Cloud-masked pixels become no data (then 0 after normalisation, as every no-data pixel), as ``agrivlm infer``
+    #: prepares chips (the checkpoint's ``frames.clouds_as_nodata``). Off trains on cloudy values the checkpoint's
+    #: users never feed it (a warning says so when the checkpoint is written).
+    clouds_as_nodata: bool = True
 
     @property
     def frames_per_sample(self) -> int:
         """The number of frames each sample has."""
         return self.num_fast + self.num_slow if self.sampler == "fast_slow" else self.num_frames
+
+    def input_frames(self) -> FrameSamplingConfig:
+        """The contract's frame choice for a model trained on these frames (the checkpoint's ``frames``).
+
+        ``fast_slow``: these strides, counts and merge order, the same sampler training draws with
+        (:func:`agrivlm.train.data.choose_frames`); ``random``/``uniform``: :func:`default_frames`' evenly spread
+        dates, at most ``frames_per_sample``. Dates and cloudy pixels as :func:`default_frames` takes them;
+        :meth:`~agrivlm.pipeline.inputs.ChipRule.input_frames` then applies a recipe's clear fraction.
+        """
+        base = default_frames()
+        if self.sampler != "fast_slow":
+            return base.model_copy(update={"max_frames": self.frames_per_sample})
+        return FrameSamplingConfig(
+            sampler="fast_slow", fast_stride=self.fast_stride, slow_stride=self.slow_stride,
+            num_fast=self.num_fast, num_slow=self.num_slow, merge=self.merge,
+            empty=base.empty, clouds_as_nodata=True, min_valid_fraction=base.min_valid_fraction,
+        )
 
 
 class NormalizeConfig(StrictModel):
@@ -180,19 +208,27 @@ class NormalizeConfig(StrictModel):
     low: list[float] | None = None
     high: list[float] | None = None
 
-    @model_validator(mode="after")
-    def _known_preset(self) -> NormalizeConfig:
-        from agrivlm.pipeline.bands import PRESETS
-
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"unknown band preset {self.preset!r}; use one of {', '.join(sorted(PRESETS))}")
-        return self
+    _known_preset = field_validator("preset")(known_preset)
 
     @model_validator(mode="after")
     def _fixed_has_range(self) -> NormalizeConfig:
         if self.mode == "fixed" and (self.low is None or self.high is None or len(self.low) != len(self.high)):
             raise ValueError("mode fixed needs low and high, one value per band each")
         return self
+
+    def input_bands(self, stats: BandStats | None) -> BandConfig:
+        """The contract's band settings for a model trained so (the checkpoint's ``bands``).
+
+        The preset and percentiles; the normalisation range ``stats`` training used, unless it normalised each
+        chip by its own percentiles (``mode: chip``, or no ``stats``), which ``agrivlm infer`` then does too.
+        """
+        fixed = stats is not None and self.mode != "chip"
+        return BandConfig(
+            preset=self.preset,
+            low=[float(x) for x in stats.low] if fixed and stats is not None else None,
+            high=[float(x) for x in stats.high] if fixed and stats is not None else None,
+            percentiles=self.percentiles,
+        )
 
 
 class MixtureEntry(StrictModel):

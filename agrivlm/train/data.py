@@ -56,9 +56,8 @@ from agrivlm.pipeline.bands import BandStats, normalize, robust_stats, to_reflec
 from agrivlm.pipeline.conversation import POLYGON_SEP, Answer, continuation, format_prompt, visual_placeholder
 from agrivlm.pipeline.focus import GrowthFocus, PointMarker, focus_on_box, mark_point
 from agrivlm.pipeline.frames import FrameSamplingConfig, frame_time_positions, select_indices, uniform_indices
-from agrivlm.pipeline.inputs import ChipInputConfig
+from agrivlm.pipeline.inputs import ChipInputConfig, ChipRule
 from agrivlm.pipeline.inputs import frames_as_bands as stack_dates
-from agrivlm.recipes.config import ChipConfig
 from agrivlm.recipes.mixture import mix
 from agrivlm.recipes.schema import Record, iter_records
 from agrivlm.tasks.turns import Turn, render_text
@@ -90,19 +89,19 @@ def _manifest(root: Path) -> dict[str, Any]:
     return json.loads(path.read_text())  # type: ignore[no-any-return]
 
 
-def recipe_chips(roots: Sequence[str | Path]) -> ChipConfig | None:
+def recipe_chips(roots: Sequence[str | Path]) -> ChipRule | None:
     """How the recipes behind ``roots`` cut chips and chose their dates (each manifest's ``config.chips``).
 
     The first root's rule; roots whose rule differs (size, edge or clear fraction) are trained on as they are,
     with a warning naming them, since a checkpoint's inputs can follow one rule only. None when no manifest
     records one.
     """
-    found: list[tuple[Path, ChipConfig]] = []
+    found: list[tuple[Path, ChipRule]] = []
     for root_s in roots:
         root = resolve(root_s)
         chips = _manifest(root).get("config", {}).get("chips")
         if chips is not None:
-            found.append((root, ChipConfig.model_validate(chips)))
+            found.append((root, ChipRule.model_validate(chips)))
     if not found:
         return None
     first_root, first = found[0]
@@ -185,10 +184,9 @@ def frames_available(n: int, cfg: FramesConfig) -> int:
 
 
 def _fast_slow(cfg: FramesConfig) -> FrameSamplingConfig:
-    return FrameSamplingConfig(
-        sampler="fast_slow", fast_stride=cfg.fast_stride, slow_stride=cfg.slow_stride,
-        num_fast=cfg.num_fast, num_slow=cfg.num_slow, merge=cfg.merge,
-    )
+    # the checkpoint's own sampler, so a question gets the frames a training sample got (select_indices reads
+    # only the sampler's strides, counts and merge order)
+    return cfg.input_frames()
 
 
 def choose_frames(

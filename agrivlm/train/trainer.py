@@ -60,9 +60,7 @@ from agrivlm.io import write_json
 from agrivlm.model.modeling import AgriVLMForConditionalGeneration
 from agrivlm.model.reconstruction import FrozenTeacher, NextFramePredictor, visual_hidden_states
 from agrivlm.pipeline.bands import BandStats
-from agrivlm.pipeline.frames import FrameSamplingConfig
-from agrivlm.pipeline.inputs import BandConfig, InputConfig, clear_threshold, default_frames, item_layout
-from agrivlm.recipes.config import ChipConfig
+from agrivlm.pipeline.inputs import ChipRule, InputConfig, item_layout
 from agrivlm.train.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -225,7 +223,7 @@ def _band_stats(cfg: StageConfig, sm: StageModel, records: list[SourceRecord], s
 
 
 def checkpoint_inputs(cfg: StageConfig, stats: BandStats | None, records: Sequence[SourceRecord],
-                      chips: ChipConfig | None = None) -> InputConfig:
+                      chips: ChipRule | None = None) -> InputConfig:
     """How ``agrivlm infer`` must prepare inputs for the model this stage trains (``agrivlm_inputs.yaml``).
 
     Chips as the recipes cut them (``chips``, :func:`recipe_chips`: size, edge, the clear fraction a date
@@ -242,25 +240,13 @@ def checkpoint_inputs(cfg: StageConfig, stats: BandStats | None, records: Sequen
         edge = InputConfig().edge
     frames_cfg = cfg.data.frames
     n = frames_cfg.frames_per_sample
-    base = default_frames()
-    if frames_cfg.sampler == "fast_slow":
-        frames = FrameSamplingConfig(
-            sampler="fast_slow", fast_stride=frames_cfg.fast_stride, slow_stride=frames_cfg.slow_stride,
-            num_fast=frames_cfg.num_fast, num_slow=frames_cfg.num_slow, merge=frames_cfg.merge,
-            empty=base.empty, clouds_as_nodata=True, min_valid_fraction=base.min_valid_fraction,
-        )
-    else:
-        frames = base.model_copy(update={"max_frames": n})
+    if not frames_cfg.clouds_as_nodata:
+        log.warning("data.frames.clouds_as_nodata is off: trained on cloudy pixels' values, but agrivlm infer feeds "
+                    "this checkpoint cloudy pixels as no data (its frames.clouds_as_nodata)")
+    frames = frames_cfg.input_frames()
     if chips is not None:
-        frames = frames.model_copy(update={"min_valid_fraction": clear_threshold(chips.min_clear)})
-    norm = cfg.data.normalize
-    fixed = stats is not None and norm.mode != "chip"
-    bands = BandConfig(
-        preset=norm.preset,
-        low=[float(x) for x in stats.low] if fixed and stats is not None else None,
-        high=[float(x) for x in stats.high] if fixed and stats is not None else None,
-        percentiles=norm.percentiles,
-    )
+        frames = chips.input_frames(frames)
+    bands = cfg.data.normalize.input_bands(stats)
     # a model trained on point prompts is asked for fields point by point (a listing it may never have seen)
     points = any(sr.record.task == "field_at_point" for sr in records)
     # and for growth stages by one timeline per field and season when it learned them more than date by date
