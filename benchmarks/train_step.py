@@ -53,7 +53,7 @@ SIZES: dict[str, dict[str, object]] = {
 
 
 def cli(*args: str, timeout: float = 3600) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     res = subprocess.run([sys.executable, "-m", "agrivlm.cli", *args], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=timeout)
     if res.returncode != 0:
@@ -92,6 +92,7 @@ def measure(size: str, data: Path, work: Path, args: argparse.Namespace) -> dict
             "parameters_m": sum(p.numel() for p in _params(run / "final")) / 1e6,
             "trainable_m": sum(info["trainable_parameters"].values()) / 1e6 + info["predictor_parameters"] / 1e6,
             "loss": rows[-1]["loss"],
+            "mixed_precision": info.get("mixed_precision"),  # bf16 on a GPU that has it (train.mixed_precision auto)
         }
     return out
 
@@ -167,7 +168,7 @@ def vs_bare(data: Path, work: Path, args: argparse.Namespace) -> dict[str, objec
     config = "configs/stage2.yaml"
     bare_over = {**common, "output_dir": str(work / "bare"), "train.max_steps": args.warmup + args.steps,
                  "train.save_every": 0}
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     rounds: dict[str, list[dict[str, float]]] = {"trainer": [], "trainer_ckpt": [], "bare": []}
     for r in range(args.rounds):
         rounds["trainer"].append(trainer_run(config, common, work / f"t{r}", args, save_every=0))

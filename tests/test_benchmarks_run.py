@@ -156,3 +156,26 @@ def test_encoder_pretrain_benchmark_runs_smoke(tmp_path: Path) -> None:
         assert 0.0 <= run["pooled_f1"]["model"] <= 1.0 and set(run["scenes"]) == set(report["held_out"])
     assert "val_extent_error_px" in report["encoder"]
     assert (tmp_path / "encoder_pretrain.png").stat().st_size > 0
+
+
+def test_compare_answers_counts_identical_answers_and_names_a_bad_journal(tmp_path: Path) -> None:
+    """``compare_answers.py`` (the GPU check's CPU-vs-CUDA comparison) counts word-for-word equal answers per chip."""
+    def journal(path: Path, chips: dict[str, list[str]]) -> Path:
+        header = {"settings": {"dtype": "float32"}}
+        body = {"type": "chips", "chips": [{"chip_id": c, "answers": [{"text": t} for t in texts]}
+                                           for c, texts in chips.items()]}
+        path.write_text(json.dumps(header) + "\n" + json.dumps(body) + "\n")
+        return path
+
+    ref = journal(tmp_path / "cpu.jsonl", {"a": ["no field", "grassland <x>"], "b": ["no field"], "c": ["x"]})
+    gpu = journal(tmp_path / "gpu.jsonl", {"a": ["no field", "grassland <y>"], "b": ["no field"]})
+    out = tmp_path / "answers.json"
+    res = subprocess.run([sys.executable, "benchmarks/compare_answers.py", str(ref), str(gpu), "--out", str(out)],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    counts = json.loads(out.read_text())["compared"][str(gpu)]
+    assert counts == {"chips_ref": 3, "chips_other": 2, "chips_both": 2, "answers": 3, "identical": 2}
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    bad = subprocess.run([sys.executable, "benchmarks/compare_answers.py", str(ref), str(tmp_path / "bad.jsonl")],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode != 0 and "bad.jsonl:1: not a JSON line" in bad.stderr
