@@ -52,8 +52,13 @@ SIZES: dict[str, dict[str, object]] = {
 }
 
 
+def child_env() -> dict[str, str]:
+    """The environment of the subprocesses: this checkout first on ``PYTHONPATH``, any path already there kept."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def cli(*args: str, timeout: float = 3600) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = child_env()
     res = subprocess.run([sys.executable, "-m", "agrivlm.cli", *args], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=timeout)
     if res.returncode != 0:
@@ -168,7 +173,7 @@ def vs_bare(data: Path, work: Path, args: argparse.Namespace) -> dict[str, objec
     config = "configs/stage2.yaml"
     bare_over = {**common, "output_dir": str(work / "bare"), "train.max_steps": args.warmup + args.steps,
                  "train.save_every": 0}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = child_env()
     rounds: dict[str, list[dict[str, float]]] = {"trainer": [], "trainer_ckpt": [], "bare": []}
     for r in range(args.rounds):
         rounds["trainer"].append(trainer_run(config, common, work / f"t{r}", args, save_every=0))
